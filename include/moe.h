@@ -1,0 +1,171 @@
+/* moe.h: the one public API of libmoe, a Mixture-of-Experts transformer engine.
+ *
+ * Conventions
+ *  - Every function that can fail returns moe_status; moe_last_error() gives a
+ *    one-line message for the calling thread, valid until its next failing call.
+ *  - Objects come in create/free pairs; every *_free accepts NULL.
+ *  - Enums only grow at the end. */
+#ifndef MOE_H
+#define MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_API __attribute__((visibility("default")))
+
+typedef enum {
+    MOE_OK = 0,
+    MOE_ERR_INVALID_ARG = 1,  /* bad argument or impossible configuration */
+    MOE_ERR_NOMEM = 2,        /* allocation failed                        */
+    MOE_ERR_IO = 3,           /* open/read/write/rename failed            */
+    MOE_ERR_FORMAT = 4,       /* file is corrupt, truncated or not ours   */
+    MOE_ERR_UNSUPPORTED = 5,  /* valid but not something we handle       */
+    MOE_ERR_NUMERIC = 6,      /* NaN/Inf appeared                         */
+    MOE_ERR_INTERRUPTED = 7,  /* stopped on request                       */
+} moe_status;
+
+MOE_API const char *moe_status_str(moe_status s); /* static text for a code */
+MOE_API const char *moe_last_error(void);         /* message of last failure */
+
+/* ---- configuration ------------------------------------------------------ */
+typedef struct {
+    int vocab_size;
+    int d_model;
+    int n_layers;
+    int n_heads;
+    int n_kv_heads;      /* divides n_heads (grouped-query attention)          */
+    int d_ff;            /* hidden size of dense SwiGLU FFN layers             */
+    int n_experts;       /* 0 = dense model                                    */
+    int top_k;
+    int d_expert;        /* hidden size of each expert's SwiGLU FFN            */
+    int moe_every;       /* layer l is MoE when l >= moe_first_dense and       */
+    int moe_first_dense; /*   (l - moe_first_dense) % moe_every == 0           */
+    int tied_embeddings; /* 1: output head shares the token embedding          */
+    int renorm_topk;     /* 1: top-k weights renormalised to sum to 1          */
+    int max_seq;         /* context length                                     */
+    float rope_base;
+    float norm_eps;
+    float aux_loss_coef; /* Switch load-balancing loss coefficient             */
+    float z_loss_coef;   /* router z-loss coefficient                          */
+    float init_std;
+} moe_config;
+
+MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name);
+MOE_API const char *const *moe_preset_names(void);  /* NULL-terminated */
+/* Sets one field from text, e.g. key "n_experts", value "4". */
+MOE_API moe_status moe_config_set(moe_config *cfg, const char *key, const char *value);
+MOE_API moe_status moe_config_validate(const moe_config *cfg);
+MOE_API int moe_config_layer_is_moe(const moe_config *cfg, int layer);
+/* Writes "key = value" lines into buf (always NUL-terminated). */
+MOE_API void moe_config_describe(const moe_config *cfg, char *buf, size_t cap);
+typedef struct {
+    int64_t total;        /* every parameter stored                          */
+    int64_t active;       /* parameters a single token passes through        */
+    int64_t embedding;    /* token embedding (+ untied head)                 */
+    int64_t experts;      /* all routed-expert weights                       */
+} moe_param_counts;
+MOE_API moe_param_counts moe_config_param_counts(const moe_config *cfg);
+
+/* ---- tokenizer ----------------------------------------------------------- */
+typedef struct moe_tokenizer moe_tokenizer;
+MOE_API moe_status moe_tokenizer_train(moe_tokenizer **out, const char *const *texts,
+                                       const size_t *lens, int n_texts, int vocab_size);
+MOE_API moe_status moe_tokenizer_load(moe_tokenizer **out, const char *path); /* GGUF */
+MOE_API moe_status moe_tokenizer_save(const moe_tokenizer *tok, const char *path);
+MOE_API void moe_tokenizer_free(moe_tokenizer *tok);
+MOE_API int moe_tokenizer_vocab_size(const moe_tokenizer *tok);
+MOE_API int moe_tokenizer_eos(const moe_tokenizer *tok);
+/* Encodes len bytes; *ids is allocated with malloc-compatible moe_free. */
+MOE_API moe_status moe_tokenizer_encode(const moe_tokenizer *tok, const char *text, size_t len,
+                                        int32_t **ids, size_t *n_ids);
+/* Bytes of one token (not NUL-terminated); NULL for an invalid id. */
+MOE_API const char *moe_tokenizer_token(const moe_tokenizer *tok, int32_t id, size_t *len);
+
+/* ---- model -------------------------------------------------------------- */
+typedef struct moe_model moe_model;
+MOE_API moe_status moe_model_create(moe_model **out, const moe_config *cfg, uint64_t seed);
+MOE_API moe_status moe_model_load(moe_model **out, const char *path);  /* GGUF */
+/* Atomic: writes path.tmp, fsyncs, renames. Includes the tokenizer if set. */
+MOE_API moe_status moe_model_save(const moe_model *m, const char *path);
+MOE_API void moe_model_free(moe_model *m);
+MOE_API const moe_config *moe_model_config(const moe_model *m);
+MOE_API const moe_tokenizer *moe_model_tokenizer(const moe_model *m);
+/* The model takes ownership of tok. */
+MOE_API void moe_model_set_tokenizer(moe_model *m, moe_tokenizer *tok);
+
+/* ---- training ------------------------------------------------------------ */
+typedef struct {
+    int steps;            /* horizon of the whole run (schedule length)      */
+    int batch;            /* sequences per micro-batch                       */
+    int seq;              /* tokens per sequence                             */
+    int grad_accum;       /* micro-batches per optimizer step                */
+    float lr;             /* peak learning rate                              */
+    float min_lr_frac;    /* cosine floor as a fraction of lr                */
+    int warmup;           /* warmup steps                                    */
+    float weight_decay;
+    float beta1, beta2, adam_eps;
+    float grad_clip;      /* global norm; 0 = off                            */
+    uint64_t seed;
+    int threads;          /* 0 = all cores                                   */
+    int eval_every;       /* 0 = only at the end                             */
+    int eval_batches;
+    int save_every;       /* 0 = only at the end / pause                     */
+    int stop_after;       /* pause after this many steps of this process (0 = run to horizon) */
+    const char *out_path; /* model GGUF; training state goes to out_path + ".state" */
+    const char *log_path; /* JSONL log, NULL = none                          */
+} moe_train_params;
+MOE_API void moe_train_params_default(moe_train_params *p);
+
+/* A tokenised corpus: documents with a domain label, split train/validation. */
+typedef struct moe_dataset moe_dataset;
+/* paths: text files or directories (each file is one domain, named by the file). */
+MOE_API moe_status moe_dataset_load_text(moe_dataset **out, const moe_tokenizer *tok,
+                                         const char *const *paths, int n_paths);
+MOE_API void moe_dataset_free(moe_dataset *d);
+MOE_API size_t moe_dataset_tokens(const moe_dataset *d, int validation);
+/* Reads the raw texts of the given paths (for tokenizer training). */
+MOE_API moe_status moe_read_texts(const char *const *paths, int n_paths, char ***texts,
+                                  size_t **lens, int *n_texts);
+MOE_API void moe_free_texts(char **texts, size_t *lens, int n_texts);
+
+typedef struct {
+    int step, steps;
+    float loss, val_loss;  /* val_loss < 0 when not evaluated yet          */
+    float lr, tokens_per_s, balance; /* balance: max expert load / mean load */
+    double elapsed_s, eta_s;
+    int evaluated;         /* 1 on the step an evaluation ran              */
+} moe_train_progress;
+typedef void (*moe_progress_fn)(const moe_train_progress *p, void *user);
+
+/* Trains m on d. When resume_state is non-NULL it names a training-state file
+ * to continue from. */
+MOE_API moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params *p,
+                             const char *resume_state, moe_progress_fn fn, void *user);
+/* Mean per-token cross-entropy over the validation split (or all of d when it has none). */
+MOE_API moe_status moe_evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches,
+                                int use_all, double *loss_out, size_t *tokens_out);
+
+/* ---- generation ---------------------------------------------------------- */
+typedef struct {
+    int max_tokens;
+    float temperature;    /* 0 = greedy                                     */
+    int top_k;            /* 0 = off                                        */
+    float top_p;          /* 1 = off                                        */
+    uint64_t seed;
+} moe_sample_params;
+typedef int (*moe_token_fn)(int32_t id, const char *bytes, size_t len, void *user); /* nonzero stops */
+MOE_API moe_status moe_generate(moe_model *m, const int32_t *prompt, size_t n_prompt,
+                                const moe_sample_params *sp, moe_token_fn fn, void *user);
+
+MOE_API void moe_set_threads(int n);  /* 0 = all cores */
+/* Releases memory the library hands out (e.g. moe_tokenizer_encode's ids). */
+MOE_API void moe_free(void *p);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,225 @@
+/* core: errors, counted allocation with failure injection, RNG, time, CPU features. */
+#include "core/core.h"
+
+#include <cpuid.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <math.h>
+
+/* ---- errors ---- */
+static _Thread_local char err_msg[512];
+
+moe_status moe_error(moe_status code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err_msg, sizeof err_msg, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+moe_status moe_error_prefix(moe_status code, const char *fmt, ...) {
+    char prefix[256], old[sizeof err_msg];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(prefix, sizeof prefix, fmt, ap);
+    va_end(ap);
+    memcpy(old, err_msg, sizeof old);
+    size_t n = strlen(prefix);
+    if (n > sizeof err_msg - 3) n = sizeof err_msg - 3;
+    memcpy(err_msg, prefix, n);
+    memcpy(err_msg + n, ": ", 2);
+    size_t rest = sizeof err_msg - n - 2;
+    strncpy(err_msg + n + 2, old, rest - 1);
+    err_msg[sizeof err_msg - 1] = 0;
+    return code;
+}
+
+const char *moe_last_error(void) { return err_msg[0] ? err_msg : "no error"; }
+
+const char *moe_status_str(moe_status s) {
+    switch (s) {
+    case MOE_OK: return "ok";
+    case MOE_ERR_INVALID_ARG: return "invalid argument";
+    case MOE_ERR_NOMEM: return "out of memory";
+    case MOE_ERR_IO: return "input/output error";
+    case MOE_ERR_FORMAT: return "bad file format";
+    case MOE_ERR_UNSUPPORTED: return "unsupported";
+    case MOE_ERR_NUMERIC: return "numerical error (NaN or Inf)";
+    case MOE_ERR_INTERRUPTED: return "interrupted";
+    }
+    return "unknown status";
+}
+
+/* ---- allocation ----
+ * Each block carries a 64-byte header holding its size, so frees are counted
+ * and user memory stays 64-byte aligned (cache lines, AVX-512 loads). */
+#define HDR 64
+static size_t alloc_in_use, alloc_peak;
+static long alloc_countdown; /* >0: fail when it reaches 0 */
+
+void moe_alloc_fail_after(long n) {
+#pragma omp critical(moe_alloc)
+    { alloc_countdown = n; }
+}
+size_t moe_alloc_in_use(void) { return alloc_in_use; }
+size_t moe_alloc_peak(void) { return alloc_peak; }
+
+static int injected_failure(void) {
+    int fail = 0;
+#pragma omp critical(moe_alloc)
+    {
+        if (alloc_countdown > 0 && --alloc_countdown == 0) { fail = 1; alloc_countdown = 1; }
+    }
+    return fail;
+}
+
+static void account(long delta) {
+#pragma omp critical(moe_alloc)
+    {
+        alloc_in_use += (size_t)delta;
+        if (alloc_in_use > alloc_peak) alloc_peak = alloc_in_use;
+    }
+}
+
+void *moe_malloc(size_t bytes) {
+    if (bytes > SIZE_MAX - HDR) { moe_error(MOE_ERR_NOMEM, "allocation of %zu bytes overflows", bytes); return NULL; }
+    if (injected_failure()) { moe_error(MOE_ERR_NOMEM, "out of memory (injected failure)"); return NULL; }
+    void *p = NULL;
+    if (posix_memalign(&p, HDR, bytes + HDR) != 0) {
+        moe_error(MOE_ERR_NOMEM, "out of memory allocating %zu bytes", bytes);
+        return NULL;
+    }
+    *(size_t *)p = bytes;
+    account((long)bytes);
+    return (char *)p + HDR;
+}
+
+void *moe_calloc(size_t count, size_t size) {
+    size_t n;
+    if (moe_mul_size(count, size, &n)) { moe_error(MOE_ERR_NOMEM, "allocation size %zu x %zu overflows", count, size); return NULL; }
+    void *p = moe_malloc(n);
+    if (p) memset(p, 0, n);
+    return p;
+}
+
+void *moe_realloc(void *p, size_t bytes) {
+    if (!p) return moe_malloc(bytes);
+    size_t old = *(size_t *)((char *)p - HDR);
+    void *q = moe_malloc(bytes);
+    if (!q) return NULL;
+    memcpy(q, p, old < bytes ? old : bytes);
+    moe_free(p);
+    return q;
+}
+
+void moe_free(void *p) {
+    if (!p) return;
+    char *base = (char *)p - HDR;
+    account(-(long)*(size_t *)base);
+    free(base);
+}
+
+char *moe_strdup(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *d = moe_malloc(n);
+    if (d) memcpy(d, s, n);
+    return d;
+}
+
+int moe_mul_size(size_t a, size_t b, size_t *out) {
+    if (a && b > SIZE_MAX / a) return -1;
+    *out = a * b;
+    return 0;
+}
+
+/* ---- RNG: xoshiro256** seeded through splitmix64 ---- */
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+void moe_rng_seed(moe_rng *r, uint64_t seed) {
+    for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&seed);
+}
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+uint64_t moe_rng_u64(moe_rng *r) {
+    uint64_t *s = r->s;
+    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+    s[2] ^= t; s[3] = rotl(s[3], 45);
+    return result;
+}
+float moe_rng_uniform(moe_rng *r) { return (float)(moe_rng_u64(r) >> 40) * (1.0f / 16777216.0f); }
+float moe_rng_normal(moe_rng *r) {
+    /* Box-Muller in double for accuracy; one draw per call keeps state simple */
+    double u1 = ((moe_rng_u64(r) >> 11) + 1.0) * (1.0 / 9007199254740993.0);
+    double u2 = (moe_rng_u64(r) >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+uint64_t moe_rng_below(moe_rng *r, uint64_t n) {
+    if (n == 0) return 0;
+    uint64_t limit = UINT64_MAX - UINT64_MAX % n, x; /* rejection avoids modulo bias */
+    do x = moe_rng_u64(r); while (x >= limit);
+    return x % n;
+}
+
+/* ---- time ---- */
+double moe_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ---- CPU features ---- */
+static moe_cpu_features cpu;
+static int cpu_done, force_reference = -1;
+
+static unsigned long long xgetbv0(void) {
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+
+const moe_cpu_features *moe_cpu(void) {
+    if (cpu_done) return &cpu;
+    unsigned a, b, c, d;
+    moe_cpu_features f = {0};
+    if (__get_cpuid_max(0, NULL) >= 7 && __get_cpuid(1, &a, &b, &c, &d)) {
+        int osxsave = (c >> 27) & 1;
+        unsigned long long xcr0 = osxsave ? xgetbv0() : 0;
+        int ymm_ok = (xcr0 & 6) == 6, zmm_ok = (xcr0 & 0xe6) == 0xe6;
+        int amx_ok = (xcr0 & (3ull << 17)) == (3ull << 17);
+        f.fma = ((c >> 12) & 1) && ymm_ok;
+        __cpuid_count(7, 0, a, b, c, d);
+        f.avx2 = ((b >> 5) & 1) && ymm_ok;
+        f.avx512f = ((b >> 16) & 1) && zmm_ok;
+        f.avx512bw = ((b >> 30) & 1) && zmm_ok;
+        f.avx512vl = ((b >> 31) & 1) && zmm_ok;
+        f.avx512_vnni = ((c >> 11) & 1) && zmm_ok;
+        f.amx_bf16 = ((d >> 22) & 1) && amx_ok;
+        f.amx_tile = ((d >> 24) & 1) && amx_ok;
+        f.amx_int8 = ((d >> 25) & 1) && amx_ok;
+        __cpuid_count(7, 1, a, b, c, d);
+        f.avx512_bf16 = ((a >> 5) & 1) && zmm_ok;
+    }
+    cpu = f;
+    cpu_done = 1;
+    return &cpu;
+}
+
+void moe_set_reference_kernels(int on) { force_reference = on; }
+
+int moe_use_fast_kernels(void) {
+    if (force_reference < 0) {
+        const char *e = getenv("MOE_REFERENCE");
+        force_reference = (e && *e && strcmp(e, "0") != 0);
+    }
+    if (force_reference) return 0;
+    const moe_cpu_features *c = moe_cpu();
+    return c->avx512f && c->fma;
+}

@@ -1,0 +1,58 @@
+/* core: errors, allocation with accounting, RNG, timers, CPU features.
+ * Everything else in libmoe builds on this header; it knows nothing of models. */
+#ifndef MOE_CORE_H
+#define MOE_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "moe.h"
+
+/* ---- errors ----------------------------------------------------------------
+ * Library code never exits. A failing function records a one-line message
+ * (per thread) and returns a moe_status. Callers that add context use
+ * moe_error_prefix(). */
+moe_status moe_error(moe_status code, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* Prepends "prefix: " to the current message; returns code unchanged. */
+moe_status moe_error_prefix(moe_status code, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* ---- allocation ------------------------------------------------------------
+ * 64-byte aligned, counted. moe_alloc_fail_after(n) makes the n-th next
+ * allocation (and all after it, until reset with 0) fail: used by tests. */
+void *moe_malloc(size_t bytes);           /* NULL on failure, message set */
+void *moe_calloc(size_t count, size_t size); /* zeroed; overflow-checked   */
+void *moe_realloc(void *p, size_t bytes);
+void moe_free(void *p);                   /* accepts NULL */
+char *moe_strdup(const char *s);
+/* a*b with overflow check: returns 0 and sets *out on success, -1 on overflow */
+int moe_mul_size(size_t a, size_t b, size_t *out);
+void moe_alloc_fail_after(long n);      /* 0 = never fail */
+size_t moe_alloc_in_use(void);         /* bytes currently allocated */
+size_t moe_alloc_peak(void);
+
+/* ---- RNG: splitmix64-seeded xoshiro256** ---------------------------------- */
+typedef struct { uint64_t s[4]; } moe_rng;
+void moe_rng_seed(moe_rng *r, uint64_t seed);
+uint64_t moe_rng_u64(moe_rng *r);
+float moe_rng_uniform(moe_rng *r);        /* [0,1) */
+float moe_rng_normal(moe_rng *r);         /* N(0,1), Box-Muller */
+uint64_t moe_rng_below(moe_rng *r, uint64_t n); /* [0,n) */
+
+/* ---- time and CPU ----------------------------------------------------------- */
+double moe_now(void);                     /* monotonic seconds */
+typedef struct {
+    int avx2, fma, avx512f, avx512bw, avx512vl, avx512_bf16, avx512_vnni;
+    int amx_tile, amx_bf16, amx_int8;
+} moe_cpu_features;
+const moe_cpu_features *moe_cpu(void);    /* detected once, cached */
+/* Kernels use the fast path only when this is nonzero (default: detected;
+ * MOE_REFERENCE=1 in the environment or moe_set_reference_kernels(1) forces
+ * the scalar reference path). */
+int moe_use_fast_kernels(void);
+void moe_set_reference_kernels(int on);
+
+#define MOE_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MOE_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#endif

@@ -1,0 +1,77 @@
+/* kernels: the numerical building blocks, fp32, over plain arrays.
+ * Each op is <op>_forward / <op>_backward; outputs first, sizes last; shapes in
+ * comments are row-major. Backward functions ACCUMULATE (+=) into gradient
+ * buffers; zeroing is the caller's explicit step.
+ * Every fast path (AVX-512 etc., chosen at run time via moe_use_fast_kernels())
+ * has a scalar reference twin with the _ref suffix, used as the test oracle.
+ * Parallel loops are partitioned by output and reduce in a fixed order, so
+ * results are bit-identical for any thread count. */
+#ifndef MOE_KERNELS_H
+#define MOE_KERNELS_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* out[N][OC] = in[N][C] @ w[OC][C]^T (+ bias[OC] if non-NULL) */
+void matmul_forward(float *out, const float *in, const float *w, const float *bias,
+                    int N, int C, int OC);
+void matmul_forward_ref(float *out, const float *in, const float *w, const float *bias,
+                        int N, int C, int OC);
+/* din[N][C] += dout[N][OC] @ w[OC][C]        (skipped when din is NULL)
+ * dw[OC][C] += dout^T @ in                   (skipped when dw is NULL)
+ * dbias[OC] += sum_n dout[n]                 (skipped when dbias is NULL) */
+void matmul_backward(float *din, float *dw, float *dbias, const float *dout, const float *in,
+                     const float *w, int N, int C, int OC);
+void matmul_backward_ref(float *din, float *dw, float *dbias, const float *dout,
+                         const float *in, const float *w, int N, int C, int OC);
+
+/* out[N][C] = in * rstd * w; rstd[N] = 1/sqrt(mean(in^2) + eps) (saved for backward) */
+void rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int N, int C,
+                     float eps);
+void rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
+                      const float *rstd, int N, int C);
+
+/* In place on x[N][H][D] (D even): rotates adjacent pairs (x[2i], x[2i+1]) by
+ * angle pos[n] * base^(-2i/D) (the llama GGUF layout). Backward rotates the
+ * gradient by the opposite angle, also in place. */
+void rope_forward(float *x, const int32_t *pos, int N, int H, int D, float base);
+void rope_backward(float *dx, const int32_t *pos, int N, int H, int D, float base);
+
+/* Causal self-attention with grouped-query heads, for B sequences of T tokens:
+ * q[B*T][H][D], k,v[B*T][KVH][D]; query head h uses kv head h / (H/KVH).
+ * out[B*T][H][D]; att[B][H][T][T] keeps the softmax probabilities for backward
+ * (entries above the diagonal are 0). Scale 1/sqrt(D). */
+void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
+                       int B, int T, int H, int KVH, int D);
+void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
+                        const float *q, const float *k, const float *v, int B, int T, int H,
+                        int KVH, int D);
+/* Scalar twins of the two above (no scratch memory; the fast path falls back
+ * to them when its scratch cannot be allocated). */
+void attention_forward_ref(float *out, float *att, const float *q, const float *k,
+                           const float *v, int B, int T, int H, int KVH, int D);
+void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *att,
+                            const float *q, const float *k, const float *v, int B, int T, int H,
+                            int KVH, int D);
+
+/* SwiGLU: out[N][F] = silu(gate) * up */
+void swiglu_forward(float *out, const float *gate, const float *up, int N, int F);
+void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                     const float *up, int N, int F);
+
+/* Row-wise softmax: out[N][C] = softmax(in[N][C]); in may equal out. */
+void softmax_forward(float *out, const float *in, int N, int C);
+/* Given probabilities p[N][C] and dL/dp, din[N][C] += p * (dp - sum(p*dp)). */
+void softmax_backward(float *din, const float *dp, const float *p, int N, int C);
+
+/* Cross-entropy of logits[N][V] against targets[N] (targets < 0 are ignored).
+ * Returns the sum of per-token losses; losses[N] optional (NULL ok).
+ * Backward: dlogits[N][V] = scale * (softmax - onehot) for counted rows
+ * (overwrites; rows with ignored targets are zeroed). */
+double crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int N,
+                            int V);
+void crossentropy_backward(float *dlogits, const float *logits, const int32_t *targets, int N,
+                           int V, float scale);
+
+/* Peak-FLOP probe helpers for benchmarks. */
+double kernels_matmul_gflops(int N, int C, int OC, int reps);
+#endif

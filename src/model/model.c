@@ -1,0 +1,436 @@
+/* model: the decoder-only transformer with dense and MoE FFN layers.
+ * Training forward/backward over B x T tokens and single-token decoding. */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kernels/kernels.h"
+#include "model/model.h"
+
+static int head_dim(const moe_config *c) { return c->d_model / c->n_heads; }
+
+/* ---- parameter table ---- */
+typedef struct { tensor_desc *t; int n, cap; size_t off; } table;
+
+static void add(table *tb, const char *name, int decay, int n_dims, int64_t a, int64_t b,
+                int64_t c) {
+    tensor_desc *d = &tb->t[tb->n++];
+    snprintf(d->name, sizeof d->name, "%s", name);
+    d->n_dims = n_dims;
+    d->ne[0] = a; d->ne[1] = n_dims > 1 ? b : 1; d->ne[2] = n_dims > 2 ? c : 1;
+    d->size = (size_t)(d->ne[0] * d->ne[1] * d->ne[2]);
+    d->offset = tb->off;
+    d->decay = decay;
+    tb->off += d->size;
+}
+
+static int build_table(table *tb, const moe_config *c) {
+    const int64_t d = c->d_model, hd = head_dim(c), V = c->vocab_size;
+    char nm[64];
+    add(tb, "token_embd.weight", 1, 2, d, V, 0);
+    for (int l = 0; l < c->n_layers; l++) {
+#define T(suffix, decay, nd, a, b, cc) snprintf(nm, sizeof nm, "blk.%d." suffix, l), add(tb, nm, decay, nd, a, b, cc)
+        T("attn_norm.weight", 0, 1, d, 0, 0);
+        T("attn_q.weight", 1, 2, d, hd * c->n_heads, 0);
+        T("attn_k.weight", 1, 2, d, hd * c->n_kv_heads, 0);
+        T("attn_v.weight", 1, 2, d, hd * c->n_kv_heads, 0);
+        T("attn_output.weight", 1, 2, hd * c->n_heads, d, 0);
+        T("ffn_norm.weight", 0, 1, d, 0, 0);
+        if (moe_config_layer_is_moe(c, l)) {
+            T("ffn_gate_inp.weight", 1, 2, d, c->n_experts, 0);
+            T("ffn_gate_exps.weight", 1, 3, d, c->d_expert, c->n_experts);
+            T("ffn_up_exps.weight", 1, 3, d, c->d_expert, c->n_experts);
+            T("ffn_down_exps.weight", 1, 3, c->d_expert, d, c->n_experts);
+        } else {
+            T("ffn_gate.weight", 1, 2, d, c->d_ff, 0);
+            T("ffn_up.weight", 1, 2, d, c->d_ff, 0);
+            T("ffn_down.weight", 1, 2, c->d_ff, d, 0);
+        }
+#undef T
+    }
+    add(tb, "output_norm.weight", 0, 1, d, 0, 0);
+    if (!c->tied_embeddings) add(tb, "output.weight", 1, 2, d, V, 0);
+    return tb->n;
+}
+
+/* Points w's fields into buf following the table's order. */
+static void bind(model_weights *w, float *buf, const moe_model *m) {
+    const moe_config *c = &m->cfg;
+    const tensor_desc *t = m->tensors;
+    int i = 0;
+    w->token_embd = buf + t[i++].offset;
+    for (int l = 0; l < c->n_layers; l++) {
+        layer_weights *L = &w->layers[l];
+        memset(L, 0, sizeof *L);
+        L->attn_norm = buf + t[i++].offset;
+        L->wq = buf + t[i++].offset;
+        L->wk = buf + t[i++].offset;
+        L->wv = buf + t[i++].offset;
+        L->wo = buf + t[i++].offset;
+        L->ffn_norm = buf + t[i++].offset;
+        if (moe_config_layer_is_moe(c, l)) {
+            L->router = buf + t[i++].offset;
+            L->gate_exps = buf + t[i++].offset;
+            L->up_exps = buf + t[i++].offset;
+            L->down_exps = buf + t[i++].offset;
+        } else {
+            L->ffn_gate = buf + t[i++].offset;
+            L->ffn_up = buf + t[i++].offset;
+            L->ffn_down = buf + t[i++].offset;
+        }
+    }
+    w->output_norm = buf + t[i++].offset;
+    w->output = c->tied_embeddings ? w->token_embd : buf + t[i++].offset;
+}
+
+static size_t physical_memory(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return (pages > 0 && size > 0) ? (size_t)pages * (size_t)size : (size_t)1 << 40;
+}
+
+moe_status model_alloc(moe_model **out, const moe_config *cfg) {
+    *out = NULL;
+    moe_status st = moe_config_validate(cfg);
+    if (st) return st;
+    moe_param_counts pc = moe_config_param_counts(cfg);
+    if ((double)pc.total * 4.0 > 0.75 * (double)physical_memory())
+        return moe_error(MOE_ERR_NOMEM, "model has %lld parameters (%.1f GiB in fp32): more than this machine's memory allows",
+                         (long long)pc.total, pc.total * 4.0 / (1 << 30));
+    moe_model *m = moe_calloc(1, sizeof *m);
+    if (!m) return MOE_ERR_NOMEM;
+    m->cfg = *cfg;
+    int cap = 3 + 10 * cfg->n_layers;
+    m->tensors = moe_calloc((size_t)cap, sizeof(tensor_desc));
+    m->w.layers = moe_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
+    m->g.layers = moe_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
+    if (!m->tensors || !m->w.layers || !m->g.layers) { moe_model_free(m); return MOE_ERR_NOMEM; }
+    table tb = {m->tensors, 0, cap, 0};
+    m->n_tensors = build_table(&tb, cfg);
+    m->n_params = tb.off;
+    if ((int64_t)m->n_params != pc.total) {
+        moe_model_free(m);
+        return moe_error(MOE_ERR_INVALID_ARG, "internal: parameter count mismatch");
+    }
+    m->params = moe_malloc(m->n_params * sizeof(float));
+    if (!m->params) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "model parameters"); }
+    bind(&m->w, m->params, m);
+    *out = m;
+    return MOE_OK;
+}
+
+/* Norm weights start at 1; matrices at N(0, init_std), output projections
+ * (attn_output, ffn_down) scaled by 1/sqrt(2 * n_layers) as in GPT-2. */
+void model_init_weights(moe_model *m, uint64_t seed) {
+    moe_rng rng;
+    moe_rng_seed(&rng, seed);
+    float resid = 1.0f / sqrtf(2.0f * (float)m->cfg.n_layers);
+    for (int i = 0; i < m->n_tensors; i++) {
+        const tensor_desc *t = &m->tensors[i];
+        float *p = m->params + t->offset;
+        if (!t->decay) { for (size_t j = 0; j < t->size; j++) p[j] = 1.0f; continue; }
+        float std = m->cfg.init_std;
+        if (strstr(t->name, "attn_output") || strstr(t->name, "ffn_down")) std *= resid;
+        for (size_t j = 0; j < t->size; j++) p[j] = std * moe_rng_normal(&rng);
+    }
+}
+
+moe_status model_alloc_grads(moe_model *m) {
+    if (m->grads) return MOE_OK;
+    m->grads = moe_calloc(m->n_params, sizeof(float));
+    if (!m->grads) return moe_error_prefix(MOE_ERR_NOMEM, "gradients");
+    bind(&m->g, m->grads, m);
+    return MOE_OK;
+}
+
+static void free_acts(model_acts *a, int n_layers) {
+    if (a->layers)
+        for (int l = 0; l < n_layers; l++) moe_cache_free(&a->layers[l].moe);
+    for (int i = 0; i < a->n_blocks; i++) moe_free(a->blocks[i]);
+    moe_free(a->blocks);
+    moe_free(a->layers);
+    memset(a, 0, sizeof *a);
+}
+
+void moe_model_free(moe_model *m) {
+    if (!m) return;
+    free_acts(&m->acts, m->cfg.n_layers);
+    moe_cache_free(&m->dec_moe);
+    moe_free(m->kcache);
+    moe_free(m->vcache);
+    moe_free(m->dec);
+    moe_free(m->params);
+    moe_free(m->grads);
+    moe_free(m->tensors);
+    moe_free(m->w.layers);
+    moe_free(m->g.layers);
+    moe_tokenizer_free(m->tok);
+    moe_free(m);
+}
+
+const moe_config *moe_model_config(const moe_model *m) { return &m->cfg; }
+const moe_tokenizer *moe_model_tokenizer(const moe_model *m) { return m->tok; }
+void moe_model_set_tokenizer(moe_model *m, moe_tokenizer *tok) {
+    if (m->tok != tok) moe_tokenizer_free(m->tok);
+    m->tok = tok;
+}
+
+moe_status moe_model_create(moe_model **out, const moe_config *cfg, uint64_t seed) {
+    moe_status st = model_alloc(out, cfg);
+    if (st) return st;
+    model_init_weights(*out, seed);
+    return MOE_OK;
+}
+
+/* ---- activations ---- */
+static float *grab(model_acts *a, size_t n, int *ok) {
+    if (!*ok) return NULL;
+    float *p = moe_calloc(n ? n : 1, sizeof(float));
+    if (!p) { *ok = 0; return NULL; }
+    a->blocks[a->n_blocks++] = p;
+    return p;
+}
+
+moe_status model_alloc_acts(moe_model *m, int B, int T) {
+    model_acts *a = &m->acts;
+    if (a->B == B && a->T == T) return MOE_OK;
+    const moe_config *c = &m->cfg;
+    free_acts(a, c->n_layers);
+    const size_t N = (size_t)B * T, d = c->d_model, hd = head_dim(c);
+    const size_t qd = hd * c->n_heads, kd = hd * c->n_kv_heads, V = c->vocab_size;
+    a->blocks = moe_calloc((size_t)(16 * c->n_layers + 32), sizeof(void *));
+    a->layers = moe_calloc((size_t)c->n_layers, sizeof(layer_acts));
+    if (!a->blocks || !a->layers) { free_acts(a, c->n_layers); return moe_error_prefix(MOE_ERR_NOMEM, "activations"); }
+    int ok = 1;
+    size_t ff = 1;
+    for (int l = 0; l < c->n_layers; l++) {
+        layer_acts *L = &a->layers[l];
+        L->x_in = grab(a, N * d, &ok); L->hn1 = grab(a, N * d, &ok); L->rstd1 = grab(a, N, &ok);
+        L->q = grab(a, N * qd, &ok); L->k = grab(a, N * kd, &ok); L->v = grab(a, N * kd, &ok);
+        L->att = grab(a, (size_t)B * c->n_heads * T * T, &ok); L->atto = grab(a, N * qd, &ok);
+        L->x_mid = grab(a, N * d, &ok); L->hn2 = grab(a, N * d, &ok); L->rstd2 = grab(a, N, &ok);
+        if (moe_config_layer_is_moe(c, l)) {
+            if (ok && moe_cache_init(&L->moe, (int)N, (int)d, c->n_experts, c->top_k, c->d_expert)) ok = 0;
+        } else {
+            L->hg = grab(a, N * c->d_ff, &ok); L->hu = grab(a, N * c->d_ff, &ok); L->act = grab(a, N * c->d_ff, &ok);
+            ff = (size_t)c->d_ff;
+        }
+    }
+    a->x_final = grab(a, N * d, &ok); a->hnf = grab(a, N * d, &ok); a->rstdf = grab(a, N, &ok);
+    a->logits = grab(a, N * V, &ok);
+    a->pos = (int32_t *)grab(a, N, &ok);
+    a->dx = grab(a, N * d, &ok); a->dx2 = grab(a, N * d, &ok); a->dh = grab(a, N * d, &ok);
+    a->dq = grab(a, N * qd, &ok); a->dk = grab(a, N * kd, &ok); a->dv = grab(a, N * kd, &ok);
+    a->datto = grab(a, N * qd, &ok);
+    a->dff1 = grab(a, N * ff, &ok); a->dff2 = grab(a, N * ff, &ok); a->dff3 = grab(a, N * ff, &ok);
+    a->dlogits = grab(a, N * V, &ok);
+    if (!ok) { free_acts(a, c->n_layers); return moe_error_prefix(MOE_ERR_NOMEM, "activations for batch %d x %d", B, T); }
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) a->pos[b * T + t] = t;
+    a->B = B; a->T = T;
+    return MOE_OK;
+}
+
+static void add_into(float *out, const float *a, const float *b, size_t n) {
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+/* ---- training forward ---- */
+moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
+                         int T, model_losses *losses) {
+    const moe_config *c = &m->cfg;
+    moe_status st = model_alloc_acts(m, B, T);
+    if (st) return st;
+    model_acts *a = &m->acts;
+    const int N = B * T, d = c->d_model, hd = head_dim(c), H = c->n_heads, KVH = c->n_kv_heads;
+    const int V = c->vocab_size;
+    for (int i = 0; i < N; i++)
+        if (tokens[i] < 0 || tokens[i] >= V)
+            return moe_error(MOE_ERR_INVALID_ARG, "token id %d out of range (vocab %d)", tokens[i], V);
+    float *x = a->layers[0].x_in;
+    for (int i = 0; i < N; i++) memcpy(x + (size_t)i * d, m->w.token_embd + (size_t)tokens[i] * d, sizeof(float) * d);
+    moe_route_opts ro = {.renorm = c->renorm_topk};
+    model_losses L = {0};
+    for (int l = 0; l < c->n_layers; l++) {
+        layer_acts *A = &a->layers[l];
+        const layer_weights *W = &m->w.layers[l];
+        float *x_out = (l + 1 < c->n_layers) ? a->layers[l + 1].x_in : a->x_final;
+        rmsnorm_forward(A->hn1, A->rstd1, A->x_in, W->attn_norm, N, d, c->norm_eps);
+        matmul_forward(A->q, A->hn1, W->wq, NULL, N, d, H * hd);
+        matmul_forward(A->k, A->hn1, W->wk, NULL, N, d, KVH * hd);
+        matmul_forward(A->v, A->hn1, W->wv, NULL, N, d, KVH * hd);
+        rope_forward(A->q, a->pos, N, H, hd, c->rope_base);
+        rope_forward(A->k, a->pos, N, KVH, hd, c->rope_base);
+        attention_forward(A->atto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd);
+        matmul_forward(a->dh, A->atto, W->wo, NULL, N, H * hd, d);
+        add_into(A->x_mid, A->x_in, a->dh, (size_t)N * d);
+        rmsnorm_forward(A->hn2, A->rstd2, A->x_mid, W->ffn_norm, N, d, c->norm_eps);
+        if (W->router) {
+            moe_forward(a->dh, &A->moe, A->hn2, W->router, W->gate_exps, W->up_exps, W->down_exps, N, &ro);
+            L.aux += A->moe.r.aux;
+            L.z += A->moe.r.z;
+            L.n_moe++;
+        } else {
+            matmul_forward(A->hg, A->hn2, W->ffn_gate, NULL, N, d, c->d_ff);
+            matmul_forward(A->hu, A->hn2, W->ffn_up, NULL, N, d, c->d_ff);
+            swiglu_forward(A->act, A->hg, A->hu, N, c->d_ff);
+            matmul_forward(a->dh, A->act, W->ffn_down, NULL, N, c->d_ff, d);
+        }
+        add_into(x_out, A->x_mid, a->dh, (size_t)N * d);
+    }
+    rmsnorm_forward(a->hnf, a->rstdf, a->x_final, m->w.output_norm, N, d, c->norm_eps);
+    matmul_forward(a->logits, a->hnf, m->w.output, NULL, N, d, V);
+    if (targets) {
+        int counted = 0;
+        for (int i = 0; i < N; i++) counted += targets[i] >= 0;
+        double sum = crossentropy_forward(NULL, a->logits, targets, N, V);
+        L.ce = counted ? sum / counted : 0.0;
+        L.loss = L.ce + c->aux_loss_coef * L.aux + c->z_loss_coef * L.z;
+        if (!isfinite(L.loss)) {
+            if (losses) *losses = L;
+            return moe_error(MOE_ERR_NUMERIC, "loss is %s", isnan(L.loss) ? "NaN" : "Inf");
+        }
+    }
+    if (losses) *losses = L;
+    return MOE_OK;
+}
+
+/* ---- training backward ---- */
+void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets, float loss_scale) {
+    const moe_config *c = &m->cfg;
+    model_acts *a = &m->acts;
+    const int B = a->B, T = a->T, N = B * T, d = c->d_model, hd = head_dim(c);
+    const int H = c->n_heads, KVH = c->n_kv_heads, V = c->vocab_size, F = c->d_ff;
+    int counted = 0;
+    for (int i = 0; i < N; i++) counted += targets[i] >= 0;
+    crossentropy_backward(a->dlogits, a->logits, targets, N, V, counted ? loss_scale / counted : 0.0f);
+    memset(a->dh, 0, sizeof(float) * N * d);
+    matmul_backward(a->dh, m->g.output, NULL, a->dlogits, a->hnf, m->w.output, N, d, V);
+    float *dx = a->dx, *dx2 = a->dx2;
+    memset(dx, 0, sizeof(float) * N * d);
+    rmsnorm_backward(dx, m->g.output_norm, a->dh, a->x_final, m->w.output_norm, a->rstdf, N, d);
+    moe_route_opts ro = {.renorm = c->renorm_topk};
+    for (int l = c->n_layers - 1; l >= 0; l--) {
+        layer_acts *A = &a->layers[l];
+        const layer_weights *W = &m->w.layers[l];
+        layer_weights *G = &m->g.layers[l];
+        /* x_out = x_mid + ffn(norm(x_mid)); dx holds d(x_out) */
+        memcpy(dx2, dx, sizeof(float) * N * d);
+        memset(a->dh, 0, sizeof(float) * N * d);
+        if (W->router) {
+            moe_backward(a->dh, G->router, G->gate_exps, G->up_exps, G->down_exps, dx, &A->moe,
+                         A->hn2, W->router, W->gate_exps, W->up_exps, W->down_exps, &ro,
+                         loss_scale * c->aux_loss_coef, loss_scale * c->z_loss_coef);
+        } else {
+            memset(a->dff1, 0, sizeof(float) * N * F);
+            matmul_backward(a->dff1, G->ffn_down, NULL, dx, A->act, W->ffn_down, N, F, d);
+            memset(a->dff2, 0, sizeof(float) * N * F);
+            memset(a->dff3, 0, sizeof(float) * N * F);
+            swiglu_backward(a->dff2, a->dff3, a->dff1, A->hg, A->hu, N, F);
+            matmul_backward(a->dh, G->ffn_gate, NULL, a->dff2, A->hn2, W->ffn_gate, N, d, F);
+            matmul_backward(a->dh, G->ffn_up, NULL, a->dff3, A->hn2, W->ffn_up, N, d, F);
+        }
+        rmsnorm_backward(dx2, G->ffn_norm, a->dh, A->x_mid, W->ffn_norm, A->rstd2, N, d);
+        /* x_mid = x_in + wo(attention(norm(x_in))); dx2 holds d(x_mid) */
+        memcpy(dx, dx2, sizeof(float) * N * d);
+        memset(a->datto, 0, sizeof(float) * N * H * hd);
+        matmul_backward(a->datto, G->wo, NULL, dx2, A->atto, W->wo, N, H * hd, d);
+        memset(a->dq, 0, sizeof(float) * N * H * hd);
+        memset(a->dk, 0, sizeof(float) * N * KVH * hd);
+        memset(a->dv, 0, sizeof(float) * N * KVH * hd);
+        attention_backward(a->dq, a->dk, a->dv, a->datto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd);
+        rope_backward(a->dq, a->pos, N, H, hd, c->rope_base);
+        rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base);
+        memset(a->dh, 0, sizeof(float) * N * d);
+        matmul_backward(a->dh, G->wq, NULL, a->dq, A->hn1, W->wq, N, d, H * hd);
+        matmul_backward(a->dh, G->wk, NULL, a->dk, A->hn1, W->wk, N, d, KVH * hd);
+        matmul_backward(a->dh, G->wv, NULL, a->dv, A->hn1, W->wv, N, d, KVH * hd);
+        rmsnorm_backward(dx, G->attn_norm, a->dh, A->x_in, W->attn_norm, A->rstd1, N, d);
+    }
+    /* embedding rows: parallel over columns so each element sums tokens in order */
+    #pragma omp parallel for schedule(static)
+    for (int j = 0; j < d; j++)
+        for (int i = 0; i < N; i++) m->g.token_embd[(size_t)tokens[i] * d + j] += dx[(size_t)i * d + j];
+}
+
+/* ---- decoding with a KV cache ---- */
+static moe_status alloc_decode(moe_model *m) {
+    if (m->kcache) return MOE_OK;
+    const moe_config *c = &m->cfg;
+    const size_t d = c->d_model, hd = head_dim(c), kd = hd * c->n_kv_heads, qd = hd * c->n_heads;
+    size_t per = (size_t)c->n_layers * c->max_seq * kd;
+    size_t ff = MOE_MAX((size_t)c->d_ff, 1);
+    m->kcache = moe_malloc(per * sizeof(float));
+    m->vcache = moe_malloc(per * sizeof(float));
+    m->dec = moe_malloc((5 * d + 2 * qd + 3 * ff + (size_t)c->max_seq) * sizeof(float));
+    if (!m->kcache || !m->vcache || !m->dec) return moe_error_prefix(MOE_ERR_NOMEM, "KV cache");
+    if (c->n_experts > 0) {
+        moe_status st = moe_cache_init(&m->dec_moe, 1, (int)d, c->n_experts, c->top_k, c->d_expert);
+        if (st) return st;
+    }
+    return MOE_OK;
+}
+
+moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
+    const moe_config *c = &m->cfg;
+    if (token < 0 || token >= c->vocab_size) return moe_error(MOE_ERR_INVALID_ARG, "token id %d out of range", token);
+    if (pos < 0 || pos >= c->max_seq) return moe_error(MOE_ERR_INVALID_ARG, "position %d beyond the context length %d", pos, c->max_seq);
+    moe_status st = alloc_decode(m);
+    if (st) return st;
+    const int d = c->d_model, hd = head_dim(c), H = c->n_heads, KVH = c->n_kv_heads;
+    const int kd = hd * KVH, qd = hd * H, group = H / KVH;
+    const int ff = MOE_MAX(c->d_ff, 1);
+    float *x = m->dec, *h = x + d, *o = h + d, *tmp = o + d, *xf = tmp + d, *q = xf + d;
+    float *att_o = q + qd, *g1 = att_o + qd, *g2 = g1 + ff, *g3 = g2 + ff, *sc = g3 + ff;
+    int32_t p32 = pos;
+    moe_route_opts ro = {.renorm = c->renorm_topk};
+    memcpy(x, m->w.token_embd + (size_t)token * d, sizeof(float) * d);
+    float rstd;
+    for (int l = 0; l < c->n_layers; l++) {
+        const layer_weights *W = &m->w.layers[l];
+        float *kc = m->kcache + (size_t)l * c->max_seq * kd, *vc = m->vcache + (size_t)l * c->max_seq * kd;
+        rmsnorm_forward(h, &rstd, x, W->attn_norm, 1, d, c->norm_eps);
+        matmul_forward(q, h, W->wq, NULL, 1, d, qd);
+        matmul_forward(kc + (size_t)pos * kd, h, W->wk, NULL, 1, d, kd);
+        matmul_forward(vc + (size_t)pos * kd, h, W->wv, NULL, 1, d, kd);
+        rope_forward(q, &p32, 1, H, hd, c->rope_base);
+        rope_forward(kc + (size_t)pos * kd, &p32, 1, KVH, hd, c->rope_base);
+        const float scale = 1.0f / sqrtf((float)hd);
+        for (int hh = 0; hh < H; hh++) {
+            const float *qh = q + hh * hd;
+            const int kvh = hh / group;
+            float mx = -INFINITY;
+            for (int t = 0; t <= pos; t++) {
+                const float *kt = kc + (size_t)t * kd + kvh * hd;
+                float s = 0;
+                for (int i = 0; i < hd; i++) s += qh[i] * kt[i];
+                sc[t] = s * scale;
+                mx = sc[t] > mx ? sc[t] : mx;
+            }
+            double sum = 0;
+            for (int t = 0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+            float *oh = att_o + hh * hd;
+            for (int i = 0; i < hd; i++) oh[i] = 0;
+            for (int t = 0; t <= pos; t++) {
+                const float p = (float)(sc[t] / sum), *vt = vc + (size_t)t * kd + kvh * hd;
+                for (int i = 0; i < hd; i++) oh[i] += p * vt[i];
+            }
+        }
+        matmul_forward(o, att_o, W->wo, NULL, 1, qd, d);
+        for (int i = 0; i < d; i++) x[i] += o[i];
+        rmsnorm_forward(h, &rstd, x, W->ffn_norm, 1, d, c->norm_eps);
+        if (W->router) {
+            moe_forward(tmp, &m->dec_moe, h, W->router, W->gate_exps, W->up_exps, W->down_exps, 1, &ro);
+        } else {
+            matmul_forward(g1, h, W->ffn_gate, NULL, 1, d, c->d_ff);
+            matmul_forward(g2, h, W->ffn_up, NULL, 1, d, c->d_ff);
+            swiglu_forward(g3, g1, g2, 1, c->d_ff);
+            matmul_forward(tmp, g3, W->ffn_down, NULL, 1, c->d_ff, d);
+        }
+        for (int i = 0; i < d; i++) x[i] += tmp[i];
+    }
+    rmsnorm_forward(xf, &rstd, x, m->w.output_norm, 1, d, c->norm_eps);
+    matmul_forward(logits, xf, m->w.output, NULL, 1, d, c->vocab_size);
+    return MOE_OK;
+}

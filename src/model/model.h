@@ -1,0 +1,93 @@
+/* model: parameter layout, training forward/backward, and single-token
+ * decoding with a KV cache. The four structs tell the story: moe_config (the
+ * blueprint), model_weights (pointers into one flat buffer), model_acts (what
+ * the backward pass needs) and moe_model, which owns them. */
+#ifndef MOE_MODEL_H
+#define MOE_MODEL_H
+#include "core/core.h"
+#include "moe/moe_layer.h"
+
+typedef struct {
+    float *attn_norm, *wq, *wk, *wv, *wo, *ffn_norm;
+    float *ffn_gate, *ffn_up, *ffn_down;              /* dense layers */
+    float *router, *gate_exps, *up_exps, *down_exps;  /* MoE layers   */
+} layer_weights;
+
+typedef struct {
+    float *token_embd, *output_norm, *output; /* output == token_embd when tied */
+    layer_weights *layers;
+} model_weights;
+
+/* One named tensor of the flat parameter buffer, in canonical order (the
+ * order of the PyTorch reference and of the GGUF file). */
+typedef struct {
+    char name[64];      /* GGUF name, e.g. "blk.0.attn_q.weight" */
+    size_t offset;      /* in floats, into the flat buffer        */
+    size_t size;        /* in floats                               */
+    int n_dims;
+    int64_t ne[3];      /* ggml order: ne[0] is the row length     */
+    int decay;          /* weight decay applies (matrices, not norms) */
+} tensor_desc;
+
+typedef struct {
+    float *x_in, *hn1, *rstd1, *q, *k, *v, *att, *atto, *x_mid, *hn2, *rstd2;
+    float *hg, *hu, *act;  /* dense FFN */
+    moe_cache moe;         /* MoE FFN   */
+} layer_acts;
+
+typedef struct {
+    int B, T;
+    layer_acts *layers;
+    float *x_final, *hnf, *rstdf, *logits;
+    int32_t *pos;
+    /* backward scratch */
+    float *dx, *dx2, *dh, *dq, *dk, *dv, *datto, *dff1, *dff2, *dff3, *dlogits;
+    void **blocks; int n_blocks;
+} model_acts;
+
+typedef struct {
+    double loss;       /* total: ce + aux_coef * aux + z_coef * z         */
+    double ce;         /* mean cross-entropy                              */
+    double aux, z;     /* summed over MoE layers, before coefficients     */
+    int n_moe;         /* MoE layers                                      */
+} model_losses;
+
+struct moe_model {
+    moe_config cfg;
+    size_t n_params;
+    float *params;           /* flat, canonical order */
+    model_weights w;
+    tensor_desc *tensors;
+    int n_tensors;
+    moe_tokenizer *tok;
+    float *grads;            /* same layout as params (allocated on demand) */
+    model_weights g;
+    model_acts acts;         /* sized for acts.B x acts.T (0 = none)        */
+    /* decoding */
+    float *kcache, *vcache;  /* [L][max_seq][KVH*hd] */
+    float *dec;              /* decode scratch */
+    moe_cache dec_moe;
+    int train_step;          /* optimizer steps taken (saved in the GGUF) */
+};
+
+/* Allocates parameters (uninitialised) and the tensor table. */
+moe_status model_alloc(moe_model **out, const moe_config *cfg);
+void model_init_weights(moe_model *m, uint64_t seed);
+moe_status model_alloc_grads(moe_model *m);
+moe_status model_alloc_acts(moe_model *m, int B, int T);
+/* Forward over B x T tokens (targets may be NULL: no loss). Returns losses. */
+moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
+                         int T, model_losses *losses);
+/* Backward of loss_scale * total loss; accumulates into m->grads. Needs the
+ * forward of the same batch just before. */
+void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets, float loss_scale);
+/* Decoding: logits[V] for token at position pos, using and filling the KV cache. */
+moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits);
+
+/* config field table (config.c) */
+int moe_config_n_fields(void);
+const char *moe_config_field(int i, int *is_float);
+double moe_config_get_field(const moe_config *c, int i);
+void moe_config_put_field(moe_config *c, int i, double v);
+const char *moe_preset_about(const char *name);
+#endif

@@ -1,0 +1,67 @@
+/* train/optim: AdamW, gradient clipping and the learning-rate schedule. */
+#include <math.h>
+#include <string.h>
+
+#include "train/train.h"
+
+void adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int t) {
+    const float bc1 = 1.0f - powf(beta1, (float)t);
+    const float bc2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
+    const float step = lr / bc1, decay = 1.0f - lr * weight_decay;
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) {
+        m[i] = beta1 * m[i] + (1.0f - beta1) * g[i];
+        v[i] = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
+        p[i] *= decay;
+        p[i] -= step * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps);
+    }
+}
+
+void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_params *p, int t) {
+    for (int i = 0; i < mdl->n_tensors; i++) {
+        const tensor_desc *td = &mdl->tensors[i];
+        size_t o = td->offset;
+        adamw_update(mdl->params + o, mdl->grads + o, m + o, v + o, td->size, lr, p->beta1,
+                     p->beta2, p->adam_eps, td->decay ? p->weight_decay : 0.0f, t);
+    }
+}
+
+double grad_norm(const float *g, size_t n) {
+    /* fixed chunks summed in order: same result for any thread count */
+    enum { CHUNK = 1 << 16 };
+    size_t nchunks = (n + CHUNK - 1) / CHUNK;
+    double total = 0;
+    for (size_t c0 = 0; c0 < nchunks; c0 += 64) {
+        double part[64] = {0};
+        size_t cn = MOE_MIN((size_t)64, nchunks - c0);
+        #pragma omp parallel for schedule(static)
+        for (size_t c = 0; c < cn; c++) {
+            size_t lo = (c0 + c) * CHUNK, hi = MOE_MIN(n, lo + CHUNK);
+            double s = 0;
+            for (size_t i = lo; i < hi; i++) s += (double)g[i] * g[i];
+            part[c] = s;
+        }
+        for (size_t c = 0; c < cn; c++) total += part[c];
+    }
+    return sqrt(total);
+}
+
+void clip_grads(float *g, size_t n, double norm, float clip) {
+    if (clip <= 0) return;
+    double coef = clip / (norm + 1e-6);
+    if (coef >= 1.0) return;
+    float cf = (float)coef;
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) g[i] *= cf;
+}
+
+float lr_at(const moe_train_params *p, int step) {
+    if (p->warmup > 0 && step < p->warmup) return p->lr * (float)(step + 1) / (float)p->warmup;
+    int decay_steps = p->steps - p->warmup;
+    if (decay_steps <= 0) return p->lr;
+    double progress = (double)(step - p->warmup) / decay_steps;
+    if (progress > 1) progress = 1;
+    double floor_ = p->lr * p->min_lr_frac;
+    return (float)(floor_ + 0.5 * (p->lr - floor_) * (1.0 + cos(M_PI * progress)));
+}

@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# tests/test_cli.sh: the moe command's behaviour on good and bad input.
+# Every failure case checks the exit code, that stderr has a one-line message
+# naming the problem, that nothing crashed (exit < 128) and, where a file was
+# in the way, that it is unchanged. Run by tests/run.sh with MOE_BIN set.
+set -u
+cd "$(dirname "$0")/.."
+MOE=${MOE_BIN:-$PWD/build/moe}
+pass=0; failed=0
+ok()   { echo "ok   $1"; pass=$((pass + 1)); }
+bad()  { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+
+if [ ! -x "$MOE" ]; then
+    bad "binary" "$MOE is not an executable (build it with make)"
+    echo "$pass passed, $failed failed"; exit 1
+fi
+
+T=$(mktemp -d "${TMPDIR:-/tmp}/moe-cli.XXXXXX")
+trap 'rm -rf "$T"' EXIT
+cd "$T"
+
+# VERBOSE=1 shows the stderr of every failure case.
+# run CMD...: sets RC, leaves stdout in $T/out and stderr in $T/err
+run() { timeout -k 5 60 "$@" >"$T/out" 2>"$T/err"; RC=$?; }
+
+# expect NAME RC PATTERN CMD...: exit code RC, no crash, and an error line on
+# stderr matching PATTERN (extended regex, case-insensitive) that starts with "moe"
+expect() {
+    local name=$1 want=$2 pat=$3; shift 3
+    run "$@"
+    [ -n "${VERBOSE:-}" ] && sed 's/^/     | /' "$T/err"
+    if [ "$RC" -ge 124 ]; then bad "$name" "crashed or hung (exit $RC): $(head -c 300 "$T/err")"; return 1; fi
+    if [ "$RC" -ne "$want" ]; then bad "$name" "exit $RC, expected $want; stderr: $(head -c 300 "$T/err")"; return 1; fi
+    if ! grep -E '^moe' "$T/err" | grep -qiE -- "$pat"; then
+        bad "$name" "stderr lacks a 'moe...' line matching /$pat/: $(head -c 300 "$T/err")"; return 1
+    fi
+    if [ "$(wc -l <"$T/err")" -gt 3 ]; then bad "$name" "error message is not short: $(head -c 300 "$T/err")"; return 1; fi
+    ok "$name"
+}
+
+# unchanged NAME FILE COPY: FILE still has the bytes of COPY
+unchanged() {
+    if cmp -s "$2" "$3"; then ok "$1"; else bad "$1" "$2 was modified"; fi
+}
+
+# ---- a small corpus and a tiny configuration --------------------------------------
+awk 'BEGIN { srand(7); split("the a fox dog runs jumps over under quick lazy brown river tree " \
+     "stone light dark north wind rain sun moon café naïve über smörgåsbord", w, " ");
+     for (i = 0; i < 400; i++) { s = ""; for (j = 0; j < 12; j++) s = s w[int(rand() * 26) + 1] " ";
+     print s "." } }' >"$T/small.txt"
+TINY=(--set d_model=32 --set n_layers=1 --set n_heads=2 --set n_kv_heads=1 --set d_ff=64
+      --set n_experts=4 --set top_k=2 --set d_expert=32 --set max_seq=32 --set vocab_size=300)
+SHORT=(--steps 2 --batch 2 --seq 16 --threads 1 --eval-every 0)
+mkdir -p "$T/emptydir"; : >"$T/empty.txt"
+echo "precious" >"$T/existing.gguf"; cp "$T/existing.gguf" "$T/existing.copy"
+
+# ---- help and version -----------------------------------------------------------------
+for c in "--help" "help" "help train" "train --help" "generate --help" "eval --help" "info --help" \
+         "tokenizer --help" "tokenizer train --help" "tokenizer encode --help" "tokenizer decode --help" \
+         "train --steps 5 -h"; do
+    run "$MOE" $c
+    if [ "$RC" -eq 0 ] && grep -q "Usage" "$T/out"; then ok "help: moe $c"
+    else bad "help: moe $c" "exit $RC, stdout: $(head -c 200 "$T/out")"; fi
+done
+run "$MOE" train --help
+for f in preset set data steps batch seq lr seed threads out resume log eval-every save-every stop-after \
+         tokenizer grad-accum warmup force; do
+    grep -q -- "--$f" "$T/out" || bad "help lists --$f" "moe train --help does not mention --$f"
+done
+grep -q "default" "$T/out" && ok "train help shows defaults" || bad "train help shows defaults" "no 'default'"
+run "$MOE" --version
+[ "$RC" -eq 0 ] && grep -qE '^moe [0-9]' "$T/out" && ok "--version" || bad "--version" "exit $RC: $(cat "$T/out")"
+
+# ---- command-line errors (exit 2) ---------------------------------------------------------
+expect "no command" 2 "usage|command" "$MOE"
+expect "unknown command" 2 "unknown command 'frobnicate'" "$MOE" frobnicate
+expect "unknown top-level option" 2 "unknown option '--frob'" "$MOE" --frob
+for c in train generate eval info "tokenizer train" "tokenizer encode" "tokenizer decode"; do
+    expect "unknown flag: $c" 2 "moe $c: unknown option '--foo' \(see 'moe $c --help'\)" "$MOE" $c --foo
+done
+expect "unknown flag with =value" 2 "unknown option '--foo'" "$MOE" train --foo=3
+expect "unknown tokenizer subcommand" 2 "unknown subcommand 'split'" "$MOE" tokenizer split
+expect "missing tokenizer subcommand" 2 "subcommand" "$MOE" tokenizer
+expect "missing value at end" 2 "'--steps' needs a value" "$MOE" train --steps
+expect "missing value before flag" 2 "'--out' needs a value" "$MOE" train --out --force
+expect "non-numeric --steps" 2 "'--steps' expects an integer, got 'abc'" "$MOE" train --steps abc
+expect "trailing junk --steps" 2 "'--steps' expects an integer" "$MOE" train --steps 12x
+expect "float for int --batch" 2 "'--batch' expects an integer" "$MOE" train --batch 1.5
+expect "overflowing --steps" 2 "'--steps' expects an integer" "$MOE" train --steps 99999999999999
+expect "--steps 0" 2 "'--steps' must be > 0" "$MOE" train --steps 0
+expect "--seq 1" 2 "'--seq' must be > 1" "$MOE" train --seq 1
+expect "--lr negative" 2 "'--lr' must be > 0" "$MOE" train --lr -1e-3
+expect "--lr too large" 2 "'--lr' must be below 10" "$MOE" train --lr 50
+expect "--lr nan" 2 "'--lr' expects a number" "$MOE" train --lr nan
+expect "--threads negative" 2 "'--threads' must be >= 0" "$MOE" train --threads -2
+expect "--seed negative" 2 "'--seed' expects a non-negative integer" "$MOE" train --seed -5
+expect "--temperature negative" 2 "'--temperature' must be >= 0" "$MOE" generate --model x --temperature -1
+expect "--top-p above 1" 2 "'--top-p' must be in \(0, 1\]" "$MOE" generate --model x --top-p 1.5
+expect "--top-p zero" 2 "'--top-p' must be in" "$MOE" generate --model x --top-p 0
+expect "--tokens empty" 2 "'--tokens' expects an integer" "$MOE" generate --model x --tokens=
+expect "flag given a value" 2 "'--force' takes no value" "$MOE" train --force=yes
+expect "stray argument" 2 "unexpected argument 'extra'" "$MOE" train extra
+expect "--set without =" 2 "--set expects KEY=VALUE" "$MOE" train --set d_model
+expect "--resume with --preset" 2 "--resume" "$MOE" train --resume "$T/existing.gguf" --preset tiny
+expect "generate without --model" 2 "--model" "$MOE" generate
+expect "eval without --data" 2 "--data" "$MOE" eval --model x
+expect "decode bad id" 2 "invalid token id 'x1'" "$MOE" tokenizer decode --tokenizer x 5 x1
+unchanged "bad flags leave files alone" "$T/existing.gguf" "$T/existing.copy"
+
+# ---- configuration errors (exit 1), found before any work ----------------------------------
+expect "--set unknown key" 1 "bogus_key" "$MOE" train --data "$T/small.txt" --set bogus_key=3
+expect "--set bad value" 1 "n_layers" "$MOE" train --data "$T/small.txt" --set n_layers=abc
+expect "top_k > n_experts" 1 "top_k" "$MOE" train --data "$T/small.txt" --set n_experts=8 --set top_k=9
+expect "n_heads not dividing d_model" 1 "head" "$MOE" train --data "$T/small.txt" --set d_model=64 --set n_heads=5
+expect "unknown preset" 1 "nosuchpreset" "$MOE" train --data "$T/small.txt" --preset nosuchpreset
+expect "info impossible config" 1 "top_k" "$MOE" info --set n_experts=8 --set top_k=9
+expect "--seq beyond max_seq" 1 "max_seq" "$MOE" train --data "$T/small.txt" "${TINY[@]}" --seq 64
+
+# ---- data errors ---------------------------------------------------------------------------
+expect "missing --data path" 1 "nowhere\.txt" "$MOE" train --data "$T/nowhere.txt" --out "$T/a.gguf"
+expect "empty data file" 1 "empty" "$MOE" train --data "$T/empty.txt" --out "$T/a.gguf"
+expect "empty data directory" 1 "emptydir|no .*files|empty" "$MOE" train --data "$T/emptydir" --out "$T/a.gguf"
+mkdir -p "$T/nested/sub"; cp "$T/small.txt" "$T/nested/sub/"
+expect "data directory with only subdirectories" 1 "nested" "$MOE" train --data "$T/nested" --out "$T/a.gguf"
+expect "one bad path of several" 1 "nowhere" "$MOE" train --data "$T/small.txt" --data "$T/nowhere" --out "$T/a.gguf"
+expect "tokenizer train: missing data" 1 "nowhere" "$MOE" tokenizer train --data "$T/nowhere" --vocab 300 --out "$T/t.gguf"
+[ ! -e "$T/a.gguf" ] && [ ! -e "$T/t.gguf" ] && ok "bad data creates no output" || bad "bad data creates no output" "output file appeared"
+
+# ---- --out protection ---------------------------------------------------------------------
+expect "--out exists without --force" 1 "refusing to overwrite .*existing\.gguf \(use --force\)" \
+    "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --out "$T/existing.gguf"
+unchanged "refused --out file unchanged" "$T/existing.gguf" "$T/existing.copy"
+expect "tokenizer train --out exists" 1 "refusing to overwrite" \
+    "$MOE" tokenizer train --data "$T/small.txt" --vocab 300 --out "$T/existing.gguf"
+unchanged "refused tokenizer --out unchanged" "$T/existing.gguf" "$T/existing.copy"
+expect "--out in a missing directory" 1 "does not exist" \
+    "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --out "$T/no/such/dir/m.gguf"
+expect "--resume missing file" 1 "gone\.gguf" "$MOE" train --data "$T/small.txt" --resume "$T/gone.gguf"
+
+# ---- happy path ------------------------------------------------------------------------------
+M="$T/tiny.gguf"
+run "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --out "$M"
+if [ "$RC" -eq 0 ] && [ -s "$M" ] && grep -q "step 2/2" "$T/err"; then ok "train tiny"
+else bad "train tiny" "exit $RC, stderr: $(tail -c 400 "$T/err")"; fi
+have_model=0; [ -s "$M" ] && have_model=1
+
+if [ $have_model = 1 ]; then
+    run "$MOE" info --model "$M"
+    if [ "$RC" -eq 0 ] && grep -q "d_model" "$T/out" && grep -qE "total +[0-9.]+[KMBT]? \([0-9,]+\)" "$T/out" \
+       && grep -q "active" "$T/out" && grep -q "vocab 300" "$T/out"; then ok "info --model"
+    else bad "info --model" "exit $RC: $(head -c 400 "$T/out") $(head -c 200 "$T/err")"; fi
+
+    run "$MOE" generate --model "$M" --tokens 5 --prompt "the fox" --seed 3 --threads 1
+    [ "$RC" -eq 0 ] && [ -s "$T/out" ] && ok "generate --tokens 5" || bad "generate --tokens 5" "exit $RC: $(head -c 300 "$T/err")"
+    cp "$T/out" "$T/gen1"
+    run "$MOE" generate --model "$M" --tokens 5 --prompt "the fox" --seed 3 --threads 1
+    cmp -s "$T/out" "$T/gen1" && ok "generate is deterministic for a seed" || bad "generate is deterministic for a seed" "outputs differ"
+    run "$MOE" generate --model "$M" --tokens 3 --prompt "" --temperature 0
+    [ "$RC" -eq 0 ] && ok "generate from an empty prompt, greedy" || bad "generate from an empty prompt, greedy" "exit $RC: $(head -c 300 "$T/err")"
+    run "$MOE" generate --model "$M" --tokens 3 --prompt "$(head -c 3000 "$T/small.txt")"
+    [ "$RC" -eq 0 ] && ok "generate with a prompt longer than the context" \
+        || bad "generate with a prompt longer than the context" "exit $RC: $(head -c 300 "$T/err")"
+    run "$MOE" generate --model "$M" --tokens 3 --top-k 5 --top-p 1
+    [ "$RC" -eq 0 ] && ok "generate with --top-k" || bad "generate with --top-k" "exit $RC: $(head -c 300 "$T/err")"
+
+    run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1
+    if [ "$RC" -eq 0 ] && grep -qE "^loss [0-9.]+  perplexity [0-9.]+  tokens [0-9]+$" "$T/out"; then ok "eval"
+    else bad "eval" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; fi
+
+    printf 'caf\xc3\xa9 na\xc3\xafve \xe2\x9c\x93 \xf0\x9f\x98\x80 raw \x01\xfe\xff bytes\n' >"$T/text.bin"
+    run "$MOE" tokenizer encode --tokenizer "$M" <"$T/text.bin"; cp "$T/out" "$T/ids.txt"
+    if [ "$RC" -eq 0 ] && grep -qE '^[0-9]+( [0-9]+)*$' "$T/ids.txt"; then
+        run "$MOE" tokenizer decode --tokenizer "$M" <"$T/ids.txt"
+        cmp -s "$T/out" "$T/text.bin" && ok "tokenizer round trip via stdin" || bad "tokenizer round trip via stdin" "bytes differ"
+        run "$MOE" tokenizer decode --tokenizer "$M" $(cat "$T/ids.txt")
+        cmp -s "$T/out" "$T/text.bin" && ok "tokenizer decode of argument ids" || bad "tokenizer decode of argument ids" "bytes differ"
+    else bad "tokenizer encode" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; fi
+    run "$MOE" tokenizer encode --tokenizer "$M" --text "$(printf 'd\xc3\xa9j\xc3\xa0 vu')"
+    [ "$RC" -eq 0 ] && [ -s "$T/out" ] && ok "tokenizer encode --text" || bad "tokenizer encode --text" "exit $RC"
+    expect "decode out-of-range id" 1 "99999" "$MOE" tokenizer decode --tokenizer "$M" 1 99999
+
+    run "$MOE" tokenizer train --data "$T/small.txt" --vocab 280 --out "$T/tok.gguf"
+    [ "$RC" -eq 0 ] && [ -s "$T/tok.gguf" ] && ok "tokenizer train" || bad "tokenizer train" "exit $RC: $(head -c 300 "$T/err")"
+    if [ -s "$T/tok.gguf" ]; then
+        expect "--tokenizer vs --set vocab_size" 1 "vocab_size" \
+            "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --tokenizer "$T/tok.gguf" --out "$T/m2.gguf"
+        run "$MOE" train --data "$T/small.txt" "${TINY[@]:0:18}" "${SHORT[@]}" --tokenizer "$T/tok.gguf" --out "$T/m2.gguf"
+        [ "$RC" -eq 0 ] && [ -s "$T/m2.gguf" ] && ok "train with --tokenizer" || bad "train with --tokenizer" "exit $RC: $(tail -c 300 "$T/err")"
+        run "$MOE" info --model "$T/m2.gguf"
+        grep -q "vocab_size *= *280" "$T/out" && ok "--tokenizer sets vocab_size" || bad "--tokenizer sets vocab_size" "$(grep vocab "$T/out")"
+    fi
+
+    # pause and resume: 2 of 4 steps, then the rest
+    R="$T/resume.gguf"
+    run "$MOE" train --data "$T/small.txt" "${TINY[@]}" --steps 4 --batch 2 --seq 16 --threads 1 --stop-after 2 --out "$R"
+    if [ "$RC" -eq 0 ] && [ -s "$R" ] && [ -s "$R.state" ] && grep -q "paused" "$T/out"; then
+        ok "train --stop-after pauses"
+        run "$MOE" train --data "$T/small.txt" --resume "$R" --threads 1
+        [ "$RC" -eq 0 ] && grep -q "step 4/4" "$T/err" && ok "train --resume finishes" \
+            || bad "train --resume finishes" "exit $RC: $(tail -c 300 "$T/err")"
+    else bad "train --stop-after pauses" "exit $RC: $(tail -c 300 "$T/err") $(cat "$T/out")"; fi
+
+    # ---- damaged model files ----
+    size=$(stat -c %s "$M")
+    head -c $((size / 2)) "$M" >"$T/trunc.gguf"
+    head -c 20 "$M" >"$T/stub.gguf"
+    { printf 'XXXX'; tail -c +5 "$M"; } >"$T/magic.gguf"
+    cp "$M" "$T/flip.gguf"   # scribble over the metadata counts right after magic+version
+    printf '\xff\xff\xff\xff\xff\xff\xff\x7f\xff\xff\xff\xff' | dd of="$T/flip.gguf" bs=1 seek=8 conv=notrunc status=none
+    for f in trunc stub magic flip; do
+        cp "$T/$f.gguf" "$T/$f.copy"
+        expect "generate: $f model" 1 "error" "$MOE" generate --model "$T/$f.gguf" --tokens 2
+        expect "info: $f model" 1 "error" "$MOE" info --model "$T/$f.gguf"
+        expect "eval: $f model" 1 "error" "$MOE" eval --model "$T/$f.gguf" --data "$T/small.txt"
+        expect "tokenizer encode: $f model" 1 "error" "$MOE" tokenizer encode --tokenizer "$T/$f.gguf" --text hi
+        unchanged "$f model left as it was" "$T/$f.gguf" "$T/$f.copy"
+    done
+    # random damage in the tensor data may load or not, but must never crash
+    cp "$M" "$T/noise.gguf"
+    head -c 64 /dev/urandom | dd of="$T/noise.gguf" bs=1 seek=$((size - 200)) conv=notrunc status=none
+    run "$MOE" generate --model "$T/noise.gguf" --tokens 3
+    [ "$RC" -lt 124 ] && ok "noisy tensor data does not crash" || bad "noisy tensor data does not crash" "exit $RC"
+fi
+expect "generate: missing model" 1 "missing\.gguf" "$MOE" generate --model "$T/missing.gguf"
+expect "eval: missing model" 1 "missing\.gguf" "$MOE" eval --model "$T/missing.gguf" --data "$T/small.txt"
+expect "info: directory as model" 1 "directory" "$MOE" info --model "$T/emptydir"
+expect "encode: missing tokenizer" 1 "missing\.gguf" "$MOE" tokenizer encode --tokenizer "$T/missing.gguf" --text hi
+expect "train: missing --tokenizer" 1 "missing\.gguf" "$MOE" train --data "$T/small.txt" "${TINY[@]}" --tokenizer "$T/missing.gguf"
+unchanged "existing file survived everything" "$T/existing.gguf" "$T/existing.copy"
+
+echo "$pass passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,648 @@
+/* Kernel tests: fast vs reference matmul, hand cases, finite-difference checks
+ * of every backward, causality, and bit-identical results across thread counts. */
+#include "harness.h"
+#include "core/core.h"
+#include "kernels/kernels.h"
+
+#include <omp.h>
+#include <stdlib.h>
+
+static moe_rng rng;
+
+static float *vec(size_t n) { /* uniform in [-1, 1) */
+    float *x = malloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) x[i] = 2.0f * moe_rng_uniform(&rng) - 1.0f;
+    return x;
+}
+static float *zeros(size_t n) { return calloc(n ? n : 1, sizeof(float)); }
+static float *copy(const float *x, size_t n) {
+    float *y = malloc((n ? n : 1) * sizeof(float));
+    memcpy(y, x, n * sizeof(float));
+    return y;
+}
+/* max|a-b| / max|b|: error relative to the size of the reference output */
+static double rel_to_norm(const float *a, const float *b, size_t n) {
+    double d = 0, s = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)a[i] - b[i]);
+        if (e > d || e != e) d = e != e ? INFINITY : e;
+        if (fabs(b[i]) > s) s = fabs(b[i]);
+    }
+    return d / (s > 1e-30 ? s : 1e-30);
+}
+static double dotw(const float *x, const float *r, size_t n) { /* sum(x * r) in double */
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * r[i];
+    return s;
+}
+
+/* ---- finite differences ----------------------------------------------------
+ * loss(ctx) is a scalar function of the float array p; grad holds the analytic
+ * gradient. Central differences with step eps; error is
+ * |num - ana| / (max(|num|,|ana|) + floor), floor = 2e-2 * max|ana| + 1e-4: the
+ * float forward pass leaves ~1e-4 of noise in a numerical derivative, which the
+ * floor absorbs for entries much smaller than the largest. */
+typedef double (*loss_fn)(void *ctx);
+static double fd_check(loss_fn loss, void *ctx, float *p, const float *grad, size_t n,
+                       float eps) {
+    double gmax = 0, worst = 0;
+    for (size_t i = 0; i < n; i++) gmax = fmax(gmax, fabs(grad[i]));
+    size_t stride = n > 64 ? n / 64 : 1; /* at most ~64 probes per array */
+    for (size_t i = 0; i < n; i += stride) {
+        float keep = p[i];
+        p[i] = keep + eps;
+        double lp = loss(ctx);
+        p[i] = keep - eps;
+        double lm = loss(ctx);
+        p[i] = keep;
+        double num = (lp - lm) / (2.0 * eps), ana = grad[i];
+        double e = fabs(num - ana) / (fmax(fabs(num), fabs(ana)) + 2e-2 * gmax + 1e-4);
+        if (e > worst || e != e) worst = e != e ? INFINITY : e;
+    }
+    return worst;
+}
+#define FD_TOL 1e-2
+#define FD_EPS 3e-3f /* 1e-3 leaves too much float noise (seen ~1e-2 errors) */
+
+/* ---- matmul ---------------------------------------------------------------- */
+
+static void test_matmul_hand(void) {
+    TEST_CASE("matmul hand 2x3");
+    const float in[6] = {1, 2, 3, 4, 5, 6};        /* [2][3] */
+    const float w[6] = {1, 0, -1, 2, 1, 0};        /* [2][3] */
+    const float bias[2] = {0.5f, -1.0f};
+    const float want[4] = {-1.5f, 3.0f, -1.5f, 12.0f};
+    const float dout[4] = {1, 0, 0, 1};
+    for (int fast = 0; fast < 2; fast++) {
+        float out[4], din[6] = {0}, dw[6] = {0}, db[2] = {0};
+        if (fast) matmul_forward(out, in, w, bias, 2, 3, 2);
+        else matmul_forward_ref(out, in, w, bias, 2, 3, 2);
+        for (int i = 0; i < 4; i++) CHECK(out[i] == want[i], "fast=%d out[%d]=%g", fast, i, out[i]);
+        if (fast) matmul_backward(din, dw, db, dout, in, w, 2, 3, 2);
+        else matmul_backward_ref(din, dw, db, dout, in, w, 2, 3, 2);
+        for (int i = 0; i < 6; i++) {
+            CHECK(din[i] == w[i], "fast=%d din[%d]=%g", fast, i, din[i]);
+            CHECK(dw[i] == in[i], "fast=%d dw[%d]=%g", fast, i, dw[i]);
+        }
+        CHECK(db[0] == 1 && db[1] == 1, "fast=%d dbias %g %g", fast, db[0], db[1]);
+    }
+    TEST_END();
+}
+
+/* one shape: fast vs reference, forward and backward (accumulating into
+ * non-zero buffers), with and without bias / din / dw */
+static double matmul_compare(int N, int C, int OC, int variant) {
+    float *in = vec((size_t)N * C), *w = vec((size_t)OC * C), *bias = vec(OC);
+    float *dout = vec((size_t)N * OC);
+    float *o1 = zeros((size_t)N * OC), *o2 = zeros((size_t)N * OC);
+    float *di1 = vec((size_t)N * C), *di2 = copy(di1, (size_t)N * C);
+    float *dw1 = vec((size_t)OC * C), *dw2 = copy(dw1, (size_t)OC * C);
+    float *db1 = vec(OC), *db2 = copy(db1, OC);
+    const float *b = (variant & 1) ? bias : NULL;
+    int use_din = !(variant & 2), use_dw = !(variant & 4);
+    matmul_forward(o1, in, w, b, N, C, OC);
+    matmul_forward_ref(o2, in, w, b, N, C, OC);
+    matmul_backward(use_din ? di1 : NULL, use_dw ? dw1 : NULL, (variant & 1) ? db1 : NULL, dout,
+                    in, w, N, C, OC);
+    matmul_backward_ref(use_din ? di2 : NULL, use_dw ? dw2 : NULL, (variant & 1) ? db2 : NULL,
+                        dout, in, w, N, C, OC);
+    double e = rel_to_norm(o1, o2, (size_t)N * OC);
+    e = fmax(e, rel_to_norm(di1, di2, (size_t)N * C));
+    e = fmax(e, rel_to_norm(dw1, dw2, (size_t)OC * C));
+    e = fmax(e, rel_to_norm(db1, db2, OC));
+    free(in); free(w); free(bias); free(dout); free(o1); free(o2);
+    free(di1); free(di2); free(dw1); free(dw2); free(db1); free(db2);
+    return e;
+}
+
+static void test_matmul_fast_vs_ref(void) {
+    TEST_CASE("matmul fast vs reference, odd shapes");
+    static const int sh[] = {1, 3, 17, 64, 100, 257};
+    int ns = (int)(sizeof sh / sizeof sh[0]), count = 0;
+    double worst = 0;
+    for (int a = 0; a < ns; a++)
+        for (int b = 0; b < ns; b++)
+            for (int c = 0; c < ns; c++) {
+                double e = matmul_compare(sh[a], sh[b], sh[c], count++ % 8);
+                CHECK(e < 1e-5, "N=%d C=%d OC=%d rel err %g", sh[a], sh[b], sh[c], e);
+                worst = fmax(worst, e);
+            }
+    /* larger shapes: several k blocks, row blocks, panel groups and both
+     * forward formulations (few rows: transposed; many rows: direct) */
+    static const int big[][3] = {{300, 520, 130}, {5, 300, 700}, {40, 1030, 96}, {700, 64, 33},
+                                 {2, 2, 2000}, {129, 513, 65}};
+    for (size_t i = 0; i < sizeof big / sizeof big[0]; i++)
+        for (int v = 0; v < 8; v += 7) {
+            double e = matmul_compare(big[i][0], big[i][1], big[i][2], v);
+            CHECK(e < 1e-5, "N=%d C=%d OC=%d rel err %g", big[i][0], big[i][1], big[i][2], e);
+            worst = fmax(worst, e);
+        }
+    printf("  worst relative error %.3g\n", worst);
+    TEST_END();
+}
+
+/* the fast forward's rows do not depend on the other rows in the batch, and
+ * the reference switch and allocation failures fall back to the reference */
+static void test_matmul_batch_invariance_and_fallback(void) {
+    TEST_CASE("matmul batch invariance, reference switch, alloc-failure fallback");
+    int N = 300, C = 200, OC = 150;
+    float *in = vec((size_t)N * C), *w = vec((size_t)OC * C), *bias = vec(OC);
+    float *full = zeros((size_t)N * OC), *part = zeros((size_t)N * OC), *ref = zeros((size_t)N * OC);
+    matmul_forward(full, in, w, bias, N, C, OC);
+    static const int sub[] = {1, 2, 7, 31, 64, 150};
+    for (size_t i = 0; i < sizeof sub / sizeof sub[0]; i++) {
+        int off = N - sub[i];
+        matmul_forward(part, in + (size_t)off * C, w, bias, sub[i], C, OC);
+        CHECK(memcmp(part, full + (size_t)off * OC, (size_t)sub[i] * OC * sizeof(float)) == 0,
+              "rows of a %d-row batch differ from the same rows of the %d-row batch", sub[i], N);
+    }
+    matmul_forward_ref(ref, in, w, bias, N, C, OC);
+    int was_ref = !moe_use_fast_kernels();
+    moe_set_reference_kernels(1);
+    matmul_forward(part, in, w, bias, N, C, OC);
+    moe_set_reference_kernels(was_ref);
+    CHECK(memcmp(part, ref, (size_t)N * OC * sizeof(float)) == 0, "reference switch ignored");
+    moe_alloc_fail_after(1);
+    matmul_forward(part, in, w, bias, N, C, OC);
+    moe_alloc_fail_after(0);
+    if (moe_use_fast_kernels())
+        CHECK(memcmp(part, ref, (size_t)N * OC * sizeof(float)) == 0,
+              "allocation failure did not fall back to the reference");
+    /* backward still works without scratch (reads B in place) */
+    float *dout = vec((size_t)N * OC), *d1 = zeros((size_t)OC * C), *d2 = zeros((size_t)OC * C);
+    matmul_backward(NULL, d1, NULL, dout, in, w, N, C, OC);
+    moe_alloc_fail_after(1);
+    matmul_backward(NULL, d2, NULL, dout, in, w, N, C, OC);
+    moe_alloc_fail_after(0);
+    CHECK(memcmp(d1, d2, (size_t)OC * C * sizeof(float)) == 0,
+          "dw differs when scratch allocation fails");
+    free(in); free(w); free(bias); free(full); free(part); free(ref);
+    free(dout); free(d1); free(d2);
+    TEST_END();
+}
+
+typedef struct {
+    int N, C, OC, fast;
+    float *in, *w, *bias, *out, *R;
+} mm_ctx;
+static double mm_loss(void *p) {
+    mm_ctx *c = p;
+    if (c->fast) matmul_forward(c->out, c->in, c->w, c->bias, c->N, c->C, c->OC);
+    else matmul_forward_ref(c->out, c->in, c->w, c->bias, c->N, c->C, c->OC);
+    return dotw(c->out, c->R, (size_t)c->N * c->OC);
+}
+static void test_matmul_fd(void) {
+    TEST_CASE("matmul backward vs finite differences");
+    for (int fast = 0; fast < 2; fast++) {
+        mm_ctx c = {.N = 5, .C = 7, .OC = 6, .fast = fast};
+        c.in = vec(35); c.w = vec(42); c.bias = vec(6); c.out = zeros(30); c.R = vec(30);
+        float *din = zeros(35), *dw = zeros(42), *db = zeros(6);
+        if (fast) matmul_backward(din, dw, db, c.R, c.in, c.w, 5, 7, 6);
+        else matmul_backward_ref(din, dw, db, c.R, c.in, c.w, 5, 7, 6);
+        double e1 = fd_check(mm_loss, &c, c.in, din, 35, FD_EPS);
+        double e2 = fd_check(mm_loss, &c, c.w, dw, 42, FD_EPS);
+        double e3 = fd_check(mm_loss, &c, c.bias, db, 6, FD_EPS);
+        CHECK(e1 < FD_TOL && e2 < FD_TOL && e3 < FD_TOL, "fast=%d din %g dw %g dbias %g", fast,
+              e1, e2, e3);
+        free(c.in); free(c.w); free(c.bias); free(c.out); free(c.R); free(din); free(dw); free(db);
+    }
+    TEST_END();
+}
+
+/* ---- rmsnorm ----------------------------------------------------------------- */
+
+typedef struct {
+    int N, C;
+    float *in, *w, *out, *rstd, *R;
+} rms_ctx;
+static double rms_loss(void *p) {
+    rms_ctx *c = p;
+    rmsnorm_forward(c->out, c->rstd, c->in, c->w, c->N, c->C, 1e-5f);
+    return dotw(c->out, c->R, (size_t)c->N * c->C);
+}
+static void test_rmsnorm(void) {
+    TEST_CASE("rmsnorm forward and backward vs finite differences");
+    rms_ctx c = {.N = 4, .C = 12};
+    size_t n = 48;
+    c.in = vec(n); c.w = vec(12); c.out = zeros(n); c.rstd = zeros(4); c.R = vec(n);
+    rms_loss(&c);
+    /* forward against a direct double computation */
+    double worst = 0;
+    for (int i = 0; i < 4; i++) {
+        double ss = 0;
+        for (int j = 0; j < 12; j++) ss += (double)c.in[i * 12 + j] * c.in[i * 12 + j];
+        double r = 1.0 / sqrt(ss / 12 + 1e-5);
+        worst = fmax(worst, fabs(c.rstd[i] - r) / r);
+        for (int j = 0; j < 12; j++) {
+            double want = c.in[i * 12 + j] * r * c.w[j];
+            worst = fmax(worst, fabs(c.out[i * 12 + j] - want) / (fabs(want) + 1e-6));
+        }
+    }
+    CHECK(worst < 1e-5, "forward rel err %g", worst);
+    float *din = vec(n), *dw = vec(12);
+    float *din0 = copy(din, n), *dw0 = copy(dw, 12);
+    rmsnorm_backward(din, dw, c.R, c.in, c.w, c.rstd, 4, 12);
+    for (size_t i = 0; i < n; i++) din[i] -= din0[i]; /* backward accumulates */
+    for (size_t i = 0; i < 12; i++) dw[i] -= dw0[i];
+    double e1 = fd_check(rms_loss, &c, c.in, din, n, FD_EPS);
+    double e2 = fd_check(rms_loss, &c, c.w, dw, 12, FD_EPS);
+    CHECK(e1 < FD_TOL && e2 < FD_TOL, "din %g dw %g", e1, e2);
+    free(c.in); free(c.w); free(c.out); free(c.rstd); free(c.R);
+    free(din); free(dw); free(din0); free(dw0);
+    TEST_END();
+}
+
+/* ---- rope -------------------------------------------------------------------- */
+
+static void test_rope_hand(void) {
+    TEST_CASE("rope hand cases");
+    /* pos 0 is the identity, bit for bit */
+    float x[16], x0[16];
+    for (int i = 0; i < 16; i++) x[i] = x0[i] = (float)(i + 1) * 0.37f;
+    int32_t pos0[2] = {0, 0};
+    rope_forward(x, pos0, 2, 2, 4, 10000.0f);
+    CHECK(memcmp(x, x0, sizeof x) == 0, "pos 0 is not the identity");
+    /* D = 4: pair 0 turns by pos radians, pair 1 by pos * base^(-1/2);
+     * base = 4/pi^2 makes pair 1 of pos 1 a 90 degree turn */
+    float y[4] = {1, 2, 1, 2};
+    int32_t pos1 = 1;
+    float base = (float)(4.0 / (M_PI * M_PI));
+    rope_forward(y, &pos1, 1, 1, 4, base);
+    double c1 = cos(1.0), s1 = sin(1.0);
+    CHECK(fabs(y[0] - (1 * c1 - 2 * s1)) < 1e-6 && fabs(y[1] - (1 * s1 + 2 * c1)) < 1e-6,
+          "pair 0: %g %g", y[0], y[1]);
+    CHECK(fabs(y[2] - (-2.0)) < 1e-6 && fabs(y[3] - 1.0) < 1e-6, "90 degrees: %g %g", y[2], y[3]);
+    /* backward undoes forward; repeated positions (the angle table) agree with
+     * a single row (per-row angles) bit for bit */
+    int N = 6, H = 3, D = 8;
+    int32_t pos[6] = {0, 1, 2, 0, 1, 2};
+    float *z = vec((size_t)N * H * D), *z0 = copy(z, (size_t)N * H * D);
+    rope_forward(z, pos, N, H, D, 10000.0f);
+    float *one = copy(z0 + (size_t)4 * H * D, (size_t)H * D);
+    rope_forward(one, &pos[4], 1, H, D, 10000.0f);
+    CHECK(memcmp(one, z + (size_t)4 * H * D, (size_t)H * D * sizeof(float)) == 0,
+          "table and per-row angles differ");
+    rope_backward(z, pos, N, H, D, 10000.0f);
+    double e = rel_to_norm(z, z0, (size_t)N * H * D);
+    CHECK(e < 1e-6, "backward(forward(x)) != x: %g", e);
+    free(z); free(z0); free(one);
+    TEST_END();
+}
+
+typedef struct {
+    int N, H, D;
+    int32_t *pos;
+    float *x, *tmp, *R;
+} rope_ctx;
+static double rope_loss(void *p) {
+    rope_ctx *c = p;
+    size_t n = (size_t)c->N * c->H * c->D;
+    memcpy(c->tmp, c->x, n * sizeof(float));
+    rope_forward(c->tmp, c->pos, c->N, c->H, c->D, 10000.0f);
+    return dotw(c->tmp, c->R, n);
+}
+static void test_rope_fd(void) {
+    TEST_CASE("rope backward vs finite differences");
+    int32_t pos[4] = {3, 0, 17, 5};
+    rope_ctx c = {.N = 4, .H = 2, .D = 6, .pos = pos};
+    size_t n = 48;
+    c.x = vec(n); c.tmp = zeros(n); c.R = vec(n);
+    float *g = copy(c.R, n);
+    rope_backward(g, pos, 4, 2, 6, 10000.0f);
+    double e = fd_check(rope_loss, &c, c.x, g, n, FD_EPS);
+    CHECK(e < FD_TOL, "dx %g", e);
+    free(c.x); free(c.tmp); free(c.R); free(g);
+    TEST_END();
+}
+
+/* ---- attention ------------------------------------------------------------- */
+
+typedef struct {
+    int B, T, H, KVH, D, ref;
+    float *q, *k, *v, *out, *att, *R;
+} att_ctx;
+static double att_loss(void *p) {
+    att_ctx *c = p;
+    if (c->ref) attention_forward_ref(c->out, c->att, c->q, c->k, c->v, c->B, c->T, c->H, c->KVH, c->D);
+    else attention_forward(c->out, c->att, c->q, c->k, c->v, c->B, c->T, c->H, c->KVH, c->D);
+    return dotw(c->out, c->R, (size_t)c->B * c->T * c->H * c->D);
+}
+static void test_attention_fd(void) {
+    TEST_CASE("attention backward vs finite differences (GQA H=4 KVH=2)");
+    for (int ref = 0; ref < 2; ref++) {
+        att_ctx c = {.B = 2, .T = 5, .H = 4, .KVH = 2, .D = 8, .ref = ref};
+        size_t nq = 2 * 5 * 4 * 8, nk = 2 * 5 * 2 * 8;
+        c.q = vec(nq); c.k = vec(nk); c.v = vec(nk); c.out = zeros(nq);
+        c.att = zeros(2 * 4 * 5 * 5); c.R = vec(nq);
+        for (size_t i = 0; i < nq; i++) c.q[i] *= 2.0f; /* peakier softmax */
+        att_loss(&c);
+        float *dq = zeros(nq), *dk = zeros(nk), *dv = zeros(nk);
+        if (ref) attention_backward_ref(dq, dk, dv, c.R, c.att, c.q, c.k, c.v, 2, 5, 4, 2, 8);
+        else attention_backward(dq, dk, dv, c.R, c.att, c.q, c.k, c.v, 2, 5, 4, 2, 8);
+        double e1 = fd_check(att_loss, &c, c.q, dq, nq, FD_EPS);
+        double e2 = fd_check(att_loss, &c, c.k, dk, nk, FD_EPS);
+        double e3 = fd_check(att_loss, &c, c.v, dv, nk, FD_EPS);
+        CHECK(e1 < FD_TOL && e2 < FD_TOL && e3 < FD_TOL, "ref=%d dq %g dk %g dv %g", ref, e1, e2,
+              e3);
+        free(c.q); free(c.k); free(c.v); free(c.out); free(c.att); free(c.R);
+        free(dq); free(dk); free(dv);
+    }
+    TEST_END();
+}
+
+static void test_attention_fast_vs_ref_and_causal(void) {
+    TEST_CASE("attention fast vs reference, causality, probabilities");
+    static const int cfg[][5] = {{2, 37, 4, 2, 16}, {1, 70, 2, 1, 24}, {1, 20, 3, 3, 128},
+                                 {1, 9, 2, 2, 130}, {2, 66, 2, 1, 64}};
+    for (size_t ci = 0; ci < sizeof cfg / sizeof cfg[0]; ci++) {
+        int B = cfg[ci][0], T = cfg[ci][1], H = cfg[ci][2], KVH = cfg[ci][3], D = cfg[ci][4];
+        size_t nq = (size_t)B * T * H * D, nk = (size_t)B * T * KVH * D, na = (size_t)B * H * T * T;
+        float *q = vec(nq), *k = vec(nk), *v = vec(nk), *dout = vec(nq);
+        float *o1 = zeros(nq), *o2 = zeros(nq), *a1 = vec(na), *a2 = vec(na);
+        attention_forward(o1, a1, q, k, v, B, T, H, KVH, D);
+        attention_forward_ref(o2, a2, q, k, v, B, T, H, KVH, D);
+        double e = fmax(rel_to_norm(o1, o2, nq), rel_to_norm(a1, a2, na));
+        float *g1[3] = {vec(nq), vec(nk), vec(nk)}, *g2[3];
+        g2[0] = copy(g1[0], nq); g2[1] = copy(g1[1], nk); g2[2] = copy(g1[2], nk);
+        attention_backward(g1[0], g1[1], g1[2], dout, a1, q, k, v, B, T, H, KVH, D);
+        attention_backward_ref(g2[0], g2[1], g2[2], dout, a2, q, k, v, B, T, H, KVH, D);
+        e = fmax(e, rel_to_norm(g1[0], g2[0], nq));
+        e = fmax(e, fmax(rel_to_norm(g1[1], g2[1], nk), rel_to_norm(g1[2], g2[2], nk)));
+        CHECK(e < 1e-5, "B=%d T=%d H=%d KVH=%d D=%d rel err %g", B, T, H, KVH, D, e);
+        /* probabilities: rows sum to 1, zero above the diagonal */
+        double worst = 0;
+        int above = 0;
+        for (int bh = 0; bh < B * H; bh++)
+            for (int t = 0; t < T; t++) {
+                const float *row = a1 + ((size_t)bh * T + t) * T;
+                double s = 0;
+                for (int u = 0; u < T; u++) {
+                    s += row[u];
+                    if (u > t && row[u] != 0.0f) above++;
+                }
+                worst = fmax(worst, fabs(s - 1.0));
+            }
+        CHECK(worst < 1e-5 && above == 0, "row sums off by %g, %d nonzero above diagonal", worst,
+              above);
+        /* changing token t0's k and v leaves every output before t0 unchanged */
+        int t0 = T / 2;
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < KVH * D; i++) {
+                k[((size_t)b * T + t0) * KVH * D + i] += 1.5f;
+                v[((size_t)b * T + t0) * KVH * D + i] -= 2.5f;
+            }
+        attention_forward(o2, a2, q, k, v, B, T, H, KVH, D);
+        int same_before = 1, changed_after = 0;
+        for (int b = 0; b < B; b++) {
+            size_t row = (size_t)T * H * D, pre = (size_t)t0 * H * D;
+            if (memcmp(o1 + b * row, o2 + b * row, pre * sizeof(float)) != 0) same_before = 0;
+            if (memcmp(o1 + b * row + pre, o2 + b * row + pre, (row - pre) * sizeof(float)) != 0)
+                changed_after = 1;
+        }
+        CHECK(same_before && changed_after, "causality: before same %d, after changed %d",
+              same_before, changed_after);
+        free(q); free(k); free(v); free(dout); free(o1); free(o2); free(a1); free(a2);
+        for (int i = 0; i < 3; i++) { free(g1[i]); free(g2[i]); }
+    }
+    TEST_END();
+}
+
+/* ---- swiglu ------------------------------------------------------------------ */
+
+typedef struct {
+    int N, F;
+    float *g, *u, *out, *R;
+} sw_ctx;
+static double sw_loss(void *p) {
+    sw_ctx *c = p;
+    swiglu_forward(c->out, c->g, c->u, c->N, c->F);
+    return dotw(c->out, c->R, (size_t)c->N * c->F);
+}
+static void test_swiglu(void) {
+    TEST_CASE("swiglu forward and backward vs finite differences");
+    sw_ctx c = {.N = 3, .F = 10};
+    size_t n = 30;
+    c.g = vec(n); c.u = vec(n); c.out = zeros(n); c.R = vec(n);
+    for (size_t i = 0; i < n; i++) c.g[i] *= 4.0f;
+    sw_loss(&c);
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double g = c.g[i], want = g / (1.0 + exp(-g)) * c.u[i];
+        worst = fmax(worst, fabs(c.out[i] - want) / (fabs(want) + 1e-6));
+    }
+    CHECK(worst < 1e-5, "forward rel err %g", worst);
+    float *dg = zeros(n), *du = zeros(n);
+    swiglu_backward(dg, du, c.R, c.g, c.u, 3, 10);
+    double e1 = fd_check(sw_loss, &c, c.g, dg, n, FD_EPS);
+    double e2 = fd_check(sw_loss, &c, c.u, du, n, FD_EPS);
+    CHECK(e1 < FD_TOL && e2 < FD_TOL, "dgate %g dup %g", e1, e2);
+    /* extreme gates stay finite */
+    float big[4] = {-200.0f, 200.0f, -1e30f, 1e30f}, one[4] = {1, 1, 1, 1}, o[4], d1[4] = {0},
+          d2[4] = {0};
+    swiglu_forward(o, big, one, 1, 4);
+    swiglu_backward(d1, d2, one, big, one, 1, 4);
+    int finite = 1;
+    for (int i = 0; i < 4; i++) finite &= isfinite(o[i]) && isfinite(d1[i]) && isfinite(d2[i]);
+    CHECK(finite, "non-finite result for large |gate|");
+    free(c.g); free(c.u); free(c.out); free(c.R); free(dg); free(du);
+    TEST_END();
+}
+
+/* ---- softmax ----------------------------------------------------------------- */
+
+typedef struct {
+    int N, C;
+    float *in, *out, *R;
+} sm_ctx;
+static double sm_loss(void *p) {
+    sm_ctx *c = p;
+    softmax_forward(c->out, c->in, c->N, c->C);
+    return dotw(c->out, c->R, (size_t)c->N * c->C);
+}
+static void test_softmax(void) {
+    TEST_CASE("softmax forward (in place, large inputs) and backward vs finite differences");
+    sm_ctx c = {.N = 3, .C = 9};
+    size_t n = 27;
+    c.in = vec(n); c.out = zeros(n); c.R = vec(n);
+    for (size_t i = 0; i < n; i++) c.in[i] *= 3.0f;
+    sm_loss(&c);
+    float *inplace = copy(c.in, n);
+    softmax_forward(inplace, inplace, 3, 9);
+    CHECK(memcmp(inplace, c.out, n * sizeof(float)) == 0, "in-place result differs");
+    float huge[3] = {1000.0f, 1001.0f, -1000.0f}, p[3];
+    softmax_forward(p, huge, 1, 3);
+    double want = 1.0 / (1.0 + exp(1.0));
+    CHECK(fabs(p[0] - want) < 1e-6 && p[2] == 0.0f && isfinite(p[1]), "large logits: %g %g %g",
+          p[0], p[1], p[2]);
+    float *din = vec(n), *din0 = copy(din, n);
+    softmax_backward(din, c.R, c.out, 3, 9);
+    for (size_t i = 0; i < n; i++) din[i] -= din0[i];
+    double e = fd_check(sm_loss, &c, c.in, din, n, FD_EPS);
+    CHECK(e < FD_TOL, "din %g", e);
+    free(c.in); free(c.out); free(c.R); free(inplace); free(din); free(din0);
+    TEST_END();
+}
+
+/* ---- cross-entropy ----------------------------------------------------------- */
+
+typedef struct {
+    int N, V;
+    float *logits;
+    int32_t *tg;
+    float scale;
+} ce_ctx;
+static double ce_loss(void *p) {
+    ce_ctx *c = p;
+    return c->scale * crossentropy_forward(NULL, c->logits, c->tg, c->N, c->V);
+}
+static void test_crossentropy(void) {
+    TEST_CASE("cross-entropy forward and backward vs finite differences, ignored targets");
+    int32_t tg[5] = {2, -1, 0, 6, -7};
+    ce_ctx c = {.N = 5, .V = 7, .tg = tg, .scale = 1.0f / 3.0f};
+    size_t n = 35;
+    c.logits = vec(n);
+    for (size_t i = 0; i < n; i++) c.logits[i] *= 4.0f;
+    float losses[5];
+    double total = crossentropy_forward(losses, c.logits, tg, 5, 7);
+    double want_total = 0, worst = 0;
+    for (int i = 0; i < 5; i++) {
+        if (tg[i] < 0) {
+            CHECK(losses[i] == 0.0f, "ignored row %d has loss %g", i, losses[i]);
+            continue;
+        }
+        double s = 0;
+        for (int j = 0; j < 7; j++) s += exp((double)c.logits[i * 7 + j]);
+        double l = log(s) - c.logits[i * 7 + tg[i]];
+        want_total += l;
+        worst = fmax(worst, fabs(losses[i] - l) / l);
+    }
+    CHECK(worst < 1e-5 && fabs(total - want_total) < 1e-5 * want_total, "loss err %g total %g vs %g",
+          worst, total, want_total);
+    float *d = vec(n);
+    crossentropy_backward(d, c.logits, tg, 5, 7, c.scale);
+    int zero_rows = 1;
+    for (int j = 0; j < 7; j++) zero_rows &= d[7 + j] == 0.0f && d[28 + j] == 0.0f;
+    CHECK(zero_rows, "ignored rows not zeroed");
+    double e = fd_check(ce_loss, &c, c.logits, d, n, FD_EPS);
+    CHECK(e < FD_TOL, "dlogits %g", e);
+    /* in place, and large logits stay finite */
+    float *inplace = copy(c.logits, n);
+    crossentropy_backward(inplace, inplace, tg, 5, 7, c.scale);
+    CHECK(memcmp(inplace, d, n * sizeof(float)) == 0, "in-place backward differs");
+    float big[3] = {1e4f, -1e4f, 0.0f};
+    int32_t t1 = 1;
+    double l = crossentropy_forward(NULL, big, &t1, 1, 3);
+    CHECK(isfinite(l) && fabs(l - 2e4) < 1.0, "large logits loss %g", l);
+    free(c.logits); free(d); free(inplace);
+    TEST_END();
+}
+
+/* ---- determinism across thread counts ------------------------------------ */
+
+typedef struct {
+    float *bufs[32];
+    size_t sizes[32];
+    int n;
+    double ce;
+} run_out;
+
+static void run_all(run_out *r, uint64_t seed) {
+    moe_rng_seed(&rng, seed);
+    r->n = 0;
+#define KEEP(p, cnt) \
+    (r->n < 32 ? (void)(r->bufs[r->n] = (p), r->sizes[r->n] = (cnt), r->n++) : abort())
+    /* matmul: large enough for the parallel paths, both forward formulations */
+    static const int mm[][3] = {{300, 200, 260}, {24, 300, 520}};
+    for (int s = 0; s < 2; s++) {
+        int N = mm[s][0], C = mm[s][1], OC = mm[s][2];
+        float *in = vec((size_t)N * C), *w = vec((size_t)OC * C), *b = vec(OC);
+        float *out = zeros((size_t)N * OC), *din = vec((size_t)N * C), *dw = vec((size_t)OC * C),
+              *db = vec(OC);
+        matmul_forward(out, in, w, b, N, C, OC);
+        matmul_backward(din, dw, db, out, in, w, N, C, OC);
+        free(in); free(w); free(b);
+        KEEP(out, (size_t)N * OC); KEEP(din, (size_t)N * C); KEEP(dw, (size_t)OC * C);
+        KEEP(db, (size_t)OC);
+    }
+    {
+        int B = 2, T = 64, H = 4, KVH = 2, D = 32;
+        size_t nq = (size_t)B * T * H * D, nk = (size_t)B * T * KVH * D;
+        float *q = vec(nq), *k = vec(nk), *v = vec(nk), *out = zeros(nq),
+              *att = zeros((size_t)B * H * T * T);
+        attention_forward(out, att, q, k, v, B, T, H, KVH, D);
+        float *dq = vec(nq), *dk = vec(nk), *dv = vec(nk);
+        attention_backward(dq, dk, dv, out, att, q, k, v, B, T, H, KVH, D);
+        free(q); free(k); free(v);
+        KEEP(out, nq); KEEP(att, (size_t)B * H * T * T); KEEP(dq, nq); KEEP(dk, nk); KEEP(dv, nk);
+    }
+    {
+        int N = 256, C = 130;
+        size_t n = (size_t)N * C;
+        float *x = vec(n), *w = vec(C), *out = zeros(n), *rstd = zeros(N), *din = vec(n),
+              *dw = vec(C);
+        rmsnorm_forward(out, rstd, x, w, N, C, 1e-5f);
+        rmsnorm_backward(din, dw, out, x, w, rstd, N, C);
+        int32_t *pos = malloc(N * sizeof(int32_t));
+        for (int i = 0; i < N; i++) pos[i] = i % 37;
+        rope_forward(x, pos, N, 5, 26, 10000.0f);
+        float *sm = zeros(n), *dsm = vec(n), *sw = zeros(n), *dg = vec(n), *du = vec(n);
+        softmax_forward(sm, out, N, C);
+        softmax_backward(dsm, din, sm, N, C);
+        swiglu_forward(sw, x, out, N, C);
+        swiglu_backward(dg, du, din, x, out, N, C);
+        int32_t *tg = malloc(N * sizeof(int32_t));
+        for (int i = 0; i < N; i++) tg[i] = (i % 5 == 0) ? -1 : (i * 7) % C;
+        float *losses = zeros(N), *dl = zeros(n);
+        r->ce = crossentropy_forward(losses, out, tg, N, C);
+        crossentropy_backward(dl, out, tg, N, C, 0.01f);
+        free(w); free(pos); free(tg);
+        KEEP(out, n); KEEP(rstd, N); KEEP(din, n); KEEP(dw, C); KEEP(x, n); KEEP(sm, n);
+        KEEP(dsm, n); KEEP(sw, n); KEEP(dg, n); KEEP(du, n); KEEP(losses, N); KEEP(dl, n);
+    }
+#undef KEEP
+}
+
+static void test_thread_determinism(void) {
+    TEST_CASE("bit-identical results for 1, 2 and 3 threads");
+    int saved = omp_get_max_threads();
+    run_out r1, r2;
+    omp_set_num_threads(1);
+    run_all(&r1, 99);
+    for (int nt = 2; nt <= 3; nt++) {
+        omp_set_num_threads(nt);
+        run_all(&r2, 99);
+        for (int i = 0; i < r1.n; i++) {
+            size_t first = 0;
+            while (first < r1.sizes[i] && memcmp(&r1.bufs[i][first], &r2.bufs[i][first], 4) == 0) first++;
+            CHECK(first == r1.sizes[i], "buffer %d differs between 1 and %d threads at %zu: %.9g vs %.9g",
+                  i, nt, first, first < r1.sizes[i] ? r1.bufs[i][first] : 0.0,
+                  first < r1.sizes[i] ? r2.bufs[i][first] : 0.0);
+            free(r2.bufs[i]);
+        }
+        CHECK(memcmp(&r1.ce, &r2.ce, sizeof(double)) == 0, "cross-entropy sum differs (%d threads)",
+              nt);
+    }
+    for (int i = 0; i < r1.n; i++) free(r1.bufs[i]);
+    omp_set_num_threads(saved);
+    TEST_END();
+}
+
+int main(void) {
+    const char *seed = getenv("TEST_SEED"); /* to probe margins: TEST_SEED=n */
+    moe_rng_seed(&rng, seed ? strtoull(seed, NULL, 10) : 12345);
+    printf("fast kernels: %s\n", moe_use_fast_kernels() ? "yes" : "no (reference only)");
+    test_matmul_hand();
+    test_matmul_fast_vs_ref();
+    test_matmul_batch_invariance_and_fallback();
+    test_matmul_fd();
+    test_rmsnorm();
+    test_rope_hand();
+    test_rope_fd();
+    test_attention_fd();
+    test_attention_fast_vs_ref_and_causal();
+    test_swiglu();
+    test_softmax();
+    test_crossentropy();
+    test_thread_determinism();
+    TEST_MAIN_END();
+}

@@ -1,0 +1,281 @@
+/* Training: checkpoint round trip, resume equivalence, thread-count
+ * determinism, learning progress, and clean errors on bad input. */
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "model/model.h"
+#include "train/train.h"
+
+static char dir[256];
+static char text_path[300];
+
+typedef struct { float loss[64]; int n; } loss_log;
+static void on_progress(const moe_train_progress *p, void *u) {
+    loss_log *l = u;
+    if (l->n < 64) l->loss[l->n++] = p->loss;
+}
+
+static moe_tokenizer *tok;
+static moe_dataset *data;
+
+static void make_text(void) {
+    static const char *words[] = {"the", "expert", "router", "token", "sparse", "model", "learns", "a",
+                                  "mixture", "of", "layers", "and", "gates", "choose", "two", "Über", "niño"};
+    FILE *f = fopen(text_path, "w");
+    unsigned s = 1;
+    for (int doc = 0; doc < 40; doc++) {
+        for (int i = 0; i < 300; i++) {
+            s = s * 1103515245u + 12345u;
+            fprintf(f, "%s%s", words[(s >> 16) % 17], (s >> 8) % 11 == 0 ? ".\n" : " ");
+        }
+        fprintf(f, "\n\f\n");
+    }
+    fclose(f);
+}
+
+static moe_config tiny(void) {
+    moe_config c;
+    moe_config_preset(&c, "tiny");
+    c.vocab_size = 300; c.d_model = 32; c.n_layers = 2; c.n_heads = 4; c.n_kv_heads = 2;
+    c.d_ff = 48; c.n_experts = 4; c.top_k = 2; c.d_expert = 32; c.max_seq = 32;
+    return c;
+}
+
+static moe_train_params params(const char *out, int steps) {
+    moe_train_params p;
+    moe_train_params_default(&p);
+    p.steps = steps; p.batch = 4; p.seq = 16; p.lr = 1e-2f; p.warmup = 2; p.eval_every = 4;
+    p.eval_batches = 2; p.out_path = out;
+    return p;
+}
+
+/* trains from scratch; returns 0 on success */
+static int train_run(const char *out, int steps, int stop_after, int threads, loss_log *log) {
+    moe_config c = tiny();
+    moe_model *m;
+    if (moe_model_create(&m, &c, 42)) return -1;
+    moe_train_params p = params(out, steps);
+    p.stop_after = stop_after; p.threads = threads;
+    log->n = 0;
+    int rc = moe_train(m, data, &p, NULL, on_progress, log);
+    if (rc) printf("  train: %s\n", moe_last_error());
+    moe_model_free(m);
+    return rc;
+}
+
+static int params_equal(const char *a, const char *b) {
+    moe_model *ma, *mb;
+    if (moe_model_load(&ma, a)) return 0;
+    if (moe_model_load(&mb, b)) { moe_model_free(ma); return 0; }
+    int eq = ma->n_params == mb->n_params && !memcmp(ma->params, mb->params, ma->n_params * 4);
+    moe_model_free(ma); moe_model_free(mb);
+    return eq;
+}
+
+int main(void) {
+    snprintf(dir, sizeof dir, "/tmp/moe_test_train_XXXXXX");
+    if (!mkdtemp(dir)) return 1;
+    snprintf(text_path, sizeof text_path, "%s/words.txt", dir);
+    make_text();
+    char path[512], path2[512], path3[600];
+
+    TEST_CASE("tokenizer and dataset from a text file");
+    {
+        char **texts; size_t *lens; int n;
+        const char *paths[] = {text_path};
+        int rc = (int)moe_read_texts(paths, 1, &texts, &lens, &n);
+        CHECK(rc == 0, "%s", moe_last_error());
+        rc = rc ? rc : (int)moe_tokenizer_train(&tok, (const char *const *)texts, lens, n, 300);
+        CHECK(rc == 0, "%s", moe_last_error());
+        moe_free_texts(texts, lens, n);
+        rc = rc ? rc : (int)moe_dataset_load_text(&data, tok, paths, 1);
+        CHECK(rc == 0, "%s", moe_last_error());
+        if (rc) { TEST_END(); TEST_MAIN_END(); }
+        CHECK(moe_dataset_tokens(data, 1) > 0 && moe_dataset_tokens(data, 0) > 10 * moe_dataset_tokens(data, 1) / 2,
+              "train %zu val %zu", moe_dataset_tokens(data, 0), moe_dataset_tokens(data, 1));
+    }
+    TEST_END();
+
+    TEST_CASE("checkpoint save and load are bit-exact");
+    {
+        moe_config c = tiny();
+        moe_model *m, *m2 = NULL;
+        moe_model_create(&m, &c, 5);
+        moe_tokenizer *t2;
+        snprintf(path, sizeof path, "%s/tok.gguf", dir);
+        CHECK(moe_tokenizer_save(tok, path) == 0, "%s", moe_last_error());
+        CHECK(moe_tokenizer_load(&t2, path) == 0, "%s", moe_last_error());
+        moe_model_set_tokenizer(m, t2);
+        snprintf(path, sizeof path, "%s/m.gguf", dir);
+        CHECK(moe_model_save(m, path) == 0, "%s", moe_last_error());
+        CHECK(moe_model_load(&m2, path) == 0, "%s", moe_last_error());
+        if (m2) {
+            CHECK(!memcmp(&m->cfg, &m2->cfg, sizeof m->cfg), "config differs");
+            CHECK(m->n_params == m2->n_params && !memcmp(m->params, m2->params, m->n_params * 4), "weights differ");
+            CHECK(m2->tok && moe_tokenizer_vocab_size(m2->tok) == moe_tokenizer_vocab_size(tok), "tokenizer missing");
+        }
+        CHECK(access(path, F_OK) == 0, "file missing");
+        snprintf(path2, sizeof path2, "%s/m.gguf.tmp", dir);
+        CHECK(access(path2, F_OK) != 0, "temporary file left behind");
+        moe_model_free(m); moe_model_free(m2);
+    }
+    TEST_END();
+
+    TEST_CASE("KV-cached decoding matches the full forward pass");
+    {
+        moe_config c = tiny();
+        c.moe_first_dense = 1; /* one dense and one MoE layer */
+        moe_model *m;
+        moe_model_create(&m, &c, 11);
+        int32_t toks[16];
+        for (int i = 0; i < 16; i++) toks[i] = (int32_t)((i * 37 + 5) % c.vocab_size);
+        CHECK(model_forward(m, toks, NULL, 1, 16, NULL) == 0, "%s", moe_last_error());
+        float *full = malloc(sizeof(float) * 16 * c.vocab_size), *one = malloc(sizeof(float) * c.vocab_size);
+        memcpy(full, m->acts.logits, sizeof(float) * 16 * c.vocab_size);
+        double worst = 0;
+        for (int t = 0; t < 16; t++) {
+            CHECK(model_decode(m, toks[t], t, one) == 0, "%s", moe_last_error());
+            worst = fmax(worst, th_max_rel_err(one, full + (size_t)t * c.vocab_size, c.vocab_size, 1e-2));
+        }
+        CHECK(worst < 1e-4, "decode differs from forward by %g", worst);
+        CHECK(model_decode(m, toks[0], c.max_seq, one) == MOE_ERR_INVALID_ARG, "position past the context accepted");
+        free(full); free(one);
+        moe_model_free(m);
+    }
+    TEST_END();
+
+    TEST_CASE("training lowers the loss");
+    {
+        loss_log a;
+        snprintf(path, sizeof path, "%s/learn.gguf", dir);
+        int rc = train_run(path, 24, 0, 0, &a);
+        CHECK(rc == 0 && a.n == 24, "rc %d, %d steps", rc, a.n);
+        CHECK(a.n == 24 && a.loss[23] < a.loss[0] - 1.0f, "loss %g -> %g", a.loss[0], a.loss[a.n - 1]);
+    }
+    TEST_END();
+
+    TEST_CASE("1 thread and 2 threads give bit-identical losses");
+    {
+        loss_log a, b;
+        snprintf(path, sizeof path, "%s/t1.gguf", dir);
+        snprintf(path2, sizeof path2, "%s/t2.gguf", dir);
+        int rc = train_run(path, 6, 0, 1, &a) | train_run(path2, 6, 0, 2, &b);
+        CHECK(rc == 0 && a.n == 6 && b.n == 6, "runs failed");
+        CHECK(!memcmp(a.loss, b.loss, sizeof(float) * 6), "losses differ: %.9g vs %.9g", a.loss[5], b.loss[5]);
+        CHECK(params_equal(path, path2), "final weights differ");
+        moe_set_threads(0);
+    }
+    TEST_END();
+
+    TEST_CASE("pause and resume continue bit-identically");
+    {
+        loss_log full, first, second;
+        snprintf(path, sizeof path, "%s/full.gguf", dir);
+        snprintf(path2, sizeof path2, "%s/half.gguf", dir);
+        int rc = train_run(path, 8, 0, 0, &full);
+        rc |= train_run(path2, 8, 4, 0, &first);
+        CHECK(rc == 0 && first.n == 4, "first half: %d steps", first.n);
+        moe_model *m = NULL;
+        rc = moe_model_load(&m, path2);
+        CHECK(rc == 0 && m->train_step == 4, "paused model at step %d", m ? m->train_step : -1);
+        if (m) {
+            moe_train_params p = params(path2, 8);
+            snprintf(path3, sizeof path3, "%s.state", path2);
+            second.n = 0;
+            rc = moe_train(m, data, &p, path3, on_progress, &second);
+            CHECK(rc == 0 && second.n == 4, "resume: %s", rc ? moe_last_error() : "wrong step count");
+            CHECK(!memcmp(full.loss, first.loss, 16) && !memcmp(full.loss + 4, second.loss, 16),
+                  "losses differ after resume: %.9g vs %.9g", full.loss[7], second.loss[3]);
+            moe_model_free(m);
+            CHECK(params_equal(path, path2), "final weights differ");
+        }
+    }
+    TEST_END();
+
+    TEST_CASE("broken checkpoints fail cleanly");
+    {
+        snprintf(path, sizeof path, "%s/full.gguf", dir);
+        FILE *f = fopen(path, "rb");
+        fseek(f, 0, SEEK_END);
+        long size = ftell(f);
+        fseek(f, 0, SEEK_SET);
+        char *buf = malloc(size);
+        CHECK(fread(buf, 1, size, f) == (size_t)size, "read");
+        fclose(f);
+        moe_model *m = NULL;
+        snprintf(path2, sizeof path2, "%s/broken.gguf", dir);
+        long cuts[] = {0, 3, 20, size / 3, size / 2, size - 1};
+        for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
+            f = fopen(path2, "wb"); fwrite(buf, 1, cuts[i], f); fclose(f);
+            int rc = moe_model_load(&m, path2);
+            CHECK(rc == MOE_ERR_FORMAT && m == NULL, "truncated to %ld bytes: status %d", cuts[i], rc);
+        }
+        buf[0] = 'X';
+        f = fopen(path2, "wb"); fwrite(buf, 1, size, f); fclose(f);
+        int rc = moe_model_load(&m, path2);
+        CHECK(rc == MOE_ERR_FORMAT && strstr(moe_last_error(), "magic"), "bad magic: %d %s", rc, moe_last_error());
+        rc = moe_model_load(&m, "/nonexistent/model.gguf");
+        CHECK(rc == MOE_ERR_IO, "missing file: %d", rc);
+        snprintf(path3, sizeof path3, "%s/full.gguf.state", dir);
+        f = fopen(path3, "r+b"); fseek(f, 100, SEEK_SET); fputc(0x55, f); fclose(f);
+        moe_model *mm;
+        moe_model_load(&mm, path);
+        moe_train_params p = params(path, 8);
+        rc = moe_train(mm, data, &p, path3, NULL, NULL);
+        CHECK(rc == MOE_ERR_FORMAT, "corrupt state accepted: %d", rc);
+        moe_model_free(mm);
+        free(buf);
+    }
+    TEST_END();
+
+    TEST_CASE("impossible configs are refused with the reason");
+    {
+        moe_config c = tiny();
+        moe_model *m = NULL;
+        c.top_k = 5;
+        CHECK(moe_model_create(&m, &c, 1) == MOE_ERR_INVALID_ARG && strstr(moe_last_error(), "top_k"), "%s", moe_last_error());
+        c = tiny(); c.n_heads = 5;
+        CHECK(moe_model_create(&m, &c, 1) == MOE_ERR_INVALID_ARG && strstr(moe_last_error(), "n_heads"), "%s", moe_last_error());
+        c = tiny(); c.n_kv_heads = 3;
+        CHECK(moe_model_create(&m, &c, 1) == MOE_ERR_INVALID_ARG, "n_kv_heads 3 accepted");
+        CHECK(moe_config_set(&c, "no_such_key", "1") == MOE_ERR_INVALID_ARG, "unknown key accepted");
+        CHECK(moe_config_set(&c, "d_model", "12x") == MOE_ERR_INVALID_ARG, "bad number accepted");
+        CHECK(m == NULL, "model created");
+    }
+    TEST_END();
+
+    TEST_CASE("empty data is refused");
+    {
+        snprintf(path, sizeof path, "%s/empty.txt", dir);
+        fclose(fopen(path, "w"));
+        const char *paths[] = {path};
+        moe_dataset *d = NULL;
+        int rc = moe_dataset_load_text(&d, tok, paths, 1);
+        CHECK(rc == MOE_ERR_INVALID_ARG && d == NULL, "status %d", rc);
+        char **t; size_t *l; int n;
+        CHECK(moe_read_texts(paths, 1, &t, &l, &n) == MOE_ERR_INVALID_ARG, "read_texts accepted empty data");
+    }
+    TEST_END();
+
+    TEST_CASE("a failed save keeps the previous file");
+    {
+        moe_config c = tiny();
+        moe_model *m;
+        moe_model_create(&m, &c, 3);
+        snprintf(path, sizeof path, "%s/missing_dir/x.gguf", dir);
+        CHECK(moe_model_save(m, path) == MOE_ERR_IO, "save into a missing directory: %s", moe_last_error());
+        moe_model_free(m);
+    }
+    TEST_END();
+
+    moe_dataset_free(data);
+    moe_tokenizer_free(tok);
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd)) {}
+    TEST_MAIN_END();
+}

@@ -1,0 +1,110 @@
+/* cli.h: private to the moe command. One small table-driven option parser
+ * shared by every subcommand, plus helpers for messages, files and numbers.
+ *
+ * Exit codes: 0 success, 1 failure while doing the work (library errors,
+ * missing files, refused overwrites), 2 bad command line. */
+#ifndef MOE_CLI_H
+#define MOE_CLI_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include "moe.h"
+
+#define MOE_CLI_VERSION "0.1.0"
+
+enum { EXIT_FAIL = 1, EXIT_USAGE = 2 };
+
+
+/* ---- option parser -------------------------------------------------------- */
+typedef enum {
+    OPT_FLAG,   /* int*: set to 1, takes no value                          */
+    OPT_INT,    /* int*                                                    */
+    OPT_U64,    /* uint64_t*                                               */
+    OPT_FLOAT,  /* float*                                                  */
+    OPT_STR,    /* const char**: non-empty string (paths, names)           */
+    OPT_TEXT,   /* const char**: any string, may be empty (prompts)        */
+    OPT_LIST,   /* str_list*: repeatable non-empty string                  */
+} opt_kind;
+
+typedef enum { R_ANY, R_POS, R_NONNEG, R_GT1, R_UNIT } opt_range; /* >0 >=0 >1 (0,1] */
+
+typedef struct { const char **v; int n; } str_list;
+
+typedef struct {
+    const char *name;    /* without the dashes: "steps" for --steps        */
+    opt_kind kind;
+    void *dst;
+    opt_range range;     /* numbers only                                    */
+    const char *metavar; /* "N", "FILE"; NULL for flags                     */
+    const char *help;    /* one line                                        */
+    const char *def;     /* default as shown in help; NULL = value of *dst  */
+    int given;           /* set by cli_parse: how many times it appeared    */
+} cli_opt;
+
+typedef struct {
+    const char *name;     /* "train", "tokenizer encode": used in messages  */
+    const char *args;     /* synopsis after "moe NAME", e.g. "[options]"    */
+    const char *summary;  /* a paragraph under the usage line               */
+    cli_opt *opts;
+    int n_opts;
+    str_list *positional; /* NULL: positional arguments are rejected        */
+    void (*footer)(FILE *f); /* extra help text, or NULL                    */
+} cli_cmd;
+
+#define CLI_NOPTS(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+/* Parses argv[0..argc) (the arguments after the command name).
+ * Returns -1 to go on, or an exit code: 0 after printing --help, EXIT_USAGE
+ * after printing an error. Lists and positionals are allocated; cli_free. */
+int cli_parse(cli_cmd *cmd, int argc, char **argv);
+void cli_free(cli_cmd *cmd);
+void cli_help(const cli_cmd *cmd, FILE *f);
+cli_opt *cli_opt_find(cli_cmd *cmd, const char *name);
+int cli_given(cli_cmd *cmd, const char *name);
+/* "moe NAME: <msg> (see 'moe NAME --help')" on stderr; returns EXIT_USAGE. */
+int cli_usage_error(const char *cmd_name, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* Strict number parsing: 0 on success. */
+int parse_int(const char *s, int *out);
+int parse_u64(const char *s, uint64_t *out);
+int parse_float(const char *s, float *out);
+
+/* ---- messages --------------------------------------------------------------- */
+/* "moe: error: <msg>" on stderr; returns EXIT_FAIL. */
+int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* "moe: error: [context: ]moe_last_error()"; returns EXIT_FAIL. */
+int lib_fail(const char *context);
+/* lib_fail naming path, unless the library's message already does. */
+int lib_fail_file(const char *path);
+
+/* ---- files -------------------------------------------------------------------- */
+int path_exists(const char *path);
+int is_dir(const char *path);
+int same_file(const char *a, const char *b);
+/* Each data path must exist and hold some text. Prints the error; 0 if fine. */
+int check_data_paths(const str_list *paths);
+/* out may be written: not a directory, its directory is writable, and it does
+ * not exist unless it is `allowed` (may be NULL) or force. Prints; 0 if fine. */
+int check_out_path(const char *out, const char *allowed, int force);
+/* The built-in corpus (data/corpus-small here or next to the binary), or NULL. */
+const char *default_corpus(void);
+/* Loads a model GGUF that must have a tokenizer. Prints the error; 0 if fine. */
+int load_model(const char *path, moe_model **m);
+/* Reads a whole stream; malloc'd, NUL-terminated; NULL on failure. */
+char *read_stream(FILE *f, size_t *len);
+
+/* ---- formatting ---------------------------------------------------------------- */
+void fmt_human(char *buf, size_t cap, int64_t n);  /* 46.7B */
+void fmt_commas(char *buf, size_t cap, int64_t n); /* 46,702,792,704 */
+void fmt_duration(char *buf, size_t cap, double s); /* 1m32s */
+void print_presets(FILE *f, const char *indent);
+void print_config_keys(FILE *f);
+
+/* ---- commands ------------------------------------------------------------------ */
+int cmd_train(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
+int cmd_eval(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_tokenizer(int argc, char **argv);
+
+#endif

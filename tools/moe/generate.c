@@ -1,0 +1,139 @@
+/* generate.c: moe generate (stream sampled text) and moe eval (loss, perplexity). */
+#include "cli.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- generate ---- */
+typedef struct {
+    int write_failed;
+} stream_state;
+
+static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
+    stream_state *s = user;
+    (void)id;
+    if (bytes && len && fwrite(bytes, 1, len, stdout) != len) s->write_failed = 1;
+    if (fflush(stdout) != 0) s->write_failed = 1;
+    return s->write_failed; /* stop when nobody reads any more */
+}
+
+static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe_sample_params *sp,
+                        int threads, int echo) {
+    if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
+    if (cli_given(cmd, "threads")) moe_set_threads(threads);
+    moe_model *m = NULL;
+    if (load_model(model, &m)) return EXIT_FAIL;
+    const moe_tokenizer *tok = moe_model_tokenizer(m);
+    int rc = EXIT_FAIL;
+    int32_t *ids = NULL, eos;
+    size_t n = 0;
+    if (moe_tokenizer_encode(tok, prompt, strlen(prompt), &ids, &n) != MOE_OK) {
+        rc = lib_fail("encoding the prompt");
+        goto done;
+    }
+    const int32_t *use = ids;
+    int ctx = moe_model_config(m)->max_seq;
+    if (ctx > 1 && n > (size_t)ctx - 1) { /* keep the end of a long prompt, leave room to generate */
+        fprintf(stderr, "moe generate: note: the prompt has %zu tokens; keeping its last %d (max_seq %d)\n",
+                n, ctx - 1, ctx);
+        use = ids + (n - (size_t)(ctx - 1));
+        n = (size_t)ctx - 1;
+    }
+    if (n == 0) { /* an empty prompt starts a fresh document */
+        eos = moe_tokenizer_eos(tok);
+        use = &eos;
+        n = 1;
+    }
+    stream_state st = {0};
+    if (echo) {
+        fputs(prompt, stdout);
+        fflush(stdout);
+    }
+    moe_status s = moe_generate(m, use, n, sp, on_token, &st);
+    if (!st.write_failed) {
+        putchar('\n');
+        if (fflush(stdout) != 0) st.write_failed = 1;
+    }
+    if (s != MOE_OK) { rc = lib_fail(NULL); goto done; }
+    rc = st.write_failed ? fail("writing the output failed") : 0;
+done:
+    moe_free(ids);
+    moe_model_free(m);
+    return rc;
+}
+
+int cmd_generate(int argc, char **argv) {
+    const char *model = NULL, *prompt = "";
+    int threads = 0, echo = 0;
+    moe_sample_params sp = {.max_tokens = 200, .temperature = 0.8f, .top_k = 0, .top_p = 0.95f, .seed = 1};
+    cli_opt opts[] = {
+        {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to sample from", "required", 0},
+        {"prompt", OPT_TEXT, &prompt, R_ANY, "TEXT", "text to continue; empty = start a new document", NULL, 0},
+        {"tokens", OPT_INT, &sp.max_tokens, R_POS, "N", "number of tokens to generate", NULL, 0},
+        {"temperature", OPT_FLOAT, &sp.temperature, R_NONNEG, "X", "sampling temperature, 0 = greedy", NULL, 0},
+        {"top-k", OPT_INT, &sp.top_k, R_NONNEG, "K", "sample among the K likeliest tokens, 0 = off", NULL, 0},
+        {"top-p", OPT_FLOAT, &sp.top_p, R_UNIT, "P", "nucleus sampling mass in (0, 1], 1 = off", NULL, 0},
+        {"seed", OPT_U64, &sp.seed, R_ANY, "S", "sampling seed", NULL, 0},
+        {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
+        {"echo", OPT_FLAG, &echo, R_ANY, NULL, "print the prompt before the generated text", NULL, 0},
+    };
+    cli_cmd cmd = {"generate", "--model FILE [options]",
+                   "Samples text from a model and streams it to stdout as it is generated.",
+                   opts, CLI_NOPTS(opts), NULL, NULL};
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo);
+    cli_free(&cmd);
+    return rc;
+}
+
+/* ---- eval ---- */
+static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads) {
+    if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
+    if (data->n == 0) return cli_usage_error(cmd->name, "--data PATH is required");
+    if (cli_given(cmd, "threads")) moe_set_threads(threads);
+    if (check_data_paths(data)) return EXIT_FAIL;
+    moe_model *m = NULL;
+    if (load_model(model, &m)) return EXIT_FAIL;
+    const moe_config *cfg = moe_model_config(m);
+    int rc = EXIT_FAIL;
+    moe_dataset *d = NULL;
+    if (seq == 0) seq = cfg->max_seq;
+    if (seq > cfg->max_seq) {
+        rc = fail("--seq %d is longer than the model's context (max_seq = %d)", seq, cfg->max_seq);
+        goto done;
+    }
+    if (moe_dataset_load_text(&d, moe_model_tokenizer(m), data->v, data->n) != MOE_OK) {
+        rc = lib_fail(NULL);
+        goto done;
+    }
+    double loss = 0;
+    size_t tokens = 0;
+    if (moe_evaluate(m, d, seq, 0, 1, &loss, &tokens) != MOE_OK) { rc = lib_fail(NULL); goto done; }
+    if (tokens == 0) { rc = fail("the data is too short to evaluate (need more than %d tokens)", seq); goto done; }
+    printf("loss %.3f  perplexity %.1f  tokens %zu\n", loss, exp(loss), tokens);
+    rc = 0;
+done:
+    moe_dataset_free(d);
+    moe_model_free(m);
+    return rc;
+}
+
+int cmd_eval(int argc, char **argv) {
+    const char *model = NULL;
+    str_list data = {0};
+    int seq = 0, threads = 0;
+    cli_opt opts[] = {
+        {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to evaluate", "required", 0},
+        {"data", OPT_LIST, &data, R_ANY, "PATH", "text file or directory; repeatable", "required", 0},
+        {"seq", OPT_INT, &seq, R_GT1, "T", "tokens per sequence", "the model's max_seq", 0},
+        {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
+    };
+    cli_cmd cmd = {"eval", "--model FILE --data PATH [options]",
+                   "Computes a model's mean per-token loss and perplexity on all of the given text.",
+                   opts, CLI_NOPTS(opts), NULL, NULL};
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads);
+    cli_free(&cmd);
+    return rc;
+}

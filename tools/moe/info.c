@@ -1,0 +1,93 @@
+/* info.c: moe info: a configuration (from a model file or a preset) and its
+ * parameter counts. */
+#include "cli.h"
+
+#include <string.h>
+
+static void print_count(const char *label, int64_t n, const char *note) {
+    char h[32], c[48];
+    fmt_human(h, sizeof h, n);
+    fmt_commas(c, sizeof c, n);
+    printf("  %-10s %s (%s)%s\n", label, h, c, note);
+}
+
+static void print_info(const moe_config *cfg) {
+    char buf[8192];
+    moe_config_describe(cfg, buf, sizeof buf);
+    printf("config:\n");
+    for (char *line = buf; *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl) *nl = 0;
+        if (*line) printf("  %s\n", line);
+        if (!nl) break;
+        line = nl + 1;
+    }
+    int n_moe = 0;
+    for (int l = 0; l < cfg->n_layers; l++) n_moe += moe_config_layer_is_moe(cfg, l) != 0;
+    printf("layers: %d (%d MoE, %d dense)\n", cfg->n_layers, n_moe, cfg->n_layers - n_moe);
+    moe_param_counts pc = moe_config_param_counts(cfg);
+    printf("parameters:\n");
+    print_count("total", pc.total, "");
+    print_count("active", pc.active, " per token");
+    print_count("embedding", pc.embedding, "");
+    print_count("experts", pc.experts, "");
+    double ratio = pc.total > 0 ? (double)pc.active / (double)pc.total : 0.0;
+    printf("  %-10s %.3f (%.1f%% of the parameters are used per token)\n", "active/total", ratio, 100 * ratio);
+}
+
+static int info_run(cli_cmd *cmd, const char *model, const char *preset, const str_list *sets) {
+    if (model && (cli_given(cmd, "preset") || sets->n))
+        return cli_usage_error(cmd->name, "use either --model or --preset/--set, not both");
+    if (model) {
+        moe_model *m = NULL;
+        if (load_model(model, &m)) return EXIT_FAIL;
+        const moe_tokenizer *tok = moe_model_tokenizer(m);
+        printf("model: %s\n", model);
+        print_info(moe_model_config(m));
+        printf("tokenizer: vocab %d (end-of-text id %d)\n", moe_tokenizer_vocab_size(tok), moe_tokenizer_eos(tok));
+        moe_model_free(m);
+        return 0;
+    }
+    moe_config cfg;
+    if (moe_config_preset(&cfg, preset) != MOE_OK) {
+        return lib_fail(NULL); /* names the known presets */
+    }
+    for (int i = 0; i < sets->n; i++) {
+        const char *kv = sets->v[i], *eq = strchr(kv, '=');
+        char key[128];
+        if (!eq || eq == kv) return cli_usage_error(cmd->name, "--set expects KEY=VALUE, got '%s'", kv);
+        size_t klen = (size_t)(eq - kv);
+        if (klen >= sizeof key) return fail("--set %s: key too long", kv);
+        memcpy(key, kv, klen);
+        key[klen] = 0;
+        if (moe_config_set(&cfg, key, eq + 1) != MOE_OK) return fail("--set %s: %s", kv, moe_last_error());
+    }
+    if (moe_config_validate(&cfg) != MOE_OK) return fail("invalid configuration: %s", moe_last_error());
+    printf("preset: %s%s\n", preset, sets->n ? " (with --set overrides)" : "");
+    print_info(&cfg);
+    return 0;
+}
+
+static void info_footer(FILE *f) {
+    print_presets(f, "");
+    print_config_keys(f);
+}
+
+int cmd_info(int argc, char **argv) {
+    const char *model = NULL, *preset = "default";
+    str_list sets = {0};
+    cli_opt opts[] = {
+        {"model", OPT_STR, &model, R_ANY, "FILE", "describe this model GGUF", NULL, 0},
+        {"preset", OPT_STR, &preset, R_ANY, "NAME", "describe this preset (when no --model)", NULL, 0},
+        {"set", OPT_LIST, &sets, R_ANY, "KEY=VALUE", "override one config field of the preset; repeatable",
+         "none", 0},
+    };
+    cli_cmd cmd = {"info", "--model FILE | --preset NAME [--set KEY=VALUE ...]",
+                   "Prints a configuration and its parameter counts: total, active per token,\n"
+                   "embedding and routed experts.",
+                   opts, CLI_NOPTS(opts), NULL, info_footer};
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc < 0) rc = info_run(&cmd, model, preset, &sets);
+    cli_free(&cmd);
+    return rc;
+}

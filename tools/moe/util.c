@@ -1,0 +1,219 @@
+/* util.c: messages, file checks and number formatting for the moe command. */
+#include "cli.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int fail(const char *fmt, ...) {
+    va_list ap;
+    fputs("moe: error: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    return EXIT_FAIL;
+}
+
+int lib_fail(const char *context) {
+    if (context && *context) return fail("%s: %s", context, moe_last_error());
+    return fail("%s", moe_last_error());
+}
+
+int lib_fail_file(const char *path) {
+    return lib_fail(strstr(moe_last_error(), path) ? NULL : path);
+}
+
+/* ---- files ---- */
+int path_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+int is_dir(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+int same_file(const char *a, const char *b) {
+    struct stat sa, sb;
+    if (!a || !b || stat(a, &sa) != 0 || stat(b, &sb) != 0) return 0;
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+/* 1 if dir directly holds a non-empty regular, non-hidden file (what the
+ * library reads from a data directory; subdirectories are not read) */
+static int dir_has_text(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int found = 0;
+    struct dirent *e;
+    while (!found && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.') continue;
+        char path[PATH_MAX];
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, e->d_name) >= sizeof path) continue;
+        struct stat st;
+        found = stat(path, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0;
+    }
+    closedir(d);
+    return found;
+}
+
+int check_data_paths(const str_list *paths) {
+    if (paths->n == 0) return fail("no data given (use --data PATH)");
+    for (int i = 0; i < paths->n; i++) {
+        const char *p = paths->v[i];
+        struct stat st;
+        if (stat(p, &st) != 0) return fail("data path '%s': %s", p, strerror(errno));
+        if (S_ISREG(st.st_mode)) {
+            if (st.st_size == 0) return fail("data file '%s' is empty", p);
+            if (access(p, R_OK) != 0) return fail("data file '%s': %s", p, strerror(errno));
+        } else if (S_ISDIR(st.st_mode)) {
+            if (access(p, R_OK | X_OK) != 0) return fail("data directory '%s': %s", p, strerror(errno));
+            if (!dir_has_text(p)) return fail("data directory '%s' holds no non-empty files", p);
+        } else {
+            return fail("data path '%s' is not a file or directory", p);
+        }
+    }
+    return 0;
+}
+
+int check_out_path(const char *out, const char *allowed, int force) {
+    struct stat st;
+    if (stat(out, &st) == 0) {
+        if (S_ISDIR(st.st_mode)) return fail("output '%s' is a directory", out);
+        if (!force && !(allowed && same_file(out, allowed)))
+            return fail("refusing to overwrite %s (use --force)", out);
+    }
+    size_t n = strlen(out);
+    char *copy = malloc(n + 1);
+    if (!copy) return fail("out of memory");
+    memcpy(copy, out, n + 1);
+    const char *dir = dirname(copy);
+    int rc = 0;
+    if (!is_dir(dir)) rc = fail("cannot write '%s': directory '%s' does not exist", out, dir);
+    else if (access(dir, W_OK) != 0) rc = fail("cannot write '%s': %s", out, strerror(errno));
+    free(copy);
+    return rc;
+}
+
+const char *default_corpus(void) {
+    static char buf[PATH_MAX];
+    const char *rel = "data/corpus-small";
+    if (is_dir(rel)) return rel;
+    /* next to the binary: <root>/build/moe -> <root>/data/corpus-small */
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n <= 0) return NULL;
+    exe[n] = 0;
+    char *root = dirname(dirname(exe));
+    if ((size_t)snprintf(buf, sizeof buf, "%s/%s", root, rel) >= sizeof buf) return NULL;
+    return is_dir(buf) ? buf : NULL;
+}
+
+int load_model(const char *path, moe_model **m) {
+    struct stat st;
+    *m = NULL;
+    if (stat(path, &st) != 0) return fail("model file '%s': %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) return fail("model file '%s' is a directory", path);
+    if (moe_model_load(m, path) != MOE_OK) return lib_fail_file(path);
+    if (!moe_model_tokenizer(*m)) {
+        moe_model_free(*m);
+        *m = NULL;
+        return fail("model '%s' has no tokenizer", path);
+    }
+    return 0;
+}
+
+char *read_stream(FILE *f, size_t *len) {
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    if (!buf) return NULL;
+    for (;;) {
+        if (cap - n < 2) {
+            char *nb = cap > SIZE_MAX / 2 ? NULL : realloc(buf, cap * 2);
+            if (!nb) { free(buf); return NULL; }
+            buf = nb;
+            cap *= 2;
+        }
+        size_t got = fread(buf + n, 1, cap - n - 1, f);
+        n += got;
+        if (got == 0) break;
+    }
+    if (ferror(f)) { free(buf); return NULL; }
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
+/* ---- formatting ---- */
+void fmt_human(char *buf, size_t cap, int64_t n) {
+    static const char *unit[] = {"", "K", "M", "B", "T"};
+    double v = (double)n;
+    int u = 0;
+    while (u < 4 && (v >= 999.95 || v <= -999.95)) { v /= 1000.0; u++; }
+    if (u == 0) snprintf(buf, cap, "%" PRId64, n);
+    else snprintf(buf, cap, "%.1f%s", v, unit[u]);
+}
+
+void fmt_commas(char *buf, size_t cap, int64_t n) {
+    char digits[32];
+    snprintf(digits, sizeof digits, "%" PRIu64, n < 0 ? (uint64_t)0 - (uint64_t)n : (uint64_t)n);
+    char tmp[48];
+    size_t len = strlen(digits), j = 0;
+    if (n < 0) tmp[j++] = '-';
+    for (size_t i = 0; i < len; i++) {
+        if (i > 0 && (len - i) % 3 == 0) tmp[j++] = ',';
+        tmp[j++] = digits[i];
+    }
+    tmp[j] = 0;
+    snprintf(buf, cap, "%s", tmp);
+}
+
+void fmt_duration(char *buf, size_t cap, double s) {
+    if (!(s >= 0) || s > 1e9) { snprintf(buf, cap, "-"); return; }
+    long t = (long)(s + 0.5);
+    if (t < 60) snprintf(buf, cap, "%lds", t);
+    else if (t < 3600) snprintf(buf, cap, "%ldm%02lds", t / 60, t % 60);
+    else snprintf(buf, cap, "%ldh%02ldm", t / 3600, (t % 3600) / 60);
+}
+
+void print_presets(FILE *f, const char *indent) {
+    const char *const *names = moe_preset_names();
+    fprintf(f, "%sPresets:", indent);
+    for (int i = 0; names && names[i]; i++) fprintf(f, " %s", names[i]);
+    fputc('\n', f);
+}
+
+/* The keys --set understands: the left sides of moe_config_describe's lines. */
+void print_config_keys(FILE *f) {
+    moe_config cfg;
+    if (moe_config_preset(&cfg, "default") != MOE_OK) return;
+    char buf[8192];
+    moe_config_describe(&cfg, buf, sizeof buf);
+    fputs("Config keys for --set:\n ", f);
+    int col = 1;
+    for (char *line = buf; *line;) {
+        char *nl = strchr(line, '\n');
+        size_t len = nl ? (size_t)(nl - line) : strlen(line);
+        size_t k = 0;
+        while (k < len && line[k] == ' ') k++;
+        size_t start = k;
+        while (k < len && line[k] != ' ' && line[k] != '=') k++;
+        if (k > start) {
+            if (col + (int)(k - start) + 1 > 78) { fputs("\n ", f); col = 1; }
+            fprintf(f, " %.*s", (int)(k - start), line + start);
+            col += (int)(k - start) + 1;
+        }
+        if (!nl) break;
+        line = nl + 1;
+    }
+    fputs("\n", f);
+}
