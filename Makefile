@@ -5,7 +5,7 @@
 #   make bench      measure against PyTorch and the machine's own peak
 #   SANITIZE=address,undefined   sanitizer build (into build-san/)
 CC      ?= gcc
-OPT     ?= -O2 -march=native
+OPT     ?= -O2 -march=native -fno-math-errno -fvect-cost-model=dynamic
 CFLAGS  ?=
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -fopenmp -Wall -Wextra -Wno-unused-parameter \
            -fno-fast-math -fvisibility=hidden -Iinclude -Isrc

@@ -285,6 +285,20 @@ static void test_rope_hand(void) {
     rope_backward(z, pos, N, H, D, 10000.0f);
     double e = rel_to_norm(z, z0, (size_t)N * H * D);
     CHECK(e < 1e-6, "backward(forward(x)) != x: %g", e);
+    /* very wide heads (angles computed per pair) follow the documented formula */
+    int32_t pw[2] = {5, 9};
+    float *wv = vec(2 * 520), *w0 = copy(wv, 2 * 520);
+    rope_forward(wv, pw, 2, 1, 520, 500.0f);
+    int exact = 1;
+    for (int n = 0; n < 2; n++)
+        for (int i = 0; i < 260; i++) {
+            double ang = pw[n] * pow(500.0, -(double)(2 * i) / 520.0);
+            float c = (float)cos(ang), s = (float)sin(ang);
+            float a0 = w0[n * 520 + 2 * i], a1 = w0[n * 520 + 2 * i + 1];
+            exact &= wv[n * 520 + 2 * i] == a0 * c - a1 * s && wv[n * 520 + 2 * i + 1] == a0 * s + a1 * c;
+        }
+    CHECK(exact, "D=520 rotation differs from the documented formula");
+    free(wv); free(w0);
     free(z); free(z0); free(one);
     TEST_END();
 }
@@ -404,6 +418,45 @@ static void test_attention_fast_vs_ref_and_causal(void) {
         free(q); free(k); free(v); free(dout); free(o1); free(o2); free(a1); free(a2);
         for (int i = 0; i < 3; i++) { free(g1[i]); free(g2[i]); }
     }
+    TEST_END();
+}
+
+static void test_scratch_failures(void) {
+    TEST_CASE("scratch allocation failures fall back (attention, rope, cross-entropy)");
+    int B = 1, T = 20, H = 2, KVH = 1, D = 16;
+    size_t nq = (size_t)B * T * H * D, nk = (size_t)B * T * KVH * D, na = (size_t)B * H * T * T;
+    float *q = vec(nq), *k = vec(nk), *v = vec(nk), *o1 = zeros(nq), *o2 = zeros(nq);
+    float *a1 = zeros(na), *a2 = zeros(na);
+    float *g1[3] = {zeros(nq), zeros(nk), zeros(nk)}, *g2[3] = {zeros(nq), zeros(nk), zeros(nk)};
+    attention_forward_ref(o1, a1, q, k, v, B, T, H, KVH, D);
+    attention_backward_ref(g1[0], g1[1], g1[2], o1, a1, q, k, v, B, T, H, KVH, D);
+    moe_alloc_fail_after(1);
+    attention_forward(o2, a2, q, k, v, B, T, H, KVH, D);
+    attention_backward(g2[0], g2[1], g2[2], o2, a2, q, k, v, B, T, H, KVH, D);
+    moe_alloc_fail_after(0);
+    int same = memcmp(o1, o2, nq * 4) == 0 && memcmp(a1, a2, na * 4) == 0;
+    for (int i = 0; i < 3; i++) same &= memcmp(g1[i], g2[i], (i ? nk : nq) * 4) == 0;
+    CHECK(same, "attention without scratch differs from the reference");
+    /* rope: the angle table is only a cache */
+    int32_t pos[40];
+    for (int i = 0; i < 40; i++) pos[i] = i % 4;
+    float *x1 = vec(40 * 8), *x2 = copy(x1, 40 * 8);
+    rope_forward(x1, pos, 40, 1, 8, 10000.0f);
+    moe_alloc_fail_after(1);
+    rope_forward(x2, pos, 40, 1, 8, 10000.0f);
+    moe_alloc_fail_after(0);
+    CHECK(memcmp(x1, x2, 40 * 8 * 4) == 0, "rope without its table differs");
+    /* cross-entropy: same losses and the same total */
+    int32_t tg[40];
+    for (int i = 0; i < 40; i++) tg[i] = i % 9 - 1;
+    float *lg = vec(40 * 8), l1[40], l2[40];
+    double t1 = crossentropy_forward(l1, lg, tg, 40, 8);
+    moe_alloc_fail_after(1);
+    double t2 = crossentropy_forward(l2, lg, tg, 40, 8);
+    moe_alloc_fail_after(0);
+    CHECK(t1 == t2 && memcmp(l1, l2, sizeof l1) == 0, "cross-entropy without scratch differs");
+    free(q); free(k); free(v); free(o1); free(o2); free(a1); free(a2); free(x1); free(x2); free(lg);
+    for (int i = 0; i < 3; i++) { free(g1[i]); free(g2[i]); }
     TEST_END();
 }
 
@@ -602,6 +655,27 @@ static void run_all(run_out *r, uint64_t seed) {
 #undef KEEP
 }
 
+static void test_crossentropy_fused(void) {
+    TEST_CASE("fused cross-entropy equals the two-pass form");
+    enum { N = 7, V = 300 };
+    static float logits[N * V], probs[N * V], dref[N * V];
+    int32_t targets[N] = {0, 5, -1, 299, 17, 300, 42}; /* -1 and V are ignored */
+    for (int i = 0; i < N * V; i++) logits[i] = 4.0f * (moe_rng_uniform(&rng) - 0.5f);
+    double a = crossentropy_forward(NULL, logits, targets, N, V);
+    crossentropy_backward(dref, logits, targets, N, V, 0.25f);
+    double b = crossentropy_softmax(probs, logits, targets, N, V);
+    crossentropy_softmax_backward(probs, targets, N, V, 0.25f);
+    CHECK(fabs(a - b) <= 1e-12 * fabs(a), "loss %.17g vs %.17g", a, b);
+    CHECK(memcmp(probs, dref, sizeof probs) == 0, "gradients differ");
+    moe_alloc_fail_after(1); /* no scratch: same results through the fallback */
+    double c = crossentropy_softmax(probs, logits, targets, N, V);
+    moe_alloc_fail_after(0);
+    crossentropy_softmax_backward(probs, targets, N, V, 0.25f);
+    CHECK(fabs(a - c) <= 1e-12 * fabs(a), "fallback loss %.17g vs %.17g", a, c);
+    CHECK(memcmp(probs, dref, sizeof probs) == 0, "fallback gradients differ");
+    TEST_END();
+}
+
 static void test_thread_determinism(void) {
     TEST_CASE("bit-identical results for 1, 2 and 3 threads");
     int saved = omp_get_max_threads();
@@ -640,9 +714,11 @@ int main(void) {
     test_rope_fd();
     test_attention_fd();
     test_attention_fast_vs_ref_and_causal();
+    test_scratch_failures();
     test_swiglu();
     test_softmax();
     test_crossentropy();
+    test_crossentropy_fused();
     test_thread_determinism();
     TEST_MAIN_END();
 }

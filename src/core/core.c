@@ -223,3 +223,15 @@ int moe_use_fast_kernels(void) {
     const moe_cpu_features *c = moe_cpu();
     return c->avx512f && c->fma;
 }
+
+/* Zeroing large buffers is memory-bound: split it over the threads. */
+void moe_zero(float *p, size_t n) {
+    enum { CHUNK = 1 << 15 };
+    if (n < 4 * CHUNK) { memset(p, 0, n * sizeof(float)); return; }
+    size_t chunks = (n + CHUNK - 1) / CHUNK;
+    #pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < chunks; c++) {
+        size_t lo = c * CHUNK, len = MOE_MIN((size_t)CHUNK, n - lo);
+        memset(p + lo, 0, len * sizeof(float));
+    }
+}

@@ -52,6 +52,9 @@ const moe_cpu_features *moe_cpu(void);    /* detected once, cached */
 int moe_use_fast_kernels(void);
 void moe_set_reference_kernels(int on);
 
+/* zeroes n floats, in parallel when large */
+void moe_zero(float *p, size_t n);
+
 #define MOE_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MOE_MAX(a, b) ((a) > (b) ? (a) : (b))
 

@@ -11,7 +11,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* out[N][OC] = in[N][C] @ w[OC][C]^T (+ bias[OC] if non-NULL) */
+/* out[N][OC] = in[N][C] @ w[OC][C]^T (+ bias[OC] if non-NULL)
+ * Each output row depends only on its own input row (not on N or the other
+ * rows), in both paths: a token gets the same bits alone or in a batch. */
 void matmul_forward(float *out, const float *in, const float *w, const float *bias,
                     int N, int C, int OC);
 void matmul_forward_ref(float *out, const float *in, const float *w, const float *bias,
@@ -28,7 +30,7 @@ void matmul_backward_ref(float *din, float *dw, float *dbias, const float *dout,
 void rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int N, int C,
                      float eps);
 void rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
-                      const float *rstd, int N, int C);
+                      const float *rstd, int N, int C);   /* din or dw may be NULL */
 
 /* In place on x[N][H][D] (D even): rotates adjacent pairs (x[2i], x[2i+1]) by
  * angle pos[n] * base^(-2i/D) (the llama GGUF layout). Backward rotates the
@@ -56,22 +58,31 @@ void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, 
 /* SwiGLU: out[N][F] = silu(gate) * up */
 void swiglu_forward(float *out, const float *gate, const float *up, int N, int F);
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
-                     const float *up, int N, int F);
+                     const float *up, int N, int F);      /* dgate or dup may be NULL */
 
 /* Row-wise softmax: out[N][C] = softmax(in[N][C]); in may equal out. */
 void softmax_forward(float *out, const float *in, int N, int C);
 /* Given probabilities p[N][C] and dL/dp, din[N][C] += p * (dp - sum(p*dp)). */
 void softmax_backward(float *din, const float *dp, const float *p, int N, int C);
 
-/* Cross-entropy of logits[N][V] against targets[N] (targets < 0 are ignored).
+/* Cross-entropy of logits[N][V] against targets[N] (targets < 0, or >= V, are ignored).
  * Returns the sum of per-token losses; losses[N] optional (NULL ok).
  * Backward: dlogits[N][V] = scale * (softmax - onehot) for counted rows
- * (overwrites; rows with ignored targets are zeroed). */
+ * (overwrites; rows with ignored targets are zeroed; dlogits may equal logits). */
 double crossentropy_forward(float *losses, const float *logits, const int32_t *targets, int N,
                             int V);
 void crossentropy_backward(float *dlogits, const float *logits, const int32_t *targets, int N,
                            int V, float scale);
+/* Fused form for training: probs[N][V] = softmax(logits) and the summed loss
+ * in one pass; the backward then turns probs into dlogits in place:
+ * scale * (probs - onehot), zero rows for ignored targets. */
+double crossentropy_softmax(float *probs, const float *logits, const int32_t *targets, int N,
+                            int V);
+void crossentropy_softmax_backward(float *probs, const int32_t *targets, int N, int V,
+                                   float scale);
 
-/* Peak-FLOP probe helpers for benchmarks. */
+/* Peak-FLOP probe helpers for benchmarks: GFLOP/s of matmul_forward on random
+ * [N][C] x [OC][C]^T data, best of reps timed calls after one warm-up
+ * (negative if memory ran out). */
 double kernels_matmul_gflops(int N, int C, int OC, int reps);
 #endif

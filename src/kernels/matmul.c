@@ -5,7 +5,12 @@
  *    increasing index order. The test oracle, and the path used when the CPU has
  *    no AVX-512 or MOE_REFERENCE=1.
  *  - fast: a register-blocked AVX-512 GEMM (MR x NR = 8 x 32 tile held in 16 zmm
- *    accumulators), the B operand repacked per call into NR-wide panels.
+ *    accumulators, A broadcast, B read as NR-wide panels), B repacked per call
+ *    into contiguous panels when that pays off. The forward pass needs one
+ *    operand transposed into panels: w for many rows, or (T = w . in^T, then
+ *    out = T^T) the few rows of in, e.g. for experts with small N.
+ *    Outer loops: tasks of 128 rows x panel groups run on OpenMP threads; inside,
+ *    chunks of 512 columns, k blocks of 256 (the B slice stays in L1).
  *
  * Determinism. In the fast path every output element is computed as
  *     c = init;  for k = 0 .. K-1 in order:  c = fma(a[k], b[k], c)
@@ -47,7 +52,8 @@ void matmul_forward_ref(float *out, const float *in, const float *w, const float
     }
 }
 
-/* dbias[j] += sum_n dout[n][j], summed over n in order (shared by both paths). */
+/* dbias[j] += sum_n dout[n][j], summed in double over n in order (shared by
+ * both paths). */
 static void dbias_accumulate(float *dbias, const float *dout, int N, int OC) {
     enum { CH = 64 };
     int nch = (OC + CH - 1) / CH;
@@ -55,14 +61,14 @@ static void dbias_accumulate(float *dbias, const float *dout, int N, int OC) {
 #pragma omp parallel for schedule(static) if (work >= SERIAL_WORK * 4)
     for (int ch = 0; ch < nch; ch++) {
         int j0 = ch * CH, nj = MOE_MIN(CH, OC - j0);
-        float acc[CH];
-        for (int j = 0; j < nj; j++) acc[j] = 0.0f;
+        double acc[CH];
+        for (int j = 0; j < nj; j++) acc[j] = 0.0;
         for (int n = 0; n < N; n++) {
             const float *d = dout + (size_t)n * OC + j0;
 #pragma omp simd
-            for (int j = 0; j < nj; j++) acc[j] += d[j];
+            for (int j = 0; j < nj; j++) acc[j] += (double)d[j];
         }
-        for (int j = 0; j < nj; j++) dbias[j0 + j] += acc[j];
+        for (int j = 0; j < nj; j++) dbias[j0 + j] += (float)acc[j];
     }
 }
 
@@ -114,25 +120,32 @@ typedef struct {
     const float *A; ptrdiff_t as_m, as_k; /* A(m,k) = A[m*as_m + k*as_k]               */
     const float *B; ptrdiff_t bs_k, bs_n; /* B(k,n) = B[k*bs_k + n*bs_n]; one of them 1 */
     float *Cm; ptrdiff_t ldc;             /* C(m,n) = Cm[m*ldc + n]                     */
-    int init;                             /* 1: C := bias (or 0) first; 0: accumulate  */
+    int init;                             /* 1: start from bias (or 0); 0: accumulate  */
     const float *bias;                    /* per column n, used when init              */
 } gemm_desc;
 
-/* Micro-kernel: C[mr][nr] tile += A rows (mr of MR valid) . B panel (nr of NR valid).
+/* Micro-kernel: C[mr][nr] tile = (load_c ? C : bias row or 0) + A rows (mr of MR
+ * valid) . B panel (nr of NR valid).
  * a points at A(m0,k0); b at the panel's first k row, rows ldb apart; rows of the
  * tile past mr re-read row 0 of A and are discarded, so no special edge kernel. */
 #define UK_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 
 __attribute__((target("avx512f,fma"))) static void
 ukernel(int kc, const float *a, ptrdiff_t as_m, ptrdiff_t as_k, int mr, const float *b,
-        ptrdiff_t ldb, float *c, ptrdiff_t ldc, int nr) {
+        ptrdiff_t ldb, float *c, ptrdiff_t ldc, int nr, int load_c, const float *bias) {
     __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
     __mmask16 m1 = nr >= 32 ? (__mmask16)0xffff
                  : nr <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nr - 16)) - 1);
+    /* initial values: the C tile, or the bias row (or 0) for every row */
+    __m512 i0 = _mm512_setzero_ps(), i1 = _mm512_setzero_ps();
+    if (!load_c && bias) {
+        i0 = _mm512_maskz_loadu_ps(m0, bias);
+        i1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+    }
 #define UK_DECL(r)                                                                 \
     const float *a##r = a + (r < mr ? r : 0) * as_m;                               \
-    __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = _mm512_setzero_ps();           \
-    if (r < mr) {                                                                  \
+    __m512 c##r##0 = i0, c##r##1 = i1;                                             \
+    if (load_c && r < mr) {                                                        \
         c##r##0 = _mm512_maskz_loadu_ps(m0, c + (ptrdiff_t)r * ldc);               \
         c##r##1 = _mm512_maskz_loadu_ps(m1, c + (ptrdiff_t)r * ldc + 16);          \
     }
@@ -248,38 +261,39 @@ __attribute__((target("avx512f"))) static void pack_a_cols(float *ap, const gemm
  * NULL: read A directly. */
 static void gemm_task(const gemm_desc *g, const float *Bp, int pbase, float *Ap, int m0, int m1,
                       int p0, int p1) {
-    int n0 = p0 * NR, n1 = MOE_MIN(g->Nc, p1 * NR);
-    if (g->init) {
-        for (int m = m0; m < m1; m++) {
-            float *cr = g->Cm + (size_t)m * g->ldc;
-            if (g->bias) memcpy(cr + n0, g->bias + n0, (size_t)(n1 - n0) * sizeof(float));
-            else memset(cr + n0, 0, (size_t)(n1 - n0) * sizeof(float));
-        }
-    }
-    for (int k0 = 0; k0 < g->K; k0 += KC) {
-        int kc = MOE_MIN(KC, g->K - k0);
-        if (Ap)
-            for (int m = m0; m < m1; m += MR)
-                pack_a_cols(Ap + (size_t)(m - m0) * kc, g, m, MOE_MIN(MR, m1 - m), k0, kc);
-        for (int p = p0; p < p1; p++) {
-            int n = p * NR, nr = MOE_MIN(NR, g->Nc - n);
-            const float *b;
-            ptrdiff_t ldb;
-            if (Bp) {
-                b = Bp + ((size_t)(p - pbase) * g->K + k0) * NR;
-                ldb = NR;
-            } else {
-                b = g->B + (ptrdiff_t)k0 * g->bs_k + n;
-                ldb = g->bs_k;
-            }
-            for (int m = m0; m < m1; m += MR) {
-                int mr = MOE_MIN(MR, m1 - m);
-                float *c = g->Cm + (ptrdiff_t)m * g->ldc + n;
-                if (Ap)
-                    ukernel(kc, Ap + (size_t)(m - m0) * kc, 1, MR, mr, b, ldb, c, g->ldc, nr);
-                else
-                    ukernel(kc, g->A + (ptrdiff_t)m * g->as_m + (ptrdiff_t)k0 * g->as_k, g->as_m,
-                            g->as_k, mr, b, ldb, c, g->ldc, nr);
+    /* column chunks of PCH panels keep the C block (MCB x PCH*NR floats,
+     * 256 KB) in L2 across the k blocks */
+    enum { PCH = 16 };
+    for (int pc0 = p0; pc0 < p1; pc0 += PCH) {
+        int pc1 = MOE_MIN(p1, pc0 + PCH);
+        for (int k0 = 0; k0 < g->K; k0 += KC) {
+            int kc = MOE_MIN(KC, g->K - k0);
+            if (Ap) /* cheap (contiguous strips): redone per chunk */
+                for (int m = m0; m < m1; m += MR)
+                    pack_a_cols(Ap + (size_t)(m - m0) * kc, g, m, MOE_MIN(MR, m1 - m), k0, kc);
+            for (int p = pc0; p < pc1; p++) {
+                int n = p * NR, nr = MOE_MIN(NR, g->Nc - n);
+                const float *b;
+                ptrdiff_t ldb;
+                if (Bp) {
+                    b = Bp + ((size_t)(p - pbase) * g->K + k0) * NR;
+                    ldb = NR;
+                } else {
+                    b = g->B + (ptrdiff_t)k0 * g->bs_k + n;
+                    ldb = g->bs_k;
+                }
+                for (int m = m0; m < m1; m += MR) {
+                    int mr = MOE_MIN(MR, m1 - m);
+                    float *c = g->Cm + (ptrdiff_t)m * g->ldc + n;
+                    int load_c = !(g->init && k0 == 0);
+                    const float *bias = g->bias ? g->bias + n : NULL;
+                    if (Ap)
+                        ukernel(kc, Ap + (size_t)(m - m0) * kc, 1, MR, mr, b, ldb, c, g->ldc, nr,
+                                load_c, bias);
+                    else
+                        ukernel(kc, g->A + (ptrdiff_t)m * g->as_m + (ptrdiff_t)k0 * g->as_k,
+                                g->as_m, g->as_k, mr, b, ldb, c, g->ldc, nr, load_c, bias);
+                }
             }
         }
     }
@@ -291,7 +305,12 @@ static int gemm_run(const gemm_desc *g, int pack) {
     if (g->M <= 0 || g->Nc <= 0) return 0;
     int np = (g->Nc + NR - 1) / NR;
     if (g->K <= 0) { /* nothing to multiply: only the init */
-        if (g->init) gemm_task(g, NULL, 0, NULL, 0, g->M, 0, np);
+        if (g->init)
+            for (int m = 0; m < g->M; m++) {
+                float *cr = g->Cm + (size_t)m * g->ldc;
+                if (g->bias) memcpy(cr, g->bias, (size_t)g->Nc * sizeof(float));
+                else memset(cr, 0, (size_t)g->Nc * sizeof(float));
+            }
         return 0;
     }
     if (g->bs_n != 1) pack = 1;

@@ -49,11 +49,16 @@ static inline float fexp(float x) {
     return x != x ? x : y;
 }
 
-/* max of x[0..n), n >= 1 (order-independent, so vectorised) */
+/* max of x[0..n), n >= 1, over 8 interleaved lanes (vectorises to maxps) */
 static float row_max(const float *x, int n) {
-    float mx = x[0];
-#pragma omp simd reduction(max : mx)
-    for (int j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+    float m[8];
+    for (int l = 0; l < 8; l++) m[l] = x[0];
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+    for (; j < n; j++) m[0] = x[j] > m[0] ? x[j] : m[0];
+    float mx = m[0];
+    for (int l = 1; l < 8; l++) mx = m[l] > mx ? m[l] : mx;
     return mx;
 }
 
@@ -118,12 +123,12 @@ void rmsnorm_backward(float *din, float *dw, const float *dout, const float *in,
             const float *x = in + (size_t)n * C, *d = dout + (size_t)n * C;
             float *dx = din + (size_t)n * C;
             float r = rstd[n];
-            double dot = 0.0, a[8] = {0};
+            double a[8] = {0}; /* sum_j (d_j * w_j) * x_j, in the dot8d order */
             int j = 0;
             for (; j + 8 <= C; j += 8)
                 for (int l = 0; l < 8; l++) a[l] += (double)(d[j + l] * w[j + l]) * x[j + l];
             for (int l = 0; j + l < C; l++) a[l] += (double)(d[j + l] * w[j + l]) * x[j + l];
-            dot = SUM8_TREE(a);
+            double dot = SUM8_TREE(a);
             float coef = (float)((double)r * r * r * dot / C);
 #pragma omp simd
             for (int jj = 0; jj < C; jj++) dx[jj] += (d[jj] * w[jj]) * r - x[jj] * coef;
@@ -153,9 +158,11 @@ void rmsnorm_backward(float *din, float *dw, const float *dout, const float *in,
 /* RoPE                                                                       */
 /* ------------------------------------------------------------------------ */
 
-/* cos/sin of pos * base^(-2i/D): the inverse frequency pow(base, -2i/D), the
- * angle and its cos/sin are computed in double and only then rounded to float
- * (the PyTorch reference does the same, so both rotate by identical floats). */
+/* cos/sin of pos * base^(-2i/D), all in double, rounded to float only at the end:
+ *     inv_freq = pow((double)base, -(double)(2*i) / D);  ang = pos * inv_freq;
+ *     c = (float)cos(ang);  s = (float)sin(ang);
+ * The PyTorch reference computes the same in float64 and casts, so both rotate
+ * by the same floats. */
 static void rope_angle(int i, int32_t pos, int D, double base, float *c, float *s) {
     double inv_freq = pow(base, -(double)(2 * i) / (double)D);
     double ang = (double)pos * inv_freq;
@@ -257,7 +264,7 @@ static float dot_ref(const float *a, const float *b, int D) {
 
 void attention_forward_ref(float *out, float *att, const float *q, const float *k,
                            const float *v, int B, int T, int H, int KVH, int D) {
-    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0) return;
+    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0 || H % KVH != 0) return;
     int G = H / KVH;
     float scale = (float)(1.0 / sqrt((double)D));
     double work = (double)B * H * T * T * D;
@@ -288,7 +295,7 @@ void attention_forward_ref(float *out, float *att, const float *q, const float *
 void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *att,
                             const float *q, const float *k, const float *v, int B, int T, int H,
                             int KVH, int D) {
-    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0) return;
+    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0 || H % KVH != 0) return;
     int G = H / KVH;
     float scale = (float)(1.0 / sqrt((double)D));
     double work = (double)B * H * T * T * D;
@@ -395,7 +402,7 @@ static void transpose_rows(float *dst, const float *src, ptrdiff_t lds, int T, i
 
 void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                        int B, int T, int H, int KVH, int D) {
-    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0) return;
+    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0 || H % KVH != 0) return;
     double work = (double)B * H * T * T * D;
     int nthr = work >= PAR_MIN ? omp_get_max_threads() : 1;
     float *scratch = NULL;
@@ -439,7 +446,7 @@ void attention_forward(float *out, float *att, const float *q, const float *k, c
 void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                         const float *q, const float *k, const float *v, int B, int T, int H,
                         int KVH, int D) {
-    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0) return;
+    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0 || H % KVH != 0) return;
     double work = (double)B * H * T * T * D;
     int nthr = work >= PAR_MIN ? omp_get_max_threads() : 1;
     size_t per = (size_t)D * T + (size_t)T * T; /* vT and dS */
@@ -579,17 +586,18 @@ void softmax_backward(float *din, const float *dp, const float *p, int N, int C)
 
 /* loss = log(sum_j exp(l_j - max)) + max - l_target, the sum in double
  * (sum8d order). Targets < 0 or >= V are ignored (loss 0). */
-static double ce_row(const float *l, int V, int32_t target) {
-    float mx = row_max(l, V);
+static double ce_row(const float *l, int V, int32_t target) { /* V >= 1 */
+    enum { CH = 256 }; /* a multiple of 8: lanes line up with sum8d over the row */
+    float mx = row_max(l, V), e[CH];
     double a[8] = {0};
-    int j = 0;
-    for (; j + 8 <= V; j += 8) {
-        float e[8];
+    for (int j0 = 0; j0 < V; j0 += CH) {
+        int n = MOE_MIN(CH, V - j0), j = 0;
 #pragma omp simd
-        for (int q = 0; q < 8; q++) e[q] = fexp(l[j + q] - mx);
-        for (int q = 0; q < 8; q++) a[q] += (double)e[q];
+        for (int i = 0; i < n; i++) e[i] = fexp(l[j0 + i] - mx);
+        for (; j + 8 <= n; j += 8)
+            for (int q = 0; q < 8; q++) a[q] += (double)e[j + q];
+        for (int q = 0; j + q < n; q++) a[q] += (double)e[j + q];
     }
-    for (int q = 0; j + q < V; q++) a[q] += (double)fexp(l[j + q] - mx);
     return log(SUM8_TREE(a)) + (double)mx - (double)l[target];
 }
 
@@ -636,6 +644,61 @@ void crossentropy_backward(float *dlogits, const float *logits, const int32_t *t
         float pt = d[t] * inv;
 #pragma omp simd
         for (int j = 0; j < V; j++) d[j] = scale * (d[j] * inv);
+        d[t] = scale * (pt - 1.0f);
+    }
+}
+
+/* Training's fused cross-entropy: one pass computes each row's softmax into
+ * probs (as crossentropy_backward would) and the loss, so the backward pass
+ * needs no second exponential sweep. Returns the summed loss. */
+double crossentropy_softmax(float *probs, const float *logits, const int32_t *targets, int N,
+                            int V) {
+    if (N <= 0) return 0.0;
+    double *rowloss = moe_malloc((size_t)N * sizeof(double));
+    if (!rowloss) { /* no scratch: the two-pass path gives the same values */
+        double total = crossentropy_forward(NULL, logits, targets, N, V);
+        for (int n = 0; n < N; n++) {
+            const float *l = logits + (size_t)n * V;
+            float *p = probs + (size_t)n * V;
+            float inv = (float)(1.0 / exp_shift_sum(p, l, row_max(l, V), V));
+#pragma omp simd
+            for (int j = 0; j < V; j++) p[j] *= inv;
+        }
+        return total;
+    }
+#pragma omp parallel for schedule(static) if ((double)N * V >= PAR_MIN)
+    for (int n = 0; n < N; n++) {
+        const float *l = logits + (size_t)n * V;
+        float *p = probs + (size_t)n * V;
+        int32_t t = targets[n];
+        float mx = row_max(l, V);
+        double sum = exp_shift_sum(p, l, mx, V);
+        rowloss[n] = (t >= 0 && t < V) ? log(sum) + (double)mx - (double)l[t] : 0.0;
+        float inv = (float)(1.0 / sum);
+#pragma omp simd
+        for (int j = 0; j < V; j++) p[j] *= inv;
+    }
+    double total = 0.0;
+    for (int n = 0; n < N; n++) total += rowloss[n];
+    moe_free(rowloss);
+    return total;
+}
+
+/* dlogits = scale * (probs - onehot) in place over the probabilities; rows with
+ * ignored targets become 0. */
+void crossentropy_softmax_backward(float *probs, const int32_t *targets, int N, int V,
+                                   float scale) {
+#pragma omp parallel for schedule(static) if ((double)N * V >= PAR_MIN)
+    for (int n = 0; n < N; n++) {
+        float *d = probs + (size_t)n * V;
+        int32_t t = targets[n];
+        if (t < 0 || t >= V) {
+            memset(d, 0, (size_t)V * sizeof(float));
+            continue;
+        }
+        float pt = d[t];
+#pragma omp simd
+        for (int j = 0; j < V; j++) d[j] = scale * d[j];
         d[t] = scale * (pt - 1.0f);
     }
 }

@@ -249,6 +249,7 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         if (tokens[i] < 0 || tokens[i] >= V)
             return moe_error(MOE_ERR_INVALID_ARG, "token id %d out of range (vocab %d)", tokens[i], V);
     float *x = a->layers[0].x_in;
+    #pragma omp parallel for schedule(static) if (N >= 256)
     for (int i = 0; i < N; i++) memcpy(x + (size_t)i * d, m->w.token_embd + (size_t)tokens[i] * d, sizeof(float) * d);
     moe_route_opts ro = {.renorm = c->renorm_topk};
     model_losses L = {0};
@@ -284,7 +285,8 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
     if (targets) {
         int counted = 0;
         for (int i = 0; i < N; i++) counted += targets[i] >= 0;
-        double sum = crossentropy_forward(NULL, a->logits, targets, N, V);
+        /* softmax kept in dlogits: model_backward turns it into the gradient */
+        double sum = crossentropy_softmax(a->dlogits, a->logits, targets, N, V);
         L.ce = counted ? sum / counted : 0.0;
         L.loss = L.ce + c->aux_loss_coef * L.aux + c->z_loss_coef * L.z;
         if (!isfinite(L.loss)) {
@@ -304,11 +306,11 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
     const int H = c->n_heads, KVH = c->n_kv_heads, V = c->vocab_size, F = c->d_ff;
     int counted = 0;
     for (int i = 0; i < N; i++) counted += targets[i] >= 0;
-    crossentropy_backward(a->dlogits, a->logits, targets, N, V, counted ? loss_scale / counted : 0.0f);
-    memset(a->dh, 0, sizeof(float) * N * d);
+    crossentropy_softmax_backward(a->dlogits, targets, N, V, counted ? loss_scale / counted : 0.0f);
+    moe_zero(a->dh, (size_t)N * d);
     matmul_backward(a->dh, m->g.output, NULL, a->dlogits, a->hnf, m->w.output, N, d, V);
     float *dx = a->dx, *dx2 = a->dx2;
-    memset(dx, 0, sizeof(float) * N * d);
+    moe_zero(dx, (size_t)N * d);
     rmsnorm_backward(dx, m->g.output_norm, a->dh, a->x_final, m->w.output_norm, a->rstdf, N, d);
     moe_route_opts ro = {.renorm = c->renorm_topk};
     for (int l = c->n_layers - 1; l >= 0; l--) {
@@ -317,16 +319,16 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         layer_weights *G = &m->g.layers[l];
         /* x_out = x_mid + ffn(norm(x_mid)); dx holds d(x_out) */
         memcpy(dx2, dx, sizeof(float) * N * d);
-        memset(a->dh, 0, sizeof(float) * N * d);
+        moe_zero(a->dh, (size_t)N * d);
         if (W->router) {
             moe_backward(a->dh, G->router, G->gate_exps, G->up_exps, G->down_exps, dx, &A->moe,
                          A->hn2, W->router, W->gate_exps, W->up_exps, W->down_exps, &ro,
                          loss_scale * c->aux_loss_coef, loss_scale * c->z_loss_coef);
         } else {
-            memset(a->dff1, 0, sizeof(float) * N * F);
+            moe_zero(a->dff1, N * F);
             matmul_backward(a->dff1, G->ffn_down, NULL, dx, A->act, W->ffn_down, N, F, d);
-            memset(a->dff2, 0, sizeof(float) * N * F);
-            memset(a->dff3, 0, sizeof(float) * N * F);
+            moe_zero(a->dff2, N * F);
+            moe_zero(a->dff3, N * F);
             swiglu_backward(a->dff2, a->dff3, a->dff1, A->hg, A->hu, N, F);
             matmul_backward(a->dh, G->ffn_gate, NULL, a->dff2, A->hn2, W->ffn_gate, N, d, F);
             matmul_backward(a->dh, G->ffn_up, NULL, a->dff3, A->hn2, W->ffn_up, N, d, F);
@@ -334,15 +336,15 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         rmsnorm_backward(dx2, G->ffn_norm, a->dh, A->x_mid, W->ffn_norm, A->rstd2, N, d);
         /* x_mid = x_in + wo(attention(norm(x_in))); dx2 holds d(x_mid) */
         memcpy(dx, dx2, sizeof(float) * N * d);
-        memset(a->datto, 0, sizeof(float) * N * H * hd);
+        moe_zero(a->datto, (size_t)N * H * hd);
         matmul_backward(a->datto, G->wo, NULL, dx2, A->atto, W->wo, N, H * hd, d);
-        memset(a->dq, 0, sizeof(float) * N * H * hd);
-        memset(a->dk, 0, sizeof(float) * N * KVH * hd);
-        memset(a->dv, 0, sizeof(float) * N * KVH * hd);
+        moe_zero(a->dq, (size_t)N * H * hd);
+        moe_zero(a->dk, (size_t)N * KVH * hd);
+        moe_zero(a->dv, (size_t)N * KVH * hd);
         attention_backward(a->dq, a->dk, a->dv, a->datto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd);
         rope_backward(a->dq, a->pos, N, H, hd, c->rope_base);
         rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base);
-        memset(a->dh, 0, sizeof(float) * N * d);
+        moe_zero(a->dh, (size_t)N * d);
         matmul_backward(a->dh, G->wq, NULL, a->dq, A->hn1, W->wq, N, d, H * hd);
         matmul_backward(a->dh, G->wk, NULL, a->dk, A->hn1, W->wk, N, d, KVH * hd);
         matmul_backward(a->dh, G->wv, NULL, a->dv, A->hn1, W->wv, N, d, KVH * hd);

@@ -176,17 +176,17 @@ void moe_backward(float *dx, float *drouter, float *dgate, float *dup, float *dd
         for (int i = 0; i < d; i++) { acc += (double)g[i] * y[i]; dy[i] = r->w[s] * g[i]; }
         dw[s] = (float)acc;
     }
-    memset(dact, 0, sizeof(float) * nk * F);
+    moe_zero(dact, nk * F);
     for (int e = 0; e < E; e++) {
         int n = r->counts[e], off = r->offsets[e];
         if (!n) continue;
         matmul_backward(dact + (size_t)off * F, ddown + (size_t)e * d * F, NULL, dye + (size_t)off * d,
                         c->act + (size_t)off * F, down + (size_t)e * d * F, n, F, d);
     }
-    memset(dhg, 0, sizeof(float) * nk * F);
-    memset(dhu, 0, sizeof(float) * nk * F);
+    moe_zero(dhg, nk * F);
+    moe_zero(dhu, nk * F);
     swiglu_backward(dhg, dhu, dact, c->hg, c->hu, (int)nk, F);
-    memset(dxe, 0, sizeof(float) * nk * d);
+    moe_zero(dxe, nk * d);
     for (int e = 0; e < E; e++) {
         int n = r->counts[e], off = r->offsets[e];
         if (!n) continue;
@@ -205,8 +205,8 @@ void moe_backward(float *dx, float *drouter, float *dgate, float *dup, float *dd
     }
 
     /* router: weights -> selected probabilities -> all probabilities -> logits */
-    memset(dprobs, 0, sizeof(float) * ne);
-    memset(dlogits, 0, sizeof(float) * ne);
+    moe_zero(dprobs, ne);
+    moe_zero(dlogits, ne);
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         const float *w = r->w + (size_t)t * k, *v = r->topv + (size_t)t * k, *g = dw + (size_t)t * k;

@@ -247,8 +247,8 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     int done_here = 0;
     for (int step = start; step < p.steps; step++) {
         const double t0 = moe_now();
-        memset(m->grads, 0, m->n_params * sizeof(float));
-        memset(load, 0, sizeof(float) * (size_t)MOE_MAX(n_moe, 1) * MOE_MAX(c->n_experts, 1));
+        moe_zero(m->grads, m->n_params);
+        moe_zero(load, (size_t)MOE_MAX(n_moe, 1) * MOE_MAX(c->n_experts, 1));
         model_losses sum = {0};
         for (int micro = 0; micro < p.grad_accum; micro++) {
             st = dataset_sample(d, 0, &rng, p.batch, p.seq, tok, tgt);
