@@ -338,7 +338,7 @@ static int gemm_run(const gemm_desc *g, int pack) {
     int nrb = (g->M + mcb - 1) / mcb;
     for (int ps = 0; ps < np; ps += slab) {
         int pe = MOE_MIN(np, ps + slab), nps = pe - ps;
-        int want = nthr > 1 ? 4 * nthr : 1;
+        int want = nthr > 1 ? 8 * nthr : 1;
         int groups = (want + nrb - 1) / nrb;
         if (groups > nps) groups = nps;
         if (groups < 1) groups = 1;
