@@ -315,7 +315,8 @@ static int gemm_run(const gemm_desc *g, int pack) {
     }
     if (g->bs_n != 1) pack = 1;
     double work = (double)g->M * g->Nc * g->K;
-    int nthr = work >= SERIAL_WORK ? omp_get_max_threads() : 1;
+    /* inside a parallel region (experts run side by side) stay on this thread */
+    int nthr = work >= SERIAL_WORK && !omp_in_parallel() ? omp_get_max_threads() : 1;
     if (nthr < 1) nthr = 1;
 
     int slab = np; /* panels packed at a time */

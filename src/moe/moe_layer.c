@@ -20,7 +20,7 @@ moe_status moe_cache_init(moe_cache *c, int N, int d, int E, int k, int F) {
     c->N = N; c->d = d; c->E = E; c->k = k; c->F = F;
     size_t nk = (size_t)N * k, ne = (size_t)N * E;
     size_t total = 0;
-    size_t sizes[] = {ne, ne, N, nk, nk, nk, E, E + 1, nk, nk,           /* routing   */
+    size_t sizes[] = {ne, ne, N, nk, nk, nk, E, E + 1, nk, nk, E,        /* routing   */
                       nk * d, nk * F, nk * F, nk * F, nk * d,              /* forward   */
                       nk * d + 3 * nk * F + nk * d + 2 * ne + nk};         /* backward  */
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += (sizes[i] + 15) & ~(size_t)15;
@@ -39,6 +39,7 @@ moe_status moe_cache_init(moe_cache *c, int N, int d, int E, int k, int F) {
     r->offsets = (int32_t *)carve(&cur, E + 1);
     r->row_slot = (int32_t *)carve(&cur, nk);
     r->slot_row = (int32_t *)carve(&cur, nk);
+    r->order = (int32_t *)carve(&cur, E);
     c->xe = carve(&cur, nk * d);
     c->hg = carve(&cur, nk * F);
     c->hu = carve(&cur, nk * F);
@@ -118,6 +119,21 @@ void moe_route(moe_routing *r, const float *x, const float *router, int N, int d
     r->aux = aux * E;
 }
 
+/* Experts run side by side, one thread each, the busiest first so the
+ * threads finish together; each expert's matmuls are whole and unchanged, so
+ * results do not depend on which thread ran them. */
+static int expert_order(const moe_routing *r, int E, int32_t *order) {
+    int n = 0;
+    for (int e = 0; e < E; e++)
+        if (r->counts[e]) order[n++] = e;
+    for (int i = 1; i < n; i++) { /* insertion sort by count, descending; E is small */
+        int32_t v = order[i], j = i;
+        while (j > 0 && r->counts[order[j - 1]] < r->counts[v]) { order[j] = order[j - 1]; j--; }
+        order[j] = v;
+    }
+    return n;
+}
+
 void moe_forward(float *out, moe_cache *c, const float *x, const float *router,
                  const float *gate, const float *up, const float *down, int N,
                  const moe_route_opts *o) {
@@ -128,17 +144,16 @@ void moe_forward(float *out, moe_cache *c, const float *x, const float *router,
     #pragma omp parallel for schedule(static)
     for (size_t row = 0; row < nk; row++)
         memcpy(c->xe + row * d, x + (size_t)(r->row_slot[row] / k) * d, sizeof(float) * d);
-    for (int e = 0; e < E; e++) {
-        int n = r->counts[e], off = r->offsets[e];
-        if (!n) continue;
-        matmul_forward(c->hg + (size_t)off * F, c->xe + (size_t)off * d, gate + (size_t)e * F * d, NULL, n, d, F);
-        matmul_forward(c->hu + (size_t)off * F, c->xe + (size_t)off * d, up + (size_t)e * F * d, NULL, n, d, F);
-    }
-    swiglu_forward(c->act, c->hg, c->hu, (int)nk, F);
-    for (int e = 0; e < E; e++) {
-        int n = r->counts[e], off = r->offsets[e];
-        if (!n) continue;
-        matmul_forward(c->ye + (size_t)off * d, c->act + (size_t)off * F, down + (size_t)e * d * F, NULL, n, F, d);
+    int32_t *order = r->order;
+    const int active = expert_order(r, E, order);
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int i = 0; i < active; i++) {
+        const int e = order[i], n = r->counts[e], off = r->offsets[e];
+        float *hg = c->hg + (size_t)off * F, *hu = c->hu + (size_t)off * F, *act = c->act + (size_t)off * F;
+        matmul_forward(hg, c->xe + (size_t)off * d, gate + (size_t)e * F * d, NULL, n, d, F);
+        matmul_forward(hu, c->xe + (size_t)off * d, up + (size_t)e * F * d, NULL, n, d, F);
+        swiglu_forward(act, hg, hu, n, F);
+        matmul_forward(c->ye + (size_t)off * d, act, down + (size_t)e * d * F, NULL, n, F, d);
     }
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
@@ -176,24 +191,23 @@ void moe_backward(float *dx, float *drouter, float *dgate, float *dup, float *dd
         for (int i = 0; i < d; i++) { acc += (double)g[i] * y[i]; dy[i] = r->w[s] * g[i]; }
         dw[s] = (float)acc;
     }
-    moe_zero(dact, nk * F);
-    for (int e = 0; e < E; e++) {
-        int n = r->counts[e], off = r->offsets[e];
-        if (!n) continue;
-        matmul_backward(dact + (size_t)off * F, ddown + (size_t)e * d * F, NULL, dye + (size_t)off * d,
-                        c->act + (size_t)off * F, down + (size_t)e * d * F, n, F, d);
-    }
-    moe_zero(dhg, nk * F);
-    moe_zero(dhu, nk * F);
-    swiglu_backward(dhg, dhu, dact, c->hg, c->hu, (int)nk, F);
-    moe_zero(dxe, nk * d);
-    for (int e = 0; e < E; e++) {
-        int n = r->counts[e], off = r->offsets[e];
-        if (!n) continue;
-        matmul_backward(dxe + (size_t)off * d, dgate + (size_t)e * F * d, NULL, dhg + (size_t)off * F,
-                        c->xe + (size_t)off * d, gate + (size_t)e * F * d, n, d, F);
-        matmul_backward(dxe + (size_t)off * d, dup + (size_t)e * F * d, NULL, dhu + (size_t)off * F,
-                        c->xe + (size_t)off * d, up + (size_t)e * F * d, n, d, F);
+    int32_t *order = r->order;
+    const int active = expert_order(r, E, order);
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int i = 0; i < active; i++) {
+        const int e = order[i], n = r->counts[e], off = r->offsets[e];
+        const size_t rf = (size_t)off * F, rd = (size_t)off * d, nf = (size_t)n * F;
+        memset(dact + rf, 0, nf * sizeof(float));
+        matmul_backward(dact + rf, ddown + (size_t)e * d * F, NULL, dye + rd, c->act + rf,
+                        down + (size_t)e * d * F, n, F, d);
+        memset(dhg + rf, 0, nf * sizeof(float));
+        memset(dhu + rf, 0, nf * sizeof(float));
+        swiglu_backward(dhg + rf, dhu + rf, dact + rf, c->hg + rf, c->hu + rf, n, F);
+        memset(dxe + rd, 0, (size_t)n * d * sizeof(float));
+        matmul_backward(dxe + rd, dgate + (size_t)e * F * d, NULL, dhg + rf, c->xe + rd,
+                        gate + (size_t)e * F * d, n, d, F);
+        matmul_backward(dxe + rd, dup + (size_t)e * F * d, NULL, dhu + rf, c->xe + rd,
+                        up + (size_t)e * F * d, n, d, F);
     }
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {

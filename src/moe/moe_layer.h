@@ -25,6 +25,7 @@ typedef struct {
     int32_t *offsets;  /* [E+1] prefix sum of counts                        */
     int32_t *row_slot; /* [N*k] slot (t*k+j) of each dispatched row          */
     int32_t *slot_row; /* [N*k] dispatched row of each slot                  */
+    int32_t *order;    /* [E] experts with rows, busiest first (scratch)     */
     float *lse;        /* [N] logsumexp of each row of logits (z-loss)      */
     double z;          /* mean over tokens of lse^2 (router z-loss)         */
     double aux;        /* Switch loss E * sum_e f_e P_e                     */
