@@ -52,7 +52,28 @@ typedef struct {
     float aux_loss_coef; /* Switch load-balancing loss coefficient             */
     float z_loss_coef;   /* router z-loss coefficient                          */
     float init_std;
+    /* ---- routing and balance (docs/routing.md); fields only grow here ---- */
+    int router;          /* scores: MOE_ROUTER_SOFTMAX or MOE_ROUTER_SIGMOID    */
+    int routing;         /* who chooses: MOE_ROUTING_TOKEN / _EXPERT / _SEQUENCE */
+    float routed_scale;  /* routed-expert weights are multiplied by this        */
+    int n_group;         /* group-limited routing: experts in n_group groups   */
+    int topk_group;      /*   of which the best topk_group are eligible (<=1: off) */
+    float router_jitter; /* training: router input times U(1-eps, 1+eps)       */
+    int n_shared_experts;/* experts every token passes through                 */
+    int d_shared;        /* hidden size of each shared expert                  */
+    int shared_gate;     /* 1: shared output times sigmoid(x . w_gate_shared)  */
+    float seq_aux_coef;  /* DeepSeek-V3 sequence-wise balance loss coefficient */
+    int expert_bias;     /* 1: per-expert selection bias (non-learned buffer)  */
+    float bias_rate;     /* aux-loss-free balancing step gamma (0: frozen bias) */
+    float capacity_factor;      /* training: C = ceil(cf * k * N / E); 0 = dropless */
+    float eval_capacity_factor; /* evaluation and generation; 0 = dropless         */
+    int overflow;        /* over capacity, drop by MOE_OVERFLOW_POSITION / _SCORE */
 } moe_config;
+
+/* values of the enum-like config fields (--set router=sigmoid also works) */
+enum { MOE_ROUTER_SOFTMAX = 0, MOE_ROUTER_SIGMOID = 1 };
+enum { MOE_ROUTING_TOKEN = 0, MOE_ROUTING_EXPERT = 1, MOE_ROUTING_SEQUENCE = 2 };
+enum { MOE_OVERFLOW_POSITION = 0, MOE_OVERFLOW_SCORE = 1 };
 
 MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name);
 MOE_API const char *const *moe_preset_names(void);  /* NULL-terminated */
@@ -67,6 +88,7 @@ typedef struct {
     int64_t active;       /* parameters a single token passes through        */
     int64_t embedding;    /* token embedding (+ untied head)                 */
     int64_t experts;      /* all routed-expert weights                       */
+    int64_t shared;       /* all shared-expert weights (and their gates)     */
 } moe_param_counts;
 MOE_API moe_param_counts moe_config_param_counts(const moe_config *cfg);
 
@@ -138,6 +160,8 @@ typedef struct {
     float lr, tokens_per_s, balance; /* balance: max expert load / mean load */
     double elapsed_s, eta_s;
     int evaluated;         /* 1 on the step an evaluation ran              */
+    float maxvio;          /* worst MoE layer's (max load - mean) / mean   */
+    float drop_rate;       /* share of assignments dropped by capacity     */
 } moe_train_progress;
 typedef void (*moe_progress_fn)(const moe_train_progress *p, void *user);
 

@@ -62,12 +62,14 @@ moe_status moe_model_save(const moe_model *m, const char *path) {
 static moe_status read_config(const gguf_ctx *g, moe_config *c, const char *path) {
     if (!gguf_has_key(g, "moe.d_model"))
         return moe_error(MOE_ERR_UNSUPPORTED, "%s is a GGUF file but not a moe model (no moe.* metadata)", path);
-    memset(c, 0, sizeof *c);
+    /* fields added after the first release may be missing: they keep the defaults */
+    moe_config_preset(c, "default");
     char key[96];
     for (int i = 0; i < moe_config_n_fields(); i++) {
         int is_float;
         const char *name = moe_config_field(i, &is_float);
         snprintf(key, sizeof key, "moe.%s", name);
+        if (!moe_config_field_required(i) && !gguf_has_key(g, key)) continue;
         moe_status st;
         if (is_float) {
             float v;

@@ -9,8 +9,10 @@
  *    into contiguous panels when that pays off. The forward pass needs one
  *    operand transposed into panels: w for many rows, or (T = w . in^T, then
  *    out = T^T) the few rows of in, e.g. for experts with small N.
- *    Outer loops: tasks of 128 rows x panel groups run on OpenMP threads; inside,
- *    chunks of 512 columns, k blocks of 256 (the B slice stays in L1).
+ *    Outer loops: tasks of up to 128 rows (row blocks split evenly) x panel groups
+ *    run on OpenMP threads; inside, chunks of 512 columns, k blocks of 256 (the B
+ *    slice stays in L1). A column-major A (dw) is packed into MR-row strips: all
+ *    of it once per call when tasks split a row block's panels, else per task.
  *
  * Determinism. In the fast path every output element is computed as
  *     c = init;  for k = 0 .. K-1 in order:  c = fma(a[k], b[k], c)
@@ -111,9 +113,11 @@ void matmul_backward_ref(float *din, float *dw, float *dbias, const float *dout,
 
 #define MR 8    /* rows of A per micro-kernel (6, 12, 14 measured no better) */
 #define NR 32   /* columns of B per micro-kernel (2 zmm)        */
-#define KC 256  /* k block: a B panel slice of KC*NR floats = 32 KB stays in L1 */
+#define KC 256  /* k block: a B panel slice of KC*NR floats = 32 KB stays in L1
+                    (128 and 192 measured no better in the training step) */
 #define MCB 128 /* rows per task block: A slice MCB*KC floats = 128 KB in L2  */
 #define SLAB_FLOATS (4u << 20) /* packed-B scratch bound: 16 MB */
+#define APF_FLOATS (4u << 20)  /* bound for packing all of a column-major A: 16 MB */
 
 typedef struct {
     int M, Nc, K;
@@ -130,7 +134,7 @@ typedef struct {
  * tile past mr re-read row 0 of A and are discarded, so no special edge kernel. */
 #define UK_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 
-__attribute__((target("avx512f,fma"))) static void
+__attribute__((target("avx512f,fma,prfchw"))) static void
 ukernel(int kc, const float *a, ptrdiff_t as_m, ptrdiff_t as_k, int mr, const float *b,
         ptrdiff_t ldb, float *c, ptrdiff_t ldc, int nr, int load_c, const float *bias) {
     __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
@@ -151,6 +155,11 @@ ukernel(int kc, const float *a, ptrdiff_t as_m, ptrdiff_t as_k, int mr, const fl
     }
     UK_ROWS(UK_DECL)
 #undef UK_DECL
+    if (!load_c) /* the tile is only stored at the end: fetch its lines for writing now */
+        for (int r = 0; r < mr; r++) {
+            _m_prefetchw(c + (ptrdiff_t)r * ldc);
+            _m_prefetchw(c + (ptrdiff_t)r * ldc + 16);
+        }
 #define UK_FMA(r)                                                                  \
     {                                                                              \
         __m512 av = _mm512_set1_ps(a##r[ko]);                                      \
@@ -244,6 +253,33 @@ __attribute__((target("avx512f"))) static void pack_panel(float *dst, const gemm
     }
 }
 
+/* Packs k rows [k0,k1) of panels [ps,pe) of a row-major B (bs_n == 1) into
+ * the slab layout of pack_panel (dst holds panel ps first). Reads whole rows of
+ * B in order, which streams better than one NR-wide strip at a time. */
+__attribute__((target("avx512f"))) static void pack_rows(float *dst, const gemm_desc *g, int ps,
+                                                         int pe, int k0, int k1) {
+    int nfull = MOE_MIN(pe, g->Nc / NR); /* panels without padding */
+    size_t pstride = (size_t)g->K * NR;
+    for (int k = k0; k < k1; k++) {
+        const float *src = g->B + (ptrdiff_t)k * g->bs_k;
+        float *d = dst + (size_t)k * NR;
+        int p = ps;
+        for (; p < nfull; p++) {
+            float *dp = d + (size_t)(p - ps) * pstride;
+            _mm512_storeu_ps(dp, _mm512_loadu_ps(src + p * NR));
+            _mm512_storeu_ps(dp + 16, _mm512_loadu_ps(src + p * NR + 16));
+        }
+        for (; p < pe; p++) {
+            int nr = g->Nc - p * NR;
+            __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
+            __mmask16 m1 = nr <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nr - 16)) - 1);
+            float *dp = d + (size_t)(p - ps) * pstride;
+            _mm512_storeu_ps(dp, _mm512_maskz_loadu_ps(m0, src + p * NR));
+            _mm512_storeu_ps(dp + 16, _mm512_maskz_loadu_ps(m1, src + p * NR + 16));
+        }
+    }
+}
+
 /* Packs rows [m0,m0+mr) x k [k0,k0+kc) of a column-major A (as_m == 1) into
  * ap[k*MR + r], rows past mr zero. */
 __attribute__((target("avx512f"))) static void pack_a_cols(float *ap, const gemm_desc *g, int m0,
@@ -255,15 +291,51 @@ __attribute__((target("avx512f"))) static void pack_a_cols(float *ap, const gemm
     }
 }
 
+/* Packs strips [s0,s1) (MR rows each) of a column-major A (as_m == 1) over
+ * all K: k block k0 (kc long) of strip s goes to dst[k0*Mp + s*kc*MR + k*MR + r]
+ * with Mp = MR * (number of strips), rows past M zero. So within a k block the
+ * strips are contiguous (no cache-set aliasing between them). Two strips at a
+ * time read whole 64-byte rows of A. */
+__attribute__((target("avx512f"))) static void pack_a_strips(float *dst, const gemm_desc *g,
+                                                             int s0, int s1) {
+    int K = g->K;
+    size_t Mp = (size_t)((g->M + MR - 1) / MR) * MR;
+    for (int s = s0; s < s1; s += 2) {
+        int m0 = s * MR, rows = MOE_MIN(2 * MR, g->M - m0);
+        if (s + 1 >= s1) rows = MOE_MIN(rows, MR);
+        __mmask16 mk = rows >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
+        for (int k0 = 0; k0 < K; k0 += KC) {
+            int kc = MOE_MIN(KC, K - k0);
+            float *d0 = dst + (size_t)k0 * Mp + (size_t)s * kc * MR;
+            float *d1 = d0 + (size_t)kc * MR;
+            const float *src = g->A + (ptrdiff_t)k0 * g->as_k + m0;
+            if (rows > MR) {
+                for (int k = 0; k < kc; k++, src += g->as_k) {
+                    __m512 v = _mm512_maskz_loadu_ps(mk, src);
+                    _mm256_storeu_ps(d0 + (size_t)k * MR, _mm512_castps512_ps256(v));
+                    _mm256_storeu_ps(d1 + (size_t)k * MR, _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                                              _mm512_castps_pd(v), 1)));
+                }
+            } else {
+                for (int k = 0; k < kc; k++, src += g->as_k)
+                    _mm256_storeu_ps(d0 + (size_t)k * MR,
+                                     _mm512_castps512_ps256(_mm512_maskz_loadu_ps(mk, src)));
+            }
+        }
+    }
+}
+
 /* One task: rows [m0,m1) x panels [p0,p1) of C. Bp holds the packed panels
  * starting at panel pbase (NULL: read B directly, only when bs_n == 1).
- * Ap (MCB*KC floats) is this thread's buffer for packing a column-major A;
- * NULL: read A directly. */
-static void gemm_task(const gemm_desc *g, const float *Bp, int pbase, float *Ap, int m0, int m1,
-                      int p0, int p1) {
+ * A column-major A is read from Apf (all of A packed once per call, layout of
+ * pack_a_strips) if non-NULL, else packed per k block into Ap (this thread's
+ * MCB*KC floats), else (both NULL) read in place. */
+static void gemm_task(const gemm_desc *g, const float *Bp, int pbase, const float *Apf, float *Ap,
+                      int m0, int m1, int p0, int p1) {
     /* column chunks of PCH panels keep the C block (MCB x PCH*NR floats,
      * 256 KB) in L2 across the k blocks */
     enum { PCH = 16 };
+    size_t Mp = (size_t)((g->M + MR - 1) / MR) * MR;
     for (int pc0 = p0; pc0 < p1; pc0 += PCH) {
         int pc1 = MOE_MIN(p1, pc0 + PCH);
         for (int k0 = 0; k0 < g->K; k0 += KC) {
@@ -287,7 +359,10 @@ static void gemm_task(const gemm_desc *g, const float *Bp, int pbase, float *Ap,
                     float *c = g->Cm + (ptrdiff_t)m * g->ldc + n;
                     int load_c = !(g->init && k0 == 0);
                     const float *bias = g->bias ? g->bias + n : NULL;
-                    if (Ap)
+                    if (Apf)
+                        ukernel(kc, Apf + (size_t)k0 * Mp + (size_t)m * kc, 1, MR, mr, b, ldb, c,
+                                g->ldc, nr, load_c, bias);
+                    else if (Ap)
                         ukernel(kc, Ap + (size_t)(m - m0) * kc, 1, MR, mr, b, ldb, c, g->ldc, nr,
                                 load_c, bias);
                     else
@@ -320,7 +395,7 @@ static int gemm_run(const gemm_desc *g, int pack) {
     if (nthr < 1) nthr = 1;
 
     int slab = np; /* panels packed at a time */
-    float *Bp = NULL, *Ap = NULL;
+    float *Bp = NULL, *Ap = NULL, *Apf = NULL;
     if (pack) {
         size_t per = (size_t)g->K * NR;
         slab = (int)MOE_MAX((size_t)1, SLAB_FLOATS / per);
@@ -331,15 +406,34 @@ static int gemm_run(const gemm_desc *g, int pack) {
             slab = np; /* read B in place */
         }
     }
-    /* A column-major (dw = dout^T . in): pack MR-row strips so the kernel reads
-     * A contiguously; if that fails, read it in place (same arithmetic). */
-    if (g->as_m == 1 && g->M > 1) Ap = moe_malloc((size_t)nthr * MCB * KC * sizeof(float));
     /* task grid: row blocks x panel groups; enough tasks to balance the threads */
-    int mcb = MCB;
-    int nrb = (g->M + mcb - 1) / mcb;
+    int nrb = (g->M + MCB - 1) / MCB;
+    int want = nthr > 1 ? 8 * nthr : 1;
+    if (g->as_m == 1 && nthr > 1 && nrb < 2 * nthr && g->M >= 4 * MR * nthr) {
+        /* column-major A: split rows (blocks of at least 4 strips) rather than
+         * panels, so that no two tasks pack the same rows of A */
+        nrb = MOE_MIN((g->M + 4 * MR - 1) / (4 * MR), 2 * nthr);
+        want = nrb;
+    }
+    int mcb = ((g->M + nrb - 1) / nrb + MR - 1) / MR * MR; /* even split, <= MCB */
+    nrb = (g->M + mcb - 1) / mcb;
+    /* A column-major (dw = dout^T . in): pack MR-row strips so the kernel reads
+     * A contiguously. When panel groups split a row block across tasks, pack all
+     * of A once (else every task would repack it); otherwise each task packs its
+     * rows per k block. If that fails, read A in place (same arithmetic). */
+    int nstrips = (g->M + MR - 1) / MR;
+    if (g->as_m == 1 && g->M > 1) {
+        int groups0 = MOE_MIN((want + nrb - 1) / nrb, MOE_MIN(slab, np));
+        if ((groups0 > 1 || slab < np) && (size_t)nstrips * MR * g->K <= APF_FLOATS)
+            Apf = moe_malloc((size_t)nstrips * MR * g->K * sizeof(float));
+        if (!Apf) Ap = moe_malloc((size_t)nthr * MCB * KC * sizeof(float));
+    }
+    if (Apf) {
+#pragma omp parallel for schedule(static) num_threads(nthr) if (nthr > 1)
+        for (int s = 0; s < nstrips; s += 2) pack_a_strips(Apf, g, s, MOE_MIN(nstrips, s + 2));
+    }
     for (int ps = 0; ps < np; ps += slab) {
         int pe = MOE_MIN(np, ps + slab), nps = pe - ps;
-        int want = nthr > 1 ? 8 * nthr : 1;
         int groups = (want + nrb - 1) / nrb;
         if (groups > nps) groups = nps;
         if (groups < 1) groups = 1;
@@ -349,7 +443,12 @@ static int gemm_run(const gemm_desc *g, int pack) {
 #pragma omp parallel num_threads(nthr) if (nthr > 1)
         {
             float *ap = Ap ? Ap + (size_t)omp_get_thread_num() * MCB * KC : NULL;
-            if (Bp) {
+            if (Bp && g->bs_n == 1) {
+                enum { KR = 64 };
+#pragma omp for schedule(static)
+                for (int k = 0; k < g->K; k += KR)
+                    pack_rows(Bp, g, ps, pe, k, MOE_MIN(g->K, k + KR));
+            } else if (Bp) {
 #pragma omp for schedule(static)
                 for (int p = ps; p < pe; p++) pack_panel(Bp + (size_t)(p - ps) * g->K * NR, g, p);
             }
@@ -358,12 +457,13 @@ static int gemm_run(const gemm_desc *g, int pack) {
                 int rb = t / groups, gi = t % groups;
                 int m0 = rb * mcb, m1 = MOE_MIN(g->M, m0 + mcb);
                 int p0 = ps + gi * ppg, p1 = MOE_MIN(pe, p0 + ppg);
-                gemm_task(g, Bp, ps, ap, m0, m1, p0, p1);
+                gemm_task(g, Bp, ps, Apf, ap, m0, m1, p0, p1);
             }
         }
     }
     moe_free(Bp);
     moe_free(Ap);
+    moe_free(Apf);
     return 0;
 }
 

@@ -28,7 +28,7 @@
  * exp(x) = 0 below -87.5 (no denormals), +inf above ~88.72; NaN propagates. */
 static inline float fexp(float x) {
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    float xc = x < -87.5f ? -87.5f : x;
+    float xc = x >= -87.5f ? x : -87.5f; /* NaN -> -87.5: no NaN reaches the int conversion */
     xc = xc > 88.75f ? 88.75f : xc;
     float n = (xc * log2e + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
     float r = (xc - n * ln2_hi) - n * ln2_lo;

@@ -22,6 +22,8 @@ static void add(table *tb, const char *name, int decay, int n_dims, int64_t a, i
     d->size = (size_t)(d->ne[0] * d->ne[1] * d->ne[2]);
     d->offset = tb->off;
     d->decay = decay;
+    d->init = decay ? TENSOR_INIT_NORMAL : TENSOR_INIT_ONES;
+    d->buffer = 0;
     tb->off += d->size;
 }
 
@@ -42,6 +44,21 @@ static int build_table(table *tb, const moe_config *c) {
             T("ffn_gate_exps.weight", 1, 3, d, c->d_expert, c->n_experts);
             T("ffn_up_exps.weight", 1, 3, d, c->d_expert, c->n_experts);
             T("ffn_down_exps.weight", 1, 3, c->d_expert, d, c->n_experts);
+            if (c->expert_bias) { /* llama.cpp's name for DeepSeek-V3's selection bias */
+                T("exp_probs_b.bias", 0, 1, c->n_experts, 0, 0);
+                tb->t[tb->n - 1].init = TENSOR_INIT_ZERO;
+                tb->t[tb->n - 1].buffer = 1;
+            }
+            if (c->n_shared_experts > 0) { /* the shared experts as one SwiGLU of n * d_shared */
+                const int64_t fs = (int64_t)c->n_shared_experts * c->d_shared;
+                if (c->shared_gate) {
+                    T("ffn_gate_inp_shexp.weight", 1, 1, d, 0, 0);
+                    tb->t[tb->n - 1].init = TENSOR_INIT_NORMAL;
+                }
+                T("ffn_gate_shexp.weight", 1, 2, d, fs, 0);
+                T("ffn_up_shexp.weight", 1, 2, d, fs, 0);
+                T("ffn_down_shexp.weight", 1, 2, fs, d, 0);
+            }
         } else {
             T("ffn_gate.weight", 1, 2, d, c->d_ff, 0);
             T("ffn_up.weight", 1, 2, d, c->d_ff, 0);
@@ -74,6 +91,13 @@ static void bind(model_weights *w, float *buf, const moe_model *m) {
             L->gate_exps = buf + t[i++].offset;
             L->up_exps = buf + t[i++].offset;
             L->down_exps = buf + t[i++].offset;
+            if (c->expert_bias) L->exp_bias = buf + t[i++].offset;
+            if (c->n_shared_experts > 0) {
+                if (c->shared_gate) L->sh_inp = buf + t[i++].offset;
+                L->sh_gate = buf + t[i++].offset;
+                L->sh_up = buf + t[i++].offset;
+                L->sh_down = buf + t[i++].offset;
+            }
         } else {
             L->ffn_gate = buf + t[i++].offset;
             L->ffn_up = buf + t[i++].offset;
@@ -100,7 +124,7 @@ moe_status model_alloc(moe_model **out, const moe_config *cfg) {
     moe_model *m = moe_calloc(1, sizeof *m);
     if (!m) return MOE_ERR_NOMEM;
     m->cfg = *cfg;
-    int cap = 3 + 10 * cfg->n_layers;
+    int cap = 3 + 16 * cfg->n_layers;
     m->tensors = moe_calloc((size_t)cap, sizeof(tensor_desc));
     m->w.layers = moe_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
     m->g.layers = moe_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
@@ -115,8 +139,73 @@ moe_status model_alloc(moe_model **out, const moe_config *cfg) {
     m->params = moe_malloc(m->n_params * sizeof(float));
     if (!m->params) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "model parameters"); }
     bind(&m->w, m->params, m);
+    route_stats *rs = &m->stats;
+    for (int l = 0; l < cfg->n_layers; l++) rs->n_moe += moe_config_layer_is_moe(cfg, l);
+    if (rs->n_moe) {
+        rs->E = cfg->n_experts;
+        const size_t nl = (size_t)rs->n_moe;
+        rs->counts = moe_calloc(nl * rs->E, sizeof(int64_t));
+        rs->assigned = moe_calloc(nl, sizeof(int64_t));
+        rs->dropped = moe_calloc(nl, sizeof(int64_t));
+        rs->aux = moe_calloc(4 * nl, sizeof(double));
+        if (!rs->counts || !rs->assigned || !rs->dropped || !rs->aux) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "routing statistics"); }
+        rs->z = rs->aux + nl; rs->seq_aux = rs->z + nl; rs->entropy = rs->seq_aux + nl;
+    }
     *out = m;
     return MOE_OK;
+}
+
+void model_stats_reset(moe_model *m) {
+    route_stats *rs = &m->stats;
+    if (!rs->n_moe) return;
+    const size_t nl = (size_t)rs->n_moe;
+    memset(rs->counts, 0, nl * rs->E * sizeof(int64_t));
+    memset(rs->assigned, 0, nl * sizeof(int64_t));
+    memset(rs->dropped, 0, nl * sizeof(int64_t));
+    memset(rs->aux, 0, 4 * nl * sizeof(double));
+    rs->calls = 0;
+}
+
+static void stats_add(moe_model *m, int k, const moe_routing *r) {
+    route_stats *rs = &m->stats;
+    for (int e = 0; e < rs->E; e++) rs->counts[(size_t)k * rs->E + e] += r->sel_counts[e];
+    rs->assigned[k] += r->assigned;
+    rs->dropped[k] += r->dropped;
+    rs->aux[k] += r->aux;
+    rs->z[k] += r->z;
+    rs->seq_aux[k] += r->seq_aux;
+    rs->entropy[k] += r->entropy;
+}
+
+void model_update_bias(moe_model *m) {
+    const moe_config *c = &m->cfg;
+    if (!c->expert_bias || c->bias_rate <= 0) return;
+    for (int l = 0, k = 0; l < c->n_layers; l++) {
+        if (!moe_config_layer_is_moe(c, l)) continue;
+        moe_bias_update(m->w.layers[l].exp_bias, m->stats.counts + (size_t)k * c->n_experts, c->n_experts, c->bias_rate);
+        k++;
+    }
+}
+
+moe_route_opts model_route_opts(const moe_model *m, int layer, int T) {
+    const moe_config *c = &m->cfg;
+    moe_route_opts o = {
+        .score = c->router, .mode = c->routing, .renorm = c->renorm_topk, .scale = c->routed_scale,
+        .n_group = c->n_group, .topk_group = c->topk_group,
+        .capacity = m->training ? c->capacity_factor : c->eval_capacity_factor,
+        .overflow = c->overflow, .seq_len = T,
+        .jitter = m->training ? c->router_jitter : 0.0f,
+        /* one independent stream per layer and micro-batch */
+        .jitter_seed = m->jitter_seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(layer + 1)),
+    };
+    return o;
+}
+
+static moe_weights layer_moe_weights(const layer_weights *W) {
+    moe_weights w = {.router = W->router, .gate = W->gate_exps, .up = W->up_exps, .down = W->down_exps,
+                     .bias = W->exp_bias, .sh_gate = W->sh_gate, .sh_up = W->sh_up,
+                     .sh_down = W->sh_down, .sh_inp = W->sh_inp};
+    return w;
 }
 
 /* Norm weights start at 1; matrices at N(0, init_std), output projections
@@ -128,7 +217,10 @@ void model_init_weights(moe_model *m, uint64_t seed) {
     for (int i = 0; i < m->n_tensors; i++) {
         const tensor_desc *t = &m->tensors[i];
         float *p = m->params + t->offset;
-        if (!t->decay) { for (size_t j = 0; j < t->size; j++) p[j] = 1.0f; continue; }
+        if (t->init != TENSOR_INIT_NORMAL) {
+            for (size_t j = 0; j < t->size; j++) p[j] = t->init == TENSOR_INIT_ONES ? 1.0f : 0.0f;
+            continue;
+        }
         float std = m->cfg.init_std;
         if (strstr(t->name, "attn_output") || strstr(t->name, "ffn_down")) std *= resid;
         for (size_t j = 0; j < t->size; j++) p[j] = std * moe_rng_normal(&rng);
@@ -164,6 +256,11 @@ void moe_model_free(moe_model *m) {
     moe_free(m->tensors);
     moe_free(m->w.layers);
     moe_free(m->g.layers);
+    moe_free(m->stats.counts);
+    moe_free(m->stats.assigned);
+    moe_free(m->stats.dropped);
+    moe_free(m->stats.aux);
+    moe_free(m->dec_seq);
     moe_tokenizer_free(m->tok);
     moe_free(m);
 }
@@ -210,7 +307,10 @@ moe_status model_alloc_acts(moe_model *m, int B, int T) {
         L->att = grab(a, (size_t)B * c->n_heads * T * T, &ok); L->atto = grab(a, N * qd, &ok);
         L->x_mid = grab(a, N * d, &ok); L->hn2 = grab(a, N * d, &ok); L->rstd2 = grab(a, N, &ok);
         if (moe_config_layer_is_moe(c, l)) {
-            if (ok && moe_cache_init(&L->moe, (int)N, (int)d, c->n_experts, c->top_k, c->d_expert)) ok = 0;
+            float cf = MOE_MAX(c->capacity_factor, c->eval_capacity_factor);
+            int64_t rows = moe_rows_needed((int)N, c->n_experts, c->top_k, c->routing, cf);
+            if (ok && moe_cache_init(&L->moe, (int)N, (int)d, c->n_experts, c->top_k, c->d_expert,
+                                     c->n_shared_experts * c->d_shared, c->routing, rows)) ok = 0;
         } else {
             L->hg = grab(a, N * c->d_ff, &ok); L->hu = grab(a, N * c->d_ff, &ok); L->act = grab(a, N * c->d_ff, &ok);
             ff = (size_t)c->d_ff;
@@ -251,7 +351,6 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
     float *x = a->layers[0].x_in;
     #pragma omp parallel for schedule(static) if (N >= 256)
     for (int i = 0; i < N; i++) memcpy(x + (size_t)i * d, m->w.token_embd + (size_t)tokens[i] * d, sizeof(float) * d);
-    moe_route_opts ro = {.renorm = c->renorm_topk};
     model_losses L = {0};
     for (int l = 0; l < c->n_layers; l++) {
         layer_acts *A = &a->layers[l];
@@ -268,9 +367,13 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         add_into(A->x_mid, A->x_in, a->dh, (size_t)N * d);
         rmsnorm_forward(A->hn2, A->rstd2, A->x_mid, W->ffn_norm, N, d, c->norm_eps);
         if (W->router) {
-            moe_forward(a->dh, &A->moe, A->hn2, W->router, W->gate_exps, W->up_exps, W->down_exps, N, &ro);
+            moe_route_opts ro = model_route_opts(m, l, T);
+            moe_weights mw = layer_moe_weights(W);
+            moe_forward(a->dh, &A->moe, A->hn2, &mw, N, &ro);
             L.aux += A->moe.r.aux;
             L.z += A->moe.r.z;
+            L.seq_aux += A->moe.r.seq_aux;
+            stats_add(m, L.n_moe, &A->moe.r);
             L.n_moe++;
         } else {
             matmul_forward(A->hg, A->hn2, W->ffn_gate, NULL, N, d, c->d_ff);
@@ -280,6 +383,7 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         }
         add_into(x_out, A->x_mid, a->dh, (size_t)N * d);
     }
+    if (L.n_moe) m->stats.calls++;
     rmsnorm_forward(a->hnf, a->rstdf, a->x_final, m->w.output_norm, N, d, c->norm_eps);
     matmul_forward(a->logits, a->hnf, m->w.output, NULL, N, d, V);
     if (targets) {
@@ -288,7 +392,7 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         /* softmax kept in dlogits: model_backward turns it into the gradient */
         double sum = crossentropy_softmax(a->dlogits, a->logits, targets, N, V);
         L.ce = counted ? sum / counted : 0.0;
-        L.loss = L.ce + c->aux_loss_coef * L.aux + c->z_loss_coef * L.z;
+        L.loss = L.ce + c->aux_loss_coef * L.aux + c->z_loss_coef * L.z + c->seq_aux_coef * L.seq_aux;
         if (!isfinite(L.loss)) {
             if (losses) *losses = L;
             return moe_error(MOE_ERR_NUMERIC, "loss is %s", isnan(L.loss) ? "NaN" : "Inf");
@@ -312,7 +416,6 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
     float *dx = a->dx, *dx2 = a->dx2;
     moe_zero(dx, (size_t)N * d);
     rmsnorm_backward(dx, m->g.output_norm, a->dh, a->x_final, m->w.output_norm, a->rstdf, N, d);
-    moe_route_opts ro = {.renorm = c->renorm_topk};
     for (int l = c->n_layers - 1; l >= 0; l--) {
         layer_acts *A = &a->layers[l];
         const layer_weights *W = &m->w.layers[l];
@@ -321,9 +424,13 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         memcpy(dx2, dx, sizeof(float) * N * d);
         moe_zero(a->dh, (size_t)N * d);
         if (W->router) {
-            moe_backward(a->dh, G->router, G->gate_exps, G->up_exps, G->down_exps, dx, &A->moe,
-                         A->hn2, W->router, W->gate_exps, W->up_exps, W->down_exps, &ro,
-                         loss_scale * c->aux_loss_coef, loss_scale * c->z_loss_coef);
+            moe_route_opts ro = model_route_opts(m, l, T);
+            moe_weights mw = layer_moe_weights(W);
+            moe_grads mg = {.router = G->router, .gate = G->gate_exps, .up = G->up_exps, .down = G->down_exps,
+                            .sh_gate = G->sh_gate, .sh_up = G->sh_up, .sh_down = G->sh_down, .sh_inp = G->sh_inp};
+            moe_loss_scales ls = {loss_scale * c->aux_loss_coef, loss_scale * c->z_loss_coef,
+                                  loss_scale * c->seq_aux_coef};
+            moe_backward(a->dh, &mg, dx, &A->moe, A->hn2, &mw, &ro, ls);
         } else {
             moe_zero(a->dff1, N * F);
             matmul_backward(a->dff1, G->ffn_down, NULL, dx, A->act, W->ffn_down, N, F, d);
@@ -368,8 +475,13 @@ static moe_status alloc_decode(moe_model *m) {
     m->dec = moe_malloc((5 * d + 2 * qd + 3 * ff + (size_t)c->max_seq) * sizeof(float));
     if (!m->kcache || !m->vcache || !m->dec) return moe_error_prefix(MOE_ERR_NOMEM, "KV cache");
     if (c->n_experts > 0) {
-        moe_status st = moe_cache_init(&m->dec_moe, 1, (int)d, c->n_experts, c->top_k, c->d_expert);
+        /* one token at a time: expert choice has no batch to choose from and
+         * falls back to token choice over the same scores */
+        moe_status st = moe_cache_init(&m->dec_moe, 1, (int)d, c->n_experts, c->top_k, c->d_expert,
+                                       c->n_shared_experts * c->d_shared, MOE_ROUTING_TOKEN, c->top_k);
         if (st) return st;
+        m->dec_seq = moe_calloc((size_t)c->n_layers * c->n_experts, sizeof(double));
+        if (!m->dec_seq) return moe_error_prefix(MOE_ERR_NOMEM, "decoding state");
     }
     return MOE_OK;
 }
@@ -386,7 +498,7 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
     float *x = m->dec, *h = x + d, *o = h + d, *tmp = o + d, *xf = tmp + d, *q = xf + d;
     float *att_o = q + qd, *g1 = att_o + qd, *g2 = g1 + ff, *g3 = g2 + ff, *sc = g3 + ff;
     int32_t p32 = pos;
-    moe_route_opts ro = {.renorm = c->renorm_topk};
+    if (pos == 0 && m->dec_seq) memset(m->dec_seq, 0, sizeof(double) * c->n_layers * c->n_experts);
     memcpy(x, m->w.token_embd + (size_t)token * d, sizeof(float) * d);
     float rstd;
     for (int l = 0; l < c->n_layers; l++) {
@@ -423,7 +535,14 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
         for (int i = 0; i < d; i++) x[i] += o[i];
         rmsnorm_forward(h, &rstd, x, W->ffn_norm, 1, d, c->norm_eps);
         if (W->router) {
-            moe_forward(tmp, &m->dec_moe, h, W->router, W->gate_exps, W->up_exps, W->down_exps, 1, &ro);
+            moe_route_opts ro = model_route_opts(m, l, 1);
+            if (ro.mode == MOE_ROUTING_EXPERT) ro.mode = MOE_ROUTING_TOKEN;
+            if (ro.mode == MOE_ROUTING_SEQUENCE) { /* causal: the mean over the prefix so far */
+                ro.seq_prefix = m->dec_seq + (size_t)l * c->n_experts;
+                ro.seq_prefix_n = pos;
+            }
+            moe_weights mw = layer_moe_weights(W);
+            moe_forward(tmp, &m->dec_moe, h, &mw, 1, &ro);
         } else {
             matmul_forward(g1, h, W->ffn_gate, NULL, 1, d, c->d_ff);
             matmul_forward(g2, h, W->ffn_up, NULL, 1, d, c->d_ff);

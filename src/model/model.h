@@ -11,6 +11,8 @@ typedef struct {
     float *attn_norm, *wq, *wk, *wv, *wo, *ffn_norm;
     float *ffn_gate, *ffn_up, *ffn_down;              /* dense layers */
     float *router, *gate_exps, *up_exps, *down_exps;  /* MoE layers   */
+    float *exp_bias;                                  /* [E] selection bias buffer, or NULL */
+    float *sh_gate, *sh_up, *sh_down, *sh_inp;        /* shared experts, or NULL */
 } layer_weights;
 
 typedef struct {
@@ -27,7 +29,10 @@ typedef struct {
     int n_dims;
     int64_t ne[3];      /* ggml order: ne[0] is the row length     */
     int decay;          /* weight decay applies (matrices, not norms) */
+    int init;           /* TENSOR_INIT_*                           */
+    int buffer;         /* non-learned: no gradient, no optimizer  */
 } tensor_desc;
+enum { TENSOR_INIT_NORMAL, TENSOR_INIT_ONES, TENSOR_INIT_ZERO };
 
 typedef struct {
     float *x_in, *hn1, *rstd1, *q, *k, *v, *att, *atto, *x_mid, *hn2, *rstd2;
@@ -50,7 +55,18 @@ typedef struct {
     double ce;         /* mean cross-entropy                              */
     double aux, z;     /* summed over MoE layers, before coefficients     */
     int n_moe;         /* MoE layers                                      */
+    double seq_aux;    /* sequence-wise balance loss, summed over layers  */
 } model_losses;
+
+/* Routing statistics per MoE layer, summed over forward calls since the
+ * last model_stats_reset (training steps and evaluations reset them). */
+typedef struct {
+    int n_moe, E;
+    int64_t *counts;              /* [n_moe][E] assignments chosen (before capacity) */
+    int64_t *assigned, *dropped;  /* [n_moe]                                          */
+    double *aux, *z, *seq_aux, *entropy; /* [n_moe] sums of each call's value       */
+    int calls;
+} route_stats;
 
 struct moe_model {
     moe_config cfg;
@@ -68,6 +84,10 @@ struct moe_model {
     float *dec;              /* decode scratch */
     moe_cache dec_moe;
     int train_step;          /* optimizer steps taken (saved in the GGUF) */
+    int training;            /* 1: forward uses the training capacity and jitter */
+    uint64_t jitter_seed;    /* per micro-batch, set by the training loop         */
+    route_stats stats;
+    double *dec_seq;         /* [L][E] decoding: prefix score sums (sequence routing) */
 };
 
 /* Allocates parameters (uninitialised) and the tensor table. */
@@ -84,8 +104,15 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
 /* Decoding: logits[V] for token at position pos, using and filling the KV cache. */
 moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits);
 
+void model_stats_reset(moe_model *m);
+/* The route options layer l uses for the model's current mode. */
+moe_route_opts model_route_opts(const moe_model *m, int layer, int T);
+/* The bias update of aux-loss-free balancing, from the stats since the last reset. */
+void model_update_bias(moe_model *m);
+
 /* config field table (config.c) */
 int moe_config_n_fields(void);
+int moe_config_field_required(int i); /* present in every model file */
 const char *moe_config_field(int i, int *is_float);
 double moe_config_get_field(const moe_config *c, int i);
 void moe_config_put_field(moe_config *c, int i, double v);

@@ -1,5 +1,7 @@
-/* moe/moe_layer: router, top-k selection, dispatch, experts, combine; and the
- * backward pass of all of it, including the Switch balance loss and z-loss.
+/* moe/moe_layer: router scores and selection variants, capacity, dispatch,
+ * experts, shared experts, combine; the backward pass of all of it, with the
+ * Switch balance loss, the z-loss and the sequence-wise balance loss; and the
+ * auxiliary-loss-free bias update. docs/routing.md has the formulas.
  * Deterministic: every sum runs in a fixed order whatever the thread count. */
 #include <math.h>
 #include <string.h>
@@ -8,44 +10,92 @@
 #include "kernels/kernels.h"
 #include "moe/moe_layer.h"
 
-/* carve 64-byte aligned sub-arrays out of one block */
-static float *carve(float **cur, size_t n) {
-    float *p = *cur;
-    *cur += (n + 15) & ~(size_t)15;
+/* ---- memory: one block, carved in 64-byte aligned pieces. A first pass
+ * with base == NULL only counts. ---- */
+typedef struct { char *base; size_t off; } carver;
+static void *take(carver *cv, size_t n_floats) {
+    void *p = cv->base ? cv->base + cv->off * sizeof(float) : NULL;
+    cv->off += (n_floats + 15) & ~(size_t)15;
     return p;
 }
 
-moe_status moe_cache_init(moe_cache *c, int N, int d, int E, int k, int F) {
+int moe_capacity(float cf, int k, int N, int E) {
+    double c = ceil((double)cf * k * N / E);
+    if (c < 1) c = 1;
+    if (c > N) c = N;
+    return (int)c;
+}
+
+int64_t moe_rows_needed(int N, int E, int k, int mode, float max_capacity) {
+    if (mode != MOE_ROUTING_EXPERT) return (int64_t)N * k;
+    return (int64_t)E * moe_capacity(max_capacity > 0 ? max_capacity : 1.0f, k, N, E);
+}
+
+static void layout(moe_cache *c, carver *cv) {
+    const size_t N = c->N, d = c->d, E = c->E, F = c->F, Fs = c->Fs, S = c->S, R = c->max_rows;
+    const size_t ne = N * E, ns = N * S;
+    moe_routing *r = &c->r;
+    r->xj = take(cv, N * d);
+    r->noise = take(cv, N * d);
+    r->logits = take(cv, ne);
+    r->probs = take(cv, ne);
+    r->ssum = take(cv, N);
+    r->lse = take(cv, N);
+    r->sel = take(cv, ne);
+    r->ids = take(cv, ns);
+    r->topv = take(cv, ns);
+    r->w = take(cv, ns);
+    r->sel_counts = take(cv, E);
+    r->counts = take(cv, E);
+    r->offsets = take(cv, E + 1);
+    r->row_slot = take(cv, R);
+    r->slot_row = take(cv, ns);
+    r->order = take(cv, E);
+    r->iscratch = take(cv, 2 * ns + 2 * N);
+    r->seqf = take(cv, ne);
+    c->xe = take(cv, R * d);
+    c->hg = take(cv, R * F);
+    c->hu = take(cv, R * F);
+    c->act = take(cv, R * F);
+    c->ye = take(cv, R * d);
+    c->sh_hg = take(cv, N * Fs);
+    c->sh_hu = take(cv, N * Fs);
+    c->sh_act = take(cv, N * Fs);
+    c->sh_y = take(cv, Fs ? N * d : 0);
+    c->sh_g = take(cv, N);
+    c->dye = take(cv, R * d);
+    c->dact = take(cv, R * F);
+    c->dhg = take(cv, R * F);
+    c->dhu = take(cv, R * F);
+    c->dxe = take(cv, R * d);
+    c->dlogits = take(cv, ne);
+    c->dprobs = take(cv, ne);
+    c->dw = take(cv, ns);
+    c->dxj = take(cv, N * d);
+    c->sh_dy = take(cv, Fs ? N * d : 0);
+    c->sh_dact = take(cv, N * Fs);
+    c->sh_dhg = take(cv, N * Fs);
+    c->sh_dhu = take(cv, N * Fs);
+    c->sh_dg = take(cv, N);
+}
+
+moe_status moe_cache_init(moe_cache *c, int N, int d, int E, int k, int F, int Fs, int mode,
+                          int64_t max_rows) {
     memset(c, 0, sizeof *c);
-    c->N = N; c->d = d; c->E = E; c->k = k; c->F = F;
-    size_t nk = (size_t)N * k, ne = (size_t)N * E;
-    size_t total = 0;
-    size_t sizes[] = {ne, ne, N, nk, nk, nk, E, E + 1, nk, nk, E,        /* routing   */
-                      nk * d, nk * F, nk * F, nk * F, nk * d,              /* forward   */
-                      nk * d + 3 * nk * F + nk * d + 2 * ne + nk};         /* backward  */
-    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += (sizes[i] + 15) & ~(size_t)15;
-    float *b = moe_malloc(total * sizeof(float));
+    if (max_rows < (int64_t)N * k && mode != MOE_ROUTING_EXPERT) max_rows = (int64_t)N * k;
+    if (max_rows > INT32_MAX) return moe_error(MOE_ERR_INVALID_ARG, "MoE layer: %lld dispatched rows is too many", (long long)max_rows);
+    c->N = N; c->d = d; c->E = E; c->k = k; c->F = F; c->Fs = Fs;
+    c->S = mode == MOE_ROUTING_EXPERT ? E : k;
+    c->max_rows = (int)max_rows;
+    carver cv = {NULL, 0};
+    layout(c, &cv);
+    float *b = moe_malloc(cv.off * sizeof(float));
     if (!b) return moe_error_prefix(MOE_ERR_NOMEM, "MoE layer cache");
     c->block = b;
-    float *cur = b;
-    moe_routing *r = &c->r;
-    r->logits = carve(&cur, ne);
-    r->probs = carve(&cur, ne);
-    r->lse = carve(&cur, N);
-    r->ids = (int32_t *)carve(&cur, nk);
-    r->topv = carve(&cur, nk);
-    r->w = carve(&cur, nk);
-    r->counts = (int32_t *)carve(&cur, E);
-    r->offsets = (int32_t *)carve(&cur, E + 1);
-    r->row_slot = (int32_t *)carve(&cur, nk);
-    r->slot_row = (int32_t *)carve(&cur, nk);
-    r->order = (int32_t *)carve(&cur, E);
-    c->xe = carve(&cur, nk * d);
-    c->hg = carve(&cur, nk * F);
-    c->hu = carve(&cur, nk * F);
-    c->act = carve(&cur, nk * F);
-    c->ye = carve(&cur, nk * d);
-    c->scratch = carve(&cur, nk * d + 3 * nk * F + nk * d + 2 * ne + nk);
+    cv.base = (char *)b;
+    cv.off = 0;
+    layout(c, &cv);
+    c->r.N = N; c->r.E = E; c->r.k = k; c->r.S = c->S;
     return MOE_OK;
 }
 
@@ -55,9 +105,11 @@ void moe_cache_free(moe_cache *c) {
     memset(c, 0, sizeof *c);
 }
 
+/* ---- selection helpers ---- */
+
 /* Indices of the k largest values of p[E], largest first; ties go to the
  * lower index (k is small, so repeated scans beat sorting). */
-static void select_topk(int32_t *ids, float *vals, const float *p, int E, int k) {
+static void select_topk(int32_t *ids, const float *p, int E, int k) {
     for (int j = 0; j < k; j++) {
         int best = -1;
         for (int e = 0; e < E; e++) {
@@ -67,56 +119,288 @@ static void select_topk(int32_t *ids, float *vals, const float *p, int E, int k)
             if (best < 0 || p[e] > p[best]) best = e;
         }
         ids[j] = best;
-        vals[j] = p[best];
     }
 }
 
-void moe_route(moe_routing *r, const float *x, const float *router, int N, int d, int E, int k,
+/* Group-limited selection: experts in n_group consecutive groups, a group's
+ * score is the sum of its two best selection scores (its best when groups
+ * hold one expert); experts outside the best topk_group groups get -inf. */
+enum { MAX_GROUPS = 1024 };
+static void group_limit(float *sel, int E, int n_group, int topk_group) {
+    if (n_group <= 1 || topk_group >= n_group) return;
+    const int gs = E / n_group;
+    float score[MAX_GROUPS];
+    unsigned char keep[MAX_GROUPS];
+    for (int g = 0; g < n_group; g++) {
+        float m1 = -INFINITY, m2 = -INFINITY;
+        for (int e = g * gs; e < (g + 1) * gs; e++) {
+            float v = sel[e];
+            if (v > m1) { m2 = m1; m1 = v; }
+            else if (v > m2) m2 = v;
+        }
+        score[g] = gs >= 2 ? m1 + m2 : m1;
+        keep[g] = 0;
+    }
+    for (int j = 0; j < topk_group; j++) {
+        int best = -1;
+        for (int g = 0; g < n_group; g++)
+            if (!keep[g] && (best < 0 || score[g] > score[best])) best = g;
+        keep[best] = 1;
+    }
+    for (int g = 0; g < n_group; g++)
+        if (!keep[g])
+            for (int e = g * gs; e < (g + 1) * gs; e++) sel[e] = -INFINITY;
+}
+
+/* Stable merge sort of idx[n] by key[idx] descending: equal keys keep their
+ * order, so ties go to the earlier index. tmp holds n. */
+static void sort_desc(int32_t *idx, int n, const float *key, int stride, int32_t *tmp) {
+    for (int width = 1; width < n; width *= 2) {
+        for (int lo = 0; lo < n; lo += 2 * width) {
+            int mid = MOE_MIN(lo + width, n), hi = MOE_MIN(lo + 2 * width, n);
+            int a = lo, b = mid, o = lo;
+            while (a < mid && b < hi)
+                tmp[o++] = key[(size_t)idx[b] * stride] > key[(size_t)idx[a] * stride] ? idx[b++] : idx[a++];
+            while (a < mid) tmp[o++] = idx[a++];
+            while (b < hi) tmp[o++] = idx[b++];
+        }
+        memcpy(idx, tmp, sizeof(int32_t) * n);
+    }
+}
+
+static int seq_len_of(const moe_route_opts *o, int N) {
+    int T = o->seq_len > 0 ? o->seq_len : N;
+    return (T <= N && N % T == 0) ? T : N;
+}
+
+/* ---- routing ---- */
+void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int d,
                const moe_route_opts *o) {
-    matmul_forward(r->logits, x, router, NULL, N, d, E);
+    const int E = r->E, k = r->k, S = r->S;
+    const int sigmoid = o->score == MOE_ROUTER_SIGMOID;
+    const float scale = o->scale > 0 ? o->scale : 1.0f;
+    const float *bias = wt->bias;
+    const int mode = o->mode;
+    r->N = N;
+
+    /* router input: x, or x times multiplicative jitter drawn in a fixed order */
+    const float *xr = x;
+    if (o->jitter > 0) {
+        moe_rng rng;
+        moe_rng_seed(&rng, o->jitter_seed);
+        const float lo = 1.0f - o->jitter, span = 2.0f * o->jitter;
+        for (size_t i = 0; i < (size_t)N * d; i++) {
+            r->noise[i] = lo + span * moe_rng_uniform(&rng);
+            r->xj[i] = x[i] * r->noise[i];
+        }
+        xr = r->xj;
+    }
+    matmul_forward(r->logits, xr, wt->router, NULL, N, d, E);
+
+    /* scores, logsumexp, selection scores */
     #pragma omp parallel for schedule(static) if (N * E > 4096)
     for (int t = 0; t < N; t++) {
         const float *l = r->logits + (size_t)t * E;
-        float *p = r->probs + (size_t)t * E;
+        float *p = r->probs + (size_t)t * E, *sel = r->sel + (size_t)t * E;
         float mx = l[0];
         for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
         double sum = 0;
-        for (int e = 0; e < E; e++) { p[e] = expf(l[e] - mx); sum += p[e]; }
-        float inv = (float)(1.0 / sum);
-        for (int e = 0; e < E; e++) p[e] *= inv;
+        if (!sigmoid) {
+            for (int e = 0; e < E; e++) { p[e] = expf(l[e] - mx); sum += p[e]; }
+            float inv = (float)(1.0 / sum);
+            for (int e = 0; e < E; e++) p[e] *= inv;
+            r->ssum[t] = 1.0f;
+        } else {
+            double ss = 0;
+            for (int e = 0; e < E; e++) {
+                sum += expf(l[e] - mx);
+                p[e] = 1.0f / (1.0f + expf(-l[e]));
+                ss += p[e];
+            }
+            r->ssum[t] = (float)ss;
+        }
         r->lse[t] = mx + (float)log(sum);
-        int32_t *ids = r->ids + (size_t)t * k;
-        float *v = r->topv + (size_t)t * k, *w = r->w + (size_t)t * k;
-        select_topk(ids, v, p, E, k);
+        for (int e = 0; e < E; e++) sel[e] = bias ? p[e] + bias[e] : p[e];
+    }
+
+    /* selection: ids[N][S] and their scores topv */
+    if (mode == MOE_ROUTING_TOKEN) {
+        #pragma omp parallel for schedule(static) if (N * E > 4096)
+        for (int t = 0; t < N; t++) {
+            float *sel = r->sel + (size_t)t * E;
+            int32_t *ids = r->ids + (size_t)t * S;
+            group_limit(sel, E, o->n_group, o->topk_group);
+            select_topk(ids, sel, E, k);
+            for (int j = 0; j < k; j++) r->topv[(size_t)t * S + j] = r->probs[(size_t)t * E + ids[j]];
+        }
+    } else if (mode == MOE_ROUTING_SEQUENCE) {
+        /* one expert set per sequence from its mean scores (+ bias); the mean is
+         * kept in the sel row of the sequence's first token */
+        const int T = seq_len_of(o, N), B = N / T;
+        for (int b = 0; b < B; b++) {
+            float *mean = r->sel + (size_t)b * T * E;
+            for (int e = 0; e < E; e++) {
+                double s = 0;
+                for (int t = 0; t < T; t++) s += r->probs[((size_t)b * T + t) * E + e];
+                double n = T;
+                if (o->seq_prefix) { o->seq_prefix[e] += s; s = o->seq_prefix[e]; n = o->seq_prefix_n + T; }
+                mean[e] = (float)(s / n) + (bias ? bias[e] : 0.0f);
+            }
+            group_limit(mean, E, o->n_group, o->topk_group);
+            int32_t set[k];
+            select_topk(set, mean, E, k);
+            for (int t = 0; t < T; t++) {
+                size_t tt = (size_t)b * T + t;
+                for (int j = 0; j < k; j++) {
+                    r->ids[tt * S + j] = set[j];
+                    r->topv[tt * S + j] = r->probs[tt * E + set[j]];
+                }
+            }
+        }
+    } else { /* expert choice: expert e takes its c best tokens by score */
+        const int c = moe_capacity(o->capacity > 0 ? o->capacity : 1.0f, k, N, E);
+        r->capacity = c;
+        for (size_t s = 0; s < (size_t)N * S; s++) r->ids[s] = -1;
+        #pragma omp parallel for schedule(dynamic, 1)
+        for (int e = 0; e < E; e++) {
+            int32_t *idx = r->iscratch + (size_t)e * N, *tmp = r->iscratch + (size_t)N * S + (size_t)e * N;
+            for (int t = 0; t < N; t++) idx[t] = t;
+            sort_desc(idx, N, r->probs + e, E, tmp);
+            for (int i = 0; i < c; i++) {
+                size_t s = (size_t)idx[i] * S + e;
+                r->ids[s] = e;
+                r->topv[s] = r->probs[(size_t)idx[i] * E + e];
+            }
+        }
+    }
+
+    /* combine weights */
+    #pragma omp parallel for schedule(static) if (N * S > 4096)
+    for (int t = 0; t < N; t++) {
+        const int32_t *ids = r->ids + (size_t)t * S;
+        const float *v = r->topv + (size_t)t * S;
+        float *w = r->w + (size_t)t * S;
+        if (mode == MOE_ROUTING_EXPERT) {
+            for (int j = 0; j < S; j++) w[j] = ids[j] >= 0 ? scale * v[j] : 0.0f;
+            continue;
+        }
         double s = 0;
         for (int j = 0; j < k; j++) s += v[j];
-        for (int j = 0; j < k; j++) w[j] = o->renorm ? (float)(v[j] / s) : v[j];
+        for (int j = 0; j < k; j++) {
+            float u = o->renorm ? (s > 0 ? (float)(v[j] / s) : 0.0f) : v[j];
+            w[j] = scale == 1.0f ? u : scale * u;
+        }
     }
-    /* dispatch: rows grouped by expert, in token order within each expert */
+
+    /* chosen assignments per expert; capacity decides which are kept
+     * (slot_row 0 = kept so far, -1 = empty or dropped) */
+    memset(r->sel_counts, 0, sizeof(int32_t) * E);
+    const size_t ns = (size_t)N * S;
+    int64_t assigned = 0;
+    for (size_t s = 0; s < ns; s++) {
+        if (r->ids[s] >= 0) { r->sel_counts[r->ids[s]]++; assigned++; r->slot_row[s] = 0; }
+        else r->slot_row[s] = -1;
+    }
+    r->assigned = assigned;
+    r->dropped = 0;
+    if (mode != MOE_ROUTING_EXPERT) r->capacity = 0;
+    if (mode != MOE_ROUTING_EXPERT && o->capacity > 0) {
+        const int cap = moe_capacity(o->capacity, k, N, E);
+        r->capacity = cap;
+        if (o->overflow == MOE_OVERFLOW_SCORE) {
+            /* bucket the slots by expert (slot order), keep each expert's cap best scores */
+            int32_t *start = r->counts; /* scratch [E] here, recomputed below */
+            int32_t *bucket = r->iscratch, *tmp = r->iscratch + ns;
+            int off = 0;
+            for (int e = 0; e < E; e++) { start[e] = off; off += r->sel_counts[e]; }
+            for (size_t s = 0; s < ns; s++)
+                if (r->ids[s] >= 0) bucket[start[r->ids[s]]++] = (int32_t)s;
+            off = 0;
+            for (int e = 0; e < E; e++) { start[e] = off; off += r->sel_counts[e]; }
+            #pragma omp parallel for schedule(dynamic, 1)
+            for (int e = 0; e < E; e++) {
+                const int n = r->sel_counts[e];
+                if (n <= cap) continue;
+                int32_t *b = bucket + start[e];
+                sort_desc(b, n, r->topv, 1, tmp + start[e]);
+                for (int i = cap; i < n; i++) r->slot_row[b[i]] = -1;
+            }
+        } else { /* by position: the earliest tokens keep their place */
+            int32_t *used = r->counts;
+            memset(used, 0, sizeof(int32_t) * E);
+            for (size_t s = 0; s < ns; s++) {
+                if (r->ids[s] < 0) continue;
+                if (used[r->ids[s]] < cap) used[r->ids[s]]++;
+                else r->slot_row[s] = -1;
+            }
+        }
+        for (size_t s = 0; s < ns; s++) r->dropped += r->ids[s] >= 0 && r->slot_row[s] < 0;
+    }
+
+    /* dispatch: kept rows grouped by expert, in token order within each expert */
     memset(r->counts, 0, sizeof(int32_t) * E);
-    for (size_t s = 0; s < (size_t)N * k; s++) r->counts[r->ids[s]]++;
+    for (size_t s = 0; s < ns; s++)
+        if (r->slot_row[s] >= 0) r->counts[r->ids[s]]++;
     r->offsets[0] = 0;
     for (int e = 0; e < E; e++) r->offsets[e + 1] = r->offsets[e] + r->counts[e];
+    r->rows = r->offsets[E];
     /* counts doubles as the running write position of each expert, then is restored */
     int32_t *next = r->counts;
     for (int e = 0; e < E; e++) next[e] = r->offsets[e];
-    for (size_t s = 0; s < (size_t)N * k; s++) {
+    for (size_t s = 0; s < ns; s++) {
+        if (r->slot_row[s] < 0) continue;
         int32_t row = next[r->ids[s]]++;
         r->row_slot[row] = (int32_t)s;
         r->slot_row[s] = row;
     }
     for (int e = 0; e < E; e++) r->counts[e] = r->offsets[e + 1] - r->offsets[e];
-    /* balance terms, summed in fixed order */
+
+    /* balance terms, summed in fixed order; P uses scores normalised to sum 1 */
     double z = 0;
     for (int t = 0; t < N; t++) z += (double)r->lse[t] * r->lse[t];
     r->z = z / N;
     double aux = 0;
     for (int e = 0; e < E; e++) {
         double P = 0;
-        for (int t = 0; t < N; t++) P += r->probs[(size_t)t * E + e];
-        aux += ((double)r->counts[e] / ((double)N * k)) * (P / N);
+        for (int t = 0; t < N; t++) P += sigmoid ? r->probs[(size_t)t * E + e] / r->ssum[t] : r->probs[(size_t)t * E + e];
+        aux += (assigned ? (double)r->sel_counts[e] / (double)assigned : 0.0) * (P / N);
     }
     r->aux = aux * E;
+    /* sequence-wise: per sequence f_i = E/(k T) * chosen_i, P_i = mean normalised score */
+    {
+        const int T = seq_len_of(o, N), B = N / T;
+        double total = 0;
+        for (int b = 0; b < B; b++) {
+            float *f = r->seqf + (size_t)b * E;
+            for (int e = 0; e < E; e++) f[e] = 0;
+            for (size_t s = (size_t)b * T * S; s < (size_t)(b + 1) * T * S; s++)
+                if (r->ids[s] >= 0) f[r->ids[s]] += 1.0f;
+            double Lb = 0;
+            for (int e = 0; e < E; e++) {
+                f[e] = (float)((double)E * f[e] / ((double)k * T));
+                double P = 0;
+                for (int t = b * T; t < (b + 1) * T; t++)
+                    P += sigmoid ? r->probs[(size_t)t * E + e] / r->ssum[t] : r->probs[(size_t)t * E + e];
+                Lb += (double)f[e] * (P / T);
+            }
+            total += Lb;
+        }
+        r->seq_aux = total / B;
+    }
+    /* routing entropy of the normalised scores, as a fraction of log E */
+    double ent = 0;
+    if (E > 1) {
+        for (int t = 0; t < N; t++) {
+            double h = 0;
+            for (int e = 0; e < E; e++) {
+                double p = sigmoid ? r->probs[(size_t)t * E + e] / r->ssum[t] : r->probs[(size_t)t * E + e];
+                if (p > 0) h -= p * log(p);
+            }
+            ent += h;
+        }
+        ent /= (double)N * log((double)E);
+    }
+    r->entropy = ent;
 }
 
 /* Experts run side by side, one thread each, the busiest first so the
@@ -126,7 +410,7 @@ static int expert_order(const moe_routing *r, int E, int32_t *order) {
     int n = 0;
     for (int e = 0; e < E; e++)
         if (r->counts[e]) order[n++] = e;
-    for (int i = 1; i < n; i++) { /* insertion sort by count, descending; E is small */
+    for (int i = 1; i < n; i++) { /* insertion sort by count, descending */
         int32_t v = order[i], j = i;
         while (j > 0 && r->counts[order[j - 1]] < r->counts[v]) { order[j] = order[j - 1]; j--; }
         order[j] = v;
@@ -134,59 +418,78 @@ static int expert_order(const moe_routing *r, int E, int32_t *order) {
     return n;
 }
 
-void moe_forward(float *out, moe_cache *c, const float *x, const float *router,
-                 const float *gate, const float *up, const float *down, int N,
+static float sigmoidf_(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt, int N,
                  const moe_route_opts *o) {
-    const int d = c->d, E = c->E, k = c->k, F = c->F;
+    const int d = c->d, E = c->E, S = c->S, F = c->F, Fs = c->Fs;
     moe_routing *r = &c->r;
-    moe_route(r, x, router, N, d, E, k, o);
-    const size_t nk = (size_t)N * k;
+    moe_route(r, x, wt, N, d, o);
+    const int rows = r->rows;
     #pragma omp parallel for schedule(static)
-    for (size_t row = 0; row < nk; row++)
-        memcpy(c->xe + row * d, x + (size_t)(r->row_slot[row] / k) * d, sizeof(float) * d);
+    for (int row = 0; row < rows; row++)
+        memcpy(c->xe + (size_t)row * d, x + (size_t)(r->row_slot[row] / S) * d, sizeof(float) * d);
     int32_t *order = r->order;
     const int active = expert_order(r, E, order);
     #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < active; i++) {
         const int e = order[i], n = r->counts[e], off = r->offsets[e];
         float *hg = c->hg + (size_t)off * F, *hu = c->hu + (size_t)off * F, *act = c->act + (size_t)off * F;
-        matmul_forward(hg, c->xe + (size_t)off * d, gate + (size_t)e * F * d, NULL, n, d, F);
-        matmul_forward(hu, c->xe + (size_t)off * d, up + (size_t)e * F * d, NULL, n, d, F);
+        matmul_forward(hg, c->xe + (size_t)off * d, wt->gate + (size_t)e * F * d, NULL, n, d, F);
+        matmul_forward(hu, c->xe + (size_t)off * d, wt->up + (size_t)e * F * d, NULL, n, d, F);
         swiglu_forward(act, hg, hu, n, F);
-        matmul_forward(c->ye + (size_t)off * d, act, down + (size_t)e * d * F, NULL, n, F, d);
+        matmul_forward(c->ye + (size_t)off * d, act, wt->down + (size_t)e * d * F, NULL, n, F, d);
+    }
+    if (Fs) { /* shared experts: one SwiGLU of hidden Fs over every token */
+        matmul_forward(c->sh_hg, x, wt->sh_gate, NULL, N, d, Fs);
+        matmul_forward(c->sh_hu, x, wt->sh_up, NULL, N, d, Fs);
+        swiglu_forward(c->sh_act, c->sh_hg, c->sh_hu, N, Fs);
+        matmul_forward(c->sh_y, c->sh_act, wt->sh_down, NULL, N, Fs, d);
     }
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         float *o_ = out + (size_t)t * d;
         for (int i = 0; i < d; i++) o_[i] = 0;
-        for (int j = 0; j < k; j++) {
-            float w = r->w[(size_t)t * k + j];
-            const float *y = c->ye + (size_t)r->slot_row[(size_t)t * k + j] * d;
+        for (int j = 0; j < S; j++) {
+            const int32_t row = r->slot_row[(size_t)t * S + j];
+            if (row < 0) continue;
+            const float w = r->w[(size_t)t * S + j];
+            const float *y = c->ye + (size_t)row * d;
             for (int i = 0; i < d; i++) o_[i] += w * y[i];
+        }
+        if (Fs) {
+            const float *xt = x + (size_t)t * d, *y = c->sh_y + (size_t)t * d;
+            float g = 1.0f;
+            if (wt->sh_inp) {
+                double a = 0;
+                for (int i = 0; i < d; i++) a += (double)xt[i] * wt->sh_inp[i];
+                g = sigmoidf_((float)a);
+            }
+            c->sh_g[t] = g;
+            for (int i = 0; i < d; i++) o_[i] += g * y[i];
         }
     }
 }
 
-void moe_backward(float *dx, float *drouter, float *dgate, float *dup, float *ddown,
-                  const float *dout, moe_cache *c, const float *x, const float *router,
-                  const float *gate, const float *up, const float *down,
-                  const moe_route_opts *o, float aux_scale, float z_scale) {
-    const int N = c->N, d = c->d, E = c->E, k = c->k, F = c->F;
+void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *c, const float *x,
+                  const moe_weights *wt, const moe_route_opts *o, moe_loss_scales ls) {
+    const int d = c->d, E = c->E, k = c->k, S = c->S, F = c->F, Fs = c->Fs;
     moe_routing *r = &c->r;
-    const size_t nk = (size_t)N * k, ne = (size_t)N * E;
-    float *cur = c->scratch;
-    float *dye = carve(&cur, nk * d), *dact = carve(&cur, nk * F);
-    float *dhg = carve(&cur, nk * F), *dhu = carve(&cur, nk * F);
-    float *dxe = carve(&cur, nk * d), *dlogits = carve(&cur, ne), *dprobs = carve(&cur, ne);
-    float *dw = carve(&cur, nk);
+    const int N = r->N;
+    const int sigmoid = o->score == MOE_ROUTER_SIGMOID, mode = o->mode;
+    const float scale = o->scale > 0 ? o->scale : 1.0f;
+    const size_t ns = (size_t)N * S, ne = (size_t)N * E;
+    float *dye = c->dye, *dact = c->dact, *dhg = c->dhg, *dhu = c->dhu, *dxe = c->dxe;
+    float *dlogits = c->dlogits, *dprobs = c->dprobs, *dw = c->dw;
 
-    /* combine: out[t] = sum_j w[t,j] * ye[row(t,j)] */
+    /* combine: out[t] = sum_j w[t,j] * ye[row(t,j)] over kept slots */
     #pragma omp parallel for schedule(static)
-    for (size_t s = 0; s < nk; s++) {
-        const float *g = dout + (s / k) * d;
-        size_t row = r->slot_row[s];
-        const float *y = c->ye + row * d;
-        float *dy = dye + row * d;
+    for (size_t s = 0; s < ns; s++) {
+        const int32_t row = r->slot_row[s];
+        if (row < 0) { dw[s] = 0.0f; continue; }
+        const float *g = dout + (s / S) * d;
+        const float *y = c->ye + (size_t)row * d;
+        float *dy = dye + (size_t)row * d;
         double acc = 0;
         for (int i = 0; i < d; i++) { acc += (double)g[i] * y[i]; dy[i] = r->w[s] * g[i]; }
         dw[s] = (float)acc;
@@ -198,57 +501,146 @@ void moe_backward(float *dx, float *drouter, float *dgate, float *dup, float *dd
         const int e = order[i], n = r->counts[e], off = r->offsets[e];
         const size_t rf = (size_t)off * F, rd = (size_t)off * d, nf = (size_t)n * F;
         memset(dact + rf, 0, nf * sizeof(float));
-        matmul_backward(dact + rf, ddown + (size_t)e * d * F, NULL, dye + rd, c->act + rf,
-                        down + (size_t)e * d * F, n, F, d);
+        matmul_backward(dact + rf, gr->down + (size_t)e * d * F, NULL, dye + rd, c->act + rf,
+                        wt->down + (size_t)e * d * F, n, F, d);
         memset(dhg + rf, 0, nf * sizeof(float));
         memset(dhu + rf, 0, nf * sizeof(float));
         swiglu_backward(dhg + rf, dhu + rf, dact + rf, c->hg + rf, c->hu + rf, n, F);
         memset(dxe + rd, 0, (size_t)n * d * sizeof(float));
-        matmul_backward(dxe + rd, dgate + (size_t)e * F * d, NULL, dhg + rf, c->xe + rd,
-                        gate + (size_t)e * F * d, n, d, F);
-        matmul_backward(dxe + rd, dup + (size_t)e * F * d, NULL, dhu + rf, c->xe + rd,
-                        up + (size_t)e * F * d, n, d, F);
+        matmul_backward(dxe + rd, gr->gate + (size_t)e * F * d, NULL, dhg + rf, c->xe + rd,
+                        wt->gate + (size_t)e * F * d, n, d, F);
+        matmul_backward(dxe + rd, gr->up + (size_t)e * F * d, NULL, dhu + rf, c->xe + rd,
+                        wt->up + (size_t)e * F * d, n, d, F);
     }
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         float *g = dx + (size_t)t * d;
-        for (int j = 0; j < k; j++) {
-            const float *s = dxe + (size_t)r->slot_row[(size_t)t * k + j] * d;
+        for (int j = 0; j < S; j++) {
+            const int32_t row = r->slot_row[(size_t)t * S + j];
+            if (row < 0) continue;
+            const float *s = dxe + (size_t)row * d;
             for (int i = 0; i < d; i++) g[i] += s[i];
         }
     }
 
-    /* router: weights -> selected probabilities -> all probabilities -> logits */
-    moe_zero(dprobs, ne);
-    moe_zero(dlogits, ne);
-    #pragma omp parallel for schedule(static)
-    for (int t = 0; t < N; t++) {
-        const float *w = r->w + (size_t)t * k, *v = r->topv + (size_t)t * k, *g = dw + (size_t)t * k;
-        const int32_t *ids = r->ids + (size_t)t * k;
-        float *dp = dprobs + (size_t)t * E;
-        if (o->renorm) {   /* w_j = v_j / S: dv_i = (g_i - sum_j g_j w_j) / S */
-            double S = 0, gw = 0;
-            for (int j = 0; j < k; j++) { S += v[j]; gw += (double)g[j] * w[j]; }
-            for (int j = 0; j < k; j++) dp[ids[j]] += (float)((g[j] - gw) / S);
-        } else {
-            for (int j = 0; j < k; j++) dp[ids[j]] += g[j];
-        }
-        /* Switch loss: aux = E * sum_e f_e * mean_t p[t,e], f constant */
-        if (aux_scale != 0.0f)
-            for (int e = 0; e < E; e++)
-                dp[e] += aux_scale * (float)E * ((float)r->counts[e] / (float)(N * (size_t)k)) / (float)N;
-    }
-    softmax_backward(dlogits, dprobs, r->probs, N, E);
-    if (z_scale != 0.0f) {
+    /* shared experts: out += g_t * y_t, g_t = sigmoid(x_t . w) or 1 */
+    if (Fs) {
         #pragma omp parallel for schedule(static)
         for (int t = 0; t < N; t++) {
-            float coef = z_scale * 2.0f * r->lse[t] / (float)N;
-            for (int e = 0; e < E; e++) dlogits[(size_t)t * E + e] += coef * r->probs[(size_t)t * E + e];
+            const float *go = dout + (size_t)t * d, *y = c->sh_y + (size_t)t * d;
+            float *dy = c->sh_dy + (size_t)t * d;
+            const float g = c->sh_g[t];
+            double a = 0;
+            for (int i = 0; i < d; i++) { dy[i] = g * go[i]; a += (double)go[i] * y[i]; }
+            c->sh_dg[t] = wt->sh_inp ? (float)a * g * (1.0f - g) : 0.0f; /* d(gate logit) */
+        }
+        if (wt->sh_inp) {
+            #pragma omp parallel for schedule(static)
+            for (int i = 0; i < d; i++) {
+                double a = 0;
+                for (int t = 0; t < N; t++) a += (double)c->sh_dg[t] * x[(size_t)t * d + i];
+                gr->sh_inp[i] += (float)a;
+            }
+            #pragma omp parallel for schedule(static)
+            for (int t = 0; t < N; t++)
+                for (int i = 0; i < d; i++) dx[(size_t)t * d + i] += c->sh_dg[t] * wt->sh_inp[i];
+        }
+        moe_zero(c->sh_dact, (size_t)N * Fs);
+        matmul_backward(c->sh_dact, gr->sh_down, NULL, c->sh_dy, c->sh_act, wt->sh_down, N, Fs, d);
+        moe_zero(c->sh_dhg, (size_t)N * Fs);
+        moe_zero(c->sh_dhu, (size_t)N * Fs);
+        swiglu_backward(c->sh_dhg, c->sh_dhu, c->sh_dact, c->sh_hg, c->sh_hu, N, Fs);
+        matmul_backward(dx, gr->sh_gate, NULL, c->sh_dhg, x, wt->sh_gate, N, d, Fs);
+        matmul_backward(dx, gr->sh_up, NULL, c->sh_dhu, x, wt->sh_up, N, d, Fs);
+    }
+
+    /* router: weights -> chosen scores -> all scores (+ balance terms) -> logits.
+     * The selection bias only picked the experts: no gradient reaches it. */
+    moe_zero(dprobs, ne);
+    moe_zero(dlogits, ne);
+    const int T = seq_len_of(o, N);
+    const float aux_c = r->assigned ? ls.aux * (float)E / (float)r->assigned / (float)N : 0.0f;
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < N; t++) {
+        const float *w = r->w + (size_t)t * S, *v = r->topv + (size_t)t * S, *g = dw + (size_t)t * S;
+        const int32_t *ids = r->ids + (size_t)t * S;
+        float *dp = dprobs + (size_t)t * E;
+        if (mode == MOE_ROUTING_EXPERT) {
+            for (int j = 0; j < S; j++)
+                if (ids[j] >= 0) dp[ids[j]] += scale * g[j];
+        } else if (o->renorm) { /* u_j = v_j / S: dv_i = (g'_i - sum_j g'_j u_j) / S, g' = scale g */
+            double Sv = 0, gw = 0;
+            for (int j = 0; j < k; j++) Sv += v[j];
+            if (Sv > 0) {
+                for (int j = 0; j < k; j++) gw += (double)(scale * g[j]) * (scale == 1.0f ? w[j] : v[j] / Sv);
+                for (int j = 0; j < k; j++) dp[ids[j]] += (float)((scale * g[j] - gw) / Sv);
+            }
+        } else {
+            for (int j = 0; j < k; j++) dp[ids[j]] += scale * g[j];
+        }
+        /* balance terms act on the normalised scores q = p / sum(p) */
+        float *dq = dlogits + (size_t)t * E; /* scratch until the logits step */
+        int any = 0;
+        if (ls.aux != 0.0f) { /* Switch: aux = E * sum_e f_e * mean_t q[t,e], f constant */
+            for (int e = 0; e < E; e++) dq[e] += aux_c * (float)r->sel_counts[e];
+            any = 1;
+        }
+        if (ls.seq != 0.0f) { /* mean over B sequences of sum_e f_e(b) * mean_t q[t,e] */
+            const float *f = r->seqf + (size_t)(t / T) * E;
+            const float cs = ls.seq / (float)N; /* 1/B * 1/T */
+            for (int e = 0; e < E; e++) dq[e] += cs * f[e];
+            any = 1;
+        }
+        if (any) {
+            if (!sigmoid) {
+                for (int e = 0; e < E; e++) dp[e] += dq[e];
+            } else {
+                const float *p = r->probs + (size_t)t * E;
+                const double ssum = r->ssum[t];
+                double a = 0;
+                for (int e = 0; e < E; e++) a += (double)dq[e] * p[e];
+                for (int e = 0; e < E; e++) dp[e] += (float)(dq[e] / ssum - a / (ssum * ssum));
+            }
+            for (int e = 0; e < E; e++) dq[e] = 0.0f;
         }
     }
-    matmul_backward(dx, drouter, NULL, dlogits, x, router, N, d, E);
+    if (!sigmoid) {
+        softmax_backward(dlogits, dprobs, r->probs, N, E);
+    } else {
+        #pragma omp parallel for schedule(static) if (N * E > 4096)
+        for (size_t i = 0; i < ne; i++) dlogits[i] = dprobs[i] * r->probs[i] * (1.0f - r->probs[i]);
+    }
+    if (ls.z != 0.0f) {
+        #pragma omp parallel for schedule(static)
+        for (int t = 0; t < N; t++) {
+            float coef = ls.z * 2.0f * r->lse[t] / (float)N;
+            const float *l = r->logits + (size_t)t * E;
+            for (int e = 0; e < E; e++) {
+                const float sm = sigmoid ? expf(l[e] - r->lse[t]) : r->probs[(size_t)t * E + e];
+                dlogits[(size_t)t * E + e] += coef * sm;
+            }
+        }
+    }
+    if (o->jitter > 0) { /* logits = (x * noise) W^T */
+        moe_zero(c->dxj, (size_t)N * d);
+        matmul_backward(c->dxj, gr->router, NULL, dlogits, r->xj, wt->router, N, d, E);
+        #pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < (size_t)N * d; i++) dx[i] += c->dxj[i] * r->noise[i];
+    } else {
+        matmul_backward(dx, gr->router, NULL, dlogits, x, wt->router, N, d, E);
+    }
 }
 
-void moe_load_fractions(const moe_routing *r, int N, int E, int k, float *frac) {
-    for (int e = 0; e < E; e++) frac[e] = (float)r->counts[e] / (float)((size_t)N * k);
+void moe_load_fractions(const moe_routing *r, int E, float *frac) {
+    for (int e = 0; e < E; e++) frac[e] = r->assigned ? (float)r->sel_counts[e] / (float)r->assigned : 0.0f;
+}
+
+void moe_bias_update(float *bias, const int64_t *counts, int E, float gamma) {
+    int64_t total = 0;
+    for (int e = 0; e < E; e++) total += counts[e];
+    for (int e = 0; e < E; e++) {
+        /* mean - load_e has the sign of total - E * load_e */
+        int64_t diff = total - (int64_t)E * counts[e];
+        bias[e] += diff > 0 ? gamma : diff < 0 ? -gamma : 0.0f;
+    }
 }

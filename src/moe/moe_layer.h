@@ -1,69 +1,130 @@
 /* moe/moe_layer: the Mixture-of-Experts FFN.
- *   x[N][d] -> router logits[N][E] -> softmax -> top-k (ids, weights)
- *   -> dispatch (count per expert, prefix sum, rows grouped by expert, dropless)
- *   -> each expert's SwiGLU FFN as one matmul over its rows -> weighted combine.
+ *   x[N][d] -> (jitter) -> router logits[N][E] -> scores (softmax | sigmoid)
+ *   -> selection (token choice top-k with bias and group limits | expert choice
+ *      | one expert set per sequence) -> combine weights
+ *   -> capacity (drop by position or by score) -> dispatch (count per expert,
+ *      prefix sum, rows grouped by expert)
+ *   -> each expert's SwiGLU FFN as one matmul over its rows -> weighted combine
+ *   + shared experts on every token (optionally gated).
  * Routing (which rows go to which expert) is kept apart from running experts so
- * that expert parallelism can move rows between ranks later.
- * Experts are stacked: gate/up [E][F][d], down [E][d][F]. */
+ * that expert parallelism can move rows between ranks later. The formulas are
+ * in docs/routing.md. Experts are stacked: gate/up [E][F][d], down [E][d][F]. */
 #ifndef MOE_MOE_LAYER_H
 #define MOE_MOE_LAYER_H
 #include <stdint.h>
 #include "moe.h"
 
 typedef struct {
-    int renorm;        /* renormalise the k weights to sum to 1 */
+    int score;          /* MOE_ROUTER_SOFTMAX or MOE_ROUTER_SIGMOID               */
+    int mode;           /* MOE_ROUTING_TOKEN, _EXPERT or _SEQUENCE                 */
+    int renorm;         /* token/sequence: weights renormalised over the chosen k */
+    float scale;        /* routed scaling factor (1 = none; 0 is read as 1)        */
+    int n_group;        /* group-limited selection when n_group > 1               */
+    int topk_group;
+    float capacity;     /* capacity factor; 0 = dropless (expert choice: 0 = 1)    */
+    int overflow;       /* MOE_OVERFLOW_POSITION or MOE_OVERFLOW_SCORE             */
+    int seq_len;        /* tokens per sequence, divides N (0 = N is one sequence)  */
+    float jitter;       /* router input times U(1-jitter, 1+jitter); 0 = off       */
+    uint64_t jitter_seed;
+    /* decoding with sequence routing: running sum of the scores of the tokens
+     * before this call ([E], updated) and their count; NULL = whole sequence */
+    double *seq_prefix;
+    int seq_prefix_n;
 } moe_route_opts;
 
-/* Routing result for N tokens. All arrays owned by the caller (see moe_cache). */
+/* Routing result for N tokens. Each token has S slots (S = k, or E for
+ * expert choice); a slot holds an expert id or -1. All arrays live in the
+ * cache's block. */
 typedef struct {
-    float *logits;     /* [N][E] router logits                              */
-    float *probs;      /* [N][E] softmax                                    */
-    int32_t *ids;      /* [N][k] chosen experts, by descending probability  */
-    float *topv;       /* [N][k] their probabilities                        */
-    float *w;          /* [N][k] combine weights                            */
-    int32_t *counts;   /* [E] rows per expert                               */
-    int32_t *offsets;  /* [E+1] prefix sum of counts                        */
-    int32_t *row_slot; /* [N*k] slot (t*k+j) of each dispatched row          */
-    int32_t *slot_row; /* [N*k] dispatched row of each slot                  */
-    int32_t *order;    /* [E] experts with rows, busiest first (scratch)     */
-    float *lse;        /* [N] logsumexp of each row of logits (z-loss)      */
-    double z;          /* mean over tokens of lse^2 (router z-loss)         */
-    double aux;        /* Switch loss E * sum_e f_e P_e                     */
+    int N, E, k, S;
+    float *xj;         /* [N][d] jittered router input (jitter only)            */
+    float *noise;      /* [N][d] the jitter multipliers                          */
+    float *logits;     /* [N][E] router logits                                   */
+    float *probs;      /* [N][E] scores: softmax or sigmoid of the logits       */
+    float *ssum;       /* [N] sum of the scores (1 for softmax)                  */
+    float *lse;        /* [N] logsumexp of each row of logits (z-loss)           */
+    float *sel;        /* [N][E] selection scores: score + bias, masked groups   */
+    int32_t *ids;      /* [N][S] chosen experts (-1: empty slot)                 */
+    float *topv;       /* [N][S] their scores                                    */
+    float *w;          /* [N][S] combine weights                                 */
+    int32_t *sel_counts; /* [E] assignments chosen, before capacity              */
+    int32_t *counts;   /* [E] rows per expert (kept assignments)                 */
+    int32_t *offsets;  /* [E+1] prefix sum of counts                             */
+    int32_t *row_slot; /* [rows] slot (t*S+j) of each dispatched row             */
+    int32_t *slot_row; /* [N][S] dispatched row of each slot, -1: none/dropped   */
+    int32_t *order;    /* [E] experts with rows, busiest first (scratch)         */
+    int32_t *iscratch; /* [N*S + N] selection and capacity scratch               */
+    float *seqf;       /* [B][E] sequence-wise loss: f_i of each sequence        */
+    int rows;          /* dispatched rows                                        */
+    int capacity;      /* per-expert capacity used (0 = none)                    */
+    int64_t assigned, dropped; /* assignments chosen / dropped by capacity       */
+    double z;          /* mean over tokens of lse^2 (router z-loss)              */
+    double aux;        /* Switch loss E * sum_e f_e P_e                          */
+    double seq_aux;    /* DeepSeek-V3 sequence-wise loss, mean over sequences    */
+    double entropy;    /* mean over tokens of H(normalised scores) / log E       */
 } moe_routing;
+
+typedef struct {
+    const float *router;                 /* [E][d]                              */
+    const float *gate, *up, *down;       /* [E][F][d], [E][F][d], [E][d][F]     */
+    const float *bias;                   /* [E] selection bias, or NULL          */
+    const float *sh_gate, *sh_up, *sh_down; /* [Fs][d], [Fs][d], [d][Fs] or NULL */
+    const float *sh_inp;                 /* [d] shared-expert gate, or NULL      */
+} moe_weights;
+
+typedef struct {
+    float *router, *gate, *up, *down;    /* same shapes as moe_weights           */
+    float *sh_gate, *sh_up, *sh_down, *sh_inp;
+} moe_grads;
+
+/* d(loss)/d(term) of this layer's balance terms */
+typedef struct { float aux, z, seq; } moe_loss_scales;
 
 /* Everything the backward pass needs, sized for up to N tokens. */
 typedef struct {
-    int N, d, E, k, F;
+    int N, d, E, k, F, Fs, S, max_rows;
     moe_routing r;
-    float *xe;   /* [N*k][d] gathered inputs           */
-    float *hg;   /* [N*k][F] gate pre-activations      */
-    float *hu;   /* [N*k][F] up projections            */
-    float *act;  /* [N*k][F] silu(hg) * hu             */
-    float *ye;   /* [N*k][d] expert outputs            */
-    float *scratch; /* backward scratch                */
+    float *xe;   /* [rows][d] gathered inputs           */
+    float *hg;   /* [rows][F] gate pre-activations      */
+    float *hu;   /* [rows][F] up projections            */
+    float *act;  /* [rows][F] silu(hg) * hu             */
+    float *ye;   /* [rows][d] expert outputs            */
+    float *sh_hg, *sh_hu, *sh_act; /* [N][Fs] shared experts */
+    float *sh_y;  /* [N][d] shared-expert output before the gate */
+    float *sh_g;  /* [N] shared gate sigmoid(x . w)              */
+    /* backward scratch */
+    float *dye, *dact, *dhg, *dhu, *dxe, *dlogits, *dprobs, *dw, *dxj;
+    float *sh_dy, *sh_dact, *sh_dhg, *sh_dhu, *sh_dg;
     void *block;    /* single allocation behind all of the above */
 } moe_cache;
 
-moe_status moe_cache_init(moe_cache *c, int N, int d, int E, int k, int F);
+/* Dispatched rows needed for N tokens: N*k for token choice, E*c for expert
+ * choice with the largest capacity factor that will be used. */
+int64_t moe_rows_needed(int N, int E, int k, int mode, float max_capacity);
+/* Per-expert capacity ceil(cf * k * N / E) (at least 1, at most N). */
+int moe_capacity(float cf, int k, int N, int E);
+/* Fs = total shared hidden size (0 = none); mode decides the slots per token. */
+moe_status moe_cache_init(moe_cache *c, int N, int d, int E, int k, int F, int Fs, int mode,
+                          int64_t max_rows);
 void moe_cache_free(moe_cache *c);
 
-/* Scores, selects and dispatches N tokens (router[E][d]). */
-void moe_route(moe_routing *r, const float *x, const float *router, int N, int d, int E, int k,
+/* Scores, selects and dispatches N tokens; computes the balance terms. */
+void moe_route(moe_routing *r, const float *x, const moe_weights *w, int N, int d,
                const moe_route_opts *o);
 
-/* out[N][d] = sum_j w[t,j] * expert_{ids[t,j]}(x[t]). Fills c for backward. */
-void moe_forward(float *out, moe_cache *c, const float *x, const float *router,
-                 const float *gate, const float *up, const float *down, int N,
+/* out[N][d] = sum_j w[t,j] * expert_{ids[t,j]}(x[t]) + shared(x[t]). Fills c for backward. */
+void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *w, int N,
                  const moe_route_opts *o);
 
-/* Accumulates gradients. aux_scale / z_scale are d(loss)/d(aux) and
- * d(loss)/d(z) where aux and z are this layer's Switch loss and z-loss
- * (z = mean_t logsumexp^2). dout is d(loss)/d(out). */
-void moe_backward(float *dx, float *drouter, float *dgate, float *dup, float *ddown,
-                  const float *dout, moe_cache *c, const float *x, const float *router,
-                  const float *gate, const float *up, const float *down,
-                  const moe_route_opts *o, float aux_scale, float z_scale);
+/* Accumulates gradients (dx and every non-NULL g field). dout is d(loss)/d(out).
+ * The selection bias never gets a gradient. */
+void moe_backward(float *dx, const moe_grads *g, const float *dout, moe_cache *c, const float *x,
+                  const moe_weights *w, const moe_route_opts *o, moe_loss_scales s);
 
-/* Load statistics of the last routing: fraction of assignments per expert. */
-void moe_load_fractions(const moe_routing *r, int N, int E, int k, float *frac);
+/* Load statistics of the last routing: share of the chosen assignments per expert. */
+void moe_load_fractions(const moe_routing *r, int E, float *frac);
+
+/* Auxiliary-loss-free balancing: bias[e] += gamma * sign(mean load - load[e]),
+ * from the assignment counts of one optimizer step (exact integer comparison). */
+void moe_bias_update(float *bias, const int64_t *counts, int E, float gamma);
 #endif

@@ -22,6 +22,7 @@ void adamw_update(float *restrict p, const float *restrict g, float *restrict m,
 void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_params *p, int t) {
     for (int i = 0; i < mdl->n_tensors; i++) {
         const tensor_desc *td = &mdl->tensors[i];
+        if (td->buffer) continue; /* non-learned (the selection bias): no optimizer */
         size_t o = td->offset;
         adamw_update(mdl->params + o, mdl->grads + o, m + o, v + o, td->size, lr, p->beta1,
                      p->beta2, p->adam_eps, td->decay ? p->weight_decay : 0.0f, t);

@@ -1,5 +1,6 @@
 /* train: the training loop, evaluation, the JSONL log and the training-state
  * file that makes a paused run continue bit-identically. */
+#include <errno.h>
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -92,14 +93,72 @@ static moe_status read_state(const char *path, state_header *h, float *m, float 
     return st;
 }
 
+moe_status train_state_check(const char *path, size_t n_params, int *step) {
+    float *m = moe_calloc(n_params ? n_params : 1, sizeof(float));
+    float *v = moe_calloc(n_params ? n_params : 1, sizeof(float));
+    moe_status st = m && v ? MOE_OK : moe_error(MOE_ERR_NOMEM, "out of memory for the optimizer state");
+    state_header h;
+    if (!st) st = read_state(path, &h, m, v, n_params);
+    if (!st && step) *step = h.step;
+    moe_free(m);
+    moe_free(v);
+    return st;
+}
+
 static void state_path(char *buf, size_t cap, const char *model_path) { snprintf(buf, cap, "%s.state", model_path); }
 
-/* Saves the model and then its state; the state names the step so a model
- * and state from different steps are detected on resume. */
+/* ---- numerical faults ----
+ * Name of the first tensor holding a non-finite value of buf (params or
+ * grads, same layout), or NULL when all are finite. */
+static const char *first_nonfinite_tensor(const moe_model *m, const float *buf) {
+    for (int i = 0; i < m->n_tensors; i++) {
+        const tensor_desc *t = &m->tensors[i];
+        const float *x = buf + t->offset;
+        float acc = 0; /* inf - inf or nan * 0 stay nan: one test per tensor */
+        for (size_t j = 0; j < t->size; j++) acc += x[j] * 0.0f;
+        if (acc != 0) return t->name;
+    }
+    return NULL;
+}
+
+static int all_finite(const float *x, size_t n) {
+    float acc = 0;
+    for (size_t i = 0; i < n; i++) acc += x[i] * 0.0f;
+    return acc == 0;
+}
+
+/* The loss of step `step` is not finite: names the first layer whose output
+ * (the residual stream after it) holds a NaN or Inf. */
+static moe_status nonfinite_loss(const moe_model *m, int step, double loss, int B, int T) {
+    const moe_config *c = &m->cfg;
+    size_t n = (size_t)B * T * c->d_model;
+    for (int l = 0; l < c->n_layers; l++) {
+        const float *out = l + 1 < c->n_layers ? m->acts.layers[l + 1].x_in : m->acts.x_final;
+        if (!all_finite(m->acts.layers[l].x_mid, n))
+            return moe_error(MOE_ERR_NUMERIC, "step %d: loss is %g: the attention output of layer %d is not finite "
+                             "(NaN or Inf); stopped, the last checkpoint is kept", step, loss, l);
+        if (!all_finite(out, n))
+            return moe_error(MOE_ERR_NUMERIC, "step %d: loss is %g: the output of layer %d (%s) is not finite "
+                             "(NaN or Inf); stopped, the last checkpoint is kept", step, loss, l,
+                             moe_config_layer_is_moe(c, l) ? "MoE" : "dense");
+    }
+    return moe_error(MOE_ERR_NUMERIC, "step %d: loss is %g (every layer's output is finite: the output head "
+                     "or a loss term overflowed); stopped, the last checkpoint is kept", step, loss);
+}
+
+/* Saves a checkpoint so that a kill at any moment leaves a model and a state
+ * of the same step: the state goes to STATE.tmp first (itself atomically),
+ * then the model is saved atomically, then STATE.tmp is renamed over STATE.
+ * A kill between the two renames leaves the model one step ahead of STATE
+ * with STATE.tmp matching it; resuming picks that up (load_state). Refuses to
+ * save weights that are not finite. */
 static moe_status save_checkpoint(moe_model *m, const moe_train_params *p, const moe_rng *rng,
                                   uint64_t fingerprint, const float *am, const float *av) {
-    moe_status st = moe_model_save(m, p->out_path);
-    if (st) return st;
+    const char *bad = first_nonfinite_tensor(m, m->params);
+    if (bad)
+        return moe_error(MOE_ERR_NUMERIC, "step %d: tensor %s is not finite after the update; not saved, "
+                         "the last checkpoint is kept", m->train_step, bad);
+    moe_status st;
     state_out s;
     memset(&s, 0, sizeof s);
     s.m = am;
@@ -112,9 +171,30 @@ static moe_status save_checkpoint(moe_model *m, const moe_train_params *p, const
     s.h.beta2 = p->beta2; s.h.adam_eps = p->adam_eps; s.h.grad_clip = p->grad_clip;
     s.h.seed = p->seed; memcpy(s.h.rng, rng->s, sizeof s.h.rng);
     s.h.fingerprint = fingerprint; s.h.n_params = m->n_params;
-    char sp[4096];
+    char sp[4096], tmp[4100];
     state_path(sp, sizeof sp, p->out_path);
-    return moe_write_atomic(sp, write_state_fn, &s);
+    snprintf(tmp, sizeof tmp, "%s.tmp", sp);
+    if ((st = moe_write_atomic(tmp, write_state_fn, &s))) return st;
+    if ((st = moe_model_save(m, p->out_path))) { unlink(tmp); return st; }
+    if (rename(tmp, sp) != 0) return moe_error(MOE_ERR_IO, "cannot rename %s to %s: %s", tmp, sp, strerror(errno));
+    return MOE_OK;
+}
+
+/* Reads the state for resuming the model m: STATE, or STATE.tmp when a kill
+ * interrupted a save between its two renames (see save_checkpoint). */
+static moe_status load_state(const char *path, const moe_model *m, state_header *h, float *am, float *av) {
+    moe_status st = read_state(path, h, am, av, m->n_params);
+    if (!st && h->step == m->train_step) return MOE_OK;
+    char first[512];
+    if (st) snprintf(first, sizeof first, "%s", moe_last_error());
+    else snprintf(first, sizeof first, "training state is at step %d but the model file is at step %d", h->step, m->train_step);
+    char tmp[4100];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    if (access(tmp, F_OK) == 0 && !read_state(tmp, h, am, av, m->n_params) && h->step == m->train_step) {
+        if (rename(tmp, path) != 0) { /* usable even where it is */ }
+        return MOE_OK;
+    }
+    return moe_error(st ? st : MOE_ERR_FORMAT, "%s", first);
 }
 
 /* ---- evaluation ---- */
@@ -187,6 +267,42 @@ static void json_float(FILE *f, const char *key, double v) {
     else fprintf(f, ",\"%s\":null", key);
 }
 
+/* Routing metrics of MoE layer k from the model's stats (since the last reset). */
+enum { M_MAXVIO, M_ENTROPY, M_ROUTER_ENTROPY, M_DEAD, M_DROP, M_AUX, M_Z, M_SEQ, M_VAL_MAXVIO, M_N };
+static void route_metrics(const moe_model *m, int k, double *out) {
+    const route_stats *rs = &m->stats;
+    const int E = rs->E;
+    const int64_t *cnt = rs->counts + (size_t)k * E;
+    int64_t total = 0, mx = 0;
+    for (int e = 0; e < E; e++) { total += cnt[e]; mx = MOE_MAX(mx, cnt[e]); }
+    double mean = (double)total / E, h = 0;
+    int dead = 0;
+    for (int e = 0; e < E; e++) {
+        double f = total ? (double)cnt[e] / (double)total : 0.0;
+        if (f > 0) h -= f * log(f);
+        dead += f < 0.1 / E;
+    }
+    double calls = rs->calls > 0 ? rs->calls : 1;
+    out[M_MAXVIO] = total ? ((double)mx - mean) / mean : 0.0;
+    out[M_ENTROPY] = E > 1 ? h / log((double)E) : 1.0;
+    out[M_ROUTER_ENTROPY] = rs->entropy[k] / calls;
+    out[M_DEAD] = (double)dead / E;
+    out[M_DROP] = rs->assigned[k] ? (double)rs->dropped[k] / (double)rs->assigned[k] : 0.0;
+    out[M_AUX] = rs->aux[k] / calls;
+    out[M_Z] = rs->z[k] / calls;
+    out[M_SEQ] = rs->seq_aux[k] / calls;
+}
+
+static void json_layers(FILE *f, const char *key, const double *met, int n_moe, int which) {
+    fprintf(f, ",\"%s\":[", key);
+    for (int k = 0; k < n_moe; k++) {
+        double v = met[(size_t)k * M_N + which];
+        if (isfinite(v)) fprintf(f, "%s%.6g", k ? "," : "", v);
+        else fprintf(f, "%snull", k ? "," : "");
+    }
+    fprintf(f, "]");
+}
+
 moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params *p_in,
                      const char *resume_state, moe_progress_fn fn, void *user) {
     moe_train_params p = *p_in;
@@ -203,20 +319,17 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     int n_moe = 0;
     for (int l = 0; l < c->n_layers; l++) n_moe += moe_config_layer_is_moe(c, l);
     float *load = moe_calloc((size_t)MOE_MAX(n_moe, 1) * MOE_MAX(c->n_experts, 1), sizeof(float));
+    double *met = moe_calloc((size_t)MOE_MAX(n_moe, 1) * M_N, sizeof(double));
     FILE *log = NULL;
-    if (!am || !av || !load) { st = moe_error(MOE_ERR_NOMEM, "out of memory for training buffers"); goto done; }
+    if (!am || !av || !load || !met) { st = moe_error(MOE_ERR_NOMEM, "out of memory for training buffers"); goto done; }
 
     moe_rng rng;
     moe_rng_seed(&rng, p.seed * 0x9E3779B97F4A7C15ull + 17);
     int start = 0;
     if (resume_state) {
         state_header h;
-        st = read_state(resume_state, &h, am, av, m->n_params);
+        st = load_state(resume_state, m, &h, am, av);
         if (st) goto done;
-        if (h.step != m->train_step) {
-            st = moe_error(MOE_ERR_FORMAT, "training state is at step %d but the model file is at step %d", h.step, m->train_step);
-            goto done;
-        }
         if (h.fingerprint != d->fingerprint) {
             st = moe_error(MOE_ERR_INVALID_ARG, "the training data differs from the data this run started with");
             goto done;
@@ -249,29 +362,42 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
         const double t0 = moe_now();
         moe_zero(m->grads, m->n_params);
         moe_zero(load, (size_t)MOE_MAX(n_moe, 1) * MOE_MAX(c->n_experts, 1));
+        model_stats_reset(m);
         model_losses sum = {0};
         for (int micro = 0; micro < p.grad_accum; micro++) {
             st = dataset_sample(d, 0, &rng, p.batch, p.seq, tok, tgt);
             if (st) goto done;
             model_losses L;
+            /* router jitter draws its seed from the run's RNG (saved in the state file) */
+            if (c->router_jitter > 0) m->jitter_seed = moe_rng_u64(&rng);
+            m->training = 1;
             st = model_forward(m, tok, tgt, p.batch, p.seq, &L);
+            if (st == MOE_ERR_NUMERIC) { st = nonfinite_loss(m, step + 1, L.loss, p.batch, p.seq); goto done; }
             if (st) { moe_error_prefix(st, "step %d", step + 1); goto done; }
             model_backward(m, tok, tgt, 1.0f / (float)p.grad_accum);
+            m->training = 0;
             sum.loss += L.loss / p.grad_accum; sum.ce += L.ce / p.grad_accum;
             sum.aux += L.aux / p.grad_accum; sum.z += L.z / p.grad_accum;
-            for (int l = 0, k = 0; l < c->n_layers; l++) {
-                if (!moe_config_layer_is_moe(c, l)) continue;
-                const moe_routing *r = &m->acts.layers[l].moe.r;
-                for (int e = 0; e < c->n_experts; e++)
-                    load[k * c->n_experts + e] += (float)r->counts[e] / (float)(BT * c->top_k) / p.grad_accum;
-                k++;
-            }
+            sum.seq_aux += L.seq_aux / p.grad_accum;
+        }
+        for (int k = 0; k < n_moe; k++) { /* share of the chosen assignments per expert */
+            const int64_t *cnt = m->stats.counts + (size_t)k * c->n_experts;
+            int64_t total = 0;
+            for (int e = 0; e < c->n_experts; e++) total += cnt[e];
+            for (int e = 0; e < c->n_experts; e++) load[k * c->n_experts + e] = total ? (float)((double)cnt[e] / (double)total) : 0.0f;
+            route_metrics(m, k, met + (size_t)k * M_N);
         }
         double gn = grad_norm(m->grads, m->n_params);
-        if (!isfinite(gn)) { st = moe_error(MOE_ERR_NUMERIC, "step %d: gradient norm is not finite", step + 1); goto done; }
+        if (!isfinite(gn)) {
+            const char *t = first_nonfinite_tensor(m, m->grads);
+            st = moe_error(MOE_ERR_NUMERIC, "step %d: the gradient of %s is not finite (NaN or Inf); stopped, "
+                           "the last checkpoint is kept", step + 1, t ? t : "the model");
+            goto done;
+        }
         clip_grads(m->grads, m->n_params, gn, p.grad_clip);
         float lr = lr_at(&p, step);
         model_adamw(m, am, av, lr, &p, step + 1);
+        model_update_bias(m); /* aux-loss-free balancing, from this step's loads */
         m->train_step = step + 1;
         done_here++;
         const double dt = moe_now() - t0;
@@ -281,11 +407,22 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
             for (int e = 0; e < c->n_experts; e++) mx = MOE_MAX(mx, load[k * c->n_experts + e]);
             balance = MOE_MAX(balance, mx * c->n_experts);
         }
+        float maxvio = 0, drop_rate = 0;
+        for (int k = 0; k < n_moe; k++) {
+            maxvio = MOE_MAX(maxvio, (float)met[(size_t)k * M_N + M_MAXVIO]);
+            drop_rate = MOE_MAX(drop_rate, (float)met[(size_t)k * M_N + M_DROP]);
+        }
         int evaluated = 0;
         if ((p.eval_every > 0 && (step + 1) % p.eval_every == 0) || step + 1 == p.steps) {
             double vl;
+            model_stats_reset(m);
             st = moe_evaluate(m, d, p.seq, p.eval_batches, 0, &vl, NULL);
             if (st) goto done;
+            for (int k = 0; k < n_moe; k++) {
+                double vm[M_N];
+                route_metrics(m, k, vm);
+                met[(size_t)k * M_N + M_VAL_MAXVIO] = vm[M_MAXVIO];
+            }
             val_loss = (float)vl;
             evaluated = 1;
         }
@@ -296,6 +433,17 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
             json_float(log, "lr", lr); json_float(log, "grad_norm", gn);
             json_float(log, "tokens_per_s", BT * p.grad_accum / dt);
             json_float(log, "balance", balance);
+            json_float(log, "seq_aux", sum.seq_aux);
+            if (n_moe) {
+                json_layers(log, "maxvio", met, n_moe, M_MAXVIO);
+                json_layers(log, "entropy", met, n_moe, M_ENTROPY);
+                json_layers(log, "router_entropy", met, n_moe, M_ROUTER_ENTROPY);
+                json_layers(log, "dead", met, n_moe, M_DEAD);
+                json_layers(log, "drop", met, n_moe, M_DROP);
+                json_layers(log, "layer_aux", met, n_moe, M_AUX);
+                json_layers(log, "layer_z", met, n_moe, M_Z);
+                json_layers(log, "layer_seq_aux", met, n_moe, M_SEQ);
+            }
             fprintf(log, ",\"load\":[");
             for (int k = 0; k < n_moe; k++) {
                 fprintf(log, "%s[", k ? "," : "");
@@ -303,7 +451,12 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
                 fprintf(log, "]");
             }
             fprintf(log, "]}\n");
-            if (evaluated) { fprintf(log, "{\"step\":%d", step + 1); json_float(log, "val_loss", val_loss); fprintf(log, "}\n"); }
+            if (evaluated) {
+                fprintf(log, "{\"step\":%d", step + 1);
+                json_float(log, "val_loss", val_loss);
+                if (n_moe) json_layers(log, "val_maxvio", met, n_moe, M_VAL_MAXVIO);
+                fprintf(log, "}\n");
+            }
             fflush(log);
         }
         if (fn) {
@@ -312,7 +465,7 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
                 .step = step + 1, .steps = p.steps, .loss = (float)sum.loss, .val_loss = val_loss,
                 .lr = lr, .tokens_per_s = (float)(BT * p.grad_accum / dt), .balance = balance,
                 .elapsed_s = elapsed, .eta_s = elapsed / done_here * (p.steps - step - 1),
-                .evaluated = evaluated};
+                .evaluated = evaluated, .maxvio = maxvio, .drop_rate = drop_rate};
             fn(&pr, user);
         }
         int pause = p.stop_after > 0 && done_here >= p.stop_after && step + 1 < p.steps;
@@ -325,7 +478,8 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     }
     if (start >= p.steps) st = moe_error(MOE_ERR_INVALID_ARG, "the run is already complete (step %d of %d)", start, p.steps);
 done:
+    m->training = 0;
     if (log) fclose(log);
-    moe_free(am); moe_free(av); moe_free(tok); moe_free(tgt); moe_free(load);
+    moe_free(am); moe_free(av); moe_free(tok); moe_free(tgt); moe_free(load); moe_free(met);
     return st;
 }

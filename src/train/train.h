@@ -13,6 +13,10 @@ void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_p
 double grad_norm(const float *g, size_t n);
 /* Scales gradients so their norm is at most clip (torch's clip_grad_norm_ rule). */
 void clip_grads(float *g, size_t n, double norm, float clip);
+/* Reads and checks the training-state file at path as moe_train does on
+ * resume, for a model of n_params parameters; *step (may be NULL) gets its
+ * step. For tests and fuzzing. */
+moe_status train_state_check(const char *path, size_t n_params, int *step);
 /* Linear warmup to lr, then cosine down to lr * min_lr_frac at p->steps. */
 float lr_at(const moe_train_params *p, int step);
 #endif

@@ -30,7 +30,8 @@ static void print_info(const moe_config *cfg) {
     print_count("total", pc.total, "");
     print_count("active", pc.active, " per token");
     print_count("embedding", pc.embedding, "");
-    print_count("experts", pc.experts, "");
+    print_count("experts", pc.experts, " routed");
+    if (pc.shared) print_count("shared", pc.shared, " shared experts (every token)");
     double ratio = pc.total > 0 ? (double)pc.active / (double)pc.total : 0.0;
     printf("  %-10s %.3f (%.1f%% of the parameters are used per token)\n", "active/total", ratio, 100 * ratio);
 }

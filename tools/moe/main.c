@@ -44,6 +44,7 @@ static int find_command(const char *name) {
 
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN); /* a closed pipe becomes a write error, not a kill */
+    signal(SIGXFSZ, SIG_IGN); /* past a file-size limit write() fails with EFBIG: a clear error */
     if (argc < 2) {
         fprintf(stderr, "moe: missing command: train, generate, eval, info or tokenizer (see 'moe --help')\n");
         return EXIT_USAGE;

@@ -24,14 +24,16 @@ typedef struct {
 } progress;
 
 static void format_line(const progress *s, const moe_train_progress *p, char *buf, size_t cap) {
-    char val[32], tps[32], bal[32], eta[32];
+    char val[32], tps[32], bal[48], eta[32];
     if (s->val >= 0) snprintf(val, sizeof val, "%.3f", (double)s->val);
     else snprintf(val, sizeof val, "-");
     double t = p->tokens_per_s;
     if (t >= 1e6) snprintf(tps, sizeof tps, "%.2fM", t / 1e6);
     else if (t >= 1e3) snprintf(tps, sizeof tps, "%.1fk", t / 1e3);
     else snprintf(tps, sizeof tps, "%.0f", t);
-    if (p->balance > 0) snprintf(bal, sizeof bal, "%.2f", (double)p->balance);
+    if (p->balance > 0 && p->drop_rate > 0)
+        snprintf(bal, sizeof bal, "%.2f (maxvio %.2f, drop %.1f%%)", (double)p->balance, (double)p->maxvio, 100.0 * p->drop_rate);
+    else if (p->balance > 0) snprintf(bal, sizeof bal, "%.2f (maxvio %.2f)", (double)p->balance, (double)p->maxvio);
     else snprintf(bal, sizeof bal, "-");
     fmt_duration(eta, sizeof eta, p->eta_s);
     snprintf(buf, cap, "step %d/%d | loss %.3f | val %s | %s tok/s | lr %.1e | balance %s | eta %s",
@@ -198,7 +200,10 @@ static int train_run(cli_cmd *cmd, train_args *a) {
         state_in = concat(a->resume, ".state");
         if (!state_in) { rc = fail("out of memory"); goto done; }
         if (!path_exists(a->resume)) { rc = fail("cannot resume: '%s' does not exist", a->resume); goto done; }
-        if (!path_exists(state_in)) {
+        char *state_tmp = concat(state_in, ".tmp"); /* a save interrupted between its renames */
+        int have_tmp = state_tmp && path_exists(state_tmp);
+        free(state_tmp);
+        if (!path_exists(state_in) && !have_tmp) {
             rc = fail("cannot resume: training state '%s' is missing", state_in);
             goto done;
         }
@@ -256,6 +261,17 @@ static int train_run(cli_cmd *cmd, train_args *a) {
     fprintf(stderr, "model: %s parameters, %s active per token (%s)%s\n", s3, s4, kind,
             a->resume ? "; resuming" : "");
 
+    {
+        const moe_config *mc = moe_model_config(m);
+        if (mc->n_experts > 0 && mc->routing == MOE_ROUTING_EXPERT)
+            fprintf(stderr, "moe train: warning: expert-choice routing picks each expert's tokens from the whole batch,\n"
+                            "  so a token's output depends on later tokens: the causal model sees the future in\n"
+                            "  training, and generation falls back to token choice (docs/routing.md)\n");
+        if (mc->n_experts > 0 && mc->routing == MOE_ROUTING_SEQUENCE)
+            fprintf(stderr, "moe train: warning: sequence-level routing chooses experts from the mean scores of the\n"
+                            "  whole sequence, so early tokens see later ones in training; generation uses the\n"
+                            "  mean over the prefix so far (docs/routing.md)\n");
+    }
     a->p.out_path = a->out;
     a->p.log_path = a->log;
     progress prog = {0};

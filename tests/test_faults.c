@@ -1,0 +1,176 @@
+/* Allocation-failure injection: for N = 1, 2, ... the N-th allocation (and
+ * every later one) fails during a whole scenario: model create + save + load,
+ * tokenizer train + save + load + encode, dataset loading, and a 2-step
+ * training run that saves and resumes. Every scenario must return an error
+ * (MOE_ERR_NOMEM with a message) rather than crash, and the engine's
+ * allocation counter must come back to where it started: nothing leaks on any
+ * error path. N grows until the scenario succeeds with no failure left to
+ * inject. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "model/model.h"
+#include "train/train.h"
+
+static char dir[256], text_path[300], model_path[300], tok_path[300], log_path[300];
+static moe_tokenizer *shared_tok; /* made with no failures, for the dataset scenario */
+static moe_dataset *shared_data;
+
+static moe_config small_config(void) {
+    moe_config c;
+    moe_config_preset(&c, "tiny");
+    c.vocab_size = 300; c.d_model = 16; c.n_layers = 2; c.n_heads = 2; c.n_kv_heads = 1;
+    c.d_ff = 16; c.n_experts = 4; c.top_k = 2; c.d_expert = 8; c.max_seq = 16;
+    c.moe_first_dense = 1; /* one dense and one MoE layer */
+    return c;
+}
+
+static void make_text(void) {
+    static const char *words[] = {"the", "expert", "router", "token", "sparse", "model", "learns",
+                                  "a", "mixture", "of", "layers", "and", "gates", "choose", "Über"};
+    FILE *f = fopen(text_path, "w");
+    unsigned s = 7;
+    for (int doc = 0; doc < 12; doc++) {
+        for (int i = 0; i < 60; i++) {
+            s = s * 1103515245u + 12345u;
+            fprintf(f, "%s%s", words[(s >> 16) % 15], (s >> 8) % 9 == 0 ? ".\n" : " ");
+        }
+        fprintf(f, "\n\f\n");
+    }
+    fclose(f);
+}
+
+/* ---- scenarios: each frees everything it made, whatever happens ---- */
+static moe_status sc_model(void) {
+    moe_config c = small_config();
+    moe_model *m = NULL, *m2 = NULL;
+    moe_status st = moe_model_create(&m, &c, 3);
+    if (!st) {
+        moe_tokenizer *t = NULL;
+        const char *txt = "abc abd abc";
+        size_t len = strlen(txt);
+        st = moe_tokenizer_train(&t, &txt, &len, 1, 260);
+        if (!st) moe_model_set_tokenizer(m, t);
+    }
+    if (!st) st = moe_model_save(m, model_path);
+    if (!st) st = moe_model_load(&m2, model_path);
+    moe_model_free(m);
+    moe_model_free(m2);
+    return st;
+}
+
+static moe_status sc_tokenizer(void) {
+    char **texts = NULL;
+    size_t *lens = NULL;
+    int n = 0;
+    const char *p = text_path;
+    moe_tokenizer *t = NULL, *t2 = NULL;
+    moe_status st = moe_read_texts(&p, 1, &texts, &lens, &n);
+    if (!st) st = moe_tokenizer_train(&t, (const char *const *)texts, lens, n, 300);
+    if (!st) st = moe_tokenizer_save(t, tok_path);
+    if (!st) st = moe_tokenizer_load(&t2, tok_path);
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    if (!st) st = moe_tokenizer_encode(t2, texts[0], lens[0], &ids, &n_ids);
+    moe_free(ids);
+    moe_free_texts(texts, lens, n);
+    moe_tokenizer_free(t);
+    moe_tokenizer_free(t2);
+    return st;
+}
+
+static moe_status sc_dataset(void) {
+    moe_dataset *d = NULL;
+    const char *p = text_path;
+    moe_status st = moe_dataset_load_text(&d, shared_tok, &p, 1);
+    moe_dataset_free(d);
+    return st;
+}
+
+static moe_status sc_train(void) {
+    moe_config c = small_config();
+    moe_model *m = NULL, *m2 = NULL;
+    moe_status st = moe_model_create(&m, &c, 5);
+    moe_train_params p;
+    moe_train_params_default(&p);
+    p.steps = 2; p.batch = 2; p.seq = 8; p.warmup = 1; p.eval_every = 1; p.eval_batches = 1;
+    p.stop_after = 1; p.out_path = model_path; p.log_path = log_path;
+    if (!st) st = moe_train(m, shared_data, &p, NULL, NULL, NULL);  /* step 1, pause, save */
+    if (!st) st = moe_model_load(&m2, model_path);
+    char state[320];
+    snprintf(state, sizeof state, "%s.state", model_path);
+    if (!st) st = moe_train(m2, shared_data, &p, state, NULL, NULL); /* step 2 from the files */
+    moe_model_free(m);
+    moe_model_free(m2);
+    return st;
+}
+
+static void run_scenario(const char *name, moe_status (*fn)(void), long max_n) {
+    TEST_CASE(name);
+    long n, failures = 0;
+    int done = 0;
+    for (n = 1; n <= max_n && !done; n++) {
+        size_t before = moe_alloc_in_use();
+        moe_alloc_fail_after(n);
+        moe_status st = fn();
+        moe_alloc_fail_after(0);
+        size_t after = moe_alloc_in_use();
+        CHECK(after == before, "N=%ld: %zu bytes leaked (status %s: %s)", n, after - before,
+              moe_status_str(st), moe_last_error());
+        if (st == MOE_OK) { done = 1; break; }
+        failures++;
+        CHECK(st == MOE_ERR_NOMEM, "N=%ld: status %s, expected out of memory: %s", n,
+              moe_status_str(st), moe_last_error());
+        CHECK(strlen(moe_last_error()) > 0, "N=%ld: no message", n);
+        if (th_case_failed) break; /* one clear report is enough */
+    }
+    CHECK(done || th_case_failed, "still failing after %ld injected failures", max_n);
+    printf("  %s: %ld failure points, then success\n", name, failures);
+    TEST_END();
+}
+
+int main(int argc, char **argv) {
+    /* Between the many short parallel regions, idle OpenMP workers spin; on a
+     * busy machine that makes this test 20x slower. Run with passive waiting
+     * (read by the OpenMP runtime at start-up, hence the re-exec). */
+    if (!getenv("OMP_WAIT_POLICY") && argc >= 1) {
+        setenv("OMP_WAIT_POLICY", "passive", 1);
+        execv("/proc/self/exe", argv);
+    }
+    /* hundreds of saves: on tmpfs their fsyncs cost nothing */
+    const char *base = getenv("TMPDIR") ? getenv("TMPDIR") : access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+    snprintf(dir, sizeof dir, "%s/moe-faults.XXXXXX", base);
+    if (!mkdtemp(dir)) { printf("cannot make a temp dir\n0 passed, 1 failed\n"); return 1; }
+    snprintf(text_path, sizeof text_path, "%s/text.txt", dir);
+    snprintf(model_path, sizeof model_path, "%s/m.gguf", dir);
+    snprintf(tok_path, sizeof tok_path, "%s/tok.gguf", dir);
+    snprintf(log_path, sizeof log_path, "%s/log.jsonl", dir);
+    make_text();
+    moe_set_threads(2);
+    {
+        const char *p = text_path;
+        char **texts; size_t *lens; int n;
+        if (moe_read_texts(&p, 1, &texts, &lens, &n) ||
+            moe_tokenizer_train(&shared_tok, (const char *const *)texts, lens, n, 300) ||
+            moe_dataset_load_text(&shared_data, shared_tok, &p, 1)) {
+            printf("setup failed: %s\n0 passed, 1 failed\n", moe_last_error());
+            return 1;
+        }
+        moe_free_texts(texts, lens, n);
+    }
+    moe_set_threads(1); /* idle OpenMP workers spin: one thread where nothing is parallel */
+    run_scenario("model create, save, load", sc_model, 5000);
+    run_scenario("tokenizer read, train, save, load, encode", sc_tokenizer, 5000);
+    run_scenario("dataset load", sc_dataset, 5000);
+    moe_set_threads(2); /* failures inside parallel regions too */
+    run_scenario("train 2 steps with save and resume", sc_train, 5000);
+    moe_dataset_free(shared_data);
+    moe_tokenizer_free(shared_tok);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    if (system(cmd) != 0) printf("note: could not remove %s\n", dir);
+    TEST_MAIN_END();
+}
