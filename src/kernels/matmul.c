@@ -134,7 +134,7 @@ typedef struct {
  * tile past mr re-read row 0 of A and are discarded, so no special edge kernel. */
 #define UK_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 
-__attribute__((target("avx512f,fma,prfchw"))) static void
+__attribute__((target("avx512f,fma"))) static void
 ukernel(int kc, const float *a, ptrdiff_t as_m, ptrdiff_t as_k, int mr, const float *b,
         ptrdiff_t ldb, float *c, ptrdiff_t ldc, int nr, int load_c, const float *bias) {
     __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
@@ -157,8 +157,8 @@ ukernel(int kc, const float *a, ptrdiff_t as_m, ptrdiff_t as_k, int mr, const fl
 #undef UK_DECL
     if (!load_c) /* the tile is only stored at the end: fetch its lines for writing now */
         for (int r = 0; r < mr; r++) {
-            _m_prefetchw(c + (ptrdiff_t)r * ldc);
-            _m_prefetchw(c + (ptrdiff_t)r * ldc + 16);
+            __builtin_prefetch(c + (ptrdiff_t)r * ldc, 1);
+            __builtin_prefetch(c + (ptrdiff_t)r * ldc + 16, 1);
         }
 #define UK_FMA(r)                                                                  \
     {                                                                              \

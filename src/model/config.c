@@ -1,5 +1,6 @@
 /* model/config: presets, text overrides, validation and parameter counts. */
 #include <errno.h>
+#include <float.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,8 +202,8 @@ moe_status moe_config_set(moe_config *cfg, const char *key, const char *value) {
         }
         if (fields[i].kind == K_FLOAT) {
             double v = strtod(value, &end);
-            if (end == value || *end || errno)
-                return moe_error(MOE_ERR_INVALID_ARG, "config key %s: '%s' is not a number", key, value);
+            if (end == value || *end || errno || !(v >= -FLT_MAX && v <= FLT_MAX)) /* NaN, Inf, beyond float */
+                return moe_error(MOE_ERR_INVALID_ARG, "config key %s: '%s' is not a finite float", key, value);
             moe_config_put_field(cfg, i, v);
         } else {
             long v = strtol(value, &end, 10);
@@ -276,6 +277,10 @@ moe_status moe_config_validate(const moe_config *c) {
         REQ(c->routing != MOE_ROUTING_EXPERT, "group-limited routing (n_group > 1) applies to token-choice and sequence routing, not expert_choice");
     }
     REQ(c->n_group >= 0 && c->n_group <= 1024, "n_group %d must be in 0..1024", c->n_group);
+    for (int i = 0; i < N_FIELDS; i++) { /* a model file may hold Inf or NaN in any float */
+        double v = moe_config_get_field(c, i);
+        REQ(fields[i].kind != K_FLOAT || v - v == 0, "%s must be finite", fields[i].key);
+    }
     {   /* An upper bound on the parameter count, in double: below 1e15 no
          * int64/size_t product of the layout or of moe_config_param_counts can
          * overflow (fuzzing found d_expert 1e9 x 65536 experts wrapping). */
@@ -297,7 +302,8 @@ void moe_config_describe(const moe_config *c, char *buf, size_t cap) {
     size_t n = 0;
     buf[0] = 0;
     for (int i = 0; i < N_FIELDS && n < cap; i++) {
-        const char *en = enum_name(i, (int)moe_config_get_field(c, i));
+        /* float fields never reach the int conversion (Inf would be UB: found by fuzzing) */
+        const char *en = fields[i].kind == K_ENUM ? enum_name(i, (int)moe_config_get_field(c, i)) : NULL;
         int w = fields[i].kind == K_FLOAT
             ? snprintf(buf + n, cap - n, "%-20s = %g\n", fields[i].key, moe_config_get_field(c, i))
             : en ? snprintf(buf + n, cap - n, "%-20s = %s\n", fields[i].key, en)
