@@ -47,13 +47,27 @@ v = [x["tokens_per_s"] for x in v if "tokens_per_s" in x and x["step"] > 3]
 print(statistics.median(v))' "$tmp/log.jsonl")")
 done
 
-torch_rates=()
-for r in $(seq "$RUNS"); do
-    tcfg=$($PY -c 'import json,sys; c=json.loads(sys.argv[1]); c.update(batch=int(sys.argv[2]), seq=int(sys.argv[3]), steps=7, warmup=2, threads=int(sys.argv[4])); print(json.dumps(c))' "$cfg" "$BATCH" "$SEQ" "$THREADS")
-    out=$($PY bench/torch_train.py "$tcfg" --quiet)
-    torch_rates+=("$($PY -c 'import json,sys; print(json.loads(sys.argv[1])["tokens_per_s"])' "$out")")
-    blas=$($PY -c 'import json,sys; print(json.loads(sys.argv[1]).get("blas","?"))' "$out")
+# PyTorch gets its best thread layout on this machine: its own intra-op threads
+# and OpenBLAS's threads compete for the same cores when both are > 1, so try
+# each split and keep the fastest (all are printed).
+layouts=("$THREADS 1" "1 $THREADS" "$THREADS $THREADS")
+best_rate=0; best_layout=""; blas="?"
+for layout in "${layouts[@]}"; do
+    set -- $layout
+    rates=()
+    for r in $(seq "$RUNS"); do
+        tcfg=$($PY -c 'import json,sys; c=json.loads(sys.argv[1]); c.update(batch=int(sys.argv[2]), seq=int(sys.argv[3]), steps=8, warmup=2, threads=int(sys.argv[4])); print(json.dumps(c))' "$cfg" "$BATCH" "$SEQ" "$1")
+        out=$(OPENBLAS_NUM_THREADS=$2 $PY bench/torch_train.py "$tcfg" --quiet 2>"$tmp/torch.err") || { cat "$tmp/torch.err"; exit 1; }
+        rates+=("$($PY -c 'import json,sys; print(json.loads(sys.argv[1])["tokens_per_s"])' "$out")")
+        blas=$($PY -c 'import json,sys; print(json.loads(sys.argv[1]).get("blas","?"))' "$out")
+    done
+    med=$($PY -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "${rates[@]}")
+    echo "pytorch  torch threads $1, OpenBLAS threads $2: tokens/s per run: ${rates[*]}   median $med"
+    if $PY -c 'import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)' "$med" "$best_rate"; then
+        best_rate=$med; best_layout="torch threads $1, OpenBLAS threads $2"; torch_rates=("${rates[@]}")
+    fi
 done
+echo "pytorch  best layout: $best_layout"
 
 $PY - "$blas" "${moe_rates[*]}" "${torch_rates[*]}" <<'PYEOF'
 import statistics, sys
