@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <math.h>
 
 /* ---- errors ---- */
@@ -234,4 +235,9 @@ void moe_zero(float *p, size_t n) {
         size_t lo = c * CHUNK, len = MOE_MIN((size_t)CHUNK, n - lo);
         memset(p + lo, 0, len * sizeof(float));
     }
+}
+
+size_t moe_physical_memory(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
+    return (pages > 0 && size > 0) ? (size_t)pages * (size_t)size : (size_t)1 << 40;
 }

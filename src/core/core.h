@@ -41,6 +41,7 @@ uint64_t moe_rng_below(moe_rng *r, uint64_t n); /* [0,n) */
 
 /* ---- time and CPU ----------------------------------------------------------- */
 double moe_now(void);                     /* monotonic seconds */
+size_t moe_physical_memory(void);         /* bytes of RAM (1 TiB if unknown) */
 typedef struct {
     int avx2, fma, avx512f, avx512bw, avx512vl, avx512_bf16, avx512_vnni;
     int amx_tile, amx_bf16, amx_int8;

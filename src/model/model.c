@@ -108,17 +108,12 @@ static void bind(model_weights *w, float *buf, const moe_model *m) {
     w->output = c->tied_embeddings ? w->token_embd : buf + t[i++].offset;
 }
 
-static size_t physical_memory(void) {
-    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
-    return (pages > 0 && size > 0) ? (size_t)pages * (size_t)size : (size_t)1 << 40;
-}
-
 moe_status model_alloc(moe_model **out, const moe_config *cfg) {
     *out = NULL;
     moe_status st = moe_config_validate(cfg);
     if (st) return st;
     moe_param_counts pc = moe_config_param_counts(cfg);
-    if ((double)pc.total * 4.0 > 0.75 * (double)physical_memory())
+    if ((double)pc.total * 4.0 > 0.75 * (double)moe_physical_memory())
         return moe_error(MOE_ERR_NOMEM, "model has %lld parameters (%.1f GiB in fp32): more than this machine's memory allows",
                          (long long)pc.total, pc.total * 4.0 / (1 << 30));
     moe_model *m = moe_calloc(1, sizeof *m);

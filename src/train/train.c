@@ -311,6 +311,11 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     moe_status st = p.out_path ? MOE_OK : moe_error(MOE_ERR_INVALID_ARG, "no output path");
     if (st) return st;
     if (p.threads) moe_set_threads(p.threads);
+    /* weights + gradients + two AdamW moments, before anything is allocated */
+    double need = 16.0 * (double)m->n_params;
+    if (need > 0.85 * (double)moe_physical_memory())
+        return moe_error(MOE_ERR_NOMEM, "training this model needs %.1f GiB for weights, gradients and AdamW moments; this machine has %.1f GiB",
+                         need / (1 << 30), (double)moe_physical_memory() / (1 << 30));
     st = model_alloc_grads(m);
     if (st) return st;
     float *am = moe_calloc(m->n_params, sizeof(float)), *av = moe_calloc(m->n_params, sizeof(float));
