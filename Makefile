@@ -34,7 +34,7 @@ BENCH_SRC := $(sort $(wildcard bench/*.c))
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 HEADERS   := include/moe.h $(wildcard src/*/*.h) $(wildcard tests/*.h)
 
-.PHONY: all demo test test-bins bench setup corpus corpus-small clean fuzz fuzz-bins
+.PHONY: all demo test test-bins bench setup corpus corpus-small clean fuzz fuzz-bins valgrind
 all: $(BUILD)/moe
 
 $(BUILD)/%.o: %.c $(HEADERS)
@@ -122,5 +122,10 @@ fuzz: $(FUZZ_TARGETS:%=$(FUZZ_DIR)/fuzz_%)
 	    echo "$$(date -u +%FT%TZ) $$t $(FUZZ_SECONDS)s $$runs" >>$(FUZZ_DIR)/stats; \
 	done
 
+# memcheck on a baseline x86-64 build (valgrind cannot decode AVX-512)
+valgrind: setup
+	@$(MAKE) --no-print-directory BUILD=build-vg OPT="-O1 -march=x86-64-v2" build-vg/moe
+	@tests/valgrind.sh build-vg/moe
+
 clean:
-	rm -rf build build-san build-fuzz
+	rm -rf build build-san build-fuzz build-vg

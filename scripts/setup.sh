@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what moe needs from Debian's archive, only when something is missing.
 set -eu
-pkgs=(build-essential python3 python3-torch python3-numpy libopenblas0-pthread clang
+pkgs=(build-essential python3 python3-torch python3-numpy libopenblas0-pthread clang valgrind
       libclang-rt-14-dev libomp-14-dev)   # libFuzzer + sanitizer runtimes, OpenMP for clang (make fuzz)
 missing=()
 for p in "${pkgs[@]}"; do
