@@ -19,4 +19,17 @@ void clip_grads(float *g, size_t n, double norm, float clip);
 moe_status train_state_check(const char *path, size_t n_params, int *step);
 /* Linear warmup to lr, then cosine down to lr * min_lr_frac at p->steps. */
 float lr_at(const moe_train_params *p, int step);
+/* Training-state file (MODEL.gguf.state): this header, AdamW m and v
+ * (n_params floats each), then an FNV-1a checksum (state_fnv from
+ * 1469598103934665603) of everything before it. */
+#define STATE_MAGIC "MOESTATE"
+#define STATE_VERSION 1u
+typedef struct {
+    char magic[8];
+    uint32_t version, reserved;
+    int32_t step, steps, batch, seq, grad_accum, warmup;
+    float lr, min_lr_frac, weight_decay, beta1, beta2, adam_eps, grad_clip, pad;
+    uint64_t seed, rng[4], fingerprint, n_params;
+} state_header;
+uint64_t state_fnv(uint64_t h, const void *p, size_t n);
 #endif

@@ -8,21 +8,6 @@
 #include "fuzz.h"
 #include "train/train.h"
 
-/* the layout of train.c's state_header (version 1) */
-typedef struct {
-    char magic[8];
-    uint32_t version, reserved;
-    int32_t step, steps, batch, seq, grad_accum, warmup;
-    float lr, min_lr_frac, weight_decay, beta1, beta2, adam_eps, grad_clip, pad;
-    uint64_t seed, rng[4], fingerprint, n_params;
-} fz_header;
-
-static uint64_t fnv(uint64_t h, const void *p, size_t n) {
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
-    return h;
-}
-
 static void fuzz_one(const uint8_t *data, size_t size) {
     if (size < 1) return;
     int fix = data[0] & 1;
@@ -31,14 +16,14 @@ static void fuzz_one(const uint8_t *data, size_t size) {
     if (!buf) return;
     memcpy(buf, data, size);
     if (fix && size >= 8) {
-        uint64_t sum = fnv(1469598103934665603ull, buf, size - 8);
+        uint64_t sum = state_fnv(1469598103934665603ull, buf, size - 8);
         memcpy(buf + size - 8, &sum, 8);
     }
     const char *path = fuzz_file(buf, size);
     int step = -1;
     train_state_check(path, 4, &step);
-    if (size >= sizeof(fz_header)) {
-        fz_header h;
+    if (size >= sizeof(state_header)) {
+        state_header h;
         memcpy(&h, buf, sizeof h);
         if (h.n_params <= 4096) train_state_check(path, (size_t)h.n_params, &step);
     }
@@ -47,7 +32,7 @@ static void fuzz_one(const uint8_t *data, size_t size) {
 
 /* seeds: a valid file for 4 parameters and a few broken ones */
 static size_t make_state(uint8_t *out, uint64_t n_params, int32_t step, int32_t steps) {
-    fz_header h;
+    state_header h;
     memset(&h, 0, sizeof h);
     memcpy(h.magic, "MOESTATE", 8);
     h.version = 1;
@@ -59,7 +44,7 @@ static size_t make_state(uint8_t *out, uint64_t n_params, int32_t step, int32_t 
     out[n++] = 1; /* flag: fix the checksum */
     memcpy(out + n, &h, sizeof h); n += sizeof h;
     for (uint64_t i = 0; i < 2 * n_params; i++) { float x = 0.5f * (float)i; memcpy(out + n, &x, 4); n += 4; }
-    uint64_t sum = fnv(1469598103934665603ull, out + 1, n - 1);
+    uint64_t sum = state_fnv(1469598103934665603ull, out + 1, n - 1);
     memcpy(out + n, &sum, 8); n += 8;
     return n;
 }
@@ -72,7 +57,7 @@ static int fuzz_write_seeds(const char *dir) {
     b[0] = 0; bad |= fuzz_put(dir, "valid_nofix", b, n);
     b[0] = 1;
     bad |= fuzz_put(dir, "truncated", b, n / 2);
-    bad |= fuzz_put(dir, "header_only", b, 1 + sizeof(fz_header));
+    bad |= fuzz_put(dir, "header_only", b, 1 + sizeof(state_header));
     b[n] = 7; bad |= fuzz_put(dir, "trailing_byte", b, n + 1);
     b[0] = 0; b[n - 1] ^= 0x55; bad |= fuzz_put(dir, "bad_checksum", b, n);
     n = make_state(b, 4, 11, 10); bad |= fuzz_put(dir, "step_past_end", b, n);
