@@ -45,4 +45,53 @@ static inline double th_max_rel_err(const float *a, const float *b, size_t n, do
     }
     return worst;
 }
+
+/* Writes a small synthetic corpus: docs documents of words_per_doc words from a
+ * fixed list (two of them non-ASCII), separated by form-feed lines. */
+static inline int th_write_word_text(const char *path, unsigned seed, int docs, int words_per_doc) {
+    static const char *words[] = {"the", "expert", "router", "token", "sparse", "model", "learns", "a",
+                                  "mixture", "of", "layers", "and", "gates", "choose", "two", "\xc3\x9c" "ber",
+                                  "ni\xc3\xb1" "o"};
+    const unsigned n_words = sizeof words / sizeof words[0];
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    for (int doc = 0; doc < docs; doc++) {
+        for (int i = 0; i < words_per_doc; i++) {
+            seed = seed * 1103515245u + 12345u;
+            fprintf(f, "%s%s", words[(seed >> 16) % n_words], (seed >> 8) % 11 == 0 ? ".\n" : " ");
+        }
+        fprintf(f, "\n\f\n");
+    }
+    return fclose(f);
+}
+
+/* Runs a PyTorch reference checker ("/usr/bin/python3 SCRIPT check DUMP") and
+ * turns each of its "ok ..." / "FAIL ..." lines into a case named
+ * "LABEL: ..."; then one case that the checker ran at least min_checks checks
+ * and exited 0. */
+static inline void th_run_torch_checker(const char *script, const char *dump, const char *label,
+                                        int min_checks) {
+    char cmd[1024], line[1024], name[1400];
+    snprintf(cmd, sizeof cmd, "/usr/bin/python3 %s check %s 2>&1", script, dump);
+    FILE *p = popen(cmd, "r");
+    int seen = 0;
+    while (p && fgets(line, sizeof line, p)) {
+        line[strcspn(line, "\n")] = 0;
+        if (!strncmp(line, "ok", 2) || !strncmp(line, "FAIL", 4)) {
+            const char *rest = line + (line[0] == 'o' ? 2 : 4);
+            snprintf(name, sizeof name, "%s: %s", label, rest + strspn(rest, " "));
+            TEST_CASE(name);
+            CHECK(line[0] == 'o', "%s", line);
+            TEST_END();
+            seen++;
+        } else if (strstr(line, "passed,") == NULL) {
+            printf("  | %s\n", line);
+        }
+    }
+    int rc = p ? pclose(p) : -1;
+    snprintf(name, sizeof name, "%s: PyTorch checker ran", label);
+    TEST_CASE(name);
+    CHECK(seen >= min_checks && rc == 0, "PyTorch checker ran %d checks, exit status %d", seen, rc);
+    TEST_END();
+}
 #endif

@@ -28,21 +28,6 @@ static moe_config small_config(void) {
     return c;
 }
 
-static void make_text(void) {
-    static const char *words[] = {"the", "expert", "router", "token", "sparse", "model", "learns",
-                                  "a", "mixture", "of", "layers", "and", "gates", "choose", "Über"};
-    FILE *f = fopen(text_path, "w");
-    unsigned s = 7;
-    for (int doc = 0; doc < 12; doc++) {
-        for (int i = 0; i < 60; i++) {
-            s = s * 1103515245u + 12345u;
-            fprintf(f, "%s%s", words[(s >> 16) % 15], (s >> 8) % 9 == 0 ? ".\n" : " ");
-        }
-        fprintf(f, "\n\f\n");
-    }
-    fclose(f);
-}
-
 /* ---- scenarios: each frees everything it made, whatever happens ---- */
 static moe_status sc_model(void) {
     moe_config c = small_config();
@@ -148,7 +133,7 @@ int main(int argc, char **argv) {
     snprintf(model_path, sizeof model_path, "%s/m.gguf", dir);
     snprintf(tok_path, sizeof tok_path, "%s/tok.gguf", dir);
     snprintf(log_path, sizeof log_path, "%s/log.jsonl", dir);
-    make_text();
+    th_write_word_text(text_path, 7, 12, 60);
     moe_set_threads(2);
     {
         const char *p = text_path;

@@ -67,31 +67,6 @@ static int write_dump(const char *path, const moe_config *c, int renorm, int tie
     return fclose(f) == 0 ? 0 : -1;
 }
 
-/* Runs the PyTorch checker and turns each of its ok/FAIL lines into a case. */
-static void check_with_torch(const char *dump, const char *label) {
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "/usr/bin/python3 tests/ref/model_ref.py check %s 2>&1", dump);
-    FILE *p = popen(cmd, "r");
-    char line[1024], name[1200];
-    int seen = 0;
-    while (p && fgets(line, sizeof line, p)) {
-        line[strcspn(line, "\n")] = 0;
-        if (!strncmp(line, "ok", 2) || !strncmp(line, "FAIL", 4)) {
-            snprintf(name, sizeof name, "%s: %s", label, line + (line[0] == 'o' ? 2 : 4) + strspn(line + (line[0] == 'o' ? 2 : 4), " "));
-            TEST_CASE(name);
-            CHECK(line[0] == 'o', "%s", line);
-            TEST_END();
-            seen++;
-        } else if (strstr(line, "passed,") == NULL) {
-            printf("  | %s\n", line);
-        }
-    }
-    int rc = p ? pclose(p) : -1;
-    TEST_CASE(label);
-    CHECK(seen > 10 && rc == 0, "PyTorch checker ran %d checks, exit status %d", seen, rc);
-    TEST_END();
-}
-
 int main(void) {
     moe_config c;
     moe_config_preset(&c, "tiny");
@@ -110,7 +85,7 @@ int main(void) {
         int rc = write_dump(dump, &c, runs[i].renorm, runs[i].tied);
         CHECK(rc == 0, "writing the dump failed");
         TEST_END();
-        if (rc == 0) check_with_torch(dump, runs[i].label);
+        if (rc == 0) th_run_torch_checker("tests/ref/model_ref.py", dump, runs[i].label, 11);
     }
     moe_set_reference_kernels(0);
     TEST_MAIN_END();

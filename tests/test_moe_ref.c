@@ -123,27 +123,6 @@ int main(void) {
     }
     TEST_END();
 
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "/usr/bin/python3 tests/ref/moe_ref.py check %s 2>&1", dump);
-    FILE *p = popen(cmd, "r");
-    char line[1024], name[1200];
-    int seen = 0;
-    while (p && fgets(line, sizeof line, p)) {
-        line[strcspn(line, "\n")] = 0;
-        if (!strncmp(line, "ok", 2) || !strncmp(line, "FAIL", 4)) {
-            const char *rest = line + (line[0] == 'o' ? 2 : 4);
-            snprintf(name, sizeof name, "torch: %s", rest + strspn(rest, " "));
-            TEST_CASE(name);
-            CHECK(line[0] == 'o', "%s", line);
-            TEST_END();
-            seen++;
-        } else if (strstr(line, "passed,") == NULL) {
-            printf("  | %s\n", line);
-        }
-    }
-    int rc = p ? pclose(p) : -1;
-    TEST_CASE("PyTorch layer checker ran");
-    CHECK(seen >= 10 * n && rc == 0, "PyTorch checker ran %d checks, exit status %d", seen, rc);
-    TEST_END();
+    th_run_torch_checker("tests/ref/moe_ref.py", dump, "torch", 10 * n);
     TEST_MAIN_END();
 }

@@ -22,21 +22,6 @@ static void on_progress(const moe_train_progress *p, void *u) {
     if (l->n < 64) l->loss[l->n++] = p->loss;
 }
 
-static void make_text(void) {
-    static const char *words[] = {"the", "expert", "router", "token", "sparse", "model", "learns", "a",
-                                  "mixture", "of", "layers", "and", "gates", "choose", "two"};
-    FILE *f = fopen(text_path, "w");
-    unsigned s = 3;
-    for (int doc = 0; doc < 30; doc++) {
-        for (int i = 0; i < 250; i++) {
-            s = s * 1103515245u + 12345u;
-            fprintf(f, "%s%s", words[(s >> 16) % 15], (s >> 8) % 11 == 0 ? ".\n" : " ");
-        }
-        fprintf(f, "\n\f\n");
-    }
-    fclose(f);
-}
-
 /* tiny, with every routing and balance option on */
 static moe_config all_on(void) {
     moe_config c;
@@ -141,7 +126,7 @@ int main(void) {
     snprintf(dir, sizeof dir, "/tmp/moe_test_routing_XXXXXX");
     if (!mkdtemp(dir)) return 1;
     snprintf(text_path, sizeof text_path, "%s/words.txt", dir);
-    make_text();
+    th_write_word_text(text_path, 3, 30, 250);
     char path[512], path2[512], path3[600], logp[600];
 
     test_config();

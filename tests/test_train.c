@@ -22,21 +22,6 @@ static void on_progress(const moe_train_progress *p, void *u) {
 static moe_tokenizer *tok;
 static moe_dataset *data;
 
-static void make_text(void) {
-    static const char *words[] = {"the", "expert", "router", "token", "sparse", "model", "learns", "a",
-                                  "mixture", "of", "layers", "and", "gates", "choose", "two", "Über", "niño"};
-    FILE *f = fopen(text_path, "w");
-    unsigned s = 1;
-    for (int doc = 0; doc < 40; doc++) {
-        for (int i = 0; i < 300; i++) {
-            s = s * 1103515245u + 12345u;
-            fprintf(f, "%s%s", words[(s >> 16) % 17], (s >> 8) % 11 == 0 ? ".\n" : " ");
-        }
-        fprintf(f, "\n\f\n");
-    }
-    fclose(f);
-}
-
 static moe_config tiny(void) {
     moe_config c;
     moe_config_preset(&c, "tiny");
@@ -80,7 +65,7 @@ int main(void) {
     snprintf(dir, sizeof dir, "/tmp/moe_test_train_XXXXXX");
     if (!mkdtemp(dir)) return 1;
     snprintf(text_path, sizeof text_path, "%s/words.txt", dir);
-    make_text();
+    th_write_word_text(text_path, 1, 40, 300);
     char path[512], path2[512], path3[600];
 
     TEST_CASE("tokenizer and dataset from a text file");
