@@ -6,6 +6,8 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 static int th_passed, th_failed, th_case_failed;
 static const char *th_case = "";
@@ -44,6 +46,13 @@ static inline double th_max_rel_err(const float *a, const float *b, size_t n, do
         if (d / s > worst || d != d) worst = (d != d) ? INFINITY : d / s;
     }
     return worst;
+}
+
+/* A scratch file path under $TMPDIR (or /tmp), unique to this process. */
+static inline const char *th_tmp_path(char *buf, size_t cap, const char *name) {
+    const char *dir = getenv("TMPDIR");
+    snprintf(buf, cap, "%s/moe_%ld_%s", dir && *dir ? dir : "/tmp", (long)getpid(), name);
+    return buf;
 }
 
 /* Writes a small synthetic corpus: docs documents of words_per_doc words from a

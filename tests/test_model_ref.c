@@ -19,7 +19,7 @@ static int write_dump(const char *path, const moe_config *c, int renorm, int tie
     cfg.tied_embeddings = tied;
     moe_model *m;
     if (moe_model_create(&m, &cfg, 1234)) { printf("create: %s\n", moe_last_error()); return -1; }
-    if (model_alloc_grads(m)) return -1;
+    if (model_alloc_grads(m)) { moe_model_free(m); return -1; }
     const int B = 2, T = 8, N = B * T, steps = 10;
     moe_train_params tp;
     moe_train_params_default(&tp);
@@ -29,7 +29,7 @@ static int write_dump(const char *path, const moe_config *c, int renorm, int tie
     moe_rng_seed(&rng, 99);
     for (int i = 0; i < N; i++) { tokens[i] = (int32_t)moe_rng_below(&rng, cfg.vocab_size); targets[i] = (int32_t)moe_rng_below(&rng, cfg.vocab_size); }
     FILE *f = fopen(path, "wb");
-    if (!f) return -1;
+    if (!f) { printf("cannot write %s\n", path); moe_model_free(m); return -1; }
     fwrite("MOEREF01", 1, 8, f);
     int32_t ints[16] = {cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
                         cfg.n_experts, cfg.top_k, cfg.d_expert, cfg.moe_every, cfg.moe_first_dense,
@@ -73,7 +73,8 @@ int main(void) {
     c.vocab_size = 300; c.d_model = 32; c.n_layers = 2; c.n_heads = 4; c.n_kv_heads = 2;
     c.d_ff = 48; c.n_experts = 4; c.top_k = 2; c.d_expert = 24; c.moe_first_dense = 1; c.moe_every = 1;
     c.init_std = 0.2f; /* well-separated router scores: no near-ties in top-k */
-    const char *dump = "build/tests/model_ref.bin";
+    char dump_buf[512];
+    const char *dump = th_tmp_path(dump_buf, sizeof dump_buf, "model_ref.bin");
     struct { int renorm, tied, reference; const char *label; } runs[] = {
         {1, 0, 0, "renorm, untied, fast kernels"},
         {1, 0, 1, "renorm, untied, reference kernels"},
@@ -88,5 +89,6 @@ int main(void) {
         if (rc == 0) th_run_torch_checker("tests/ref/model_ref.py", dump, runs[i].label, 11);
     }
     moe_set_reference_kernels(0);
+    remove(dump);
     TEST_MAIN_END();
 }

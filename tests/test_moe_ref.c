@@ -110,7 +110,8 @@ int main(void) {
     o = tok; o.score = MOE_ROUTER_SIGMOID; o.capacity = 1.0f; o.jitter = 0.05f; o.jitter_seed = 5;
     vs[n++] = (variant){"sigmoid + bias, capacity 1.0, jitter, gated shared", o, K, 1, FS, 1, {0.4f, 0.1f, 0.7f}};
 
-    const char *dump = "build/tests/moe_ref.bin";
+    char dump_buf[512];
+    const char *dump = th_tmp_path(dump_buf, sizeof dump_buf, "moe_ref.bin");
     FILE *f = fopen(dump, "wb");
     TEST_CASE("writing the layer dump");
     CHECK(f != NULL, "cannot open %s", dump);
@@ -124,5 +125,6 @@ int main(void) {
     TEST_END();
 
     th_run_torch_checker("tests/ref/moe_ref.py", dump, "torch", 10 * n);
+    remove(dump);
     TEST_MAIN_END();
 }
