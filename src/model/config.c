@@ -236,16 +236,15 @@ moe_status moe_config_validate(const moe_config *c) {
     REQ(c->n_experts >= 0 && c->n_experts <= 65536, "n_experts %d must be in 0..65536", c->n_experts);
     REQ(c->moe_every >= 1, "moe_every %d must be at least 1", c->moe_every);
     REQ(c->moe_first_dense >= 0, "moe_first_dense %d must be >= 0", c->moe_first_dense);
-    int any_dense = 0, any_moe = 0;
+    int any_dense = 0;
     for (int l = 0; l < c->n_layers; l++) {
-        if (moe_config_layer_is_moe(c, l)) any_moe = 1; else any_dense = 1;
+        if (!moe_config_layer_is_moe(c, l)) any_dense = 1;
     }
     if (c->n_experts > 0) {
         REQ(c->top_k >= 1 && c->top_k <= c->n_experts, "top_k %d must be in 1..n_experts (%d)", c->top_k, c->n_experts);
         REQ(c->d_expert >= 1, "d_expert %d must be at least 1", c->d_expert);
     }
     if (any_dense) REQ(c->d_ff >= 1, "d_ff %d must be at least 1 (the model has dense layers)", c->d_ff);
-    (void)any_moe;
     REQ(c->tied_embeddings == 0 || c->tied_embeddings == 1, "tied_embeddings must be 0 or 1");
     REQ(c->renorm_topk == 0 || c->renorm_topk == 1, "renorm_topk must be 0 or 1");
     REQ(c->max_seq >= 2 && c->max_seq <= (1 << 20), "max_seq %d must be in 2..1048576", c->max_seq);
