@@ -34,7 +34,7 @@ BENCH_SRC := $(sort $(wildcard bench/*.c))
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 HEADERS   := include/moe.h $(wildcard src/*/*.h) $(wildcard tests/*.h)
 
-.PHONY: all demo test test-bins bench setup corpus corpus-small clean fuzz fuzz-bins valgrind
+.PHONY: all demo test test-bins bench setup corpus corpus-small clean fuzz fuzz-bins valgrind experiments
 all: $(BUILD)/moe
 
 $(BUILD)/%.o: %.c $(HEADERS)
@@ -129,3 +129,7 @@ valgrind: setup
 
 clean:
 	rm -rf build build-san build-fuzz build-vg
+
+# issue 3: MoE vs dense, routing collapse, granularity (about an hour); writes docs/experiments.md
+experiments: all corpus-small
+	@/usr/bin/python3 scripts/experiments.py
