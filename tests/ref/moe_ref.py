@@ -24,14 +24,14 @@ Dump (little-endian): b"MOELAY01", int32 n_records, then per record:
   float32 dx, drouter, dgate, dup, ddown, dsh_gate, dsh_up, dsh_down, dsh_inp
 """
 import math
-import struct
 import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-TOL = 1e-4
+from model_ref import Checker  # the same comparison rule and tolerance as the model reference
+
 INTS = ["N", "d", "E", "k", "F", "Fs", "score", "mode", "renorm", "n_group", "topk_group",
         "overflow", "seq_len", "use_bias", "use_gate", "jitter"]
 FLOATS = ["scale", "capacity", "aux_coef", "z_coef", "seq_coef"]
@@ -193,44 +193,13 @@ def layer(rec, P):
     return dict(out=out, ids=ids, kept=kept, w=w, aux=aux, z=z, seq=seq)
 
 
-def rel_err(a, b):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        return float("inf")
-    if a.size == 0:
-        return 0.0
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-12))
-
-
-class Checker:
-    def __init__(self):
-        self.passed = self.failed = 0
-
-    def check(self, name, ok, detail=""):
-        print("%s %s%s" % ("ok  " if ok else "FAIL", name, detail))
-        if ok:
-            self.passed += 1
-        else:
-            self.failed += 1
-
-    def close(self, a, b, name, tol=TOL):
-        e = rel_err(a, b)
-        self.check(name, e <= tol, "  (rel err %.3g)" % e)
-
-
 def check_record(ck, rec):
     lab = rec["label"]
     names = ["x", "router", "gate", "up", "down", "bias", "sh_gate", "sh_up", "sh_down", "sh_inp"]
     P = {n: torch.tensor(rec[n], dtype=torch.float64, requires_grad=True) for n in names}
     res = layer(rec, P)
     ids = res["ids"].numpy()
-    if rec["mode"] == 1:
-        same = np.array_equal(ids, rec["c_ids"])
-    else:  # compare in order (both sort by descending selection score)
-        same = np.array_equal(ids, rec["c_ids"])
+    same = np.array_equal(ids, rec["c_ids"])  # in order: both sort by descending score
     ck.check("%s: chosen experts" % lab, same)
     ck.check("%s: assignments kept by capacity" % lab,
              np.array_equal(res["kept"].numpy().astype(np.int32), rec["c_kept"]))
@@ -272,7 +241,7 @@ def main(argv):
     ck = Checker()
     for rec in recs:
         check_record(ck, rec)
-    print("%d passed, %d failed" % (ck.passed, ck.failed))
+    ck.summary()
     return 0 if ck.failed == 0 else 1
 
 
