@@ -5,18 +5,7 @@
 # in the way, that it is unchanged. Run by tests/run.sh with MOE_BIN set.
 set -u
 cd "$(dirname "$0")/.."
-MOE=${MOE_BIN:-$PWD/build/moe}
-pass=0; failed=0
-ok()   { echo "ok   $1"; pass=$((pass + 1)); }
-bad()  { echo "FAIL $1: $2"; failed=$((failed + 1)); }
-
-if [ ! -x "$MOE" ]; then
-    bad "binary" "$MOE is not an executable (build it with make)"
-    echo "$pass passed, $failed failed"; exit 1
-fi
-
-T=$(mktemp -d "${TMPDIR:-/tmp}/moe-cli.XXXXXX")
-trap 'rm -rf "$T"' EXIT
+. tests/lib.sh cli
 cd "$T"
 
 # VERBOSE=1 shows the stderr of every failure case.
@@ -228,5 +217,4 @@ expect "encode: missing tokenizer" 1 "missing\.gguf" "$MOE" tokenizer encode --t
 expect "train: missing --tokenizer" 1 "missing\.gguf" "$MOE" train --data "$T/small.txt" "${TINY[@]}" --tokenizer "$T/missing.gguf"
 unchanged "existing file survived everything" "$T/existing.gguf" "$T/existing.copy"
 
-echo "$pass passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish

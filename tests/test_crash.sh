@@ -11,15 +11,8 @@
 #     is left as it was.
 set -u
 cd "$(dirname "$0")/.."
-MOE=${MOE_BIN:-$PWD/build/moe}
-pass=0; failed=0
-ok()  { echo "ok   $1"; pass=$((pass + 1)); }
-bad() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
-if [ ! -x "$MOE" ]; then bad binary "$MOE is not executable"; echo "$pass passed, $failed failed"; exit 1; fi
-command -v python3 >/dev/null || { bad python3 "python3 is needed"; echo "$pass passed, $failed failed"; exit 1; }
-
-T=$(mktemp -d "${TMPDIR:-/tmp}/moe-crash.XXXXXX")
-trap 'rm -rf "$T"' EXIT
+. tests/lib.sh crash
+command -v python3 >/dev/null || { bad python3 "python3 is needed"; finish; }
 RANDOM=${CRASH_SEED:-4242}   # reproducible kill times
 
 python3 - "$T/corpus.txt" <<'PY'
@@ -191,5 +184,4 @@ fi
 [ "$(cat "$D" "$D.state" | md5sum)" = "$sum_before" ] && "$MOE" info --model "$D" >/dev/null 2>&1 \
     && ok "the last checkpoint is kept and loads" || bad "non-finite stop" "the checkpoint changed or does not load"
 
-echo "$pass passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish
