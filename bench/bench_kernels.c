@@ -135,11 +135,11 @@ static double time_matmul(const shape *s, int mode, int ref) {
         for (int it = -1; it < RUNS; it++) { /* one warm-up */
             double t0 = moe_now();
             if (mode == 0) {
-                if (ref) matmul_forward_ref(out, in, w, NULL, s->N, s->C, s->OC);
-                else matmul_forward(out, in, w, NULL, s->N, s->C, s->OC);
+                if (ref) matmul_forward_ref(out, in, w, NULL, s->N, s->C, s->OC, MATMUL_FP32);
+                else matmul_forward(out, in, w, NULL, s->N, s->C, s->OC, MATMUL_FP32);
             } else {
-                if (ref) matmul_backward_ref(din, dw, NULL, out, in, w, s->N, s->C, s->OC);
-                else matmul_backward(din, dw, NULL, out, in, w, s->N, s->C, s->OC);
+                if (ref) matmul_backward_ref(din, dw, NULL, out, in, w, s->N, s->C, s->OC, MATMUL_FP32);
+                else matmul_backward(din, dw, NULL, out, in, w, s->N, s->C, s->OC, MATMUL_FP32);
             }
             double dt = moe_now() - t0;
             if (it >= 0) v[it] = flops / dt * 1e-9;

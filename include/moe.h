@@ -68,12 +68,16 @@ typedef struct {
     float capacity_factor;      /* training: C = ceil(cf * k * N / E); 0 = dropless */
     float eval_capacity_factor; /* evaluation and generation; 0 = dropless         */
     int overflow;        /* over capacity, drop by MOE_OVERFLOW_POSITION / _SCORE */
+    /* ---- numerics ---- */
+    int matmul;          /* MOE_MATMUL_FP32, or _BF16: matmul inputs rounded to
+                            bfloat16, sums, weights, gradients and optimizer fp32 */
 } moe_config;
 
 /* values of the enum-like config fields (--set router=sigmoid also works) */
 enum { MOE_ROUTER_SOFTMAX = 0, MOE_ROUTER_SIGMOID = 1 };
 enum { MOE_ROUTING_TOKEN = 0, MOE_ROUTING_EXPERT = 1, MOE_ROUTING_SEQUENCE = 2 };
 enum { MOE_OVERFLOW_POSITION = 0, MOE_OVERFLOW_SCORE = 1 };
+enum { MOE_MATMUL_FP32 = 0, MOE_MATMUL_BF16 = 1 };
 
 MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name);
 MOE_API const char *const *moe_preset_names(void);  /* NULL-terminated */

@@ -75,11 +75,11 @@ static void test_matmul_hand(void) {
     const float dout[4] = {1, 0, 0, 1};
     for (int fast = 0; fast < 2; fast++) {
         float out[4], din[6] = {0}, dw[6] = {0}, db[2] = {0};
-        if (fast) matmul_forward(out, in, w, bias, 2, 3, 2);
-        else matmul_forward_ref(out, in, w, bias, 2, 3, 2);
+        if (fast) matmul_forward(out, in, w, bias, 2, 3, 2, MATMUL_FP32);
+        else matmul_forward_ref(out, in, w, bias, 2, 3, 2, MATMUL_FP32);
         for (int i = 0; i < 4; i++) CHECK(out[i] == want[i], "fast=%d out[%d]=%g", fast, i, out[i]);
-        if (fast) matmul_backward(din, dw, db, dout, in, w, 2, 3, 2);
-        else matmul_backward_ref(din, dw, db, dout, in, w, 2, 3, 2);
+        if (fast) matmul_backward(din, dw, db, dout, in, w, 2, 3, 2, MATMUL_FP32);
+        else matmul_backward_ref(din, dw, db, dout, in, w, 2, 3, 2, MATMUL_FP32);
         for (int i = 0; i < 6; i++) {
             CHECK(din[i] == w[i], "fast=%d din[%d]=%g", fast, i, din[i]);
             CHECK(dw[i] == in[i], "fast=%d dw[%d]=%g", fast, i, dw[i]);
@@ -100,12 +100,12 @@ static double matmul_compare(int N, int C, int OC, int variant) {
     float *db1 = vec(OC), *db2 = copy(db1, OC);
     const float *b = (variant & 1) ? bias : NULL;
     int use_din = !(variant & 2), use_dw = !(variant & 4);
-    matmul_forward(o1, in, w, b, N, C, OC);
-    matmul_forward_ref(o2, in, w, b, N, C, OC);
+    matmul_forward(o1, in, w, b, N, C, OC, MATMUL_FP32);
+    matmul_forward_ref(o2, in, w, b, N, C, OC, MATMUL_FP32);
     matmul_backward(use_din ? di1 : NULL, use_dw ? dw1 : NULL, (variant & 1) ? db1 : NULL, dout,
-                    in, w, N, C, OC);
+                    in, w, N, C, OC, MATMUL_FP32);
     matmul_backward_ref(use_din ? di2 : NULL, use_dw ? dw2 : NULL, (variant & 1) ? db2 : NULL,
-                        dout, in, w, N, C, OC);
+                        dout, in, w, N, C, OC, MATMUL_FP32);
     double e = rel_to_norm(o1, o2, (size_t)N * OC);
     e = fmax(e, rel_to_norm(di1, di2, (size_t)N * C));
     e = fmax(e, rel_to_norm(dw1, dw2, (size_t)OC * C));
@@ -148,36 +148,170 @@ static void test_matmul_batch_invariance_and_fallback(void) {
     int N = 300, C = 200, OC = 150;
     float *in = vec((size_t)N * C), *w = vec((size_t)OC * C), *bias = vec(OC);
     float *full = zeros((size_t)N * OC), *part = zeros((size_t)N * OC), *ref = zeros((size_t)N * OC);
-    matmul_forward(full, in, w, bias, N, C, OC);
+    matmul_forward(full, in, w, bias, N, C, OC, MATMUL_FP32);
     static const int sub[] = {1, 2, 7, 31, 64, 150};
     for (size_t i = 0; i < sizeof sub / sizeof sub[0]; i++) {
         int off = N - sub[i];
-        matmul_forward(part, in + (size_t)off * C, w, bias, sub[i], C, OC);
+        matmul_forward(part, in + (size_t)off * C, w, bias, sub[i], C, OC, MATMUL_FP32);
         CHECK(memcmp(part, full + (size_t)off * OC, (size_t)sub[i] * OC * sizeof(float)) == 0,
               "rows of a %d-row batch differ from the same rows of the %d-row batch", sub[i], N);
     }
-    matmul_forward_ref(ref, in, w, bias, N, C, OC);
+    matmul_forward_ref(ref, in, w, bias, N, C, OC, MATMUL_FP32);
     int was_ref = !moe_use_fast_kernels();
     moe_set_reference_kernels(1);
-    matmul_forward(part, in, w, bias, N, C, OC);
+    matmul_forward(part, in, w, bias, N, C, OC, MATMUL_FP32);
     moe_set_reference_kernels(was_ref);
     CHECK(memcmp(part, ref, (size_t)N * OC * sizeof(float)) == 0, "reference switch ignored");
     moe_alloc_fail_after(1);
-    matmul_forward(part, in, w, bias, N, C, OC);
+    matmul_forward(part, in, w, bias, N, C, OC, MATMUL_FP32);
     moe_alloc_fail_after(0);
     if (moe_use_fast_kernels())
         CHECK(memcmp(part, ref, (size_t)N * OC * sizeof(float)) == 0,
               "allocation failure did not fall back to the reference");
     /* backward still works without scratch (reads B in place) */
     float *dout = vec((size_t)N * OC), *d1 = zeros((size_t)OC * C), *d2 = zeros((size_t)OC * C);
-    matmul_backward(NULL, d1, NULL, dout, in, w, N, C, OC);
+    matmul_backward(NULL, d1, NULL, dout, in, w, N, C, OC, MATMUL_FP32);
     moe_alloc_fail_after(1);
-    matmul_backward(NULL, d2, NULL, dout, in, w, N, C, OC);
+    matmul_backward(NULL, d2, NULL, dout, in, w, N, C, OC, MATMUL_FP32);
     moe_alloc_fail_after(0);
     CHECK(memcmp(d1, d2, (size_t)OC * C * sizeof(float)) == 0,
           "dw differs when scratch allocation fails");
     free(in); free(w); free(bias); free(full); free(part); free(ref);
     free(dout); free(d1); free(d2);
+    TEST_END();
+}
+
+/* ---- bf16 matmul ------------------------------------------------------------
+ * Oracle: the exact (double) sum of the bf16-rounded products. The fp32 sum of
+ * K terms may differ from it by at most about K * 2^-24 * (sum of |terms|), the
+ * standard bound for recursive summation; the checks use (K + 2) * 2^-24. */
+
+static double bf16r(float x) { return bf16_to_float(bf16_from_float(x)); }
+
+static void test_bf16_rounding(void) {
+    TEST_CASE("bf16 rounding: hand cases, and the hardware conversion where present");
+    CHECK(bf16_from_float(1.0f) == 0x3f80, "1.0 -> %#x", bf16_from_float(1.0f));
+    /* 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to even (1.0) */
+    CHECK(bf16_from_float(1.00390625f) == 0x3f80, "tie to even down %#x", bf16_from_float(1.00390625f));
+    /* 1 + 3*2^-8 is halfway between 1+2^-7 (odd) and 1+2^-6: rounds up to even */
+    CHECK(bf16_from_float(1.01171875f) == 0x3f82, "tie to even up %#x", bf16_from_float(1.01171875f));
+    CHECK(bf16_from_float(-2.0f) == 0xc000, "-2 -> %#x", bf16_from_float(-2.0f));
+    CHECK(bf16_from_float(1e-40f) == 0 && bf16_from_float(-1e-40f) == 0x8000, "denormals to zero");
+    CHECK(bf16_from_float(INFINITY) == 0x7f80, "inf");
+    CHECK(isnan(bf16_to_float(bf16_from_float(NAN))), "NaN stays NaN");
+    CHECK(bf16_from_float(3.4e38f) == 0x7f80, "max float rounds to inf as RNE does");
+    int hw = moe_cpu()->avx512_bf16 && moe_cpu()->avx512bw;
+    if (hw) {
+        /* random bit patterns (all classes) and random near-tie values */
+        int bad = 0;
+        for (int i = 0; i < 200000; i++) {
+            uint32_t u = (uint32_t)moe_rng_u64(&rng);
+            if (i & 1) u = (u & 0xffff0000u) | 0x8000u | (u & 1u); /* ties and near-ties */
+            float f;
+            memcpy(&f, &u, 4);
+            uint16_t want = kernels_bf16_hw(f), got = bf16_from_float(f);
+            int both_nan = isnan(f) && isnan(bf16_to_float(got)) && isnan(bf16_to_float(want));
+            if (got != want && !both_nan && bad++ < 5)
+                CHECK(0, "bits %#010x: software %#06x, VCVTNEPS2BF16 %#06x", u, got, want);
+        }
+        CHECK(bad == 0, "%d of 200000 conversions differ from the hardware", bad);
+    } else {
+        printf("  (no AVX512_BF16 here: hardware comparison skipped)\n");
+    }
+    TEST_END();
+}
+
+/* worst |got - exact| / bound over one output array; exact and bound computed by f */
+typedef struct { double worst; int bad; } bound_acc;
+static void bound_note(bound_acc *a, double got, double exact, double mag, int K) {
+    double lim = (K + 2) * ldexp(1.0, -24) * mag + 1e-37;
+    double r = fabs(got - exact) / lim;
+    if (!(r <= a->worst)) a->worst = r != r ? INFINITY : r;
+}
+
+static double bf16_matmul_case(int N, int C, int OC, int fast, int *differs) {
+    float *in = vec((size_t)N * C), *w = vec((size_t)OC * C), *bias = vec(OC), *dout = vec((size_t)N * OC);
+    float *out = zeros((size_t)N * OC), *out32 = zeros((size_t)N * OC);
+    float *din0 = vec((size_t)N * C), *din = copy(din0, (size_t)N * C);
+    float *dw0 = vec((size_t)OC * C), *dw = copy(dw0, (size_t)OC * C);
+    if (fast) {
+        matmul_forward(out, in, w, bias, N, C, OC, MATMUL_BF16);
+        matmul_backward(din, dw, NULL, dout, in, w, N, C, OC, MATMUL_BF16);
+    } else {
+        matmul_forward_ref(out, in, w, bias, N, C, OC, MATMUL_BF16);
+        matmul_backward_ref(din, dw, NULL, dout, in, w, N, C, OC, MATMUL_BF16);
+    }
+    matmul_forward(out32, in, w, bias, N, C, OC, MATMUL_FP32);
+    bound_acc a = {0, 0};
+    for (int n = 0; n < N; n++)
+        for (int j = 0; j < OC; j++) {
+            double e = bias[j], mag = fabs(bias[j]);
+            for (int k = 0; k < C; k++) {
+                double t = bf16r(in[(size_t)n * C + k]) * bf16r(w[(size_t)j * C + k]);
+                e += t;
+                mag += fabs(t);
+            }
+            bound_note(&a, out[(size_t)n * OC + j], e, mag, C);
+            if (out[(size_t)n * OC + j] != out32[(size_t)n * OC + j]) *differs = 1;
+        }
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            double e = din0[(size_t)n * C + c], mag = fabs(e);
+            for (int j = 0; j < OC; j++) {
+                double t = bf16r(dout[(size_t)n * OC + j]) * bf16r(w[(size_t)j * C + c]);
+                e += t;
+                mag += fabs(t);
+            }
+            bound_note(&a, din[(size_t)n * C + c], e, mag, OC);
+        }
+    for (int j = 0; j < OC; j++)
+        for (int c = 0; c < C; c++) {
+            double e = dw0[(size_t)j * C + c], mag = fabs(e);
+            for (int n = 0; n < N; n++) {
+                double t = bf16r(dout[(size_t)n * OC + j]) * bf16r(in[(size_t)n * C + c]);
+                e += t;
+                mag += fabs(t);
+            }
+            bound_note(&a, dw[(size_t)j * C + c], e, mag, N);
+        }
+    free(in); free(w); free(bias); free(dout); free(out); free(out32);
+    free(din0); free(din); free(dw0); free(dw);
+    return a.worst;
+}
+
+static void test_matmul_bf16(void) {
+    TEST_CASE("bf16 matmul (fast and reference) vs exact sums of bf16-rounded products");
+    /* odd K (zero-padded pair), one row, several k blocks, row blocks, partial
+     * panels, both forward formulations, row- and column-major packing */
+    static const int sh[][3] = {{1, 3, 5},    {7, 33, 65},  {37, 130, 70}, {300, 520, 130},
+                                {5, 1030, 700}, {129, 513, 65}, {2, 2, 2000}, {64, 1, 33},
+                                {1, 192, 384}, {200, 64, 31}};
+    int differs = 0;
+    for (int fast = 0; fast < 2; fast++) {
+        double worst = 0;
+        for (size_t i = 0; i < sizeof sh / sizeof sh[0]; i++) {
+            double r = bf16_matmul_case(sh[i][0], sh[i][1], sh[i][2], fast, &differs);
+            CHECK(r <= 1.0, "%s N=%d C=%d OC=%d: error %.3g x the fp32 summation bound",
+                  fast ? "fast" : "reference", sh[i][0], sh[i][1], sh[i][2], r);
+            worst = fmax(worst, r);
+        }
+        printf("  %s: worst error %.3g x the fp32 summation bound\n", fast ? "fast" : "reference",
+               worst);
+    }
+    CHECK(differs, "bf16 results equal fp32 everywhere: inputs were not rounded");
+    /* a token's row does not depend on the rest of the batch */
+    int N = 300, C = 200, OC = 150;
+    float *in = vec((size_t)N * C), *w = vec((size_t)OC * C);
+    float *full = zeros((size_t)N * OC), *part = zeros((size_t)N * OC);
+    matmul_forward(full, in, w, NULL, N, C, OC, MATMUL_BF16);
+    static const int sub[] = {1, 5, 31, 150};
+    for (size_t i = 0; i < sizeof sub / sizeof sub[0]; i++) {
+        int off = N - sub[i];
+        matmul_forward(part, in + (size_t)off * C, w, NULL, sub[i], C, OC, MATMUL_BF16);
+        CHECK(memcmp(part, full + (size_t)off * OC, (size_t)sub[i] * OC * sizeof(float)) == 0,
+              "bf16: rows of a %d-row batch differ from the same rows of the %d-row batch", sub[i], N);
+    }
+    free(in); free(w); free(full); free(part);
     TEST_END();
 }
 
@@ -187,8 +321,8 @@ typedef struct {
 } mm_ctx;
 static double mm_loss(void *p) {
     mm_ctx *c = p;
-    if (c->fast) matmul_forward(c->out, c->in, c->w, c->bias, c->N, c->C, c->OC);
-    else matmul_forward_ref(c->out, c->in, c->w, c->bias, c->N, c->C, c->OC);
+    if (c->fast) matmul_forward(c->out, c->in, c->w, c->bias, c->N, c->C, c->OC, MATMUL_FP32);
+    else matmul_forward_ref(c->out, c->in, c->w, c->bias, c->N, c->C, c->OC, MATMUL_FP32);
     return dotw(c->out, c->R, (size_t)c->N * c->OC);
 }
 static void test_matmul_fd(void) {
@@ -197,8 +331,8 @@ static void test_matmul_fd(void) {
         mm_ctx c = {.N = 5, .C = 7, .OC = 6, .fast = fast};
         c.in = vec(35); c.w = vec(42); c.bias = vec(6); c.out = zeros(30); c.R = vec(30);
         float *din = zeros(35), *dw = zeros(42), *db = zeros(6);
-        if (fast) matmul_backward(din, dw, db, c.R, c.in, c.w, 5, 7, 6);
-        else matmul_backward_ref(din, dw, db, c.R, c.in, c.w, 5, 7, 6);
+        if (fast) matmul_backward(din, dw, db, c.R, c.in, c.w, 5, 7, 6, MATMUL_FP32);
+        else matmul_backward_ref(din, dw, db, c.R, c.in, c.w, 5, 7, 6, MATMUL_FP32);
         double e1 = fd_check(mm_loss, &c, c.in, din, 35, FD_EPS);
         double e2 = fd_check(mm_loss, &c, c.w, dw, 42, FD_EPS);
         double e3 = fd_check(mm_loss, &c, c.bias, db, 6, FD_EPS);
@@ -611,11 +745,15 @@ static void run_all(run_out *r, uint64_t seed) {
         float *in = vec((size_t)N * C), *w = vec((size_t)OC * C), *b = vec(OC);
         float *out = zeros((size_t)N * OC), *din = vec((size_t)N * C), *dw = vec((size_t)OC * C),
               *db = vec(OC);
-        matmul_forward(out, in, w, b, N, C, OC);
-        matmul_backward(din, dw, db, out, in, w, N, C, OC);
+        matmul_forward(out, in, w, b, N, C, OC, MATMUL_FP32);
+        matmul_backward(din, dw, db, out, in, w, N, C, OC, MATMUL_FP32);
+        float *ob = zeros((size_t)N * OC), *dib = vec((size_t)N * C), *dwb = vec((size_t)OC * C);
+        matmul_forward(ob, in, w, b, N, C, OC, MATMUL_BF16);
+        matmul_backward(dib, dwb, NULL, ob, in, w, N, C, OC, MATMUL_BF16);
         free(in); free(w); free(b);
         KEEP(out, (size_t)N * OC); KEEP(din, (size_t)N * C); KEEP(dw, (size_t)OC * C);
         KEEP(db, (size_t)OC);
+        KEEP(ob, (size_t)N * OC); KEEP(dib, (size_t)N * C); KEEP(dwb, (size_t)OC * C);
     }
     {
         int B = 2, T = 64, H = 4, KVH = 2, D = 32;
@@ -709,6 +847,8 @@ int main(void) {
     test_matmul_fast_vs_ref();
     test_matmul_batch_invariance_and_fallback();
     test_matmul_fd();
+    test_bf16_rounding();
+    test_matmul_bf16();
     test_rmsnorm();
     test_rope_hand();
     test_rope_fd();

@@ -409,10 +409,10 @@ int main(void) {
             for (int j = 0; j < K; j++) {
                 int e = c.r.ids[t * K + j];
                 float hg[F], hu[F], a[F], y[D];
-                matmul_forward_ref(hg, x + t * D, gate + (size_t)e * F * D, NULL, 1, D, F);
-                matmul_forward_ref(hu, x + t * D, up + (size_t)e * F * D, NULL, 1, D, F);
+                matmul_forward_ref(hg, x + t * D, gate + (size_t)e * F * D, NULL, 1, D, F, MATMUL_FP32);
+                matmul_forward_ref(hu, x + t * D, up + (size_t)e * F * D, NULL, 1, D, F, MATMUL_FP32);
                 swiglu_forward(a, hg, hu, 1, F);
-                matmul_forward_ref(y, a, down + (size_t)e * D * F, NULL, 1, F, D);
+                matmul_forward_ref(y, a, down + (size_t)e * D * F, NULL, 1, F, D, MATMUL_FP32);
                 for (int i = 0; i < D; i++) ref[i] += c.r.w[t * K + j] * y[i];
             }
             for (int i = 0; i < D; i++) worst = fmax(worst, fabs(ref[i] - out[t * D + i]));

@@ -22,11 +22,14 @@ static void on_progress(const moe_train_progress *p, void *u) {
 static moe_tokenizer *tok;
 static moe_dataset *data;
 
+static int tiny_matmul = MOE_MATMUL_FP32; /* precision of the models train_run makes */
+
 static moe_config tiny(void) {
     moe_config c;
     moe_config_preset(&c, "tiny");
     c.vocab_size = 300; c.d_model = 32; c.n_layers = 2; c.n_heads = 4; c.n_kv_heads = 2;
     c.d_ff = 48; c.n_experts = 4; c.top_k = 2; c.d_expert = 32; c.max_seq = 32;
+    c.matmul = tiny_matmul;
     return c;
 }
 
@@ -153,6 +156,41 @@ int main(void) {
         CHECK(!memcmp(a.loss, b.loss, sizeof(float) * 6), "losses differ: %.9g vs %.9g", a.loss[5], b.loss[5]);
         CHECK(params_equal(path, path2), "final weights differ");
         moe_set_threads(0);
+    }
+    TEST_END();
+
+    TEST_CASE("matmul=bf16 trains close to fp32, 1 = 2 threads, kept in the checkpoint");
+    {
+        loss_log f, a, b;
+        snprintf(path, sizeof path, "%s/f32.gguf", dir);
+        int rc = train_run(path, 24, 0, 0, &f);
+        tiny_matmul = MOE_MATMUL_BF16;
+        snprintf(path, sizeof path, "%s/b1.gguf", dir);
+        snprintf(path2, sizeof path2, "%s/b2.gguf", dir);
+        rc |= train_run(path, 24, 0, 1, &a) | train_run(path2, 24, 0, 2, &b);
+        tiny_matmul = MOE_MATMUL_FP32;
+        moe_set_threads(0);
+        CHECK(rc == 0 && f.n == 24 && a.n == 24 && b.n == 24, "runs failed");
+        CHECK(!memcmp(a.loss, b.loss, sizeof(float) * 24), "bf16 losses differ between 1 and 2 threads");
+        CHECK(params_equal(path, path2), "bf16 final weights differ between 1 and 2 threads");
+        /* Same initial weights: the first loss differs only by bf16 rounding of
+         * the matmul inputs (relative 2^-9 per value, averaging out). After
+         * that the two runs follow different trajectories (lr 1e-2), so later
+         * steps are only asked to learn as much. */
+        int same = 1;
+        for (int i = 0; i < 24 && rc == 0; i++) same &= a.loss[i] == f.loss[i];
+        double first = fabs(a.loss[0] - f.loss[0]) / f.loss[0];
+        double last = fabs(a.loss[23] - f.loss[23]) / f.loss[23];
+        printf("  first loss %.6f (bf16) vs %.6f (fp32); after 24 steps %.4f vs %.4f\n",
+               a.loss[0], f.loss[0], a.loss[23], f.loss[23]);
+        CHECK(!same, "bf16 losses equal fp32 bit for bit: the precision was not applied");
+        CHECK(first < 1e-4, "first bf16 loss differs from fp32 by %.3g (relative)", first);
+        CHECK(a.loss[23] < a.loss[0] - 1.0f && last < 0.05, "bf16 run learned %g -> %g (fp32 %g)",
+              a.loss[0], a.loss[23], f.loss[23]);
+        moe_model *m;
+        CHECK(moe_model_load(&m, path) == MOE_OK && m->cfg.matmul == MOE_MATMUL_BF16,
+              "the checkpoint lost matmul=bf16");
+        if (m) moe_model_free(m);
     }
     TEST_END();
 

@@ -11,20 +11,32 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Precision of a matmul's multiplies. FP32: plain fp32. BF16: both inputs
+ * rounded to bfloat16 (round to nearest even; denormals to zero), products
+ * summed in fp32 (AVX512_BF16 dot products on the fast path). Outputs,
+ * gradients and everything outside the multiply stay fp32. */
+typedef enum { MATMUL_FP32 = 0, MATMUL_BF16 = 1 } matmul_precision;
+uint16_t bf16_from_float(float f);
+float bf16_to_float(uint16_t h);
+/* The hardware conversion (VCVTNEPS2BF16) of one value, the oracle for
+ * bf16_from_float; call only when the CPU has AVX512_BF16. */
+uint16_t kernels_bf16_hw(float f);
+
 /* out[N][OC] = in[N][C] @ w[OC][C]^T (+ bias[OC] if non-NULL)
  * Each output row depends only on its own input row (not on N or the other
  * rows), in both paths: a token gets the same bits alone or in a batch. */
 void matmul_forward(float *out, const float *in, const float *w, const float *bias,
-                    int N, int C, int OC);
+                    int N, int C, int OC, matmul_precision prec);
 void matmul_forward_ref(float *out, const float *in, const float *w, const float *bias,
-                        int N, int C, int OC);
+                        int N, int C, int OC, matmul_precision prec);
 /* din[N][C] += dout[N][OC] @ w[OC][C]        (skipped when din is NULL)
  * dw[OC][C] += dout^T @ in                   (skipped when dw is NULL)
  * dbias[OC] += sum_n dout[n]                 (skipped when dbias is NULL) */
 void matmul_backward(float *din, float *dw, float *dbias, const float *dout, const float *in,
-                     const float *w, int N, int C, int OC);
+                     const float *w, int N, int C, int OC, matmul_precision prec);
 void matmul_backward_ref(float *din, float *dw, float *dbias, const float *dout,
-                         const float *in, const float *w, int N, int C, int OC);
+                         const float *in, const float *w, int N, int C, int OC,
+                         matmul_precision prec);
 
 /* out[N][C] = in * rstd * w; rstd[N] = 1/sqrt(mean(in^2) + eps) (saved for backward) */
 void rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int N, int C,
@@ -84,5 +96,5 @@ void crossentropy_softmax_backward(float *probs, const int32_t *targets, int N, 
 /* Peak-FLOP probe helpers for benchmarks: GFLOP/s of matmul_forward on random
  * [N][C] x [OC][C]^T data, best of reps timed calls after one warm-up
  * (negative if memory ran out). */
-double kernels_matmul_gflops(int N, int C, int OC, int reps);
+double kernels_matmul_gflops(int N, int C, int OC, int reps, matmul_precision prec);
 #endif

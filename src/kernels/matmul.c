@@ -38,8 +38,13 @@
 
 #define SERIAL_WORK 32768.0 /* N*C*OC below which OpenMP costs more than it gives */
 
+/* input value as the multiply sees it: itself, or rounded to bf16 */
+static inline float mm_in(float x, matmul_precision prec) {
+    return prec == MATMUL_BF16 ? bf16_to_float(bf16_from_float(x)) : x;
+}
+
 void matmul_forward_ref(float *out, const float *in, const float *w, const float *bias,
-                        int N, int C, int OC) {
+                        int N, int C, int OC, matmul_precision prec) {
     double work = (double)N * C * OC;
 #pragma omp parallel for schedule(static) if (work >= SERIAL_WORK)
     for (int n = 0; n < N; n++) {
@@ -48,7 +53,7 @@ void matmul_forward_ref(float *out, const float *in, const float *w, const float
         for (int j = 0; j < OC; j++) {
             const float *wr = w + (size_t)j * C;
             float s = 0.0f;
-            for (int k = 0; k < C; k++) s += x[k] * wr[k];
+            for (int k = 0; k < C; k++) s += mm_in(x[k], prec) * mm_in(wr[k], prec);
             o[j] = bias ? s + bias[j] : s;
         }
     }
@@ -75,7 +80,8 @@ static void dbias_accumulate(float *dbias, const float *dout, int N, int OC) {
 }
 
 void matmul_backward_ref(float *din, float *dw, float *dbias, const float *dout,
-                         const float *in, const float *w, int N, int C, int OC) {
+                         const float *in, const float *w, int N, int C, int OC,
+                         matmul_precision prec) {
     double work = (double)N * C * OC;
     if (din) {
         /* din[n][c] += sum_j dout[n][j] * w[j][c], j in increasing order */
@@ -84,10 +90,10 @@ void matmul_backward_ref(float *din, float *dw, float *dbias, const float *dout,
             float *di = din + (size_t)n * C;
             const float *d = dout + (size_t)n * OC;
             for (int j = 0; j < OC; j++) {
-                float g = d[j];
+                float g = mm_in(d[j], prec);
                 const float *wr = w + (size_t)j * C;
 #pragma omp simd
-                for (int c = 0; c < C; c++) di[c] += g * wr[c];
+                for (int c = 0; c < C; c++) di[c] += g * mm_in(wr[c], prec);
             }
         }
     }
@@ -97,10 +103,10 @@ void matmul_backward_ref(float *din, float *dw, float *dbias, const float *dout,
         for (int j = 0; j < OC; j++) {
             float *dwr = dw + (size_t)j * C;
             for (int n = 0; n < N; n++) {
-                float g = dout[(size_t)n * OC + j];
+                float g = mm_in(dout[(size_t)n * OC + j], prec);
                 const float *x = in + (size_t)n * C;
 #pragma omp simd
-                for (int c = 0; c < C; c++) dwr[c] += g * x[c];
+                for (int c = 0; c < C; c++) dwr[c] += g * mm_in(x[c], prec);
             }
         }
     }
@@ -126,6 +132,7 @@ typedef struct {
     float *Cm; ptrdiff_t ldc;             /* C(m,n) = Cm[m*ldc + n]                     */
     int init;                             /* 1: start from bias (or 0); 0: accumulate  */
     const float *bias;                    /* per column n, used when init              */
+    int bf16;                             /* 1: round A and B to bf16 (gemm_run_bf16)  */
 } gemm_desc;
 
 /* Micro-kernel: C[mr][nr] tile = (load_c ? C : bias row or 0) + A rows (mr of MR
@@ -134,27 +141,39 @@ typedef struct {
  * tile past mr re-read row 0 of A and are discarded, so no special edge kernel. */
 #define UK_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 
-__attribute__((target("avx512f,fma"))) static void
-ukernel(int kc, const float *a, ptrdiff_t as_m, ptrdiff_t as_k, int mr, const float *b,
-        ptrdiff_t ldb, float *c, ptrdiff_t ldc, int nr, int load_c, const float *bias) {
-    __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
-    __mmask16 m1 = nr >= 32 ? (__mmask16)0xffff
-                 : nr <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nr - 16)) - 1);
-    /* initial values: the C tile, or the bias row (or 0) for every row */
-    __m512 i0 = _mm512_setzero_ps(), i1 = _mm512_setzero_ps();
-    if (!load_c && bias) {
-        i0 = _mm512_maskz_loadu_ps(m0, bias);
-        i1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+/* Shared by the fp32 and bf16 micro-kernels: the masks of the tile's two
+ * 16-column halves, its initial values (the bias row or 0), and the
+ * accumulator registers c<r>0, c<r>1 of each row, loaded from C when
+ * accumulating and stored back at the end. */
+#define TILE_PROLOGUE                                                              \
+    __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);    \
+    __mmask16 m1 = nr >= 32 ? (__mmask16)0xffff                                    \
+                 : nr <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nr - 16)) - 1);   \
+    __m512 i0 = _mm512_setzero_ps(), i1 = _mm512_setzero_ps();                     \
+    if (!load_c && bias) {                                                         \
+        i0 = _mm512_maskz_loadu_ps(m0, bias);                                      \
+        i1 = _mm512_maskz_loadu_ps(m1, bias + 16);                                 \
     }
-#define UK_DECL(r)                                                                 \
-    const float *a##r = a + (r < mr ? r : 0) * as_m;                               \
+#define TILE_DECL(r)                                                               \
     __m512 c##r##0 = i0, c##r##1 = i1;                                             \
     if (load_c && r < mr) {                                                        \
         c##r##0 = _mm512_maskz_loadu_ps(m0, c + (ptrdiff_t)r * ldc);               \
         c##r##1 = _mm512_maskz_loadu_ps(m1, c + (ptrdiff_t)r * ldc + 16);          \
     }
-    UK_ROWS(UK_DECL)
-#undef UK_DECL
+#define TILE_STORE(r)                                                              \
+    if (r < mr) {                                                                  \
+        _mm512_mask_storeu_ps(c + (ptrdiff_t)r * ldc, m0, c##r##0);                \
+        _mm512_mask_storeu_ps(c + (ptrdiff_t)r * ldc + 16, m1, c##r##1);           \
+    }
+
+__attribute__((target("avx512f,fma"))) static void
+ukernel(int kc, const float *a, ptrdiff_t as_m, ptrdiff_t as_k, int mr, const float *b,
+        ptrdiff_t ldb, float *c, ptrdiff_t ldc, int nr, int load_c, const float *bias) {
+    TILE_PROLOGUE
+    UK_ROWS(TILE_DECL)
+#define UK_AROW(r) const float *a##r = a + (r < mr ? r : 0) * as_m;
+    UK_ROWS(UK_AROW)
+#undef UK_AROW
     if (!load_c) /* the tile is only stored at the end: fetch its lines for writing now */
         for (int r = 0; r < mr; r++) {
             __builtin_prefetch(c + (ptrdiff_t)r * ldc, 1);
@@ -179,13 +198,7 @@ ukernel(int kc, const float *a, ptrdiff_t as_m, ptrdiff_t as_k, int mr, const fl
         }
     }
 #undef UK_FMA
-#define UK_STORE(r)                                                                \
-    if (r < mr) {                                                                  \
-        _mm512_mask_storeu_ps(c + (ptrdiff_t)r * ldc, m0, c##r##0);                \
-        _mm512_mask_storeu_ps(c + (ptrdiff_t)r * ldc + 16, m1, c##r##1);           \
-    }
-    UK_ROWS(UK_STORE)
-#undef UK_STORE
+    UK_ROWS(TILE_STORE)
 }
 
 /* In-register 16x16 transpose: o[j][i] = r[i][j]. */
@@ -374,6 +387,8 @@ static void gemm_task(const gemm_desc *g, const float *Bp, int pbase, const floa
     }
 }
 
+static int gemm_run_bf16(const gemm_desc *g);
+
 /* Runs the GEMM. Returns 0, or -1 when scratch could not be allocated and the
  * layout needs it (caller falls back to the reference path). */
 static int gemm_run(const gemm_desc *g, int pack) {
@@ -388,6 +403,7 @@ static int gemm_run(const gemm_desc *g, int pack) {
             }
         return 0;
     }
+    if (g->bf16) return gemm_run_bf16(g);
     if (g->bs_n != 1) pack = 1;
     double work = (double)g->M * g->Nc * g->K;
     /* inside a parallel region (experts run side by side) stay on this thread */
@@ -467,6 +483,251 @@ static int gemm_run(const gemm_desc *g, int pack) {
     return 0;
 }
 
+/* ------------------------------------------------------------------------ */
+/* bf16 path: inputs rounded to bfloat16, products summed in fp32           */
+/* ------------------------------------------------------------------------ */
+/* Same GEMM shape as above, but both operands are packed as bf16 pairs along
+ * k and multiplied with VDPBF16PS (AVX512_BF16): each 32-bit lane holds
+ * (x[k], x[k+1]) for an even k, and one instruction adds a[k]*b[k] +
+ * a[k+1]*b[k+1] into an fp32 accumulator, twice the multiplies of an fp32 FMA.
+ * Products of two bf16 are exact in fp32; the sum is rounded in fp32, in
+ * increasing k (pairs) order, blocked over k only by storing and reloading C,
+ * so the determinism argument of the fp32 path holds unchanged: any thread
+ * count, task split or batch size gives the same bits. An odd K is padded with
+ * a zero pair element.
+ *
+ * Layouts (uint16_t elements, 32-bit words = pairs):
+ *   B panel p: word (kp, j) at Bp[(p*Kp + kp)*NR + j]    (NR = 32 columns)
+ *   A strip:   word (kp, r) at Ap[kp*MR + r]             (MR = 8 rows)     */
+
+#define KCP 256 /* k pairs per block: a B panel slice of KCP*NR words = 32 KB */
+
+/* fp32 -> bf16, round to nearest even, as VCVTNEPS2BF16: denormal inputs
+ * become signed zero, NaN stays NaN (quiet). */
+uint16_t bf16_from_float(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7f800000u) == 0) return (uint16_t)((u >> 16) & 0x8000u); /* zero/denormal */
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+uint16_t BF16_TARGET kernels_bf16_hw(float f) {
+    __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_set1_ps(f));
+    return (uint16_t)_mm256_extract_epi16(v, 0);
+}
+
+/* 16 floats -> 16 bf16 in a ymm */
+BF16_TARGET static inline __m256i cvt16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+/* Packs panel p of B (columns p*NR.., zero-padded) over all k pairs into dst. */
+BF16_TARGET static void pack_panel_bf16(uint16_t *dst, const gemm_desc *g, int p) {
+    int n0 = p * NR, nr = MOE_MIN(NR, g->Nc - n0), K = g->K, Kp = (K + 1) / 2;
+    if (g->bs_n == 1) { /* row-major B: interleave rows k and k+1 column by column */
+        const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                             24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+                                             1, 16, 0);
+        for (int h = 0; h < 2; h++) {
+            int nj = nr - h * 16;
+            __mmask16 mk = nj >= 16 ? (__mmask16)0xffff
+                         : nj <= 0 ? (__mmask16)0 : (__mmask16)((1u << nj) - 1);
+            const float *src = g->B + n0 + h * 16;
+            for (int kp = 0; kp < Kp; kp++) {
+                const float *r0 = src + (ptrdiff_t)(2 * kp) * g->bs_k;
+                __m512 x = _mm512_maskz_loadu_ps(mk, r0);
+                __m512 y = 2 * kp + 1 < K ? _mm512_maskz_loadu_ps(mk, r0 + g->bs_k)
+                                          : _mm512_setzero_ps();
+                __m512i xy = _mm512_inserti64x4(_mm512_castsi256_si512(cvt16(x)), cvt16(y), 1);
+                _mm512_storeu_si512(dst + ((size_t)kp * NR + h * 16) * 2,
+                                    _mm512_permutexvar_epi16(ilv, xy));
+            }
+        }
+        return;
+    }
+    /* B(k,n) = B[n*bs_n + k]: pairs are adjacent in memory. Convert 16 columns
+     * x 16 pairs at a time and transpose the 32-bit words. */
+    for (int h = 0; h < 2; h++) {
+        int j0 = h * 16, nj = nr - j0;
+        uint32_t *d32 = (uint32_t *)dst;
+        if (nj <= 0) {
+            for (int kp = 0; kp < Kp; kp++) memset(d32 + (size_t)kp * NR + j0, 0, 16 * 4);
+            continue;
+        }
+        const float *src = g->B + (size_t)(n0 + j0) * g->bs_n;
+        int kp = 0;
+        if (nj == 16) {
+            for (; 2 * kp + 32 <= K; kp += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; i++) {
+                    const float *s = src + (size_t)i * g->bs_n + 2 * kp;
+                    __m512i w = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(cvt16(_mm512_loadu_ps(s))),
+                        cvt16(_mm512_loadu_ps(s + 16)), 1);
+                    r[i] = _mm512_castsi512_ps(w);
+                }
+                transpose16(r);
+                for (int i = 0; i < 16; i++)
+                    _mm512_storeu_ps((float *)(d32 + (size_t)(kp + i) * NR + j0), r[i]);
+            }
+        }
+        for (; kp < Kp; kp++) {
+            uint32_t *d = d32 + (size_t)kp * NR + j0;
+            for (int j = 0; j < 16; j++) {
+                uint32_t lo = 0, hi = 0;
+                if (j < nj) {
+                    const float *s = src + (size_t)j * g->bs_n + 2 * kp;
+                    lo = bf16_from_float(s[0]);
+                    hi = 2 * kp + 1 < K ? bf16_from_float(s[1]) : 0;
+                }
+                d[j] = lo | hi << 16;
+            }
+        }
+    }
+}
+
+/* Packs rows [m0,m0+mr) x k [k0,k0+kc) of A into the strip layout (rows past
+ * mr and the odd k past K are zero). */
+BF16_TARGET static void pack_a_bf16(uint32_t *ap, const gemm_desc *g, int m0, int mr, int k0,
+                                    int kc) {
+    int kcp = (kc + 1) / 2;
+    if (g->as_m == 1) { /* column-major A: rows k, k+1 hold the MR values */
+        const __m256i ilv = _mm256_set_epi16(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+        __mmask16 mk = (__mmask16)((1u << mr) - 1);
+        const float *src = g->A + (ptrdiff_t)k0 * g->as_k + m0;
+        for (int kp = 0; kp < kcp; kp++, src += 2 * g->as_k) {
+            __m512 x = _mm512_maskz_loadu_ps(mk, src);
+            if (2 * kp + 1 < kc) /* y into lanes 8..15 */
+                x = _mm512_mask_loadu_ps(x, (__mmask16)(mk << 8), src + g->as_k - 8);
+            _mm256_storeu_si256((__m256i *)(ap + (size_t)kp * MR),
+                                _mm256_permutexvar_epi16(ilv, cvt16(x)));
+        }
+        return;
+    }
+    /* row-major A: each row's pairs are adjacent; scatter its words to stride MR */
+    for (int r = 0; r < MR; r++) {
+        uint32_t *d = ap + r;
+        if (r >= mr) {
+            for (int kp = 0; kp < kcp; kp++) d[(size_t)kp * MR] = 0;
+            continue;
+        }
+        const float *s = g->A + (ptrdiff_t)(m0 + r) * g->as_m + (ptrdiff_t)k0 * g->as_k;
+        int kp = 0;
+        uint32_t w[16];
+        for (; 2 * kp + 32 <= kc; kp += 16) {
+            __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(cvt16(_mm512_loadu_ps(s + 2 * kp))),
+                                           cvt16(_mm512_loadu_ps(s + 2 * kp + 16)), 1);
+            _mm512_storeu_si512(w, v);
+            for (int i = 0; i < 16; i++) d[(size_t)(kp + i) * MR] = w[i];
+        }
+        for (; kp < kcp; kp++) {
+            uint32_t lo = bf16_from_float(s[2 * kp]);
+            uint32_t hi = 2 * kp + 1 < kc ? bf16_from_float(s[2 * kp + 1]) : 0;
+            d[(size_t)kp * MR] = lo | hi << 16;
+        }
+    }
+}
+
+/* Micro-kernel: C tile (mr x nr) = (load_c ? C : bias or 0) + A strip . B panel
+ * slice, over kcp pairs. */
+BF16_TARGET static void ukernel_bf16(int kcp, const uint32_t *ap, const uint16_t *b, float *c,
+                                     ptrdiff_t ldc, int mr, int nr, int load_c,
+                                     const float *bias) {
+    TILE_PROLOGUE
+    UK_ROWS(TILE_DECL)
+#define UKB_DOT(r)                                                                 \
+    {                                                                              \
+        __m512bh av = (__m512bh)_mm512_set1_epi32((int)ap[r]);                     \
+        c##r##0 = _mm512_dpbf16_ps(c##r##0, av, b0);                               \
+        c##r##1 = _mm512_dpbf16_ps(c##r##1, av, b1);                               \
+    }
+    for (int kp = 0; kp < kcp; kp++, ap += MR, b += 2 * NR) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + NR);
+        UK_ROWS(UKB_DOT)
+    }
+#undef UKB_DOT
+    UK_ROWS(TILE_STORE)
+}
+
+/* One task of the bf16 GEMM: rows [m0,m1) x panels [p0,p1); Bp holds the
+ * packed panels from pbase; ap is this thread's strip scratch (MCB*KCP words). */
+BF16_TARGET static void gemm_task_bf16(const gemm_desc *g, const uint16_t *Bp, int pbase,
+                                       uint32_t *ap, int m0, int m1, int p0, int p1) {
+    enum { PCH = 16 };
+    int Kp = (g->K + 1) / 2;
+    for (int pc0 = p0; pc0 < p1; pc0 += PCH) {
+        int pc1 = MOE_MIN(p1, pc0 + PCH);
+        for (int k0 = 0; k0 < g->K; k0 += 2 * KCP) {
+            int kc = MOE_MIN(2 * KCP, g->K - k0), kcp = (kc + 1) / 2;
+            for (int m = m0; m < m1; m += MR)
+                pack_a_bf16(ap + (size_t)(m - m0) * kcp, g, m, MOE_MIN(MR, m1 - m), k0, kc);
+            for (int p = pc0; p < pc1; p++) {
+                int n = p * NR, nr = MOE_MIN(NR, g->Nc - n);
+                const uint16_t *b = Bp + ((size_t)(p - pbase) * Kp + k0 / 2) * NR * 2;
+                for (int m = m0; m < m1; m += MR)
+                    ukernel_bf16(kcp, ap + (size_t)(m - m0) * kcp, b, g->Cm + (ptrdiff_t)m * g->ldc + n,
+                                 g->ldc, MOE_MIN(MR, m1 - m), nr, !(g->init && k0 == 0),
+                                 g->bias ? g->bias + n : NULL);
+            }
+        }
+    }
+}
+
+/* Runs the GEMM in bf16. Returns 0, or -1 when scratch is unavailable. */
+static int gemm_run_bf16(const gemm_desc *g) {
+    if (g->M <= 0 || g->Nc <= 0) return 0;
+    int np = (g->Nc + NR - 1) / NR, Kp = (g->K + 1) / 2;
+    double work = (double)g->M * g->Nc * g->K;
+    int nthr = work >= SERIAL_WORK && !omp_in_parallel() ? omp_get_max_threads() : 1;
+    if (nthr < 1) nthr = 1;
+    size_t per = (size_t)Kp * NR * 2; /* uint16 per packed panel */
+    int slab = (int)MOE_MAX((size_t)1, 2 * (size_t)SLAB_FLOATS / per);
+    if (slab > np) slab = np;
+    int nrb = (g->M + MCB - 1) / MCB;
+    int want = nthr > 1 ? 8 * nthr : 1;
+    int mcb = ((g->M + nrb - 1) / nrb + MR - 1) / MR * MR;
+    nrb = (g->M + mcb - 1) / mcb;
+    uint16_t *Bp = moe_malloc((size_t)slab * per * sizeof(uint16_t));
+    uint32_t *Ap = moe_malloc((size_t)nthr * mcb * KCP * sizeof(uint32_t));
+    if (!Bp || !Ap) {
+        moe_free(Bp);
+        moe_free(Ap);
+        return -1;
+    }
+    for (int ps = 0; ps < np; ps += slab) {
+        int pe = MOE_MIN(np, ps + slab), nps = pe - ps;
+        int groups = MOE_MAX(1, MOE_MIN((want + nrb - 1) / nrb, nps));
+        int ppg = (nps + groups - 1) / groups;
+        groups = (nps + ppg - 1) / ppg;
+        int ntasks = nrb * groups;
+#pragma omp parallel num_threads(nthr) if (nthr > 1)
+        {
+            uint32_t *ap = Ap + (size_t)omp_get_thread_num() * mcb * KCP;
+#pragma omp for schedule(static)
+            for (int p = ps; p < pe; p++) pack_panel_bf16(Bp + (size_t)(p - ps) * per, g, p);
+#pragma omp for schedule(dynamic, 1)
+            for (int t = 0; t < ntasks; t++) {
+                int rb = t / groups, gi = t % groups;
+                int m0 = rb * mcb, m1 = MOE_MIN(g->M, m0 + mcb);
+                int p0 = ps + gi * ppg, p1 = MOE_MIN(pe, p0 + ppg);
+                gemm_task_bf16(g, Bp, ps, ap, m0, m1, p0, p1);
+            }
+        }
+    }
+    moe_free(Bp);
+    moe_free(Ap);
+    return 0;
+}
+
 /* Packing a row-major B (a copy) pays off once its panels are reused by enough
  * rows of A and its rows are far apart (long rows alias in L1); otherwise the
  * micro-kernel reads B in place. Either way the arithmetic is the same. */
@@ -478,7 +739,7 @@ static int gemm_run(const gemm_desc *g, int pack) {
  * increasing k, so results equal the direct formulation bit for bit.
  * Returns -1 if scratch is unavailable. */
 static int forward_transposed(float *out, const float *in, const float *w, const float *bias,
-                              int N, int C, int OC) {
+                              int N, int C, int OC, int bf16) {
     float *T = moe_malloc((size_t)OC * N * sizeof(float));
     if (!T) return -1;
     double work = (double)N * C * OC;
@@ -488,7 +749,7 @@ static int forward_transposed(float *out, const float *in, const float *w, const
         for (int n = 0; n < N; n++) T[(size_t)m * N + n] = v;
     }
     gemm_desc g = {.M = OC, .Nc = N, .K = C, .A = w, .as_m = C, .as_k = 1,
-                   .B = in, .bs_k = 1, .bs_n = C, .Cm = T, .ldc = N};
+                   .B = in, .bs_k = 1, .bs_n = C, .Cm = T, .ldc = N, .bf16 = bf16};
     if (gemm_run(&g, 1) != 0) {
         moe_free(T);
         return -1;
@@ -507,41 +768,55 @@ static int forward_transposed(float *out, const float *in, const float *w, const
     return 0;
 }
 
+/* The bf16 fast path needs AVX512_BF16 on top of the fp32 path's AVX-512. */
+static int fast_path(matmul_precision prec) {
+    if (!moe_use_fast_kernels()) return 0;
+    return prec != MATMUL_BF16 || (moe_cpu()->avx512_bf16 && moe_cpu()->avx512bw);
+}
+
 void matmul_forward(float *out, const float *in, const float *w, const float *bias, int N, int C,
-                    int OC) {
-    if (!moe_use_fast_kernels()) {
-        matmul_forward_ref(out, in, w, bias, N, C, OC);
+                    int OC, matmul_precision prec) {
+    if (!fast_path(prec)) {
+        matmul_forward_ref(out, in, w, bias, N, C, OC, prec);
         return;
     }
+    int bf16 = prec == MATMUL_BF16;
     if (N <= 0 || OC <= 0) return;
     /* Pick the operand to transpose into panels by a rough cost model (ns):
      * compute at ~140 flop/ns incl. padding of the vectorised dimension, packing
-     * ~0.4 ns per element, transposing the result back ~0.6 ns per element. */
+     * ~0.4 ns per element, transposing the result back ~0.6 ns per element
+     * (bf16: twice the compute rate). */
     double cw = (double)C * OC, np8 = (N + 7) / 8 * 8.0, np32 = (N + 31) / 32 * 32.0;
-    double cost_direct = 2.0 * np8 * cw / 140.0 + 0.4 * cw;
-    double cost_trans = 2.0 * np32 * cw / 140.0 + 0.4 * (double)N * C + 0.6 * (double)N * OC;
-    if (C > 0 && cost_trans < cost_direct && forward_transposed(out, in, w, bias, N, C, OC) == 0)
+    double rate = bf16 ? 280.0 : 140.0;
+    double cost_direct = 2.0 * np8 * cw / rate + 0.4 * cw;
+    double cost_trans = 2.0 * np32 * cw / rate + 0.4 * (double)N * C + 0.6 * (double)N * OC;
+    if (C > 0 && cost_trans < cost_direct &&
+        forward_transposed(out, in, w, bias, N, C, OC, bf16) == 0)
         return;
     gemm_desc g = {.M = N, .Nc = OC, .K = C, .A = in, .as_m = C, .as_k = 1,
-                   .B = w, .bs_k = 1, .bs_n = C, .Cm = out, .ldc = OC, .init = 1, .bias = bias};
-    if (gemm_run(&g, 1) != 0) matmul_forward_ref(out, in, w, bias, N, C, OC);
+                   .B = w, .bs_k = 1, .bs_n = C, .Cm = out, .ldc = OC, .init = 1, .bias = bias,
+                   .bf16 = bf16};
+    if (gemm_run(&g, 1) != 0) matmul_forward_ref(out, in, w, bias, N, C, OC, prec);
 }
 
 void matmul_backward(float *din, float *dw, float *dbias, const float *dout, const float *in,
-                     const float *w, int N, int C, int OC) {
-    if (!moe_use_fast_kernels()) {
-        matmul_backward_ref(din, dw, dbias, dout, in, w, N, C, OC);
+                     const float *w, int N, int C, int OC, matmul_precision prec) {
+    if (!fast_path(prec)) {
+        matmul_backward_ref(din, dw, dbias, dout, in, w, N, C, OC, prec);
         return;
     }
+    int bf16 = prec == MATMUL_BF16;
     if (din) { /* din[N][C] += dout[N][OC] . w[OC][C] */
         gemm_desc g = {.M = N, .Nc = C, .K = OC, .A = dout, .as_m = OC, .as_k = 1,
-                       .B = w, .bs_k = C, .bs_n = 1, .Cm = din, .ldc = C};
-        gemm_run(&g, N >= PACK_MIN_ROWS && C > 64);
+                       .B = w, .bs_k = C, .bs_n = 1, .Cm = din, .ldc = C, .bf16 = bf16};
+        if (gemm_run(&g, N >= PACK_MIN_ROWS && C > 64) != 0)
+            matmul_backward_ref(din, NULL, NULL, dout, in, w, N, C, OC, prec);
     }
     if (dw) { /* dw[OC][C] += dout^T . in, summing over n in order */
         gemm_desc g = {.M = OC, .Nc = C, .K = N, .A = dout, .as_m = 1, .as_k = OC,
-                       .B = in, .bs_k = C, .bs_n = 1, .Cm = dw, .ldc = C};
-        gemm_run(&g, OC >= PACK_MIN_ROWS && C > 64);
+                       .B = in, .bs_k = C, .bs_n = 1, .Cm = dw, .ldc = C, .bf16 = bf16};
+        if (gemm_run(&g, OC >= PACK_MIN_ROWS && C > 64) != 0)
+            matmul_backward_ref(NULL, dw, NULL, dout, in, w, N, C, OC, prec);
     }
     if (dbias) dbias_accumulate(dbias, dout, N, OC);
 }
@@ -552,7 +827,7 @@ void matmul_backward(float *din, float *dw, float *dbias, const float *dout, con
 
 /* GFLOP/s of matmul_forward at [N][C] x [OC][C]^T: one warm-up call, then reps
  * timed calls; returns the best of them (negative if memory ran out). */
-double kernels_matmul_gflops(int N, int C, int OC, int reps) {
+double kernels_matmul_gflops(int N, int C, int OC, int reps, matmul_precision prec) {
     if (N <= 0 || C <= 0 || OC <= 0) return -1.0;
     if (reps < 1) reps = 1;
     float *in = moe_malloc((size_t)N * C * sizeof(float));
@@ -564,10 +839,10 @@ double kernels_matmul_gflops(int N, int C, int OC, int reps) {
         moe_rng_seed(&r, 1234);
         for (size_t i = 0; i < (size_t)N * C; i++) in[i] = moe_rng_uniform(&r) - 0.5f;
         for (size_t i = 0; i < (size_t)OC * C; i++) w[i] = moe_rng_uniform(&r) - 0.5f;
-        matmul_forward(out, in, w, NULL, N, C, OC);
+        matmul_forward(out, in, w, NULL, N, C, OC, prec);
         for (int i = 0; i < reps; i++) {
             double t0 = moe_now();
-            matmul_forward(out, in, w, NULL, N, C, OC);
+            matmul_forward(out, in, w, NULL, N, C, OC, prec);
             double dt = moe_now() - t0;
             double gf = 2.0 * N * C * OC / (dt > 1e-9 ? dt : 1e-9) * 1e-9;
             if (gf > best) best = gf;

@@ -150,6 +150,7 @@ typedef struct { const char *key; int kind; size_t off; const char *const *names
 static const char *const router_names[] = {"softmax", "sigmoid", NULL};
 static const char *const routing_names[] = {"token_choice", "expert_choice", "sequence", NULL};
 static const char *const overflow_names[] = {"position", "score", NULL};
+static const char *const matmul_names[] = {"fp32", "bf16", NULL};
 #define FI(k) {#k, K_INT, offsetof(moe_config, k), NULL}
 #define FF(k) {#k, K_FLOAT, offsetof(moe_config, k), NULL}
 #define FE(k, n) {#k, K_ENUM, offsetof(moe_config, k), n}
@@ -161,7 +162,7 @@ static const field fields[] = {
     FE(router, router_names), FE(routing, routing_names), FF(routed_scale), FI(n_group),
     FI(topk_group), FF(router_jitter), FI(n_shared_experts), FI(d_shared), FI(shared_gate),
     FF(seq_aux_coef), FI(expert_bias), FF(bias_rate), FF(capacity_factor),
-    FF(eval_capacity_factor), FE(overflow, overflow_names),
+    FF(eval_capacity_factor), FE(overflow, overflow_names), FE(matmul, matmul_names),
 };
 #define N_FIELDS (int)(sizeof fields / sizeof fields[0])
 #define N_REQUIRED 19
@@ -255,6 +256,7 @@ moe_status moe_config_validate(const moe_config *c) {
     REQ(c->router == MOE_ROUTER_SOFTMAX || c->router == MOE_ROUTER_SIGMOID, "router must be softmax or sigmoid");
     REQ(c->routing >= MOE_ROUTING_TOKEN && c->routing <= MOE_ROUTING_SEQUENCE, "routing must be token_choice, expert_choice or sequence");
     REQ(c->overflow == MOE_OVERFLOW_POSITION || c->overflow == MOE_OVERFLOW_SCORE, "overflow must be position or score");
+    REQ(c->matmul == MOE_MATMUL_FP32 || c->matmul == MOE_MATMUL_BF16, "matmul must be fp32 or bf16");
     REQ(c->routed_scale > 0 && c->routed_scale < 1000, "routed_scale must be in (0, 1000)");
     REQ(c->router_jitter >= 0 && c->router_jitter < 1, "router_jitter must be in [0, 1)");
     REQ(c->seq_aux_coef >= 0, "seq_aux_coef must be >= 0");

@@ -182,6 +182,10 @@ void model_update_bias(moe_model *m) {
     }
 }
 
+matmul_precision model_matmul(const moe_config *c) {
+    return c->matmul == MOE_MATMUL_BF16 ? MATMUL_BF16 : MATMUL_FP32;
+}
+
 moe_route_opts model_route_opts(const moe_model *m, int layer, int T) {
     const moe_config *c = &m->cfg;
     moe_route_opts o = {
@@ -192,6 +196,7 @@ moe_route_opts model_route_opts(const moe_model *m, int layer, int T) {
         .jitter = m->training ? c->router_jitter : 0.0f,
         /* one independent stream per layer and micro-batch */
         .jitter_seed = m->jitter_seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(layer + 1)),
+        .matmul = model_matmul(c),
     };
     return o;
 }
@@ -335,6 +340,7 @@ static void add_into(float *out, const float *a, const float *b, size_t n) {
 moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
                          int T, model_losses *losses) {
     const moe_config *c = &m->cfg;
+    const matmul_precision mm = model_matmul(c);
     moe_status st = model_alloc_acts(m, B, T);
     if (st) return st;
     model_acts *a = &m->acts;
@@ -352,13 +358,13 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         const layer_weights *W = &m->w.layers[l];
         float *x_out = (l + 1 < c->n_layers) ? a->layers[l + 1].x_in : a->x_final;
         rmsnorm_forward(A->hn1, A->rstd1, A->x_in, W->attn_norm, N, d, c->norm_eps);
-        matmul_forward(A->q, A->hn1, W->wq, NULL, N, d, H * hd);
-        matmul_forward(A->k, A->hn1, W->wk, NULL, N, d, KVH * hd);
-        matmul_forward(A->v, A->hn1, W->wv, NULL, N, d, KVH * hd);
+        matmul_forward(A->q, A->hn1, W->wq, NULL, N, d, H * hd, mm);
+        matmul_forward(A->k, A->hn1, W->wk, NULL, N, d, KVH * hd, mm);
+        matmul_forward(A->v, A->hn1, W->wv, NULL, N, d, KVH * hd, mm);
         rope_forward(A->q, a->pos, N, H, hd, c->rope_base);
         rope_forward(A->k, a->pos, N, KVH, hd, c->rope_base);
         attention_forward(A->atto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd);
-        matmul_forward(a->dh, A->atto, W->wo, NULL, N, H * hd, d);
+        matmul_forward(a->dh, A->atto, W->wo, NULL, N, H * hd, d, mm);
         add_into(A->x_mid, A->x_in, a->dh, (size_t)N * d);
         rmsnorm_forward(A->hn2, A->rstd2, A->x_mid, W->ffn_norm, N, d, c->norm_eps);
         if (W->router) {
@@ -371,16 +377,16 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
             stats_add(m, L.n_moe, &A->moe.r);
             L.n_moe++;
         } else {
-            matmul_forward(A->hg, A->hn2, W->ffn_gate, NULL, N, d, c->d_ff);
-            matmul_forward(A->hu, A->hn2, W->ffn_up, NULL, N, d, c->d_ff);
+            matmul_forward(A->hg, A->hn2, W->ffn_gate, NULL, N, d, c->d_ff, mm);
+            matmul_forward(A->hu, A->hn2, W->ffn_up, NULL, N, d, c->d_ff, mm);
             swiglu_forward(A->act, A->hg, A->hu, N, c->d_ff);
-            matmul_forward(a->dh, A->act, W->ffn_down, NULL, N, c->d_ff, d);
+            matmul_forward(a->dh, A->act, W->ffn_down, NULL, N, c->d_ff, d, mm);
         }
         add_into(x_out, A->x_mid, a->dh, (size_t)N * d);
     }
     if (L.n_moe) m->stats.calls++;
     rmsnorm_forward(a->hnf, a->rstdf, a->x_final, m->w.output_norm, N, d, c->norm_eps);
-    matmul_forward(a->logits, a->hnf, m->w.output, NULL, N, d, V);
+    matmul_forward(a->logits, a->hnf, m->w.output, NULL, N, d, V, mm);
     if (targets) {
         int counted = 0;
         for (int i = 0; i < N; i++) counted += targets[i] >= 0;
@@ -400,6 +406,7 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
 /* ---- training backward ---- */
 void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets, float loss_scale) {
     const moe_config *c = &m->cfg;
+    const matmul_precision mm = model_matmul(c);
     model_acts *a = &m->acts;
     const int B = a->B, T = a->T, N = B * T, d = c->d_model, hd = head_dim(c);
     const int H = c->n_heads, KVH = c->n_kv_heads, V = c->vocab_size, F = c->d_ff;
@@ -407,7 +414,7 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
     for (int i = 0; i < N; i++) counted += targets[i] >= 0;
     crossentropy_softmax_backward(a->dlogits, targets, N, V, counted ? loss_scale / counted : 0.0f);
     moe_zero(a->dh, (size_t)N * d);
-    matmul_backward(a->dh, m->g.output, NULL, a->dlogits, a->hnf, m->w.output, N, d, V);
+    matmul_backward(a->dh, m->g.output, NULL, a->dlogits, a->hnf, m->w.output, N, d, V, mm);
     float *dx = a->dx, *dx2 = a->dx2;
     moe_zero(dx, (size_t)N * d);
     rmsnorm_backward(dx, m->g.output_norm, a->dh, a->x_final, m->w.output_norm, a->rstdf, N, d);
@@ -428,18 +435,18 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
             moe_backward(a->dh, &mg, dx, &A->moe, A->hn2, &mw, &ro, ls);
         } else {
             moe_zero(a->dff1, N * F);
-            matmul_backward(a->dff1, G->ffn_down, NULL, dx, A->act, W->ffn_down, N, F, d);
+            matmul_backward(a->dff1, G->ffn_down, NULL, dx, A->act, W->ffn_down, N, F, d, mm);
             moe_zero(a->dff2, N * F);
             moe_zero(a->dff3, N * F);
             swiglu_backward(a->dff2, a->dff3, a->dff1, A->hg, A->hu, N, F);
-            matmul_backward(a->dh, G->ffn_gate, NULL, a->dff2, A->hn2, W->ffn_gate, N, d, F);
-            matmul_backward(a->dh, G->ffn_up, NULL, a->dff3, A->hn2, W->ffn_up, N, d, F);
+            matmul_backward(a->dh, G->ffn_gate, NULL, a->dff2, A->hn2, W->ffn_gate, N, d, F, mm);
+            matmul_backward(a->dh, G->ffn_up, NULL, a->dff3, A->hn2, W->ffn_up, N, d, F, mm);
         }
         rmsnorm_backward(dx2, G->ffn_norm, a->dh, A->x_mid, W->ffn_norm, A->rstd2, N, d);
         /* x_mid = x_in + wo(attention(norm(x_in))); dx2 holds d(x_mid) */
         memcpy(dx, dx2, sizeof(float) * N * d);
         moe_zero(a->datto, (size_t)N * H * hd);
-        matmul_backward(a->datto, G->wo, NULL, dx2, A->atto, W->wo, N, H * hd, d);
+        matmul_backward(a->datto, G->wo, NULL, dx2, A->atto, W->wo, N, H * hd, d, mm);
         moe_zero(a->dq, (size_t)N * H * hd);
         moe_zero(a->dk, (size_t)N * KVH * hd);
         moe_zero(a->dv, (size_t)N * KVH * hd);
@@ -447,9 +454,9 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         rope_backward(a->dq, a->pos, N, H, hd, c->rope_base);
         rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base);
         moe_zero(a->dh, (size_t)N * d);
-        matmul_backward(a->dh, G->wq, NULL, a->dq, A->hn1, W->wq, N, d, H * hd);
-        matmul_backward(a->dh, G->wk, NULL, a->dk, A->hn1, W->wk, N, d, KVH * hd);
-        matmul_backward(a->dh, G->wv, NULL, a->dv, A->hn1, W->wv, N, d, KVH * hd);
+        matmul_backward(a->dh, G->wq, NULL, a->dq, A->hn1, W->wq, N, d, H * hd, mm);
+        matmul_backward(a->dh, G->wk, NULL, a->dk, A->hn1, W->wk, N, d, KVH * hd, mm);
+        matmul_backward(a->dh, G->wv, NULL, a->dv, A->hn1, W->wv, N, d, KVH * hd, mm);
         rmsnorm_backward(dx, G->attn_norm, a->dh, A->x_in, W->attn_norm, A->rstd1, N, d);
     }
     /* embedding rows: parallel over columns so each element sums tokens in order */
@@ -483,6 +490,7 @@ static moe_status alloc_decode(moe_model *m) {
 
 moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
     const moe_config *c = &m->cfg;
+    const matmul_precision mm = model_matmul(c);
     if (token < 0 || token >= c->vocab_size) return moe_error(MOE_ERR_INVALID_ARG, "token id %d out of range", token);
     if (pos < 0 || pos >= c->max_seq) return moe_error(MOE_ERR_INVALID_ARG, "position %d beyond the context length %d", pos, c->max_seq);
     moe_status st = alloc_decode(m);
@@ -500,9 +508,9 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
         const layer_weights *W = &m->w.layers[l];
         float *kc = m->kcache + (size_t)l * c->max_seq * kd, *vc = m->vcache + (size_t)l * c->max_seq * kd;
         rmsnorm_forward(h, &rstd, x, W->attn_norm, 1, d, c->norm_eps);
-        matmul_forward(q, h, W->wq, NULL, 1, d, qd);
-        matmul_forward(kc + (size_t)pos * kd, h, W->wk, NULL, 1, d, kd);
-        matmul_forward(vc + (size_t)pos * kd, h, W->wv, NULL, 1, d, kd);
+        matmul_forward(q, h, W->wq, NULL, 1, d, qd, mm);
+        matmul_forward(kc + (size_t)pos * kd, h, W->wk, NULL, 1, d, kd, mm);
+        matmul_forward(vc + (size_t)pos * kd, h, W->wv, NULL, 1, d, kd, mm);
         rope_forward(q, &p32, 1, H, hd, c->rope_base);
         rope_forward(kc + (size_t)pos * kd, &p32, 1, KVH, hd, c->rope_base);
         const float scale = 1.0f / sqrtf((float)hd);
@@ -526,7 +534,7 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
                 for (int i = 0; i < hd; i++) oh[i] += p * vt[i];
             }
         }
-        matmul_forward(o, att_o, W->wo, NULL, 1, qd, d);
+        matmul_forward(o, att_o, W->wo, NULL, 1, qd, d, mm);
         for (int i = 0; i < d; i++) x[i] += o[i];
         rmsnorm_forward(h, &rstd, x, W->ffn_norm, 1, d, c->norm_eps);
         if (W->router) {
@@ -539,14 +547,14 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
             moe_weights mw = layer_moe_weights(W);
             moe_forward(tmp, &m->dec_moe, h, &mw, 1, &ro);
         } else {
-            matmul_forward(g1, h, W->ffn_gate, NULL, 1, d, c->d_ff);
-            matmul_forward(g2, h, W->ffn_up, NULL, 1, d, c->d_ff);
+            matmul_forward(g1, h, W->ffn_gate, NULL, 1, d, c->d_ff, mm);
+            matmul_forward(g2, h, W->ffn_up, NULL, 1, d, c->d_ff, mm);
             swiglu_forward(g3, g1, g2, 1, c->d_ff);
-            matmul_forward(tmp, g3, W->ffn_down, NULL, 1, c->d_ff, d);
+            matmul_forward(tmp, g3, W->ffn_down, NULL, 1, c->d_ff, d, mm);
         }
         for (int i = 0; i < d; i++) x[i] += tmp[i];
     }
     rmsnorm_forward(xf, &rstd, x, m->w.output_norm, 1, d, c->norm_eps);
-    matmul_forward(logits, xf, m->w.output, NULL, 1, d, c->vocab_size);
+    matmul_forward(logits, xf, m->w.output, NULL, 1, d, c->vocab_size, mm);
     return MOE_OK;
 }

@@ -106,6 +106,8 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits);
 
 void model_stats_reset(moe_model *m);
 /* The route options layer l uses for the model's current mode. */
+/* precision of the model's matmuls (the router's are always fp32) */
+matmul_precision model_matmul(const moe_config *c);
 moe_route_opts model_route_opts(const moe_model *m, int layer, int T);
 /* The bias update of aux-loss-free balancing, from the stats since the last reset. */
 void model_update_bias(moe_model *m);

@@ -195,7 +195,7 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
         }
         xr = r->xj;
     }
-    matmul_forward(r->logits, xr, wt->router, NULL, N, d, E);
+    matmul_forward(r->logits, xr, wt->router, NULL, N, d, E, MATMUL_FP32);
 
     /* scores, logsumexp, selection scores */
     #pragma omp parallel for schedule(static) if (N * E > 4096)
@@ -435,16 +435,16 @@ void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt
     for (int i = 0; i < active; i++) {
         const int e = order[i], n = r->counts[e], off = r->offsets[e];
         float *hg = c->hg + (size_t)off * F, *hu = c->hu + (size_t)off * F, *act = c->act + (size_t)off * F;
-        matmul_forward(hg, c->xe + (size_t)off * d, wt->gate + (size_t)e * F * d, NULL, n, d, F);
-        matmul_forward(hu, c->xe + (size_t)off * d, wt->up + (size_t)e * F * d, NULL, n, d, F);
+        matmul_forward(hg, c->xe + (size_t)off * d, wt->gate + (size_t)e * F * d, NULL, n, d, F, o->matmul);
+        matmul_forward(hu, c->xe + (size_t)off * d, wt->up + (size_t)e * F * d, NULL, n, d, F, o->matmul);
         swiglu_forward(act, hg, hu, n, F);
-        matmul_forward(c->ye + (size_t)off * d, act, wt->down + (size_t)e * d * F, NULL, n, F, d);
+        matmul_forward(c->ye + (size_t)off * d, act, wt->down + (size_t)e * d * F, NULL, n, F, d, o->matmul);
     }
     if (Fs) { /* shared experts: one SwiGLU of hidden Fs over every token */
-        matmul_forward(c->sh_hg, x, wt->sh_gate, NULL, N, d, Fs);
-        matmul_forward(c->sh_hu, x, wt->sh_up, NULL, N, d, Fs);
+        matmul_forward(c->sh_hg, x, wt->sh_gate, NULL, N, d, Fs, o->matmul);
+        matmul_forward(c->sh_hu, x, wt->sh_up, NULL, N, d, Fs, o->matmul);
         swiglu_forward(c->sh_act, c->sh_hg, c->sh_hu, N, Fs);
-        matmul_forward(c->sh_y, c->sh_act, wt->sh_down, NULL, N, Fs, d);
+        matmul_forward(c->sh_y, c->sh_act, wt->sh_down, NULL, N, Fs, d, o->matmul);
     }
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
@@ -502,15 +502,15 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
         const size_t rf = (size_t)off * F, rd = (size_t)off * d, nf = (size_t)n * F;
         memset(dact + rf, 0, nf * sizeof(float));
         matmul_backward(dact + rf, gr->down + (size_t)e * d * F, NULL, dye + rd, c->act + rf,
-                        wt->down + (size_t)e * d * F, n, F, d);
+                        wt->down + (size_t)e * d * F, n, F, d, o->matmul);
         memset(dhg + rf, 0, nf * sizeof(float));
         memset(dhu + rf, 0, nf * sizeof(float));
         swiglu_backward(dhg + rf, dhu + rf, dact + rf, c->hg + rf, c->hu + rf, n, F);
         memset(dxe + rd, 0, (size_t)n * d * sizeof(float));
         matmul_backward(dxe + rd, gr->gate + (size_t)e * F * d, NULL, dhg + rf, c->xe + rd,
-                        wt->gate + (size_t)e * F * d, n, d, F);
+                        wt->gate + (size_t)e * F * d, n, d, F, o->matmul);
         matmul_backward(dxe + rd, gr->up + (size_t)e * F * d, NULL, dhu + rf, c->xe + rd,
-                        wt->up + (size_t)e * F * d, n, d, F);
+                        wt->up + (size_t)e * F * d, n, d, F, o->matmul);
     }
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
@@ -546,12 +546,12 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
                 for (int i = 0; i < d; i++) dx[(size_t)t * d + i] += c->sh_dg[t] * wt->sh_inp[i];
         }
         moe_zero(c->sh_dact, (size_t)N * Fs);
-        matmul_backward(c->sh_dact, gr->sh_down, NULL, c->sh_dy, c->sh_act, wt->sh_down, N, Fs, d);
+        matmul_backward(c->sh_dact, gr->sh_down, NULL, c->sh_dy, c->sh_act, wt->sh_down, N, Fs, d, o->matmul);
         moe_zero(c->sh_dhg, (size_t)N * Fs);
         moe_zero(c->sh_dhu, (size_t)N * Fs);
         swiglu_backward(c->sh_dhg, c->sh_dhu, c->sh_dact, c->sh_hg, c->sh_hu, N, Fs);
-        matmul_backward(dx, gr->sh_gate, NULL, c->sh_dhg, x, wt->sh_gate, N, d, Fs);
-        matmul_backward(dx, gr->sh_up, NULL, c->sh_dhu, x, wt->sh_up, N, d, Fs);
+        matmul_backward(dx, gr->sh_gate, NULL, c->sh_dhg, x, wt->sh_gate, N, d, Fs, o->matmul);
+        matmul_backward(dx, gr->sh_up, NULL, c->sh_dhu, x, wt->sh_up, N, d, Fs, o->matmul);
     }
 
     /* router: weights -> chosen scores -> all scores (+ balance terms) -> logits.
@@ -623,11 +623,11 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
     }
     if (o->jitter > 0) { /* logits = (x * noise) W^T */
         moe_zero(c->dxj, (size_t)N * d);
-        matmul_backward(c->dxj, gr->router, NULL, dlogits, r->xj, wt->router, N, d, E);
+        matmul_backward(c->dxj, gr->router, NULL, dlogits, r->xj, wt->router, N, d, E, MATMUL_FP32);
         #pragma omp parallel for schedule(static)
         for (size_t i = 0; i < (size_t)N * d; i++) dx[i] += c->dxj[i] * r->noise[i];
     } else {
-        matmul_backward(dx, gr->router, NULL, dlogits, x, wt->router, N, d, E);
+        matmul_backward(dx, gr->router, NULL, dlogits, x, wt->router, N, d, E, MATMUL_FP32);
     }
 }
 

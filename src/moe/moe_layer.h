@@ -13,6 +13,7 @@
 #define MOE_MOE_LAYER_H
 #include <stdint.h>
 #include "moe.h"
+#include "kernels/kernels.h"
 
 typedef struct {
     int score;          /* MOE_ROUTER_SOFTMAX or MOE_ROUTER_SIGMOID               */
@@ -30,6 +31,7 @@ typedef struct {
      * before this call ([E], updated) and their count; NULL = whole sequence */
     double *seq_prefix;
     int seq_prefix_n;
+    matmul_precision matmul; /* experts' matmuls (the router's stay fp32)      */
 } moe_route_opts;
 
 /* Routing result for N tokens. Each token has S slots (S = k, or E for
