@@ -30,13 +30,20 @@ static double median(double *v, int n) {
  * FMA latency on every port; the result is consumed so nothing is elided. --- */
 #define CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
-__attribute__((target("avx512f,fma"), noinline)) static float fma_loop512(long iters) {
+/* bf16 = 0: FMA (16 multiply-adds per zmm); 1: VDPBF16PS (32 per zmm) */
+__attribute__((target("avx512f,fma,avx512bf16"), noinline)) static float fma_loop512(long iters,
+                                                                                   int bf16) {
     __m512 m = _mm512_set1_ps(0.9999999f), c = _mm512_set1_ps(1e-7f);
+    __m512bh mb = (__m512bh)_mm512_set1_epi16(0x3f80), cb = (__m512bh)_mm512_set1_epi16(0x3380);
 #define P512_DECL(i) __m512 a##i = _mm512_set1_ps(1.0f + (float)(i));
 #define P512_STEP(i) a##i = _mm512_fmadd_ps(a##i, m, c);
+#define PDP_STEP(i) a##i = _mm512_dpbf16_ps(a##i, mb, cb);
 #define P512_SUM(i) s = _mm512_add_ps(s, a##i);
     CHAINS(P512_DECL)
-    for (long it = 0; it < iters; it++) { CHAINS(P512_STEP) }
+    if (bf16)
+        for (long it = 0; it < iters; it++) { CHAINS(PDP_STEP) }
+    else
+        for (long it = 0; it < iters; it++) { CHAINS(P512_STEP) }
     __m512 s = _mm512_setzero_ps();
     CHAINS(P512_SUM)
     return _mm512_reduce_add_ps(s);
@@ -58,18 +65,19 @@ __attribute__((target("avx2,fma"), noinline)) static float fma_loop256(long iter
 static volatile float sink;
 
 /* GFLOP/s of the FMA loop on nthr threads (each runs it), median of RUNS */
-static double fma_peak(int nthr, const char **isa) {
+static double fma_peak(int nthr, const char **isa, int bf16) {
     int w512 = moe_cpu()->avx512f && moe_cpu()->fma, w256 = moe_cpu()->avx2 && moe_cpu()->fma;
     *isa = w512 ? "avx512 fma" : w256 ? "avx2 fma" : "none";
     if (!w512 && !w256) return 0.0;
+    if (bf16 && !moe_cpu()->avx512_bf16) return 0.0;
     long iters = 20000000; /* ~0.1-0.2 s per run on a 3 GHz core */
-    double flops_per_iter = 12.0 * (w512 ? 16 : 8) * 2.0;
+    double flops_per_iter = 12.0 * (w512 ? 16 : 8) * 2.0 * (bf16 ? 2 : 1);
     double v[RUNS];
     for (int r = 0; r < RUNS; r++) {
         double t0 = moe_now();
 #pragma omp parallel num_threads(nthr)
         {
-            float x = w512 ? fma_loop512(iters) : fma_loop256(iters);
+            float x = w512 ? fma_loop512(iters, bf16) : fma_loop256(iters);
 #pragma omp atomic
             sink += x;
         }
@@ -123,7 +131,7 @@ static float *rand_buf(size_t n, moe_rng *r) {
 }
 
 /* median GFLOP/s of forward (mode 0) or backward din+dw (mode 1), fast or ref */
-static double time_matmul(const shape *s, int mode, int ref) {
+static double time_matmul(const shape *s, int mode, int ref, matmul_precision prec) {
     moe_rng r;
     moe_rng_seed(&r, 7);
     size_t N = s->N, C = s->C, OC = s->OC;
@@ -135,11 +143,11 @@ static double time_matmul(const shape *s, int mode, int ref) {
         for (int it = -1; it < RUNS; it++) { /* one warm-up */
             double t0 = moe_now();
             if (mode == 0) {
-                if (ref) matmul_forward_ref(out, in, w, NULL, s->N, s->C, s->OC, MATMUL_FP32);
-                else matmul_forward(out, in, w, NULL, s->N, s->C, s->OC, MATMUL_FP32);
+                if (ref) matmul_forward_ref(out, in, w, NULL, s->N, s->C, s->OC, prec);
+                else matmul_forward(out, in, w, NULL, s->N, s->C, s->OC, prec);
             } else {
-                if (ref) matmul_backward_ref(din, dw, NULL, out, in, w, s->N, s->C, s->OC, MATMUL_FP32);
-                else matmul_backward(din, dw, NULL, out, in, w, s->N, s->C, s->OC, MATMUL_FP32);
+                if (ref) matmul_backward_ref(din, dw, NULL, out, in, w, s->N, s->C, s->OC, prec);
+                else matmul_backward(din, dw, NULL, out, in, w, s->N, s->C, s->OC, prec);
             }
             double dt = moe_now() - t0;
             if (it >= 0) v[it] = flops / dt * 1e-9;
@@ -182,9 +190,13 @@ int main(int argc, char **argv) {
     printf("bench_kernels: %d thread%s, fast kernels %s\n", nthr, nthr == 1 ? "" : "s",
            moe_use_fast_kernels() ? "on" : "off (reference only)");
 
-    double peak1 = fma_peak(1, &isa), peakn = nthr > 1 ? fma_peak(nthr, &isa) : peak1;
+    double peak1 = fma_peak(1, &isa, 0), peakn = nthr > 1 ? fma_peak(nthr, &isa, 0) : peak1;
     printf("peak      fma loop (%s)       1 thread %8.1f GFLOP/s   %d threads %8.1f GFLOP/s\n", isa,
            peak1, nthr, peakn);
+    double bpeak1 = fma_peak(1, &isa, 1), bpeakn = nthr > 1 ? fma_peak(nthr, &isa, 1) : bpeak1;
+    if (bpeakn > 0)
+        printf("peak      bf16 dot loop (vdpbf16ps) 1 thread %8.1f GFLOP/s   %d threads %8.1f GFLOP/s\n",
+               bpeak1, nthr, bpeakn);
     double bw_copy, bw_triad;
     bandwidth(nthr, &bw_copy, &bw_triad);
     printf("memory    copy %.1f GB/s   triad %.1f GB/s   (%d threads, 64 MB arrays)\n", bw_copy,
@@ -195,6 +207,9 @@ int main(int argc, char **argv) {
         {"ffn down", 2048, 1536, 512},   {"lm head", 2048, 512, 8192},
         {"expert up N=128", 128, 512, 1024}, {"expert down N=128", 128, 1024, 512},
         {"expert N=32", 32, 512, 1024},
+        /* the default preset's shapes: d_model 192, d_expert 384, vocab 4096, 2048 tokens */
+        {"default qkv", 2048, 192, 320}, {"default expert N=512", 512, 192, 384},
+        {"default lm head", 2048, 192, 4096},
     };
     static const shape small[] = {
         {"attn proj", 1024, 512, 512}, {"expert up N=128", 128, 512, 1024}, {"expert N=32", 32, 512, 1024},
@@ -202,21 +217,25 @@ int main(int argc, char **argv) {
     const shape *shapes = quick ? small : full;
     int ns = quick ? (int)(sizeof small / sizeof small[0]) : (int)(sizeof full / sizeof full[0]);
 
-    printf("%-20s %5s %5s %5s | %9s %9s | %9s %9s | %s\n", "matmul", "N", "C", "OC", "fwd fast",
-           "bwd fast", "fwd ref", "bwd ref", "fwd fast / peak");
-    double sum_frac = 0;
+    printf("%-20s %5s %5s %5s | %9s %9s | %9s %9s | %9s %9s | %s\n", "matmul", "N", "C", "OC",
+           "fwd fast", "bwd fast", "fwd ref", "bwd ref", "fwd bf16", "bwd bf16",
+           "fwd fast / fma peak, bf16 / dot peak");
+    double sum_frac = 0, sum_bfrac = 0;
     for (int i = 0; i < ns; i++) {
         const shape *s = &shapes[i];
-        double ff = time_matmul(s, 0, 0), bf = time_matmul(s, 1, 0);
+        double ff = time_matmul(s, 0, 0, MATMUL_FP32), bf = time_matmul(s, 1, 0, MATMUL_FP32);
+        double fb = bpeakn > 0 ? time_matmul(s, 0, 0, MATMUL_BF16) : 0;
+        double bb = bpeakn > 0 ? time_matmul(s, 1, 0, MATMUL_BF16) : 0;
         /* the scalar reference is slow: time it on at most 256 rows (its rate
          * does not depend on N) */
         shape sr = *s;
         if (sr.N > 256) sr.N = 256;
-        double fr = time_matmul(&sr, 0, 1), br = time_matmul(&sr, 1, 1);
-        double frac = peakn > 0 ? ff / peakn : 0;
+        double fr = time_matmul(&sr, 0, 1, MATMUL_FP32), br = time_matmul(&sr, 1, 1, MATMUL_FP32);
+        double frac = peakn > 0 ? ff / peakn : 0, bfrac = bpeakn > 0 ? fb / bpeakn : 0;
         sum_frac += frac;
-        printf("%-20s %5d %5d %5d | %9.1f %9.1f | %9.2f %9.2f | %5.1f%%   (GFLOP/s)\n", s->name,
-               s->N, s->C, s->OC, ff, bf, fr, br, 100.0 * frac);
+        sum_bfrac += bfrac;
+        printf("%-20s %5d %5d %5d | %9.1f %9.1f | %9.2f %9.2f | %9.1f %9.1f | %5.1f%%  %5.1f%%  (GFLOP/s)\n",
+               s->name, s->N, s->C, s->OC, ff, bf, fr, br, fb, bb, 100.0 * frac, 100.0 * bfrac);
         fflush(stdout);
     }
     double af = time_attention(quick ? 2 : 4, 512, 8, 4, 64, 0);
@@ -225,5 +244,8 @@ int main(int argc, char **argv) {
            quick ? 2 : 4, af, ab);
     printf("ratio     fast matmul fwd / measured peak (%d threads): mean %.1f%%\n", nthr,
            100.0 * sum_frac / ns);
+    if (bpeakn > 0)
+        printf("ratio     bf16 matmul fwd / measured bf16 dot peak (%d threads): mean %.1f%%\n", nthr,
+               100.0 * sum_bfrac / ns);
     return 0;
 }

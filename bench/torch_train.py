@@ -15,6 +15,8 @@ usage: /usr/bin/python3 bench/torch_train.py CONFIG [--tokens FILE] [--quiet]
   z_loss_coef, init_std), plus
     preset   base config: default | tiny | dense | mixtral (as in src/model/config.c)
     batch, seq, steps, threads, warmup (untimed first steps, default 3),
+    matmul (fp32 | bf16: forward under torch.autocast("cpu", torch.bfloat16),
+            PyTorch's own mixed precision, to compare with moe's matmul=bf16),
     lr, weight_decay, beta1, beta2, adam_eps, grad_clip, seed,
     tokens (path of a token file; same as --tokens),
     token_dtype (int32 | uint16 | int64; raw little-endian, default int32).
@@ -46,7 +48,7 @@ PRESETS = {
 }
 TRAIN = dict(batch=8, seq=128, steps=10, threads=0, warmup=3, lr=3e-4, weight_decay=0.1,
              beta1=0.9, beta2=0.95, adam_eps=1e-8, grad_clip=1.0, seed=1, tokens=None,
-             token_dtype="int32")
+             token_dtype="int32", matmul="fp32")
 
 
 def die(msg):
@@ -100,6 +102,8 @@ def load_config(arg):
             train[k] = float(train[k])
         except (TypeError, ValueError):
             die("%s must be a number" % k)
+    if train["matmul"] not in ("fp32", "bf16"):
+        die("matmul must be fp32 or bf16")
     if train["batch"] <= 0 or train["seq"] <= 0:
         die("batch and seq must be > 0")
     if cfg.max_seq > 0 and train["seq"] > cfg.max_seq:
@@ -188,7 +192,11 @@ def main(argv):
         x, y = data.next()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        out = model_ref.forward(cfg, P, x, y)
+        if train["matmul"] == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model_ref.forward(cfg, P, x, y)
+        else:
+            out = model_ref.forward(cfg, P, x, y)
         out["loss_total"].backward()
         if train["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(params, train["grad_clip"])

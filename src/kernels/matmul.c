@@ -555,65 +555,44 @@ BF16_TARGET static void pack_panel_bf16(uint16_t *dst, const gemm_desc *g, int p
         return;
     }
     /* B(k,n) = B[n*bs_n + k]: pairs are adjacent in memory. Convert 16 columns
-     * x 16 pairs at a time and transpose the 32-bit words. */
+     * x 16 pairs at a time (masked past K and past the panel's columns, so an
+     * odd K gets its zero pad element) and transpose the 32-bit words. */
+    uint32_t *d32 = (uint32_t *)dst;
     for (int h = 0; h < 2; h++) {
-        int j0 = h * 16, nj = nr - j0;
-        uint32_t *d32 = (uint32_t *)dst;
-        if (nj <= 0) {
-            for (int kp = 0; kp < Kp; kp++) memset(d32 + (size_t)kp * NR + j0, 0, 16 * 4);
-            continue;
-        }
+        int j0 = h * 16, nj = MOE_MAX(0, nr - j0);
         const float *src = g->B + (size_t)(n0 + j0) * g->bs_n;
-        int kp = 0;
-        if (nj == 16) {
-            for (; 2 * kp + 32 <= K; kp += 16) {
-                __m512 r[16];
-                for (int i = 0; i < 16; i++) {
-                    const float *s = src + (size_t)i * g->bs_n + 2 * kp;
-                    __m512i w = _mm512_inserti64x4(
-                        _mm512_castsi256_si512(cvt16(_mm512_loadu_ps(s))),
-                        cvt16(_mm512_loadu_ps(s + 16)), 1);
-                    r[i] = _mm512_castsi512_ps(w);
+        for (int kp = 0; kp < Kp; kp += 16) {
+            int left = K - 2 * kp; /* k values left from 2*kp */
+            __mmask16 l0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            __mmask16 l1 = left >= 32 ? (__mmask16)0xffff
+                         : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) {
+                if (i >= nj) {
+                    r[i] = _mm512_setzero_ps();
+                    continue;
                 }
-                transpose16(r);
-                for (int i = 0; i < 16; i++)
-                    _mm512_storeu_ps((float *)(d32 + (size_t)(kp + i) * NR + j0), r[i]);
+                const float *sp = src + (size_t)i * g->bs_n + 2 * kp;
+                r[i] = _mm512_castsi512_ps(_mm512_inserti64x4(
+                    _mm512_castsi256_si512(cvt16(_mm512_maskz_loadu_ps(l0, sp))),
+                    cvt16(_mm512_maskz_loadu_ps(l1, sp + 16)), 1));
             }
-        }
-        for (; kp < Kp; kp++) {
-            uint32_t *d = d32 + (size_t)kp * NR + j0;
-            for (int j = 0; j < 16; j++) {
-                uint32_t lo = 0, hi = 0;
-                if (j < nj) {
-                    const float *s = src + (size_t)j * g->bs_n + 2 * kp;
-                    lo = bf16_from_float(s[0]);
-                    hi = 2 * kp + 1 < K ? bf16_from_float(s[1]) : 0;
-                }
-                d[j] = lo | hi << 16;
-            }
+            transpose16(r);
+            int np_ = MOE_MIN(16, Kp - kp);
+            for (int i = 0; i < np_; i++)
+                _mm512_storeu_ps((float *)(d32 + (size_t)(kp + i) * NR + j0), r[i]);
         }
     }
 }
 
-/* Packs rows [m0,m0+mr) x k [k0,k0+kc) of A into the strip layout (rows past
- * mr and the odd k past K are zero). */
-BF16_TARGET static void pack_a_bf16(uint32_t *ap, const gemm_desc *g, int m0, int mr, int k0,
-                                    int kc) {
+/* A as bf16 pairs in MR-row strips for the micro-kernel: pair kp of row r of
+ * a strip at ap[kp*MR + r]; rows past the matrix and an odd kc's pad element
+ * are zero.
+ * Row-major A: rows [m0,m0+mr) x k [k0,k0+kc); each row's pairs are adjacent
+ * in memory, converted 16 at a time and scattered to stride MR. */
+BF16_TARGET static void pack_a_rows_bf16(uint32_t *ap, const gemm_desc *g, int m0, int mr, int k0,
+                                         int kc) {
     int kcp = (kc + 1) / 2;
-    if (g->as_m == 1) { /* column-major A: rows k, k+1 hold the MR values */
-        const __m256i ilv = _mm256_set_epi16(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
-        __mmask16 mk = (__mmask16)((1u << mr) - 1);
-        const float *src = g->A + (ptrdiff_t)k0 * g->as_k + m0;
-        for (int kp = 0; kp < kcp; kp++, src += 2 * g->as_k) {
-            __m512 x = _mm512_maskz_loadu_ps(mk, src);
-            if (2 * kp + 1 < kc) /* y into lanes 8..15 */
-                x = _mm512_mask_loadu_ps(x, (__mmask16)(mk << 8), src + g->as_k - 8);
-            _mm256_storeu_si256((__m256i *)(ap + (size_t)kp * MR),
-                                _mm256_permutexvar_epi16(ilv, cvt16(x)));
-        }
-        return;
-    }
-    /* row-major A: each row's pairs are adjacent; scatter its words to stride MR */
     for (int r = 0; r < MR; r++) {
         uint32_t *d = ap + r;
         if (r >= mr) {
@@ -621,24 +600,45 @@ BF16_TARGET static void pack_a_bf16(uint32_t *ap, const gemm_desc *g, int m0, in
             continue;
         }
         const float *s = g->A + (ptrdiff_t)(m0 + r) * g->as_m + (ptrdiff_t)k0 * g->as_k;
-        int kp = 0;
-        uint32_t w[16];
-        for (; 2 * kp + 32 <= kc; kp += 16) {
-            __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(cvt16(_mm512_loadu_ps(s + 2 * kp))),
-                                           cvt16(_mm512_loadu_ps(s + 2 * kp + 16)), 1);
-            _mm512_storeu_si512(w, v);
-            for (int i = 0; i < 16; i++) d[(size_t)(kp + i) * MR] = w[i];
-        }
-        for (; kp < kcp; kp++) {
-            uint32_t lo = bf16_from_float(s[2 * kp]);
-            uint32_t hi = 2 * kp + 1 < kc ? bf16_from_float(s[2 * kp + 1]) : 0;
-            d[(size_t)kp * MR] = lo | hi << 16;
+        for (int kp = 0; kp < kcp; kp += 16) {
+            int left = kc - 2 * kp;
+            __mmask16 l0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            __mmask16 l1 = left >= 32 ? (__mmask16)0xffff
+                         : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
+            uint32_t w[16];
+            _mm512_storeu_si512(w, _mm512_inserti64x4(
+                                       _mm512_castsi256_si512(cvt16(_mm512_maskz_loadu_ps(l0, s + 2 * kp))),
+                                       cvt16(_mm512_maskz_loadu_ps(l1, s + 2 * kp + 16)), 1));
+            int n = MOE_MIN(16, kcp - kp);
+            for (int i = 0; i < n; i++) d[(size_t)(kp + i) * MR] = w[i];
         }
     }
 }
 
-/* Micro-kernel: C tile (mr x nr) = (load_c ? C : bias or 0) + A strip . B panel
- * slice, over kcp pairs. */
+/* Column-major A (as_m == 1): rows [m0,m1) x k [k0,k0+kc) as MR-row strips,
+ * strip s at ap[s*kcp*MR]. Memory rows k and k+1 hold a pair for every A row, so
+ * each is read once, left to right, for all the strips. */
+BF16_TARGET static void pack_a_cols_bf16(uint32_t *ap, const gemm_desc *g, int m0, int m1, int k0,
+                                         int kc) {
+    const __m256i ilv = _mm256_set_epi16(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+    int kcp = (kc + 1) / 2, nstr = (m1 - m0 + MR - 1) / MR;
+    for (int kp = 0; kp < kcp; kp++) {
+        const float *r0 = g->A + (ptrdiff_t)(k0 + 2 * kp) * g->as_k + m0;
+        int has1 = 2 * kp + 1 < kc;
+        for (int st = 0; st < nstr; st++) {
+            int mr = MOE_MIN(MR, m1 - m0 - st * MR);
+            __mmask16 mk = (__mmask16)((1u << mr) - 1);
+            __m512 x = _mm512_maskz_loadu_ps(mk, r0 + st * MR);
+            if (has1) /* row k+1 into lanes 8..15 */
+                x = _mm512_mask_loadu_ps(x, (__mmask16)(mk << 8), r0 + g->as_k + st * MR - 8);
+            _mm256_storeu_si256((__m256i *)(ap + ((size_t)st * kcp + kp) * MR),
+                                _mm256_permutexvar_epi16(ilv, cvt16(x)));
+        }
+    }
+}
+
+/* Micro-kernel: C tile (mr x nr) = (load_c ? C : bias or 0) + A strip . B
+ * panel slice, over kcp pairs. */
 BF16_TARGET static void ukernel_bf16(int kcp, const uint32_t *ap, const uint16_t *b, float *c,
                                      ptrdiff_t ldc, int mr, int nr, int load_c,
                                      const float *bias) {
@@ -663,13 +663,16 @@ BF16_TARGET static void ukernel_bf16(int kcp, const uint32_t *ap, const uint16_t
 BF16_TARGET static void gemm_task_bf16(const gemm_desc *g, const uint16_t *Bp, int pbase,
                                        uint32_t *ap, int m0, int m1, int p0, int p1) {
     enum { PCH = 16 };
-    int Kp = (g->K + 1) / 2;
+    int Kp = (g->K + 1) / 2, cm = g->as_m == 1;
     for (int pc0 = p0; pc0 < p1; pc0 += PCH) {
         int pc1 = MOE_MIN(p1, pc0 + PCH);
         for (int k0 = 0; k0 < g->K; k0 += 2 * KCP) {
             int kc = MOE_MIN(2 * KCP, g->K - k0), kcp = (kc + 1) / 2;
-            for (int m = m0; m < m1; m += MR)
-                pack_a_bf16(ap + (size_t)(m - m0) * kcp, g, m, MOE_MIN(MR, m1 - m), k0, kc);
+            if (cm)
+                pack_a_cols_bf16(ap, g, m0, m1, k0, kc);
+            else
+                for (int m = m0; m < m1; m += MR)
+                    pack_a_rows_bf16(ap + (size_t)(m - m0) * kcp, g, m, MOE_MIN(MR, m1 - m), k0, kc);
             for (int p = pc0; p < pc1; p++) {
                 int n = p * NR, nr = MOE_MIN(NR, g->Nc - n);
                 const uint16_t *b = Bp + ((size_t)(p - pbase) * Kp + k0 / 2) * NR * 2;
@@ -692,8 +695,10 @@ static int gemm_run_bf16(const gemm_desc *g) {
     size_t per = (size_t)Kp * NR * 2; /* uint16 per packed panel */
     int slab = (int)MOE_MAX((size_t)1, 2 * (size_t)SLAB_FLOATS / per);
     if (slab > np) slab = np;
-    int nrb = (g->M + MCB - 1) / MCB;
-    int want = nthr > 1 ? 8 * nthr : 1;
+    /* Every task converts its rows of A for each k block, so split rows
+     * (blocks of at least 2*MR) before splitting panels: 4 tasks per thread. */
+    int want = nthr > 1 ? 4 * nthr : 1;
+    int nrb = MOE_MAX((g->M + MCB - 1) / MCB, MOE_MIN(want, (g->M + 2 * MR - 1) / (2 * MR)));
     int mcb = ((g->M + nrb - 1) / nrb + MR - 1) / MR * MR;
     nrb = (g->M + mcb - 1) / mcb;
     uint16_t *Bp = moe_malloc((size_t)slab * per * sizeof(uint16_t));

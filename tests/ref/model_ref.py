@@ -273,7 +273,7 @@ def moe_ffn(cfg, P, p, z, naive=False):
                 outs.append(swiglu(xs[start:start + c], wg[e], wu[e], wd[e]))
             start += c
         out = torch.cat(outs, 0) * w.reshape(-1).index_select(0, order)[:, None]
-        y = torch.zeros_like(z).index_add(0, tok_sorted, out)
+        y = torch.zeros_like(z).index_add(0, tok_sorted, out.to(z.dtype))
     counts = torch.bincount(ids.reshape(-1), minlength=E).to(z.dtype)
     f = (counts / (N * k)).detach()
     Pm = probs.mean(0)
