@@ -9,8 +9,10 @@
 CC      ?= gcc
 OPT     ?= -O2 -march=native -fno-math-errno -fvect-cost-model=dynamic
 CFLAGS  ?=
-CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -fopenmp -Wall -Wextra -Wno-unused-parameter \
-           -fno-fast-math -fvisibility=hidden -Iinclude -Isrc
+# -fno-fast-math goes before OPT: placed after it, it would turn -fno-math-errno
+# back off, and every sqrtf would stay a scalar call with an errno check
+CFLAGS  += -std=c11 -D_GNU_SOURCE -fno-fast-math $(OPT) -g -fopenmp -Wall -Wextra \
+           -Wno-unused-parameter -fvisibility=hidden -Iinclude -Isrc
 LDLIBS  += -lm -fopenmp
 BUILD   ?= build
 ifneq ($(SANITIZE),)
@@ -37,7 +39,7 @@ HEADERS   := include/moe.h $(wildcard src/*/*.h) $(wildcard tests/*.h)
 .PHONY: all demo test test-bins bench setup corpus corpus-small clean fuzz fuzz-bins valgrind experiments
 all: $(BUILD)/moe
 
-$(BUILD)/%.o: %.c $(HEADERS)
+$(BUILD)/%.o: %.c $(HEADERS) Makefile
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 

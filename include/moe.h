@@ -29,6 +29,11 @@ typedef enum {
 } moe_status;
 
 MOE_API const char *moe_status_str(moe_status s); /* static text for a code */
+/* Phase timers: moe_profile(1) clears and starts them; moe_profile_report
+ * writes a table of the time spent per phase (forward, backward, optimizer)
+ * since then into buf (always NUL-terminated). */
+MOE_API void moe_profile(int on);
+MOE_API void moe_profile_report(char *buf, size_t cap);
 MOE_API const char *moe_last_error(void);         /* message of last failure */
 
 /* ---- configuration ------------------------------------------------------ */

@@ -241,3 +241,57 @@ size_t moe_physical_memory(void) {
     long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGESIZE);
     return (pages > 0 && size > 0) ? (size_t)pages * (size_t)size : (size_t)1 << 40;
 }
+
+/* ---- phase timers ---- */
+int moe_prof_on = 0;
+int moe_prof_pass = 0;
+static double prof_t[2][PROF_N];
+static const char *const prof_names[PROF_N] = {
+    [PROF_EMBED] = "embedding", [PROF_NORM] = "rmsnorm", [PROF_QKVO] = "q/k/v/o matmuls",
+    [PROF_ROPE] = "rope", [PROF_ATTENTION] = "attention", [PROF_RESIDUAL] = "residual adds/copies",
+    [PROF_ROUTE] = "moe routing", [PROF_DISPATCH] = "moe dispatch (gather)",
+    [PROF_EXPERTS] = "moe experts", [PROF_SHARED] = "moe shared experts",
+    [PROF_COMBINE] = "moe combine", [PROF_DENSE_FFN] = "dense ffn", [PROF_LM_HEAD] = "lm head",
+    [PROF_LOSS] = "cross-entropy", [PROF_ZERO_ACTS] = "zeroing gradient buffers",
+    [PROF_ZERO_GRADS] = "zeroing weight gradients", [PROF_GRAD_NORM] = "gradient norm",
+    [PROF_CLIP] = "clipping", [PROF_ADAMW] = "adamw", [PROF_DATA] = "data sampling",
+};
+
+void moe_prof_add(int id, double seconds) {
+    if (id >= 0 && id < PROF_N) prof_t[id < PROF_N_MODEL ? moe_prof_pass : 0][id] += seconds;
+}
+
+void moe_profile(int on) {
+    memset(prof_t, 0, sizeof prof_t);
+    moe_prof_pass = 0;
+    moe_prof_on = on;
+}
+
+void moe_profile_report(char *buf, size_t cap) {
+    if (!buf || !cap) return;
+    buf[0] = 0;
+    double total = 0;
+    for (int p = 0; p < 2; p++)
+        for (int i = 0; i < PROF_N; i++) total += prof_t[p][i];
+    size_t len = 0;
+#define OUT(...)                                                                   \
+    do {                                                                           \
+        if (len < cap) {                                                           \
+            int n_ = snprintf(buf + len, cap - len, __VA_ARGS__);                  \
+            if (n_ > 0) len += (size_t)n_;                                         \
+        }                                                                          \
+    } while (0)
+    OUT("%-28s %10s %6s\n", "phase", "seconds", "share");
+    /* forward phases, backward phases, then the optimizer's (kept in pass 0) */
+    static const char *const pass[3] = {"fwd ", "bwd ", "opt "};
+    for (int p = 0; p < 3; p++)
+        for (int i = p < 2 ? 0 : PROF_N_MODEL; i < (p < 2 ? PROF_N_MODEL : PROF_N); i++) {
+            double t = prof_t[p < 2 ? p : 0][i];
+            if (t <= 0) continue;
+            char name[48];
+            snprintf(name, sizeof name, "%s%s", pass[p], prof_names[i]);
+            OUT("%-28s %10.3f %5.1f%%\n", name, t, total > 0 ? 100 * t / total : 0);
+        }
+    OUT("%-28s %10.3f\n", "total timed", total);
+#undef OUT
+}

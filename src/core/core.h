@@ -53,6 +53,37 @@ const moe_cpu_features *moe_cpu(void);    /* detected once, cached */
 int moe_use_fast_kernels(void);
 void moe_set_reference_kernels(int on);
 
+/* ---- phase timers (moe train --profile) ------------------------------------
+ * Off by default; when on, PROF_RUN(id, statement) adds the statement's wall
+ * time to phase id. Called from the main thread only (outside parallel
+ * regions), so the table needs no locking. */
+typedef enum {
+    PROF_EMBED, PROF_NORM, PROF_QKVO, PROF_ROPE, PROF_ATTENTION, PROF_RESIDUAL,
+    PROF_ROUTE, PROF_DISPATCH, PROF_EXPERTS, PROF_SHARED, PROF_COMBINE, PROF_DENSE_FFN,
+    PROF_LM_HEAD, PROF_LOSS, PROF_ZERO_ACTS, PROF_N_MODEL, /* per pass, fwd and bwd */
+    PROF_ZERO_GRADS = PROF_N_MODEL, PROF_GRAD_NORM, PROF_CLIP, PROF_ADAMW, PROF_DATA, PROF_N
+} moe_prof_id;
+extern int moe_prof_on;
+extern int moe_prof_pass; /* 0 = forward, 1 = backward (model phases) */
+void moe_prof_add(int id, double seconds);
+#define PROF_RUN(id, stmt)                                                   \
+    do {                                                                     \
+        double prof_t0_ = moe_prof_on ? moe_now() : 0.0;                     \
+        stmt;                                                                \
+        if (moe_prof_on) moe_prof_add((id), moe_now() - prof_t0_);           \
+    } while (0)
+
+/* For sections that cannot be wrapped: t = moe_prof_start(); ...;
+ * moe_prof_lap(id, &t) adds the time since t to id and restarts t. */
+static inline double moe_prof_start(void) { return moe_prof_on ? moe_now() : 0.0; }
+static inline void moe_prof_lap(int id, double *t) {
+    if (moe_prof_on) {
+        double now = moe_now();
+        moe_prof_add(id, now - *t);
+        *t = now;
+    }
+}
+
 /* zeroes n floats, in parallel when large */
 void moe_zero(float *p, size_t n);
 

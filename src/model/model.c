@@ -350,23 +350,25 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         if (tokens[i] < 0 || tokens[i] >= V)
             return moe_error(MOE_ERR_INVALID_ARG, "token id %d out of range (vocab %d)", tokens[i], V);
     float *x = a->layers[0].x_in;
+    double t_embed = moe_prof_on ? moe_now() : 0;
     #pragma omp parallel for schedule(static) if (N >= 256)
     for (int i = 0; i < N; i++) memcpy(x + (size_t)i * d, m->w.token_embd + (size_t)tokens[i] * d, sizeof(float) * d);
+    if (moe_prof_on) moe_prof_add(PROF_EMBED, moe_now() - t_embed);
     model_losses L = {0};
     for (int l = 0; l < c->n_layers; l++) {
         layer_acts *A = &a->layers[l];
         const layer_weights *W = &m->w.layers[l];
         float *x_out = (l + 1 < c->n_layers) ? a->layers[l + 1].x_in : a->x_final;
-        rmsnorm_forward(A->hn1, A->rstd1, A->x_in, W->attn_norm, N, d, c->norm_eps);
-        matmul_forward(A->q, A->hn1, W->wq, NULL, N, d, H * hd, mm);
-        matmul_forward(A->k, A->hn1, W->wk, NULL, N, d, KVH * hd, mm);
-        matmul_forward(A->v, A->hn1, W->wv, NULL, N, d, KVH * hd, mm);
-        rope_forward(A->q, a->pos, N, H, hd, c->rope_base);
-        rope_forward(A->k, a->pos, N, KVH, hd, c->rope_base);
-        attention_forward(A->atto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd);
-        matmul_forward(a->dh, A->atto, W->wo, NULL, N, H * hd, d, mm);
-        add_into(A->x_mid, A->x_in, a->dh, (size_t)N * d);
-        rmsnorm_forward(A->hn2, A->rstd2, A->x_mid, W->ffn_norm, N, d, c->norm_eps);
+        PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn1, A->rstd1, A->x_in, W->attn_norm, N, d, c->norm_eps));
+        PROF_RUN(PROF_QKVO, matmul_forward(A->q, A->hn1, W->wq, NULL, N, d, H * hd, mm));
+        PROF_RUN(PROF_QKVO, matmul_forward(A->k, A->hn1, W->wk, NULL, N, d, KVH * hd, mm));
+        PROF_RUN(PROF_QKVO, matmul_forward(A->v, A->hn1, W->wv, NULL, N, d, KVH * hd, mm));
+        PROF_RUN(PROF_ROPE, rope_forward(A->q, a->pos, N, H, hd, c->rope_base));
+        PROF_RUN(PROF_ROPE, rope_forward(A->k, a->pos, N, KVH, hd, c->rope_base));
+        PROF_RUN(PROF_ATTENTION, attention_forward(A->atto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
+        PROF_RUN(PROF_QKVO, matmul_forward(a->dh, A->atto, W->wo, NULL, N, H * hd, d, mm));
+        PROF_RUN(PROF_RESIDUAL, add_into(A->x_mid, A->x_in, a->dh, (size_t)N * d));
+        PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn2, A->rstd2, A->x_mid, W->ffn_norm, N, d, c->norm_eps));
         if (W->router) {
             moe_route_opts ro = model_route_opts(m, l, T);
             moe_weights mw = layer_moe_weights(W);
@@ -377,21 +379,22 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
             stats_add(m, L.n_moe, &A->moe.r);
             L.n_moe++;
         } else {
-            matmul_forward(A->hg, A->hn2, W->ffn_gate, NULL, N, d, c->d_ff, mm);
-            matmul_forward(A->hu, A->hn2, W->ffn_up, NULL, N, d, c->d_ff, mm);
-            swiglu_forward(A->act, A->hg, A->hu, N, c->d_ff);
-            matmul_forward(a->dh, A->act, W->ffn_down, NULL, N, c->d_ff, d, mm);
+            PROF_RUN(PROF_DENSE_FFN, matmul_forward(A->hg, A->hn2, W->ffn_gate, NULL, N, d, c->d_ff, mm));
+            PROF_RUN(PROF_DENSE_FFN, matmul_forward(A->hu, A->hn2, W->ffn_up, NULL, N, d, c->d_ff, mm));
+            PROF_RUN(PROF_DENSE_FFN, swiglu_forward(A->act, A->hg, A->hu, N, c->d_ff));
+            PROF_RUN(PROF_DENSE_FFN, matmul_forward(a->dh, A->act, W->ffn_down, NULL, N, c->d_ff, d, mm));
         }
-        add_into(x_out, A->x_mid, a->dh, (size_t)N * d);
+        PROF_RUN(PROF_RESIDUAL, add_into(x_out, A->x_mid, a->dh, (size_t)N * d));
     }
     if (L.n_moe) m->stats.calls++;
-    rmsnorm_forward(a->hnf, a->rstdf, a->x_final, m->w.output_norm, N, d, c->norm_eps);
-    matmul_forward(a->logits, a->hnf, m->w.output, NULL, N, d, V, mm);
+    PROF_RUN(PROF_NORM, rmsnorm_forward(a->hnf, a->rstdf, a->x_final, m->w.output_norm, N, d, c->norm_eps));
+    PROF_RUN(PROF_LM_HEAD, matmul_forward(a->logits, a->hnf, m->w.output, NULL, N, d, V, mm));
     if (targets) {
         int counted = 0;
         for (int i = 0; i < N; i++) counted += targets[i] >= 0;
         /* softmax kept in dlogits: model_backward turns it into the gradient */
-        double sum = crossentropy_softmax(a->dlogits, a->logits, targets, N, V);
+        double sum = 0;
+        PROF_RUN(PROF_LOSS, sum = crossentropy_softmax(a->dlogits, a->logits, targets, N, V));
         L.ce = counted ? sum / counted : 0.0;
         L.loss = L.ce + c->aux_loss_coef * L.aux + c->z_loss_coef * L.z + c->seq_aux_coef * L.seq_aux;
         if (!isfinite(L.loss)) {
@@ -410,21 +413,22 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
     model_acts *a = &m->acts;
     const int B = a->B, T = a->T, N = B * T, d = c->d_model, hd = head_dim(c);
     const int H = c->n_heads, KVH = c->n_kv_heads, V = c->vocab_size, F = c->d_ff;
+    moe_prof_pass = 1;
     int counted = 0;
     for (int i = 0; i < N; i++) counted += targets[i] >= 0;
-    crossentropy_softmax_backward(a->dlogits, targets, N, V, counted ? loss_scale / counted : 0.0f);
-    moe_zero(a->dh, (size_t)N * d);
-    matmul_backward(a->dh, m->g.output, NULL, a->dlogits, a->hnf, m->w.output, N, d, V, mm);
+    PROF_RUN(PROF_LOSS, crossentropy_softmax_backward(a->dlogits, targets, N, V, counted ? loss_scale / counted : 0.0f));
+    PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dh, (size_t)N * d));
+    PROF_RUN(PROF_LM_HEAD, matmul_backward(a->dh, m->g.output, NULL, a->dlogits, a->hnf, m->w.output, N, d, V, mm));
     float *dx = a->dx, *dx2 = a->dx2;
-    moe_zero(dx, (size_t)N * d);
-    rmsnorm_backward(dx, m->g.output_norm, a->dh, a->x_final, m->w.output_norm, a->rstdf, N, d);
+    PROF_RUN(PROF_ZERO_ACTS, moe_zero(dx, (size_t)N * d));
+    PROF_RUN(PROF_NORM, rmsnorm_backward(dx, m->g.output_norm, a->dh, a->x_final, m->w.output_norm, a->rstdf, N, d));
     for (int l = c->n_layers - 1; l >= 0; l--) {
         layer_acts *A = &a->layers[l];
         const layer_weights *W = &m->w.layers[l];
         layer_weights *G = &m->g.layers[l];
         /* x_out = x_mid + ffn(norm(x_mid)); dx holds d(x_out) */
-        memcpy(dx2, dx, sizeof(float) * N * d);
-        moe_zero(a->dh, (size_t)N * d);
+        PROF_RUN(PROF_RESIDUAL, memcpy(dx2, dx, sizeof(float) * N * d));
+        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dh, (size_t)N * d));
         if (W->router) {
             moe_route_opts ro = model_route_opts(m, l, T);
             moe_weights mw = layer_moe_weights(W);
@@ -434,35 +438,38 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
                                   loss_scale * c->seq_aux_coef};
             moe_backward(a->dh, &mg, dx, &A->moe, A->hn2, &mw, &ro, ls);
         } else {
-            moe_zero(a->dff1, N * F);
-            matmul_backward(a->dff1, G->ffn_down, NULL, dx, A->act, W->ffn_down, N, F, d, mm);
-            moe_zero(a->dff2, N * F);
-            moe_zero(a->dff3, N * F);
-            swiglu_backward(a->dff2, a->dff3, a->dff1, A->hg, A->hu, N, F);
-            matmul_backward(a->dh, G->ffn_gate, NULL, a->dff2, A->hn2, W->ffn_gate, N, d, F, mm);
-            matmul_backward(a->dh, G->ffn_up, NULL, a->dff3, A->hn2, W->ffn_up, N, d, F, mm);
+            PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dff1, N * F));
+            PROF_RUN(PROF_DENSE_FFN, matmul_backward(a->dff1, G->ffn_down, NULL, dx, A->act, W->ffn_down, N, F, d, mm));
+            PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dff2, N * F));
+            PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dff3, N * F));
+            PROF_RUN(PROF_DENSE_FFN, swiglu_backward(a->dff2, a->dff3, a->dff1, A->hg, A->hu, N, F));
+            PROF_RUN(PROF_DENSE_FFN, matmul_backward(a->dh, G->ffn_gate, NULL, a->dff2, A->hn2, W->ffn_gate, N, d, F, mm));
+            PROF_RUN(PROF_DENSE_FFN, matmul_backward(a->dh, G->ffn_up, NULL, a->dff3, A->hn2, W->ffn_up, N, d, F, mm));
         }
-        rmsnorm_backward(dx2, G->ffn_norm, a->dh, A->x_mid, W->ffn_norm, A->rstd2, N, d);
+        PROF_RUN(PROF_NORM, rmsnorm_backward(dx2, G->ffn_norm, a->dh, A->x_mid, W->ffn_norm, A->rstd2, N, d));
         /* x_mid = x_in + wo(attention(norm(x_in))); dx2 holds d(x_mid) */
-        memcpy(dx, dx2, sizeof(float) * N * d);
-        moe_zero(a->datto, (size_t)N * H * hd);
-        matmul_backward(a->datto, G->wo, NULL, dx2, A->atto, W->wo, N, H * hd, d, mm);
-        moe_zero(a->dq, (size_t)N * H * hd);
-        moe_zero(a->dk, (size_t)N * KVH * hd);
-        moe_zero(a->dv, (size_t)N * KVH * hd);
-        attention_backward(a->dq, a->dk, a->dv, a->datto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd);
-        rope_backward(a->dq, a->pos, N, H, hd, c->rope_base);
-        rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base);
-        moe_zero(a->dh, (size_t)N * d);
-        matmul_backward(a->dh, G->wq, NULL, a->dq, A->hn1, W->wq, N, d, H * hd, mm);
-        matmul_backward(a->dh, G->wk, NULL, a->dk, A->hn1, W->wk, N, d, KVH * hd, mm);
-        matmul_backward(a->dh, G->wv, NULL, a->dv, A->hn1, W->wv, N, d, KVH * hd, mm);
-        rmsnorm_backward(dx, G->attn_norm, a->dh, A->x_in, W->attn_norm, A->rstd1, N, d);
+        PROF_RUN(PROF_RESIDUAL, memcpy(dx, dx2, sizeof(float) * N * d));
+        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->datto, (size_t)N * H * hd));
+        PROF_RUN(PROF_QKVO, matmul_backward(a->datto, G->wo, NULL, dx2, A->atto, W->wo, N, H * hd, d, mm));
+        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dq, (size_t)N * H * hd));
+        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dk, (size_t)N * KVH * hd));
+        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dv, (size_t)N * KVH * hd));
+        PROF_RUN(PROF_ATTENTION, attention_backward(a->dq, a->dk, a->dv, a->datto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
+        PROF_RUN(PROF_ROPE, rope_backward(a->dq, a->pos, N, H, hd, c->rope_base));
+        PROF_RUN(PROF_ROPE, rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base));
+        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dh, (size_t)N * d));
+        PROF_RUN(PROF_QKVO, matmul_backward(a->dh, G->wq, NULL, a->dq, A->hn1, W->wq, N, d, H * hd, mm));
+        PROF_RUN(PROF_QKVO, matmul_backward(a->dh, G->wk, NULL, a->dk, A->hn1, W->wk, N, d, KVH * hd, mm));
+        PROF_RUN(PROF_QKVO, matmul_backward(a->dh, G->wv, NULL, a->dv, A->hn1, W->wv, N, d, KVH * hd, mm));
+        PROF_RUN(PROF_NORM, rmsnorm_backward(dx, G->attn_norm, a->dh, A->x_in, W->attn_norm, A->rstd1, N, d));
     }
     /* embedding rows: parallel over columns so each element sums tokens in order */
+    double t_embed = moe_prof_on ? moe_now() : 0;
     #pragma omp parallel for schedule(static)
     for (int j = 0; j < d; j++)
         for (int i = 0; i < N; i++) m->g.token_embd[(size_t)tokens[i] * d + j] += dx[(size_t)i * d + j];
+    if (moe_prof_on) moe_prof_add(PROF_EMBED, moe_now() - t_embed);
+    moe_prof_pass = 0;
 }
 
 /* ---- decoding with a KV cache ---- */

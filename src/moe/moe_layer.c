@@ -424,11 +424,14 @@ void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt
                  const moe_route_opts *o) {
     const int d = c->d, E = c->E, S = c->S, F = c->F, Fs = c->Fs;
     moe_routing *r = &c->r;
+    double pt = moe_prof_start();
     moe_route(r, x, wt, N, d, o);
+    moe_prof_lap(PROF_ROUTE, &pt);
     const int rows = r->rows;
     #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++)
         memcpy(c->xe + (size_t)row * d, x + (size_t)(r->row_slot[row] / S) * d, sizeof(float) * d);
+    moe_prof_lap(PROF_DISPATCH, &pt);
     int32_t *order = r->order;
     const int active = expert_order(r, E, order);
     #pragma omp parallel for schedule(dynamic, 1)
@@ -440,11 +443,13 @@ void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt
         swiglu_forward(act, hg, hu, n, F);
         matmul_forward(c->ye + (size_t)off * d, act, wt->down + (size_t)e * d * F, NULL, n, F, d, o->matmul);
     }
+    moe_prof_lap(PROF_EXPERTS, &pt);
     if (Fs) { /* shared experts: one SwiGLU of hidden Fs over every token */
         matmul_forward(c->sh_hg, x, wt->sh_gate, NULL, N, d, Fs, o->matmul);
         matmul_forward(c->sh_hu, x, wt->sh_up, NULL, N, d, Fs, o->matmul);
         swiglu_forward(c->sh_act, c->sh_hg, c->sh_hu, N, Fs);
         matmul_forward(c->sh_y, c->sh_act, wt->sh_down, NULL, N, Fs, d, o->matmul);
+        moe_prof_lap(PROF_SHARED, &pt);
     }
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
@@ -469,6 +474,7 @@ void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt
             for (int i = 0; i < d; i++) o_[i] += g * y[i];
         }
     }
+    moe_prof_lap(PROF_COMBINE, &pt);
 }
 
 void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *c, const float *x,
@@ -481,6 +487,7 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
     const size_t ns = (size_t)N * S, ne = (size_t)N * E;
     float *dye = c->dye, *dact = c->dact, *dhg = c->dhg, *dhu = c->dhu, *dxe = c->dxe;
     float *dlogits = c->dlogits, *dprobs = c->dprobs, *dw = c->dw;
+    double pt = moe_prof_start();
 
     /* combine: out[t] = sum_j w[t,j] * ye[row(t,j)] over kept slots */
     #pragma omp parallel for schedule(static)
@@ -496,6 +503,7 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
     }
     int32_t *order = r->order;
     const int active = expert_order(r, E, order);
+    moe_prof_lap(PROF_COMBINE, &pt);
     #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < active; i++) {
         const int e = order[i], n = r->counts[e], off = r->offsets[e];
@@ -512,6 +520,7 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
         matmul_backward(dxe + rd, gr->up + (size_t)e * F * d, NULL, dhu + rf, c->xe + rd,
                         wt->up + (size_t)e * F * d, n, d, F, o->matmul);
     }
+    moe_prof_lap(PROF_EXPERTS, &pt);
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         float *g = dx + (size_t)t * d;
@@ -523,6 +532,7 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
         }
     }
 
+    moe_prof_lap(PROF_DISPATCH, &pt);
     /* shared experts: out += g_t * y_t, g_t = sigmoid(x_t . w) or 1 */
     if (Fs) {
         #pragma omp parallel for schedule(static)
@@ -552,6 +562,7 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
         swiglu_backward(c->sh_dhg, c->sh_dhu, c->sh_dact, c->sh_hg, c->sh_hu, N, Fs);
         matmul_backward(dx, gr->sh_gate, NULL, c->sh_dhg, x, wt->sh_gate, N, d, Fs, o->matmul);
         matmul_backward(dx, gr->sh_up, NULL, c->sh_dhu, x, wt->sh_up, N, d, Fs, o->matmul);
+        moe_prof_lap(PROF_SHARED, &pt);
     }
 
     /* router: weights -> chosen scores -> all scores (+ balance terms) -> logits.
@@ -629,6 +640,7 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
     } else {
         matmul_backward(dx, gr->router, NULL, dlogits, x, wt->router, N, d, E, MATMUL_FP32);
     }
+    moe_prof_lap(PROF_ROUTE, &pt);
 }
 
 void moe_load_fractions(const moe_routing *r, int E, float *frac) {

@@ -355,12 +355,12 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     int done_here = 0;
     for (int step = start; step < p.steps; step++) {
         const double t0 = moe_now();
-        moe_zero(m->grads, m->n_params);
+        PROF_RUN(PROF_ZERO_GRADS, moe_zero(m->grads, m->n_params));
         moe_zero(load, (size_t)MOE_MAX(n_moe, 1) * MOE_MAX(c->n_experts, 1));
         model_stats_reset(m);
         model_losses sum = {0};
         for (int micro = 0; micro < p.grad_accum; micro++) {
-            st = dataset_sample(d, 0, &rng, p.batch, p.seq, tok, tgt);
+            PROF_RUN(PROF_DATA, st = dataset_sample(d, 0, &rng, p.batch, p.seq, tok, tgt));
             if (st) goto done;
             model_losses L;
             /* router jitter draws its seed from the run's RNG (saved in the state file) */
@@ -382,16 +382,17 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
             for (int e = 0; e < c->n_experts; e++) load[k * c->n_experts + e] = total ? (float)((double)cnt[e] / (double)total) : 0.0f;
             route_metrics(m, k, met + (size_t)k * M_N);
         }
-        double gn = grad_norm(m->grads, m->n_params);
+        double gn = 0;
+        PROF_RUN(PROF_GRAD_NORM, gn = grad_norm(m->grads, m->n_params));
         if (!isfinite(gn)) {
             const char *t = first_nonfinite_tensor(m, m->grads);
             st = moe_error(MOE_ERR_NUMERIC, "step %d: the gradient of %s is not finite (NaN or Inf); stopped, "
                            "the last checkpoint is kept", step + 1, t ? t : "the model");
             goto done;
         }
-        clip_grads(m->grads, m->n_params, gn, p.grad_clip);
+        PROF_RUN(PROF_CLIP, clip_grads(m->grads, m->n_params, gn, p.grad_clip));
         float lr = lr_at(&p, step);
-        model_adamw(m, am, av, lr, &p, step + 1);
+        PROF_RUN(PROF_ADAMW, model_adamw(m, am, av, lr, &p, step + 1));
         model_update_bias(m); /* aux-loss-free balancing, from this step's loads */
         m->train_step = step + 1;
         done_here++;
@@ -411,7 +412,10 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
         if ((p.eval_every > 0 && (step + 1) % p.eval_every == 0) || step + 1 == p.steps) {
             double vl;
             model_stats_reset(m);
+            int prof = moe_prof_on; /* the profile covers training steps only */
+            moe_prof_on = 0;
             st = moe_evaluate(m, d, p.seq, p.eval_batches, 0, &vl, NULL);
+            moe_prof_on = prof;
             if (st) goto done;
             for (int k = 0; k < n_moe; k++) {
                 double vm[M_N];

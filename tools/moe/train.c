@@ -12,7 +12,7 @@ typedef struct {
     moe_train_params p;
     const char *preset, *out, *resume, *log, *tokenizer;
     str_list sets, data;
-    int force;
+    int force, profile;
 } train_args;
 
 /* ---- progress line ---- */
@@ -277,10 +277,17 @@ static int train_run(cli_cmd *cmd, train_args *a) {
     progress prog = {0};
     prog.tty = isatty(fileno(stderr));
     prog.val = -1;
+    if (a->profile) moe_profile(1);
     moe_status st = moe_train(m, d, &a->p, state_in, on_progress, &prog);
     progress_finish(&prog);
     if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
     print_summary(a, &prog, data_defaulted, prog.have ? prog.last.elapsed_s : 0);
+    if (a->profile) {
+        static char report[8192];
+        moe_profile_report(report, sizeof report);
+        moe_profile(0);
+        printf("time per phase over the training steps (evaluation and saving excluded):\n%s", report);
+    }
     rc = 0;
 done:
     moe_dataset_free(d);
@@ -334,6 +341,7 @@ int cmd_train(int argc, char **argv) {
         {"tokenizer", OPT_STR, &a.tokenizer, R_ANY, "FILE", "tokenizer GGUF to use instead of training one",
          "train one on the data", 0},
         {"force", OPT_FLAG, &a.force, R_ANY, NULL, "allow overwriting an existing --out file", NULL, 0},
+        {"profile", OPT_FLAG, &a.profile, R_ANY, NULL, "print the time spent per phase at the end", NULL, 0},
     };
     cli_cmd cmd = {"train", "[options]",
                    "Trains a Mixture-of-Experts language model on text and saves it as GGUF.\n"
