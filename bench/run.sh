@@ -35,45 +35,69 @@ for line in sys.stdin:
             except ValueError: pass
 print(json.dumps(cfg))')
 
-moe_rates=()
-for r in $(seq "$RUNS"); do
-    "$BUILD/moe" train --preset "$PRESET" --steps 14 --batch "$BATCH" --seq "$SEQ" --threads "$THREADS" \
-        --eval-every 0 --out "$tmp/bench.gguf" --force --log "$tmp/log.jsonl" 2>/dev/null >/dev/null
-    # median tokens/s over steps 4..14 (skip warm-up)
-    moe_rates+=("$($PY -c '
+# median tokens/s over steps 4..14 of a moe run's log (skip warm-up)
+log_rate() {
+    $PY -c '
 import json, statistics, sys
 v = [json.loads(l) for l in open(sys.argv[1])]
 v = [x["tokens_per_s"] for x in v if "tokens_per_s" in x and x["step"] > 3]
-print(statistics.median(v))' "$tmp/log.jsonl")")
+print(statistics.median(v))' "$1"
+}
+moe_fp32=(); moe_bf16=()
+for r in $(seq "$RUNS"); do
+    for mm in fp32 bf16; do
+        "$BUILD/moe" train --preset "$PRESET" --set matmul=$mm --steps 14 --batch "$BATCH" --seq "$SEQ" \
+            --threads "$THREADS" --eval-every 0 --out "$tmp/bench.gguf" --force --log "$tmp/log.jsonl" \
+            2>/dev/null >/dev/null
+        if [ $mm = fp32 ]; then moe_fp32+=("$(log_rate "$tmp/log.jsonl")"); else moe_bf16+=("$(log_rate "$tmp/log.jsonl")"); fi
+    done
 done
+
+# one PyTorch measurement: tokens/s of each of RUNS runs (args: torch threads, OpenBLAS threads, matmul)
+torch_runs() {
+    local rates=() r tcfg out
+    for r in $(seq "$RUNS"); do
+        tcfg=$($PY -c 'import json,sys; c=json.loads(sys.argv[1]); c.update(batch=int(sys.argv[2]), seq=int(sys.argv[3]), steps=8, warmup=2, threads=int(sys.argv[4]), matmul=sys.argv[5]); print(json.dumps(c))' "$cfg" "$BATCH" "$SEQ" "$1" "$3")
+        out=$(OPENBLAS_NUM_THREADS=$2 $PY bench/torch_train.py "$tcfg" --quiet 2>"$tmp/torch.err") || { cat "$tmp/torch.err" >&2; exit 1; }
+        rates+=("$($PY -c 'import json,sys; print(json.loads(sys.argv[1])["tokens_per_s"])' "$out")")
+        $PY -c 'import json,sys; print(json.loads(sys.argv[1]).get("blas","?"))' "$out" >"$tmp/blas"
+    done
+    echo "${rates[*]}"
+}
+median() { $PY -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
 # PyTorch gets its best thread layout on this machine: its own intra-op threads
 # and OpenBLAS's threads compete for the same cores when both are > 1, so try
 # each split and keep the fastest (all are printed).
 layouts=("$THREADS 1" "1 $THREADS" "$THREADS $THREADS")
-best_rate=0; best_layout=""; blas="?"
+best_rate=0; best_layout=""; best_args=""
 for layout in "${layouts[@]}"; do
     set -- $layout
-    rates=()
-    for r in $(seq "$RUNS"); do
-        tcfg=$($PY -c 'import json,sys; c=json.loads(sys.argv[1]); c.update(batch=int(sys.argv[2]), seq=int(sys.argv[3]), steps=8, warmup=2, threads=int(sys.argv[4])); print(json.dumps(c))' "$cfg" "$BATCH" "$SEQ" "$1")
-        out=$(OPENBLAS_NUM_THREADS=$2 $PY bench/torch_train.py "$tcfg" --quiet 2>"$tmp/torch.err") || { cat "$tmp/torch.err"; exit 1; }
-        rates+=("$($PY -c 'import json,sys; print(json.loads(sys.argv[1])["tokens_per_s"])' "$out")")
-        blas=$($PY -c 'import json,sys; print(json.loads(sys.argv[1]).get("blas","?"))' "$out")
-    done
-    med=$($PY -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "${rates[@]}")
-    echo "pytorch  torch threads $1, OpenBLAS threads $2: tokens/s per run: ${rates[*]}   median $med"
+    rates=($(torch_runs "$1" "$2" fp32)) || exit 1
+    med=$(median "${rates[@]}")
+    echo "pytorch fp32  torch threads $1, OpenBLAS threads $2: tokens/s per run: ${rates[*]}   median $med"
     if $PY -c 'import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)' "$med" "$best_rate"; then
-        best_rate=$med; best_layout="torch threads $1, OpenBLAS threads $2"; torch_rates=("${rates[@]}")
+        best_rate=$med; best_layout="torch threads $1, OpenBLAS threads $2"; best_args="$1 $2"; torch_fp32=("${rates[@]}")
     fi
 done
-echo "pytorch  best layout: $best_layout"
+echo "pytorch       best layout: $best_layout"
+# PyTorch's own mixed precision (bf16 autocast) in that layout, to set beside moe's matmul=bf16
+set -- $best_args
+torch_bf16=($(torch_runs "$1" "$2" bf16)) || exit 1
+blas=$(cat "$tmp/blas")
 
-$PY - "$blas" "${moe_rates[*]}" "${torch_rates[*]}" <<'PYEOF'
+$PY - "$blas" "${moe_fp32[*]}" "${moe_bf16[*]}" "${torch_fp32[*]}" "${torch_bf16[*]}" <<'PYEOF'
 import statistics, sys
-blas, m, t = sys.argv[1], [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
-mm, tm = statistics.median(m), statistics.median(t)
-print(f"moe      tokens/s per run: {', '.join(f'{x:,.0f}' for x in m)}   median {mm:,.0f}")
-print(f"pytorch  tokens/s per run: {', '.join(f'{x:,.0f}' for x in t)}   median {tm:,.0f}   (BLAS: {blas})")
-print(f"ratio moe / pytorch (medians): {mm / tm:.2f}x")
+blas = sys.argv[1]
+mf, mb, tf, tb = ([float(x) for x in a.split()] for a in sys.argv[2:6])
+med = statistics.median
+def row(name, v):
+    print(f"{name:<34} tokens/s per run: {', '.join(f'{x:,.0f}' for x in v)}   median {med(v):,.0f}")
+row("moe matmul=fp32", mf)
+row("moe matmul=bf16", mb)
+row(f"pytorch fp32 (BLAS: {blas})", tf)
+row("pytorch bf16 autocast", tb)
+print(f"ratio moe fp32 / pytorch fp32 (medians): {med(mf) / med(tf):.2f}x")
+print(f"ratio moe bf16 / pytorch bf16 autocast:   {med(mb) / med(tb):.2f}x")
+print(f"ratio moe bf16 / pytorch fp32:            {med(mb) / med(tf):.2f}x")
 PYEOF

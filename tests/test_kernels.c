@@ -181,6 +181,33 @@ static void test_matmul_batch_invariance_and_fallback(void) {
     TEST_END();
 }
 
+/* matmul_backward_set_din overwrites din (NaN garbage must vanish) and equals
+ * accumulating into zeros bit for bit, on both paths and both precisions */
+static void test_matmul_set_din(void) {
+    TEST_CASE("matmul_backward_set_din: din overwritten, equal to accumulating into zeros");
+    static const int sh[][3] = {{1, 3, 5}, {37, 130, 70}, {300, 200, 150}, {5, 1030, 64}};
+    int was_ref = !moe_use_fast_kernels();
+    for (int ref = 0; ref < 2; ref++)
+        for (int prec = 0; prec < 2; prec++)
+            for (size_t i = 0; i < sizeof sh / sizeof sh[0]; i++) {
+                int N = sh[i][0], C = sh[i][1], OC = sh[i][2];
+                float *in = vec((size_t)N * C), *w = vec((size_t)OC * C), *dout = vec((size_t)N * OC);
+                float *d1 = zeros((size_t)N * C), *d2 = malloc((size_t)N * C * sizeof(float));
+                float *dw1 = vec((size_t)OC * C), *dw2 = copy(dw1, (size_t)OC * C);
+                for (size_t j = 0; j < (size_t)N * C; j++) d2[j] = NAN;
+                moe_set_reference_kernels(ref || was_ref);
+                matmul_backward(d1, dw1, NULL, dout, in, w, N, C, OC, (matmul_precision)prec);
+                matmul_backward_set_din(d2, dw2, NULL, dout, in, w, N, C, OC, (matmul_precision)prec);
+                moe_set_reference_kernels(was_ref);
+                CHECK(!memcmp(d1, d2, (size_t)N * C * sizeof(float)) &&
+                          !memcmp(dw1, dw2, (size_t)OC * C * sizeof(float)),
+                      "%s %s N=%d C=%d OC=%d: set differs from accumulate-into-zero",
+                      ref ? "reference" : "fast", prec ? "bf16" : "fp32", N, C, OC);
+                free(in); free(w); free(dout); free(d1); free(d2); free(dw1); free(dw2);
+            }
+    TEST_END();
+}
+
 /* ---- bf16 matmul ------------------------------------------------------------
  * Oracle: the exact (double) sum of the bf16-rounded products. The fp32 sum of
  * K terms may differ from it by at most about K * 2^-24 * (sum of |terms|), the
@@ -847,6 +874,7 @@ int main(void) {
     test_matmul_fast_vs_ref();
     test_matmul_batch_invariance_and_fallback();
     test_matmul_fd();
+    test_matmul_set_din();
     test_bf16_rounding();
     test_matmul_bf16();
     test_rmsnorm();

@@ -37,6 +37,11 @@ void matmul_backward(float *din, float *dw, float *dbias, const float *dout, con
 void matmul_backward_ref(float *din, float *dw, float *dbias, const float *dout,
                          const float *in, const float *w, int N, int C, int OC,
                          matmul_precision prec);
+/* As matmul_backward, but din is SET (din = dout @ w), not accumulated: saves
+ * zeroing din first. dw and dbias still accumulate. */
+void matmul_backward_set_din(float *din, float *dw, float *dbias, const float *dout,
+                             const float *in, const float *w, int N, int C, int OC,
+                             matmul_precision prec);
 
 /* out[N][C] = in * rstd * w; rstd[N] = 1/sqrt(mean(in^2) + eps) (saved for backward) */
 void rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, int N, int C,
@@ -67,7 +72,8 @@ void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, 
                             const float *q, const float *k, const float *v, int B, int T, int H,
                             int KVH, int D);
 
-/* SwiGLU: out[N][F] = silu(gate) * up */
+/* SwiGLU: out[N][F] = silu(gate) * up. The backward SETS dgate and dup (the
+ * one exception to accumulation: its outputs are always fresh buffers). */
 void swiglu_forward(float *out, const float *gate, const float *up, int N, int F);
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                      const float *up, int N, int F);      /* dgate or dup may be NULL */

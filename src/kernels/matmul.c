@@ -804,18 +804,23 @@ void matmul_forward(float *out, const float *in, const float *w, const float *bi
     if (gemm_run(&g, 1) != 0) matmul_forward_ref(out, in, w, bias, N, C, OC, prec);
 }
 
-void matmul_backward(float *din, float *dw, float *dbias, const float *dout, const float *in,
-                     const float *w, int N, int C, int OC, matmul_precision prec) {
+/* din_set: din starts from 0 (the GEMM's init) instead of its current value */
+static void backward(float *din, float *dw, float *dbias, const float *dout, const float *in,
+                     const float *w, int N, int C, int OC, matmul_precision prec, int din_set) {
     if (!fast_path(prec)) {
+        if (din && din_set) memset(din, 0, (size_t)N * C * sizeof(float));
         matmul_backward_ref(din, dw, dbias, dout, in, w, N, C, OC, prec);
         return;
     }
     int bf16 = prec == MATMUL_BF16;
-    if (din) { /* din[N][C] += dout[N][OC] . w[OC][C] */
+    if (din) { /* din[N][C] (+)= dout[N][OC] . w[OC][C] */
         gemm_desc g = {.M = N, .Nc = C, .K = OC, .A = dout, .as_m = OC, .as_k = 1,
-                       .B = w, .bs_k = C, .bs_n = 1, .Cm = din, .ldc = C, .bf16 = bf16};
-        if (gemm_run(&g, N >= PACK_MIN_ROWS && C > 64) != 0)
+                       .B = w, .bs_k = C, .bs_n = 1, .Cm = din, .ldc = C, .init = din_set,
+                       .bf16 = bf16};
+        if (gemm_run(&g, N >= PACK_MIN_ROWS && C > 64) != 0) {
+            if (din_set) memset(din, 0, (size_t)N * C * sizeof(float));
             matmul_backward_ref(din, NULL, NULL, dout, in, w, N, C, OC, prec);
+        }
     }
     if (dw) { /* dw[OC][C] += dout^T . in, summing over n in order */
         gemm_desc g = {.M = OC, .Nc = C, .K = N, .A = dout, .as_m = 1, .as_k = OC,
@@ -824,6 +829,17 @@ void matmul_backward(float *din, float *dw, float *dbias, const float *dout, con
             matmul_backward_ref(NULL, dw, NULL, dout, in, w, N, C, OC, prec);
     }
     if (dbias) dbias_accumulate(dbias, dout, N, OC);
+}
+
+void matmul_backward(float *din, float *dw, float *dbias, const float *dout, const float *in,
+                     const float *w, int N, int C, int OC, matmul_precision prec) {
+    backward(din, dw, dbias, dout, in, w, N, C, OC, prec, 0);
+}
+
+void matmul_backward_set_din(float *din, float *dw, float *dbias, const float *dout,
+                             const float *in, const float *w, int N, int C, int OC,
+                             matmul_precision prec) {
+    backward(din, dw, dbias, dout, in, w, N, C, OC, prec, 1);
 }
 
 /* ------------------------------------------------------------------------ */

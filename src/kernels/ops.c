@@ -525,7 +525,7 @@ void swiglu_forward(float *out, const float *gate, const float *up, int N, int F
     }
 }
 
-/* dgate += dout * up * sig * (1 + g * (1 - sig));  dup += dout * silu(g) */
+/* dgate = dout * up * sig * (1 + g * (1 - sig));  dup = dout * silu(g) (set, not added) */
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                      const float *up, int N, int F) {
     size_t total = (size_t)N * F;
@@ -537,15 +537,15 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
             for (int j = 0; j < F; j++) {
                 float g = gate[o + j], d = dout[o + j];
                 float sg = 1.0f / (1.0f + fexp(-g));
-                dgate[o + j] += d * up[o + j] * sg * (1.0f + g * (1.0f - sg));
-                dup[o + j] += d * (g * sg);
+                dgate[o + j] = d * up[o + j] * sg * (1.0f + g * (1.0f - sg));
+                dup[o + j] = d * (g * sg);
             }
         } else {
             for (int j = 0; j < F; j++) {
                 float g = gate[o + j], d = dout[o + j];
                 float sg = 1.0f / (1.0f + fexp(-g));
-                if (dgate) dgate[o + j] += d * up[o + j] * sg * (1.0f + g * (1.0f - sg));
-                if (dup) dup[o + j] += d * (g * sg);
+                if (dgate) dgate[o + j] = d * up[o + j] * sg * (1.0f + g * (1.0f - sg));
+                if (dup) dup[o + j] = d * (g * sg);
             }
         }
     }

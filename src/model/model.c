@@ -417,8 +417,7 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
     int counted = 0;
     for (int i = 0; i < N; i++) counted += targets[i] >= 0;
     PROF_RUN(PROF_LOSS, crossentropy_softmax_backward(a->dlogits, targets, N, V, counted ? loss_scale / counted : 0.0f));
-    PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dh, (size_t)N * d));
-    PROF_RUN(PROF_LM_HEAD, matmul_backward(a->dh, m->g.output, NULL, a->dlogits, a->hnf, m->w.output, N, d, V, mm));
+    PROF_RUN(PROF_LM_HEAD, matmul_backward_set_din(a->dh, m->g.output, NULL, a->dlogits, a->hnf, m->w.output, N, d, V, mm));
     float *dx = a->dx, *dx2 = a->dx2;
     PROF_RUN(PROF_ZERO_ACTS, moe_zero(dx, (size_t)N * d));
     PROF_RUN(PROF_NORM, rmsnorm_backward(dx, m->g.output_norm, a->dh, a->x_final, m->w.output_norm, a->rstdf, N, d));
@@ -428,8 +427,8 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         layer_weights *G = &m->g.layers[l];
         /* x_out = x_mid + ffn(norm(x_mid)); dx holds d(x_out) */
         PROF_RUN(PROF_RESIDUAL, memcpy(dx2, dx, sizeof(float) * N * d));
-        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dh, (size_t)N * d));
         if (W->router) {
+            PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dh, (size_t)N * d)); /* moe_backward adds */
             moe_route_opts ro = model_route_opts(m, l, T);
             moe_weights mw = layer_moe_weights(W);
             moe_grads mg = {.router = G->router, .gate = G->gate_exps, .up = G->up_exps, .down = G->down_exps,
@@ -438,27 +437,22 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
                                   loss_scale * c->seq_aux_coef};
             moe_backward(a->dh, &mg, dx, &A->moe, A->hn2, &mw, &ro, ls);
         } else {
-            PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dff1, N * F));
-            PROF_RUN(PROF_DENSE_FFN, matmul_backward(a->dff1, G->ffn_down, NULL, dx, A->act, W->ffn_down, N, F, d, mm));
-            PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dff2, N * F));
-            PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dff3, N * F));
+            PROF_RUN(PROF_DENSE_FFN, matmul_backward_set_din(a->dff1, G->ffn_down, NULL, dx, A->act, W->ffn_down, N, F, d, mm));
             PROF_RUN(PROF_DENSE_FFN, swiglu_backward(a->dff2, a->dff3, a->dff1, A->hg, A->hu, N, F));
-            PROF_RUN(PROF_DENSE_FFN, matmul_backward(a->dh, G->ffn_gate, NULL, a->dff2, A->hn2, W->ffn_gate, N, d, F, mm));
+            PROF_RUN(PROF_DENSE_FFN, matmul_backward_set_din(a->dh, G->ffn_gate, NULL, a->dff2, A->hn2, W->ffn_gate, N, d, F, mm));
             PROF_RUN(PROF_DENSE_FFN, matmul_backward(a->dh, G->ffn_up, NULL, a->dff3, A->hn2, W->ffn_up, N, d, F, mm));
         }
         PROF_RUN(PROF_NORM, rmsnorm_backward(dx2, G->ffn_norm, a->dh, A->x_mid, W->ffn_norm, A->rstd2, N, d));
         /* x_mid = x_in + wo(attention(norm(x_in))); dx2 holds d(x_mid) */
         PROF_RUN(PROF_RESIDUAL, memcpy(dx, dx2, sizeof(float) * N * d));
-        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->datto, (size_t)N * H * hd));
-        PROF_RUN(PROF_QKVO, matmul_backward(a->datto, G->wo, NULL, dx2, A->atto, W->wo, N, H * hd, d, mm));
+        PROF_RUN(PROF_QKVO, matmul_backward_set_din(a->datto, G->wo, NULL, dx2, A->atto, W->wo, N, H * hd, d, mm));
         PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dq, (size_t)N * H * hd));
         PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dk, (size_t)N * KVH * hd));
         PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dv, (size_t)N * KVH * hd));
         PROF_RUN(PROF_ATTENTION, attention_backward(a->dq, a->dk, a->dv, a->datto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
         PROF_RUN(PROF_ROPE, rope_backward(a->dq, a->pos, N, H, hd, c->rope_base));
         PROF_RUN(PROF_ROPE, rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base));
-        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dh, (size_t)N * d));
-        PROF_RUN(PROF_QKVO, matmul_backward(a->dh, G->wq, NULL, a->dq, A->hn1, W->wq, N, d, H * hd, mm));
+        PROF_RUN(PROF_QKVO, matmul_backward_set_din(a->dh, G->wq, NULL, a->dq, A->hn1, W->wq, N, d, H * hd, mm));
         PROF_RUN(PROF_QKVO, matmul_backward(a->dh, G->wk, NULL, a->dk, A->hn1, W->wk, N, d, KVH * hd, mm));
         PROF_RUN(PROF_QKVO, matmul_backward(a->dh, G->wv, NULL, a->dv, A->hn1, W->wv, N, d, KVH * hd, mm));
         PROF_RUN(PROF_NORM, rmsnorm_backward(dx, G->attn_norm, a->dh, A->x_in, W->attn_norm, A->rstd1, N, d));

@@ -507,15 +507,11 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
     #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < active; i++) {
         const int e = order[i], n = r->counts[e], off = r->offsets[e];
-        const size_t rf = (size_t)off * F, rd = (size_t)off * d, nf = (size_t)n * F;
-        memset(dact + rf, 0, nf * sizeof(float));
-        matmul_backward(dact + rf, gr->down + (size_t)e * d * F, NULL, dye + rd, c->act + rf,
+        const size_t rf = (size_t)off * F, rd = (size_t)off * d;
+        matmul_backward_set_din(dact + rf, gr->down + (size_t)e * d * F, NULL, dye + rd, c->act + rf,
                         wt->down + (size_t)e * d * F, n, F, d, o->matmul);
-        memset(dhg + rf, 0, nf * sizeof(float));
-        memset(dhu + rf, 0, nf * sizeof(float));
         swiglu_backward(dhg + rf, dhu + rf, dact + rf, c->hg + rf, c->hu + rf, n, F);
-        memset(dxe + rd, 0, (size_t)n * d * sizeof(float));
-        matmul_backward(dxe + rd, gr->gate + (size_t)e * F * d, NULL, dhg + rf, c->xe + rd,
+        matmul_backward_set_din(dxe + rd, gr->gate + (size_t)e * F * d, NULL, dhg + rf, c->xe + rd,
                         wt->gate + (size_t)e * F * d, n, d, F, o->matmul);
         matmul_backward(dxe + rd, gr->up + (size_t)e * F * d, NULL, dhu + rf, c->xe + rd,
                         wt->up + (size_t)e * F * d, n, d, F, o->matmul);
@@ -555,10 +551,7 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
             for (int t = 0; t < N; t++)
                 for (int i = 0; i < d; i++) dx[(size_t)t * d + i] += c->sh_dg[t] * wt->sh_inp[i];
         }
-        moe_zero(c->sh_dact, (size_t)N * Fs);
-        matmul_backward(c->sh_dact, gr->sh_down, NULL, c->sh_dy, c->sh_act, wt->sh_down, N, Fs, d, o->matmul);
-        moe_zero(c->sh_dhg, (size_t)N * Fs);
-        moe_zero(c->sh_dhu, (size_t)N * Fs);
+        matmul_backward_set_din(c->sh_dact, gr->sh_down, NULL, c->sh_dy, c->sh_act, wt->sh_down, N, Fs, d, o->matmul);
         swiglu_backward(c->sh_dhg, c->sh_dhu, c->sh_dact, c->sh_hg, c->sh_hu, N, Fs);
         matmul_backward(dx, gr->sh_gate, NULL, c->sh_dhg, x, wt->sh_gate, N, d, Fs, o->matmul);
         matmul_backward(dx, gr->sh_up, NULL, c->sh_dhu, x, wt->sh_up, N, d, Fs, o->matmul);
