@@ -34,6 +34,8 @@ static int build_table(table *tb, const moe_config *c) {
     for (int l = 0; l < c->n_layers; l++) {
 #define T(suffix, decay, nd, a, b, cc) snprintf(nm, sizeof nm, "blk.%d." suffix, l), add(tb, nm, decay, nd, a, b, cc)
         T("attn_norm.weight", 0, 1, d, 0, 0);
+        /* attn_q, attn_k, attn_v stay adjacent: together they are one
+         * [(H + 2 KVH) hd][d] matrix, and the projections run as one matmul */
         T("attn_q.weight", 1, 2, d, hd * c->n_heads, 0);
         T("attn_k.weight", 1, 2, d, hd * c->n_kv_heads, 0);
         T("attn_v.weight", 1, 2, d, hd * c->n_kv_heads, 0);
@@ -321,7 +323,7 @@ moe_status model_alloc_acts(moe_model *m, int B, int T) {
     a->pos = (int32_t *)grab(a, N, &ok);
     a->dx = grab(a, N * d, &ok); a->dx2 = grab(a, N * d, &ok); a->dh = grab(a, N * d, &ok);
     a->dq = grab(a, N * qd, &ok); a->dk = grab(a, N * kd, &ok); a->dv = grab(a, N * kd, &ok);
-    a->datto = grab(a, N * qd, &ok);
+    a->datto = grab(a, N * qd, &ok); a->qkv = grab(a, N * (qd + 2 * kd), &ok);
     a->dff1 = grab(a, N * ff, &ok); a->dff2 = grab(a, N * ff, &ok); a->dff3 = grab(a, N * ff, &ok);
     a->dlogits = grab(a, N * V, &ok);
     if (!ok) { free_acts(a, c->n_layers); return moe_error_prefix(MOE_ERR_NOMEM, "activations for batch %d x %d", B, T); }
@@ -337,6 +339,37 @@ static void add_into(float *out, const float *a, const float *b, size_t n) {
 }
 
 /* ---- training forward ---- */
+/* q, k, v = hn1 @ [wq; wk; wv]^T as one matmul into qkv [N][qd+2kd], then
+ * split. Each output element is the same sum as in three separate matmuls. */
+static void qkv_forward(layer_acts *A, float *qkv, const layer_weights *W, int N, int d, int qd,
+                        int kd, matmul_precision mm) {
+    const int w = qd + 2 * kd;
+    matmul_forward(qkv, A->hn1, W->wq, NULL, N, d, w, mm);
+    #pragma omp parallel for schedule(static) if (N >= 256)
+    for (int n = 0; n < N; n++) {
+        const float *r = qkv + (size_t)n * w;
+        memcpy(A->q + (size_t)n * qd, r, sizeof(float) * qd);
+        memcpy(A->k + (size_t)n * kd, r + qd, sizeof(float) * kd);
+        memcpy(A->v + (size_t)n * kd, r + qd + kd, sizeof(float) * kd);
+    }
+}
+
+/* Gradients of qkv_forward: dh = [dq dk dv] @ [wq; wk; wv] (set) and
+ * d[wq; wk; wv] += [dq dk dv]^T @ hn1, each one matmul. The k-sum of dh runs
+ * over q's columns, then k's, then v's: the order of three chained calls. */
+static void qkv_backward(model_acts *a, const layer_acts *A, const layer_weights *W,
+                         layer_weights *G, int N, int d, int qd, int kd, matmul_precision mm) {
+    const int w = qd + 2 * kd;
+    #pragma omp parallel for schedule(static) if (N >= 256)
+    for (int n = 0; n < N; n++) {
+        float *r = a->qkv + (size_t)n * w;
+        memcpy(r, a->dq + (size_t)n * qd, sizeof(float) * qd);
+        memcpy(r + qd, a->dk + (size_t)n * kd, sizeof(float) * kd);
+        memcpy(r + qd + kd, a->dv + (size_t)n * kd, sizeof(float) * kd);
+    }
+    matmul_backward_set_din(a->dh, G->wq, NULL, a->qkv, A->hn1, W->wq, N, d, w, mm);
+}
+
 moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
                          int T, model_losses *losses) {
     const moe_config *c = &m->cfg;
@@ -360,9 +393,7 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         const layer_weights *W = &m->w.layers[l];
         float *x_out = (l + 1 < c->n_layers) ? a->layers[l + 1].x_in : a->x_final;
         PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn1, A->rstd1, A->x_in, W->attn_norm, N, d, c->norm_eps));
-        PROF_RUN(PROF_QKVO, matmul_forward(A->q, A->hn1, W->wq, NULL, N, d, H * hd, mm));
-        PROF_RUN(PROF_QKVO, matmul_forward(A->k, A->hn1, W->wk, NULL, N, d, KVH * hd, mm));
-        PROF_RUN(PROF_QKVO, matmul_forward(A->v, A->hn1, W->wv, NULL, N, d, KVH * hd, mm));
+        PROF_RUN(PROF_QKVO, qkv_forward(A, a->qkv, W, N, d, H * hd, KVH * hd, mm));
         PROF_RUN(PROF_ROPE, rope_forward(A->q, a->pos, N, H, hd, c->rope_base));
         PROF_RUN(PROF_ROPE, rope_forward(A->k, a->pos, N, KVH, hd, c->rope_base));
         PROF_RUN(PROF_ATTENTION, attention_forward(A->atto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
@@ -452,9 +483,7 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         PROF_RUN(PROF_ATTENTION, attention_backward(a->dq, a->dk, a->dv, a->datto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
         PROF_RUN(PROF_ROPE, rope_backward(a->dq, a->pos, N, H, hd, c->rope_base));
         PROF_RUN(PROF_ROPE, rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base));
-        PROF_RUN(PROF_QKVO, matmul_backward_set_din(a->dh, G->wq, NULL, a->dq, A->hn1, W->wq, N, d, H * hd, mm));
-        PROF_RUN(PROF_QKVO, matmul_backward(a->dh, G->wk, NULL, a->dk, A->hn1, W->wk, N, d, KVH * hd, mm));
-        PROF_RUN(PROF_QKVO, matmul_backward(a->dh, G->wv, NULL, a->dv, A->hn1, W->wv, N, d, KVH * hd, mm));
+        PROF_RUN(PROF_QKVO, qkv_backward(a, A, W, G, N, d, H * hd, KVH * hd, mm));
         PROF_RUN(PROF_NORM, rmsnorm_backward(dx, G->attn_norm, a->dh, A->x_in, W->attn_norm, A->rstd1, N, d));
     }
     /* embedding rows: parallel over columns so each element sums tokens in order */

@@ -47,6 +47,7 @@ typedef struct {
     int32_t *pos;
     /* backward scratch */
     float *dx, *dx2, *dh, *dq, *dk, *dv, *datto, *dff1, *dff2, *dff3, *dlogits;
+    float *qkv;  /* [N][qd+2kd] the fused q/k/v projection (forward) or its gradient */
     void **blocks; int n_blocks;
 } model_acts;
 
