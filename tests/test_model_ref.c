@@ -59,7 +59,7 @@ static int write_dump(const char *path, const moe_config *c, int renorm, int tie
         memset(m->grads, 0, m->n_params * sizeof(float));
         model_backward(m, tokens, targets, 1.0f);
         clip_grads(m->grads, m->n_params, grad_norm(m->grads, m->n_params), tp.grad_clip);
-        model_adamw(m, am, av, lrs[s], &tp, s + 1);
+        model_adamw(m, am, av, lrs[s], &tp, s + 1, 1.0f);
     }
     put(f, lrs, 4, steps); put(f, losses, 4, steps);
     free(am); free(av);

@@ -253,8 +253,8 @@ static const char *const prof_names[PROF_N] = {
     [PROF_EXPERTS] = "moe experts", [PROF_SHARED] = "moe shared experts",
     [PROF_COMBINE] = "moe combine", [PROF_DENSE_FFN] = "dense ffn", [PROF_LM_HEAD] = "lm head",
     [PROF_LOSS] = "cross-entropy", [PROF_ZERO_ACTS] = "zeroing gradient buffers",
-    [PROF_ZERO_GRADS] = "zeroing weight gradients", [PROF_GRAD_NORM] = "gradient norm",
-    [PROF_CLIP] = "clipping", [PROF_ADAMW] = "adamw", [PROF_DATA] = "data sampling",
+    [PROF_GRAD_NORM] = "gradient norm", [PROF_ADAMW] = "adamw (clip, update, zero grads)",
+    [PROF_DATA] = "data sampling",
 };
 
 void moe_prof_add(int id, double seconds) {

@@ -61,7 +61,7 @@ typedef enum {
     PROF_EMBED, PROF_NORM, PROF_QKVO, PROF_ROPE, PROF_ATTENTION, PROF_RESIDUAL,
     PROF_ROUTE, PROF_DISPATCH, PROF_EXPERTS, PROF_SHARED, PROF_COMBINE, PROF_DENSE_FFN,
     PROF_LM_HEAD, PROF_LOSS, PROF_ZERO_ACTS, PROF_N_MODEL, /* per pass, fwd and bwd */
-    PROF_ZERO_GRADS = PROF_N_MODEL, PROF_GRAD_NORM, PROF_CLIP, PROF_ADAMW, PROF_DATA, PROF_N
+    PROF_GRAD_NORM = PROF_N_MODEL, PROF_ADAMW, PROF_DATA, PROF_N
 } moe_prof_id;
 extern int moe_prof_on;
 extern int moe_prof_pass; /* 0 = forward, 1 = backward (model phases) */

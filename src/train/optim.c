@@ -4,28 +4,32 @@
 
 #include "train/train.h"
 
-void adamw_update(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, size_t n, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, int t) {
+void adamw_update(float *restrict p, float *restrict g, float *restrict m, float *restrict v, size_t n,
+                  float lr, float beta1, float beta2, float eps, float weight_decay, int t,
+                  float gscale) {
     const float bc1 = 1.0f - powf(beta1, (float)t);
     const float bc2_sqrt = sqrtf(1.0f - powf(beta2, (float)t));
     const float step = lr / bc1, decay = 1.0f - lr * weight_decay;
     /* simd: vector sqrt and divide round exactly like the scalar ones */
     #pragma omp parallel for simd schedule(static) if (n > 65536)
     for (size_t i = 0; i < n; i++) {
-        m[i] = beta1 * m[i] + (1.0f - beta1) * g[i];
-        v[i] = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
+        const float gi = g[i] * gscale; /* exact when gscale is 1 */
+        g[i] = 0.0f;
+        m[i] = beta1 * m[i] + (1.0f - beta1) * gi;
+        v[i] = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         p[i] *= decay;
         p[i] -= step * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps);
     }
 }
 
-void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_params *p, int t) {
+void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_params *p, int t,
+                 float gscale) {
     for (int i = 0; i < mdl->n_tensors; i++) {
         const tensor_desc *td = &mdl->tensors[i];
         if (td->buffer) continue; /* non-learned (the selection bias): no optimizer */
         size_t o = td->offset;
         adamw_update(mdl->params + o, mdl->grads + o, m + o, v + o, td->size, lr, p->beta1,
-                     p->beta2, p->adam_eps, td->decay ? p->weight_decay : 0.0f, t);
+                     p->beta2, p->adam_eps, td->decay ? p->weight_decay : 0.0f, t, gscale);
     }
 }
 
@@ -50,11 +54,15 @@ double grad_norm(const float *g, size_t n) {
     return sqrt(total);
 }
 
-void clip_grads(float *g, size_t n, double norm, float clip) {
-    if (clip <= 0) return;
+float clip_scale(double norm, float clip) {
+    if (clip <= 0) return 1.0f;
     double coef = clip / (norm + 1e-6);
-    if (coef >= 1.0) return;
-    float cf = (float)coef;
+    return coef >= 1.0 ? 1.0f : (float)coef;
+}
+
+void clip_grads(float *g, size_t n, double norm, float clip) {
+    float cf = clip_scale(norm, clip);
+    if (cf == 1.0f) return;
     #pragma omp parallel for simd schedule(static) if (n > 65536)
     for (size_t i = 0; i < n; i++) g[i] *= cf;
 }

@@ -308,6 +308,7 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
                          need / (1 << 30), (double)moe_physical_memory() / (1 << 30));
     st = model_alloc_grads(m);
     if (st) return st;
+    moe_zero(m->grads, m->n_params); /* from here on each AdamW pass leaves them zero */
     float *am = moe_calloc(m->n_params, sizeof(float)), *av = moe_calloc(m->n_params, sizeof(float));
     size_t BT = 0;
     int32_t *tok = NULL, *tgt = NULL;
@@ -355,7 +356,8 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     int done_here = 0;
     for (int step = start; step < p.steps; step++) {
         const double t0 = moe_now();
-        PROF_RUN(PROF_ZERO_GRADS, moe_zero(m->grads, m->n_params));
+        /* the gradients are zero here: allocated zeroed, and each step's AdamW
+         * pass zeroes what it consumed (buffers never get a gradient) */
         moe_zero(load, (size_t)MOE_MAX(n_moe, 1) * MOE_MAX(c->n_experts, 1));
         model_stats_reset(m);
         model_losses sum = {0};
@@ -390,9 +392,8 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
                            "the last checkpoint is kept", step + 1, t ? t : "the model");
             goto done;
         }
-        PROF_RUN(PROF_CLIP, clip_grads(m->grads, m->n_params, gn, p.grad_clip));
         float lr = lr_at(&p, step);
-        PROF_RUN(PROF_ADAMW, model_adamw(m, am, av, lr, &p, step + 1));
+        PROF_RUN(PROF_ADAMW, model_adamw(m, am, av, lr, &p, step + 1, clip_scale(gn, p.grad_clip)));
         model_update_bias(m); /* aux-loss-free balancing, from this step's loads */
         m->train_step = step + 1;
         done_here++;

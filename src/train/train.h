@@ -3,16 +3,24 @@
 #define MOE_TRAIN_H
 #include "model/model.h"
 
-/* AdamW as torch.optim.AdamW computes it: decoupled decay p *= 1 - lr*wd,
- * then p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps). t is the 1-based step. */
-void adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, int t);
-/* Applies AdamW to every tensor of the model (no decay on norm weights). */
-void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_params *p, int t);
+/* AdamW as torch.optim.AdamW computes it on the gradient gscale * g (gscale:
+ * the clipping factor, 1 = none; the same float product clip_grads would
+ * store): decoupled decay p *= 1 - lr*wd, then p -= lr/bc1 * m /
+ * (sqrt(v)/sqrt(bc2) + eps). t is the 1-based step. Consumes the gradient:
+ * g is left zero, ready for the next step's accumulation (one pass over g
+ * instead of three: clip, update, zero). */
+void adamw_update(float *p, float *g, float *m, float *v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int t, float gscale);
+/* Applies AdamW to every tensor of the model (no decay on norm weights) and
+ * zeroes the gradients it used; buffers (no gradient) are left alone. */
+void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_params *p, int t,
+                 float gscale);
 /* Global L2 norm of the gradients, summed in a fixed order. */
 double grad_norm(const float *g, size_t n);
-/* Scales gradients so their norm is at most clip (torch's clip_grad_norm_ rule). */
+/* Scales gradients so their norm is at most clip (torch's clip_grad_norm_ rule);
+ * clip_scale is the factor it multiplies by (1 when no clipping is needed). */
 void clip_grads(float *g, size_t n, double norm, float clip);
+float clip_scale(double norm, float clip);
 /* Reads and checks the training-state file at path as moe_train does on
  * resume, for a model of n_params parameters; *step (may be NULL) gets its
  * step. For tests and fuzzing. */
