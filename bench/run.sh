@@ -68,22 +68,23 @@ median() { $PY -c 'import statistics,sys; print(statistics.median(float(x) for x
 
 # PyTorch gets its best thread layout on this machine: its own intra-op threads
 # and OpenBLAS's threads compete for the same cores when both are > 1, so try
-# each split and keep the fastest (all are printed).
+# each split and keep the fastest (all are printed), in fp32 and in PyTorch's
+# own mixed precision (bf16 autocast, oneDNN), set beside moe's matmul=bf16.
 layouts=("$THREADS 1" "1 $THREADS" "$THREADS $THREADS")
-best_rate=0; best_layout=""; best_args=""
-for layout in "${layouts[@]}"; do
-    set -- $layout
-    rates=($(torch_runs "$1" "$2" fp32)) || exit 1
-    med=$(median "${rates[@]}")
-    echo "pytorch fp32  torch threads $1, OpenBLAS threads $2: tokens/s per run: ${rates[*]}   median $med"
-    if $PY -c 'import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)' "$med" "$best_rate"; then
-        best_rate=$med; best_layout="torch threads $1, OpenBLAS threads $2"; best_args="$1 $2"; torch_fp32=("${rates[@]}")
-    fi
+for mm in fp32 bf16; do
+    best_rate=0; best_layout=""
+    for layout in "${layouts[@]}"; do
+        set -- $layout
+        rates=($(torch_runs "$1" "$2" $mm)) || exit 1
+        med=$(median "${rates[@]}")
+        echo "pytorch $mm  torch threads $1, OpenBLAS threads $2: tokens/s per run: ${rates[*]}   median $med"
+        if $PY -c 'import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)' "$med" "$best_rate"; then
+            best_rate=$med; best_layout="torch threads $1, OpenBLAS threads $2"
+            if [ $mm = fp32 ]; then torch_fp32=("${rates[@]}"); else torch_bf16=("${rates[@]}"); fi
+        fi
+    done
+    echo "pytorch $mm  best layout: $best_layout"
 done
-echo "pytorch       best layout: $best_layout"
-# PyTorch's own mixed precision (bf16 autocast) in that layout, to set beside moe's matmul=bf16
-set -- $best_args
-torch_bf16=($(torch_runs "$1" "$2" bf16)) || exit 1
 blas=$(cat "$tmp/blas")
 
 $PY - "$blas" "${moe_fp32[*]}" "${moe_bf16[*]}" "${torch_fp32[*]}" "${torch_bf16[*]}" <<'PYEOF'

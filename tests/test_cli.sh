@@ -132,6 +132,10 @@ run "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --out "$M"
 if [ "$RC" -eq 0 ] && [ -s "$M" ] && grep -q "step 2/2" "$T/err"; then ok "train tiny"
 else bad "train tiny" "exit $RC, stderr: $(tail -c 400 "$T/err")"; fi
 have_model=0; [ -s "$M" ] && have_model=1
+run "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --set matmul=bf16 --profile --out "$T/prof.gguf"
+if [ "$RC" -eq 0 ] && grep -q "^fwd attention  *[0-9.]* *[0-9.]*%" "$T/out" && grep -q "^bwd moe experts" "$T/out" \
+   && grep -q "^opt adamw" "$T/out" && grep -q "^total timed" "$T/out"; then ok "train --profile (bf16) prints the phase table"
+else bad "train --profile" "exit $RC: $(tail -c 600 "$T/out") $(tail -c 200 "$T/err")"; fi
 
 if [ $have_model = 1 ]; then
     run "$MOE" info --model "$M"
