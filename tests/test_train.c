@@ -113,28 +113,32 @@ int main(void) {
     }
     TEST_END();
 
-    TEST_CASE("KV-cached decoding matches the full forward pass");
-    {
-        moe_config c = tiny();
-        c.moe_first_dense = 1; /* one dense and one MoE layer */
-        moe_model *m;
-        moe_model_create(&m, &c, 11);
-        int32_t toks[16];
-        for (int i = 0; i < 16; i++) toks[i] = (int32_t)((i * 37 + 5) % c.vocab_size);
-        CHECK(model_forward(m, toks, NULL, 1, 16, NULL) == 0, "%s", moe_last_error());
-        float *full = malloc(sizeof(float) * 16 * c.vocab_size), *one = malloc(sizeof(float) * c.vocab_size);
-        memcpy(full, m->acts.logits, sizeof(float) * 16 * c.vocab_size);
-        double worst = 0;
-        for (int t = 0; t < 16; t++) {
-            CHECK(model_decode(m, toks[t], t, one) == 0, "%s", moe_last_error());
-            worst = fmax(worst, th_max_rel_err(one, full + (size_t)t * c.vocab_size, c.vocab_size, 1e-2));
+    for (int prec = 0; prec < 2; prec++) {
+        TEST_CASE(prec ? "KV-cached decoding matches the full forward pass (matmul=bf16)"
+                       : "KV-cached decoding matches the full forward pass");
+        {
+            moe_config c = tiny();
+            c.matmul = prec ? MOE_MATMUL_BF16 : MOE_MATMUL_FP32;
+            c.moe_first_dense = 1; /* one dense and one MoE layer */
+            moe_model *m;
+            moe_model_create(&m, &c, 11);
+            int32_t toks[16];
+            for (int i = 0; i < 16; i++) toks[i] = (int32_t)((i * 37 + 5) % c.vocab_size);
+            CHECK(model_forward(m, toks, NULL, 1, 16, NULL) == 0, "%s", moe_last_error());
+            float *full = malloc(sizeof(float) * 16 * c.vocab_size), *one = malloc(sizeof(float) * c.vocab_size);
+            memcpy(full, m->acts.logits, sizeof(float) * 16 * c.vocab_size);
+            double worst = 0;
+            for (int t = 0; t < 16; t++) {
+                CHECK(model_decode(m, toks[t], t, one) == 0, "%s", moe_last_error());
+                worst = fmax(worst, th_max_rel_err(one, full + (size_t)t * c.vocab_size, c.vocab_size, 1e-2));
+            }
+            CHECK(worst < 1e-4, "decode differs from forward by %g", worst);
+            CHECK(model_decode(m, toks[0], c.max_seq, one) == MOE_ERR_INVALID_ARG, "position past the context accepted");
+            free(full); free(one);
+            moe_model_free(m);
         }
-        CHECK(worst < 1e-4, "decode differs from forward by %g", worst);
-        CHECK(model_decode(m, toks[0], c.max_seq, one) == MOE_ERR_INVALID_ARG, "position past the context accepted");
-        free(full); free(one);
-        moe_model_free(m);
+        TEST_END();
     }
-    TEST_END();
 
     TEST_CASE("training lowers the loss");
     {
