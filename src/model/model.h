@@ -28,7 +28,7 @@ typedef struct {
     size_t size;        /* in floats                               */
     int n_dims;
     int64_t ne[3];      /* ggml order: ne[0] is the row length     */
-    int decay;          /* weight decay applies (matrices, not norms) */
+    int decay;          /* weight decay applies (all but the norm gains and buffers) */
     int init;           /* TENSOR_INIT_*                           */
     int buffer;         /* non-learned: no gradient, no optimizer  */
 } tensor_desc;
@@ -52,7 +52,7 @@ typedef struct {
 } model_acts;
 
 typedef struct {
-    double loss;       /* total: ce + aux_coef * aux + z_coef * z         */
+    double loss;       /* total: ce + aux, z and seq_aux times their coefs */
     double ce;         /* mean cross-entropy                              */
     double aux, z;     /* summed over MoE layers, before coefficients     */
     int n_moe;         /* MoE layers                                      */
