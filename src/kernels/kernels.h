@@ -78,6 +78,13 @@ void swiglu_forward(float *out, const float *gate, const float *up, int N, int F
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                      const float *up, int N, int F);      /* dgate or dup may be NULL */
 
+/* One row, vectorised, the exp of every kernel here (max error ~1 ulp of
+ * expf): dst[j] = exp(x[j] - m), returning their sum in double in a fixed
+ * order; and dst[j] = 1 / (1 + exp(-x[j])). dst may equal x. Serial: callers
+ * parallelise over rows. */
+double exp_shift_sum(float *dst, const float *x, float m, int n);
+void sigmoid_row(float *dst, const float *x, int n);
+
 /* Row-wise softmax: out[N][C] = softmax(in[N][C]); in may equal out. */
 void softmax_forward(float *out, const float *in, int N, int C);
 /* Given probabilities p[N][C] and dL/dp, din[N][C] += p * (dp - sum(p*dp)). */

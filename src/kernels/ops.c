@@ -83,10 +83,15 @@ static double dot8d(const float *x, const float *y, int n) { /* sum x*y, product
 }
 
 /* dst[j] = exp(x[j] - m); returns their sum (sum8d order). dst may equal x. */
-static double exp_shift_sum(float *dst, const float *x, float m, int n) {
+double exp_shift_sum(float *dst, const float *x, float m, int n) {
 #pragma omp simd
     for (int j = 0; j < n; j++) dst[j] = fexp(x[j] - m);
     return sum8d(dst, n);
+}
+
+void sigmoid_row(float *dst, const float *x, int n) {
+#pragma omp simd
+    for (int j = 0; j < n; j++) dst[j] = 1.0f / (1.0f + fexp(-x[j]));
 }
 
 /* ------------------------------------------------------------------------ */

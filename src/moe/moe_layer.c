@@ -53,6 +53,8 @@ static void layout(moe_cache *c, carver *cv) {
     r->order = take(cv, E);
     r->iscratch = take(cv, 2 * ns + 2 * N);
     r->seqf = take(cv, ne);
+    r->psum = take(cv, 2 * (ne + E)); /* doubles: B <= N sequences, plus the total */
+    r->hrow = take(cv, 2 * N);
     c->xe = take(cv, R * d);
     c->hg = take(cv, R * F);
     c->hu = take(cv, R * F);
@@ -204,19 +206,17 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
         float *p = r->probs + (size_t)t * E, *sel = r->sel + (size_t)t * E;
         float mx = l[0];
         for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
-        double sum = 0;
+        double sum;
         if (!sigmoid) {
-            for (int e = 0; e < E; e++) { p[e] = expf(l[e] - mx); sum += p[e]; }
+            sum = exp_shift_sum(p, l, mx, E);
             float inv = (float)(1.0 / sum);
             for (int e = 0; e < E; e++) p[e] *= inv;
             r->ssum[t] = 1.0f;
         } else {
+            sum = exp_shift_sum(sel, l, mx, E); /* sel: scratch until set below */
+            sigmoid_row(p, l, E);
             double ss = 0;
-            for (int e = 0; e < E; e++) {
-                sum += expf(l[e] - mx);
-                p[e] = 1.0f / (1.0f + expf(-l[e]));
-                ss += p[e];
-            }
+            for (int e = 0; e < E; e++) ss += p[e];
             r->ssum[t] = (float)ss;
         }
         r->lse[t] = mx + (float)log(sum);
@@ -359,16 +359,35 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
     double z = 0;
     for (int t = 0; t < N; t++) z += (double)r->lse[t] * r->lse[t];
     r->z = z / N;
-    double aux = 0;
-    for (int e = 0; e < E; e++) {
-        double P = 0;
-        for (int t = 0; t < N; t++) P += sigmoid ? r->probs[(size_t)t * E + e] / r->ssum[t] : r->probs[(size_t)t * E + e];
-        aux += (assigned ? (double)r->sel_counts[e] / (double)assigned : 0.0) * (P / N);
+    /* Sums of the normalised scores over each sequence's tokens (rows b < B)
+     * and over all tokens (row B), every sum in increasing t. Parallel over
+     * experts, reading the score rows left to right (a column walk over
+     * [N][E] misses the cache at every step once E is large). */
+    const int T = seq_len_of(o, N), B = N / T;
+    double *ps = r->psum, *pall = r->psum + (size_t)B * E;
+    #pragma omp parallel for schedule(static) if ((double)N * E >= 65536)
+    for (int e0 = 0; e0 < E; e0 += 64) {
+        const int e1 = MOE_MIN(E, e0 + 64);
+        for (int e = e0; e < e1; e++) pall[e] = 0;
+        for (int b = 0; b < B; b++) {
+            double *pb = ps + (size_t)b * E;
+            for (int e = e0; e < e1; e++) pb[e] = 0;
+            for (int t = b * T; t < (b + 1) * T; t++) {
+                const float *p = r->probs + (size_t)t * E;
+                for (int e = e0; e < e1; e++) {
+                    const double q = sigmoid ? p[e] / r->ssum[t] : p[e];
+                    pb[e] += q;
+                    pall[e] += q;
+                }
+            }
+        }
     }
+    double aux = 0;
+    for (int e = 0; e < E; e++)
+        aux += (assigned ? (double)r->sel_counts[e] / (double)assigned : 0.0) * (pall[e] / N);
     r->aux = aux * E;
     /* sequence-wise: per sequence f_i = E/(k T) * chosen_i, P_i = mean normalised score */
     {
-        const int T = seq_len_of(o, N), B = N / T;
         double total = 0;
         for (int b = 0; b < B; b++) {
             float *f = r->seqf + (size_t)b * E;
@@ -378,26 +397,33 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
             double Lb = 0;
             for (int e = 0; e < E; e++) {
                 f[e] = (float)((double)E * f[e] / ((double)k * T));
-                double P = 0;
-                for (int t = b * T; t < (b + 1) * T; t++)
-                    P += sigmoid ? r->probs[(size_t)t * E + e] / r->ssum[t] : r->probs[(size_t)t * E + e];
-                Lb += (double)f[e] * (P / T);
+                Lb += (double)f[e] * (ps[(size_t)b * E + e] / T);
             }
             total += Lb;
         }
         r->seq_aux = total / B;
     }
-    /* routing entropy of the normalised scores, as a fraction of log E */
+    /* routing entropy of the normalised scores, as a fraction of log E:
+     * per token in parallel, then summed in token order */
     double ent = 0;
     if (E > 1) {
+        #pragma omp parallel for schedule(static) if ((double)N * E >= 65536)
         for (int t = 0; t < N; t++) {
+            const float *p = r->probs + (size_t)t * E;
             double h = 0;
-            for (int e = 0; e < E; e++) {
-                double p = sigmoid ? r->probs[(size_t)t * E + e] / r->ssum[t] : r->probs[(size_t)t * E + e];
-                if (p > 0) h -= p * log(p);
+            if (!sigmoid) { /* -log q = lse - logit: no log per expert (E can be 2048) */
+                const float *l = r->logits + (size_t)t * E;
+                const double lse = r->lse[t];
+                for (int e = 0; e < E; e++) h += (double)p[e] * (lse - l[e]);
+            } else {
+                for (int e = 0; e < E; e++) {
+                    double q = p[e] / r->ssum[t];
+                    if (q > 0) h -= q * log(q);
+                }
             }
-            ent += h;
+            r->hrow[t] = h;
         }
+        for (int t = 0; t < N; t++) ent += r->hrow[t];
         ent /= (double)N * log((double)E);
     }
     r->entropy = ent;

@@ -57,6 +57,9 @@ typedef struct {
     int32_t *order;    /* [E] experts with rows, busiest first (scratch)         */
     int32_t *iscratch; /* [N*S + N] selection and capacity scratch               */
     float *seqf;       /* [B][E] sequence-wise loss: f_i of each sequence        */
+    double *psum;      /* [B+1][E] sums over tokens of the normalised scores:
+                          per sequence, then over all (balance-term scratch)    */
+    double *hrow;      /* [N] routing entropy of each token (scratch)            */
     int rows;          /* dispatched rows                                        */
     int capacity;      /* per-expert capacity used (0 = none)                    */
     int64_t assigned, dropped; /* assignments chosen / dropped by capacity       */
