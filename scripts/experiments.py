@@ -476,11 +476,12 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     nob, swl, alf = ok("nobal"), ok("moe"), ok("alf")
     if nob and swl and alf:
         tailv = lambda r, k: mean(x[k] for x in r.train[-max(1, len(r.train) // 10):] if x[k] is not None)
-        w("Reading: without balancing, MaxVio over the last 10%% of steps is %.2f and %.0f%% of the experts "
-          "are dead; the Switch loss brings MaxVio to %.2f and the auxiliary-loss-free bias to %.2f, both "
-          "with no dead experts. " % (
+        w("Reading: over the last 10%% of steps, MaxVio is %.2f without balancing (%.0f%% of the experts "
+          "dead), %.2f with the Switch loss (%.0f%% dead) and %.2f with the auxiliary-loss-free bias "
+          "(%.0f%% dead). " % (
               mean(tailv(r, "maxvio") for r in nob), 100 * mean(tailv(r, "dead") for r in nob),
-              mean(tailv(r, "maxvio") for r in swl), mean(tailv(r, "maxvio") for r in alf))
+              mean(tailv(r, "maxvio") for r in swl), 100 * mean(tailv(r, "dead") for r in swl),
+              mean(tailv(r, "maxvio") for r in alf), 100 * mean(tailv(r, "dead") for r in alf))
           + reading("No balancing", [r.val[-1][1] for r in nob], "Switch loss", [r.val[-1][1] for r in swl])
           + " " + reading("Aux-loss-free", [r.val[-1][1] for r in alf], "Switch loss",
                           [r.val[-1][1] for r in swl]) + "\n")
