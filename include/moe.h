@@ -181,6 +181,11 @@ MOE_API moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train
 /* Mean per-token cross-entropy over the validation split (or all of d when it has none). */
 MOE_API moe_status moe_evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches,
                                 int use_all, double *loss_out, size_t *tokens_out);
+/* The same, calling fn(tokens done, tokens in all, user) after every batch (fn may be NULL). */
+typedef void (*moe_eval_progress_fn)(size_t done, size_t total, void *user);
+MOE_API moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq,
+                                         int max_batches, int use_all, double *loss_out,
+                                         size_t *tokens_out, moe_eval_progress_fn fn, void *user);
 
 /* ---- generation ---------------------------------------------------------- */
 typedef struct {

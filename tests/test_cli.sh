@@ -159,6 +159,8 @@ if [ $have_model = 1 ]; then
     run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1
     if [ "$RC" -eq 0 ] && grep -qE "^loss [0-9.]+  perplexity [0-9.]+  tokens [0-9]+$" "$T/out"; then ok "eval"
     else bad "eval" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; fi
+    grep -qE "^eval [0-9]+/[0-9]+ tokens \(100%\)" "$T/err" && ok "eval shows progress, ending at 100%" \
+        || bad "eval progress" "stderr: $(head -c 300 "$T/err")"
 
     printf 'caf\xc3\xa9 na\xc3\xafve \xe2\x9c\x93 \xf0\x9f\x98\x80 raw \x01\xfe\xff bytes\n' >"$T/text.bin"
     run "$MOE" tokenizer encode --tokenizer "$M" <"$T/text.bin"; cp "$T/out" "$T/ids.txt"

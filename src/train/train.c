@@ -188,14 +188,23 @@ static moe_status load_state(const char *path, const moe_model *m, state_header 
 }
 
 /* ---- evaluation ---- */
+typedef struct { moe_eval_progress_fn fn; void *user; size_t done, total; } eval_progress;
+
+/* windows of T tokens evaluate_windows will read from split (at most max_windows, 0 = all) */
+static size_t eval_window_count(const moe_dataset *d, int split, int T, size_t max_windows) {
+    size_t n = d->n[split];
+    if (n < 2) return 0;
+    size_t windows = (n - 1 + T - 1) / T;
+    return max_windows && windows > max_windows ? max_windows : windows;
+}
+
 static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, int B, int T,
-                               size_t max_windows, double *sum, size_t *count) {
+                               size_t max_windows, double *sum, size_t *count, eval_progress *pr) {
     size_t n = d->n[split];
     if (n < 2) return MOE_OK;
     int32_t *tok = moe_malloc(sizeof(int32_t) * B * T), *tgt = moe_malloc(sizeof(int32_t) * B * T);
     if (!tok || !tgt) { moe_free(tok); moe_free(tgt); return MOE_ERR_NOMEM; }
-    size_t windows = (n - 1 + T - 1) / T;
-    if (max_windows && windows > max_windows) windows = max_windows;
+    size_t windows = eval_window_count(d, split, T, max_windows);
     /* evenly spaced windows when capped, all consecutive ones otherwise */
     size_t stride = max_windows ? MOE_MAX((size_t)T, (n - 1) / windows) : (size_t)T;
     moe_status st = MOE_OK;
@@ -216,6 +225,10 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
         for (int i = 0; i < B * T; i++) counted += tgt[i] >= 0;
         *sum += L.ce * (double)counted;
         *count += counted;
+        if (pr->fn) {
+            pr->done += (size_t)MOE_MIN((size_t)B, windows - w0) * T;
+            pr->fn(MOE_MIN(pr->done, pr->total), pr->total, pr->user);
+        }
     }
     moe_free(tok);
     moe_free(tgt);
@@ -224,15 +237,24 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
 
 moe_status moe_evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches, int use_all,
                         double *loss_out, size_t *tokens_out) {
+    return moe_evaluate_progress(m, d, seq, max_batches, use_all, loss_out, tokens_out, NULL, NULL);
+}
+
+moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq, int max_batches,
+                                 int use_all, double *loss_out, size_t *tokens_out,
+                                 moe_eval_progress_fn fn, void *user) {
     if (seq < 2 || seq > m->cfg.max_seq) return moe_error(MOE_ERR_INVALID_ARG, "sequence length %d must be in 2..%d", seq, m->cfg.max_seq);
     const int B = 8;
     double sum = 0;
     size_t count = 0;
     moe_status st = MOE_OK;
+    eval_progress pr = {fn, user, 0, 0};
     if (use_all || d->n[1] < 2) {
-        for (int s = 0; !st && s < 2; s++) st = eval_windows(m, d, s, B, seq, 0, &sum, &count);
+        for (int s = 0; s < 2; s++) pr.total += eval_window_count(d, s, seq, 0) * seq;
+        for (int s = 0; !st && s < 2; s++) st = eval_windows(m, d, s, B, seq, 0, &sum, &count, &pr);
     } else {
-        st = eval_windows(m, d, 1, B, seq, (size_t)max_batches * B, &sum, &count);
+        pr.total = eval_window_count(d, 1, seq, (size_t)max_batches * B) * seq;
+        st = eval_windows(m, d, 1, B, seq, (size_t)max_batches * B, &sum, &count, &pr);
     }
     if (st) return st;
     if (!count) return moe_error(MOE_ERR_INVALID_ARG, "no tokens to evaluate");

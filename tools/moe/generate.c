@@ -2,8 +2,11 @@
 #include "cli.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 /* ---- generate ---- */
 typedef struct {
@@ -88,6 +91,37 @@ int cmd_generate(int argc, char **argv) {
 }
 
 /* ---- eval ---- */
+
+/* ---- progress of moe eval: a live line on a terminal, a line per 10% otherwise ---- */
+typedef struct { int tty, open, last_decile; double t0, last; } eval_line;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void on_eval_progress(size_t done, size_t total, void *user) {
+    eval_line *e = user;
+    double t = now_s(), el = t - e->t0;
+    int decile = total ? (int)(10 * done / total) : 10;
+    if (e->tty ? t - e->last < 0.2 && done < total : decile == e->last_decile) return;
+    e->last = t;
+    e->last_decile = decile;
+    char eta[32];
+    fmt_duration(eta, sizeof eta, done ? el * (double)(total - done) / (double)done : 0);
+    char line[160];
+    snprintf(line, sizeof line, "eval %zu/%zu tokens (%d%%) | %.0f tok/s | eta %s", done, total,
+             total ? (int)(100 * done / total) : 100, el > 0 ? (double)done / el : 0.0, eta);
+    if (e->tty) {
+        fprintf(stderr, "\r%s\033[K", line);
+        e->open = 1;
+    } else {
+        fprintf(stderr, "%s\n", line);
+    }
+    fflush(stderr);
+}
+
 static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (data->n == 0) return cli_usage_error(cmd->name, "--data PATH is required");
@@ -109,7 +143,10 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     }
     double loss = 0;
     size_t tokens = 0;
-    if (moe_evaluate(m, d, seq, 0, 1, &loss, &tokens) != MOE_OK) { rc = lib_fail(NULL); goto done; }
+    eval_line el = {.tty = isatty(fileno(stderr)), .t0 = now_s()};
+    moe_status st = moe_evaluate_progress(m, d, seq, 0, 1, &loss, &tokens, on_eval_progress, &el);
+    if (el.open) fputc('\n', stderr);
+    if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
     if (tokens == 0) { rc = fail("the data is too short to evaluate (need more than %d tokens)", seq); goto done; }
     printf("loss %.3f  perplexity %.1f  tokens %zu\n", loss, exp(loss), tokens);
     rc = 0;
