@@ -1,7 +1,9 @@
-/* kernels: the numerical building blocks, fp32, over plain arrays.
+/* kernels: the numerical building blocks, over plain fp32 arrays (matmuls can
+ * round their inputs to bf16, see matmul_precision).
  * Each op is <op>_forward / <op>_backward; outputs first, sizes last; shapes in
  * comments are row-major. Backward functions ACCUMULATE (+=) into gradient
- * buffers; zeroing is the caller's explicit step.
+ * buffers; zeroing is the caller's explicit step. Two marked exceptions SET
+ * their outputs instead: matmul_backward_set_din (din) and swiglu_backward.
  * Every fast path (AVX-512 etc., chosen at run time via moe_use_fast_kernels())
  * has a scalar reference twin with the _ref suffix, used as the test oracle.
  * Parallel loops are partitioned by output and reduce in a fixed order, so

@@ -1,4 +1,5 @@
-/* matmul: out = in @ w^T (+ bias) and its backward, fp32.
+/* matmul: out = in @ w^T (+ bias) and its backward, fp32 or with bf16-rounded
+ * inputs (the bf16 GEMM is its own section below).
  *
  * Two implementations share the contract in kernels.h:
  *  - *_ref: plain scalar loops, parallel over output rows, float accumulation in
