@@ -594,25 +594,28 @@ BF16_TARGET static void pack_panel_bf16(uint16_t *dst, const gemm_desc *g, int p
 BF16_TARGET static void pack_a_rows_bf16(uint32_t *ap, const gemm_desc *g, int m0, int mr, int k0,
                                          int kc) {
     int kcp = (kc + 1) / 2;
-    for (int r = 0; r < MR; r++) {
-        uint32_t *d = ap + r;
-        if (r >= mr) {
-            for (int kp = 0; kp < kcp; kp++) d[(size_t)kp * MR] = 0;
-            continue;
+    for (int kp = 0; kp < kcp; kp += 16) {
+        int left = kc - 2 * kp;
+        __mmask16 l0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        __mmask16 l1 = left >= 32 ? (__mmask16)0xffff
+                     : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
+        /* 8 rows x 16 pairs (rows 8..15 and rows past mr zero), transposed to
+         * 16 pairs x 8 rows: lanes 0..7 of each result are one kp's strip word */
+        __m512 v[16];
+        for (int r = 0; r < 16; r++) {
+            if (r >= mr) {
+                v[r] = _mm512_setzero_ps();
+                continue;
+            }
+            const float *s = g->A + (ptrdiff_t)(m0 + r) * g->as_m + (ptrdiff_t)(k0 + 2 * kp) * g->as_k;
+            v[r] = _mm512_castsi512_ps(_mm512_inserti64x4(
+                _mm512_castsi256_si512(cvt16(_mm512_maskz_loadu_ps(l0, s))),
+                cvt16(_mm512_maskz_loadu_ps(l1, s + 16)), 1));
         }
-        const float *s = g->A + (ptrdiff_t)(m0 + r) * g->as_m + (ptrdiff_t)k0 * g->as_k;
-        for (int kp = 0; kp < kcp; kp += 16) {
-            int left = kc - 2 * kp;
-            __mmask16 l0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-            __mmask16 l1 = left >= 32 ? (__mmask16)0xffff
-                         : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
-            uint32_t w[16];
-            _mm512_storeu_si512(w, _mm512_inserti64x4(
-                                       _mm512_castsi256_si512(cvt16(_mm512_maskz_loadu_ps(l0, s + 2 * kp))),
-                                       cvt16(_mm512_maskz_loadu_ps(l1, s + 2 * kp + 16)), 1));
-            int n = MOE_MIN(16, kcp - kp);
-            for (int i = 0; i < n; i++) d[(size_t)(kp + i) * MR] = w[i];
-        }
+        transpose16(v);
+        int n = MOE_MIN(16, kcp - kp);
+        for (int i = 0; i < n; i++)
+            _mm256_storeu_ps((float *)(ap + (size_t)(kp + i) * MR), _mm512_castps512_ps256(v[i]));
     }
 }
 
@@ -625,8 +628,23 @@ BF16_TARGET static void pack_a_cols_bf16(uint32_t *ap, const gemm_desc *g, int m
     int kcp = (kc + 1) / 2, nstr = (m1 - m0 + MR - 1) / MR;
     for (int kp = 0; kp < kcp; kp++) {
         const float *r0 = g->A + (ptrdiff_t)(k0 + 2 * kp) * g->as_k + m0;
-        int has1 = 2 * kp + 1 < kc;
-        for (int st = 0; st < nstr; st++) {
+        int has1 = 2 * kp + 1 < kc, st = 0;
+        for (; st + 1 < nstr; st += 2) { /* two strips: 16 values of each row */
+            const __m512i ilv2 = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                                  9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                                  17, 1, 16, 0);
+            int rows = MOE_MIN(2 * MR, m1 - m0 - st * MR);
+            __mmask16 mk = rows >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
+            __m512 x = _mm512_maskz_loadu_ps(mk, r0 + st * MR);
+            __m512 y = has1 ? _mm512_maskz_loadu_ps(mk, r0 + g->as_k + st * MR) : _mm512_setzero_ps();
+            __m512i xy = _mm512_inserti64x4(_mm512_castsi256_si512(cvt16(x)), cvt16(y), 1);
+            __m512i o = _mm512_permutexvar_epi16(ilv2, xy); /* strip st, then strip st+1 */
+            _mm256_storeu_si256((__m256i *)(ap + ((size_t)st * kcp + kp) * MR),
+                                _mm512_castsi512_si256(o));
+            _mm256_storeu_si256((__m256i *)(ap + ((size_t)(st + 1) * kcp + kp) * MR),
+                                _mm512_extracti64x4_epi64(o, 1));
+        }
+        for (; st < nstr; st++) {
             int mr = MOE_MIN(MR, m1 - m0 - st * MR);
             __mmask16 mk = (__mmask16)((1u << mr) - 1);
             __m512 x = _mm512_maskz_loadu_ps(mk, r0 + st * MR);
@@ -665,11 +683,15 @@ BF16_TARGET static void gemm_task_bf16(const gemm_desc *g, const uint16_t *Bp, i
                                        uint32_t *ap, int m0, int m1, int p0, int p1) {
     enum { PCH = 16 };
     int Kp = (g->K + 1) / 2, cm = g->as_m == 1;
+    /* with a single k block the A block is converted once for all the chunks */
+    const int one_kb = g->K <= 2 * KCP;
     for (int pc0 = p0; pc0 < p1; pc0 += PCH) {
         int pc1 = MOE_MIN(p1, pc0 + PCH);
         for (int k0 = 0; k0 < g->K; k0 += 2 * KCP) {
             int kc = MOE_MIN(2 * KCP, g->K - k0), kcp = (kc + 1) / 2;
-            if (cm)
+            if (one_kb && pc0 > p0)
+                ; /* already packed */
+            else if (cm)
                 pack_a_cols_bf16(ap, g, m0, m1, k0, kc);
             else
                 for (int m = m0; m < m1; m += MR)
