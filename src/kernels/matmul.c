@@ -531,6 +531,27 @@ uint16_t BF16_TARGET kernels_bf16_hw(float f) {
 /* 16 floats -> 16 bf16 in a ymm */
 BF16_TARGET static inline __m256i cvt16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
+/* 16 rows of a row-major fp32 block (row i at src + i*ld; rows >= nrows read
+ * as zero), their first min(left, 32) values (zero past left) as 16 bf16
+ * pairs each, transposed: lane i of r[kp] is pair kp of row i. */
+BF16_TARGET static void pairs_transposed(__m512 r[16], const float *src, ptrdiff_t ld, int nrows,
+                                         int left) {
+    __mmask16 l0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    __mmask16 l1 = left >= 32 ? (__mmask16)0xffff
+                 : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
+    for (int i = 0; i < 16; i++) {
+        if (i >= nrows) {
+            r[i] = _mm512_setzero_ps();
+            continue;
+        }
+        const float *sp = src + (ptrdiff_t)i * ld;
+        r[i] = _mm512_castsi512_ps(_mm512_inserti64x4(
+            _mm512_castsi256_si512(cvt16(_mm512_maskz_loadu_ps(l0, sp))),
+            cvt16(_mm512_maskz_loadu_ps(l1, sp + 16)), 1));
+    }
+    transpose16(r);
+}
+
 /* Packs panel p of B (columns p*NR.., zero-padded) over all k pairs into dst. */
 BF16_TARGET static void pack_panel_bf16(uint16_t *dst, const gemm_desc *g, int p) {
     int n0 = p * NR, nr = MOE_MIN(NR, g->Nc - n0), K = g->K, Kp = (K + 1) / 2;
@@ -563,22 +584,8 @@ BF16_TARGET static void pack_panel_bf16(uint16_t *dst, const gemm_desc *g, int p
         int j0 = h * 16, nj = MOE_MAX(0, nr - j0);
         const float *src = g->B + (size_t)(n0 + j0) * g->bs_n;
         for (int kp = 0; kp < Kp; kp += 16) {
-            int left = K - 2 * kp; /* k values left from 2*kp */
-            __mmask16 l0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-            __mmask16 l1 = left >= 32 ? (__mmask16)0xffff
-                         : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
             __m512 r[16];
-            for (int i = 0; i < 16; i++) {
-                if (i >= nj) {
-                    r[i] = _mm512_setzero_ps();
-                    continue;
-                }
-                const float *sp = src + (size_t)i * g->bs_n + 2 * kp;
-                r[i] = _mm512_castsi512_ps(_mm512_inserti64x4(
-                    _mm512_castsi256_si512(cvt16(_mm512_maskz_loadu_ps(l0, sp))),
-                    cvt16(_mm512_maskz_loadu_ps(l1, sp + 16)), 1));
-            }
-            transpose16(r);
+            pairs_transposed(r, src + 2 * kp, g->bs_n, nj, K - 2 * kp);
             int np_ = MOE_MIN(16, Kp - kp);
             for (int i = 0; i < np_; i++)
                 _mm512_storeu_ps((float *)(d32 + (size_t)(kp + i) * NR + j0), r[i]);
@@ -595,24 +602,10 @@ BF16_TARGET static void pack_a_rows_bf16(uint32_t *ap, const gemm_desc *g, int m
                                          int kc) {
     int kcp = (kc + 1) / 2;
     for (int kp = 0; kp < kcp; kp += 16) {
-        int left = kc - 2 * kp;
-        __mmask16 l0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        __mmask16 l1 = left >= 32 ? (__mmask16)0xffff
-                     : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
-        /* 8 rows x 16 pairs (rows 8..15 and rows past mr zero), transposed to
-         * 16 pairs x 8 rows: lanes 0..7 of each result are one kp's strip word */
+        /* lanes 0..7 of each result are one kp's strip word (rows past mr zero) */
         __m512 v[16];
-        for (int r = 0; r < 16; r++) {
-            if (r >= mr) {
-                v[r] = _mm512_setzero_ps();
-                continue;
-            }
-            const float *s = g->A + (ptrdiff_t)(m0 + r) * g->as_m + (ptrdiff_t)(k0 + 2 * kp) * g->as_k;
-            v[r] = _mm512_castsi512_ps(_mm512_inserti64x4(
-                _mm512_castsi256_si512(cvt16(_mm512_maskz_loadu_ps(l0, s))),
-                cvt16(_mm512_maskz_loadu_ps(l1, s + 16)), 1));
-        }
-        transpose16(v);
+        pairs_transposed(v, g->A + (ptrdiff_t)m0 * g->as_m + (ptrdiff_t)(k0 + 2 * kp) * g->as_k,
+                         g->as_m, mr, kc - 2 * kp);
         int n = MOE_MIN(16, kcp - kp);
         for (int i = 0; i < n; i++)
             _mm256_storeu_ps((float *)(ap + (size_t)(kp + i) * MR), _mm512_castps512_ps256(v[i]));
