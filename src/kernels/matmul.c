@@ -596,19 +596,25 @@ BF16_TARGET static void pack_panel_bf16(uint16_t *dst, const gemm_desc *g, int p
 /* A as bf16 pairs in MR-row strips for the micro-kernel: pair kp of row r of
  * a strip at ap[kp*MR + r]; rows past the matrix and an odd kc's pad element
  * are zero.
- * Row-major A: rows [m0,m0+mr) x k [k0,k0+kc); each row's pairs are adjacent
- * in memory, converted 16 at a time and scattered to stride MR. */
+ * Row-major A: rows [m0,m0+mr) x k [k0,k0+kc), mr <= 2*MR (one or two strips,
+ * the second at ap + kcp*MR); each row's pairs are adjacent in memory. */
 BF16_TARGET static void pack_a_rows_bf16(uint32_t *ap, const gemm_desc *g, int m0, int mr, int k0,
                                          int kc) {
+    /* up to two strips per transpose: rows m0.. (mr <= 2*MR), lanes 0..7 of each
+     * result go to the first strip, lanes 8..15 to the second */
     int kcp = (kc + 1) / 2;
+    uint32_t *ap2 = ap + (size_t)kcp * MR;
     for (int kp = 0; kp < kcp; kp += 16) {
-        /* lanes 0..7 of each result are one kp's strip word (rows past mr zero) */
         __m512 v[16];
         pairs_transposed(v, g->A + (ptrdiff_t)m0 * g->as_m + (ptrdiff_t)(k0 + 2 * kp) * g->as_k,
                          g->as_m, mr, kc - 2 * kp);
         int n = MOE_MIN(16, kcp - kp);
         for (int i = 0; i < n; i++)
             _mm256_storeu_ps((float *)(ap + (size_t)(kp + i) * MR), _mm512_castps512_ps256(v[i]));
+        if (mr > MR)
+            for (int i = 0; i < n; i++)
+                _mm256_storeu_ps((float *)(ap2 + (size_t)(kp + i) * MR),
+                                 _mm512_extractf32x8_ps(v[i], 1));
     }
 }
 
@@ -687,8 +693,8 @@ BF16_TARGET static void gemm_task_bf16(const gemm_desc *g, const uint16_t *Bp, i
             else if (cm)
                 pack_a_cols_bf16(ap, g, m0, m1, k0, kc);
             else
-                for (int m = m0; m < m1; m += MR)
-                    pack_a_rows_bf16(ap + (size_t)(m - m0) * kcp, g, m, MOE_MIN(MR, m1 - m), k0, kc);
+                for (int m = m0; m < m1; m += 2 * MR)
+                    pack_a_rows_bf16(ap + (size_t)(m - m0) * kcp, g, m, MOE_MIN(2 * MR, m1 - m), k0, kc);
             for (int p = pc0; p < pc1; p++) {
                 int n = p * NR, nr = MOE_MIN(NR, g->Nc - n);
                 const uint16_t *b = Bp + ((size_t)(p - pbase) * Kp + k0 / 2) * NR * 2;
