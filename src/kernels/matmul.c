@@ -614,7 +614,7 @@ BF16_TARGET static void pack_a_rows_bf16(uint32_t *ap, const gemm_desc *g, int m
         if (mr > MR)
             for (int i = 0; i < n; i++)
                 _mm256_storeu_ps((float *)(ap2 + (size_t)(kp + i) * MR),
-                                 _mm512_extractf32x8_ps(v[i], 1));
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[i]), 1)));
     }
 }
 
@@ -798,7 +798,8 @@ static int forward_transposed(float *out, const float *in, const float *w, const
 /* The bf16 fast path needs AVX512_BF16 on top of the fp32 path's AVX-512. */
 static int fast_path(matmul_precision prec) {
     if (!moe_use_fast_kernels()) return 0;
-    return prec != MATMUL_BF16 || (moe_cpu()->avx512_bf16 && moe_cpu()->avx512bw);
+    return prec != MATMUL_BF16 ||
+           (moe_cpu()->avx512_bf16 && moe_cpu()->avx512bw && moe_cpu()->avx512vl);
 }
 
 void matmul_forward(float *out, const float *in, const float *w, const float *bias, int N, int C,
