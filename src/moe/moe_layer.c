@@ -199,7 +199,9 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
     }
     matmul_forward(r->logits, xr, wt->router, NULL, N, d, E, MATMUL_FP32);
 
-    /* scores, logsumexp, selection scores */
+    /* scores, logsumexp, selection scores (a separate copy only when a bias or
+     * group limit changes them: at 2,048 experts a copy is 16 MB per layer) */
+    const int need_sel = mode == MOE_ROUTING_TOKEN && (bias || o->n_group > 1);
     #pragma omp parallel for schedule(static) if (N * E > 4096)
     for (int t = 0; t < N; t++) {
         const float *l = r->logits + (size_t)t * E;
@@ -220,7 +222,8 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
             r->ssum[t] = (float)ss;
         }
         r->lse[t] = mx + (float)log(sum);
-        for (int e = 0; e < E; e++) sel[e] = bias ? p[e] + bias[e] : p[e];
+        if (need_sel)
+            for (int e = 0; e < E; e++) sel[e] = bias ? p[e] + bias[e] : p[e];
     }
 
     /* selection: ids[N][S] and their scores topv */
@@ -229,8 +232,8 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
         for (int t = 0; t < N; t++) {
             float *sel = r->sel + (size_t)t * E;
             int32_t *ids = r->ids + (size_t)t * S;
-            group_limit(sel, E, o->n_group, o->topk_group);
-            select_topk(ids, sel, E, k);
+            if (need_sel) group_limit(sel, E, o->n_group, o->topk_group);
+            select_topk(ids, need_sel ? sel : r->probs + (size_t)t * E, E, k);
             for (int j = 0; j < k; j++) r->topv[(size_t)t * S + j] = r->probs[(size_t)t * E + ids[j]];
         }
     } else if (mode == MOE_ROUTING_SEQUENCE) {
