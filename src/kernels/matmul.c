@@ -142,14 +142,18 @@ typedef struct {
  * tile past mr re-read row 0 of A and are discarded, so no special edge kernel. */
 #define UK_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 
+/* mask of the first n of 16 lanes (n <= 0: none, n >= 16: all); lanes(n - 16)
+ * is the mask of the second 16-lane half of n values */
+static inline __mmask16 lanes(int n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
 /* Shared by the fp32 and bf16 micro-kernels: the masks of the tile's two
  * 16-column halves, its initial values (the bias row or 0), and the
  * accumulator registers c<r>0, c<r>1 of each row, loaded from C when
  * accumulating and stored back at the end. */
 #define TILE_PROLOGUE                                                              \
-    __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);    \
-    __mmask16 m1 = nr >= 32 ? (__mmask16)0xffff                                    \
-                 : nr <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nr - 16)) - 1);   \
+    __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);                                 \
     __m512 i0 = _mm512_setzero_ps(), i1 = _mm512_setzero_ps();                     \
     if (!load_c && bias) {                                                         \
         i0 = _mm512_maskz_loadu_ps(m0, bias);                                      \
@@ -232,9 +236,7 @@ __attribute__((target("avx512f"))) static inline void transpose16(__m512 r[16]) 
 __attribute__((target("avx512f"))) static void pack_panel(float *dst, const gemm_desc *g, int p) {
     int n0 = p * NR, nr = MOE_MIN(NR, g->Nc - n0), K = g->K;
     if (g->bs_n == 1) { /* rows of B are contiguous: copy NR-wide strips */
-        __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
-        __mmask16 m1 = nr >= 32 ? (__mmask16)0xffff
-                     : nr <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nr - 16)) - 1);
+        __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
         const float *src = g->B + n0;
         for (int k = 0; k < K; k++, src += g->bs_k, dst += NR) {
             _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(m0, src));
@@ -285,8 +287,7 @@ __attribute__((target("avx512f"))) static void pack_rows(float *dst, const gemm_
         }
         for (; p < pe; p++) {
             int nr = g->Nc - p * NR;
-            __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
-            __mmask16 m1 = nr <= 16 ? (__mmask16)0 : (__mmask16)((1u << (nr - 16)) - 1);
+            __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
             float *dp = d + (size_t)(p - ps) * pstride;
             _mm512_storeu_ps(dp, _mm512_maskz_loadu_ps(m0, src + p * NR));
             _mm512_storeu_ps(dp + 16, _mm512_maskz_loadu_ps(m1, src + p * NR + 16));
@@ -299,7 +300,7 @@ __attribute__((target("avx512f"))) static void pack_rows(float *dst, const gemm_
 __attribute__((target("avx512f"))) static void pack_a_cols(float *ap, const gemm_desc *g, int m0,
                                                            int mr, int k0, int kc) {
     const float *src = g->A + (ptrdiff_t)k0 * g->as_k + m0;
-    __mmask16 mk = (__mmask16)((1u << mr) - 1);
+    __mmask16 mk = lanes(mr);
     for (int k = 0; k < kc; k++, src += g->as_k, ap += MR) {
         _mm256_storeu_ps(ap, _mm512_castps512_ps256(_mm512_maskz_loadu_ps(mk, src)));
     }
@@ -317,7 +318,7 @@ __attribute__((target("avx512f"))) static void pack_a_strips(float *dst, const g
     for (int s = s0; s < s1; s += 2) {
         int m0 = s * MR, rows = MOE_MIN(2 * MR, g->M - m0);
         if (s + 1 >= s1) rows = MOE_MIN(rows, MR);
-        __mmask16 mk = rows >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
+        __mmask16 mk = lanes(rows);
         for (int k0 = 0; k0 < K; k0 += KC) {
             int kc = MOE_MIN(KC, K - k0);
             float *d0 = dst + (size_t)k0 * Mp + (size_t)s * kc * MR;
@@ -390,6 +391,22 @@ static void gemm_task(const gemm_desc *g, const float *Bp, int pbase, const floa
 
 static int gemm_run_bf16(const gemm_desc *g);
 
+/* Threads for one GEMM: all of them for enough work, one inside a parallel
+ * region (experts run side by side) or for small work. */
+static int gemm_threads(const gemm_desc *g) {
+    double work = (double)g->M * g->Nc * g->K;
+    int nthr = work >= SERIAL_WORK && !omp_in_parallel() ? omp_get_max_threads() : 1;
+    return nthr < 1 ? 1 : nthr;
+}
+
+/* Splits nps panels into groups of *ppg so that nrb row blocks x groups make
+ * about `want` tasks; returns the number of groups. */
+static int panel_groups(int want, int nrb, int nps, int *ppg) {
+    int groups = MOE_MAX(1, MOE_MIN((want + nrb - 1) / nrb, nps));
+    *ppg = (nps + groups - 1) / groups;
+    return (nps + *ppg - 1) / *ppg;
+}
+
 /* Runs the GEMM. Returns 0, or -1 when scratch could not be allocated and the
  * layout needs it (caller falls back to the reference path). */
 static int gemm_run(const gemm_desc *g, int pack) {
@@ -406,10 +423,7 @@ static int gemm_run(const gemm_desc *g, int pack) {
     }
     if (g->bf16) return gemm_run_bf16(g);
     if (g->bs_n != 1) pack = 1;
-    double work = (double)g->M * g->Nc * g->K;
-    /* inside a parallel region (experts run side by side) stay on this thread */
-    int nthr = work >= SERIAL_WORK && !omp_in_parallel() ? omp_get_max_threads() : 1;
-    if (nthr < 1) nthr = 1;
+    int nthr = gemm_threads(g);
 
     int slab = np; /* panels packed at a time */
     float *Bp = NULL, *Ap = NULL, *Apf = NULL;
@@ -451,11 +465,7 @@ static int gemm_run(const gemm_desc *g, int pack) {
     }
     for (int ps = 0; ps < np; ps += slab) {
         int pe = MOE_MIN(np, ps + slab), nps = pe - ps;
-        int groups = (want + nrb - 1) / nrb;
-        if (groups > nps) groups = nps;
-        if (groups < 1) groups = 1;
-        int ppg = (nps + groups - 1) / groups;
-        groups = (nps + ppg - 1) / ppg;
+        int ppg, groups = panel_groups(want, nrb, nps, &ppg);
         int ntasks = nrb * groups;
 #pragma omp parallel num_threads(nthr) if (nthr > 1)
         {
@@ -531,14 +541,22 @@ uint16_t BF16_TARGET kernels_bf16_hw(float f) {
 /* 16 floats -> 16 bf16 in a ymm */
 BF16_TARGET static inline __m256i cvt16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
+/* x[j], y[j] as bf16 pairs (x0, y0, x1, y1, ... x15, y15): words j of the
+ * low half are pairs 0..7, of the high half pairs 8..15 */
+BF16_TARGET static inline __m512i pairs_interleave(__m512 x, __m512 y) {
+    const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+    return _mm512_permutexvar_epi16(
+        ilv, _mm512_inserti64x4(_mm512_castsi256_si512(cvt16(x)), cvt16(y), 1));
+}
+
 /* 16 rows of a row-major fp32 block (row i at src + i*ld; rows >= nrows read
  * as zero), their first min(left, 32) values (zero past left) as 16 bf16
  * pairs each, transposed: lane i of r[kp] is pair kp of row i. */
 BF16_TARGET static void pairs_transposed(__m512 r[16], const float *src, ptrdiff_t ld, int nrows,
                                          int left) {
-    __mmask16 l0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-    __mmask16 l1 = left >= 32 ? (__mmask16)0xffff
-                 : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1);
+    __mmask16 l0 = lanes(left), l1 = lanes(left - 16);
     for (int i = 0; i < 16; i++) {
         if (i >= nrows) {
             r[i] = _mm512_setzero_ps();
@@ -556,22 +574,15 @@ BF16_TARGET static void pairs_transposed(__m512 r[16], const float *src, ptrdiff
 BF16_TARGET static void pack_panel_bf16(uint16_t *dst, const gemm_desc *g, int p) {
     int n0 = p * NR, nr = MOE_MIN(NR, g->Nc - n0), K = g->K, Kp = (K + 1) / 2;
     if (g->bs_n == 1) { /* row-major B: interleave rows k and k+1 column by column */
-        const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                             24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
-                                             1, 16, 0);
         for (int h = 0; h < 2; h++) {
-            int nj = nr - h * 16;
-            __mmask16 mk = nj >= 16 ? (__mmask16)0xffff
-                         : nj <= 0 ? (__mmask16)0 : (__mmask16)((1u << nj) - 1);
+            __mmask16 mk = lanes(nr - h * 16);
             const float *src = g->B + n0 + h * 16;
             for (int kp = 0; kp < Kp; kp++) {
                 const float *r0 = src + (ptrdiff_t)(2 * kp) * g->bs_k;
                 __m512 x = _mm512_maskz_loadu_ps(mk, r0);
                 __m512 y = 2 * kp + 1 < K ? _mm512_maskz_loadu_ps(mk, r0 + g->bs_k)
                                           : _mm512_setzero_ps();
-                __m512i xy = _mm512_inserti64x4(_mm512_castsi256_si512(cvt16(x)), cvt16(y), 1);
-                _mm512_storeu_si512(dst + ((size_t)kp * NR + h * 16) * 2,
-                                    _mm512_permutexvar_epi16(ilv, xy));
+                _mm512_storeu_si512(dst + ((size_t)kp * NR + h * 16) * 2, pairs_interleave(x, y));
             }
         }
         return;
@@ -623,34 +634,20 @@ BF16_TARGET static void pack_a_rows_bf16(uint32_t *ap, const gemm_desc *g, int m
  * each is read once, left to right, for all the strips. */
 BF16_TARGET static void pack_a_cols_bf16(uint32_t *ap, const gemm_desc *g, int m0, int m1, int k0,
                                          int kc) {
-    const __m256i ilv = _mm256_set_epi16(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
     int kcp = (kc + 1) / 2, nstr = (m1 - m0 + MR - 1) / MR;
     for (int kp = 0; kp < kcp; kp++) {
         const float *r0 = g->A + (ptrdiff_t)(k0 + 2 * kp) * g->as_k + m0;
-        int has1 = 2 * kp + 1 < kc, st = 0;
-        for (; st + 1 < nstr; st += 2) { /* two strips: 16 values of each row */
-            const __m512i ilv2 = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
-                                                  9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
-                                                  17, 1, 16, 0);
-            int rows = MOE_MIN(2 * MR, m1 - m0 - st * MR);
-            __mmask16 mk = rows >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << rows) - 1);
+        int has1 = 2 * kp + 1 < kc;
+        for (int st = 0; st < nstr; st += 2) { /* two strips: 16 values of each row */
+            __mmask16 mk = lanes(m1 - m0 - st * MR);
             __m512 x = _mm512_maskz_loadu_ps(mk, r0 + st * MR);
             __m512 y = has1 ? _mm512_maskz_loadu_ps(mk, r0 + g->as_k + st * MR) : _mm512_setzero_ps();
-            __m512i xy = _mm512_inserti64x4(_mm512_castsi256_si512(cvt16(x)), cvt16(y), 1);
-            __m512i o = _mm512_permutexvar_epi16(ilv2, xy); /* strip st, then strip st+1 */
+            __m512i o = pairs_interleave(x, y); /* strip st, then strip st+1 */
             _mm256_storeu_si256((__m256i *)(ap + ((size_t)st * kcp + kp) * MR),
                                 _mm512_castsi512_si256(o));
-            _mm256_storeu_si256((__m256i *)(ap + ((size_t)(st + 1) * kcp + kp) * MR),
-                                _mm512_extracti64x4_epi64(o, 1));
-        }
-        for (; st < nstr; st++) {
-            int mr = MOE_MIN(MR, m1 - m0 - st * MR);
-            __mmask16 mk = (__mmask16)((1u << mr) - 1);
-            __m512 x = _mm512_maskz_loadu_ps(mk, r0 + st * MR);
-            if (has1) /* row k+1 into lanes 8..15 */
-                x = _mm512_mask_loadu_ps(x, (__mmask16)(mk << 8), r0 + g->as_k + st * MR - 8);
-            _mm256_storeu_si256((__m256i *)(ap + ((size_t)st * kcp + kp) * MR),
-                                _mm256_permutexvar_epi16(ilv, cvt16(x)));
+            if (st + 1 < nstr)
+                _mm256_storeu_si256((__m256i *)(ap + ((size_t)(st + 1) * kcp + kp) * MR),
+                                    _mm512_extracti64x4_epi64(o, 1));
         }
     }
 }
@@ -688,13 +685,14 @@ BF16_TARGET static void gemm_task_bf16(const gemm_desc *g, const uint16_t *Bp, i
         int pc1 = MOE_MIN(p1, pc0 + PCH);
         for (int k0 = 0; k0 < g->K; k0 += 2 * KCP) {
             int kc = MOE_MIN(2 * KCP, g->K - k0), kcp = (kc + 1) / 2;
-            if (one_kb && pc0 > p0)
-                ; /* already packed */
-            else if (cm)
-                pack_a_cols_bf16(ap, g, m0, m1, k0, kc);
-            else
-                for (int m = m0; m < m1; m += 2 * MR)
-                    pack_a_rows_bf16(ap + (size_t)(m - m0) * kcp, g, m, MOE_MIN(2 * MR, m1 - m), k0, kc);
+            if (!(one_kb && pc0 > p0)) { /* else packed for the first chunk */
+                if (cm)
+                    pack_a_cols_bf16(ap, g, m0, m1, k0, kc);
+                else
+                    for (int m = m0; m < m1; m += 2 * MR)
+                        pack_a_rows_bf16(ap + (size_t)(m - m0) * kcp, g, m, MOE_MIN(2 * MR, m1 - m),
+                                         k0, kc);
+            }
             for (int p = pc0; p < pc1; p++) {
                 int n = p * NR, nr = MOE_MIN(NR, g->Nc - n);
                 const uint16_t *b = Bp + ((size_t)(p - pbase) * Kp + k0 / 2) * NR * 2;
@@ -710,10 +708,7 @@ BF16_TARGET static void gemm_task_bf16(const gemm_desc *g, const uint16_t *Bp, i
 /* Runs the GEMM in bf16. Returns 0, or -1 when scratch is unavailable. */
 static int gemm_run_bf16(const gemm_desc *g) {
     if (g->M <= 0 || g->Nc <= 0) return 0;
-    int np = (g->Nc + NR - 1) / NR, Kp = (g->K + 1) / 2;
-    double work = (double)g->M * g->Nc * g->K;
-    int nthr = work >= SERIAL_WORK && !omp_in_parallel() ? omp_get_max_threads() : 1;
-    if (nthr < 1) nthr = 1;
+    int np = (g->Nc + NR - 1) / NR, Kp = (g->K + 1) / 2, nthr = gemm_threads(g);
     size_t per = (size_t)Kp * NR * 2; /* uint16 per packed panel */
     int slab = (int)MOE_MAX((size_t)1, 2 * (size_t)SLAB_FLOATS / per);
     if (slab > np) slab = np;
@@ -732,9 +727,7 @@ static int gemm_run_bf16(const gemm_desc *g) {
     }
     for (int ps = 0; ps < np; ps += slab) {
         int pe = MOE_MIN(np, ps + slab), nps = pe - ps;
-        int groups = MOE_MAX(1, MOE_MIN((want + nrb - 1) / nrb, nps));
-        int ppg = (nps + groups - 1) / groups;
-        groups = (nps + ppg - 1) / ppg;
+        int ppg, groups = panel_groups(want, nrb, nps, &ppg);
         int ntasks = nrb * groups;
 #pragma omp parallel num_threads(nthr) if (nthr > 1)
         {
@@ -827,12 +820,18 @@ void matmul_forward(float *out, const float *in, const float *w, const float *bi
     if (gemm_run(&g, 1) != 0) matmul_forward_ref(out, in, w, bias, N, C, OC, prec);
 }
 
+/* The reference backward with din set rather than accumulated when din_set. */
+static void backward_ref(float *din, float *dw, float *dbias, const float *dout, const float *in,
+                         const float *w, int N, int C, int OC, matmul_precision prec, int din_set) {
+    if (din && din_set) memset(din, 0, (size_t)N * C * sizeof(float));
+    matmul_backward_ref(din, dw, dbias, dout, in, w, N, C, OC, prec);
+}
+
 /* din_set: din starts from 0 (the GEMM's init) instead of its current value */
 static void backward(float *din, float *dw, float *dbias, const float *dout, const float *in,
                      const float *w, int N, int C, int OC, matmul_precision prec, int din_set) {
     if (!fast_path(prec)) {
-        if (din && din_set) memset(din, 0, (size_t)N * C * sizeof(float));
-        matmul_backward_ref(din, dw, dbias, dout, in, w, N, C, OC, prec);
+        backward_ref(din, dw, dbias, dout, in, w, N, C, OC, prec, din_set);
         return;
     }
     int bf16 = prec == MATMUL_BF16;
@@ -840,10 +839,8 @@ static void backward(float *din, float *dw, float *dbias, const float *dout, con
         gemm_desc g = {.M = N, .Nc = C, .K = OC, .A = dout, .as_m = OC, .as_k = 1,
                        .B = w, .bs_k = C, .bs_n = 1, .Cm = din, .ldc = C, .init = din_set,
                        .bf16 = bf16};
-        if (gemm_run(&g, N >= PACK_MIN_ROWS && C > 64) != 0) {
-            if (din_set) memset(din, 0, (size_t)N * C * sizeof(float));
-            matmul_backward_ref(din, NULL, NULL, dout, in, w, N, C, OC, prec);
-        }
+        if (gemm_run(&g, N >= PACK_MIN_ROWS && C > 64) != 0)
+            backward_ref(din, NULL, NULL, dout, in, w, N, C, OC, prec, din_set);
     }
     if (dw) { /* dw[OC][C] += dout^T . in, summing over n in order */
         gemm_desc g = {.M = OC, .Nc = C, .K = N, .A = dout, .as_m = 1, .as_k = OC,
