@@ -383,10 +383,10 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         if (tokens[i] < 0 || tokens[i] >= V)
             return moe_error(MOE_ERR_INVALID_ARG, "token id %d out of range (vocab %d)", tokens[i], V);
     float *x = a->layers[0].x_in;
-    double t_embed = moe_prof_on ? moe_now() : 0;
+    double t_embed = moe_prof_start();
     #pragma omp parallel for schedule(static) if (N >= 256)
     for (int i = 0; i < N; i++) memcpy(x + (size_t)i * d, m->w.token_embd + (size_t)tokens[i] * d, sizeof(float) * d);
-    if (moe_prof_on) moe_prof_add(PROF_EMBED, moe_now() - t_embed);
+    moe_prof_lap(PROF_EMBED, &t_embed);
     model_losses L = {0};
     for (int l = 0; l < c->n_layers; l++) {
         layer_acts *A = &a->layers[l];
@@ -487,11 +487,11 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         PROF_RUN(PROF_NORM, rmsnorm_backward(dx, G->attn_norm, a->dh, A->x_in, W->attn_norm, A->rstd1, N, d));
     }
     /* embedding rows: parallel over columns so each element sums tokens in order */
-    double t_embed = moe_prof_on ? moe_now() : 0;
+    double t_embed = moe_prof_start();
     #pragma omp parallel for schedule(static)
     for (int j = 0; j < d; j++)
         for (int i = 0; i < N; i++) m->g.token_embd[(size_t)tokens[i] * d + j] += dx[(size_t)i * d + j];
-    if (moe_prof_on) moe_prof_add(PROF_EMBED, moe_now() - t_embed);
+    moe_prof_lap(PROF_EMBED, &t_embed);
     moe_prof_pass = 0;
 }
 

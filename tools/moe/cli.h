@@ -97,6 +97,9 @@ char *read_stream(FILE *f, size_t *len);
 void fmt_human(char *buf, size_t cap, int64_t n);  /* 46.7B */
 void fmt_commas(char *buf, size_t cap, int64_t n); /* 46,702,792,704 */
 void fmt_duration(char *buf, size_t cap, double s); /* 1m32s */
+/* One progress line on stderr: rewritten in place on a terminal (*open is then
+ * set until a newline ends it), one line each otherwise. */
+void status_line(int tty, const char *line, int *open);
 void print_presets(FILE *f, const char *indent);
 void print_config_keys(FILE *f);
 

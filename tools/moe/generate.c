@@ -113,13 +113,7 @@ static void on_eval_progress(size_t done, size_t total, void *user) {
     char line[160];
     snprintf(line, sizeof line, "eval %zu/%zu tokens (%d%%) | %.0f tok/s | eta %s", done, total,
              total ? (int)(100 * done / total) : 100, el > 0 ? (double)done / el : 0.0, eta);
-    if (e->tty) {
-        fprintf(stderr, "\r%s\033[K", line);
-        e->open = 1;
-    } else {
-        fprintf(stderr, "%s\n", line);
-    }
-    fflush(stderr);
+    status_line(e->tty, line, &e->open);
 }
 
 static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads) {

@@ -43,14 +43,8 @@ static void format_line(const progress *s, const moe_train_progress *p, char *bu
 static void print_line(progress *s, const moe_train_progress *p) {
     char line[256];
     format_line(s, p, line, sizeof line);
-    if (s->tty) {
-        fprintf(stderr, "\r%s\033[K", line);
-        s->line_open = 1;
-        if (p->evaluated) { fputc('\n', stderr); s->line_open = 0; } /* keep eval lines */
-    } else {
-        fprintf(stderr, "%s\n", line);
-    }
-    fflush(stderr);
+    status_line(s->tty, line, &s->line_open);
+    if (s->line_open && p->evaluated) { fputc('\n', stderr); s->line_open = 0; } /* keep eval lines */
     s->any_printed = 1;
     s->printed_step = p->step;
     s->last_print = p->elapsed_s;

@@ -177,6 +177,16 @@ void fmt_commas(char *buf, size_t cap, int64_t n) {
     snprintf(buf, cap, "%s", tmp);
 }
 
+void status_line(int tty, const char *line, int *open) {
+    if (tty) {
+        fprintf(stderr, "\r%s\033[K", line);
+        *open = 1;
+    } else {
+        fprintf(stderr, "%s\n", line);
+    }
+    fflush(stderr);
+}
+
 void fmt_duration(char *buf, size_t cap, double s) {
     if (!(s >= 0) || s > 1e9) { snprintf(buf, cap, "-"); return; }
     long t = (long)(s + 0.5);
