@@ -248,12 +248,26 @@ static void test_bf16_rounding(void) {
     TEST_END();
 }
 
-/* worst |got - exact| / bound over one output array; exact and bound computed by f */
-typedef struct { double worst; int bad; } bound_acc;
-static void bound_note(bound_acc *a, double got, double exact, double mag, int K) {
-    double lim = (K + 2) * ldexp(1.0, -24) * mag + 1e-37;
-    double r = fabs(got - exact) / lim;
-    if (!(r <= a->worst)) a->worst = r != r ? INFINITY : r;
+/* Worst error of got[M][Nc] (row stride ldg) against the exact sums
+ * c0(m,n) + sum_k bf16(A(m,k)) * bf16(B(k,n)), as a multiple of the fp32
+ * summation bound (K + 2) * 2^-24 * (|c0| + sum |terms|); A(m,k) =
+ * A[m*am + k*ak], B(k,n) = B[k*bk + n*bn], c0(m,n) = c0[m*cm + n*cn]. */
+static double bf16_worst(const float *got, int M, int Nc, int K, const float *A, size_t am,
+                         size_t ak, const float *B, size_t bk, size_t bn, const float *c0,
+                         size_t cm, size_t cn) {
+    double worst = 0;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < Nc; n++) {
+            double e = c0[m * cm + n * cn], mag = fabs(e);
+            for (int k = 0; k < K; k++) {
+                double t = bf16r(A[m * am + k * ak]) * bf16r(B[k * bk + n * bn]);
+                e += t;
+                mag += fabs(t);
+            }
+            double r = fabs(got[(size_t)m * Nc + n] - e) / ((K + 2) * ldexp(1.0, -24) * mag + 1e-37);
+            if (!(r <= worst)) worst = r != r ? INFINITY : r;
+        }
+    return worst;
 }
 
 static double bf16_matmul_case(int N, int C, int OC, int fast, int *differs) {
@@ -269,41 +283,15 @@ static double bf16_matmul_case(int N, int C, int OC, int fast, int *differs) {
         matmul_backward_ref(din, dw, NULL, dout, in, w, N, C, OC, MATMUL_BF16);
     }
     matmul_forward(out32, in, w, bias, N, C, OC, MATMUL_FP32);
-    bound_acc a = {0, 0};
-    for (int n = 0; n < N; n++)
-        for (int j = 0; j < OC; j++) {
-            double e = bias[j], mag = fabs(bias[j]);
-            for (int k = 0; k < C; k++) {
-                double t = bf16r(in[(size_t)n * C + k]) * bf16r(w[(size_t)j * C + k]);
-                e += t;
-                mag += fabs(t);
-            }
-            bound_note(&a, out[(size_t)n * OC + j], e, mag, C);
-            if (out[(size_t)n * OC + j] != out32[(size_t)n * OC + j]) *differs = 1;
-        }
-    for (int n = 0; n < N; n++)
-        for (int c = 0; c < C; c++) {
-            double e = din0[(size_t)n * C + c], mag = fabs(e);
-            for (int j = 0; j < OC; j++) {
-                double t = bf16r(dout[(size_t)n * OC + j]) * bf16r(w[(size_t)j * C + c]);
-                e += t;
-                mag += fabs(t);
-            }
-            bound_note(&a, din[(size_t)n * C + c], e, mag, OC);
-        }
-    for (int j = 0; j < OC; j++)
-        for (int c = 0; c < C; c++) {
-            double e = dw0[(size_t)j * C + c], mag = fabs(e);
-            for (int n = 0; n < N; n++) {
-                double t = bf16r(dout[(size_t)n * OC + j]) * bf16r(in[(size_t)n * C + c]);
-                e += t;
-                mag += fabs(t);
-            }
-            bound_note(&a, dw[(size_t)j * C + c], e, mag, N);
-        }
+    for (size_t i = 0; i < (size_t)N * OC; i++)
+        if (out[i] != out32[i]) *differs = 1;
+    /* out = bias + in . w^T;  din = din0 + dout . w;  dw = dw0 + dout^T . in */
+    double worst = bf16_worst(out, N, OC, C, in, C, 1, w, 1, C, bias, 0, 1);
+    worst = fmax(worst, bf16_worst(din, N, C, OC, dout, OC, 1, w, C, 1, din0, C, 1));
+    worst = fmax(worst, bf16_worst(dw, OC, C, N, dout, 1, OC, in, C, 1, dw0, C, 1));
     free(in); free(w); free(bias); free(dout); free(out); free(out32);
     free(din0); free(din); free(dw0); free(dw);
-    return a.worst;
+    return worst;
 }
 
 static void test_matmul_bf16(void) {
