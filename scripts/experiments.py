@@ -222,18 +222,32 @@ def spread(vals, f="%.4f"):
     return (f + " (min " + f + ", max " + f + ", %d seeds)") % (mean(vals), min(vals), max(vals), len(vals))
 
 
-def reading(name_a, a, name_b, b):
-    """One sentence comparing two groups' final values: the difference of the
-    means against the seed spread (the largest max - min within a group)."""
-    a = [v for v in a if v is not None]
-    b = [v for v in b if v is not None]
+def tail_mean(run, key):
+    """Mean of a per-step metric over the last 10% of a run's steps."""
+    tail = run.train[-max(1, len(run.train) // 10):]
+    return mean(x[key] for x in tail if x[key] is not None)
+
+
+def compare(a, b):
+    """Two groups' final values: (difference of the means, seed spread = the
+    largest max - min within a group, whether the difference is within it);
+    the last is None when neither group has two values, and all None when
+    a group is empty."""
     if not a or not b:
-        return ""
+        return None, None, None
     diff = mean(a) - mean(b)
     rng = max(max(a) - min(a), max(b) - min(b))
-    if len(a) < 2 and len(b) < 2:
+    return diff, rng, (abs(diff) <= rng if len(a) > 1 or len(b) > 1 else None)
+
+
+def reading(name_a, a, name_b, b):
+    """One sentence comparing two groups' final values against the seed spread."""
+    diff, rng, within = compare(a, b)
+    if diff is None:
+        return ""
+    if within is None:
         return ("%s minus %s: %+.4f (one seed each: no spread to compare with)." % (name_a, name_b, diff))
-    verdict = ("within the seed spread: no difference can be claimed from these runs" if abs(diff) <= rng
+    verdict = ("within the seed spread: no difference can be claimed from these runs" if within
                else "larger than the seed spread")
     return ("%s minus %s: %+.4f in mean final validation loss; runs of the same setting differ by up to "
             "%.4f, so the difference is %s." % (name_a, name_b, diff, rng, verdict))
@@ -371,6 +385,7 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     for r in runs:
         by.setdefault(r.group, []).append(r)
     ok = lambda g: [r for r in by.get(g, []) if r.ok]
+    finals = lambda g: [r.val[-1][1] for r in ok(g)]  # final validation losses of a group
     figrel = os.path.relpath(fig_dir, os.path.dirname(out_abs))
     tokens = args.steps * TOKENS_PER_STEP
     md = []
@@ -405,10 +420,10 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     w("| model | final val loss | runs |")
     w("|---|---|---|")
     for name, rs, g in (("MoE (mixtral)", moe_r, "moe"), ("dense", den_r, "dense")):
-        w("| %s | %s | %d of %d |" % (name, spread([r.val[-1][1] for r in rs]), len(rs), len(by.get(g, []))))
+        w("| %s | %s | %d of %d |" % (name, spread(finals(g)), len(rs), len(by.get(g, []))))
     w("")
     if moe_r and den_r:
-        target = mean(r.val[-1][1] for r in den_r)
+        target = mean(finals("dense"))
         w("Tokens the MoE needs to reach the dense model's final validation loss (%.4f, mean over the "
           "dense seeds), linearly interpolated between the MoE's evaluation points, as a fraction of the "
           "%.2fM tokens both were trained on:\n" % (target, tokens / 1e6))
@@ -436,8 +451,7 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     else:
         w("The token fraction cannot be computed: a MoE or dense run failed (see above).\n")
     if moe_r and den_r:
-        w("Reading: " + reading("MoE", [r.val[-1][1] for r in moe_r], "dense",
-                                [r.val[-1][1] for r in den_r]) + "\n")
+        w("Reading: " + reading("MoE", finals("moe"), "dense", finals("dense")) + "\n")
     series = []
     for i, r in enumerate(moe_r + den_r):
         col = COLORS[0] if r.group == "moe" else COLORS[1]
@@ -462,29 +476,25 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
         rs = ok(g)
         last, peak, dead = [], [], []
         for r in rs:
-            n = max(1, len(r.train) // 10)
-            tail = r.train[-n:]
-            last.append(mean(x["maxvio"] for x in tail if x["maxvio"] is not None))
+            last.append(tail_mean(r, "maxvio"))
             peak.append(max((x["maxvio"] for x in r.train if x["maxvio"] is not None), default=None))
-            dead.append(mean(x["dead"] for x in tail if x["dead"] is not None))
+            dead.append(tail_mean(r, "dead"))
         if not rs:
             w("| %s | failed | | | |" % name)
         else:
             w("| %s | %s | %s | %s | %s |" % (name, spread(last, "%.3f"), spread(peak, "%.3f"),
-                                              spread(dead, "%.3f"), spread([r.val[-1][1] for r in rs])))
+                                              spread(dead, "%.3f"), spread(finals(g))))
     w("")
-    nob, swl, alf = ok("nobal"), ok("moe"), ok("alf")
-    if nob and swl and alf:
-        tailv = lambda r, k: mean(x[k] for x in r.train[-max(1, len(r.train) // 10):] if x[k] is not None)
+    group_tail = lambda g, key: mean(tail_mean(r, key) for r in ok(g))
+    if ok("nobal") and ok("moe") and ok("alf"):
         w("Reading: over the last 10%% of steps, MaxVio is %.2f without balancing (%.0f%% of the experts "
           "dead), %.2f with the Switch loss (%.0f%% dead) and %.2f with the auxiliary-loss-free bias "
           "(%.0f%% dead). " % (
-              mean(tailv(r, "maxvio") for r in nob), 100 * mean(tailv(r, "dead") for r in nob),
-              mean(tailv(r, "maxvio") for r in swl), 100 * mean(tailv(r, "dead") for r in swl),
-              mean(tailv(r, "maxvio") for r in alf), 100 * mean(tailv(r, "dead") for r in alf))
-          + reading("No balancing", [r.val[-1][1] for r in nob], "Switch loss", [r.val[-1][1] for r in swl])
-          + " " + reading("Aux-loss-free", [r.val[-1][1] for r in alf], "Switch loss",
-                          [r.val[-1][1] for r in swl]) + "\n")
+              group_tail("nobal", "maxvio"), 100 * group_tail("nobal", "dead"),
+              group_tail("moe", "maxvio"), 100 * group_tail("moe", "dead"),
+              group_tail("alf", "maxvio"), 100 * group_tail("alf", "dead"))
+          + reading("No balancing", finals("nobal"), "Switch loss", finals("moe"))
+          + " " + reading("Aux-loss-free", finals("alf"), "Switch loss", finals("moe")) + "\n")
     win = max(1, args.steps // 50)
     for metric, title, fname in (("maxvio", "MaxVio (mean over layers)", "collapse_maxvio.svg"),
                                  ("dead", "dead-expert fraction (mean over layers)", "collapse_dead.svg")):
@@ -506,11 +516,10 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     w("|---|---|---|")
     for name, g in (("8, top-2, d_expert 384", "moe"), ("32, top-8, %s" % gran_sets[2].replace("=", " "), "g32")):
         rs = ok(g)
-        w("| %s | %s | %d of %d |" % (name, spread([r.val[-1][1] for r in rs]), len(rs), len(by.get(g, []))))
+        w("| %s | %s | %d of %d |" % (name, spread(finals(g)), len(rs), len(by.get(g, []))))
     w("")
     if ok("moe") and ok("g32"):
-        w("Reading: " + reading("32 top-8", [r.val[-1][1] for r in ok("g32")], "8 top-2",
-                                [r.val[-1][1] for r in ok("moe")]) + "\n")
+        w("Reading: " + reading("32 top-8", finals("g32"), "8 top-2", finals("moe")) + "\n")
     series = []
     for ci, g in enumerate(("moe", "g32")):
         for r in ok(g):
@@ -523,18 +532,14 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     # ---------- against the papers (their claims as published; our verdicts computed above)
     def verdict(ga, gb, better):
         """How group ga's final val loss compares with gb's, in words."""
-        a, b = [r.val[-1][1] for r in ok(ga)], [r.val[-1][1] for r in ok(gb)]
+        a, b = finals(ga), finals(gb)
+        d, _, within = compare(a, b)
         if len(a) < 2 or len(b) < 2:
             return "there are too few seeds here to tell"
-        d = mean(a) - mean(b)
-        if abs(d) <= max(max(a) - min(a), max(b) - min(b)):
+        if within:
             return "here the difference is within the seed spread, so this run neither confirms nor contradicts it"
         return "here %s ended %s by more than the seed spread%s" % (
             better, "lower" if d < 0 else "higher", ", in line with it" if d < 0 else ", against it")
-
-    def tail_maxvio(g):
-        return mean(mean(x["maxvio"] for x in r.train[-max(1, len(r.train) // 10):] if x["maxvio"] is not None)
-                    for r in ok(g))
     w("## Against the papers\n")
     w("- Switch Transformer reports sparse models reaching a dense model's quality with a fraction of the "
       "training steps (up to 7x faster pre-training at equal compute per token); %s (experiment 1, "
@@ -544,7 +549,7 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
           "Switch loss was introduced against: MaxVio %.2f without balancing against %.2f with the Switch loss "
           "over the last 10%% of steps (experiment 2). DeepSeek-V3 reports auxiliary-loss-free balancing "
           "keeping balance with better quality than an auxiliary loss: its MaxVio here was %.2f, and for the "
-          "loss %s." % (tail_maxvio("nobal"), tail_maxvio("moe"), tail_maxvio("alf"),
+          "loss %s." % (group_tail("nobal", "maxvio"), group_tail("moe", "maxvio"), group_tail("alf", "maxvio"),
                          verdict("alf", "moe", "aux-loss-free")))
     w("- DeepSeekMoE reports finer-grained experts (more, smaller, more of them chosen) improving quality at "
       "equal active parameters; %s (experiment 3).\n" % verdict("g32", "moe", "32 top-8"))
