@@ -43,13 +43,13 @@ v = [json.loads(l) for l in open(sys.argv[1])]
 v = [x["tokens_per_s"] for x in v if "tokens_per_s" in x and x["step"] > 3]
 print(statistics.median(v))' "$1"
 }
-moe_fp32=(); moe_bf16=()
+declare -A moe_rates torch_rates # per precision: tokens/s of each run, space-separated
 for r in $(seq "$RUNS"); do
     for mm in fp32 bf16; do
         "$BUILD/moe" train --preset "$PRESET" --set matmul=$mm --steps 14 --batch "$BATCH" --seq "$SEQ" \
             --threads "$THREADS" --eval-every 0 --out "$tmp/bench.gguf" --force --log "$tmp/log.jsonl" \
             2>/dev/null >/dev/null
-        if [ $mm = fp32 ]; then moe_fp32+=("$(log_rate "$tmp/log.jsonl")"); else moe_bf16+=("$(log_rate "$tmp/log.jsonl")"); fi
+        moe_rates[$mm]+="$(log_rate "$tmp/log.jsonl") "
     done
 done
 
@@ -80,14 +80,14 @@ for mm in fp32 bf16; do
         echo "pytorch $mm  torch threads $1, OpenBLAS threads $2: tokens/s per run: ${rates[*]}   median $med"
         if $PY -c 'import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)' "$med" "$best_rate"; then
             best_rate=$med; best_layout="torch threads $1, OpenBLAS threads $2"
-            if [ $mm = fp32 ]; then torch_fp32=("${rates[@]}"); else torch_bf16=("${rates[@]}"); fi
+            torch_rates[$mm]="${rates[*]}"
         fi
     done
     echo "pytorch $mm  best layout: $best_layout"
 done
 blas=$(cat "$tmp/blas")
 
-$PY - "$blas" "${moe_fp32[*]}" "${moe_bf16[*]}" "${torch_fp32[*]}" "${torch_bf16[*]}" <<'PYEOF'
+$PY - "$blas" "${moe_rates[fp32]}" "${moe_rates[bf16]}" "${torch_rates[fp32]}" "${torch_rates[bf16]}" <<'PYEOF'
 import statistics, sys
 blas = sys.argv[1]
 mf, mb, tf, tb = ([float(x) for x in a.split()] for a in sys.argv[2:6])
