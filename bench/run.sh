@@ -17,7 +17,7 @@ trap 'rm -rf "$tmp"' EXIT
 
 if [ -x "$BUILD/bench/bench_kernels" ]; then
     echo "== kernels"
-    "$BUILD/bench/bench_kernels"
+    "$BUILD/bench/bench_kernels" | tee "$tmp/kernels.txt"
     echo
 fi
 
@@ -87,10 +87,13 @@ for mm in fp32 bf16; do
 done
 blas=$(cat "$tmp/blas")
 
-$PY - "$blas" "${moe_rates[fp32]}" "${moe_rates[bf16]}" "${torch_rates[fp32]}" "${torch_rates[bf16]}" <<'PYEOF'
-import statistics, sys
+touch "$tmp/kernels.txt"
+$PY - "$blas" "${moe_rates[fp32]}" "${moe_rates[bf16]}" "${torch_rates[fp32]}" "${torch_rates[bf16]}" \
+    "$cfg" "$SEQ" "$tmp/kernels.txt" <<'PYEOF'
+import json, re, statistics, sys
 blas = sys.argv[1]
 mf, mb, tf, tb = ([float(x) for x in a.split()] for a in sys.argv[2:6])
+cfg, seq, kernels = json.loads(sys.argv[6]), int(sys.argv[7]), open(sys.argv[8]).read()
 med = statistics.median
 def row(name, v):
     print(f"{name:<34} tokens/s per run: {', '.join(f'{x:,.0f}' for x in v)}   median {med(v):,.0f}")
@@ -101,4 +104,38 @@ row("pytorch bf16 autocast", tb)
 print(f"ratio moe fp32 / pytorch fp32 (medians): {med(mf) / med(tf):.2f}x")
 print(f"ratio moe bf16 / pytorch bf16 autocast:   {med(mb) / med(tb):.2f}x")
 print(f"ratio moe bf16 / pytorch fp32:            {med(mb) / med(tf):.2f}x")
+
+# The ceiling: matmul work alone (projections, attention products, router,
+# experts, lm head; forward + backward = 3x the forward) at the machine's
+# measured peak. Elementwise work is left out, so this bounds tokens/s from above.
+def matmul_flops_per_token(c, T):
+    d, H, KVH = c["d_model"], c["n_heads"], c["n_kv_heads"]
+    hd = d // H
+    macs = d * c["vocab_size"]
+    for l in range(c["n_layers"]):
+        macs += d * H * hd * 2 + d * KVH * hd * 2 + 2 * H * hd * (T + 1) / 2
+        moe = c["n_experts"] > 0 and l >= c["moe_first_dense"] and \
+            (l - c["moe_first_dense"]) % c["moe_every"] == 0
+        if moe:
+            macs += d * c["n_experts"] + 3 * d * c["top_k"] * c["d_expert"]
+            macs += 3 * d * c["d_shared"] * c["n_shared_experts"]
+        else:
+            macs += 3 * d * c["d_ff"]
+    return 2 * 3 * macs
+peak = {}
+for name, key in (("fma loop", "fp32"), ("bf16 dot loop", "bf16")):
+    m = re.search(r"peak\s+" + name + r".*?(\d+) threads\s+([\d.]+) GFLOP/s", kernels)
+    if m: peak[key] = float(m.group(2))
+fpt = matmul_flops_per_token(cfg, seq)
+print(f"matmul work per token (forward + backward): {fpt / 1e6:.1f} MFLOP")
+for name, v in (("moe fp32", mf), ("moe bf16", mb), ("pytorch fp32", tf), ("pytorch bf16", tb)):
+    gf = med(v) * fpt / 1e9
+    key = name.split()[1]
+    frac = f" = {100 * gf / peak[key]:.0f}% of the measured {key} peak" if key in peak else ""
+    print(f"  {name:<13} matmuls at {gf:6.1f} GFLOP/s{frac}")
+for key, torch_v in (("fp32", tf), ("bf16", tb)):
+    if key in peak:
+        best = peak[key] * 1e9 / fpt
+        print(f"ceiling {key}: at 100% of the {key} peak the matmuls alone allow {best:,.0f} tokens/s"
+              f" = {best / med(torch_v):.2f}x pytorch {key}")
 PYEOF
