@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "io/gguf.h"
 #include "model/model.h"
 #include "train/train.h"
 
@@ -256,6 +257,33 @@ int main(void) {
         CHECK(rc == MOE_ERR_FORMAT, "corrupt state accepted: %d", rc);
         moe_model_free(mm);
         free(buf);
+        /* a small file whose config claims a big model (fuzzing found a 12 KB
+         * file asking for 12.9 GB): refused before anything is allocated */
+        moe_config big;
+        moe_config_preset(&big, "default");
+        big.d_model = 1024; big.n_heads = 8; big.n_kv_heads = 8; big.d_expert = 4096; big.n_experts = 4;
+        gguf_writer *w = gguf_writer_create();
+        char key[96];
+        for (int i = 0; w && i < moe_config_n_fields(); i++) {
+            int is_float;
+            const char *name = moe_config_field(i, &is_float);
+            snprintf(key, sizeof key, "moe.%s", name);
+            double v = moe_config_get_field(&big, i);
+            if (is_float) gguf_set_f32(w, key, (float)v); else gguf_set_i32(w, key, (int32_t)v);
+        }
+        float small[64] = {0};
+        int64_t ne[1] = {64};
+        snprintf(path2, sizeof path2, "%s/claims_big.gguf", dir);
+        CHECK(w && gguf_add_tensor(w, "token_embd.weight", GGML_TYPE_F32, 1, ne, small) == MOE_OK &&
+                  gguf_write_file(w, path2) == MOE_OK, "writing the test file");
+        gguf_writer_free(w);
+        size_t peak0 = moe_alloc_peak();
+        m = NULL;
+        rc = moe_model_load(&m, path2);
+        CHECK(rc == MOE_ERR_FORMAT && m == NULL && strstr(moe_last_error(), "holds only"),
+              "config larger than the file's data: status %d (%s)", rc, moe_last_error());
+        CHECK(moe_alloc_peak() - peak0 < ((size_t)64 << 20), "allocated %zu MB before refusing",
+              (moe_alloc_peak() - peak0) >> 20);
     }
     TEST_END();
 

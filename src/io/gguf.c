@@ -690,6 +690,10 @@ uint32_t gguf_version(const gguf_ctx *c) { return c ? c->version : 0; }
 size_t gguf_alignment(const gguf_ctx *c) { return c ? c->alignment : 0; }
 size_t gguf_data_offset(const gguf_ctx *c) { return c ? c->data_off : 0; }
 
+size_t gguf_data_size(const gguf_ctx *c) {
+    return c && c->size > c->data_off ? c->size - c->data_off : 0;
+}
+
 int gguf_n_tensors(const gguf_ctx *c) { return c ? (int)c->n_t : 0; }
 
 const gguf_tensor *gguf_tensor_at(const gguf_ctx *c, int i) {

@@ -72,6 +72,7 @@ const char *gguf_key_at(const gguf_ctx *ctx, int i, size_t *len, gguf_type *type
 uint32_t gguf_version(const gguf_ctx *ctx);
 size_t gguf_alignment(const gguf_ctx *ctx);
 size_t gguf_data_offset(const gguf_ctx *ctx); /* file offset of the data section */
+size_t gguf_data_size(const gguf_ctx *ctx);   /* bytes from there to the end of the file */
 
 int gguf_n_tensors(const gguf_ctx *ctx);
 const gguf_tensor *gguf_tensor_at(const gguf_ctx *ctx, int i);

@@ -95,6 +95,14 @@ moe_status moe_model_load(moe_model **out, const char *path) {
     moe_config cfg;
     moe_model *m = NULL;
     st = read_config(g, &cfg, path);
+    if (!st) { /* the file must hold every parameter: check before allocating for them */
+        int64_t n = moe_config_param_counts(&cfg).total;
+        size_t have = gguf_data_size(g);
+        if ((double)n * sizeof(float) > (double)have)
+            st = moe_error(MOE_ERR_FORMAT, "%s: its config has %lld parameters (%.0f bytes in fp32), but the "
+                           "file holds only %zu bytes of tensor data (truncated, or the wrong config)", path,
+                           (long long)n, (double)n * sizeof(float), have);
+    }
     if (!st) st = model_alloc(&m, &cfg);
     for (int i = 0; !st && i < m->n_tensors; i++) {
         const tensor_desc *t = &m->tensors[i];
