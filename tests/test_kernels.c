@@ -409,14 +409,14 @@ static void test_rope_hand(void) {
     float x[16], x0[16];
     for (int i = 0; i < 16; i++) x[i] = x0[i] = (float)(i + 1) * 0.37f;
     int32_t pos0[2] = {0, 0};
-    rope_forward(x, pos0, 2, 2, 4, 10000.0f);
+    rope_forward(x, pos0, 2, 2, 4, 10000.0f, NULL, 0);
     CHECK(memcmp(x, x0, sizeof x) == 0, "pos 0 is not the identity");
     /* D = 4: pair 0 turns by pos radians, pair 1 by pos * base^(-1/2);
      * base = 4/pi^2 makes pair 1 of pos 1 a 90 degree turn */
     float y[4] = {1, 2, 1, 2};
     int32_t pos1 = 1;
     float base = (float)(4.0 / (M_PI * M_PI));
-    rope_forward(y, &pos1, 1, 1, 4, base);
+    rope_forward(y, &pos1, 1, 1, 4, base, NULL, 0);
     double c1 = cos(1.0), s1 = sin(1.0);
     CHECK(fabs(y[0] - (1 * c1 - 2 * s1)) < 1e-6 && fabs(y[1] - (1 * s1 + 2 * c1)) < 1e-6,
           "pair 0: %g %g", y[0], y[1]);
@@ -426,18 +426,36 @@ static void test_rope_hand(void) {
     int N = 6, H = 3, D = 8;
     int32_t pos[6] = {0, 1, 2, 0, 1, 2};
     float *z = vec((size_t)N * H * D), *z0 = copy(z, (size_t)N * H * D);
-    rope_forward(z, pos, N, H, D, 10000.0f);
+    rope_forward(z, pos, N, H, D, 10000.0f, NULL, 0);
     float *one = copy(z0 + (size_t)4 * H * D, (size_t)H * D);
-    rope_forward(one, &pos[4], 1, H, D, 10000.0f);
+    rope_forward(one, &pos[4], 1, H, D, 10000.0f, NULL, 0);
     CHECK(memcmp(one, z + (size_t)4 * H * D, (size_t)H * D * sizeof(float)) == 0,
           "table and per-row angles differ");
-    rope_backward(z, pos, N, H, D, 10000.0f);
+    /* a precomputed table (rope_table_fill) gives the same bits, forward and
+     * backward, also for positions past its end (computed on the spot) */
+    {
+        int32_t pt[5] = {0, 3, 1, 7, 2};
+        float tab[3 * 8];
+        rope_table_fill(tab, 3, D, 10000.0f);
+        float *t1 = copy(z0, (size_t)5 * H * D), *t2 = copy(z0, (size_t)5 * H * D);
+        for (int k = 0; k < 2; k++) { /* tab covers positions 0..2: all but 3 and 7 */
+            if (k == 0) { rope_forward(t1, pt, 5, H, D, 10000.0f, NULL, 0); rope_forward(t2, pt, 5, H, D, 10000.0f, tab, 3); }
+            else { rope_backward(t1, pt, 5, H, D, 10000.0f, NULL, 0); rope_backward(t2, pt, 5, H, D, 10000.0f, tab, 3); }
+            CHECK(memcmp(t1, t2, (size_t)5 * H * D * sizeof(float)) == 0, "%s: table path differs",
+                  k ? "backward" : "forward");
+        }
+        rope_forward(t1, pt, 3, H, D, 10000.0f, NULL, 0); /* positions 0, 3, 1: one past the table */
+        rope_forward(t2, pt, 3, H, D, 10000.0f, tab, 3);
+        CHECK(memcmp(t1, t2, (size_t)3 * H * D * sizeof(float)) == 0, "position past the table differs");
+        free(t1); free(t2);
+    }
+    rope_backward(z, pos, N, H, D, 10000.0f, NULL, 0);
     double e = rel_to_norm(z, z0, (size_t)N * H * D);
     CHECK(e < 1e-6, "backward(forward(x)) != x: %g", e);
     /* very wide heads (angles computed per pair) follow the documented formula */
     int32_t pw[2] = {5, 9};
     float *wv = vec(2 * 520), *w0 = copy(wv, 2 * 520);
-    rope_forward(wv, pw, 2, 1, 520, 500.0f);
+    rope_forward(wv, pw, 2, 1, 520, 500.0f, NULL, 0);
     int exact = 1;
     for (int n = 0; n < 2; n++)
         for (int i = 0; i < 260; i++) {
@@ -448,6 +466,32 @@ static void test_rope_hand(void) {
         }
     CHECK(exact, "D=520 rotation differs from the documented formula");
     free(wv); free(w0);
+    /* the usual shapes too, every head: two rounded products, then one rounded
+     * sum (no fused multiply-add; a compiler once fused the heads it vectorised) */
+    {
+        enum { RN = 5, RH = 6, RD = 32 };
+        int32_t rp[RN] = {0, 1, 7, 31, 100};
+        float tab[101 * RD];
+        rope_table_fill(tab, 101, RD, 10000.0f);
+        for (int use_tab = 0; use_tab < 2; use_tab++) {
+            float *r = vec((size_t)RN * RH * RD), *r0 = copy(r, (size_t)RN * RH * RD);
+            rope_forward(r, rp, RN, RH, RD, 10000.0f, use_tab ? tab : NULL, use_tab ? 101 : 0);
+            int same = 1;
+            for (int n = 0; n < RN; n++)
+                for (int h = 0; h < RH; h++)
+                    for (int i = 0; i < RD / 2; i++) {
+                        double ang = rp[n] * pow(10000.0, -(double)(2 * i) / RD);
+                        volatile float c = (float)cos(ang), s = (float)sin(ang);
+                        const float *a = r0 + ((size_t)n * RH + h) * RD + 2 * i;
+                        volatile float p0 = a[0] * c, p1 = a[1] * s, p2 = a[0] * s, p3 = a[1] * c;
+                        const float *got = r + ((size_t)n * RH + h) * RD + 2 * i;
+                        same &= got[0] == p0 - p1 && got[1] == p2 + p3;
+                    }
+            CHECK(same, "H=6 D=32 (%s): rotation differs from the documented formula",
+                  use_tab ? "model's table" : "own table");
+            free(r); free(r0);
+        }
+    }
     free(z); free(z0); free(one);
     TEST_END();
 }
@@ -461,7 +505,7 @@ static double rope_loss(void *p) {
     rope_ctx *c = p;
     size_t n = (size_t)c->N * c->H * c->D;
     memcpy(c->tmp, c->x, n * sizeof(float));
-    rope_forward(c->tmp, c->pos, c->N, c->H, c->D, 10000.0f);
+    rope_forward(c->tmp, c->pos, c->N, c->H, c->D, 10000.0f, NULL, 0);
     return dotw(c->tmp, c->R, n);
 }
 static void test_rope_fd(void) {
@@ -471,7 +515,7 @@ static void test_rope_fd(void) {
     size_t n = 48;
     c.x = vec(n); c.tmp = zeros(n); c.R = vec(n);
     float *g = copy(c.R, n);
-    rope_backward(g, pos, 4, 2, 6, 10000.0f);
+    rope_backward(g, pos, 4, 2, 6, 10000.0f, NULL, 0);
     double e = fd_check(rope_loss, &c, c.x, g, n, FD_EPS);
     CHECK(e < FD_TOL, "dx %g", e);
     free(c.x); free(c.tmp); free(c.R); free(g);
@@ -590,9 +634,9 @@ static void test_scratch_failures(void) {
     int32_t pos[40];
     for (int i = 0; i < 40; i++) pos[i] = i % 4;
     float *x1 = vec(40 * 8), *x2 = copy(x1, 40 * 8);
-    rope_forward(x1, pos, 40, 1, 8, 10000.0f);
+    rope_forward(x1, pos, 40, 1, 8, 10000.0f, NULL, 0);
     moe_alloc_fail_after(1);
-    rope_forward(x2, pos, 40, 1, 8, 10000.0f);
+    rope_forward(x2, pos, 40, 1, 8, 10000.0f, NULL, 0);
     moe_alloc_fail_after(0);
     CHECK(memcmp(x1, x2, 40 * 8 * 4) == 0, "rope without its table differs");
     /* cross-entropy: same losses and the same total */
@@ -790,7 +834,7 @@ static void run_all(run_out *r, uint64_t seed) {
         rmsnorm_backward(din, dw, out, x, w, rstd, N, C);
         int32_t *pos = malloc(N * sizeof(int32_t));
         for (int i = 0; i < N; i++) pos[i] = i % 37;
-        rope_forward(x, pos, N, 5, 26, 10000.0f);
+        rope_forward(x, pos, N, 5, 26, 10000.0f, NULL, 0);
         float *sm = zeros(n), *dsm = vec(n), *sw = zeros(n), *dg = vec(n), *du = vec(n);
         softmax_forward(sm, out, N, C);
         softmax_backward(dsm, din, sm, N, C);

@@ -300,6 +300,19 @@ int main(void) {
         CHECK(moe_config_set(&c, "no_such_key", "1") == MOE_ERR_INVALID_ARG, "unknown key accepted");
         CHECK(moe_config_set(&c, "d_model", "12x") == MOE_ERR_INVALID_ARG, "bad number accepted");
         CHECK(m == NULL, "model created");
+        /* unused sizes must still be sane (fuzzing: a negative d_ff in an all-MoE
+         * model overflowed the decoder's scratch size) ... */
+        c = tiny(); c.moe_first_dense = 0; c.d_ff = -5;
+        CHECK(moe_model_create(&m, &c, 1) == MOE_ERR_INVALID_ARG && strstr(moe_last_error(), "d_ff"), "%s", moe_last_error());
+        /* ... and a huge unused d_ff costs nothing when decoding */
+        c.d_ff = 2000000000;
+        CHECK(moe_model_create(&m, &c, 1) == MOE_OK, "%s", moe_last_error());
+        size_t peak0 = moe_alloc_peak();
+        int32_t prompt[1] = {1};
+        moe_sample_params greedy = {.max_tokens = 2, .temperature = 0, .top_k = 0, .top_p = 1, .seed = 1};
+        CHECK(m && moe_generate(m, prompt, 1, &greedy, NULL, NULL) == MOE_OK, "%s", moe_last_error());
+        CHECK(moe_alloc_peak() - peak0 < ((size_t)64 << 20), "decoding allocated %zu MB", (moe_alloc_peak() - peak0) >> 20);
+        moe_model_free(m);
     }
     TEST_END();
 

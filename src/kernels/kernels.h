@@ -54,8 +54,16 @@ void rmsnorm_backward(float *din, float *dw, const float *dout, const float *in,
 /* In place on x[N][H][D] (D even): rotates adjacent pairs (x[2i], x[2i+1]) by
  * angle pos[n] * base^(-2i/D) (the llama GGUF layout). Backward rotates the
  * gradient by the opposite angle, also in place. */
-void rope_forward(float *x, const int32_t *pos, int N, int H, int D, float base);
-void rope_backward(float *dx, const int32_t *pos, int N, int H, int D, float base);
+void rope_forward(float *x, const int32_t *pos, int N, int H, int D, float base,
+                  const float *tab, int n_tab);
+void rope_backward(float *dx, const int32_t *pos, int N, int H, int D, float base,
+                   const float *tab, int n_tab);
+/* The angles' cos and sin for positions [0, n_pos): tab[p*D + i] = cos and
+ * tab[p*D + D/2 + i] = sin of angle i at position p (D*n_pos floats). Passed to
+ * rope_forward/backward as tab (n_tab = n_pos) it saves recomputing them every
+ * call; tab NULL, or a position past n_tab, computes them there instead, with
+ * the same values. */
+void rope_table_fill(float *tab, int n_pos, int D, float base);
 
 /* Causal self-attention with grouped-query heads, for B sequences of T tokens:
  * q[B*T][H][D], k,v[B*T][KVH][D]; query head h uses kv head h / (H/KVH).

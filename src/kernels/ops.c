@@ -179,72 +179,83 @@ static void rope_angles(float *cs, float *sn, int32_t pos, int D, double base) {
     for (int i = 0; i < D / 2; i++) rope_angle(i, pos, D, base, &cs[i], &sn[i]);
 }
 
+void rope_table_fill(float *tab, int n_pos, int D, float base) {
+    int half = D / 2;
+    double work = (double)n_pos * half;
+#pragma omp parallel for schedule(static) if (work >= 4096)
+    for (int p = 0; p < n_pos; p++)
+        rope_angles(tab + (size_t)p * 2 * half, tab + (size_t)p * 2 * half + half, p, D, (double)base);
+}
+
 /* Rotates pairs by +angle (dir = 1) or -angle (dir = -1):
- *   x0' = x0*c - x1*(dir*s),  x1' = x0*(dir*s) + x1*c. */
-static void rope_apply(float *x, const int32_t *pos, int N, int H, int D, float base, int dir) {
+ *   x0' = x0*c - x1*(dir*s),  x1' = x0*(dir*s) + x1*c.
+ * Angles come from tab (positions below n_tab) when given; otherwise a table
+ * is built here for the positions present (batches repeat positions 0..T-1,
+ * so this saves most of the trig work), or, failing that, per row. Same values
+ * every way. */
+static void rope_apply(float *x, const int32_t *pos, int N, int H, int D, float base, int dir,
+                       const float *tab, int n_tab) {
     if (N <= 0 || H <= 0 || D < 2) return;
     enum { ROWBUF = 256 };
     int half = D / 2;
-    /* A table of angles per distinct position: batches repeat positions 0..T-1,
-     * so this saves most of the trig work. Same values either way. */
     int32_t maxpos = -1;
     int table_ok = 1;
     for (int n = 0; n < N; n++) {
         if (pos[n] < 0) table_ok = 0;
         if (pos[n] > maxpos) maxpos = pos[n];
     }
-    float *tab = NULL;
-    if (table_ok && (int64_t)maxpos + 1 < N)
-        tab = moe_malloc((size_t)(maxpos + 1) * 2 * half * sizeof(float));
-    if (tab) {
-#pragma omp parallel for schedule(static) if ((double)(maxpos + 1) * half >= 4096)
-        for (int p = 0; p <= maxpos; p++)
-            rope_angles(tab + (size_t)p * 2 * half, tab + (size_t)p * 2 * half + half, p, D,
-                        (double)base);
+    float *own = NULL;
+    if (!(tab && table_ok && maxpos < n_tab)) {
+        tab = NULL;
+        if (table_ok && (int64_t)maxpos + 1 < N) {
+            own = moe_malloc((size_t)(maxpos + 1) * 2 * half * sizeof(float));
+            if (own) rope_table_fill(own, maxpos + 1, D, base);
+            tab = own;
+        }
     }
+    const float sg = dir < 0 ? -1.0f : 1.0f;
     double work = (double)N * H * D;
 #pragma omp parallel if (work >= PAR_MIN)
     {
-        float cbuf[ROWBUF], sbuf[ROWBUF]; /* one row's angles when there is no table */
+        float cbuf[ROWBUF], sbuf[ROWBUF]; /* angles of a chunk of pairs when there is no table */
 #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
-            const float *cs = NULL, *sn = NULL;
-            if (tab) {
-                cs = tab + (size_t)pos[n] * 2 * half;
-                sn = cs + half;
-            } else if (half <= ROWBUF) {
-                rope_angles(cbuf, sbuf, pos[n], D, (double)base);
-                cs = cbuf;
-                sn = sbuf;
-            }
-            for (int i = 0; i < half; i++) {
-                float c, s;
-                if (cs) {
-                    c = cs[i];
-                    s = sn[i];
+            for (int i0 = 0; i0 < half; i0 += ROWBUF) {
+                const int ni = MOE_MIN(ROWBUF, half - i0);
+                const float *cs = cbuf, *sn = sbuf;
+                if (tab) {
+                    cs = tab + (size_t)pos[n] * 2 * half + i0;
+                    sn = cs + half;
                 } else {
-                    rope_angle(i, pos[n], D, (double)base, &c, &s); /* huge D only */
+                    for (int i = 0; i < ni; i++) rope_angle(i0 + i, pos[n], D, (double)base, &cbuf[i], &sbuf[i]);
                 }
-                if (dir < 0) s = -s;
+                /* pairs along the row, so the loop vectorises over pairs: two
+                 * rounded products and a rounded sum, never fused */
                 for (int h = 0; h < H; h++) {
-                    float *v = x + ((size_t)n * H + h) * D + 2 * i;
-                    float x0 = v[0], x1 = v[1];
-                    v[0] = x0 * c - x1 * s;
-                    v[1] = x0 * s + x1 * c;
+                    float *v = x + ((size_t)n * H + h) * D + 2 * i0;
+#pragma omp simd
+                    for (int i = 0; i < ni; i++) {
+                        float c = cs[i], s = sg * sn[i];
+                        float x0 = v[2 * i], x1 = v[2 * i + 1];
+                        v[2 * i] = x0 * c - x1 * s;
+                        v[2 * i + 1] = x0 * s + x1 * c;
+                    }
                 }
             }
         }
     }
-    moe_free(tab);
+    moe_free(own);
 }
 
-void rope_forward(float *x, const int32_t *pos, int N, int H, int D, float base) {
-    rope_apply(x, pos, N, H, D, base, 1);
+void rope_forward(float *x, const int32_t *pos, int N, int H, int D, float base, const float *tab,
+                  int n_tab) {
+    rope_apply(x, pos, N, H, D, base, 1, tab, n_tab);
 }
 
 /* The rotation is orthogonal, so the gradient rotates by the opposite angle. */
-void rope_backward(float *dx, const int32_t *pos, int N, int H, int D, float base) {
-    rope_apply(dx, pos, N, H, D, base, -1);
+void rope_backward(float *dx, const int32_t *pos, int N, int H, int D, float base,
+                   const float *tab, int n_tab) {
+    rope_apply(dx, pos, N, H, D, base, -1, tab, n_tab);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -246,6 +246,7 @@ moe_status moe_config_validate(const moe_config *c) {
         REQ(c->d_expert >= 1, "d_expert %d must be at least 1", c->d_expert);
     }
     if (any_dense) REQ(c->d_ff >= 1, "d_ff %d must be at least 1 (the model has dense layers)", c->d_ff);
+    REQ(c->d_ff >= 0 && c->d_expert >= 0 && c->top_k >= 0, "d_ff, d_expert and top_k must be >= 0");
     REQ(c->tied_embeddings == 0 || c->tied_embeddings == 1, "tied_embeddings must be 0 or 1");
     REQ(c->renorm_topk == 0 || c->renorm_topk == 1, "renorm_topk must be 0 or 1");
     REQ(c->max_seq >= 2 && c->max_seq <= (1 << 20), "max_seq %d must be in 2..1048576", c->max_seq);

@@ -135,6 +135,11 @@ moe_status model_alloc(moe_model **out, const moe_config *cfg) {
     }
     m->params = moe_malloc(m->n_params * sizeof(float));
     if (!m->params) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "model parameters"); }
+    /* RoPE angles for the first positions (past them rope computes its own) */
+    m->rope_n = MOE_MIN(cfg->max_seq, ROPE_TABLE_MAX);
+    m->rope_tab = moe_malloc((size_t)m->rope_n * head_dim(cfg) * sizeof(float));
+    if (!m->rope_tab) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "RoPE table"); }
+    rope_table_fill(m->rope_tab, m->rope_n, head_dim(cfg), cfg->rope_base);
     bind(&m->w, m->params, m);
     route_stats *rs = &m->stats;
     for (int l = 0; l < cfg->n_layers; l++) rs->n_moe += moe_config_layer_is_moe(cfg, l);
@@ -263,6 +268,7 @@ void moe_model_free(moe_model *m) {
     moe_free(m->stats.dropped);
     moe_free(m->stats.aux);
     moe_free(m->dec_seq);
+    moe_free(m->rope_tab);
     moe_tokenizer_free(m->tok);
     moe_free(m);
 }
@@ -394,8 +400,8 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         float *x_out = (l + 1 < c->n_layers) ? a->layers[l + 1].x_in : a->x_final;
         PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn1, A->rstd1, A->x_in, W->attn_norm, N, d, c->norm_eps));
         PROF_RUN(PROF_QKVO, qkv_forward(A, a->qkv, W, N, d, H * hd, KVH * hd, mm));
-        PROF_RUN(PROF_ROPE, rope_forward(A->q, a->pos, N, H, hd, c->rope_base));
-        PROF_RUN(PROF_ROPE, rope_forward(A->k, a->pos, N, KVH, hd, c->rope_base));
+        PROF_RUN(PROF_ROPE, rope_forward(A->q, a->pos, N, H, hd, c->rope_base, m->rope_tab, m->rope_n));
+        PROF_RUN(PROF_ROPE, rope_forward(A->k, a->pos, N, KVH, hd, c->rope_base, m->rope_tab, m->rope_n));
         PROF_RUN(PROF_ATTENTION, attention_forward(A->atto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
         PROF_RUN(PROF_QKVO, matmul_forward(a->dh, A->atto, W->wo, NULL, N, H * hd, d, mm));
         PROF_RUN(PROF_RESIDUAL, add_into(A->x_mid, A->x_in, a->dh, (size_t)N * d));
@@ -481,8 +487,8 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dk, (size_t)N * KVH * hd));
         PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dv, (size_t)N * KVH * hd));
         PROF_RUN(PROF_ATTENTION, attention_backward(a->dq, a->dk, a->dv, a->datto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
-        PROF_RUN(PROF_ROPE, rope_backward(a->dq, a->pos, N, H, hd, c->rope_base));
-        PROF_RUN(PROF_ROPE, rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base));
+        PROF_RUN(PROF_ROPE, rope_backward(a->dq, a->pos, N, H, hd, c->rope_base, m->rope_tab, m->rope_n));
+        PROF_RUN(PROF_ROPE, rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base, m->rope_tab, m->rope_n));
         PROF_RUN(PROF_QKVO, qkv_backward(a, A, W, G, N, d, H * hd, KVH * hd, mm));
         PROF_RUN(PROF_NORM, rmsnorm_backward(dx, G->attn_norm, a->dh, A->x_in, W->attn_norm, A->rstd1, N, d));
     }
@@ -496,12 +502,20 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
 }
 
 /* ---- decoding with a KV cache ---- */
+/* Width of the dense FFN scratch: d_ff if some layer is dense (d_ff is not
+ * checked, and may be anything, when every layer is MoE). */
+static int decode_ff(const moe_config *c) {
+    for (int l = 0; l < c->n_layers; l++)
+        if (!moe_config_layer_is_moe(c, l)) return MOE_MAX(c->d_ff, 1);
+    return 1;
+}
+
 static moe_status alloc_decode(moe_model *m) {
     if (m->kcache) return MOE_OK;
     const moe_config *c = &m->cfg;
     const size_t d = c->d_model, hd = head_dim(c), kd = hd * c->n_kv_heads, qd = hd * c->n_heads;
     size_t per = (size_t)c->n_layers * c->max_seq * kd;
-    size_t ff = MOE_MAX((size_t)c->d_ff, 1);
+    size_t ff = (size_t)decode_ff(c);
     m->kcache = moe_malloc(per * sizeof(float));
     m->vcache = moe_malloc(per * sizeof(float));
     m->dec = moe_malloc((5 * d + 2 * qd + 3 * ff + (size_t)c->max_seq) * sizeof(float));
@@ -527,7 +541,7 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
     if (st) return st;
     const int d = c->d_model, hd = head_dim(c), H = c->n_heads, KVH = c->n_kv_heads;
     const int kd = hd * KVH, qd = hd * H, group = H / KVH;
-    const int ff = MOE_MAX(c->d_ff, 1);
+    const int ff = decode_ff(c);
     float *x = m->dec, *h = x + d, *o = h + d, *tmp = o + d, *xf = tmp + d, *q = xf + d;
     float *att_o = q + qd, *g1 = att_o + qd, *g2 = g1 + ff, *g3 = g2 + ff, *sc = g3 + ff;
     int32_t p32 = pos;
@@ -541,8 +555,8 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
         matmul_forward(q, h, W->wq, NULL, 1, d, qd, mm);
         matmul_forward(kc + (size_t)pos * kd, h, W->wk, NULL, 1, d, kd, mm);
         matmul_forward(vc + (size_t)pos * kd, h, W->wv, NULL, 1, d, kd, mm);
-        rope_forward(q, &p32, 1, H, hd, c->rope_base);
-        rope_forward(kc + (size_t)pos * kd, &p32, 1, KVH, hd, c->rope_base);
+        rope_forward(q, &p32, 1, H, hd, c->rope_base, m->rope_tab, m->rope_n);
+        rope_forward(kc + (size_t)pos * kd, &p32, 1, KVH, hd, c->rope_base, m->rope_tab, m->rope_n);
         const float scale = 1.0f / sqrtf((float)hd);
         for (int hh = 0; hh < H; hh++) {
             const float *qh = q + hh * hd;

@@ -69,6 +69,8 @@ typedef struct {
     int calls;
 } route_stats;
 
+#define ROPE_TABLE_MAX 8192 /* positions with precomputed RoPE angles (a bound on the table) */
+
 struct moe_model {
     moe_config cfg;
     size_t n_params;
@@ -89,6 +91,8 @@ struct moe_model {
     uint64_t jitter_seed;    /* per micro-batch, set by the training loop         */
     route_stats stats;
     double *dec_seq;         /* [L][E] decoding: prefix score sums (sequence routing) */
+    float *rope_tab;         /* RoPE cos/sin for positions [0, rope_n) (rope_table_fill) */
+    int rope_n;              /* min(max_seq, ROPE_TABLE_MAX)                             */
 };
 
 /* Allocates parameters (uninitialised) and the tensor table. */
