@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# tests/test_no_fma.sh: fused multiply-adds only where a kernel asks for them by
+# name. The library is ISO C (no contraction) and its elementwise loops are
+# meant to round every product; a compiler once vectorised RoPE's loop over
+# heads into vfmaddsub anyway (docs/architecture.md, "Determinism"). Lists the
+# functions of $BUILD's objects that contain an FMA instruction and fails on any
+# outside the allowed ones: the fp32 GEMM micro-kernel and attention's rows4.
+set -u
+cd "$(dirname "$0")/.."
+. tests/lib.sh no_fma
+BUILD=${BUILD:-build}
+allowed='^(ukernel|rows4)$'
+objs=$(ls "$BUILD"/src/*/*.o 2>/dev/null)
+if [ -z "$objs" ]; then bad objects "no object files in $BUILD/src (build first)"; finish; fi
+if ! command -v objdump >/dev/null; then bad objdump "objdump not found (binutils)"; finish; fi
+found=$(for o in $objs; do
+    objdump -d --no-show-raw-insn "$o" | awk -v o="$(basename "$o")" '
+        /^[0-9a-f]+ <.*>:$/ { fn = substr($2, 2, length($2) - 3) }
+        /\tv?f(n)?m(add|sub)/ { n[fn]++ }
+        END { for (f in n) print o ":" f ":" n[f] }'
+done)
+stray=$(echo "$found" | awk -F: -v a="$allowed" 'NF == 3 && $2 !~ a')
+if [ -n "$stray" ]; then
+    bad "fma only in ukernel and rows4" "FMA instructions in: $(echo $stray)"
+else
+    ok "fma only in ukernel and rows4 ($(echo "$found" | awk -F: 'NF == 3 { printf "%s%s %s", s, $2, $3; s = ", " }'))"
+fi
+finish
