@@ -136,7 +136,7 @@ moe_status model_alloc(moe_model **out, const moe_config *cfg) {
     m->params = moe_malloc(m->n_params * sizeof(float));
     if (!m->params) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "model parameters"); }
     /* RoPE angles for the first positions (past them rope computes its own) */
-    m->rope_n = MOE_MIN(cfg->max_seq, ROPE_TABLE_MAX);
+    m->rope_n = MOE_MIN(cfg->max_seq, ROPE_TABLE_FLOATS / head_dim(cfg));
     m->rope_tab = moe_malloc((size_t)m->rope_n * head_dim(cfg) * sizeof(float));
     if (!m->rope_tab) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "RoPE table"); }
     rope_table_fill(m->rope_tab, m->rope_n, head_dim(cfg), cfg->rope_base);

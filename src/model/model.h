@@ -69,7 +69,8 @@ typedef struct {
     int calls;
 } route_stats;
 
-#define ROPE_TABLE_MAX 8192 /* positions with precomputed RoPE angles (a bound on the table) */
+/* bound on the precomputed RoPE angles: 4 MB, 8,192 positions at head dim 128 */
+#define ROPE_TABLE_FLOATS (1 << 20)
 
 struct moe_model {
     moe_config cfg;
@@ -92,7 +93,7 @@ struct moe_model {
     route_stats stats;
     double *dec_seq;         /* [L][E] decoding: prefix score sums (sequence routing) */
     float *rope_tab;         /* RoPE cos/sin for positions [0, rope_n) (rope_table_fill) */
-    int rope_n;              /* min(max_seq, ROPE_TABLE_MAX)                             */
+    int rope_n;              /* min(max_seq, ROPE_TABLE_FLOATS / head dim)                */
 };
 
 /* Allocates parameters (uninitialised) and the tensor table. */
