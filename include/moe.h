@@ -90,6 +90,7 @@ MOE_API const char *const *moe_preset_names(void);  /* NULL-terminated */
 MOE_API moe_status moe_config_set(moe_config *cfg, const char *key, const char *value);
 MOE_API moe_status moe_config_validate(const moe_config *cfg);
 MOE_API int moe_config_layer_is_moe(const moe_config *cfg, int layer);
+MOE_API int moe_config_n_moe_layers(const moe_config *cfg); /* the rest are dense */
 /* Writes "key = value" lines into buf (always NUL-terminated). */
 MOE_API void moe_config_describe(const moe_config *cfg, char *buf, size_t cap);
 typedef struct {

@@ -11,8 +11,7 @@
 
 static moe_status put_metadata(gguf_writer *w, const moe_model *m) {
     const moe_config *c = &m->cfg;
-    int all_moe = 1;
-    for (int l = 0; l < c->n_layers; l++) all_moe &= moe_config_layer_is_moe(c, l);
+    const int all_moe = moe_config_n_moe_layers(c) == c->n_layers;
     moe_status st = MOE_OK;
 #define S(x) if (!st) st = (x)
     S(gguf_set_str(w, "general.architecture", "llama", 5));

@@ -237,10 +237,7 @@ moe_status moe_config_validate(const moe_config *c) {
     REQ(c->n_experts >= 0 && c->n_experts <= 65536, "n_experts %d must be in 0..65536", c->n_experts);
     REQ(c->moe_every >= 1, "moe_every %d must be at least 1", c->moe_every);
     REQ(c->moe_first_dense >= 0, "moe_first_dense %d must be >= 0", c->moe_first_dense);
-    int any_dense = 0;
-    for (int l = 0; l < c->n_layers; l++) {
-        if (!moe_config_layer_is_moe(c, l)) any_dense = 1;
-    }
+    const int any_dense = moe_config_n_moe_layers(c) < c->n_layers;
     if (c->n_experts > 0) {
         REQ(c->top_k >= 1 && c->top_k <= c->n_experts, "top_k %d must be in 1..n_experts (%d)", c->top_k, c->n_experts);
         REQ(c->d_expert >= 1, "d_expert %d must be at least 1", c->d_expert);
@@ -298,6 +295,12 @@ moe_status moe_config_validate(const moe_config *c) {
 
 int moe_config_layer_is_moe(const moe_config *c, int l) {
     return c->n_experts > 0 && l >= c->moe_first_dense && (l - c->moe_first_dense) % c->moe_every == 0;
+}
+
+int moe_config_n_moe_layers(const moe_config *c) {
+    int n = 0;
+    for (int l = 0; l < c->n_layers; l++) n += moe_config_layer_is_moe(c, l);
+    return n;
 }
 
 void moe_config_describe(const moe_config *c, char *buf, size_t cap) {

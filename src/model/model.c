@@ -142,7 +142,7 @@ moe_status model_alloc(moe_model **out, const moe_config *cfg) {
     rope_table_fill(m->rope_tab, m->rope_n, head_dim(cfg), cfg->rope_base);
     bind(&m->w, m->params, m);
     route_stats *rs = &m->stats;
-    for (int l = 0; l < cfg->n_layers; l++) rs->n_moe += moe_config_layer_is_moe(cfg, l);
+    rs->n_moe = moe_config_n_moe_layers(cfg);
     if (rs->n_moe) {
         rs->E = cfg->n_experts;
         const size_t nl = (size_t)rs->n_moe;
@@ -505,9 +505,7 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
 /* Width of the dense FFN scratch: d_ff if some layer is dense (d_ff is not
  * checked, and may be anything, when every layer is MoE). */
 static int decode_ff(const moe_config *c) {
-    for (int l = 0; l < c->n_layers; l++)
-        if (!moe_config_layer_is_moe(c, l)) return MOE_MAX(c->d_ff, 1);
-    return 1;
+    return moe_config_n_moe_layers(c) < c->n_layers ? MOE_MAX(c->d_ff, 1) : 1;
 }
 
 static moe_status alloc_decode(moe_model *m) {

@@ -334,8 +334,7 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     float *am = moe_calloc(m->n_params, sizeof(float)), *av = moe_calloc(m->n_params, sizeof(float));
     size_t BT = 0;
     int32_t *tok = NULL, *tgt = NULL;
-    int n_moe = 0;
-    for (int l = 0; l < c->n_layers; l++) n_moe += moe_config_layer_is_moe(c, l);
+    const int n_moe = moe_config_n_moe_layers(c);
     float *load = moe_calloc((size_t)MOE_MAX(n_moe, 1) * MOE_MAX(c->n_experts, 1), sizeof(float));
     double *met = moe_calloc((size_t)MOE_MAX(n_moe, 1) * M_N, sizeof(double));
     FILE *log = NULL;

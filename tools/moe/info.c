@@ -22,8 +22,7 @@ static void print_info(const moe_config *cfg) {
         if (!nl) break;
         line = nl + 1;
     }
-    int n_moe = 0;
-    for (int l = 0; l < cfg->n_layers; l++) n_moe += moe_config_layer_is_moe(cfg, l) != 0;
+    int n_moe = moe_config_n_moe_layers(cfg);
     printf("layers: %d (%d MoE, %d dense)\n", cfg->n_layers, n_moe, cfg->n_layers - n_moe);
     moe_param_counts pc = moe_config_param_counts(cfg);
     printf("parameters:\n");
