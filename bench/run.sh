@@ -108,25 +108,24 @@ print(f"ratio moe bf16 / pytorch fp32:            {med(mb) / med(tf):.2f}x")
 # The ceiling: matmul work alone (projections, attention products, router,
 # experts, lm head; forward + backward = 3x the forward) at the machine's
 # measured peak. Elementwise work is left out, so this bounds tokens/s from above.
+sys.path.insert(0, "tests/ref")
+import model_ref  # the reference model's config: layer kinds, head and shared-expert sizes
 def matmul_flops_per_token(c, T):
-    d, H, KVH = c["d_model"], c["n_heads"], c["n_kv_heads"]
-    hd = d // H
-    macs = d * c["vocab_size"]
-    for l in range(c["n_layers"]):
+    d, H, KVH, hd = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+    macs = d * c.vocab_size
+    for l in range(c.n_layers):
         macs += d * H * hd * 2 + d * KVH * hd * 2 + 2 * H * hd * (T + 1) / 2
-        moe = c["n_experts"] > 0 and l >= c["moe_first_dense"] and \
-            (l - c["moe_first_dense"]) % c["moe_every"] == 0
-        if moe:
-            macs += d * c["n_experts"] + 3 * d * c["top_k"] * c["d_expert"]
-            macs += 3 * d * c["d_shared"] * c["n_shared_experts"]
+        if c.layer_is_moe(l):
+            macs += d * c.n_experts + 3 * d * c.top_k * c.d_expert + 3 * d * c.d_shared_total
         else:
-            macs += 3 * d * c["d_ff"]
+            macs += 3 * d * c.d_ff
     return 2 * 3 * macs
 peak = {}
 for name, key in (("fma loop", "fp32"), ("bf16 dot loop", "bf16")):
     m = re.search(r"peak\s+" + name + r".*?(\d+) threads\s+([\d.]+) GFLOP/s", kernels)
     if m: peak[key] = float(m.group(2))
-fpt = matmul_flops_per_token(cfg, seq)
+ref_cfg = model_ref.Config(**{k: v for k, v in cfg.items() if k in model_ref.Config.DEFAULTS})
+fpt = matmul_flops_per_token(ref_cfg, seq)
 print(f"matmul work per token (forward + backward): {fpt / 1e6:.1f} MFLOP")
 for name, v in (("moe fp32", mf), ("moe bf16", mb), ("pytorch fp32", tf), ("pytorch bf16", tb)):
     gf = med(v) * fpt / 1e9
