@@ -99,6 +99,19 @@ def parse_log(run, path):
                 })
 
 
+def load_result(run, args):
+    """Reads a finished run's log into run; sets run.ok, or run.error saying why not."""
+    try:
+        parse_log(run, run.log_path(args))
+    except OSError as e:
+        run.error = "no log: %s" % e
+        return
+    if not run.val:
+        run.error = "log has no val_loss line"
+        return
+    run.ok = True
+
+
 def execute(run, args, tokenizer, idx, total, t0):
     cmd = run.cmd(args, tokenizer)
     run.command = cmd
@@ -122,17 +135,10 @@ def execute(run, args, tokenizer, idx, total, t0):
             run.error = "exit code %d: %s" % (rc, " / ".join(tail))
         print("      FAILED after %s: %s" % (fmt_time(run.seconds), run.error), flush=True)
         return
-    try:
-        parse_log(run, run.log_path(args))
-    except OSError as e:
-        run.error = "no log: %s" % e
+    load_result(run, args)
+    if not run.ok:
         print("      FAILED: " + run.error, flush=True)
         return
-    if not run.val:
-        run.error = "log has no val_loss line"
-        print("      FAILED: " + run.error, flush=True)
-        return
-    run.ok = True
     print("      done in %s: final val_loss %.4f" % (fmt_time(run.seconds), run.val[-1][1]), flush=True)
 
 
@@ -342,13 +348,7 @@ def main():
         for run in runs:
             run.command = run.cmd(args, tok)
             run.seconds = times.get(run.key)
-            try:
-                parse_log(run, run.log_path(args))
-                run.ok = bool(run.val)
-            except OSError as e:
-                run.error = "no log: %s" % e
-            if not run.ok and run.error is None:
-                run.error = "log has no val_loss line"
+            load_result(run, args)
         write_doc(args, runs, seeds, tok_cmd, None, fig_dir, out_abs, times.get("total", 0), gran_sets,
                   times.get("finished"))
         print("wrote %s and %s/ from the logs in %s" % (rel(out_abs), rel(fig_dir), rel(args.workdir)))
