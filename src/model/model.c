@@ -504,8 +504,8 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
 /* ---- decoding with a KV cache ---- */
 /* Width of the dense FFN scratch: d_ff if some layer is dense (d_ff is not
  * checked, and may be anything, when every layer is MoE). */
-static int decode_ff(const moe_config *c) {
-    return moe_config_n_moe_layers(c) < c->n_layers ? MOE_MAX(c->d_ff, 1) : 1;
+static int decode_ff(const moe_model *m) {
+    return m->stats.n_moe < m->cfg.n_layers ? MOE_MAX(m->cfg.d_ff, 1) : 1;
 }
 
 static moe_status alloc_decode(moe_model *m) {
@@ -513,7 +513,7 @@ static moe_status alloc_decode(moe_model *m) {
     const moe_config *c = &m->cfg;
     const size_t d = c->d_model, hd = head_dim(c), kd = hd * c->n_kv_heads, qd = hd * c->n_heads;
     size_t per = (size_t)c->n_layers * c->max_seq * kd;
-    size_t ff = (size_t)decode_ff(c);
+    size_t ff = (size_t)decode_ff(m);
     m->kcache = moe_malloc(per * sizeof(float));
     m->vcache = moe_malloc(per * sizeof(float));
     m->dec = moe_malloc((5 * d + 2 * qd + 3 * ff + (size_t)c->max_seq) * sizeof(float));
@@ -539,7 +539,7 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
     if (st) return st;
     const int d = c->d_model, hd = head_dim(c), H = c->n_heads, KVH = c->n_kv_heads;
     const int kd = hd * KVH, qd = hd * H, group = H / KVH;
-    const int ff = decode_ff(c);
+    const int ff = decode_ff(m);
     float *x = m->dec, *h = x + d, *o = h + d, *tmp = o + d, *xf = tmp + d, *q = xf + d;
     float *att_o = q + qd, *g1 = att_o + qd, *g2 = g1 + ff, *g3 = g2 + ff, *sc = g3 + ff;
     int32_t p32 = pos;
