@@ -1,6 +1,7 @@
 /* A small test harness of our own: CHECK records a failure and goes on;
- * TEST_MAIN_END prints "N passed, N failed" and returns non-zero on failure.
- * tests/run.sh sums those lines over every test program. */
+ * TEST_SKIP ends a case as skipped, with its reason (never as passed);
+ * TEST_MAIN_END prints "N passed, N failed, N skipped" and returns non-zero on
+ * failure. tests/run.sh sums those lines over every test program. */
 #ifndef MOE_HARNESS_H
 #define MOE_HARNESS_H
 #include <math.h>
@@ -9,7 +10,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-static int th_passed, th_failed, th_case_failed;
+static int th_passed, th_failed, th_skipped, th_case_failed;
 static const char *th_case = "";
 
 #define TEST_CASE(name) \
@@ -30,9 +31,20 @@ static const char *th_case = "";
         else { th_passed++; printf("ok   %s\n", th_case); }                   \
         fflush(stdout);                                                       \
     } while (0)
+/* Ends a case started with TEST_CASE as skipped: it counts neither as
+ * passed nor as failed, and the reason is printed. */
+#define TEST_SKIP(...)                                                        \
+    do {                                                                      \
+        th_skipped++;                                                         \
+        printf("skip %s: ", th_case);                                         \
+        printf(__VA_ARGS__);                                                  \
+        printf("\n");                                                         \
+        fflush(stdout);                                                       \
+    } while (0)
 #define TEST_MAIN_END()                                                       \
     do {                                                                      \
-        printf("%d passed, %d failed\n", th_passed, th_failed);               \
+        printf("%d passed, %d failed, %d skipped\n", th_passed, th_failed,    \
+               th_skipped);                                                   \
         return th_failed ? 1 : 0;                                             \
     } while (0)
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Runs every test program and script, sums their "N passed, N failed" lines,
-# and ends with the total. Exits non-zero if anything failed or did not report.
+# Runs every test program and script, sums their "N passed, N failed[, N skipped]"
+# lines, and ends with the total (skips count as neither passed nor failed). Exits non-zero if anything failed or did not report.
 set -u
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
 export MOE_BIN="$PWD/$BUILD/moe" BUILD
-total_pass=0; total_fail=0; broken=()
+total_pass=0; total_fail=0; total_skip=0; broken=()
 run_one() {   # name, command...
     local name=$1; shift
     local log; log=$(mktemp)
@@ -16,8 +16,9 @@ run_one() {   # name, command...
         broken+=("$name"); total_fail=$((total_fail + 1))
         echo "== $name: no summary line (exit $rc)"; tail -n 20 "$log"
     else
-        local p f; p=${line%% passed*}; f=${line#*, }; f=${f%% failed*}
-        total_pass=$((total_pass + p)); total_fail=$((total_fail + f))
+        local p f s=0; p=${line%% passed*}; f=${line#*, }; f=${f%% failed*}
+        [[ "$line" =~ ([0-9]+)\ skipped ]] && s=${BASH_REMATCH[1]}
+        total_pass=$((total_pass + p)); total_fail=$((total_fail + f)); total_skip=$((total_skip + s))
         if [ "$f" -ne 0 ] || [ $rc -ne 0 ]; then
             [ "$f" -eq 0 ] && total_fail=$((total_fail + 1))
             echo "== $name: $line (exit $rc)"; grep -E 'FAIL|error' "$log" | head -n 40
@@ -39,5 +40,5 @@ for t in tests/test_*.sh; do
     run_one "$n" bash "$t"
 done
 echo
-echo "$total_pass passed, $total_fail failed"
+echo "$total_pass passed, $total_fail failed, $total_skip skipped"
 [ "$total_fail" -eq 0 ]

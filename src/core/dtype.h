@@ -1,0 +1,80 @@
+/* core/dtype: the element types a tensor can have (ggml's numbering, as GGUF
+ * stores them), one table of their traits, and the typed tensor view.
+ *
+ * A published model keeps its weights in the file mapping in their own type;
+ * our training keeps fp32 views into its parameter buffer. Both are
+ * moe_tensor. Block sizes live only in this table: the GGUF reader's size
+ * checks ask it too.
+ *
+ * Quantised arithmetic follows llama.cpp's CPU path so that results match it,
+ * not only "within a tolerance": activations are converted to the weight
+ * type's dot type (Q8_0 for Q4_0 and Q8_0, Q8_K for the K-quants, F16 for F16,
+ * BF16 for BF16) the way llama.cpp's x86 code converts them, then each output
+ * is one vec_dot of a weight row with an activation row: integer dot products
+ * per block, scales applied per block, blocks summed in order. */
+#ifndef MOE_DTYPE_H
+#define MOE_DTYPE_H
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    DT_F32 = 0, DT_F16 = 1, DT_Q4_0 = 2, DT_Q4_1 = 3, DT_Q5_0 = 6, DT_Q5_1 = 7,
+    DT_Q8_0 = 8, DT_Q8_1 = 9, DT_Q2_K = 10, DT_Q3_K = 11, DT_Q4_K = 12, DT_Q5_K = 13,
+    DT_Q6_K = 14, DT_Q8_K = 15, DT_BF16 = 30,
+    DT_COUNT = 40 /* numbers below this may name a type; unknown ones have no traits */
+};
+
+typedef struct {
+    const char *name;          /* ggml's name: "f32", "q4_K", ...                 */
+    int blck;                  /* elements per block (1 for f32, f16, bf16)        */
+    size_t block_bytes;        /* bytes per block                                  */
+    /* The rest is NULL / -1 where the type is known only for size checks. */
+    /* dst[n] = the values of n elements (n a multiple of blck): the reference
+     * dequantisation, checked block by block against hand-computed cases. */
+    void (*to_float)(float *dst, const void *src, int64_t n);
+    /* Quantises n floats into blocks of this type: the reference quantiser used
+     * to write weight files (any valid rounding; llama.cpp's own may differ). */
+    void (*from_float)(void *dst, const float *src, int64_t n);
+    int dot_type;              /* activations' type for vec_dot (-1: none)         */
+    /* Converts an activation row to this type (when it is some type's
+     * dot_type) exactly as llama.cpp's x86 CPU path does; NULL otherwise. */
+    void (*quantize_act)(void *dst, const float *src, int64_t n);
+    /* sum_i w[i] * a[i] over n elements: w one row of this type, a one row of
+     * dot_type as quantize_act made it. */
+    float (*vec_dot)(const void *w, const void *a, int64_t n);
+} dtype_traits;
+
+/* NULL for a number that names no type we know. */
+const dtype_traits *dtype_traits_of(int type);
+const char *dtype_name(int type);          /* "type 42" style text for unknown numbers */
+/* 1 when tensors of this type can be used as weights (to_float and vec_dot). */
+int dtype_usable(int type);
+/* Bytes of n elements of type; -1 when n is not a multiple of the block size,
+ * the type is unknown or the size overflows. */
+int dtype_row_bytes(int type, int64_t n, size_t *out);
+
+/* fp16 and bf16 conversions (round to nearest even), shared by every path. */
+float dtype_f16_to_f32(uint16_t h);
+uint16_t dtype_f32_to_f16(float f);
+
+/* A typed tensor view. ne[0] is the row length (ggml order); rows are
+ * row_bytes apart; a 3-D tensor [ne2][ne1][ne0] (stacked experts) is ne2
+ * matrices of ne1 rows. data points into a parameter buffer or a file
+ * mapping; the view owns nothing. */
+typedef struct {
+    void *data;
+    int type;          /* DT_* */
+    int n_dims;
+    int64_t ne[4];
+    size_t row_bytes;  /* dtype_row_bytes(type, ne[0]) */
+} moe_tensor;
+
+/* The fp32 data of t, or NULL when t is absent or of another type. */
+static inline float *tensor_f32(const moe_tensor *t) {
+    return t->data && t->type == DT_F32 ? (float *)t->data : NULL;
+}
+/* Matrix i of a 3-D tensor (expert i of stacked experts). */
+static inline const void *tensor_matrix(const moe_tensor *t, int64_t i) {
+    return (const char *)t->data + (size_t)i * (size_t)t->ne[1] * t->row_bytes;
+}
+#endif
