@@ -76,6 +76,22 @@ typedef struct {
     /* ---- numerics ---- */
     int matmul;          /* MOE_MATMUL_FP32, or _BF16: matmul inputs rounded to
                             bfloat16, sums, weights, gradients and optimizer fp32 */
+    /* ---- attention and positions of published architectures; fields only grow ---- */
+    int head_dim;        /* q and k size per head (0: d_model / n_heads)               */
+    int v_head_dim;      /* v size per head (0: head_dim)                              */
+    int qk_norm;         /* MOE_QK_NORM_NONE, _FULL (RMSNorm over the whole q or k
+                            projection, OLMoE) or _HEAD (per head, Qwen3)            */
+    int qkv_bias;        /* 1: the q, k and v projections have biases (Qwen2)          */
+    int rope_neox;       /* 1: RoPE rotates the two halves of a head; 0: adjacent pairs */
+    int rope_dim;        /* rotated dims per head (0: all of head_dim)                 */
+    float rope_freq_scale; /* linear position scaling, 1 / factor (1: none)            */
+    float yarn_factor;   /* YaRN context extension factor (0: off)                      */
+    int yarn_orig_ctx;   /* YaRN: the context length the model was trained on          */
+    float yarn_log_mul;  /* YaRN: attention temperature multiplier (DeepSeek: 0.1)     */
+    float yarn_beta_fast, yarn_beta_slow; /* YaRN ramp ends (32 and 1)                 */
+    int attn;            /* MOE_ATTN_GQA or MOE_ATTN_MLA (multi-head latent attention) */
+    int q_lora_rank;     /* MLA: query bottleneck rank (0: none)                        */
+    int kv_lora_rank;    /* MLA: size of the cached latent                              */
 } moe_config;
 
 /* values of the enum-like config fields (--set router=sigmoid also works) */
@@ -83,6 +99,8 @@ enum { MOE_ROUTER_SOFTMAX = 0, MOE_ROUTER_SIGMOID = 1 };
 enum { MOE_ROUTING_TOKEN = 0, MOE_ROUTING_EXPERT = 1, MOE_ROUTING_SEQUENCE = 2 };
 enum { MOE_OVERFLOW_POSITION = 0, MOE_OVERFLOW_SCORE = 1 };
 enum { MOE_MATMUL_FP32 = 0, MOE_MATMUL_BF16 = 1 };
+enum { MOE_QK_NORM_NONE = 0, MOE_QK_NORM_FULL = 1, MOE_QK_NORM_HEAD = 2 };
+enum { MOE_ATTN_GQA = 0, MOE_ATTN_MLA = 1 };
 
 MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name);
 MOE_API const char *const *moe_preset_names(void);  /* NULL-terminated */
@@ -91,6 +109,10 @@ MOE_API moe_status moe_config_set(moe_config *cfg, const char *key, const char *
 MOE_API moe_status moe_config_validate(const moe_config *cfg);
 MOE_API int moe_config_layer_is_moe(const moe_config *cfg, int layer);
 MOE_API int moe_config_n_moe_layers(const moe_config *cfg); /* the rest are dense */
+/* Per-head sizes with the 0 defaults resolved: q/k, v, and RoPE's rotated part. */
+MOE_API int moe_config_head_dim(const moe_config *cfg);
+MOE_API int moe_config_v_head_dim(const moe_config *cfg);
+MOE_API int moe_config_rope_dim(const moe_config *cfg);
 /* Writes "key = value" lines into buf (always NUL-terminated). */
 MOE_API void moe_config_describe(const moe_config *cfg, char *buf, size_t cap);
 typedef struct {

@@ -166,7 +166,7 @@ int main(void) {
             if (m2) {
                 CHECK(!memcmp(&m2->cfg, &m->cfg, sizeof c), "config differs after the round trip");
                 CHECK(m2->n_params == m->n_params && !memcmp(m2->params, m->params, 4 * m->n_params), "params differ");
-                CHECK(m2->w.layers[1].exp_bias[3] == 0.125f, "bias not restored");
+                CHECK(F32(m2->w.layers[1].exp_bias)[3] == 0.125f, "bias not restored");
             }
         }
         moe_model_free(m); moe_model_free(m2);
@@ -220,9 +220,9 @@ int main(void) {
             double worst = 0, total = 0;
             for (int l = 0; l < 2; l++)
                 for (int e = 0; e < c.n_experts; e++) {
-                    double q = m->w.layers[l].exp_bias[e] / c.bias_rate; /* whole steps */
+                    double q = F32(m->w.layers[l].exp_bias)[e] / c.bias_rate; /* whole steps */
                     worst = fmax(worst, fabs(q - nearbyint(q)));
-                    total += fabs(m->w.layers[l].exp_bias[e]);
+                    total += fabs(F32(m->w.layers[l].exp_bias)[e]);
                     CHECK(fabs(q) <= 6.001, "bias moved %g steps in 6 optimizer steps", q);
                 }
             CHECK(worst < 1e-3 && total > 0, "bias is not a sum of +-gamma steps (off by %g) or never moved", worst);
@@ -254,7 +254,7 @@ int main(void) {
         if (m) {
             int zero = 1;
             for (int l = 0; l < 2; l++)
-                for (int e = 0; e < c.n_experts; e++) zero &= m->w.layers[l].exp_bias[e] == 0.0f;
+                for (int e = 0; e < c.n_experts; e++) zero &= F32(m->w.layers[l].exp_bias)[e] == 0.0f;
             CHECK(zero, "bias moved with bias_rate 0");
             moe_model_free(m);
         }

@@ -9,6 +9,11 @@
 #include "io/gguf.h"
 #include "model/model.h"
 
+void model_close_file(moe_model *m) {
+    gguf_close(m->file);
+    m->file = NULL;
+}
+
 static moe_status put_metadata(gguf_writer *w, const moe_model *m) {
     const moe_config *c = &m->cfg;
     const int all_moe = moe_config_n_moe_layers(c) == c->n_layers;

@@ -17,6 +17,7 @@ static const moe_config base_config = {
     .n_group = 1, .topk_group = 1, .router_jitter = 0.0f, .n_shared_experts = 0, .d_shared = 0,
     .shared_gate = 0, .seq_aux_coef = 0.0f, .expert_bias = 0, .bias_rate = 0.001f,
     .capacity_factor = 0.0f, .eval_capacity_factor = 0.0f, .overflow = MOE_OVERFLOW_POSITION,
+    .rope_freq_scale = 1.0f, .yarn_beta_fast = 32.0f, .yarn_beta_slow = 1.0f,
 };
 
 typedef struct { const char *name, *about; void (*apply)(moe_config *); } preset;
@@ -151,6 +152,8 @@ static const char *const router_names[] = {"softmax", "sigmoid", NULL};
 static const char *const routing_names[] = {"token_choice", "expert_choice", "sequence", NULL};
 static const char *const overflow_names[] = {"position", "score", NULL};
 static const char *const matmul_names[] = {"fp32", "bf16", NULL};
+static const char *const qk_norm_names[] = {"none", "full", "head", NULL};
+static const char *const attn_names[] = {"gqa", "mla", NULL};
 #define FI(k) {#k, K_INT, offsetof(moe_config, k), NULL}
 #define FF(k) {#k, K_FLOAT, offsetof(moe_config, k), NULL}
 #define FE(k, n) {#k, K_ENUM, offsetof(moe_config, k), n}
@@ -163,6 +166,10 @@ static const field fields[] = {
     FI(topk_group), FF(router_jitter), FI(n_shared_experts), FI(d_shared), FI(shared_gate),
     FF(seq_aux_coef), FI(expert_bias), FF(bias_rate), FF(capacity_factor),
     FF(eval_capacity_factor), FE(overflow, overflow_names), FE(matmul, matmul_names),
+    FI(head_dim), FI(v_head_dim), FE(qk_norm, qk_norm_names), FI(qkv_bias), FI(rope_neox),
+    FI(rope_dim), FF(rope_freq_scale), FF(yarn_factor), FI(yarn_orig_ctx), FF(yarn_log_mul),
+    FF(yarn_beta_fast), FF(yarn_beta_slow), FE(attn, attn_names), FI(q_lora_rank),
+    FI(kv_lora_rank),
 };
 #define N_FIELDS (int)(sizeof fields / sizeof fields[0])
 #define N_REQUIRED 19
@@ -230,10 +237,29 @@ moe_status moe_config_validate(const moe_config *c) {
     REQ(c->vocab_size >= 257 && c->vocab_size <= (1 << 24), "vocab_size %d must be in 257..16777216", c->vocab_size);
     REQ(c->d_model >= 2 && c->d_model <= 65536, "d_model %d must be in 2..65536", c->d_model);
     REQ(c->n_layers >= 1 && c->n_layers <= 1024, "n_layers %d must be in 1..1024", c->n_layers);
-    REQ(c->n_heads >= 1, "n_heads %d must be at least 1", c->n_heads);
-    REQ(c->d_model % c->n_heads == 0, "n_heads %d does not divide d_model %d", c->n_heads, c->d_model);
-    REQ((c->d_model / c->n_heads) % 2 == 0, "head dimension d_model/n_heads = %d must be even for RoPE", c->d_model / c->n_heads);
+    REQ(c->n_heads >= 1 && c->n_heads <= 4096, "n_heads %d must be in 1..4096", c->n_heads);
+    REQ(c->head_dim >= 0 && c->head_dim <= 4096 && c->v_head_dim >= 0 && c->v_head_dim <= 4096 &&
+        c->rope_dim >= 0, "head_dim, v_head_dim must be in 0..4096 and rope_dim >= 0");
+    if (c->head_dim == 0)
+        REQ(c->d_model % c->n_heads == 0, "n_heads %d does not divide d_model %d (set head_dim)", c->n_heads, c->d_model);
+    REQ(moe_config_head_dim(c) >= 1, "the head dimension must be at least 1");
+    REQ(moe_config_rope_dim(c) <= moe_config_head_dim(c), "rope_dim %d exceeds the head dimension %d",
+        moe_config_rope_dim(c), moe_config_head_dim(c));
+    REQ(moe_config_rope_dim(c) % 2 == 0, "the rotated part of a head (%d) must be even for RoPE", moe_config_rope_dim(c));
     REQ(c->n_kv_heads >= 1 && c->n_heads % c->n_kv_heads == 0, "n_kv_heads %d must divide n_heads %d", c->n_kv_heads, c->n_heads);
+    REQ(c->qk_norm >= MOE_QK_NORM_NONE && c->qk_norm <= MOE_QK_NORM_HEAD, "qk_norm must be none, full or head");
+    REQ(c->qkv_bias == 0 || c->qkv_bias == 1, "qkv_bias must be 0 or 1");
+    REQ(c->rope_neox == 0 || c->rope_neox == 1, "rope_neox must be 0 or 1");
+    REQ(c->rope_freq_scale > 0 && c->rope_freq_scale <= 1, "rope_freq_scale must be in (0, 1]");
+    REQ(c->yarn_factor == 0 || (c->yarn_factor >= 1 && c->yarn_factor <= 1024 && c->yarn_orig_ctx >= 1),
+        "yarn_factor must be 0 (off) or in [1, 1024] with yarn_orig_ctx >= 1");
+    REQ(c->attn == MOE_ATTN_GQA || c->attn == MOE_ATTN_MLA, "attn must be gqa or mla");
+    if (c->attn == MOE_ATTN_MLA) {
+        REQ(c->kv_lora_rank >= 1 && c->kv_lora_rank <= 65536, "MLA needs kv_lora_rank in 1..65536");
+        REQ(c->q_lora_rank >= 0 && c->q_lora_rank <= 65536, "q_lora_rank must be in 0..65536");
+        REQ(moe_config_rope_dim(c) < moe_config_head_dim(c), "MLA needs a head_dim larger than rope_dim (the part without RoPE)");
+        REQ(c->qk_norm == MOE_QK_NORM_NONE && !c->qkv_bias, "MLA has no q/k norms or q/k/v biases");
+    }
     REQ(c->n_experts >= 0 && c->n_experts <= 65536, "n_experts %d must be in 0..65536", c->n_experts);
     REQ(c->moe_every >= 1, "moe_every %d must be at least 1", c->moe_every);
     REQ(c->moe_first_dense >= 0, "moe_first_dense %d must be >= 0", c->moe_first_dense);
@@ -286,11 +312,25 @@ moe_status moe_config_validate(const moe_config *c) {
         double d = c->d_model, ffn = any_dense ? (double)c->d_ff : 0;
         if (c->n_experts > 0)
             ffn += (double)c->d_expert * c->n_experts + (double)c->d_shared * c->n_shared_experts + c->n_experts;
-        double ub = 2.0 * c->vocab_size * d + d + c->n_layers * (4 * d * d + 3 * d + 3 * d * ffn + d * c->n_experts);
+        const double H = c->n_heads, hd = moe_config_head_dim(c), vd = moe_config_v_head_dim(c);
+        double attn = d * (H * hd + c->n_kv_heads * (hd + vd)) + H * vd * d + 3 * H * hd;
+        if (c->attn == MOE_ATTN_MLA)
+            attn += (d + H * hd) * c->q_lora_rank + (d + H * (hd + vd)) * c->kv_lora_rank + d * hd;
+        double ub = 2.0 * c->vocab_size * d + d + c->n_layers * (attn + 3 * d + 3 * d * ffn + d * c->n_experts);
         REQ(ub < 1e15, "the configuration would have about %.3g parameters (at most 1e15 are supported)", ub);
     }
 #undef REQ
     return MOE_OK;
+}
+
+int moe_config_head_dim(const moe_config *c) {
+    return c->head_dim > 0 ? c->head_dim : c->d_model / (c->n_heads > 0 ? c->n_heads : 1);
+}
+int moe_config_v_head_dim(const moe_config *c) {
+    return c->v_head_dim > 0 ? c->v_head_dim : moe_config_head_dim(c);
+}
+int moe_config_rope_dim(const moe_config *c) {
+    return c->rope_dim > 0 ? c->rope_dim : moe_config_head_dim(c);
 }
 
 int moe_config_layer_is_moe(const moe_config *c, int l) {
@@ -316,29 +356,4 @@ void moe_config_describe(const moe_config *c, char *buf, size_t cap) {
         if (w < 0) break;
         n += (size_t)w;
     }
-}
-
-moe_param_counts moe_config_param_counts(const moe_config *c) {
-    moe_param_counts r = {0};
-    int64_t d = c->d_model, hd = c->d_model / (c->n_heads ? c->n_heads : 1);
-    int64_t attn = d * hd * c->n_heads * 2 + d * hd * c->n_kv_heads * 2 + 2 * d;
-    r.embedding = (int64_t)c->vocab_size * d * (c->tied_embeddings ? 1 : 2);
-    r.total = r.embedding + d;
-    r.active = r.total;
-    for (int l = 0; l < c->n_layers; l++) {
-        r.total += attn; r.active += attn;
-        if (moe_config_layer_is_moe(c, l)) {
-            int64_t expert = 3 * d * c->d_expert;
-            int64_t shared = 3 * d * (int64_t)c->d_shared * c->n_shared_experts +
-                             (c->n_shared_experts > 0 && c->shared_gate ? d : 0);
-            int64_t bias = c->expert_bias ? c->n_experts : 0; /* a buffer, stored */
-            r.experts += expert * c->n_experts;
-            r.shared += shared;
-            r.total += expert * c->n_experts + d * c->n_experts + shared + bias;
-            r.active += expert * c->top_k + d * c->n_experts + shared;
-        } else {
-            r.total += 3 * d * c->d_ff; r.active += 3 * d * c->d_ff;
-        }
-    }
-    return r;
 }

@@ -8,139 +8,47 @@
 #include "kernels/kernels.h"
 #include "model/model.h"
 
-static int head_dim(const moe_config *c) { return c->d_model / c->n_heads; }
+static int head_dim(const moe_config *c) { return moe_config_head_dim(c); }
 
-/* ---- parameter table ---- */
-typedef struct { tensor_desc *t; int n, cap; size_t off; } table;
-
-static void add(table *tb, const char *name, int decay, int n_dims, int64_t a, int64_t b,
-                int64_t c) {
-    tensor_desc *d = &tb->t[tb->n++];
-    snprintf(d->name, sizeof d->name, "%s", name);
-    d->n_dims = n_dims;
-    d->ne[0] = a; d->ne[1] = n_dims > 1 ? b : 1; d->ne[2] = n_dims > 2 ? c : 1;
-    d->size = (size_t)(d->ne[0] * d->ne[1] * d->ne[2]);
-    d->offset = tb->off;
-    d->decay = decay;
-    d->init = decay ? TENSOR_INIT_NORMAL : TENSOR_INIT_ONES;
-    d->buffer = 0;
-    tb->off += d->size;
-}
-
-static int build_table(table *tb, const moe_config *c) {
-    const int64_t d = c->d_model, hd = head_dim(c), V = c->vocab_size;
-    char nm[64];
-    add(tb, "token_embd.weight", 1, 2, d, V, 0);
-    for (int l = 0; l < c->n_layers; l++) {
-#define T(suffix, decay, nd, a, b, cc) snprintf(nm, sizeof nm, "blk.%d." suffix, l), add(tb, nm, decay, nd, a, b, cc)
-        T("attn_norm.weight", 0, 1, d, 0, 0);
-        /* attn_q, attn_k, attn_v stay adjacent: together they are one
-         * [(H + 2 KVH) hd][d] matrix, and the projections run as one matmul */
-        T("attn_q.weight", 1, 2, d, hd * c->n_heads, 0);
-        T("attn_k.weight", 1, 2, d, hd * c->n_kv_heads, 0);
-        T("attn_v.weight", 1, 2, d, hd * c->n_kv_heads, 0);
-        T("attn_output.weight", 1, 2, hd * c->n_heads, d, 0);
-        T("ffn_norm.weight", 0, 1, d, 0, 0);
-        if (moe_config_layer_is_moe(c, l)) {
-            T("ffn_gate_inp.weight", 1, 2, d, c->n_experts, 0);
-            T("ffn_gate_exps.weight", 1, 3, d, c->d_expert, c->n_experts);
-            T("ffn_up_exps.weight", 1, 3, d, c->d_expert, c->n_experts);
-            T("ffn_down_exps.weight", 1, 3, c->d_expert, d, c->n_experts);
-            if (c->expert_bias) { /* llama.cpp's name for DeepSeek-V3's selection bias */
-                T("exp_probs_b.bias", 0, 1, c->n_experts, 0, 0);
-                tb->t[tb->n - 1].init = TENSOR_INIT_ZERO;
-                tb->t[tb->n - 1].buffer = 1;
-            }
-            if (c->n_shared_experts > 0) { /* the shared experts as one SwiGLU of n * d_shared */
-                const int64_t fs = (int64_t)c->n_shared_experts * c->d_shared;
-                if (c->shared_gate) {
-                    T("ffn_gate_inp_shexp.weight", 1, 1, d, 0, 0);
-                    tb->t[tb->n - 1].init = TENSOR_INIT_NORMAL;
-                }
-                T("ffn_gate_shexp.weight", 1, 2, d, fs, 0);
-                T("ffn_up_shexp.weight", 1, 2, d, fs, 0);
-                T("ffn_down_shexp.weight", 1, 2, fs, d, 0);
-            }
-        } else {
-            T("ffn_gate.weight", 1, 2, d, c->d_ff, 0);
-            T("ffn_up.weight", 1, 2, d, c->d_ff, 0);
-            T("ffn_down.weight", 1, 2, c->d_ff, d, 0);
-        }
-#undef T
-    }
-    add(tb, "output_norm.weight", 0, 1, d, 0, 0);
-    if (!c->tied_embeddings) add(tb, "output.weight", 1, 2, d, V, 0);
-    return tb->n;
-}
-
-/* Points w's fields into buf following the table's order. */
+/* Points the views of w into buf (fp32) following the tensor list. */
 static void bind(model_weights *w, float *buf, const moe_model *m) {
-    const moe_config *c = &m->cfg;
-    const tensor_desc *t = m->tensors;
-    int i = 0;
-    w->token_embd = buf + t[i++].offset;
-    for (int l = 0; l < c->n_layers; l++) {
-        layer_weights *L = &w->layers[l];
-        memset(L, 0, sizeof *L);
-        L->attn_norm = buf + t[i++].offset;
-        L->wq = buf + t[i++].offset;
-        L->wk = buf + t[i++].offset;
-        L->wv = buf + t[i++].offset;
-        L->wo = buf + t[i++].offset;
-        L->ffn_norm = buf + t[i++].offset;
-        if (moe_config_layer_is_moe(c, l)) {
-            L->router = buf + t[i++].offset;
-            L->gate_exps = buf + t[i++].offset;
-            L->up_exps = buf + t[i++].offset;
-            L->down_exps = buf + t[i++].offset;
-            if (c->expert_bias) L->exp_bias = buf + t[i++].offset;
-            if (c->n_shared_experts > 0) {
-                if (c->shared_gate) L->sh_inp = buf + t[i++].offset;
-                L->sh_gate = buf + t[i++].offset;
-                L->sh_up = buf + t[i++].offset;
-                L->sh_down = buf + t[i++].offset;
-            }
-        } else {
-            L->ffn_gate = buf + t[i++].offset;
-            L->ffn_up = buf + t[i++].offset;
-            L->ffn_down = buf + t[i++].offset;
-        }
+    for (int i = 0; i < m->n_tensors; i++) {
+        const tensor_desc *t = &m->tensors[i];
+        moe_tensor *v = model_tensor_slot(w, t);
+        v->data = buf + t->offset;
+        v->type = DT_F32;
+        v->n_dims = t->n_dims;
+        for (int k = 0; k < 4; k++) v->ne[k] = k < 3 ? t->ne[k] : 1;
+        v->row_bytes = (size_t)t->ne[0] * sizeof(float);
     }
-    w->output_norm = buf + t[i++].offset;
-    w->output = c->tied_embeddings ? w->token_embd : buf + t[i++].offset;
+    if (m->cfg.tied_embeddings) w->output = w->token_embd;
 }
 
-moe_status model_alloc(moe_model **out, const moe_config *cfg) {
+moe_status model_alloc_shell(moe_model **out, const moe_config *cfg) {
     *out = NULL;
     moe_status st = moe_config_validate(cfg);
     if (st) return st;
-    moe_param_counts pc = moe_config_param_counts(cfg);
-    if ((double)pc.total * 4.0 > 0.75 * (double)moe_physical_memory())
-        return moe_error(MOE_ERR_NOMEM, "model has %lld parameters (%.1f GiB in fp32): more than this machine's memory allows",
-                         (long long)pc.total, pc.total * 4.0 / (1 << 30));
     moe_model *m = moe_calloc(1, sizeof *m);
     if (!m) return MOE_ERR_NOMEM;
     m->cfg = *cfg;
-    int cap = 3 + 16 * cfg->n_layers;
-    m->tensors = moe_calloc((size_t)cap, sizeof(tensor_desc));
+    m->plan = moe_calloc((size_t)cfg->n_layers, sizeof(layer_plan));
     m->w.layers = moe_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
     m->g.layers = moe_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
-    if (!m->tensors || !m->w.layers || !m->g.layers) { moe_model_free(m); return MOE_ERR_NOMEM; }
-    table tb = {m->tensors, 0, cap, 0};
-    m->n_tensors = build_table(&tb, cfg);
-    m->n_params = tb.off;
-    if ((int64_t)m->n_params != pc.total) {
+    if (!m->plan || !m->w.layers || !m->g.layers) { moe_model_free(m); return MOE_ERR_NOMEM; }
+    model_plan_layers(cfg, m->plan);
+    const int n = model_tensor_list(cfg, m->plan, NULL, 0, &m->n_params);
+    m->tensors = moe_calloc((size_t)n, sizeof(tensor_desc));
+    if (!m->tensors) { moe_model_free(m); return MOE_ERR_NOMEM; }
+    m->n_tensors = model_tensor_list(cfg, m->plan, m->tensors, n, NULL);
+    if (m->n_tensors != n || (int64_t)m->n_params != moe_config_param_counts(cfg).total) {
         moe_model_free(m);
         return moe_error(MOE_ERR_INVALID_ARG, "internal: parameter count mismatch");
     }
-    m->params = moe_malloc(m->n_params * sizeof(float));
-    if (!m->params) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "model parameters"); }
     /* RoPE angles for the first positions (past them rope computes its own) */
     m->rope_n = MOE_MIN(cfg->max_seq, ROPE_TABLE_FLOATS / head_dim(cfg));
     m->rope_tab = moe_malloc((size_t)m->rope_n * head_dim(cfg) * sizeof(float));
     if (!m->rope_tab) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "RoPE table"); }
     rope_table_fill(m->rope_tab, m->rope_n, head_dim(cfg), cfg->rope_base);
-    bind(&m->w, m->params, m);
     route_stats *rs = &m->stats;
     rs->n_moe = moe_config_n_moe_layers(cfg);
     if (rs->n_moe) {
@@ -153,6 +61,23 @@ moe_status model_alloc(moe_model **out, const moe_config *cfg) {
         if (!rs->counts || !rs->assigned || !rs->dropped || !rs->aux) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "routing statistics"); }
         rs->z = rs->aux + nl; rs->seq_aux = rs->z + nl; rs->entropy = rs->seq_aux + nl;
     }
+    *out = m;
+    return MOE_OK;
+}
+
+moe_status model_alloc(moe_model **out, const moe_config *cfg) {
+    *out = NULL;
+    moe_status st = moe_config_validate(cfg);
+    if (st) return st;
+    moe_param_counts pc = moe_config_param_counts(cfg);
+    if ((double)pc.total * 4.0 > 0.75 * (double)moe_physical_memory())
+        return moe_error(MOE_ERR_NOMEM, "model has %lld parameters (%.1f GiB in fp32): more than this machine's memory allows",
+                         (long long)pc.total, pc.total * 4.0 / (1 << 30));
+    moe_model *m;
+    if ((st = model_alloc_shell(&m, cfg))) return st;
+    m->params = moe_malloc(m->n_params * sizeof(float));
+    if (!m->params) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "model parameters"); }
+    bind(&m->w, m->params, m);
     *out = m;
     return MOE_OK;
 }
@@ -184,7 +109,7 @@ void model_update_bias(moe_model *m) {
     if (!c->expert_bias || c->bias_rate <= 0) return;
     for (int l = 0, k = 0; l < c->n_layers; l++) {
         if (!moe_config_layer_is_moe(c, l)) continue;
-        moe_bias_update(m->w.layers[l].exp_bias, m->stats.counts + (size_t)k * c->n_experts, c->n_experts, c->bias_rate);
+        moe_bias_update(F32(m->w.layers[l].exp_bias), m->stats.counts + (size_t)k * c->n_experts, c->n_experts, c->bias_rate);
         k++;
     }
 }
@@ -209,9 +134,11 @@ moe_route_opts model_route_opts(const moe_model *m, int layer, int T) {
 }
 
 static moe_weights layer_moe_weights(const layer_weights *W) {
-    moe_weights w = {.router = W->router, .gate = W->gate_exps, .up = W->up_exps, .down = W->down_exps,
-                     .bias = W->exp_bias, .sh_gate = W->sh_gate, .sh_up = W->sh_up,
-                     .sh_down = W->sh_down, .sh_inp = W->sh_inp};
+    moe_weights w = {.router = F32(W->router), .gate = W->gate_exps.data, .up = W->up_exps.data,
+                     .down = W->down_exps.data, .bias = F32(W->exp_bias), .sh_gate = W->sh_gate.data,
+                     .sh_up = W->sh_up.data, .sh_down = W->sh_down.data, .sh_inp = F32(W->sh_inp),
+                     .gate_t = W->gate_exps.type, .up_t = W->up_exps.type, .down_t = W->down_exps.type,
+                     .sh_gate_t = W->sh_gate.type, .sh_up_t = W->sh_up.type, .sh_down_t = W->sh_down.type};
     return w;
 }
 
@@ -224,12 +151,12 @@ void model_init_weights(moe_model *m, uint64_t seed) {
     for (int i = 0; i < m->n_tensors; i++) {
         const tensor_desc *t = &m->tensors[i];
         float *p = m->params + t->offset;
-        if (t->init != TENSOR_INIT_NORMAL) {
+        if (t->init != TENSOR_INIT_NORMAL && t->init != TENSOR_INIT_RESID) {
             for (size_t j = 0; j < t->size; j++) p[j] = t->init == TENSOR_INIT_ONES ? 1.0f : 0.0f;
             continue;
         }
         float std = m->cfg.init_std;
-        if (strstr(t->name, "attn_output") || strstr(t->name, "ffn_down")) std *= resid;
+        if (t->init == TENSOR_INIT_RESID) std *= resid;
         for (size_t j = 0; j < t->size; j++) p[j] = std * moe_rng_normal(&rng);
     }
 }
@@ -261,6 +188,9 @@ void moe_model_free(moe_model *m) {
     moe_free(m->params);
     moe_free(m->grads);
     moe_free(m->tensors);
+    moe_free(m->plan);
+    moe_free(m->owned);
+    if (m->file) model_close_file(m);
     moe_free(m->w.layers);
     moe_free(m->g.layers);
     moe_free(m->stats.counts);
@@ -350,7 +280,7 @@ static void add_into(float *out, const float *a, const float *b, size_t n) {
 static void qkv_forward(layer_acts *A, float *qkv, const layer_weights *W, int N, int d, int qd,
                         int kd, matmul_precision mm) {
     const int w = qd + 2 * kd;
-    matmul_forward(qkv, A->hn1, W->wq, NULL, N, d, w, mm);
+    matmul_forward(qkv, A->hn1, F32(W->wq), NULL, N, d, w, mm);
     #pragma omp parallel for schedule(static) if (N >= 256)
     for (int n = 0; n < N; n++) {
         const float *r = qkv + (size_t)n * w;
@@ -373,7 +303,7 @@ static void qkv_backward(model_acts *a, const layer_acts *A, const layer_weights
         memcpy(r + qd, a->dk + (size_t)n * kd, sizeof(float) * kd);
         memcpy(r + qd + kd, a->dv + (size_t)n * kd, sizeof(float) * kd);
     }
-    matmul_backward_set_din(a->dh, G->wq, NULL, a->qkv, A->hn1, W->wq, N, d, w, mm);
+    matmul_backward_set_din(a->dh, F32(G->wq), NULL, a->qkv, A->hn1, F32(W->wq), N, d, w, mm);
 }
 
 moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
@@ -391,22 +321,22 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
     float *x = a->layers[0].x_in;
     double t_embed = moe_prof_start();
     #pragma omp parallel for schedule(static) if (N >= 256)
-    for (int i = 0; i < N; i++) memcpy(x + (size_t)i * d, m->w.token_embd + (size_t)tokens[i] * d, sizeof(float) * d);
+    for (int i = 0; i < N; i++) memcpy(x + (size_t)i * d, F32(m->w.token_embd) + (size_t)tokens[i] * d, sizeof(float) * d);
     moe_prof_lap(PROF_EMBED, &t_embed);
     model_losses L = {0};
     for (int l = 0; l < c->n_layers; l++) {
         layer_acts *A = &a->layers[l];
         const layer_weights *W = &m->w.layers[l];
         float *x_out = (l + 1 < c->n_layers) ? a->layers[l + 1].x_in : a->x_final;
-        PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn1, A->rstd1, A->x_in, W->attn_norm, N, d, c->norm_eps));
+        PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn1, A->rstd1, A->x_in, F32(W->attn_norm), N, d, c->norm_eps));
         PROF_RUN(PROF_QKVO, qkv_forward(A, a->qkv, W, N, d, H * hd, KVH * hd, mm));
         PROF_RUN(PROF_ROPE, rope_forward(A->q, a->pos, N, H, hd, c->rope_base, m->rope_tab, m->rope_n));
         PROF_RUN(PROF_ROPE, rope_forward(A->k, a->pos, N, KVH, hd, c->rope_base, m->rope_tab, m->rope_n));
         PROF_RUN(PROF_ATTENTION, attention_forward(A->atto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
-        PROF_RUN(PROF_QKVO, matmul_forward(a->dh, A->atto, W->wo, NULL, N, H * hd, d, mm));
+        PROF_RUN(PROF_QKVO, matmul_forward(a->dh, A->atto, F32(W->wo), NULL, N, H * hd, d, mm));
         PROF_RUN(PROF_RESIDUAL, add_into(A->x_mid, A->x_in, a->dh, (size_t)N * d));
-        PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn2, A->rstd2, A->x_mid, W->ffn_norm, N, d, c->norm_eps));
-        if (W->router) {
+        PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn2, A->rstd2, A->x_mid, F32(W->ffn_norm), N, d, c->norm_eps));
+        if (m->plan[l].ffn == FFN_MOE) {
             moe_route_opts ro = model_route_opts(m, l, T);
             moe_weights mw = layer_moe_weights(W);
             moe_forward(a->dh, &A->moe, A->hn2, &mw, N, &ro);
@@ -416,16 +346,16 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
             stats_add(m, L.n_moe, &A->moe.r);
             L.n_moe++;
         } else {
-            PROF_RUN(PROF_DENSE_FFN, matmul_forward(A->hg, A->hn2, W->ffn_gate, NULL, N, d, c->d_ff, mm));
-            PROF_RUN(PROF_DENSE_FFN, matmul_forward(A->hu, A->hn2, W->ffn_up, NULL, N, d, c->d_ff, mm));
+            PROF_RUN(PROF_DENSE_FFN, matmul_forward(A->hg, A->hn2, F32(W->ffn_gate), NULL, N, d, c->d_ff, mm));
+            PROF_RUN(PROF_DENSE_FFN, matmul_forward(A->hu, A->hn2, F32(W->ffn_up), NULL, N, d, c->d_ff, mm));
             PROF_RUN(PROF_DENSE_FFN, swiglu_forward(A->act, A->hg, A->hu, N, c->d_ff));
-            PROF_RUN(PROF_DENSE_FFN, matmul_forward(a->dh, A->act, W->ffn_down, NULL, N, c->d_ff, d, mm));
+            PROF_RUN(PROF_DENSE_FFN, matmul_forward(a->dh, A->act, F32(W->ffn_down), NULL, N, c->d_ff, d, mm));
         }
         PROF_RUN(PROF_RESIDUAL, add_into(x_out, A->x_mid, a->dh, (size_t)N * d));
     }
     if (L.n_moe) m->stats.calls++;
-    PROF_RUN(PROF_NORM, rmsnorm_forward(a->hnf, a->rstdf, a->x_final, m->w.output_norm, N, d, c->norm_eps));
-    PROF_RUN(PROF_LM_HEAD, matmul_forward(a->logits, a->hnf, m->w.output, NULL, N, d, V, mm));
+    PROF_RUN(PROF_NORM, rmsnorm_forward(a->hnf, a->rstdf, a->x_final, F32(m->w.output_norm), N, d, c->norm_eps));
+    PROF_RUN(PROF_LM_HEAD, matmul_forward(a->logits, a->hnf, F32(m->w.output), NULL, N, d, V, mm));
     if (targets) {
         int counted = 0;
         for (int i = 0; i < N; i++) counted += targets[i] >= 0;
@@ -454,35 +384,35 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
     int counted = 0;
     for (int i = 0; i < N; i++) counted += targets[i] >= 0;
     PROF_RUN(PROF_LOSS, crossentropy_softmax_backward(a->dlogits, targets, N, V, counted ? loss_scale / counted : 0.0f));
-    PROF_RUN(PROF_LM_HEAD, matmul_backward_set_din(a->dh, m->g.output, NULL, a->dlogits, a->hnf, m->w.output, N, d, V, mm));
+    PROF_RUN(PROF_LM_HEAD, matmul_backward_set_din(a->dh, F32(m->g.output), NULL, a->dlogits, a->hnf, F32(m->w.output), N, d, V, mm));
     float *dx = a->dx, *dx2 = a->dx2;
     PROF_RUN(PROF_ZERO_ACTS, moe_zero(dx, (size_t)N * d));
-    PROF_RUN(PROF_NORM, rmsnorm_backward(dx, m->g.output_norm, a->dh, a->x_final, m->w.output_norm, a->rstdf, N, d));
+    PROF_RUN(PROF_NORM, rmsnorm_backward(dx, F32(m->g.output_norm), a->dh, a->x_final, F32(m->w.output_norm), a->rstdf, N, d));
     for (int l = c->n_layers - 1; l >= 0; l--) {
         layer_acts *A = &a->layers[l];
         const layer_weights *W = &m->w.layers[l];
         layer_weights *G = &m->g.layers[l];
         /* x_out = x_mid + ffn(norm(x_mid)); dx holds d(x_out) */
         PROF_RUN(PROF_RESIDUAL, memcpy(dx2, dx, sizeof(float) * N * d));
-        if (W->router) {
+        if (m->plan[l].ffn == FFN_MOE) {
             PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dh, (size_t)N * d)); /* moe_backward adds */
             moe_route_opts ro = model_route_opts(m, l, T);
             moe_weights mw = layer_moe_weights(W);
-            moe_grads mg = {.router = G->router, .gate = G->gate_exps, .up = G->up_exps, .down = G->down_exps,
-                            .sh_gate = G->sh_gate, .sh_up = G->sh_up, .sh_down = G->sh_down, .sh_inp = G->sh_inp};
+            moe_grads mg = {.router = F32(G->router), .gate = F32(G->gate_exps), .up = F32(G->up_exps), .down = F32(G->down_exps),
+                            .sh_gate = F32(G->sh_gate), .sh_up = F32(G->sh_up), .sh_down = F32(G->sh_down), .sh_inp = F32(G->sh_inp)};
             moe_loss_scales ls = {loss_scale * c->aux_loss_coef, loss_scale * c->z_loss_coef,
                                   loss_scale * c->seq_aux_coef};
             moe_backward(a->dh, &mg, dx, &A->moe, A->hn2, &mw, &ro, ls);
         } else {
-            PROF_RUN(PROF_DENSE_FFN, matmul_backward_set_din(a->dff1, G->ffn_down, NULL, dx, A->act, W->ffn_down, N, F, d, mm));
+            PROF_RUN(PROF_DENSE_FFN, matmul_backward_set_din(a->dff1, F32(G->ffn_down), NULL, dx, A->act, F32(W->ffn_down), N, F, d, mm));
             PROF_RUN(PROF_DENSE_FFN, swiglu_backward(a->dff2, a->dff3, a->dff1, A->hg, A->hu, N, F));
-            PROF_RUN(PROF_DENSE_FFN, matmul_backward_set_din(a->dh, G->ffn_gate, NULL, a->dff2, A->hn2, W->ffn_gate, N, d, F, mm));
-            PROF_RUN(PROF_DENSE_FFN, matmul_backward(a->dh, G->ffn_up, NULL, a->dff3, A->hn2, W->ffn_up, N, d, F, mm));
+            PROF_RUN(PROF_DENSE_FFN, matmul_backward_set_din(a->dh, F32(G->ffn_gate), NULL, a->dff2, A->hn2, F32(W->ffn_gate), N, d, F, mm));
+            PROF_RUN(PROF_DENSE_FFN, matmul_backward(a->dh, F32(G->ffn_up), NULL, a->dff3, A->hn2, F32(W->ffn_up), N, d, F, mm));
         }
-        PROF_RUN(PROF_NORM, rmsnorm_backward(dx2, G->ffn_norm, a->dh, A->x_mid, W->ffn_norm, A->rstd2, N, d));
+        PROF_RUN(PROF_NORM, rmsnorm_backward(dx2, F32(G->ffn_norm), a->dh, A->x_mid, F32(W->ffn_norm), A->rstd2, N, d));
         /* x_mid = x_in + wo(attention(norm(x_in))); dx2 holds d(x_mid) */
         PROF_RUN(PROF_RESIDUAL, memcpy(dx, dx2, sizeof(float) * N * d));
-        PROF_RUN(PROF_QKVO, matmul_backward_set_din(a->datto, G->wo, NULL, dx2, A->atto, W->wo, N, H * hd, d, mm));
+        PROF_RUN(PROF_QKVO, matmul_backward_set_din(a->datto, F32(G->wo), NULL, dx2, A->atto, F32(W->wo), N, H * hd, d, mm));
         PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dq, (size_t)N * H * hd));
         PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dk, (size_t)N * KVH * hd));
         PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dv, (size_t)N * KVH * hd));
@@ -490,13 +420,13 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         PROF_RUN(PROF_ROPE, rope_backward(a->dq, a->pos, N, H, hd, c->rope_base, m->rope_tab, m->rope_n));
         PROF_RUN(PROF_ROPE, rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base, m->rope_tab, m->rope_n));
         PROF_RUN(PROF_QKVO, qkv_backward(a, A, W, G, N, d, H * hd, KVH * hd, mm));
-        PROF_RUN(PROF_NORM, rmsnorm_backward(dx, G->attn_norm, a->dh, A->x_in, W->attn_norm, A->rstd1, N, d));
+        PROF_RUN(PROF_NORM, rmsnorm_backward(dx, F32(G->attn_norm), a->dh, A->x_in, F32(W->attn_norm), A->rstd1, N, d));
     }
     /* embedding rows: parallel over columns so each element sums tokens in order */
     double t_embed = moe_prof_start();
     #pragma omp parallel for schedule(static)
     for (int j = 0; j < d; j++)
-        for (int i = 0; i < N; i++) m->g.token_embd[(size_t)tokens[i] * d + j] += dx[(size_t)i * d + j];
+        for (int i = 0; i < N; i++) F32(m->g.token_embd)[(size_t)tokens[i] * d + j] += dx[(size_t)i * d + j];
     moe_prof_lap(PROF_EMBED, &t_embed);
     moe_prof_pass = 0;
 }
@@ -544,15 +474,15 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
     float *att_o = q + qd, *g1 = att_o + qd, *g2 = g1 + ff, *g3 = g2 + ff, *sc = g3 + ff;
     int32_t p32 = pos;
     if (pos == 0 && m->dec_seq) memset(m->dec_seq, 0, sizeof(double) * c->n_layers * c->n_experts);
-    memcpy(x, m->w.token_embd + (size_t)token * d, sizeof(float) * d);
+    memcpy(x, F32(m->w.token_embd) + (size_t)token * d, sizeof(float) * d);
     float rstd;
     for (int l = 0; l < c->n_layers; l++) {
         const layer_weights *W = &m->w.layers[l];
         float *kc = m->kcache + (size_t)l * c->max_seq * kd, *vc = m->vcache + (size_t)l * c->max_seq * kd;
-        rmsnorm_forward(h, &rstd, x, W->attn_norm, 1, d, c->norm_eps);
-        matmul_forward(q, h, W->wq, NULL, 1, d, qd, mm);
-        matmul_forward(kc + (size_t)pos * kd, h, W->wk, NULL, 1, d, kd, mm);
-        matmul_forward(vc + (size_t)pos * kd, h, W->wv, NULL, 1, d, kd, mm);
+        rmsnorm_forward(h, &rstd, x, F32(W->attn_norm), 1, d, c->norm_eps);
+        matmul_forward(q, h, F32(W->wq), NULL, 1, d, qd, mm);
+        matmul_forward(kc + (size_t)pos * kd, h, F32(W->wk), NULL, 1, d, kd, mm);
+        matmul_forward(vc + (size_t)pos * kd, h, F32(W->wv), NULL, 1, d, kd, mm);
         rope_forward(q, &p32, 1, H, hd, c->rope_base, m->rope_tab, m->rope_n);
         rope_forward(kc + (size_t)pos * kd, &p32, 1, KVH, hd, c->rope_base, m->rope_tab, m->rope_n);
         const float scale = 1.0f / sqrtf((float)hd);
@@ -576,10 +506,10 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
                 for (int i = 0; i < hd; i++) oh[i] += p * vt[i];
             }
         }
-        matmul_forward(o, att_o, W->wo, NULL, 1, qd, d, mm);
+        matmul_forward(o, att_o, F32(W->wo), NULL, 1, qd, d, mm);
         for (int i = 0; i < d; i++) x[i] += o[i];
-        rmsnorm_forward(h, &rstd, x, W->ffn_norm, 1, d, c->norm_eps);
-        if (W->router) {
+        rmsnorm_forward(h, &rstd, x, F32(W->ffn_norm), 1, d, c->norm_eps);
+        if (m->plan[l].ffn == FFN_MOE) {
             moe_route_opts ro = model_route_opts(m, l, 1);
             if (ro.mode == MOE_ROUTING_EXPERT) ro.mode = MOE_ROUTING_TOKEN;
             if (ro.mode == MOE_ROUTING_SEQUENCE) { /* causal: the mean over the prefix so far */
@@ -589,14 +519,14 @@ moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
             moe_weights mw = layer_moe_weights(W);
             moe_forward(tmp, &m->dec_moe, h, &mw, 1, &ro);
         } else {
-            matmul_forward(g1, h, W->ffn_gate, NULL, 1, d, c->d_ff, mm);
-            matmul_forward(g2, h, W->ffn_up, NULL, 1, d, c->d_ff, mm);
+            matmul_forward(g1, h, F32(W->ffn_gate), NULL, 1, d, c->d_ff, mm);
+            matmul_forward(g2, h, F32(W->ffn_up), NULL, 1, d, c->d_ff, mm);
             swiglu_forward(g3, g1, g2, 1, c->d_ff);
-            matmul_forward(tmp, g3, W->ffn_down, NULL, 1, c->d_ff, d, mm);
+            matmul_forward(tmp, g3, F32(W->ffn_down), NULL, 1, c->d_ff, d, mm);
         }
         for (int i = 0; i < d; i++) x[i] += tmp[i];
     }
-    rmsnorm_forward(xf, &rstd, x, m->w.output_norm, 1, d, c->norm_eps);
-    matmul_forward(logits, xf, m->w.output, NULL, 1, d, c->vocab_size, mm);
+    rmsnorm_forward(xf, &rstd, x, F32(m->w.output_norm), 1, d, c->norm_eps);
+    matmul_forward(logits, xf, F32(m->w.output), NULL, 1, d, c->vocab_size, mm);
     return MOE_OK;
 }

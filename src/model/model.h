@@ -5,25 +5,55 @@
 #ifndef MOE_MODEL_H
 #define MOE_MODEL_H
 #include "core/core.h"
+#include "core/dtype.h"
 #include "moe/moe_layer.h"
 
+/* The layer plan: what each layer is made of, decided once from the config
+ * (ours, or one read from a published GGUF file). Forward, backward and
+ * decoding dispatch on it, never on which tensors happen to be present. */
+typedef enum { ATTN_GQA = 0, ATTN_MLA = 1 } attn_kind;
+typedef enum { FFN_DENSE = 0, FFN_MOE = 1 } ffn_kind;
 typedef struct {
-    float *attn_norm, *wq, *wk, *wv, *wo, *ffn_norm;
-    float *ffn_gate, *ffn_up, *ffn_down;              /* dense layers */
-    float *router, *gate_exps, *up_exps, *down_exps;  /* MoE layers   */
-    float *exp_bias;                                  /* [E] selection bias buffer, or NULL */
-    float *sh_gate, *sh_up, *sh_down, *sh_inp;        /* shared experts, or NULL */
+    attn_kind attn;
+    ffn_kind ffn;
+    int qk_norm;      /* MOE_QK_NORM_*                                   */
+    int qkv_bias;     /* q, k, v projections carry biases                */
+    int q_lora;       /* MLA: the query goes through a rank-q_lora_rank bottleneck */
+    int n_shared;     /* shared experts (one SwiGLU of n_shared * d_shared) */
+    int shared_gate;  /* shared output times sigmoid(x . w)              */
+    int expert_bias;  /* selection bias buffer                           */
+} layer_plan;
+
+/* Every weight as a typed view (core/dtype.h): fp32 views into the flat
+ * parameter buffer for models we train, views into the file mapping in the
+ * file's own types for published models. An absent tensor has data NULL. */
+typedef struct {
+    moe_tensor attn_norm, wq, wk, wv, wo;             /* GQA (wq also MLA without q compression) */
+    moe_tensor bq, bk, bv, q_norm, k_norm;            /* optional GQA parts                 */
+    moe_tensor wq_a, q_a_norm, wq_b;                  /* MLA query bottleneck               */
+    moe_tensor wkv_a, kv_a_norm, wk_b, wv_b;          /* MLA latent, its norm, per-head maps */
+    moe_tensor ffn_norm, ffn_gate, ffn_up, ffn_down;  /* dense layers                       */
+    moe_tensor router, gate_exps, up_exps, down_exps; /* MoE layers                         */
+    moe_tensor exp_bias;                              /* [E] selection bias buffer          */
+    moe_tensor sh_inp, sh_gate, sh_up, sh_down;       /* shared experts and their gate      */
 } layer_weights;
 
 typedef struct {
-    float *token_embd, *output_norm, *output; /* output == token_embd when tied */
+    moe_tensor token_embd, output_norm, output; /* output == token_embd when tied */
     layer_weights *layers;
 } model_weights;
 
-/* One named tensor of the flat parameter buffer, in canonical order (the
- * order of the PyTorch reference and of the GGUF file). */
+/* fp32 data of a view (training and our own models only) */
+#define F32(t) ((float *)(t).data)
+
+/* One named tensor of the model, in canonical order (the order of the
+ * PyTorch reference and of our GGUF files). The one list that says which
+ * tensors a model has: it sizes the flat buffer, binds the views of
+ * model_weights, names the GGUF tensors and checks a published file. */
 typedef struct {
     char name[64];      /* GGUF name, e.g. "blk.0.attn_q.weight" */
+    int layer;          /* -1: a model-wide tensor                */
+    size_t slot;        /* byte offset of its moe_tensor in layer_weights (or model_weights) */
     size_t offset;      /* in floats, into the flat buffer        */
     size_t size;        /* in floats                               */
     int n_dims;
@@ -31,8 +61,9 @@ typedef struct {
     int decay;          /* weight decay applies (all but the norm gains and buffers) */
     int init;           /* TENSOR_INIT_*                           */
     int buffer;         /* non-learned: no gradient, no optimizer  */
+    int optional;       /* a published file may omit it (output.weight: tied) */
 } tensor_desc;
-enum { TENSOR_INIT_NORMAL, TENSOR_INIT_ONES, TENSOR_INIT_ZERO };
+enum { TENSOR_INIT_NORMAL, TENSOR_INIT_ONES, TENSOR_INIT_ZERO, TENSOR_INIT_RESID };
 
 typedef struct {
     float *x_in, *hn1, *rstd1, *q, *k, *v, *att, *atto, *x_mid, *hn2, *rstd2;
@@ -74,11 +105,17 @@ typedef struct {
 
 struct moe_model {
     moe_config cfg;
+    layer_plan *plan;        /* [n_layers] */
     size_t n_params;
-    float *params;           /* flat, canonical order */
+    float *params;           /* flat, canonical order (NULL for a published model) */
     model_weights w;
     tensor_desc *tensors;
     int n_tensors;
+    /* a published model: weights are views into the file mapping */
+    void *file;              /* the open gguf_ctx (io/gguf.h) that owns the mapping */
+    char arch[32];           /* general.architecture ("" for our own models) */
+    float *owned;            /* fp32 copies some tensors need (e.g. a quantised router) */
+    int ctx;                 /* context length the KV cache is sized for (0: max_seq) */
     moe_tokenizer *tok;
     float *grads;            /* same layout as params (allocated on demand) */
     model_weights g;
@@ -96,6 +133,20 @@ struct moe_model {
     int rope_n;              /* min(max_seq, ROPE_TABLE_FLOATS / head dim)                */
 };
 
+/* The layer plan of a config (plan[n_layers]). */
+void model_plan_layers(const moe_config *c, layer_plan *plan);
+/* The tensor list of a config and plan into t[cap] (t NULL: count only);
+ * returns the count, or -1 when cap is too small. n_floats (may be NULL)
+ * gets the size of the flat fp32 buffer. */
+int model_tensor_list(const moe_config *c, const layer_plan *plan, tensor_desc *t, int cap,
+                      size_t *n_floats);
+/* The view a tensor of the list binds to. */
+moe_tensor *model_tensor_slot(model_weights *w, const tensor_desc *t);
+
+/* Allocates the plan, the tensor table and the views, without parameters. */
+moe_status model_alloc_shell(moe_model **out, const moe_config *cfg);
+/* Closes m->file (io/model_io.c). */
+void model_close_file(moe_model *m);
 /* Allocates parameters (uninitialised) and the tensor table. */
 moe_status model_alloc(moe_model **out, const moe_config *cfg);
 void model_init_weights(moe_model *m, uint64_t seed);

@@ -7,7 +7,9 @@
 #include <string.h>
 
 #include "core/core.h"
+#include "core/dtype.h"
 #include "kernels/kernels.h"
+#include "kernels/qmatmul.h"
 #include "moe/moe_layer.h"
 
 /* ---- memory: one block, carved in 64-byte aligned pieces. A first pass
@@ -449,6 +451,21 @@ static int expert_order(const moe_routing *r, int E, int32_t *order) {
 
 static float sigmoidf_(float v) { return 1.0f / (1.0f + expf(-v)); }
 
+/* Matrix e ([rows][cols]) of stacked experts of element type t. */
+static const void *expert_matrix(const void *base, int t, int e, int rows, int cols) {
+    size_t rb = (size_t)cols * sizeof(float);
+    if (t != DT_F32 && dtype_row_bytes(t, cols, &rb)) return NULL;
+    return (const char *)base + (size_t)e * rows * rb;
+}
+
+/* out[N][OC] = in[N][C] @ w^T for fp32 weights (at the model's precision) or
+ * any other usable type (converting the input rows into ws first). */
+static void weight_matmul(float *out, const float *in, const void *w, int t, int N, int C, int OC,
+                          matmul_precision mm, char *ws) {
+    if (t == DT_F32) matmul_forward(out, in, w, NULL, N, C, OC, mm);
+    else qmatmul_forward(out, in, w, t, N, C, OC, ws);
+}
+
 void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt, int N,
                  const moe_route_opts *o) {
     const int d = c->d, E = c->E, S = c->S, F = c->F, Fs = c->Fs;
@@ -467,17 +484,20 @@ void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt
     for (int i = 0; i < active; i++) {
         const int e = order[i], n = r->counts[e], off = r->offsets[e];
         float *hg = c->hg + (size_t)off * F, *hu = c->hu + (size_t)off * F, *act = c->act + (size_t)off * F;
-        matmul_forward(hg, c->xe + (size_t)off * d, wt->gate + (size_t)e * F * d, NULL, n, d, F, o->matmul);
-        matmul_forward(hu, c->xe + (size_t)off * d, wt->up + (size_t)e * F * d, NULL, n, d, F, o->matmul);
+        char *ws = c->qws ? c->qws + (size_t)off * c->qws_row : NULL; /* this expert's rows only */
+        const float *xe = c->xe + (size_t)off * d;
+        weight_matmul(hg, xe, expert_matrix(wt->gate, wt->gate_t, e, F, d), wt->gate_t, n, d, F, o->matmul, ws);
+        weight_matmul(hu, xe, expert_matrix(wt->up, wt->up_t, e, F, d), wt->up_t, n, d, F, o->matmul, ws);
         swiglu_forward(act, hg, hu, n, F);
-        matmul_forward(c->ye + (size_t)off * d, act, wt->down + (size_t)e * d * F, NULL, n, F, d, o->matmul);
+        weight_matmul(c->ye + (size_t)off * d, act, expert_matrix(wt->down, wt->down_t, e, d, F), wt->down_t,
+                      n, F, d, o->matmul, ws);
     }
     moe_prof_lap(PROF_EXPERTS, &pt);
     if (Fs) { /* shared experts: one SwiGLU of hidden Fs over every token */
-        matmul_forward(c->sh_hg, x, wt->sh_gate, NULL, N, d, Fs, o->matmul);
-        matmul_forward(c->sh_hu, x, wt->sh_up, NULL, N, d, Fs, o->matmul);
+        weight_matmul(c->sh_hg, x, wt->sh_gate, wt->sh_gate_t, N, d, Fs, o->matmul, c->qws);
+        weight_matmul(c->sh_hu, x, wt->sh_up, wt->sh_up_t, N, d, Fs, o->matmul, c->qws);
         swiglu_forward(c->sh_act, c->sh_hg, c->sh_hu, N, Fs);
-        matmul_forward(c->sh_y, c->sh_act, wt->sh_down, NULL, N, Fs, d, o->matmul);
+        weight_matmul(c->sh_y, c->sh_act, wt->sh_down, wt->sh_down_t, N, Fs, d, o->matmul, c->qws);
         moe_prof_lap(PROF_SHARED, &pt);
     }
     #pragma omp parallel for schedule(static)
@@ -538,12 +558,12 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
         const int e = order[i], n = r->counts[e], off = r->offsets[e];
         const size_t rf = (size_t)off * F, rd = (size_t)off * d;
         matmul_backward_set_din(dact + rf, gr->down + (size_t)e * d * F, NULL, dye + rd, c->act + rf,
-                        wt->down + (size_t)e * d * F, n, F, d, o->matmul);
+                        (const float *)wt->down + (size_t)e * d * F, n, F, d, o->matmul);
         swiglu_backward(dhg + rf, dhu + rf, dact + rf, c->hg + rf, c->hu + rf, n, F);
         matmul_backward_set_din(dxe + rd, gr->gate + (size_t)e * F * d, NULL, dhg + rf, c->xe + rd,
-                        wt->gate + (size_t)e * F * d, n, d, F, o->matmul);
+                        (const float *)wt->gate + (size_t)e * F * d, n, d, F, o->matmul);
         matmul_backward(dxe + rd, gr->up + (size_t)e * F * d, NULL, dhu + rf, c->xe + rd,
-                        wt->up + (size_t)e * F * d, n, d, F, o->matmul);
+                        (const float *)wt->up + (size_t)e * F * d, n, d, F, o->matmul);
     }
     moe_prof_lap(PROF_EXPERTS, &pt);
     #pragma omp parallel for schedule(static)

@@ -69,12 +69,16 @@ typedef struct {
     double entropy;    /* mean over tokens of H(normalised scores) / log E       */
 } moe_routing;
 
+/* The experts' matrices may be of any usable element type (core/dtype.h;
+ * a published model's quantised weights), named by the *_t fields (0 =
+ * DT_F32). Training and the backward pass need fp32. */
 typedef struct {
-    const float *router;                 /* [E][d]                              */
-    const float *gate, *up, *down;       /* [E][F][d], [E][F][d], [E][d][F]     */
+    const float *router;                 /* [E][d] (fp32)                       */
+    const void *gate, *up, *down;        /* [E][F][d], [E][F][d], [E][d][F]     */
     const float *bias;                   /* [E] selection bias, or NULL          */
-    const float *sh_gate, *sh_up, *sh_down; /* [Fs][d], [Fs][d], [d][Fs] or NULL */
+    const void *sh_gate, *sh_up, *sh_down; /* [Fs][d], [Fs][d], [d][Fs] or NULL  */
     const float *sh_inp;                 /* [d] shared-expert gate, or NULL      */
+    int gate_t, up_t, down_t, sh_gate_t, sh_up_t, sh_down_t; /* element types   */
 } moe_weights;
 
 typedef struct {
@@ -101,6 +105,11 @@ typedef struct {
     float *dye, *dact, *dhg, *dhu, *dxe, *dlogits, *dprobs, *dw, *dxj;
     float *sh_dy, *sh_dact, *sh_dhg, *sh_dhu, *sh_dg;
     void *block;    /* single allocation behind all of the above */
+    /* quantised experts: activation rows converted for the dot products,
+     * qws_row bytes per dispatched row (or per token, for shared experts);
+     * the caller plans and owns it (NULL when every weight is fp32) */
+    char *qws;
+    size_t qws_row;
 } moe_cache;
 
 /* Dispatched rows needed for N tokens: N*k for token choice, E*c for expert
