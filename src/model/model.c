@@ -133,7 +133,7 @@ moe_route_opts model_route_opts(const moe_model *m, int layer, int T) {
     return o;
 }
 
-static moe_weights layer_moe_weights(const layer_weights *W) {
+moe_weights model_layer_moe_weights(const layer_weights *W) {
     moe_weights w = {.router = F32(W->router), .gate = W->gate_exps.data, .up = W->up_exps.data,
                      .down = W->down_exps.data, .bias = F32(W->exp_bias), .sh_gate = W->sh_gate.data,
                      .sh_up = W->sh_up.data, .sh_down = W->sh_down.data, .sh_inp = F32(W->sh_inp),
@@ -181,10 +181,7 @@ static void free_acts(model_acts *a, int n_layers) {
 void moe_model_free(moe_model *m) {
     if (!m) return;
     free_acts(&m->acts, m->cfg.n_layers);
-    moe_cache_free(&m->dec_moe);
-    moe_free(m->kcache);
-    moe_free(m->vcache);
-    moe_free(m->dec);
+    model_infer_free(m);
     moe_free(m->params);
     moe_free(m->grads);
     moe_free(m->tensors);
@@ -197,7 +194,6 @@ void moe_model_free(moe_model *m) {
     moe_free(m->stats.assigned);
     moe_free(m->stats.dropped);
     moe_free(m->stats.aux);
-    moe_free(m->dec_seq);
     moe_free(m->rope_tab);
     moe_tokenizer_free(m->tok);
     moe_free(m);
@@ -338,7 +334,7 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn2, A->rstd2, A->x_mid, F32(W->ffn_norm), N, d, c->norm_eps));
         if (m->plan[l].ffn == FFN_MOE) {
             moe_route_opts ro = model_route_opts(m, l, T);
-            moe_weights mw = layer_moe_weights(W);
+            moe_weights mw = model_layer_moe_weights(W);
             moe_forward(a->dh, &A->moe, A->hn2, &mw, N, &ro);
             L.aux += A->moe.r.aux;
             L.z += A->moe.r.z;
@@ -397,7 +393,7 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         if (m->plan[l].ffn == FFN_MOE) {
             PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dh, (size_t)N * d)); /* moe_backward adds */
             moe_route_opts ro = model_route_opts(m, l, T);
-            moe_weights mw = layer_moe_weights(W);
+            moe_weights mw = model_layer_moe_weights(W);
             moe_grads mg = {.router = F32(G->router), .gate = F32(G->gate_exps), .up = F32(G->up_exps), .down = F32(G->down_exps),
                             .sh_gate = F32(G->sh_gate), .sh_up = F32(G->sh_up), .sh_down = F32(G->sh_down), .sh_inp = F32(G->sh_inp)};
             moe_loss_scales ls = {loss_scale * c->aux_loss_coef, loss_scale * c->z_loss_coef,
@@ -429,104 +425,4 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         for (int i = 0; i < N; i++) F32(m->g.token_embd)[(size_t)tokens[i] * d + j] += dx[(size_t)i * d + j];
     moe_prof_lap(PROF_EMBED, &t_embed);
     moe_prof_pass = 0;
-}
-
-/* ---- decoding with a KV cache ---- */
-/* Width of the dense FFN scratch: d_ff if some layer is dense (d_ff is not
- * checked, and may be anything, when every layer is MoE). */
-static int decode_ff(const moe_model *m) {
-    return m->stats.n_moe < m->cfg.n_layers ? MOE_MAX(m->cfg.d_ff, 1) : 1;
-}
-
-static moe_status alloc_decode(moe_model *m) {
-    if (m->kcache) return MOE_OK;
-    const moe_config *c = &m->cfg;
-    const size_t d = c->d_model, hd = head_dim(c), kd = hd * c->n_kv_heads, qd = hd * c->n_heads;
-    size_t per = (size_t)c->n_layers * c->max_seq * kd;
-    size_t ff = (size_t)decode_ff(m);
-    m->kcache = moe_malloc(per * sizeof(float));
-    m->vcache = moe_malloc(per * sizeof(float));
-    m->dec = moe_malloc((5 * d + 2 * qd + 3 * ff + (size_t)c->max_seq) * sizeof(float));
-    if (!m->kcache || !m->vcache || !m->dec) return moe_error_prefix(MOE_ERR_NOMEM, "KV cache");
-    if (c->n_experts > 0) {
-        /* one token at a time: expert choice has no batch to choose from and
-         * falls back to token choice over the same scores */
-        moe_status st = moe_cache_init(&m->dec_moe, 1, (int)d, c->n_experts, c->top_k, c->d_expert,
-                                       c->n_shared_experts * c->d_shared, MOE_ROUTING_TOKEN, c->top_k);
-        if (st) return st;
-        m->dec_seq = moe_calloc((size_t)c->n_layers * c->n_experts, sizeof(double));
-        if (!m->dec_seq) return moe_error_prefix(MOE_ERR_NOMEM, "decoding state");
-    }
-    return MOE_OK;
-}
-
-moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
-    const moe_config *c = &m->cfg;
-    const matmul_precision mm = model_matmul(c);
-    if (token < 0 || token >= c->vocab_size) return moe_error(MOE_ERR_INVALID_ARG, "token id %d out of range", token);
-    if (pos < 0 || pos >= c->max_seq) return moe_error(MOE_ERR_INVALID_ARG, "position %d beyond the context length %d", pos, c->max_seq);
-    moe_status st = alloc_decode(m);
-    if (st) return st;
-    const int d = c->d_model, hd = head_dim(c), H = c->n_heads, KVH = c->n_kv_heads;
-    const int kd = hd * KVH, qd = hd * H, group = H / KVH;
-    const int ff = decode_ff(m);
-    float *x = m->dec, *h = x + d, *o = h + d, *tmp = o + d, *xf = tmp + d, *q = xf + d;
-    float *att_o = q + qd, *g1 = att_o + qd, *g2 = g1 + ff, *g3 = g2 + ff, *sc = g3 + ff;
-    int32_t p32 = pos;
-    if (pos == 0 && m->dec_seq) memset(m->dec_seq, 0, sizeof(double) * c->n_layers * c->n_experts);
-    memcpy(x, F32(m->w.token_embd) + (size_t)token * d, sizeof(float) * d);
-    float rstd;
-    for (int l = 0; l < c->n_layers; l++) {
-        const layer_weights *W = &m->w.layers[l];
-        float *kc = m->kcache + (size_t)l * c->max_seq * kd, *vc = m->vcache + (size_t)l * c->max_seq * kd;
-        rmsnorm_forward(h, &rstd, x, F32(W->attn_norm), 1, d, c->norm_eps);
-        matmul_forward(q, h, F32(W->wq), NULL, 1, d, qd, mm);
-        matmul_forward(kc + (size_t)pos * kd, h, F32(W->wk), NULL, 1, d, kd, mm);
-        matmul_forward(vc + (size_t)pos * kd, h, F32(W->wv), NULL, 1, d, kd, mm);
-        rope_forward(q, &p32, 1, H, hd, c->rope_base, m->rope_tab, m->rope_n);
-        rope_forward(kc + (size_t)pos * kd, &p32, 1, KVH, hd, c->rope_base, m->rope_tab, m->rope_n);
-        const float scale = 1.0f / sqrtf((float)hd);
-        for (int hh = 0; hh < H; hh++) {
-            const float *qh = q + hh * hd;
-            const int kvh = hh / group;
-            float mx = -INFINITY;
-            for (int t = 0; t <= pos; t++) {
-                const float *kt = kc + (size_t)t * kd + kvh * hd;
-                float s = 0;
-                for (int i = 0; i < hd; i++) s += qh[i] * kt[i];
-                sc[t] = s * scale;
-                mx = sc[t] > mx ? sc[t] : mx;
-            }
-            double sum = 0;
-            for (int t = 0; t <= pos; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-            float *oh = att_o + hh * hd;
-            for (int i = 0; i < hd; i++) oh[i] = 0;
-            for (int t = 0; t <= pos; t++) {
-                const float p = (float)(sc[t] / sum), *vt = vc + (size_t)t * kd + kvh * hd;
-                for (int i = 0; i < hd; i++) oh[i] += p * vt[i];
-            }
-        }
-        matmul_forward(o, att_o, F32(W->wo), NULL, 1, qd, d, mm);
-        for (int i = 0; i < d; i++) x[i] += o[i];
-        rmsnorm_forward(h, &rstd, x, F32(W->ffn_norm), 1, d, c->norm_eps);
-        if (m->plan[l].ffn == FFN_MOE) {
-            moe_route_opts ro = model_route_opts(m, l, 1);
-            if (ro.mode == MOE_ROUTING_EXPERT) ro.mode = MOE_ROUTING_TOKEN;
-            if (ro.mode == MOE_ROUTING_SEQUENCE) { /* causal: the mean over the prefix so far */
-                ro.seq_prefix = m->dec_seq + (size_t)l * c->n_experts;
-                ro.seq_prefix_n = pos;
-            }
-            moe_weights mw = layer_moe_weights(W);
-            moe_forward(tmp, &m->dec_moe, h, &mw, 1, &ro);
-        } else {
-            matmul_forward(g1, h, F32(W->ffn_gate), NULL, 1, d, c->d_ff, mm);
-            matmul_forward(g2, h, F32(W->ffn_up), NULL, 1, d, c->d_ff, mm);
-            swiglu_forward(g3, g1, g2, 1, c->d_ff);
-            matmul_forward(tmp, g3, F32(W->ffn_down), NULL, 1, c->d_ff, d, mm);
-        }
-        for (int i = 0; i < d; i++) x[i] += tmp[i];
-    }
-    rmsnorm_forward(xf, &rstd, x, F32(m->w.output_norm), 1, d, c->norm_eps);
-    matmul_forward(logits, xf, F32(m->w.output), NULL, 1, d, c->vocab_size, mm);
-    return MOE_OK;
 }

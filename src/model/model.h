@@ -100,6 +100,8 @@ typedef struct {
     int calls;
 } route_stats;
 
+typedef struct infer_state infer_state;
+
 /* bound on the precomputed RoPE angles: 4 MB, 8,192 positions at head dim 128 */
 #define ROPE_TABLE_FLOATS (1 << 20)
 
@@ -120,15 +122,11 @@ struct moe_model {
     float *grads;            /* same layout as params (allocated on demand) */
     model_weights g;
     model_acts acts;         /* sized for acts.B x acts.T (0 = none)        */
-    /* decoding */
-    float *kcache, *vcache;  /* [L][max_seq][KVH*hd] */
-    float *dec;              /* decode scratch */
-    moe_cache dec_moe;
+    infer_state *inf;        /* inference: KV cache and scratch (model/infer.c) */
     int train_step;          /* optimizer steps taken (saved in the GGUF) */
     int training;            /* 1: forward uses the training capacity and jitter */
     uint64_t jitter_seed;    /* per micro-batch, set by the training loop         */
     route_stats stats;
-    double *dec_seq;         /* [L][E] decoding: prefix score sums (sequence routing) */
     float *rope_tab;         /* RoPE cos/sin for positions [0, rope_n) (rope_table_fill) */
     int rope_n;              /* min(max_seq, ROPE_TABLE_FLOATS / head dim)                */
 };
@@ -158,8 +156,21 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
 /* Backward of loss_scale * total loss; accumulates into m->grads. Needs the
  * forward of the same batch just before. */
 void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets, float loss_scale);
-/* Decoding: logits[V] for token at position pos, using and filling the KV cache. */
+/* Inference (model/infer.c) over the KV cache, sized for m->ctx positions
+ * (0: max_seq): runs tokens[n] at positions pos0..pos0+n-1, which must
+ * follow the positions already run; logits[n][V] for every position when
+ * all_logits, else logits[V] of the last. */
+moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, float *logits,
+                       int all_logits);
+/* Plans the KV cache and the scratch for chunks of up to n_max tokens. */
+moe_status model_infer_alloc(moe_model *m, int n_max);
+void model_infer_free(moe_model *m);
+/* Bytes of the KV cache for ctx positions. */
+size_t model_kv_bytes(const moe_config *c, int ctx);
+/* Decoding: logits[V] for token at position pos (model_infer of one token). */
 moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits);
+/* The MoE layer's weights of a layer, as moe_forward takes them. */
+moe_weights model_layer_moe_weights(const layer_weights *W);
 
 void model_stats_reset(moe_model *m);
 /* The route options layer l uses for the model's current mode. */

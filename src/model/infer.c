@@ -1,0 +1,378 @@
+/* model/infer: inference over a KV cache, for every layer plan and weight
+ * type: our own models (fp32 views) and published ones (views into the file
+ * mapping in its own types). model_infer runs n tokens at positions
+ * pos0 .. pos0+n-1: decoding is n = 1, a prompt is one or more chunks.
+ *
+ * Per layer:
+ *   GQA: h = norm(x); q, k, v = h W (+ biases) (q/k norms, whole or per
+ *        head); RoPE on q and k; k and v go to the cache; attention over the
+ *        cached prefix; x += att W_o
+ *   MLA: q = h W_q, or norm(h W_qa) W_qb; [latent | k_pe] = h W_kv_a goes to
+ *        the cache, the latent normalised, k_pe rotated; each head's q_nope
+ *        is absorbed into latent space (W_kb^T), so a head attends with
+ *        [q_lat | q_pe] over [latent | k_pe] and reads the latent as its
+ *        value, mapped back by W_vb: the cache holds the latent and the
+ *        rotary key only, as the model is built to.
+ *   then h = norm(x); x += dense SwiGLU or the MoE layer (routed + shared).
+ * Each output row depends on its own input row only, so a token gets the
+ * same bits in a chunk as alone. */
+#include <math.h>
+#include <string.h>
+
+#include "kernels/kernels.h"
+#include "kernels/qmatmul.h"
+#include "model/model.h"
+
+struct infer_state {
+    int n_max;               /* tokens per chunk the scratch holds          */
+    int ctx;                 /* positions the cache holds                   */
+    int kdim, vdim;          /* floats per position per layer in the caches */
+    float *kcache, *vcache;  /* [L][ctx][kdim], [L][ctx][vdim] (MLA: no vcache) */
+    float *x, *h, *o, *q, *qa, *att_o, *g1, *g2, *g3, *gin, *gout, *sc;
+    int32_t *pos;            /* [n_max] positions of the chunk              */
+    char *qws;               /* activation rows converted for quantised weights */
+    moe_cache moe;
+    double *seq;             /* [L][E] sequence routing: prefix score sums */
+    void *block;
+};
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+/* Workspace bytes the quantised matmuls of this model need for n rows
+ * (expert matmuls: per dispatched row, *row). */
+static size_t plan_qws(const moe_model *m, int n, size_t *row) {
+    size_t all = 0, per = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const moe_tensor *t = model_tensor_slot((model_weights *)&m->w, &m->tensors[i]);
+        if (!t->data || t->type == DT_F32 || t->n_dims < 2) continue;
+        all = max_sz(all, qmatmul_workspace(t->type, n, (int)t->ne[0]));
+        if (t->n_dims == 3) per = max_sz(per, qmatmul_workspace(t->type, 1, (int)t->ne[0]));
+    }
+    *row = per;
+    const moe_config *c = &m->cfg;
+    return max_sz(all, per * (size_t)n * (size_t)MOE_MAX(c->top_k, 1));
+}
+
+void model_infer_free(moe_model *m) {
+    infer_state *s = m->inf;
+    if (!s) return;
+    moe_cache_free(&s->moe);
+    moe_free(s->kcache);
+    moe_free(s->vcache);
+    moe_free(s->block);
+    moe_free(s->qws);
+    moe_free(s->seq);
+    moe_free(s);
+    m->inf = NULL;
+}
+
+size_t model_kv_bytes(const moe_config *c, int ctx) {
+    const size_t H = c->n_kv_heads, hd = moe_config_head_dim(c), vd = moe_config_v_head_dim(c);
+    size_t per = c->attn == MOE_ATTN_MLA ? (size_t)c->kv_lora_rank + moe_config_rope_dim(c) : H * (hd + vd);
+    return (size_t)c->n_layers * (size_t)ctx * per * sizeof(float);
+}
+
+moe_status model_infer_alloc(moe_model *m, int n_max) {
+    const moe_config *c = &m->cfg;
+    const int ctx = m->ctx > 0 ? m->ctx : c->max_seq;
+    if (m->inf && m->inf->n_max >= n_max && m->inf->ctx == ctx) return MOE_OK;
+    model_infer_free(m);
+    infer_state *s = moe_calloc(1, sizeof *s);
+    if (!s) return moe_error_prefix(MOE_ERR_NOMEM, "inference state");
+    m->inf = s;
+    s->n_max = n_max;
+    s->ctx = ctx;
+    const int mla = c->attn == MOE_ATTN_MLA;
+    const size_t d = c->d_model, H = c->n_heads, KVH = c->n_kv_heads;
+    const size_t hd = moe_config_head_dim(c), vd = moe_config_v_head_dim(c);
+    const size_t kvr = (size_t)c->kv_lora_rank, rope = moe_config_rope_dim(c);
+    s->kdim = mla ? (int)(kvr + rope) : (int)(KVH * hd);
+    s->vdim = mla ? 0 : (int)(KVH * vd);
+    const size_t per = (size_t)c->n_layers * ctx;
+    s->kcache = moe_malloc(per * s->kdim * sizeof(float));
+    s->vcache = mla ? NULL : moe_malloc(per * s->vdim * sizeof(float));
+    if (!s->kcache || (!mla && !s->vcache)) {
+        model_infer_free(m);
+        return moe_error(MOE_ERR_NOMEM, "KV cache for a context of %d: %.1f MiB", ctx,
+                         model_kv_bytes(c, ctx) / 1048576.0);
+    }
+    const size_t n = (size_t)n_max;
+    /* q, or MLA's [q_lat | q_pe]; MLA's qa also takes the heads' values */
+    const size_t qw = mla ? H * max_sz(max_sz(hd, vd), kvr + rope) : H * hd;
+    const size_t ow = mla ? H * max_sz(vd, kvr) : H * vd;
+    const size_t ff = moe_config_n_moe_layers(c) < c->n_layers ? (size_t)MOE_MAX(c->d_ff, 1) : 1;
+    const size_t g = mla ? max_sz(max_sz(hd, kvr), max_sz(vd, (size_t)c->q_lora_rank)) : 1;
+    size_t sizes[] = {n * d, n * d, n * d, n * qw, n * max_sz(qw, mla ? (size_t)c->q_lora_rank : 1),
+                      n * ow, n, n * ff, n * ff, n * ff, n * g, n * g, H * (size_t)ctx};
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += (sizes[i] + 15) & ~(size_t)15;
+    float *b = moe_malloc(total * sizeof(float));
+    if (!b) { model_infer_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "inference scratch"); }
+    s->block = b;
+    float **slots[] = {&s->x, &s->h, &s->o, &s->q, &s->qa, &s->att_o, (float **)&s->pos, &s->g1,
+                       &s->g2, &s->g3, &s->gin, &s->gout, &s->sc};
+    for (size_t i = 0; i < sizeof slots / sizeof slots[0]; i++) {
+        *slots[i] = b;
+        b += (sizes[i] + 15) & ~(size_t)15;
+    }
+    size_t row = 0, qb = plan_qws(m, n_max, &row);
+    if (qb && !(s->qws = moe_malloc(qb))) { model_infer_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "quantised activations"); }
+    if (c->n_experts > 0) {
+        /* expert choice has no batch to choose from here and falls back to
+         * token choice over the same scores */
+        moe_status st = moe_cache_init(&s->moe, n_max, (int)d, c->n_experts, c->top_k, c->d_expert,
+                                       c->n_shared_experts * c->d_shared, MOE_ROUTING_TOKEN,
+                                       (int64_t)n_max * c->top_k);
+        if (st) { model_infer_free(m); return st; }
+        s->moe.qws = s->qws;
+        s->moe.qws_row = row;
+        s->seq = moe_calloc((size_t)c->n_layers * c->n_experts, sizeof(double));
+        if (!s->seq) { model_infer_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "decoding state"); }
+    }
+    return MOE_OK;
+}
+
+/* out[N][OC] = in[N][C] @ w^T (+ bias) for a weight of any usable type. */
+static void wmm(float *out, const float *in, const moe_tensor *w, const moe_tensor *bias, int N,
+                int C, int OC, matmul_precision mm, char *qws) {
+    if (w->type == DT_F32) matmul_forward(out, in, w->data, NULL, N, C, OC, mm);
+    else qmatmul_forward(out, in, w->data, w->type, N, C, OC, qws);
+    if (bias && bias->data) {
+        const float *b = bias->data;
+        for (int n = 0; n < N; n++)
+            for (int o = 0; o < OC; o++) out[(size_t)n * OC + o] += b[o];
+    }
+}
+
+/* RMS norm of n rows of width C, each stride floats apart, in place. */
+static void norm_rows(float *x, int n, int C, size_t stride, const moe_tensor *w, float eps) {
+    float rstd;
+    for (int i = 0; i < n; i++) rmsnorm_forward(x + (size_t)i * stride, &rstd, x + (size_t)i * stride, w->data, 1, C, eps);
+}
+
+/* RoPE on n rows of H heads of D floats each (the rotated part is the first
+ * rope_dim of a head), heads hstride floats apart, rows stride apart. */
+static void rope_rows(const moe_model *m, float *x, const int32_t *pos, int n, int H, int D,
+                      size_t hstride, size_t stride) {
+    const moe_config *c = &m->cfg;
+    const int R = moe_config_rope_dim(c);
+    if (!c->rope_neox && R == D && hstride == (size_t)D && stride == (size_t)H * D &&
+        c->rope_freq_scale == 1.0f && c->yarn_factor == 0) {
+        rope_forward(x, pos, n, H, D, c->rope_base, m->rope_tab, m->rope_n);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        for (int h = 0; h < H; h++) {
+            float *v = x + (size_t)i * stride + (size_t)h * hstride;
+            for (int j = 0; j < R / 2; j++) {
+                const float theta = (float)pos[i] * c->rope_freq_scale *
+                                    powf(c->rope_base, -2.0f * (float)j / (float)R);
+                const float cs = cosf(theta), sn = sinf(theta);
+                const int a = c->rope_neox ? j : 2 * j, b = c->rope_neox ? j + R / 2 : 2 * j + 1;
+                const float x0 = v[a], x1 = v[b];
+                v[a] = x0 * cs - x1 * sn;
+                v[b] = x0 * sn + x1 * cs;
+            }
+        }
+}
+
+/* Causal attention of n queries at positions pos0.. over the cache:
+ * q[n][H][qs] (head h at h*qs, Dk used), k rows ks floats apart, v rows vs
+ * apart (Dv used), kv head h / (H / KVH) at kvh*kh and kvh*vh within a row.
+ * out[n][H][Dv]. */
+static void attend(float *out, const float *q, int qs, const float *kc, size_t ks, int kh,
+                   const float *vc, size_t vs, int vh, int pos0, int n, int H, int KVH, int Dk,
+                   int Dv, float scale, float *sc_all, int ctx) {
+    const int group = H / KVH;
+    #pragma omp parallel for schedule(static) if ((size_t)n * H * (pos0 + n) >= 16384)
+    for (int hh = 0; hh < H; hh++) {
+        float *sc = sc_all + (size_t)hh * ctx;
+        const int kvh = hh / group;
+        for (int i = 0; i < n; i++) {
+            const int p = pos0 + i;
+            const float *qh = q + ((size_t)i * H + hh) * qs;
+            float mx = -INFINITY;
+            for (int t = 0; t <= p; t++) {
+                const float *kt = kc + (size_t)t * ks + (size_t)kvh * kh;
+                float s = 0;
+                for (int j = 0; j < Dk; j++) s += qh[j] * kt[j];
+                sc[t] = s * scale;
+                mx = sc[t] > mx ? sc[t] : mx;
+            }
+            double sum = 0;
+            for (int t = 0; t <= p; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+            float *oh = out + ((size_t)i * H + hh) * Dv;
+            for (int j = 0; j < Dv; j++) oh[j] = 0;
+            for (int t = 0; t <= p; t++) {
+                const float pr = (float)(sc[t] / sum), *vt = vc + (size_t)t * vs + (size_t)kvh * vh;
+                for (int j = 0; j < Dv; j++) oh[j] += pr * vt[j];
+            }
+        }
+    }
+}
+
+/* mscale of YaRN's attention temperature (1 without YaRN) */
+static float yarn_mscale(const moe_config *c) {
+    if (c->yarn_factor <= 1.0f) return 1.0f;
+    return 1.0f + c->yarn_log_mul * logf(c->yarn_factor);
+}
+
+static void attention_gqa(moe_model *m, int l, const int32_t *pos, int n, int pos0, matmul_precision mm) {
+    infer_state *s = m->inf;
+    const moe_config *c = &m->cfg;
+    const layer_weights *W = &m->w.layers[l];
+    const layer_plan *P = &m->plan[l];
+    const int d = c->d_model, H = c->n_heads, KVH = c->n_kv_heads;
+    const int hd = moe_config_head_dim(c), vd = moe_config_v_head_dim(c);
+    float *kc = s->kcache + (size_t)l * s->ctx * s->kdim, *vc = s->vcache + (size_t)l * s->ctx * s->vdim;
+    float *k = kc + (size_t)pos0 * s->kdim, *v = vc + (size_t)pos0 * s->vdim; /* this chunk's rows */
+    wmm(s->q, s->h, &W->wq, &W->bq, n, d, H * hd, mm, s->qws);
+    wmm(k, s->h, &W->wk, &W->bk, n, d, KVH * hd, mm, s->qws);
+    wmm(v, s->h, &W->wv, &W->bv, n, d, KVH * vd, mm, s->qws);
+    if (P->qk_norm == MOE_QK_NORM_FULL) {
+        norm_rows(s->q, n, H * hd, (size_t)H * hd, &W->q_norm, c->norm_eps);
+        norm_rows(k, n, KVH * hd, (size_t)KVH * hd, &W->k_norm, c->norm_eps);
+    } else if (P->qk_norm == MOE_QK_NORM_HEAD) {
+        norm_rows(s->q, n * H, hd, (size_t)hd, &W->q_norm, c->norm_eps);
+        norm_rows(k, n * KVH, hd, (size_t)hd, &W->k_norm, c->norm_eps);
+    }
+    rope_rows(m, s->q, pos, n, H, hd, hd, (size_t)H * hd);
+    rope_rows(m, k, pos, n, KVH, hd, hd, (size_t)KVH * hd);
+    attend(s->att_o, s->q, hd, kc, s->kdim, hd, vc, s->vdim, vd, pos0, n, H, KVH, hd, vd,
+           1.0f / sqrtf((float)hd), s->sc, s->ctx);
+    wmm(s->o, s->att_o, &W->wo, NULL, n, H * vd, d, mm, s->qws);
+}
+
+/* x[n] rows of a 3-D tensor's matrix h: out[n][rows] = in[n][cols] @ M_h^T,
+ * reading in and writing out with strides (gathered into gin, gout). */
+static void head_matmul(infer_state *s, float *out, size_t os, const float *in, size_t is,
+                        const moe_tensor *t, int h, int n, matmul_precision mm) {
+    const int cols = (int)t->ne[0], rows = (int)t->ne[1];
+    for (int i = 0; i < n; i++) memcpy(s->gin + (size_t)i * cols, in + (size_t)i * is, sizeof(float) * cols);
+    moe_tensor one = *t;
+    one.data = (void *)tensor_matrix(t, h);
+    one.n_dims = 2;
+    wmm(s->gout, s->gin, &one, NULL, n, cols, rows, mm, s->qws);
+    for (int i = 0; i < n; i++) memcpy(out + (size_t)i * os, s->gout + (size_t)i * rows, sizeof(float) * rows);
+}
+
+static void attention_mla(moe_model *m, int l, const int32_t *pos, int n, int pos0, matmul_precision mm) {
+    infer_state *s = m->inf;
+    const moe_config *c = &m->cfg;
+    const layer_weights *W = &m->w.layers[l];
+    const int d = c->d_model, H = c->n_heads, hd = moe_config_head_dim(c), vd = moe_config_v_head_dim(c);
+    const int rope = moe_config_rope_dim(c), nope = hd - rope, kvr = c->kv_lora_rank;
+    const int kdim = s->kdim, qs = kvr + rope; /* absorbed query head: [q_lat | q_pe] */
+    float *kc = s->kcache + (size_t)l * s->ctx * kdim, *k = kc + (size_t)pos0 * kdim;
+    /* the query, [n][H][hd] in s->qa, each head [q_nope | q_pe] */
+    if (m->plan[l].q_lora) {
+        wmm(s->gin, s->h, &W->wq_a, NULL, n, d, c->q_lora_rank, mm, s->qws);
+        norm_rows(s->gin, n, c->q_lora_rank, (size_t)c->q_lora_rank, &W->q_a_norm, c->norm_eps);
+        wmm(s->qa, s->gin, &W->wq_b, NULL, n, c->q_lora_rank, H * hd, mm, s->qws);
+    } else {
+        wmm(s->qa, s->h, &W->wq, NULL, n, d, H * hd, mm, s->qws);
+    }
+    /* [latent | k_pe] straight into the cache */
+    wmm(k, s->h, &W->wkv_a, NULL, n, d, kdim, mm, s->qws);
+    norm_rows(k, n, kvr, (size_t)kdim, &W->kv_a_norm, c->norm_eps);
+    rope_rows(m, k + kvr, pos, n, 1, rope, rope, (size_t)kdim);
+    rope_rows(m, s->qa + nope, pos, n, H, rope, hd, (size_t)H * hd);
+    for (int h = 0; h < H; h++) {
+        /* q_lat = W_kb[h] q_nope: kv_lora outputs from nope inputs */
+        head_matmul(s, s->q + (size_t)h * qs, (size_t)H * qs, s->qa + (size_t)h * hd, (size_t)H * hd,
+                    &W->wk_b, h, n, mm);
+        for (int i = 0; i < n; i++)
+            memcpy(s->q + ((size_t)i * H + h) * qs + kvr, s->qa + ((size_t)i * H + h) * hd + nope, sizeof(float) * rope);
+    }
+    const float ms = yarn_mscale(c);
+    attend(s->att_o, s->q, qs, kc, kdim, 0, kc, kdim, 0, pos0, n, H, 1, qs,
+           kvr, ms * ms / sqrtf((float)hd), s->sc, s->ctx);
+    /* each head's latent read-out mapped to its value: W_vb[h] o_lat, into q's room */
+    for (int h = 0; h < H; h++)
+        head_matmul(s, s->qa + (size_t)h * vd, (size_t)H * vd, s->att_o + (size_t)h * kvr, (size_t)H * kvr,
+                    &W->wv_b, h, n, mm);
+    wmm(s->o, s->qa, &W->wo, NULL, n, H * vd, d, mm, s->qws);
+}
+
+static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
+    infer_state *s = m->inf;
+    const moe_config *c = &m->cfg;
+    const layer_weights *W = &m->w.layers[l];
+    const int d = c->d_model;
+    if (m->plan[l].ffn == FFN_DENSE) {
+        wmm(s->g1, s->h, &W->ffn_gate, NULL, n, d, c->d_ff, mm, s->qws);
+        wmm(s->g2, s->h, &W->ffn_up, NULL, n, d, c->d_ff, mm, s->qws);
+        swiglu_forward(s->g3, s->g1, s->g2, n, c->d_ff);
+        wmm(s->o, s->g3, &W->ffn_down, NULL, n, c->d_ff, d, mm, s->qws);
+        return;
+    }
+    moe_route_opts ro = model_route_opts(m, l, n);
+    if (ro.mode == MOE_ROUTING_EXPERT) ro.mode = MOE_ROUTING_TOKEN;
+    moe_weights mw = model_layer_moe_weights(W);
+    if (ro.mode == MOE_ROUTING_SEQUENCE) {
+        /* causal: each token routes on the mean over the prefix up to it, so
+         * the chunk goes one token at a time */
+        ro.seq_len = 1;
+        for (int i = 0; i < n; i++) {
+            ro.seq_prefix = s->seq + (size_t)l * c->n_experts;
+            ro.seq_prefix_n = pos0 + i;
+            moe_forward(s->o + (size_t)i * d, &s->moe, s->h + (size_t)i * d, &mw, 1, &ro);
+        }
+        return;
+    }
+    moe_forward(s->o, &s->moe, s->h, &mw, n, &ro);
+}
+
+moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, float *logits,
+                       int all_logits) {
+    const moe_config *c = &m->cfg;
+    const matmul_precision mm = model_matmul(c);
+    const int ctx = m->ctx > 0 ? m->ctx : c->max_seq;
+    if (n < 1) return moe_error(MOE_ERR_INVALID_ARG, "no tokens to run");
+    if (pos0 < 0 || n > ctx || pos0 > ctx - n)
+        return moe_error(MOE_ERR_INVALID_ARG, "position %d beyond the context length %d", pos0 + n - 1, ctx);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
+            return moe_error(MOE_ERR_INVALID_ARG, "token id %d out of range", tokens[i]);
+    moe_status st = model_infer_alloc(m, MOE_MAX(n, m->inf ? m->inf->n_max : 1));
+    if (st) return st;
+    infer_state *s = m->inf;
+    const int d = c->d_model;
+    if (pos0 == 0 && s->seq) memset(s->seq, 0, sizeof(double) * c->n_layers * c->n_experts);
+    int32_t *pos = s->pos;
+    for (int i = 0; i < n; i++) pos[i] = pos0 + i;
+    const moe_tensor *emb = &m->w.token_embd;
+    const dtype_traits *et = dtype_traits_of(emb->type);
+    for (int i = 0; i < n; i++) {
+        const char *row = (const char *)emb->data + (size_t)tokens[i] * emb->row_bytes;
+        if (emb->type == DT_F32) memcpy(s->x + (size_t)i * d, row, sizeof(float) * d);
+        else et->to_float(s->x + (size_t)i * d, row, d);
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        const layer_weights *W = &m->w.layers[l];
+        for (int i = 0; i < n; i++) {
+            float rstd;
+            rmsnorm_forward(s->h + (size_t)i * d, &rstd, s->x + (size_t)i * d, W->attn_norm.data, 1, d, c->norm_eps);
+        }
+        if (m->plan[l].attn == ATTN_MLA) attention_mla(m, l, pos, n, pos0, mm);
+        else attention_gqa(m, l, pos, n, pos0, mm);
+        for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->o[i];
+        for (int i = 0; i < n; i++) {
+            float rstd;
+            rmsnorm_forward(s->h + (size_t)i * d, &rstd, s->x + (size_t)i * d, W->ffn_norm.data, 1, d, c->norm_eps);
+        }
+        ffn(m, l, n, pos0, mm);
+        for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->o[i];
+    }
+    const int first = all_logits ? 0 : n - 1, rows = n - first;
+    for (int i = first; i < n; i++) {
+        float rstd;
+        rmsnorm_forward(s->h + (size_t)(i - first) * d, &rstd, s->x + (size_t)i * d, m->w.output_norm.data, 1, d, c->norm_eps);
+    }
+    wmm(logits, s->h, &m->w.output, NULL, rows, d, c->vocab_size, mm, s->qws);
+    return MOE_OK;
+}
+
+moe_status model_decode(moe_model *m, int32_t token, int pos, float *logits) {
+    return model_infer(m, &token, 1, pos, logits, 0);
+}
