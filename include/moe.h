@@ -150,6 +150,15 @@ MOE_API const moe_config *moe_model_config(const moe_model *m);
 MOE_API const moe_tokenizer *moe_model_tokenizer(const moe_model *m);
 /* The model takes ownership of tok. */
 MOE_API void moe_model_set_tokenizer(moe_model *m, moe_tokenizer *tok);
+/* Positions the KV cache holds for generation and evaluation (0: the default:
+ * the model's context length, at most 4096 for a published model). Refuses a
+ * context whose cache, with the weights, would not fit in memory. */
+MOE_API moe_status moe_model_set_context(moe_model *m, int n_ctx);
+MOE_API int moe_model_context(const moe_model *m);
+/* Writes a description of a loaded model (architecture, layers, experts,
+ * attention, tensor types, parameters, bytes, memory at the context) into
+ * buf, always NUL-terminated. */
+MOE_API void moe_model_describe(const moe_model *m, char *buf, size_t cap);
 
 /* ---- training ------------------------------------------------------------ */
 typedef struct {

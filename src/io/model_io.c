@@ -5,6 +5,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "arch/arch.h"
+#include "core/dtype.h"
 #include "data/tokenizer.h"
 #include "io/gguf.h"
 #include "model/model.h"
@@ -64,8 +66,6 @@ moe_status moe_model_save(const moe_model *m, const char *path) {
 }
 
 static moe_status read_config(const gguf_ctx *g, moe_config *c, const char *path) {
-    if (!gguf_has_key(g, "moe.d_model"))
-        return moe_error(MOE_ERR_UNSUPPORTED, "%s is a GGUF file but not a moe model (no moe.* metadata)", path);
     /* fields added after the first release may be missing: they keep the defaults */
     moe_config_preset(c, "default");
     char key[96];
@@ -91,11 +91,125 @@ static moe_status read_config(const gguf_ctx *g, moe_config *c, const char *path
     return MOE_OK;
 }
 
+/* Default context of a published model: its own, at most 4096 positions. */
+static int default_ctx(const moe_config *c) { return MOE_MIN(c->max_seq, 4096); }
+
+static moe_status check_memory(const moe_model *m, int ctx) {
+    const double weights = m->file ? (double)gguf_data_size(m->file) : (double)m->n_params * sizeof(float);
+    const double kv = (double)model_kv_bytes(&m->cfg, ctx), have = (double)moe_physical_memory();
+    if (weights + kv > 0.9 * have)
+        return moe_error(MOE_ERR_NOMEM, "the weights need %.2f GiB and the KV cache for a context of %d needs "
+                         "%.2f GiB: more than this machine's %.1f GiB of memory allows (try a smaller --ctx)",
+                         weights / (1 << 30), ctx, kv / (1 << 30), have / (1 << 30));
+    return MOE_OK;
+}
+
+moe_status moe_model_set_context(moe_model *m, int n_ctx) {
+    const int ctx = n_ctx > 0 ? n_ctx : m->file ? default_ctx(&m->cfg) : m->cfg.max_seq;
+    if (ctx < 2 || ctx > m->cfg.max_seq)
+        return moe_error(MOE_ERR_INVALID_ARG, "context %d must be in 2..%d (the model's context length)", ctx, m->cfg.max_seq);
+    moe_status st = check_memory(m, ctx);
+    if (st) return st;
+    if (ctx != m->ctx) model_infer_free(m);
+    m->ctx = ctx;
+    return MOE_OK;
+}
+
+int moe_model_context(const moe_model *m) { return m->ctx > 0 ? m->ctx : m->cfg.max_seq; }
+
+/* Binds the views of a published model to the mapping, tensor by tensor
+ * from the model's list: present, of the shape the config implies, of a
+ * type we compute with (1-D tensors: f32). A router in another type is
+ * dequantised into m->owned (routing runs in fp32). */
+static moe_status bind_published(moe_model *m, gguf_ctx *g, const char *path) {
+    size_t owned = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t used = 0;
+        for (int i = 0; i < m->n_tensors; i++) {
+            const tensor_desc *t = &m->tensors[i];
+            const gguf_tensor *gt = gguf_find_tensor(g, t->name);
+            if (!gt)
+                return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is missing (the %s layout needs it)", path, t->name, m->arch);
+            int same = 1;
+            for (int k = 0; k < 4; k++) {
+                int64_t want = k < 3 ? t->ne[k] : 1, have = k < gt->n_dims ? gt->ne[k] : 1;
+                same &= want == have;
+            }
+            if (!same)
+                return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' has shape [%lld, %lld, %lld], the config implies [%lld, %lld, %lld]",
+                                 path, t->name, (long long)gt->ne[0], (long long)(gt->n_dims > 1 ? gt->ne[1] : 1),
+                                 (long long)(gt->n_dims > 2 ? gt->ne[2] : 1), (long long)t->ne[0], (long long)t->ne[1],
+                                 (long long)t->ne[2]);
+            if (!dtype_usable(gt->type))
+                return moe_error(MOE_ERR_UNSUPPORTED, "%s: tensor '%s' is %s, a type moe does not compute with "
+                                 "(f32, f16, bf16, q8_0, q4_0, q4_K, q5_K, q6_K)", path, t->name, dtype_name(gt->type));
+            if (t->n_dims == 1 && gt->type != DT_F32)
+                return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is %s; norms, biases and gates must be f32", path, t->name,
+                                 dtype_name(gt->type));
+            size_t rb;
+            if (dtype_row_bytes(gt->type, t->ne[0], &rb))
+                return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s': rows of %lld are not whole %s blocks", path, t->name,
+                                 (long long)t->ne[0], dtype_name(gt->type));
+            const int router = t->slot == offsetof(layer_weights, router) && t->layer >= 0;
+            if (pass == 0) { if (router && gt->type != DT_F32) owned += t->size; continue; }
+            moe_tensor *v = model_tensor_slot(&m->w, t);
+            v->data = (void *)gt->data;
+            v->type = gt->type;
+            v->n_dims = t->n_dims;
+            for (int k = 0; k < 4; k++) v->ne[k] = k < 3 ? t->ne[k] : 1;
+            v->row_bytes = rb;
+            if (router && gt->type != DT_F32) {
+                float *dst = m->owned + used;
+                const dtype_traits *tr = dtype_traits_of(gt->type);
+                for (int64_t r = 0; r < t->ne[1]; r++)
+                    tr->to_float(dst + r * t->ne[0], (const char *)gt->data + r * rb, t->ne[0]);
+                v->data = dst;
+                v->type = DT_F32;
+                v->row_bytes = (size_t)t->ne[0] * sizeof(float);
+                used += t->size;
+            }
+        }
+        if (pass == 0 && owned && !(m->owned = moe_malloc(owned * sizeof(float))))
+            return moe_error_prefix(MOE_ERR_NOMEM, "routers");
+    }
+    if (m->cfg.tied_embeddings) m->w.output = m->w.token_embd;
+    return MOE_OK;
+}
+
+static moe_status load_published(moe_model **out, gguf_ctx *g, const char *path) {
+    moe_config cfg;
+    char arch[32];
+    moe_status st = arch_read_config(g, &cfg, arch, sizeof arch);
+    if (st) return moe_error_prefix(st, "%s", path);
+    if ((st = moe_config_validate(&cfg))) return moe_error_prefix(MOE_ERR_FORMAT, "%s: impossible %s hyperparameters", path, arch);
+    moe_model *m = NULL;
+    if ((st = model_alloc_shell(&m, &cfg))) return moe_error_prefix(st, "%s", path);
+    snprintf(m->arch, sizeof m->arch, "%s", arch);
+    m->file = g;
+    m->n_params = 0; /* nothing in a flat buffer: the weights stay in the mapping */
+    if (!st) st = bind_published(m, g, path);
+    if (!st) st = moe_model_set_context(m, 0);
+    if (!st && gguf_has_key(g, "tokenizer.ggml.tokens")) {
+        moe_tokenizer *tok = NULL;
+        st = tokenizer_read_gguf(&tok, g);
+        if (st) moe_error_prefix(st, "%s", path);
+        else m->tok = tok;
+    }
+    if (st) { m->file = NULL; moe_model_free(m); return st; }
+    *out = m;
+    return MOE_OK;
+}
+
 moe_status moe_model_load(moe_model **out, const char *path) {
     *out = NULL;
     gguf_ctx *g = NULL;
     moe_status st = gguf_open(&g, path);
     if (st) return st;
+    if (!gguf_has_key(g, "moe.d_model")) { /* a model from another tool */
+        st = load_published(out, g, path);
+        if (st) gguf_close(g);
+        return st;
+    }
     moe_config cfg;
     moe_model *m = NULL;
     st = read_config(g, &cfg, path);

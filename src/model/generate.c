@@ -7,6 +7,8 @@
 
 typedef struct { float p; int32_t id; } cand;
 
+enum { PROMPT_CHUNK = 64 }; /* prompt tokens per model_infer call */
+
 static int by_prob_desc(const void *a, const void *b) {
     const cand *x = a, *y = b;
     if (x->p != y->p) return x->p < y->p ? 1 : -1;
@@ -51,8 +53,9 @@ moe_status moe_generate(moe_model *m, const int32_t *prompt, size_t n_prompt,
                         const moe_sample_params *sp, moe_token_fn fn, void *user) {
     const moe_config *c = &m->cfg;
     if (n_prompt == 0) return moe_error(MOE_ERR_INVALID_ARG, "empty prompt (pass at least one token)");
-    if (n_prompt >= (size_t)c->max_seq)
-        return moe_error(MOE_ERR_INVALID_ARG, "prompt of %zu tokens does not fit the context of %d", n_prompt, c->max_seq);
+    const int ctx = moe_model_context(m);
+    if (n_prompt >= (size_t)ctx)
+        return moe_error(MOE_ERR_INVALID_ARG, "prompt of %zu tokens does not fit the context of %d", n_prompt, ctx);
     const int V = c->vocab_size;
     float *logits = moe_malloc(sizeof(float) * V);
     cand *cands = moe_malloc(sizeof(cand) * V);
@@ -61,10 +64,16 @@ moe_status moe_generate(moe_model *m, const int32_t *prompt, size_t n_prompt,
     moe_rng_seed(&rng, sp->seed);
     moe_status st = MOE_OK;
     int pos = 0;
-    for (size_t i = 0; !st && i < n_prompt; i++) st = model_decode(m, prompt[i], pos++, logits);
+    /* the prompt in chunks (each token gets the bits it would get alone) */
+    for (size_t i = 0; !st && i < n_prompt;) {
+        const int n = (int)MOE_MIN(n_prompt - i, (size_t)PROMPT_CHUNK);
+        st = model_infer(m, prompt + i, n, pos, logits, 0);
+        pos += n;
+        i += (size_t)n;
+    }
     int eos = m->tok ? moe_tokenizer_eos(m->tok) : -1;
     int vocab_used = m->tok ? moe_tokenizer_vocab_size(m->tok) : V;
-    for (int i = 0; !st && i < sp->max_tokens && pos < c->max_seq; i++) {
+    for (int i = 0; !st && i < sp->max_tokens && pos < ctx; i++) {
         /* ids the tokenizer never produces get no probability */
         for (int v = vocab_used; v < V; v++) logits[v] = -INFINITY;
         int32_t next = sample(logits, V, sp, &rng, cands);

@@ -308,6 +308,7 @@ static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
     }
     moe_route_opts ro = model_route_opts(m, l, n);
     if (ro.mode == MOE_ROUTING_EXPERT) ro.mode = MOE_ROUTING_TOKEN;
+    ro.capacity = 0; /* dropless: a token's result must not depend on its chunk */
     moe_weights mw = model_layer_moe_weights(W);
     if (ro.mode == MOE_ROUTING_SEQUENCE) {
         /* causal: each token routes on the mean over the prefix up to it, so

@@ -1,0 +1,19 @@
+/* arch: the MoE architectures people publish as GGUF files, read into our
+ * config and layer plan. Each family's hyperparameters come from its
+ * "{arch}.*" metadata keys, with the semantics llama.cpp gives them (routing
+ * normalisation, RoPE layout, norms); tensors are then bound by the model's
+ * one tensor list (model/plan.c), whose names are llama.cpp's. */
+#ifndef MOE_ARCH_H
+#define MOE_ARCH_H
+#include "io/gguf.h"
+#include "moe.h"
+
+/* Names the architectures we run ("llama, olmoe, ..."): for messages. */
+const char *arch_supported_list(void);
+/* Fills cfg from the file's metadata for its general.architecture (copied
+ * into arch[cap]); MOE_ERR_UNSUPPORTED for other architectures, naming it,
+ * MOE_ERR_FORMAT for missing or impossible keys, naming the key. The
+ * vocabulary size and whether the output head is tied come from the
+ * tensors. */
+moe_status arch_read_config(const gguf_ctx *g, moe_config *cfg, char *arch, size_t cap);
+#endif
