@@ -16,4 +16,10 @@ const char *arch_supported_list(void);
  * vocabulary size and whether the output head is tied come from the
  * tensors. */
 moe_status arch_read_config(const gguf_ctx *g, moe_config *cfg, char *arch, size_t cap);
+/* Writes a random-weight model of cfg's shapes in architecture arch's layout
+ * (names, shapes, metadata as llama.cpp reads them); every matrix of element
+ * type wtype, 1-D tensors f32; with tok's vocabulary when tok is non-NULL.
+ * For tests and benchmarks: reading it back gives cfg again. */
+moe_status arch_write_random(const char *path, const char *arch, const moe_config *cfg, int wtype,
+                             const moe_tokenizer *tok, uint64_t seed);
 #endif

@@ -255,3 +255,65 @@ moe_status moe_model_load(moe_model **out, const char *path) {
     *out = m;
     return MOE_OK;
 }
+
+static void human_bytes(char *buf, size_t cap, double b) {
+    if (b >= (1ull << 30)) snprintf(buf, cap, "%.2f GiB", b / (1ull << 30));
+    else snprintf(buf, cap, "%.1f MiB", b / (1 << 20));
+}
+
+void moe_model_describe(const moe_model *m, char *buf, size_t cap) {
+    const moe_config *c = &m->cfg;
+    size_t n = 0;
+    buf[0] = 0;
+#define P(...) do { if (n < cap) { int w_ = snprintf(buf + n, cap - n, __VA_ARGS__); if (w_ > 0) n += (size_t)w_; } } while (0)
+    const int n_moe = moe_config_n_moe_layers(c);
+    P("architecture: %s\n", m->arch[0] ? m->arch : "llama (moe's own)");
+    P("layers: %d (%d MoE, %d dense)\n", c->n_layers, n_moe, c->n_layers - n_moe);
+    P("d_model: %d, vocab: %d, context length: %d\n", c->d_model, c->vocab_size, c->max_seq);
+    if (c->n_experts > 0) {
+        P("experts: %d routed, top-%d, hidden %d; %s scores, %s", c->n_experts, c->top_k, c->d_expert,
+          c->router == MOE_ROUTER_SIGMOID ? "sigmoid" : "softmax", c->renorm_topk ? "renormalised" : "not renormalised");
+        if (c->routed_scale != 1.0f) P(", scaled by %g", c->routed_scale);
+        if (c->expert_bias) P(", selection bias");
+        if (c->n_group > 1) P(", %d groups of which %d eligible", c->n_group, c->topk_group);
+        P("\n");
+        if (c->n_shared_experts > 0)
+            P("shared experts: %d of hidden %d%s\n", c->n_shared_experts, c->d_shared, c->shared_gate ? ", sigmoid-gated" : "");
+    }
+    const int hd = moe_config_head_dim(c), vd = moe_config_v_head_dim(c), rd = moe_config_rope_dim(c);
+    if (c->attn == MOE_ATTN_MLA)
+        P("attention: MLA, %d heads, q/k head %d (RoPE on %d), v head %d, latent %d, query rank %d\n", c->n_heads, hd,
+          rd, vd, c->kv_lora_rank, c->q_lora_rank);
+    else
+        P("attention: %s, %d heads, %d KV heads, head %d%s%s\n", c->n_kv_heads < c->n_heads ? "GQA" : "MHA", c->n_heads,
+          c->n_kv_heads, hd, c->qk_norm == MOE_QK_NORM_FULL ? ", q/k norms" : c->qk_norm == MOE_QK_NORM_HEAD ? ", per-head q/k norms" : "",
+          c->qkv_bias ? ", q/k/v biases" : "");
+    P("rope: %s, base %g, %d of %d dims%s\n", c->rope_neox ? "halves (neox)" : "adjacent pairs", c->rope_base, rd, hd,
+      c->yarn_factor > 1 ? ", YaRN" : c->rope_freq_scale != 1.0f ? ", linear scaling" : "");
+    /* tensor types: count and bytes per type */
+    int counts[DT_COUNT] = {0};
+    double bytes[DT_COUNT] = {0}, total_bytes = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const moe_tensor *t = model_tensor_slot((model_weights *)&m->w, &m->tensors[i]);
+        const gguf_tensor *gt = m->file ? gguf_find_tensor(m->file, m->tensors[i].name) : NULL;
+        int ty = gt ? gt->type : t->type;
+        double b = gt ? (double)gt->nbytes : (double)m->tensors[i].size * sizeof(float);
+        if (ty >= 0 && ty < DT_COUNT) { counts[ty]++; bytes[ty] += b; }
+        total_bytes += b;
+    }
+    P("tensor types:");
+    for (int ty = 0; ty < DT_COUNT; ty++)
+        if (counts[ty]) { char h[32]; human_bytes(h, sizeof h, bytes[ty]); P(" %s x%d (%s)", dtype_name(ty), counts[ty], h); }
+    P("\n");
+    moe_param_counts pc = moe_config_param_counts(c);
+    P("parameters: %.3gB total, %.3gB active per token (%.1f%%)\n", pc.total / 1e9, pc.active / 1e9,
+      pc.total ? 100.0 * pc.active / pc.total : 0.0);
+    char hb[32], hk[32];
+    human_bytes(hb, sizeof hb, m->file ? (double)gguf_data_size(m->file) : total_bytes);
+    const int ctx = moe_model_context(m);
+    human_bytes(hk, sizeof hk, (double)model_kv_bytes(c, ctx));
+    P("weights: %s%s\n", hb, m->file ? " on disk, memory-mapped" : " (fp32, in memory)");
+    P("memory at context %d: weights %s + KV cache %s (%s per position)\n", ctx, hb, hk,
+      c->attn == MOE_ATTN_MLA ? "latent + rotary key" : "K and V");
+#undef P
+}

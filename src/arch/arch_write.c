@@ -1,0 +1,133 @@
+/* arch_write: random-weight GGUF files in a published layout, written with
+ * our own GGUF writer: tensor names and shapes from the model's tensor list,
+ * "{arch}.*" metadata as llama.cpp reads it. Tests compare our engine on
+ * them with an independent PyTorch implementation and with llama.cpp; the
+ * benchmark writes its synthetic models this way. */
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "arch/arch.h"
+#include "core/dtype.h"
+#include "data/tokenizer.h"
+#include "model/model.h"
+
+static moe_status put_meta(gguf_writer *w, const char *arch, const moe_config *c) {
+    char k[128];
+    moe_status st = MOE_OK;
+#define U(suffix, v) do { snprintf(k, sizeof k, "%s.%s", arch, suffix); if (!st) st = gguf_set_u32(w, k, (uint32_t)(v)); } while (0)
+#define F(suffix, v) do { snprintf(k, sizeof k, "%s.%s", arch, suffix); if (!st) st = gguf_set_f32(w, k, (float)(v)); } while (0)
+    if (!st) st = gguf_set_str(w, "general.architecture", arch, strlen(arch));
+    if (!st) st = gguf_set_str(w, "general.name", "moe-random", 10);
+    U("context_length", c->max_seq);
+    U("embedding_length", c->d_model);
+    U("block_count", c->n_layers);
+    U("feed_forward_length", c->d_ff > 0 ? c->d_ff : c->d_expert);
+    U("attention.head_count", c->n_heads);
+    U("attention.head_count_kv", c->n_kv_heads);
+    F("attention.layer_norm_rms_epsilon", c->norm_eps);
+    F("rope.freq_base", c->rope_base);
+    U("rope.dimension_count", moe_config_rope_dim(c));
+    U("vocab_size", c->vocab_size);
+    if (c->attn != MOE_ATTN_MLA && c->head_dim) {
+        U("attention.key_length", moe_config_head_dim(c));
+        U("attention.value_length", moe_config_v_head_dim(c));
+    }
+    if (c->n_experts > 0) {
+        U("expert_count", c->n_experts);
+        U("expert_used_count", c->top_k);
+        if (strcmp(arch, "llama") && strcmp(arch, "olmoe")) U("expert_feed_forward_length", c->d_expert);
+    }
+    if (!strcmp(arch, "qwen2moe") && c->n_shared_experts > 0)
+        U("expert_shared_feed_forward_length", (int64_t)c->n_shared_experts * c->d_shared);
+    if (!strcmp(arch, "deepseek2")) {
+        U("attention.q_lora_rank", c->q_lora_rank);
+        U("attention.kv_lora_rank", c->kv_lora_rank);
+        U("attention.key_length_mla", moe_config_head_dim(c));
+        U("attention.value_length_mla", moe_config_v_head_dim(c));
+        U("attention.key_length", c->kv_lora_rank + moe_config_rope_dim(c));
+        U("attention.value_length", c->kv_lora_rank);
+        U("leading_dense_block_count", c->moe_first_dense);
+        U("expert_shared_count", c->n_shared_experts);
+        F("expert_weights_scale", c->routed_scale);
+        snprintf(k, sizeof k, "%s.expert_weights_norm", arch);
+        if (!st) st = gguf_set_bool(w, k, c->renorm_topk);
+        U("expert_gating_func", c->router == MOE_ROUTER_SIGMOID ? 2 : 1);
+        if (c->n_group > 1) {
+            U("expert_group_count", c->n_group);
+            U("expert_group_used_count", c->topk_group);
+        }
+    }
+    if (c->yarn_factor > 1) {
+        snprintf(k, sizeof k, "%s.rope.scaling.type", arch);
+        if (!st) st = gguf_set_str(w, k, "yarn", 4);
+        F("rope.scaling.factor", c->yarn_factor);
+        U("rope.scaling.original_context_length", c->yarn_orig_ctx);
+        F("rope.scaling.yarn_log_multiplier", c->yarn_log_mul);
+    }
+#undef U
+#undef F
+    return st;
+}
+
+moe_status arch_write_random(const char *path, const char *arch, const moe_config *cfg, int wtype,
+                             const moe_tokenizer *tok, uint64_t seed) {
+    moe_model *m = NULL;
+    moe_status st = model_alloc(&m, cfg);
+    if (st) return st;
+    const dtype_traits *tr = dtype_traits_of(wtype);
+    if (wtype != DT_F32 && (!tr || !tr->from_float)) {
+        moe_model_free(m);
+        return moe_error(MOE_ERR_UNSUPPORTED, "cannot write tensors of type %s", dtype_name(wtype));
+    }
+    /* weights of unit-scale activations: matrices N(0, 1/fan_in), norms near
+     * 1, biases and the selection bias small, embeddings N(0, 1) */
+    moe_rng rng;
+    moe_rng_seed(&rng, seed);
+    for (int i = 0; i < m->n_tensors; i++) {
+        const tensor_desc *t = &m->tensors[i];
+        float *p = m->params + t->offset;
+        const int embd = !strcmp(t->name, "token_embd.weight");
+        const float sd = t->n_dims == 1 ? 0.1f : embd ? 1.0f : 1.0f / sqrtf((float)t->ne[0]);
+        const float base = t->init == TENSOR_INIT_ONES ? 1.0f : 0.0f;
+        for (size_t j = 0; j < t->size; j++) p[j] = base + sd * moe_rng_normal(&rng);
+    }
+    size_t qbytes = 0;
+    for (int i = 0; i < m->n_tensors && wtype != DT_F32; i++) {
+        size_t rb;
+        const tensor_desc *t = &m->tensors[i];
+        if (t->n_dims == 1) continue;
+        if (dtype_row_bytes(wtype, t->ne[0], &rb)) {
+            st = moe_error(MOE_ERR_INVALID_ARG, "%s: rows of %lld are not whole %s blocks", t->name,
+                           (long long)t->ne[0], dtype_name(wtype));
+            break;
+        }
+        qbytes += rb * (size_t)(t->ne[1] * t->ne[2]);
+    }
+    char *q = st || !qbytes ? NULL : moe_malloc(qbytes);
+    if (!st && qbytes && !q) st = MOE_ERR_NOMEM;
+    gguf_writer *w = st ? NULL : gguf_writer_create();
+    if (!st && !w) st = MOE_ERR_NOMEM;
+    if (!st) st = put_meta(w, arch, cfg);
+    if (!st && tok) st = tokenizer_write_gguf(tok, w);
+    size_t used = 0;
+    for (int i = 0; !st && i < m->n_tensors; i++) {
+        const tensor_desc *t = &m->tensors[i];
+        const float *src = m->params + t->offset;
+        if (t->n_dims == 1 || wtype == DT_F32) {
+            st = gguf_add_tensor(w, t->name, DT_F32, t->n_dims, t->ne, src);
+            continue;
+        }
+        size_t rb;
+        dtype_row_bytes(wtype, t->ne[0], &rb);
+        const int64_t rows = t->ne[1] * t->ne[2];
+        for (int64_t r = 0; r < rows; r++) tr->from_float(q + used + (size_t)r * rb, src + r * t->ne[0], t->ne[0]);
+        st = gguf_add_tensor(w, t->name, wtype, t->n_dims, t->ne, q + used);
+        used += rb * (size_t)rows;
+    }
+    if (!st) st = gguf_write_file(w, path);
+    gguf_writer_free(w);
+    moe_free(q);
+    moe_model_free(m);
+    return st;
+}
