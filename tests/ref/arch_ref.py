@@ -725,6 +725,17 @@ def selftest():
         G.dequantize(np.frombuffer(np.array([0x3FC0, 0xC010], "<u2").tobytes(), np.uint8), G.GGML_BF16, 2)]),
         [1.5, -2.25, 1.5, -2.25])
 
+    # several random blocks at once == block by block (catches broadcasting slips)
+    for ty in (G.GGML_Q8_0, G.GGML_Q4_0, G.GGML_Q4_K, G.GGML_Q5_K, G.GGML_Q6_K):
+        _, blk_n, size = G.TYPE_INFO[ty]
+        raw = rng.integers(0, 256, (5, size), dtype=np.uint8)
+        dpos = [size - 2] if ty == G.GGML_Q6_K else ([0, 2] if blk_n == 256 else [0])
+        for q in dpos:
+            raw[:, q:q + 2] = np.frombuffer(np.float16(rng.standard_normal(5)).tobytes(), np.uint8).reshape(5, 2)
+        whole = G.dequantize(raw.reshape(-1), ty, 5 * blk_n)
+        each = np.concatenate([G.dequantize(raw[i], ty, blk_n) for i in range(5)])
+        close("dequant %s 5 blocks == block by block" % G.TYPE_INFO[ty][0], whole, each)
+
     # activation rounding: Q8_0 block with amax 127 -> integers stay, halves
     # round to even; d = fp16(1.0)
     x = np.zeros(32, np.float32)
@@ -836,10 +847,15 @@ def _selftest_model(rep, rng):
           "qwen2moe.attention.layer_norm_rms_epsilon": ("f", 1e-6),
           "qwen2moe.rope.freq_base": ("f", 10000.0), "qwen2moe.expert_count": ("u", NE),
           "qwen2moe.expert_used_count": ("u", 2)}
-    f16_names = {"blk.0.ffn_up_exps.weight", "blk.1.attn_q.weight"}   # exercise F16 act rounding
-    write_gguf(path, md, t, f16_names)
+    # exercise F16 and Q8_0 activation rounding
+    f16_names = {"blk.0.ffn_up_exps.weight", "blk.1.attn_q.weight"}
+    q8_names = {"blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.1.ffn_down_exps.weight",
+                "blk.1.ffn_gate_exps.weight", "blk.0.ffn_up_shexp.weight", "output.weight"}
+    write_gguf(path, md, t, f16_names, q8_names)
     fr = G.GGUFFile(path)
-    close_ok = np.allclose(fr.tensor("blk.1.ffn_down_exps.weight"), t["blk.1.ffn_down_exps.weight"], atol=1e-6)
+    close_ok = np.allclose(fr.tensor("blk.1.ffn_down_exps.weight"), t["blk.1.ffn_down_exps.weight"],
+                           atol=np.abs(t["blk.1.ffn_down_exps.weight"]).max() / 127)
+    close_ok &= np.allclose(fr.tensor("blk.0.ffn_gate_exps.weight"), t["blk.0.ffn_gate_exps.weight"], atol=1e-6)
     rep.line(close_ok and fr.metadata["qwen2moe.expert_count"] == NE, "gguf write/read round trip",
              "%d tensors, %d kv" % (len(fr.tensors), len(fr.metadata)))
     prompt = [1, 5, 9, 13, 2, 40]
@@ -869,8 +885,18 @@ def _selftest_model(rep, rng):
                  "%d failed" % sub.failed)
 
 
-def write_gguf(path, metadata, tensors, f16_names=()):
-    """Minimal GGUF v3 writer for the selftest (F32, some F16). metadata:
+def quantize_q8_0(a):
+    """Rows of a -> Q8_0 bytes: per 32 values d = amax/127 (fp16),
+    q = round(x/d) (the reference quantiser's rule)."""
+    b = np.asarray(a, np.float32).reshape(-1, 32)
+    d = (np.abs(b).max(1, keepdims=True) / 127).astype(np.float16)
+    df = d.astype(np.float32)
+    q = np.clip(np.rint(np.divide(b, df, out=np.zeros_like(b), where=df != 0)), -127, 127).astype(np.int8)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), q.view(np.uint8)], axis=1).tobytes()
+
+
+def write_gguf(path, metadata, tensors, f16_names=(), q8_names=()):
+    """Minimal GGUF v3 writer for the selftest (F32, some F16/Q8_0). metadata:
     key -> ("s"|"u"|"f", value); tensors: name -> numpy array (numpy order)."""
     align = 32
     kv = b""
@@ -886,8 +912,11 @@ def write_gguf(path, metadata, tensors, f16_names=()):
             kv += struct.pack("<If", G.GGUF_FLOAT32, v)
     infos, blobs, off = b"", [], 0
     for name, a in tensors.items():
-        ty = G.GGML_F16 if name in f16_names else G.GGML_F32
-        data = np.ascontiguousarray(a, np.float16 if ty == G.GGML_F16 else np.float32).tobytes()
+        ty = G.GGML_F16 if name in f16_names else G.GGML_Q8_0 if name in q8_names else G.GGML_F32
+        if ty == G.GGML_Q8_0:
+            data = quantize_q8_0(a)
+        else:
+            data = np.ascontiguousarray(a, np.float16 if ty == G.GGML_F16 else np.float32).tobytes()
         nb = name.encode()
         ne = list(reversed(a.shape))
         infos += struct.pack("<Q", len(nb)) + nb + struct.pack("<I", len(ne))

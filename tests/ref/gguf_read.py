@@ -276,7 +276,7 @@ def dequantize(raw, ggml_type, n):
         ql = b[:, 0:128].reshape(nb, 2, 64)                # two halves of 128 values
         qh = b[:, 128:192].reshape(nb, 2, 32)
         sc = b[:, 192:208].view(np.int8).astype(np.float32).reshape(nb, 2, 8)
-        d = _f16(b[:, 208:210].reshape(nb, 1, 2)).reshape(nb, 1, 1)
+        d = _f16(b[:, 208:210].reshape(nb, 1, 2)).reshape(nb, 1, 1, 1)
         lo = ql & 0xF
         hi = ql >> 4
         # quarter j of a half (32 values each): low bits from ql, 2 high bits
