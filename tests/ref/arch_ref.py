@@ -526,7 +526,7 @@ BOUND_ACT_QUANT = 3e-2
 # rounding may pick another expert, which legitimately changes everything
 # after; positions from there on are reported, not failed.
 ROUTE_TIE_F32 = 1e-5
-ROUTE_TIE_ACT_QUANT = 3e-3
+ROUTE_TIE_ACT_QUANT = 1e-3
 
 
 def write_dump(path, tokens, n_prompt, logits, flags):
@@ -858,7 +858,7 @@ def _selftest_model(rep, rng):
     close_ok &= np.allclose(fr.tensor("blk.0.ffn_gate_exps.weight"), t["blk.0.ffn_gate_exps.weight"], atol=1e-6)
     rep.line(close_ok and fr.metadata["qwen2moe.expert_count"] == NE, "gguf write/read round trip",
              "%d tensors, %d kv" % (len(fr.tensors), len(fr.metadata)))
-    prompt = [1, 5, 9, 13, 2, 40]
+    prompt = [3, 4, 5, 6, 7, 8]     # no routing near-tie on this model (see check_dump)
     for aq in (False, True):
         eng = Model(path, act_quant=aq, dtype=torch.float32)
         gen = eng.greedy(prompt, 6)
