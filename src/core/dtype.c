@@ -33,7 +33,8 @@ static inline float bits_f32(uint32_t u) {
 
 float dtype_f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    if (exp == 0x1f) return bits_f32(sign | 0x7f800000u | (man << 13)); /* inf, NaN */
+    if (exp == 0x1f) /* inf; NaN made quiet, as VCVTPH2PS does */
+        return bits_f32(sign | 0x7f800000u | (man ? (man | 0x200u) << 13 : 0));
     if (exp == 0) {                                                    /* zero, subnormal */
         float v = (float)man * 0x1p-24f;                               /* exact */
         return sign ? -v : v;
@@ -677,11 +678,12 @@ int dtype_usable(int type) {
     return a && a->quantize_act && a->blck == t->blck ? 1 : 0;
 }
 
+/* sizes past INT64_MAX count as overflow: they must fit off_t and ptrdiff_t */
 int dtype_row_bytes(int type, int64_t n, size_t *out) {
     const dtype_traits *t = dtype_traits_of(type);
     if (!t || n < 0 || n % t->blck) return -1;
     uint64_t blocks = (uint64_t)(n / t->blck);
-    if (blocks > SIZE_MAX / t->block_bytes) return -1;
+    if (blocks > (uint64_t)INT64_MAX / t->block_bytes || blocks > SIZE_MAX / t->block_bytes) return -1;
     *out = (size_t)blocks * t->block_bytes;
     return 0;
 }

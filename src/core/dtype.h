@@ -53,13 +53,15 @@ const dtype_traits *dtype_traits_of(int type);
 const char *dtype_name(int type);          /* "type 42" style text for unknown numbers */
 /* 1 when tensors of this type can be used as weights (to_float and vec_dot). */
 int dtype_usable(int type);
-/* Bytes of n elements of type; -1 when n is not a multiple of the block size,
- * the type is unknown or the size overflows. */
+/* Bytes of n elements of type; -1 when n is negative or not a multiple of the
+ * block size, the type is unknown or the size exceeds INT64_MAX. */
 int dtype_row_bytes(int type, int64_t n, size_t *out);
 
 /* fp16 and bf16 conversions (round to nearest even), shared by every path. */
+/* both exactly as F16C's VCVTPH2PS / VCVTPS2PH (what llama.cpp uses on x86):
+ * subnormals kept, overflow to inf, NaN made quiet */
 float dtype_f16_to_f32(uint16_t h);
-uint16_t dtype_f32_to_f16(float f);   /* as F16C's VCVTPS2PH: subnormals kept, NaN quiet */
+uint16_t dtype_f32_to_f16(float f);
 float dtype_bf16_to_f32(uint16_t h);
 /* as llama.cpp's GGML_FP32_TO_BF16: subnormals kept (kernels.h's
  * bf16_from_float flushes them, as VCVTNEPS2BF16 does), NaN made quiet */
