@@ -25,6 +25,15 @@ static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8));
 static float f32_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
+/* starts the case "<what> <type name>..." for one type of a loop over types */
+static const dtype_traits *type_case(const char *what, int type, const char *rest) {
+    static char name[128];
+    const dtype_traits *t = dtype_traits_of(type);
+    snprintf(name, sizeof name, "%s %s: %s", what, t->name, rest);
+    TEST_CASE(name);
+    return t;
+}
+
 static void fill_normal(float *x, int n, float scale, moe_rng *r) {
     for (int i = 0; i < n; i++) x[i] = scale * moe_rng_normal(r);
 }
@@ -335,10 +344,7 @@ static void test_round_trips(void) {
     moe_rng_seed(&r, 5);
     for (int ti = 0; ti < N_WEIGHT_TYPES; ti++) {
         int type = weight_types[ti];
-        const dtype_traits *t = dtype_traits_of(type);
-        char name[64];
-        snprintf(name, sizeof name, "round trip %s: random, zero, huge, tiny, one-signed", t->name);
-        TEST_CASE(name);
+        const dtype_traits *t = type_case("round trip", type, "random, zero, huge, tiny, one-signed");
         /* eight 256-element regions of different character */
         fill_normal(x, N, 1.0f, &r);
         memset(x + 256, 0, 256 * sizeof(float));                         /* zero blocks     */
@@ -537,10 +543,8 @@ static void test_vec_dot(void) {
     moe_rng_seed(&r, 9);
     for (size_t ti = 0; ti < sizeof qtypes / sizeof qtypes[0]; ti++) {
         int type = qtypes[ti];
-        const dtype_traits *t = dtype_traits_of(type), *at = dtype_traits_of(t->dot_type);
-        char name[80];
-        snprintf(name, sizeof name, "vec_dot %s: vs own decoding (exact ints, double), vs to_float", t->name);
-        TEST_CASE(name);
+        const dtype_traits *t = type_case("vec_dot", type, "vs own decoding (exact ints, double), vs to_float");
+        const dtype_traits *at = dtype_traits_of(t->dot_type);
         int nblk = C / t->blck, worst_bad = 0;
         double worst = 0, worst2 = 0;
         for (int trial = 0; trial < 20; trial++) {
@@ -623,10 +627,7 @@ static void test_qmatmul(void) {
     int saved_threads = omp_get_max_threads();
     for (int ti = 0; ti < N_WEIGHT_TYPES; ti++) {
         int type = weight_types[ti];
-        const dtype_traits *t = dtype_traits_of(type);
-        char name[80];
-        snprintf(name, sizeof name, "qmatmul %s: vs ref on ragged shapes, 1 vs 2 threads", t->name);
-        TEST_CASE(name);
+        const dtype_traits *t = type_case("qmatmul", type, "vs ref on ragged shapes, 1 vs 2 threads");
         int bad = 0, diff_threads = 0;
         for (size_t ci = 0; ci < 2; ci++)
             for (size_t oi = 0; oi < 3; oi++)

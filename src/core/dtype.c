@@ -10,6 +10,7 @@
 #include "core/dtype.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -31,15 +32,17 @@ static inline float bits_f32(uint32_t u) {
     return f;
 }
 
+/* Branch-free so that row loops vectorise: the half's exponent and mantissa
+ * shifted into a float's place and scaled by 2^112 give every finite value
+ * (subnormals included) exactly; an all-ones exponent becomes inf/NaN. */
 float dtype_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    if (exp == 0x1f) /* inf; NaN made quiet, as VCVTPH2PS does */
-        return bits_f32(sign | 0x7f800000u | (man ? (man | 0x200u) << 13 : 0));
-    if (exp == 0) {                                                    /* zero, subnormal */
-        float v = (float)man * 0x1p-24f;                               /* exact */
-        return sign ? -v : v;
-    }
-    return bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
+    uint32_t em = (uint32_t)(h & 0x7fffu) << 13;
+    float v = bits_f32(em) * 0x1p112f;
+    uint32_t u = f32_bits(v);
+    uint32_t special = (h & 0x7c00u) == 0x7c00u;
+    uint32_t nan = special & ((h & 0x3ffu) != 0);
+    u = special ? 0x7f800000u | em | (nan << 22) : u; /* NaN made quiet, as VCVTPH2PS does */
+    return bits_f32(u | ((uint32_t)(h & 0x8000u) << 16));
 }
 
 /* Round to nearest even, as F16C's VCVTPS2PH with rounding control 0 (what
@@ -112,6 +115,7 @@ typedef struct {                                     /* x = d sc_j (q - 32), 16 
 _Static_assert(sizeof(blk_q4_0) == 18 && sizeof(blk_q8_0) == 34, "block size");
 _Static_assert(sizeof(blk_q4_K) == 144 && sizeof(blk_q5_K) == 176, "block size");
 _Static_assert(sizeof(blk_q6_K) == 210, "block size");
+_Static_assert(offsetof(blk_q5_K, scales) == offsetof(blk_q4_K, scales), "shared K header");
 _Static_assert(sizeof(dtype_q8_K_block) == 292, "block size");
 
 /* ------------------------------------------------------------------------ */
@@ -220,22 +224,27 @@ static void k_affine_to_float(float *dst, const int8_t *q, float d, float dmin,
         for (int l = 0; l < 32; l++) dst[32 * j + l] = d1 * (float)q[32 * j + l] - m1;
     }
 }
-static void q4_K_to_float(float *dst, const void *src, int64_t n) {
-    const blk_q4_K *b = src;
+/* Q4_K and Q5_K share their header (d, dmin, 12 scale bytes at offsets 0, 2,
+ * 4): block i of a row unpacked into q, its header returned */
+static const blk_q4_K *k_affine_block(const void *row, int64_t i, int five_bits, int8_t *q) {
+    if (five_bits) {
+        const blk_q5_K *b = (const blk_q5_K *)row + i;
+        q5k_unpack(b, q);
+        return (const blk_q4_K *)b;
+    }
+    const blk_q4_K *b = (const blk_q4_K *)row + i;
+    q4k_unpack(b, q);
+    return b;
+}
+static void k_affine_row_to_float(float *dst, const void *src, int64_t n, int five_bits) {
     int8_t q[QKK];
     for (int64_t i = 0; i < n / QKK; i++, dst += QKK) {
-        q4k_unpack(&b[i], q);
-        k_affine_to_float(dst, q, ld_f16(b[i].d), ld_f16(b[i].dmin), b[i].scales);
+        const blk_q4_K *h = k_affine_block(src, i, five_bits, q);
+        k_affine_to_float(dst, q, ld_f16(h->d), ld_f16(h->dmin), h->scales);
     }
 }
-static void q5_K_to_float(float *dst, const void *src, int64_t n) {
-    const blk_q5_K *b = src;
-    int8_t q[QKK];
-    for (int64_t i = 0; i < n / QKK; i++, dst += QKK) {
-        q5k_unpack(&b[i], q);
-        k_affine_to_float(dst, q, ld_f16(b[i].d), ld_f16(b[i].dmin), b[i].scales);
-    }
-}
+static void q4_K_to_float(float *dst, const void *src, int64_t n) { k_affine_row_to_float(dst, src, n, 0); }
+static void q5_K_to_float(float *dst, const void *src, int64_t n) { k_affine_row_to_float(dst, src, n, 1); }
 static void q6_K_to_float(float *dst, const void *src, int64_t n) {
     const blk_q6_K *b = src;
     int8_t q[QKK];
@@ -555,10 +564,15 @@ static float q8_0_vec_dot(const void *w, const void *a, int64_t n) {
  * super-block, sub-blocks of `sub` elements with scale sc[e / sub] */
 static inline void k_lanes(int32_t *lane, const int8_t *q, const int8_t *a, const int32_t *sc,
                            int sub) {
+    int16_t p[QKK]; /* |q a| <= 128 * 128: exact in int16 */
+    for (int e = 0; e < QKK; e++) p[e] = (int16_t)(q[e] * a[e]);
     for (int l = 0; l < 8; l++) lane[l] = 0;
-    for (int j = 0; j < QKK / sub; j++)
+    for (int j = 0; j < QKK / sub; j++) {
+        int32_t s8[8] = {0};
         for (int g = 0; g < sub; g += 8)
-            for (int l = 0; l < 8; l++) lane[l] += sc[j] * (q[sub * j + g + l] * a[sub * j + g + l]);
+            for (int l = 0; l < 8; l++) s8[l] += p[sub * j + g + l];
+        for (int l = 0; l < 8; l++) lane[l] += sc[j] * s8[l];
+    }
 }
 
 /* Q4_K / Q5_K against Q8_K: per super-block, 8 integer lane sums of
@@ -571,27 +585,18 @@ static float k_affine_vec_dot(const void *w, const void *a, int64_t n, int five_
     int8_t q[QKK];
     int32_t lane[8], sc[8];
     for (int64_t i = 0; i < n / QKK; i++) {
-        const uint8_t *d16, *dmin16, *scales;
-        if (five_bits) {
-            const blk_q5_K *b = (const blk_q5_K *)w + i;
-            q5k_unpack(b, q);
-            d16 = b->d, dmin16 = b->dmin, scales = b->scales;
-        } else {
-            const blk_q4_K *b = (const blk_q4_K *)w + i;
-            q4k_unpack(b, q);
-            d16 = b->d, dmin16 = b->dmin, scales = b->scales;
-        }
+        const blk_q4_K *h = k_affine_block(w, i, five_bits, q);
         int32_t minsum = 0;
         for (int j = 0; j < 8; j++) {
             uint8_t s, m;
-            k_scale_min(scales, j, &s, &m);
+            k_scale_min(h->scales, j, &s, &m);
             sc[j] = s;
             minsum += (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) * m;
         }
         k_lanes(lane, q, y[i].qs, sc, 32);
-        float d = ld_f16(d16) * y[i].d;
+        float d = ld_f16(h->d) * y[i].d;
         for (int l = 0; l < 8; l++) sums[l] += d * (float)lane[l];
-        float dmin = ld_f16(dmin16) * y[i].d;
+        float dmin = ld_f16(h->dmin) * y[i].d;
         sumf -= dmin * (float)minsum;
     }
     for (int l = 0; l < 8; l++) sumf += sums[l];
