@@ -21,6 +21,10 @@ enum {
     DT_F32 = 0, DT_F16 = 1, DT_Q4_0 = 2, DT_Q4_1 = 3, DT_Q5_0 = 6, DT_Q5_1 = 7,
     DT_Q8_0 = 8, DT_Q8_1 = 9, DT_Q2_K = 10, DT_Q3_K = 11, DT_Q4_K = 12, DT_Q5_K = 13,
     DT_Q6_K = 14, DT_Q8_K = 15, DT_BF16 = 30,
+    /* known for size checks only (no arithmetic) */
+    DT_IQ2_XXS = 16, DT_IQ2_XS = 17, DT_IQ3_XXS = 18, DT_IQ1_S = 19, DT_IQ4_NL = 20,
+    DT_IQ3_S = 21, DT_IQ2_S = 22, DT_IQ4_XS = 23, DT_I8 = 24, DT_I16 = 25, DT_I32 = 26,
+    DT_I64 = 27, DT_F64 = 28, DT_IQ1_M = 29, DT_TQ1_0 = 34, DT_TQ2_0 = 35, DT_MXFP4 = 39,
     DT_COUNT = 40 /* numbers below this may name a type; unknown ones have no traits */
 };
 
@@ -49,13 +53,28 @@ const dtype_traits *dtype_traits_of(int type);
 const char *dtype_name(int type);          /* "type 42" style text for unknown numbers */
 /* 1 when tensors of this type can be used as weights (to_float and vec_dot). */
 int dtype_usable(int type);
-/* Bytes of n elements of type; -1 when n is not a multiple of the block size,
- * the type is unknown or the size overflows. */
+/* Bytes of n elements of type; -1 when n is negative or not a multiple of the
+ * block size, the type is unknown or the size exceeds INT64_MAX. */
 int dtype_row_bytes(int type, int64_t n, size_t *out);
 
 /* fp16 and bf16 conversions (round to nearest even), shared by every path. */
+/* both exactly as F16C's VCVTPH2PS / VCVTPS2PH (what llama.cpp uses on x86):
+ * subnormals kept, overflow to inf, NaN made quiet */
 float dtype_f16_to_f32(uint16_t h);
 uint16_t dtype_f32_to_f16(float f);
+float dtype_bf16_to_f32(uint16_t h);
+/* as llama.cpp's GGML_FP32_TO_BF16: subnormals kept (kernels.h's
+ * bf16_from_float flushes them, as VCVTNEPS2BF16 does), NaN made quiet */
+uint16_t dtype_f32_to_bf16(float f);
+
+/* The Q8_K activation block (ggml's block_q8_K): x = d * qs, bsums[g] the sum
+ * of qs[16g .. 16g+15]. Unlike the weight blocks it holds a float, so Q8_K
+ * rows (qmatmul's workspace) must be 4-byte aligned. */
+typedef struct {
+    float d;
+    int8_t qs[256];
+    int16_t bsums[16];
+} dtype_q8_K_block;
 
 /* A typed tensor view. ne[0] is the row length (ggml order); rows are
  * row_bytes apart; a 3-D tensor [ne2][ne1][ne0] (stacked experts) is ne2

@@ -46,25 +46,14 @@ static const char *type_name(uint32_t t) {
     return t < sizeof names / sizeof names[0] ? names[t] : "unknown";
 }
 
-/* block size (elements) and bytes per block; 0 for an unknown type */
+/* block size (elements) and bytes per block from the dtype table; 0 for a
+ * type it does not know */
 static int ggml_type_info(uint32_t type, size_t *blk, size_t *bytes) {
-    switch (type) {
-    case GGML_TYPE_F32: *blk = 1; *bytes = 4; return 1;
-    case GGML_TYPE_F16: case GGML_TYPE_BF16: *blk = 1; *bytes = 2; return 1;
-    case GGML_TYPE_Q4_0: *blk = 32; *bytes = 18; return 1;
-    case GGML_TYPE_Q4_1: *blk = 32; *bytes = 20; return 1;
-    case GGML_TYPE_Q5_0: *blk = 32; *bytes = 22; return 1;
-    case GGML_TYPE_Q5_1: *blk = 32; *bytes = 24; return 1;
-    case GGML_TYPE_Q8_0: *blk = 32; *bytes = 34; return 1;
-    case GGML_TYPE_Q8_1: *blk = 32; *bytes = 36; return 1;
-    case GGML_TYPE_Q2_K: *blk = 256; *bytes = 84; return 1;
-    case GGML_TYPE_Q3_K: *blk = 256; *bytes = 110; return 1;
-    case GGML_TYPE_Q4_K: *blk = 256; *bytes = 144; return 1;
-    case GGML_TYPE_Q5_K: *blk = 256; *bytes = 176; return 1;
-    case GGML_TYPE_Q6_K: *blk = 256; *bytes = 210; return 1;
-    case GGML_TYPE_Q8_K: *blk = 256; *bytes = 292; return 1;
-    default: return 0;
-    }
+    const dtype_traits *t = type < DT_COUNT ? dtype_traits_of((int)type) : NULL;
+    if (!t) return 0;
+    *blk = (size_t)t->blck;
+    *bytes = t->block_bytes;
+    return 1;
 }
 
 enum { SIZE_OK, SIZE_UNKNOWN_TYPE, SIZE_BLOCK, SIZE_OVERFLOW };

@@ -12,6 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "core/core.h"
+#include "core/dtype.h"
 
 typedef enum {
     GGUF_TYPE_UINT8 = 0, GGUF_TYPE_INT8 = 1, GGUF_TYPE_UINT16 = 2, GGUF_TYPE_INT16 = 3,
@@ -20,12 +21,13 @@ typedef enum {
     GGUF_TYPE_FLOAT64 = 12,
 } gguf_type;
 
-/* tensor element types (ggml numbering); only F32 (and F16/BF16 sizes) are
- * produced by us, others are recognised for size validation */
-enum { GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q4_1 = 3,
-       GGML_TYPE_Q5_0 = 6, GGML_TYPE_Q5_1 = 7, GGML_TYPE_Q8_0 = 8, GGML_TYPE_Q8_1 = 9,
-       GGML_TYPE_Q2_K = 10, GGML_TYPE_Q3_K = 11, GGML_TYPE_Q4_K = 12, GGML_TYPE_Q5_K = 13,
-       GGML_TYPE_Q6_K = 14, GGML_TYPE_Q8_K = 15, GGML_TYPE_BF16 = 30 };
+/* tensor element types: the DT_* numbering of core/dtype.h (ggml's), whose
+ * table also holds every block size the reader checks */
+enum { GGML_TYPE_F32 = DT_F32, GGML_TYPE_F16 = DT_F16, GGML_TYPE_Q4_0 = DT_Q4_0,
+       GGML_TYPE_Q4_1 = DT_Q4_1, GGML_TYPE_Q5_0 = DT_Q5_0, GGML_TYPE_Q5_1 = DT_Q5_1,
+       GGML_TYPE_Q8_0 = DT_Q8_0, GGML_TYPE_Q8_1 = DT_Q8_1, GGML_TYPE_Q2_K = DT_Q2_K,
+       GGML_TYPE_Q3_K = DT_Q3_K, GGML_TYPE_Q4_K = DT_Q4_K, GGML_TYPE_Q5_K = DT_Q5_K,
+       GGML_TYPE_Q6_K = DT_Q6_K, GGML_TYPE_Q8_K = DT_Q8_K, GGML_TYPE_BF16 = DT_BF16 };
 
 typedef struct {
     const char *name;      /* NUL-terminated copy owned by the context */

@@ -1,9 +1,107 @@
-/* kernels/qmatmul: placeholder until the quantised paths land (F32 only). */
-#include "kernels/kernels.h"
+/* kernels/qmatmul: out = in @ W^T for weights of any usable element type.
+ * F32 weights use matmul_forward; otherwise every activation row is converted
+ * once to the weight type's dot type, then each output is one vec_dot. */
 #include "kernels/qmatmul.h"
-size_t qmatmul_workspace(int wtype, int N, int C) { (void)wtype; (void)N; (void)C; return 0; }
+#include "kernels/kernels.h"
+#include "core/core.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+/* below this many multiply-adds a parallel region costs more than it saves */
+#define PAR_MIN_WORK 65536.0
+
+/* bytes of one converted activation row; 0 when wtype cannot be multiplied */
+static size_t act_row_bytes(int wtype, int C) {
+    const dtype_traits *t = dtype_traits_of(wtype);
+    size_t rb;
+    if (!dtype_usable(wtype) || C < 0 || dtype_row_bytes(t->dot_type, C, &rb)) return 0;
+    return rb;
+}
+
+/* SIZE_MAX (unallocatable) when the type or shape cannot be multiplied */
+size_t qmatmul_workspace(int wtype, int N, int C) {
+    if (wtype == DT_F32) return 0;
+    size_t rb = act_row_bytes(wtype, C), total;
+    if ((!rb && C > 0) || N < 0 || moe_mul_size(rb, (size_t)N, &total)) return SIZE_MAX;
+    return total;
+}
+
+static void fill_nan(float *out, int N, int OC) {
+    for (size_t i = 0; i < (size_t)N * (size_t)OC; i++) out[i] = NAN;
+}
+
+/* A shape or type the kernel cannot handle (a caller's bug) gives NaN
+ * outputs rather than reading out of bounds. */
 void qmatmul_forward(float *out, const float *in, const void *w, int wtype, int N, int C, int OC,
                      void *ws) {
-    (void)ws;
-    if (wtype == DT_F32) matmul_forward(out, in, w, NULL, N, C, OC, MATMUL_FP32);
+    if (N <= 0 || OC <= 0) return;
+    if (C == 0 && dtype_traits_of(wtype)) {
+        memset(out, 0, (size_t)N * (size_t)OC * sizeof(float));
+        return;
+    }
+    if (wtype == DT_F32) {
+        matmul_forward(out, in, w, NULL, N, C, OC, MATMUL_FP32);
+        return;
+    }
+    const dtype_traits *t = dtype_traits_of(wtype);
+    size_t wrow, arow = act_row_bytes(wtype, C);
+    if (!arow || !ws || dtype_row_bytes(wtype, C, &wrow)) {
+        fill_nan(out, N, OC);
+        return;
+    }
+    const dtype_traits *at = dtype_traits_of(t->dot_type);
+    char *act = ws;
+    double work = (double)N * C * OC;
+#pragma omp parallel if (work >= PAR_MIN_WORK)
+    {
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n++)
+            at->quantize_act(act + (size_t)n * arow, in + (size_t)n * C, C);
+        /* by output rows: a weight row is read once and dotted with every
+         * activation row while it is in cache */
+#pragma omp for schedule(static)
+        for (int o = 0; o < OC; o++) {
+            const char *wr = (const char *)w + (size_t)o * wrow;
+            for (int n = 0; n < N; n++)
+                out[(size_t)n * OC + o] = t->vec_dot(wr, act + (size_t)n * arow, C);
+        }
+    }
+}
+
+void qmatmul_forward_ref(float *out, const float *in, const void *w, int wtype, int N, int C,
+                         int OC) {
+    if (N <= 0 || OC <= 0) return;
+    if (C == 0 && dtype_traits_of(wtype)) {
+        memset(out, 0, (size_t)N * (size_t)OC * sizeof(float));
+        return;
+    }
+    const dtype_traits *t = dtype_traits_of(wtype);
+    size_t wrow, arow = wtype == DT_F32 ? (size_t)C * sizeof(float) : act_row_bytes(wtype, C);
+    if (!t || !arow || dtype_row_bytes(wtype, C, &wrow)) {
+        fill_nan(out, N, OC);
+        return;
+    }
+    float *wf = moe_malloc((size_t)C * sizeof(float)), *af = moe_malloc((size_t)C * sizeof(float));
+    void *act = moe_malloc(arow);
+    if (!wf || !af || !act) {
+        fill_nan(out, N, OC);
+    } else {
+        const dtype_traits *at = dtype_traits_of(wtype == DT_F32 ? DT_F32 : t->dot_type);
+        for (int n = 0; n < N; n++) {
+            at->quantize_act(act, in + (size_t)n * C, C);
+            at->to_float(af, act, C);
+            for (int o = 0; o < OC; o++) {
+                t->to_float(wf, (const char *)w + (size_t)o * wrow, C);
+                double s = 0.0;
+                for (int k = 0; k < C; k++) s += (double)wf[k] * (double)af[k];
+                out[(size_t)n * OC + o] = (float)s;
+            }
+        }
+    }
+    moe_free(wf);
+    moe_free(af);
+    moe_free(act);
 }
