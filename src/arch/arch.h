@@ -18,7 +18,9 @@ const char *arch_supported_list(void);
 moe_status arch_read_config(const gguf_ctx *g, moe_config *cfg, char *arch, size_t cap);
 /* Writes a random-weight model of cfg's shapes in architecture arch's layout
  * (names, shapes, metadata as llama.cpp reads them); every matrix of element
- * type wtype, 1-D tensors f32; with tok's vocabulary when tok is non-NULL.
+ * type wtype (a matrix whose rows are not whole blocks of it falls back to
+ * q8_0, then f32, as llama.cpp's quantiser does), 1-D tensors f32; with tok's
+ * vocabulary when tok is non-NULL.
  * For tests and benchmarks: reading it back gives cfg again. */
 moe_status arch_write_random(const char *path, const char *arch, const moe_config *cfg, int wtype,
                              const moe_tokenizer *tok, uint64_t seed);

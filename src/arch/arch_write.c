@@ -70,6 +70,15 @@ static moe_status put_meta(gguf_writer *w, const char *arch, const moe_config *c
     return st;
 }
 
+/* The type a matrix is written in: wtype when its rows are whole blocks of
+ * it, else (as llama.cpp's quantiser falls back) q8_0, else f32. */
+static int tensor_type(int wtype, const tensor_desc *t) {
+    size_t rb;
+    if (!dtype_row_bytes(wtype, t->ne[0], &rb)) return wtype;
+    if (!dtype_row_bytes(DT_Q8_0, t->ne[0], &rb)) return DT_Q8_0;
+    return DT_F32;
+}
+
 moe_status arch_write_random(const char *path, const char *arch, const moe_config *cfg, int wtype,
                              const moe_tokenizer *tok, uint64_t seed) {
     moe_model *m = NULL;
@@ -96,13 +105,8 @@ moe_status arch_write_random(const char *path, const char *arch, const moe_confi
     for (int i = 0; i < m->n_tensors && wtype != DT_F32; i++) {
         size_t rb;
         const tensor_desc *t = &m->tensors[i];
-        if (t->n_dims == 1) continue;
-        if (dtype_row_bytes(wtype, t->ne[0], &rb)) {
-            st = moe_error(MOE_ERR_INVALID_ARG, "%s: rows of %lld are not whole %s blocks", t->name,
-                           (long long)t->ne[0], dtype_name(wtype));
-            break;
-        }
-        qbytes += rb * (size_t)(t->ne[1] * t->ne[2]);
+        if (t->n_dims > 1 && !dtype_row_bytes(tensor_type(wtype, t), t->ne[0], &rb))
+            qbytes += rb * (size_t)(t->ne[1] * t->ne[2]);
     }
     char *q = st || !qbytes ? NULL : moe_malloc(qbytes);
     if (!st && qbytes && !q) st = MOE_ERR_NOMEM;
@@ -118,11 +122,17 @@ moe_status arch_write_random(const char *path, const char *arch, const moe_confi
             st = gguf_add_tensor(w, t->name, DT_F32, t->n_dims, t->ne, src);
             continue;
         }
+        const int ty = tensor_type(wtype, t);
+        if (ty == DT_F32) {
+            st = gguf_add_tensor(w, t->name, DT_F32, t->n_dims, t->ne, src);
+            continue;
+        }
         size_t rb;
-        dtype_row_bytes(wtype, t->ne[0], &rb);
+        dtype_row_bytes(ty, t->ne[0], &rb);
+        const dtype_traits *tt = dtype_traits_of(ty);
         const int64_t rows = t->ne[1] * t->ne[2];
-        for (int64_t r = 0; r < rows; r++) tr->from_float(q + used + (size_t)r * rb, src + r * t->ne[0], t->ne[0]);
-        st = gguf_add_tensor(w, t->name, wtype, t->n_dims, t->ne, q + used);
+        for (int64_t r = 0; r < rows; r++) tt->from_float(q + used + (size_t)r * rb, src + r * t->ne[0], t->ne[0]);
+        st = gguf_add_tensor(w, t->name, ty, t->n_dims, t->ne, q + used);
         used += rb * (size_t)rows;
     }
     if (!st) st = gguf_write_file(w, path);

@@ -249,7 +249,7 @@ def topk_stable(scores, k):
     return order[..., :k]
 
 
-def route(logits, k, gating, renorm, w_scale, bias=None, n_groups=0, n_group_used=0):
+def route(logits, k, gating, renorm, w_scale, bias=None, n_groups=0, n_group_used=0, flip=()):
     """llm_graph_context::build_moe_ffn's routing for router logits (T, E).
 
     probs = softmax or sigmoid(logits); the selection scores add the bias
@@ -280,6 +280,11 @@ def route(logits, k, gating, renorm, w_scale, bias=None, n_groups=0, n_group_use
         gmask.scatter_(1, keep, False)
         sel = sel.masked_fill(gmask.repeat_interleave(E // n_groups, dim=1), float("-inf"))
     ids = topk_stable(sel, k)
+    if flip and k < E:
+        # the other side of a near-tie: the (k+1)-th eligible expert instead of the k-th
+        alt = topk_stable(sel, k + 1)
+        for t in flip:
+            ids[t, k - 1] = alt[t, k]
     if k < E:
         ss = torch.sort(sel, dim=-1, descending=True).values
         gap = (ss[:, k - 1] - ss[:, k]).double()
@@ -450,8 +455,9 @@ class Model:
         logits = self.linear(x, p + "ffn_gate_inp.weight")
         bias = self.w(p + "exp_probs_b.bias") if self.has(p + "exp_probs_b.bias") else None
         ids, wts, margin = route(logits, hp.n_expert_used, hp.gating, hp.renorm, hp.w_scale,
-                                 bias, hp.n_groups, hp.n_group_used)
+                                 bias, hp.n_groups, hp.n_group_used, self.flip.get(il, ()))
         self.route_margin = torch.minimum(self.route_margin, margin)
+        self.layer_margin[il] = margin
         out = torch.zeros_like(x)
         has_gate = self.has(p + "ffn_gate_exps.weight")
         for e in torch.unique(ids).tolist():
@@ -485,6 +491,9 @@ class Model:
         T = tokens.shape[0]
         pos = torch.arange(T)
         self.route_margin = torch.full((T,), float("inf"), dtype=torch.float64)
+        self.layer_margin = {}   # MoE layer -> (T,) selection margins
+        if not hasattr(self, "flip"):
+            self.flip = {}       # MoE layer -> tokens routed to the other side of a near-tie
         x = self.w("token_embd.weight")[tokens]            # get_rows: exact dequant
         attn = self.attn_mla if hp.arch == "deepseek2" else self.attn_gqa
         for il in range(hp.n_layer):
@@ -527,6 +536,7 @@ BOUND_ACT_QUANT = 3e-2
 # after; positions from there on are reported, not failed.
 ROUTE_TIE_F32 = 1e-5
 ROUTE_TIE_ACT_QUANT = 1e-3
+FLIP_MARGIN = 1e-2   # routing margins below this may be flipped by the checker (see check_dump)
 
 
 def write_dump(path, tokens, n_prompt, logits, flags):
@@ -593,6 +603,37 @@ def check_dump(gguf_path, dump_path, rep, verbose=False):
     if not np.all(np.isfinite(eng)):
         rep.line(False, "logits finite", "engine logits contain NaN/Inf")
         return
+    # A position off by more than the bound, where some layer's routing had a
+    # small margin (< FLIP_MARGIN), may be the engine taking the other expert
+    # of that near-tie: rerun the reference with that choice flipped and keep
+    # the flip only if the engine then matches from that position on. The
+    # note names every flip, so nothing passes unseen.
+    flips = []
+    while len(flips) < 4:
+        over = [i for i in range(min(n, tie_from)) if err[i] > bound]
+        if not over:
+            break
+        i = over[0]
+        cands = [(float(mg[i]), il) for il, mg in m.layer_margin.items()
+                 if float(mg[i]) < FLIP_MARGIN and i not in m.flip.get(il, ())]
+        if not cands:
+            break
+        mg_i, il = min(cands)
+        m.flip.setdefault(il, set()).add(i)
+        ref2 = m.forward(tokens).numpy()
+        scale2 = np.maximum(np.abs(ref2).max(axis=1), 1e-30)
+        err2 = np.abs(eng.astype(np.float64) - ref2).max(axis=1) / scale2
+        if float(err2[i:min(n, tie_from)].max()) <= bound or float(err2[i]) <= bound:
+            ref, scale, err = ref2, scale2, err2
+            margin = m.route_margin.numpy()
+            flips.append("layer %d token %d (margin %.2g)" % (il, i, mg_i))
+        else:
+            m.flip[il].discard(i)
+            m.forward(tokens)
+            break
+    if flips:
+        rep.line(True, "routing near-ties", "the engine took the other expert at " + ", ".join(flips) +
+                 "; with that choice the reference agrees")
     if verbose:
         for i in range(n):
             print("  pos %d: rel err %.3g, route margin %.3g" % (i, err[i], margin[i]))
