@@ -537,7 +537,7 @@ static void random_blocks(int type, uint8_t *w, int nblk, moe_rng *r) {
 static void test_vec_dot(void) {
     enum { C = 1024 };
     static float a[C], wf[C], af[C];
-    static uint8_t w[C * 2], act[C * 2];
+    static uint8_t w[C * 4], act[C * 4]; /* room for f32 rows */
     const int qtypes[] = {DT_Q4_0, DT_Q8_0, DT_Q4_K, DT_Q5_K, DT_Q6_K};
     moe_rng r;
     moe_rng_seed(&r, 9);
