@@ -82,10 +82,13 @@ void rope_table_fill(float *tab, int n_pos, int D, float base);
  * on pairs (x[2i], x[2i+1]) (neox = 0: llama, Mixtral, DeepSeek, Granite) or
  * (x[i], x[i + n_rot/2]) (neox = 1: Qwen2/3(-MoE), OLMoE); dims [n_rot, D) are
  * left as they are (DeepSeek's MLA ropes only a 64-dim part of q and k).
- * Angles: ggml_angles = 0 computes each angle in double and rounds cos/sin to
- * float once (the plain case is exactly rope_forward); ggml_angles = 1 follows
- * ggml's CPU code in float (base^(-2i/n_rot) by repeated multiplication with
- * powf(base, -2/n_rot) from (float)pos, cosf/sinf) for llama.cpp's rounding.
+ * Angles: ggml_angles = 0 computes each angle (and the ramp) in double and
+ * rounds cos/sin to float once (the plain case is exactly rope_forward);
+ * ggml_angles = 1 follows ggml's CPU code in float (base^(-2i/n_rot) by
+ * repeated multiplication with powf(base, -2/n_rot) from (float)pos, the ramp
+ * in float, cosf/sinf) for llama.cpp's rounding. The corr dims and mscale are
+ * float either way, as ggml computes them. Float angles drift with position:
+ * up to 3e-4 from the double ones by position 4200 (test_kernels prints it).
  * llama.cpp's context passes its own attn_factor: for YaRN it divides by
  * (1 + 0.1 ln(1/freq_scale)) so the rope's net magnitude is what the model asks
  * for (DeepSeek-V2/V3: net 1, and the YaRN magnitude goes into the attention
