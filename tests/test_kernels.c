@@ -118,7 +118,7 @@ static double matmul_compare(int N, int C, int OC, int variant) {
 static void test_matmul_fast_vs_ref(void) {
     TEST_CASE("matmul fast vs reference, odd shapes");
     if (!moe_use_fast_kernels()) {
-        TEST_SKIP("no AVX-512 fast path here: matmul_forward is the reference itself");
+        TEST_SKIP("fast kernels off (no AVX-512, or MOE_REFERENCE=1): matmul_forward is the reference");
         return;
     }
     static const int sh[] = {1, 3, 17, 64, 100, 257};
@@ -183,7 +183,7 @@ static void test_matmul_batch_invariance_and_fallback(void) {
     TEST_END();
     TEST_CASE("matmul allocation failure falls back to the reference");
     if (!moe_use_fast_kernels()) {
-        TEST_SKIP("no AVX-512 fast path here: there is nothing to fall back from");
+        TEST_SKIP("fast kernels off (no AVX-512, or MOE_REFERENCE=1): nothing to fall back from");
         return;
     }
     CHECK(fallback_same, "allocation failure did not fall back to the reference");
@@ -505,32 +505,6 @@ static void test_rope_hand(void) {
     TEST_END();
 }
 
-typedef struct {
-    int N, H, D;
-    int32_t *pos;
-    float *x, *tmp, *R;
-} rope_ctx;
-static double rope_loss(void *p) {
-    rope_ctx *c = p;
-    size_t n = (size_t)c->N * c->H * c->D;
-    memcpy(c->tmp, c->x, n * sizeof(float));
-    rope_forward(c->tmp, c->pos, c->N, c->H, c->D, 10000.0f, NULL, 0);
-    return dotw(c->tmp, c->R, n);
-}
-static void test_rope_fd(void) {
-    TEST_CASE("rope backward vs finite differences");
-    int32_t pos[4] = {3, 0, 17, 5};
-    rope_ctx c = {.N = 4, .H = 2, .D = 6, .pos = pos};
-    size_t n = 48;
-    c.x = vec(n); c.tmp = zeros(n); c.R = vec(n);
-    float *g = copy(c.R, n);
-    rope_backward(g, pos, 4, 2, 6, 10000.0f, NULL, 0);
-    double e = fd_check(rope_loss, &c, c.x, g, n, FD_EPS);
-    CHECK(e < FD_TOL, "dx %g", e);
-    free(c.x); free(c.tmp); free(c.R); free(g);
-    TEST_END();
-}
-
 /* ---- attention ------------------------------------------------------------- */
 
 typedef struct {
@@ -624,7 +598,7 @@ static void test_attention_fast_vs_ref_and_causal(void) {
     TEST_END();
     TEST_CASE("attention fast vs reference (forward and backward, 5 shapes)");
     if (!moe_use_fast_kernels()) {
-        TEST_SKIP("no AVX-512 fast path here: attention_forward is the reference itself");
+        TEST_SKIP("fast kernels off (no AVX-512, or MOE_REFERENCE=1): attention_forward is the reference");
         return;
     }
     CHECK(worst_fast < 1e-5, "worst relative error %g", worst_fast);
@@ -882,6 +856,21 @@ static double rope_g_loss(void *v) {
     rope_apply_forward(c->tmp, c->pos, c->N, c->H, c->D, c->p, NULL, 0);
     return dotw(c->tmp, c->R, n);
 }
+static void test_rope_fd(void) {
+    TEST_CASE("rope backward vs finite differences");
+    int32_t pos[4] = {3, 0, 17, 5};
+    rope_params plain = rope_params_plain(6, 10000.0f); /* rope_forward's bits (tested above) */
+    rope_g_ctx c = {.N = 4, .H = 2, .D = 6, .p = &plain, .pos = pos};
+    size_t n = 48;
+    c.x = vec(n); c.tmp = zeros(n); c.R = vec(n);
+    float *g = copy(c.R, n);
+    rope_backward(g, pos, 4, 2, 6, 10000.0f, NULL, 0);
+    double e = fd_check(rope_g_loss, &c, c.x, g, n, FD_EPS);
+    CHECK(e < FD_TOL, "dx %g", e);
+    free(c.x); free(c.tmp); free(c.R); free(g);
+    TEST_END();
+}
+
 static void test_rope_general_backward(void) {
     TEST_CASE("rope_apply_backward: finite differences and <Rx, y> = <x, R^T y> (YaRN, NeoX, partial)");
     rope_params cfg[3] = {yarn_params(8, 1, 16.0f, 64), yarn_params(12, 0, 4.0f, 32),
@@ -966,7 +955,7 @@ static void test_attention_ex_fd(void) {
 static void test_attention_ex_fast_vs_ref(void) {
     TEST_CASE("attention_forward_ex/backward_ex fast vs reference, Dk != Dv, ragged T");
     if (!moe_use_fast_kernels()) {
-        TEST_SKIP("no AVX-512 fast path here: attention_forward_ex is the reference itself");
+        TEST_SKIP("fast kernels off (no AVX-512, or MOE_REFERENCE=1): attention_forward_ex is the reference");
         return;
     }
     static const int cfg[][6] = {{1, 1, 4, 2, 24, 16},  {2, 15, 4, 2, 24, 16}, {1, 16, 4, 2, 24, 16},
