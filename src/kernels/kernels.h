@@ -51,9 +51,11 @@ void rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, i
 void rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
                       const float *rstd, int N, int C);   /* din or dw may be NULL */
 
-/* In place on x[N][H][D] (D even): rotates adjacent pairs (x[2i], x[2i+1]) by
+/* ---- RoPE --------------------------------------------------------------------
+ * In place on x[N][H][D] (D even): rotates adjacent pairs (x[2i], x[2i+1]) by
  * angle pos[n] * base^(-2i/D) (the llama GGUF layout). Backward rotates the
- * gradient by the opposite angle, also in place. */
+ * gradient by the opposite angle, also in place. The plain case of
+ * rope_apply_forward/backward below (rope_params_plain), same bits. */
 void rope_forward(float *x, const int32_t *pos, int N, int H, int D, float base,
                   const float *tab, int n_tab);
 void rope_backward(float *dx, const int32_t *pos, int N, int H, int D, float base,
@@ -62,25 +64,112 @@ void rope_backward(float *dx, const int32_t *pos, int N, int H, int D, float bas
  * tab[p*D + D/2 + i] = sin of angle i at position p (D*n_pos floats). Passed to
  * rope_forward/backward as tab (n_tab = n_pos) it saves recomputing them every
  * call; tab NULL, or a position past n_tab, computes them there instead, with
- * the same values. */
+ * the same values. = rope_table_build(tab, n_pos, rope_params_plain(D, base)). */
 void rope_table_fill(float *tab, int n_pos, int D, float base);
 
-/* Causal self-attention with grouped-query heads, for B sequences of T tokens:
- * q[B*T][H][D], k,v[B*T][KVH][D]; query head h uses kv head h / (H/KVH).
- * out[B*T][H][D]; att[B][H][T][T] keeps the softmax probabilities for backward
- * (entries above the diagonal are 0). Scale 1/sqrt(D). */
+/* RoPE as llama.cpp's ggml_rope_ext parameterises it (field names as there).
+ * Pair i < n_rot/2 turns by theta_i(pos), with
+ *   extrap = pos * base^(-2i/n_rot) [/ freq_factors[i]],  interp = freq_scale * extrap,
+ *   theta  = interp                                        if ext_factor == 0,
+ *          = interp * (1 - mix_i) + extrap * mix_i           otherwise (YaRN),
+ *   mix_i  = ext_factor * (1 - clamp((i - lo) / max(0.001, hi - lo), 0, 1)),
+ *   [lo, hi] = rope_yarn_corr_dims: floor/ceil of n_rot ln(n_ctx_orig / (beta 2 pi))
+ *              / (2 ln base) for beta_fast / beta_slow, clamped to [0, n_rot - 1];
+ * and cos/sin are multiplied by mscale = attn_factor, times
+ * (1 + 0.1 ln(1/freq_scale)) when ext_factor != 0. The rotation is
+ *   x0' = x0*c - x1*s,  x1' = x0*s + x1*c   (c, s with mscale; two rounded
+ *   products, one rounded sum, never fused)
+ * on pairs (x[2i], x[2i+1]) (neox = 0: llama, Mixtral, DeepSeek, Granite) or
+ * (x[i], x[i + n_rot/2]) (neox = 1: Qwen2/3(-MoE), OLMoE); dims [n_rot, D) are
+ * left as they are (DeepSeek's MLA ropes only a 64-dim part of q and k).
+ * Angles: ggml_angles = 0 computes each angle (and the ramp) in double and
+ * rounds cos/sin to float once (the plain case is exactly rope_forward);
+ * ggml_angles = 1 follows ggml's CPU code in float (base^(-2i/n_rot) by
+ * repeated multiplication with powf(base, -2/n_rot) from (float)pos, the ramp
+ * in float, cosf/sinf) for llama.cpp's rounding. The corr dims and mscale are
+ * float either way, as ggml computes them. Float angles drift with position:
+ * up to 3e-4 from the double ones by position 4200 (test_kernels prints it).
+ * llama.cpp's context passes its own attn_factor: for YaRN it divides by
+ * (1 + 0.1 ln(1/freq_scale)) so the rope's net magnitude is what the model asks
+ * for (DeepSeek-V2/V3: net 1, and the YaRN magnitude goes into the attention
+ * scale instead: mscale^2 / sqrt(Dk), mscale = 1 + 0.1 * mscale_all_dim * ln(factor)).
+ * n_rot must be even with 2 <= n_rot <= D, base and freq_scale > 0; otherwise
+ * the calls do nothing. */
+typedef struct {
+    int n_rot;                 /* rotated dims per head (even, <= D)                    */
+    int neox;                  /* 0: adjacent pairs; 1: halves                          */
+    float base, freq_scale;    /* theta base; 1 / (context scaling factor)              */
+    float ext_factor;          /* YaRN: 0 off, 1 on (llama.cpp's default for YaRN)      */
+    float attn_factor;         /* magnitude of cos/sin (before YaRN's own factor)       */
+    float beta_fast, beta_slow;/* YaRN ramp ends, in rotations over n_ctx_orig (32, 1)  */
+    int n_ctx_orig;            /* YaRN: the context the model was trained for           */
+    const float *freq_factors; /* NULL, or [n_rot/2] divisors of pair i's frequency     */
+    int ggml_angles;           /* angles in float as ggml (1) or in double (0)          */
+} rope_params;
+/* n_rot = D, adjacent pairs, no scaling: rope_forward's parameters */
+rope_params rope_params_plain(int D, float base);
+/* YaRN's ramp ends [lo, hi] (pair indices), as ggml_rope_yarn_corr_dims */
+void rope_yarn_corr_dims(float dims[2], const rope_params *p);
+/* tab[p*n_rot + i] = cos, tab[p*n_rot + n_rot/2 + i] = sin of pair i at
+ * position p, mscale folded in, for p in [0, n_pos) (n_rot*n_pos floats) */
+void rope_table_build(float *tab, int n_pos, const rope_params *p);
+/* In place on x[N][H][D] at positions pos[N]; tab/n_tab as for rope_forward
+ * (built by rope_table_build with the same parameters, or NULL). The backward
+ * applies the transpose: the opposite angle, the same magnitude. */
+void rope_apply_forward(float *x, const int32_t *pos, int N, int H, int D, const rope_params *p,
+                        const float *tab, int n_tab);
+void rope_apply_backward(float *dx, const int32_t *pos, int N, int H, int D,
+                         const rope_params *p, const float *tab, int n_tab);
+
+/* ---- attention ---------------------------------------------------------------
+ * Causal self-attention with grouped-query heads, for B sequences of T tokens:
+ * q[B*T][H][Dk], k[B*T][KVH][Dk], v[B*T][KVH][Dv]; query head h uses kv head
+ * h / (H/KVH). out[B*T][H][Dv]; att[B][H][T][T] keeps the softmax
+ * probabilities for backward (entries above the diagonal are 0). Scores are
+ * (q . k) * scale, softmax in fp32 with the max subtracted and its sum in
+ * double. Dk != Dv: DeepSeek's MLA (e.g. Dk 192 = 128 + 64 roped, Dv 128). */
+void attention_forward_ex(float *out, float *att, const float *q, const float *k, const float *v,
+                          int B, int T, int H, int KVH, int Dk, int Dv, float scale);
+/* dq[B*T][H][Dk], dk[B*T][KVH][Dk], dv[B*T][KVH][Dv] += (accumulate) */
+void attention_backward_ex(float *dq, float *dk, float *dv, const float *dout, const float *att,
+                           const float *q, const float *k, const float *v, int B, int T, int H,
+                           int KVH, int Dk, int Dv, float scale);
+/* Scalar twins (no scratch memory; the fast path falls back to them when its
+ * scratch cannot be allocated or the reference kernels are forced). */
+void attention_forward_ex_ref(float *out, float *att, const float *q, const float *k,
+                              const float *v, int B, int T, int H, int KVH, int Dk, int Dv,
+                              float scale);
+void attention_backward_ex_ref(float *dq, float *dk, float *dv, const float *dout,
+                               const float *att, const float *q, const float *k, const float *v,
+                               int B, int T, int H, int KVH, int Dk, int Dv, float scale);
+/* The Dk = Dv = D, scale = 1/sqrt(D) case of the four above, same bits. */
 void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                        int B, int T, int H, int KVH, int D);
 void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                         const float *q, const float *k, const float *v, int B, int T, int H,
                         int KVH, int D);
-/* Scalar twins of the two above (no scratch memory; the fast path falls back
- * to them when its scratch cannot be allocated). */
 void attention_forward_ref(float *out, float *att, const float *q, const float *k,
                            const float *v, int B, int T, int H, int KVH, int D);
 void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *att,
                             const float *q, const float *k, const float *v, int B, int T, int H,
                             int KVH, int D);
+
+/* Attention over a KV cache, for decoding (n = 1) and chunked prefill:
+ * out[n][H][Dv] for queries q[n][H][Dk] at positions pos0 .. pos0+n-1; query i
+ * attends to cache positions 0 .. pos0+i, which kc/vc already hold. Position t
+ * of kv head g is at kc + t*k_stride + g*Dk and vc + t*v_stride + g*Dv.
+ * Scores (q . k) * scale, softmax as attention_forward_ex, out = sum_t p_t v_t
+ * in t order. Each (query, head) is computed alone, so a token gets the same
+ * bits in a chunk of any n as alone, for any thread count (the fast path and
+ * the _ref twin differ only in the order of the q . k sums).
+ * scratch: attention_cached_scratch(n_ctx, n, H) floats, n_ctx >= pos0 + n. */
+size_t attention_cached_scratch(int n_ctx, int n, int H);
+void attention_cached(float *out, const float *q, const float *kc, const float *vc, int pos0,
+                      int n, int H, int KVH, int Dk, int Dv, size_t k_stride, size_t v_stride,
+                      float scale, float *scratch);
+void attention_cached_ref(float *out, const float *q, const float *kc, const float *vc, int pos0,
+                          int n, int H, int KVH, int Dk, int Dv, size_t k_stride,
+                          size_t v_stride, float scale, float *scratch);
 
 /* SwiGLU: out[N][F] = silu(gate) * up. The backward SETS dgate and dup (the
  * one exception to accumulation: its outputs are always fresh buffers). */
@@ -88,8 +177,8 @@ void swiglu_forward(float *out, const float *gate, const float *up, int N, int F
 void swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                      const float *up, int N, int F);      /* dgate or dup may be NULL */
 
-/* One row, vectorised, the exp of every kernel here (max error ~1 ulp of
- * expf): dst[j] = exp(x[j] - m), returning their sum in double in a fixed
+/* One row, vectorised, the exp of every kernel here (max error 0.99 ulp
+ * against the exact exp, see fexp in ops.c): dst[j] = exp(x[j] - m), returning their sum in double in a fixed
  * order; and dst[j] = 1 / (1 + exp(-x[j])). dst may equal x. Serial: callers
  * parallelise over rows. */
 double exp_shift_sum(float *dst, const float *x, float m, int n);
@@ -115,6 +204,14 @@ double crossentropy_softmax(float *probs, const float *logits, const int32_t *ta
                             int V);
 void crossentropy_softmax_backward(float *probs, const int32_t *targets, int N, int V,
                                    float scale);
+
+/* Helpers shared by the kernel files (ops.c, attention.c): the max of x[0..n)
+ * (n >= 1), and sum x*y with products and sums in double over 8 interleaved
+ * lanes combined in a fixed tree. Below KERNELS_PAR_MIN elements of work a
+ * parallel region costs more than it saves. */
+float kernels_row_max(const float *x, int n);
+double kernels_dot8d(const float *x, const float *y, int n);
+#define KERNELS_PAR_MIN 16384.0
 
 /* Peak-FLOP probe helpers for benchmarks: GFLOP/s of matmul_forward on random
  * [N][C] x [OC][C]^T data, best of reps timed calls after one warm-up

@@ -1,21 +1,18 @@
-/* ops: rmsnorm, rope, attention, swiglu, softmax, cross-entropy (fp32).
+/* ops: rmsnorm, swiglu, softmax, cross-entropy (fp32), and the row helpers
+ * they share with attention.c (RoPE and attention).
  *
- * Every parallel loop is partitioned by output (rows, columns or (batch, head))
- * and every sum runs in a fixed index order inside one thread, so results are
- * bit-identical for any OpenMP thread count. Sums of squares, softmax
- * denominators and other long reductions accumulate in double.
- * Only attention has a separate AVX-512 fast path (with a scalar _ref twin);
- * the elementwise ops are memory-bound and use one implementation. */
+ * Every parallel loop is partitioned by output (rows or columns) and every sum
+ * runs in a fixed index order inside one thread, so results are bit-identical
+ * for any OpenMP thread count. Sums of squares, softmax denominators and other
+ * long reductions accumulate in double. The elementwise ops are memory-bound
+ * and use one implementation (no fast/_ref pair). */
 #include "kernels/kernels.h"
 #include "core/core.h"
 
-#include <immintrin.h>
 #include <math.h>
-#include <omp.h>
 #include <string.h>
 
-/* below this many elements a parallel region costs more than it saves */
-#define PAR_MIN 16384.0
+#define PAR_MIN KERNELS_PAR_MIN
 
 /* ------------------------------------------------------------------------ */
 /* row helpers                                                                */
@@ -24,8 +21,10 @@
 /* exp(x) in float from + and * only (no libm call), so loops over it vectorise
  * and give the same bits vectorised or scalar, on any target. Cody-Waite
  * reduction x = n ln2 + r, a degree-7 polynomial for exp(r) (Cephes expf
- * coefficients), then 2^n applied in two exact steps. Max error ~1.6 ulp;
- * exp(x) = 0 below -87.5 (no denormals), +inf above ~88.72; NaN propagates. */
+ * coefficients), then 2^n applied in two exact steps. Max error 0.99 ulp
+ * against exp in double (measured over every float input with a normal result;
+ * test_kernels samples it); exp(x) = 0 below -87.5 (no denormals), +inf above
+ * ~88.72; NaN propagates. */
 static inline float fexp(float x) {
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
     float xc = x >= -87.5f ? x : -87.5f; /* NaN -> -87.5: no NaN reaches the int conversion */
@@ -50,7 +49,7 @@ static inline float fexp(float x) {
 }
 
 /* max of x[0..n), n >= 1, over 8 interleaved lanes (vectorises to maxps) */
-static float row_max(const float *x, int n) {
+float kernels_row_max(const float *x, int n) {
     float m[8];
     for (int l = 0; l < 8; l++) m[l] = x[0];
     int j = 0;
@@ -73,7 +72,7 @@ static double sum8d(const float *x, int n) {
     for (int l = 0; j + l < n; l++) a[l] += (double)x[j + l];
     return SUM8_TREE(a);
 }
-static double dot8d(const float *x, const float *y, int n) { /* sum x*y, products in double */
+double kernels_dot8d(const float *x, const float *y, int n) { /* sum x*y, products in double */
     double a[8] = {0};
     int j = 0;
     for (; j + 8 <= n; j += 8)
@@ -107,7 +106,7 @@ void rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, i
     for (int n = 0; n < N; n++) {
         const float *x = in + (size_t)n * C;
         float *o = out + (size_t)n * C;
-        double ss = dot8d(x, x, C);
+        double ss = kernels_dot8d(x, x, C);
         float r = (float)(1.0 / sqrt(ss / C + (double)eps));
         if (rstd) rstd[n] = r;
 #pragma omp simd
@@ -157,369 +156,6 @@ void rmsnorm_backward(float *din, float *dw, const float *dout, const float *in,
             for (int j = 0; j < nj; j++) dw[j0 + j] += (float)acc[j];
         }
     }
-}
-
-/* ------------------------------------------------------------------------ */
-/* RoPE                                                                       */
-/* ------------------------------------------------------------------------ */
-
-/* cos/sin of pos * base^(-2i/D), all in double, rounded to float only at the end:
- *     inv_freq = pow((double)base, -(double)(2*i) / D);  ang = pos * inv_freq;
- *     c = (float)cos(ang);  s = (float)sin(ang);
- * The PyTorch reference computes the same in float64 and casts, so both rotate
- * by the same floats. */
-static void rope_angle(int i, int32_t pos, int D, double base, float *c, float *s) {
-    double inv_freq = pow(base, -(double)(2 * i) / (double)D);
-    double ang = (double)pos * inv_freq;
-    *c = (float)cos(ang);
-    *s = (float)sin(ang);
-}
-
-static void rope_angles(float *cs, float *sn, int32_t pos, int D, double base) {
-    for (int i = 0; i < D / 2; i++) rope_angle(i, pos, D, base, &cs[i], &sn[i]);
-}
-
-void rope_table_fill(float *tab, int n_pos, int D, float base) {
-    int half = D / 2;
-    double work = (double)n_pos * half;
-#pragma omp parallel for schedule(static) if (work >= 4096)
-    for (int p = 0; p < n_pos; p++)
-        rope_angles(tab + (size_t)p * 2 * half, tab + (size_t)p * 2 * half + half, p, D, (double)base);
-}
-
-/* Rotates pairs by +angle (dir = 1) or -angle (dir = -1):
- *   x0' = x0*c - x1*(dir*s),  x1' = x0*(dir*s) + x1*c.
- * Angles come from tab (positions below n_tab) when given; otherwise a table
- * is built here for the positions present (batches repeat positions 0..T-1,
- * so this saves most of the trig work), or, failing that, per row. Same values
- * every way. */
-static void rope_apply(float *x, const int32_t *pos, int N, int H, int D, float base, int dir,
-                       const float *tab, int n_tab) {
-    if (N <= 0 || H <= 0 || D < 2) return;
-    enum { ROWBUF = 256 };
-    int half = D / 2;
-    int32_t maxpos = -1;
-    int table_ok = 1;
-    for (int n = 0; n < N; n++) {
-        if (pos[n] < 0) table_ok = 0;
-        if (pos[n] > maxpos) maxpos = pos[n];
-    }
-    float *own = NULL;
-    if (!(tab && table_ok && maxpos < n_tab)) {
-        tab = NULL;
-        if (table_ok && (int64_t)maxpos + 1 < N) {
-            own = moe_malloc((size_t)(maxpos + 1) * 2 * half * sizeof(float));
-            if (own) rope_table_fill(own, maxpos + 1, D, base);
-            tab = own;
-        }
-    }
-    const float sg = dir < 0 ? -1.0f : 1.0f;
-    double work = (double)N * H * D;
-#pragma omp parallel if (work >= PAR_MIN)
-    {
-        float cbuf[ROWBUF], sbuf[ROWBUF]; /* angles of a chunk of pairs when there is no table */
-#pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            for (int i0 = 0; i0 < half; i0 += ROWBUF) {
-                const int ni = MOE_MIN(ROWBUF, half - i0);
-                const float *cs = cbuf, *sn = sbuf;
-                if (tab) {
-                    cs = tab + (size_t)pos[n] * 2 * half + i0;
-                    sn = cs + half;
-                } else {
-                    for (int i = 0; i < ni; i++) rope_angle(i0 + i, pos[n], D, (double)base, &cbuf[i], &sbuf[i]);
-                }
-                /* pairs along the row, so the loop vectorises over pairs: two
-                 * rounded products and a rounded sum, never fused */
-                for (int h = 0; h < H; h++) {
-                    float *v = x + ((size_t)n * H + h) * D + 2 * i0;
-#pragma omp simd
-                    for (int i = 0; i < ni; i++) {
-                        float c = cs[i], s = sg * sn[i];
-                        float x0 = v[2 * i], x1 = v[2 * i + 1];
-                        v[2 * i] = x0 * c - x1 * s;
-                        v[2 * i + 1] = x0 * s + x1 * c;
-                    }
-                }
-            }
-        }
-    }
-    moe_free(own);
-}
-
-void rope_forward(float *x, const int32_t *pos, int N, int H, int D, float base, const float *tab,
-                  int n_tab) {
-    rope_apply(x, pos, N, H, D, base, 1, tab, n_tab);
-}
-
-/* The rotation is orthogonal, so the gradient rotates by the opposite angle. */
-void rope_backward(float *dx, const int32_t *pos, int N, int H, int D, float base,
-                   const float *tab, int n_tab) {
-    rope_apply(dx, pos, N, H, D, base, -1, tab, n_tab);
-}
-
-/* ------------------------------------------------------------------------ */
-/* attention                                                                  */
-/* ------------------------------------------------------------------------ */
-
-/* Turns row a[0..n) of scaled scores into probabilities in place:
- * p = exp(s - max) / sum, the sum in double (sum8d order); a[n..T) = 0. */
-static void causal_softmax_row(float *a, int n, int T) {
-    float mx = row_max(a, n);
-    float inv = (float)(1.0 / exp_shift_sum(a, a, mx, n));
-#pragma omp simd
-    for (int u = 0; u < n; u++) a[u] *= inv;
-    for (int u = n; u < T; u++) a[u] = 0.0f;
-}
-
-static float dot_ref(const float *a, const float *b, int D) {
-    float s = 0.0f;
-    for (int d = 0; d < D; d++) s += a[d] * b[d];
-    return s;
-}
-
-void attention_forward_ref(float *out, float *att, const float *q, const float *k,
-                           const float *v, int B, int T, int H, int KVH, int D) {
-    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0 || H % KVH != 0) return;
-    int G = H / KVH;
-    float scale = (float)(1.0 / sqrt((double)D));
-    double work = (double)B * H * T * T * D;
-#pragma omp parallel for schedule(dynamic, 1) if (work >= PAR_MIN)
-    for (int bh = 0; bh < B * H; bh++) {
-        int b = bh / H, h = bh % H, kvh = h / G;
-        for (int t = 0; t < T; t++) {
-            float *a = att + (((size_t)b * H + h) * T + t) * T;
-            const float *qt = q + (((size_t)b * T + t) * H + h) * D;
-            for (int u = 0; u <= t; u++)
-                a[u] = dot_ref(qt, k + (((size_t)b * T + u) * KVH + kvh) * D, D) * scale;
-            causal_softmax_row(a, t + 1, T);
-            float *ot = out + (((size_t)b * T + t) * H + h) * D;
-            for (int d = 0; d < D; d++) ot[d] = 0.0f;
-            for (int u = 0; u <= t; u++) {
-                const float *vu = v + (((size_t)b * T + u) * KVH + kvh) * D;
-                float p = a[u];
-                for (int d = 0; d < D; d++) ot[d] += p * vu[d];
-            }
-        }
-    }
-}
-
-/* Backward of the above, with ds = p * (dp - sum_u p*dp) * scale:
- *   dq_t += sum_u ds_tu k_u,  dk_u += sum_t ds_tu q_t,  dv_u += sum_t p_tu do_t.
- * Parallel over (b, kv head): the query heads of a group run in order inside
- * one thread, so dk/dv sums are in a fixed order. No scratch: dp is recomputed. */
-void attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *att,
-                            const float *q, const float *k, const float *v, int B, int T, int H,
-                            int KVH, int D) {
-    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0 || H % KVH != 0) return;
-    int G = H / KVH;
-    float scale = (float)(1.0 / sqrt((double)D));
-    double work = (double)B * H * T * T * D;
-#pragma omp parallel for schedule(dynamic, 1) if (work >= PAR_MIN)
-    for (int bk = 0; bk < B * KVH; bk++) {
-        int b = bk / KVH, kvh = bk % KVH;
-        for (int h = kvh * G; h < (kvh + 1) * G; h++) {
-            for (int t = 0; t < T; t++) {
-                const float *p = att + (((size_t)b * H + h) * T + t) * T;
-                const float *dot_ = dout + (((size_t)b * T + t) * H + h) * D;
-                const float *qt = q + (((size_t)b * T + t) * H + h) * D;
-                float *dqt = dq + (((size_t)b * T + t) * H + h) * D;
-                double sum = 0.0;
-                for (int u = 0; u <= t; u++)
-                    sum += (double)p[u] * dot_ref(dot_, v + (((size_t)b * T + u) * KVH + kvh) * D, D);
-                float fsum = (float)sum;
-                for (int u = 0; u <= t; u++) {
-                    size_t ku = (((size_t)b * T + u) * KVH + kvh) * D;
-                    float dp = dot_ref(dot_, v + ku, D);
-                    float ds = p[u] * (dp - fsum) * scale;
-                    for (int d = 0; d < D; d++) {
-                        dqt[d] += ds * k[ku + d];
-                        dk[ku + d] += ds * qt[d];
-                        dv[ku + d] += p[u] * dot_[d];
-                    }
-                }
-            }
-        }
-    }
-}
-
-/* --- AVX-512 helper for the fast path ---
- * rows4: for i < ny (ny <= 4) and j < J:
- *     y[i*ldy + j] = (acc ? y[i*ldy + j] : 0) + sum_{k<K} c[i*ci + k*ck] * X[k*ldx + j]
- * summed over k in increasing order with fma. Four output rows share each load
- * of X, and j runs 64 wide (16 accumulators), so it is throughput-bound rather
- * than latency-bound. Rows past ny repeat row 0 and are not stored. Every
- * attention product is this shape: scores (X = K^T), P.V, dS.K, dS^T.Q, P^T.dO. */
-#define R4_ROWS(X_) X_(0) X_(1) X_(2) X_(3)
-#define R4_VECS(X_, i) X_(i, 0) X_(i, 1) X_(i, 2) X_(i, 3)
-__attribute__((target("avx512f,fma"))) static void rows4(float *y, ptrdiff_t ldy, int ny,
-                                                         int acc, const float *c, ptrdiff_t ci,
-                                                         ptrdiff_t ck, const float *X,
-                                                         ptrdiff_t ldx, int K, int J) {
-    const float *c0 = c, *c1 = c + (ny > 1 ? ci : 0), *c2 = c + (ny > 2 ? 2 * ci : 0),
-                *c3 = c + (ny > 3 ? 3 * ci : 0);
-    for (int j0 = 0; j0 < J; j0 += 64) {
-        int nj = MOE_MIN(64, J - j0);
-        __mmask16 m[4];
-        for (int v = 0; v < 4; v++) {
-            int r = nj - 16 * v;
-            m[v] = r >= 16 ? (__mmask16)0xffff : r <= 0 ? (__mmask16)0 : (__mmask16)((1u << r) - 1);
-        }
-#define R4_INIT1(i, v) \
-    __m512 a##i##v = (acc && i < ny) ? _mm512_maskz_loadu_ps(m[v], y + i * ldy + j0 + 16 * v) \
-                                     : _mm512_setzero_ps();
-#define R4_INIT(i) R4_VECS(R4_INIT1, i)
-        R4_ROWS(R4_INIT)
-        const float *x = X + j0;
-        ptrdiff_t ko = 0;
-#define R4_FMA1(i, v) a##i##v = _mm512_fmadd_ps(b##i, x##v, a##i##v);
-#define R4_FMA(i) { __m512 b##i = _mm512_set1_ps(c##i[ko]); R4_VECS(R4_FMA1, i) }
-        if (nj == 64) {
-            for (int k = 0; k < K; k++, x += ldx, ko += ck) {
-                __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16),
-                       x2 = _mm512_loadu_ps(x + 32), x3 = _mm512_loadu_ps(x + 48);
-                R4_ROWS(R4_FMA)
-            }
-        } else if (nj <= 32) { /* the upper two vectors stay zero */
-            for (int k = 0; k < K; k++, x += ldx, ko += ck) {
-                __m512 x0 = _mm512_maskz_loadu_ps(m[0], x), x1 = _mm512_maskz_loadu_ps(m[1], x + 16);
-#define R4_FMA2(i) { __m512 b##i = _mm512_set1_ps(c##i[ko]); R4_FMA1(i, 0) R4_FMA1(i, 1) }
-                R4_ROWS(R4_FMA2)
-#undef R4_FMA2
-            }
-        } else {
-            for (int k = 0; k < K; k++, x += ldx, ko += ck) {
-                __m512 x0 = _mm512_maskz_loadu_ps(m[0], x), x1 = _mm512_maskz_loadu_ps(m[1], x + 16),
-                       x2 = _mm512_maskz_loadu_ps(m[2], x + 32), x3 = _mm512_maskz_loadu_ps(m[3], x + 48);
-                R4_ROWS(R4_FMA)
-            }
-        }
-#define R4_STORE1(i, v) _mm512_mask_storeu_ps(y + i * ldy + j0 + 16 * v, m[v], a##i##v);
-#define R4_STORE(i) if (i < ny) { R4_VECS(R4_STORE1, i) }
-        R4_ROWS(R4_STORE)
-#undef R4_INIT1
-#undef R4_INIT
-#undef R4_FMA1
-#undef R4_FMA
-#undef R4_STORE1
-#undef R4_STORE
-    }
-}
-
-/* dst[d*T + u] = src[u*lds + d]: the K (or V) rows of one head, transposed. */
-static void transpose_rows(float *dst, const float *src, ptrdiff_t lds, int T, int D) {
-    enum { TB = 16 };
-    for (int u0 = 0; u0 < T; u0 += TB)
-        for (int d0 = 0; d0 < D; d0 += TB)
-            for (int u = u0; u < MOE_MIN(T, u0 + TB); u++)
-                for (int d = d0; d < MOE_MIN(D, d0 + TB); d++)
-                    dst[(size_t)d * T + u] = src[(size_t)u * lds + d];
-}
-
-void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
-                       int B, int T, int H, int KVH, int D) {
-    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0 || H % KVH != 0) return;
-    double work = (double)B * H * T * T * D;
-    int nthr = work >= PAR_MIN ? omp_get_max_threads() : 1;
-    float *scratch = NULL;
-    if (moe_use_fast_kernels()) scratch = moe_malloc((size_t)nthr * D * T * sizeof(float));
-    if (!scratch) {
-        attention_forward_ref(out, att, q, k, v, B, T, H, KVH, D);
-        return;
-    }
-    int G = H / KVH;
-    float scale = (float)(1.0 / sqrt((double)D));
-    ptrdiff_t ldq = (ptrdiff_t)H * D, ldk = (ptrdiff_t)KVH * D;
-#pragma omp parallel num_threads(nthr) if (nthr > 1)
-    {
-        float *kT = scratch + (size_t)omp_get_thread_num() * D * T;
-#pragma omp for schedule(dynamic, 1)
-        for (int bh = 0; bh < B * H; bh++) {
-            int b = bh / H, h = bh % H, kvh = h / G;
-            transpose_rows(kT, k + ((size_t)b * T * KVH + kvh) * D, ldk, T, D);
-            const float *qb = q + ((size_t)b * T * H + h) * D;
-            const float *vb = v + ((size_t)b * T * KVH + kvh) * D;
-            float *ab = att + ((size_t)b * H + h) * T * T;
-            float *ob = out + ((size_t)b * T * H + h) * D;
-            /* four query rows at a time; row t reads keys u <= t, and the keys
-             * computed past the diagonal inside the block are zeroed by softmax */
-            for (int t0 = 0; t0 < T; t0 += 4) {
-                int ny = MOE_MIN(4, T - t0), nk = t0 + ny;
-                rows4(ab + (size_t)t0 * T, T, ny, 0, qb + t0 * ldq, ldq, 1, kT, T, D, nk);
-                for (int t = t0; t < t0 + ny; t++) {
-                    float *a = ab + (size_t)t * T;
-#pragma omp simd
-                    for (int u = 0; u <= t; u++) a[u] *= scale;
-                    causal_softmax_row(a, t + 1, T);
-                }
-                rows4(ob + t0 * ldq, ldq, ny, 0, ab + (size_t)t0 * T, T, 1, vb, ldk, nk, D);
-            }
-        }
-    }
-    moe_free(scratch);
-}
-
-void attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
-                        const float *q, const float *k, const float *v, int B, int T, int H,
-                        int KVH, int D) {
-    if (B <= 0 || T <= 0 || H <= 0 || KVH <= 0 || D <= 0 || H % KVH != 0) return;
-    double work = (double)B * H * T * T * D;
-    int nthr = work >= PAR_MIN ? omp_get_max_threads() : 1;
-    size_t per = (size_t)D * T + (size_t)T * T; /* vT and dS */
-    float *scratch = NULL;
-    if (moe_use_fast_kernels()) scratch = moe_malloc((size_t)nthr * per * sizeof(float));
-    if (!scratch) {
-        attention_backward_ref(dq, dk, dv, dout, att, q, k, v, B, T, H, KVH, D);
-        return;
-    }
-    int G = H / KVH;
-    float scale = (float)(1.0 / sqrt((double)D));
-    ptrdiff_t ldq = (ptrdiff_t)H * D, ldk = (ptrdiff_t)KVH * D;
-#pragma omp parallel num_threads(nthr) if (nthr > 1)
-    {
-        float *vT = scratch + (size_t)omp_get_thread_num() * per;
-        float *dS = vT + (size_t)D * T;
-#pragma omp for schedule(dynamic, 1)
-        for (int bk = 0; bk < B * KVH; bk++) {
-            int b = bk / KVH, kvh = bk % KVH;
-            const float *kb = k + ((size_t)b * T * KVH + kvh) * D;
-            const float *vb = v + ((size_t)b * T * KVH + kvh) * D;
-            float *dkb = dk + ((size_t)b * T * KVH + kvh) * D;
-            float *dvb = dv + ((size_t)b * T * KVH + kvh) * D;
-            transpose_rows(vT, vb, ldk, T, D);
-            for (int h = kvh * G; h < (kvh + 1) * G; h++) {
-                const float *P = att + ((size_t)b * H + h) * T * T;
-                const float *qb = q + ((size_t)b * T * H + h) * D;
-                const float *dob = dout + ((size_t)b * T * H + h) * D;
-                float *dqb = dq + ((size_t)b * T * H + h) * D;
-                /* dS = P * (dP - rowsum(P * dP)) * scale, dP = dO . V^T, in blocks
-                 * of four rows; dS is zeroed past the diagonal up to the end of
-                 * the block so the blocked products below can read whole blocks */
-                for (int t0 = 0; t0 < T; t0 += 4) {
-                    int ny = MOE_MIN(4, T - t0), nk = t0 + ny;
-                    rows4(dS + (size_t)t0 * T, T, ny, 0, dob + t0 * ldq, ldq, 1, vT, T, D, nk);
-                    for (int t = t0; t < t0 + ny; t++) {
-                        float *ds = dS + (size_t)t * T;
-                        const float *p = P + (size_t)t * T;
-                        float fsum = (float)dot8d(p, ds, t + 1);
-#pragma omp simd
-                        for (int u = 0; u <= t; u++) ds[u] = p[u] * (ds[u] - fsum) * scale;
-                        for (int u = t + 1; u < nk; u++) ds[u] = 0.0f;
-                    }
-                    rows4(dqb + t0 * ldq, ldq, ny, 1, dS + (size_t)t0 * T, T, 1, kb, ldk, nk, D);
-                }
-                /* dK rows u += sum_{t>=u} dS[t][u] q_t, dV rows u += sum_{t>=u} P[t][u] dO_t */
-                for (int u0 = 0; u0 < T; u0 += 4) {
-                    int ny = MOE_MIN(4, T - u0);
-                    rows4(dkb + u0 * ldk, ldk, ny, 1, dS + (size_t)u0 * T + u0, 1, T, qb + u0 * ldq,
-                          ldq, T - u0, D);
-                    rows4(dvb + u0 * ldk, ldk, ny, 1, P + (size_t)u0 * T + u0, 1, T, dob + u0 * ldq,
-                          ldq, T - u0, D);
-                }
-            }
-        }
-    }
-    moe_free(scratch);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -578,7 +214,7 @@ void softmax_forward(float *out, const float *in, int N, int C) {
         const float *x = in + (size_t)n * C;
         float *o = out + (size_t)n * C;
         if (C <= 0) continue;
-        float mx = row_max(x, C);
+        float mx = kernels_row_max(x, C);
         float inv = (float)(1.0 / exp_shift_sum(o, x, mx, C));
 #pragma omp simd
         for (int j = 0; j < C; j++) o[j] *= inv;
@@ -590,7 +226,7 @@ void softmax_backward(float *din, const float *dp, const float *p, int N, int C)
     for (int n = 0; n < N; n++) {
         const float *g = dp + (size_t)n * C, *pr = p + (size_t)n * C;
         float *d = din + (size_t)n * C;
-        float fs = (float)dot8d(pr, g, C);
+        float fs = (float)kernels_dot8d(pr, g, C);
 #pragma omp simd
         for (int j = 0; j < C; j++) d[j] += pr[j] * (g[j] - fs);
     }
@@ -604,7 +240,7 @@ void softmax_backward(float *din, const float *dp, const float *p, int N, int C)
  * (sum8d order). Targets < 0 or >= V are ignored (loss 0). */
 static double ce_row(const float *l, int V, int32_t target) { /* V >= 1 */
     enum { CH = 256 }; /* a multiple of 8: lanes line up with sum8d over the row */
-    float mx = row_max(l, V), e[CH];
+    float mx = kernels_row_max(l, V), e[CH];
     double a[8] = {0};
     for (int j0 = 0; j0 < V; j0 += CH) {
         int n = MOE_MIN(CH, V - j0), j = 0;
@@ -655,7 +291,7 @@ void crossentropy_backward(float *dlogits, const float *logits, const int32_t *t
             memset(d, 0, (size_t)V * sizeof(float));
             continue;
         }
-        float mx = row_max(l, V);
+        float mx = kernels_row_max(l, V);
         float inv = (float)(1.0 / exp_shift_sum(d, l, mx, V));
         float pt = d[t] * inv;
 #pragma omp simd
@@ -676,7 +312,7 @@ double crossentropy_softmax(float *probs, const float *logits, const int32_t *ta
         for (int n = 0; n < N; n++) {
             const float *l = logits + (size_t)n * V;
             float *p = probs + (size_t)n * V;
-            float inv = (float)(1.0 / exp_shift_sum(p, l, row_max(l, V), V));
+            float inv = (float)(1.0 / exp_shift_sum(p, l, kernels_row_max(l, V), V));
 #pragma omp simd
             for (int j = 0; j < V; j++) p[j] *= inv;
         }
@@ -687,7 +323,7 @@ double crossentropy_softmax(float *probs, const float *logits, const int32_t *ta
         const float *l = logits + (size_t)n * V;
         float *p = probs + (size_t)n * V;
         int32_t t = targets[n];
-        float mx = row_max(l, V);
+        float mx = kernels_row_max(l, V);
         double sum = exp_shift_sum(p, l, mx, V);
         rowloss[n] = (t >= 0 && t < V) ? log(sum) + (double)mx - (double)l[t] : 0.0;
         float inv = (float)(1.0 / sum);
