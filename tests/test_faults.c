@@ -5,7 +5,11 @@
  * (MOE_ERR_NOMEM with a message) rather than crash, and the engine's
  * allocation counter must come back to where it started: nothing leaks on any
  * error path. N grows until the scenario succeeds with no failure left to
- * inject. */
+ * inject.
+ * Then transient failures: for N = 1, 2, ... only the N-th allocation fails
+ * (moe_alloc_fail_config(N, 1)) in model create, tokenizer train and gguf
+ * open. The call must fail cleanly with no leak, and the same call made again
+ * straight after must succeed: a failure leaves no half-made state behind. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,8 +18,9 @@
 #include "harness.h"
 #include "model/model.h"
 #include "train/train.h"
+#include "io/gguf.h"
 
-static char dir[256], text_path[300], model_path[300], tok_path[300], log_path[300];
+static char dir[256], text_path[300], model_path[300], tok_path[300], log_path[300], gguf_path[300];
 static moe_tokenizer *shared_tok; /* made with no failures, for the dataset scenario */
 static moe_dataset *shared_data;
 
@@ -93,6 +98,68 @@ static moe_status sc_train(void) {
     return st;
 }
 
+/* ---- single calls, for transient failures ---- */
+static moe_status sc_create(void) {
+    moe_config c = small_config();
+    moe_model *m = NULL;
+    moe_status st = moe_model_create(&m, &c, 3);
+    moe_model_free(m);
+    return st;
+}
+
+static char **shared_texts;
+static size_t *shared_lens;
+static int shared_n_texts;
+static moe_status sc_tokenizer_train(void) {
+    moe_tokenizer *t = NULL;
+    moe_status st = moe_tokenizer_train(&t, (const char *const *)shared_texts, shared_lens,
+                                        shared_n_texts, 300);
+    moe_tokenizer_free(t);
+    return st;
+}
+
+static moe_status sc_gguf_open(void) {
+    gguf_ctx *g = NULL;
+    moe_status st = gguf_open(&g, gguf_path);
+    gguf_close(g);
+    return st;
+}
+
+static void run_transient(const char *name, moe_status (*fn)(void), long max_n) {
+    TEST_CASE(name);
+    long n, points = 0;
+    int done = 0;
+    for (n = 1; n <= max_n && !done; n++) {
+        size_t before = moe_alloc_in_use();
+        moe_alloc_fail_config(n, 1);
+        moe_status st = fn();
+        long injected = moe_alloc_fail_config(0, 0);
+        size_t after = moe_alloc_in_use();
+        CHECK(after == before, "N=%ld: %zu bytes leaked (status %s: %s)", n, after - before,
+              moe_status_str(st), moe_last_error());
+        CHECK(injected <= 1, "N=%ld: %ld failures injected, expected at most one", n, injected);
+        if (injected == 0) { /* fewer than N allocations: nothing was failed */
+            CHECK(st == MOE_OK, "N=%ld: no failure injected, yet status %s: %s", n,
+                  moe_status_str(st), moe_last_error());
+            done = 1;
+            break;
+        }
+        points++;
+        CHECK(st == MOE_ERR_NOMEM, "N=%ld: status %s, expected out of memory: %s", n,
+              moe_status_str(st), moe_last_error());
+        CHECK(strlen(moe_last_error()) > 0, "N=%ld: no message", n);
+        st = fn(); /* the failure is over: the same call now succeeds */
+        CHECK(st == MOE_OK, "N=%ld: the call after the failure: status %s: %s", n,
+              moe_status_str(st), moe_last_error());
+        CHECK(moe_alloc_in_use() == before, "N=%ld: %zu bytes leaked by the call after the failure",
+              n, moe_alloc_in_use() - before);
+        if (th_case_failed) break;
+    }
+    CHECK(done || th_case_failed, "still failing after %ld transient failures", max_n);
+    printf("  %s: %ld transient failure points, each followed by a success\n", name, points);
+    TEST_END();
+}
+
 static void run_scenario(const char *name, moe_status (*fn)(void), long max_n) {
     TEST_CASE(name);
     long n, failures = 0;
@@ -133,6 +200,7 @@ int main(int argc, char **argv) {
     snprintf(model_path, sizeof model_path, "%s/m.gguf", dir);
     snprintf(tok_path, sizeof tok_path, "%s/tok.gguf", dir);
     snprintf(log_path, sizeof log_path, "%s/log.jsonl", dir);
+    snprintf(gguf_path, sizeof gguf_path, "%s/open.gguf", dir);
     th_write_word_text(text_path, 7, 12, 60);
     moe_set_threads(2);
     {
@@ -144,7 +212,14 @@ int main(int argc, char **argv) {
             printf("setup failed: %s\n0 passed, 1 failed\n", moe_last_error());
             return 1;
         }
-        moe_free_texts(texts, lens, n);
+        shared_texts = texts; shared_lens = lens; shared_n_texts = n;
+        moe_config c = small_config();
+        moe_model *m = NULL;
+        if (moe_model_create(&m, &c, 3) || moe_model_save(m, gguf_path)) {
+            printf("setup failed: %s\n0 passed, 1 failed\n", moe_last_error());
+            return 1;
+        }
+        moe_model_free(m);
     }
     moe_set_threads(1); /* idle OpenMP workers spin: one thread where nothing is parallel */
     run_scenario("model create, save, load", sc_model, 5000);
@@ -152,6 +227,11 @@ int main(int argc, char **argv) {
     run_scenario("dataset load", sc_dataset, 5000);
     moe_set_threads(2); /* failures inside parallel regions too */
     run_scenario("train 2 steps with save and resume", sc_train, 5000);
+    moe_set_threads(1);
+    run_transient("transient: model create", sc_create, 5000);
+    run_transient("transient: tokenizer train", sc_tokenizer_train, 5000);
+    run_transient("transient: gguf open", sc_gguf_open, 5000);
+    moe_free_texts(shared_texts, shared_lens, shared_n_texts);
     moe_dataset_free(shared_data);
     moe_tokenizer_free(shared_tok);
     char cmd[600];
