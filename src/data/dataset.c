@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "core/hash.h"
 #include "data/dataset.h"
 
 typedef struct { char **paths; char **names; int n, cap; } file_list;
@@ -233,9 +234,7 @@ moe_status moe_dataset_load_text(moe_dataset **out, const moe_tokenizer *tok,
         if (!st) { memcpy(d->domain[1], d->domain[0] + start, nv); d->n[0] = start; }
     }
     if (!st) {
-        uint64_t h = 1469598103934665603ull;
-        for (size_t i = 0; i < d->n[0]; i++) h = (h ^ (uint32_t)d->tokens[0][i]) * 1099511628211ull;
-        d->fingerprint = h ^ d->n[0];
+        d->fingerprint = moe_fnv1a64(MOE_FNV1A64_BASIS, d->tokens[0], d->n[0] * sizeof(int32_t)) ^ d->n[0];
     }
     for (int i = 0; i < fl.n; i++) if (texts) moe_free(texts[i]);
     moe_free(texts); moe_free(lens); moe_free(dl.docs); moe_free(dl.dom);

@@ -28,10 +28,13 @@ moe_status train_state_check(const char *path, size_t n_params, int *step);
 /* Linear warmup to lr, then cosine down to lr * min_lr_frac at p->steps. */
 float lr_at(const moe_train_params *p, int step);
 /* Training-state file (MODEL.gguf.state): this header, AdamW m and v
- * (n_params floats each), then an FNV-1a checksum (state_fnv from
- * 1469598103934665603) of everything before it. */
+ * (n_params floats each), then an FNV-1a checksum (moe_fnv1a64 from
+ * MOE_FNV1A64_BASIS, core/hash.h) of everything before it.
+ * Version 2: checksum and dataset fingerprint are true FNV-1a (version 1 began
+ * from a wrong offset basis, and hashed the tokens 32 bits at a time), so a
+ * version-1 file would fail both checks: it is refused by its version. */
 #define STATE_MAGIC "MOESTATE"
-#define STATE_VERSION 1u
+#define STATE_VERSION 2u
 typedef struct {
     char magic[8];
     uint32_t version, reserved;
@@ -39,5 +42,4 @@ typedef struct {
     float lr, min_lr_frac, weight_decay, beta1, beta2, adam_eps, grad_clip, pad;
     uint64_t seed, rng[4], fingerprint, n_params;
 } state_header;
-uint64_t state_fnv(uint64_t h, const void *p, size_t n);
 #endif
