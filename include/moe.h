@@ -86,6 +86,7 @@ enum { MOE_MATMUL_FP32 = 0, MOE_MATMUL_BF16 = 1 };
 
 MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name);
 MOE_API const char *const *moe_preset_names(void);  /* NULL-terminated */
+MOE_API const char *moe_preset_about(const char *name); /* one line; NULL if unknown */
 /* Sets one field from text, e.g. key "n_experts", value "4". */
 MOE_API moe_status moe_config_set(moe_config *cfg, const char *key, const char *value);
 MOE_API moe_status moe_config_validate(const moe_config *cfg);
@@ -179,6 +180,12 @@ typedef void (*moe_progress_fn)(const moe_train_progress *p, void *user);
  * to continue from. */
 MOE_API moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params *p,
                              const char *resume_state, moe_progress_fn fn, void *user);
+/* The step a resume of m from state_path would start at, and the run's
+ * horizon, after the checks moe_train makes on that file (so *step >= *steps
+ * means there is nothing left to train; moe_train would refuse). Reads the
+ * whole state: meant for once, before the data is loaded. */
+MOE_API moe_status moe_train_resume_point(const moe_model *m, const char *state_path, int *step,
+                                          int *steps);
 /* Mean per-token cross-entropy over the validation split (or all of d when it has none). */
 MOE_API moe_status moe_evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches,
                                 int use_all, double *loss_out, size_t *tokens_out);

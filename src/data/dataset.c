@@ -9,7 +9,7 @@
 #include "core/hash.h"
 #include "data/dataset.h"
 
-typedef struct { char **paths; char **names; int n, cap; } file_list;
+typedef struct { char **paths; int n, cap; } file_list;
 
 static moe_status list_add(file_list *fl, const char *path) {
     if (fl->n == fl->cap) {

@@ -115,9 +115,4 @@ double crossentropy_softmax(float *probs, const float *logits, const int32_t *ta
                             int V);
 void crossentropy_softmax_backward(float *probs, const int32_t *targets, int N, int V,
                                    float scale);
-
-/* Peak-FLOP probe helpers for benchmarks: GFLOP/s of matmul_forward on random
- * [N][C] x [OC][C]^T data, best of reps timed calls after one warm-up
- * (negative if memory ran out). */
-double kernels_matmul_gflops(int N, int C, int OC, int reps, matmul_precision prec);
 #endif

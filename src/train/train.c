@@ -182,6 +182,20 @@ static moe_status load_state(const char *path, const moe_model *m, state_header 
     return moe_error(st ? st : MOE_ERR_FORMAT, "%s", first);
 }
 
+moe_status moe_train_resume_point(const moe_model *m, const char *state_path, int *step, int *steps) {
+    if (!m || !state_path || !step || !steps)
+        return moe_error(MOE_ERR_INVALID_ARG, "moe_train_resume_point: NULL argument");
+    float *am = moe_calloc(m->n_params ? m->n_params : 1, sizeof(float));
+    float *av = moe_calloc(m->n_params ? m->n_params : 1, sizeof(float));
+    moe_status st = am && av ? MOE_OK : moe_error(MOE_ERR_NOMEM, "out of memory for the optimizer state");
+    state_header h;
+    if (!st) st = load_state(state_path, m, &h, am, av);
+    if (!st) { *step = h.step; *steps = h.steps; }
+    moe_free(am);
+    moe_free(av);
+    return st;
+}
+
 /* ---- evaluation ---- */
 typedef struct { moe_eval_progress_fn fn; void *user; size_t done, total; } eval_progress;
 

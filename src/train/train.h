@@ -18,7 +18,9 @@ void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_p
 /* Global L2 norm of the gradients, summed in a fixed order. */
 double grad_norm(const float *g, size_t n);
 /* Scales gradients so their norm is at most clip (torch's clip_grad_norm_ rule);
- * clip_scale is the factor it multiplies by (1 when no clipping is needed). */
+ * clip_scale is the factor it multiplies by (1 when no clipping is needed).
+ * clip_grads is a test helper (tests/test_model_ref.c clips in the separate
+ * pass PyTorch makes): training folds clip_scale into adamw_update's gscale. */
 void clip_grads(float *g, size_t n, double norm, float clip);
 float clip_scale(double norm, float clip);
 /* Reads and checks the training-state file at path as moe_train does on

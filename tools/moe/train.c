@@ -132,10 +132,8 @@ static int train_tokenizer(const train_args *a, int vocab, moe_tokenizer **tok) 
 static void print_summary(const train_args *a, const progress *s, int data_defaulted, double elapsed) {
     char dur[32];
     fmt_duration(dur, sizeof dur, elapsed);
-    if (!s->have) {
-        printf("nothing to train: already at the step horizon; model in %s\n", a->out);
-        return;
-    }
+    /* moe_train succeeded, so it ran at least one step: a finished run is
+     * caught before training (moe_train_resume_point) */
     const moe_train_progress *p = &s->last;
     if (p->step < p->steps) {
         printf("paused at step %d/%d after %s; saved %s\ncontinue with: moe train --resume %s",
@@ -204,6 +202,14 @@ static int train_run(cli_cmd *cmd, train_args *a) {
         if (moe_model_load(&m, a->resume) != MOE_OK) { rc = lib_fail_file(a->resume); goto done; }
         cfg = *moe_model_config(m);
         if (!moe_model_tokenizer(m)) { rc = fail("model '%s' has no tokenizer", a->resume); goto done; }
+        int step, steps;
+        if (moe_train_resume_point(m, state_in, &step, &steps) != MOE_OK) { rc = lib_fail_file(state_in); goto done; }
+        if (step >= steps) { /* before the data is read: nothing would use it */
+            printf("nothing to train: the run is already complete (step %d of %d); model in %s\n", step,
+                   steps, a->resume);
+            rc = 0;
+            goto done;
+        }
     } else if (build_config(a, &cfg, &tok)) {
         goto done;
     }

@@ -195,11 +195,17 @@ void fmt_duration(char *buf, size_t cap, double s) {
     else snprintf(buf, cap, "%ldh%02ldm", t / 3600, (t % 3600) / 60);
 }
 
+/* "Presets:", then a line per preset: its name and what it is */
 void print_presets(FILE *f, const char *indent) {
     const char *const *names = moe_preset_names();
-    fprintf(f, "%sPresets:", indent);
-    for (int i = 0; names && names[i]; i++) fprintf(f, " %s", names[i]);
-    fputc('\n', f);
+    int width = 0;
+    for (int i = 0; names && names[i]; i++)
+        if ((int)strlen(names[i]) > width) width = (int)strlen(names[i]);
+    fprintf(f, "%sPresets:\n", indent);
+    for (int i = 0; names && names[i]; i++) {
+        const char *about = moe_preset_about(names[i]);
+        fprintf(f, "%s  %-*s  %s\n", indent, width, names[i], about ? about : "");
+    }
 }
 
 /* The keys --set understands: the left sides of moe_config_describe's lines. */
