@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -164,6 +165,11 @@ MOE_API size_t moe_dataset_tokens(const moe_dataset *d, int validation);
 MOE_API moe_status moe_read_texts(const char *const *paths, int n_paths, char ***texts,
                                   size_t **lens, int *n_texts);
 MOE_API void moe_free_texts(char **texts, size_t *lens, int n_texts);
+/* Reads all of stream f (name is for messages) or of the file at path into
+ * one buffer, *len bytes followed by a NUL that *len does not count; free it
+ * with moe_free. */
+MOE_API moe_status moe_read_stream(FILE *f, const char *name, char **out, size_t *len);
+MOE_API moe_status moe_read_file(const char *path, char **out, size_t *len);
 
 typedef struct {
     int step, steps;

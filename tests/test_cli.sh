@@ -100,6 +100,8 @@ expect "--tokens empty" 2 "'--tokens' expects an integer" "$MOE" generate --mode
 expect "flag given a value" 2 "'--force' takes no value" "$MOE" train --force=yes
 expect "stray argument" 2 "unexpected argument 'extra'" "$MOE" train extra
 expect "--set without =" 2 "--set expects KEY=VALUE" "$MOE" train --set d_model
+expect "--set with an empty key" 2 "--set expects KEY=VALUE" "$MOE" train --set =4
+expect "info --set without =" 2 "--set expects KEY=VALUE" "$MOE" info --set d_model
 expect "--resume with --preset" 2 "--resume" "$MOE" train --resume "$T/existing.gguf" --preset tiny
 expect "generate without --model" 2 "--model" "$MOE" generate
 expect "eval without --data" 2 "--data" "$MOE" eval --model x
@@ -108,6 +110,7 @@ unchanged "bad flags leave files alone" "$T/existing.gguf" "$T/existing.copy"
 
 # ---- configuration errors (exit 1), found before any work ----------------------------------
 expect "--set unknown key" 1 "bogus_key" "$MOE" train --data "$T/small.txt" --set bogus_key=3
+expect "--set key too long" 1 "key too long" "$MOE" train --data "$T/small.txt" --set "$(printf 'k%.0s' $(seq 200))=1"
 expect "--set bad value" 1 "n_layers" "$MOE" train --data "$T/small.txt" --set n_layers=abc
 expect "top_k > n_experts" 1 "top_k" "$MOE" train --data "$T/small.txt" --set n_experts=8 --set top_k=9
 expect "n_heads not dividing d_model" 1 "head" "$MOE" train --data "$T/small.txt" --set d_model=64 --set n_heads=5

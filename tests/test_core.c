@@ -1,5 +1,6 @@
 /* core: FNV-1a 64 against the published test vectors (Noll's FNV page), and
- * the allocation-failure injector's after/repeat counting. */
+ * the allocation-failure injector's after/repeat counting, and whole-file
+ * reading (moe_read_file / moe_read_stream). */
 #include "harness.h"
 #include "core/core.h"
 #include "core/hash.h"
@@ -67,8 +68,61 @@ static void test_fail_config(void) {
     TEST_END();
 }
 
+/* writes n bytes of a known pattern to path; reads them back */
+static void test_read_file(void) {
+    char path[256];
+    th_tmp_path(path, sizeof path, "read_file.bin");
+    static const size_t sizes[] = {0, 1, 65534, 65535, 65536, 200000};
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+        size_t n = sizes[k];
+        char name[64];
+        snprintf(name, sizeof name, "read file of %zu bytes", n);
+        TEST_CASE(name);
+        FILE *f = fopen(path, "wb");
+        for (size_t i = 0; f && i < n; i++) fputc((int)((i * 131 + 7) & 0xff), f);
+        CHECK(f && fclose(f) == 0, "cannot write %s", path);
+        size_t before = moe_alloc_in_use();
+        char *buf = NULL;
+        size_t len = 12345;
+        moe_status st = moe_read_file(path, &buf, &len);
+        CHECK(st == MOE_OK, "status %s: %s", moe_status_str(st), moe_last_error());
+        CHECK(len == n, "read %zu bytes, wrote %zu", len, n);
+        size_t bad = n;
+        for (size_t i = 0; buf && i < n && i < len; i++)
+            if ((unsigned char)buf[i] != ((i * 131 + 7) & 0xff)) { bad = i; break; }
+        CHECK(buf && bad == n, "byte %zu differs", bad);
+        CHECK(buf && buf[len] == 0, "no NUL after the data");
+        moe_free(buf);
+        CHECK(moe_alloc_in_use() == before, "leaked %zu bytes", moe_alloc_in_use() - before);
+        TEST_END();
+    }
+    remove(path);
+
+    TEST_CASE("read file: a missing file is an I/O error naming it");
+    char *buf = (char *)1;
+    size_t len = 1;
+    moe_status st = moe_read_file(path, &buf, &len);
+    CHECK(st == MOE_ERR_IO, "status %s", moe_status_str(st));
+    CHECK(strstr(moe_last_error(), path) != NULL, "message '%s' does not name the file", moe_last_error());
+    TEST_END();
+
+    TEST_CASE("read file: out of memory is reported and frees what it had");
+    FILE *f = fopen(path, "wb");
+    for (int i = 0; f && i < 100000; i++) fputc('x', f);
+    if (f) fclose(f);
+    size_t before = moe_alloc_in_use();
+    moe_alloc_fail_config(2, 1); /* the first growth of the buffer */
+    st = moe_read_file(path, &buf, &len);
+    long injected = moe_alloc_fail_config(0, 0);
+    CHECK(injected == 1 && st == MOE_ERR_NOMEM, "%ld injected, status %s", injected, moe_status_str(st));
+    CHECK(moe_alloc_in_use() == before, "leaked %zu bytes", moe_alloc_in_use() - before);
+    remove(path);
+    TEST_END();
+}
+
 int main(void) {
     test_fnv();
     test_fail_config();
+    test_read_file();
     TEST_MAIN_END();
 }
