@@ -12,7 +12,7 @@ CFLAGS  ?=
 # -fno-fast-math goes before OPT: placed after it, it would turn -fno-math-errno
 # back off, and every sqrtf would stay a scalar call with an errno check
 CFLAGS  += -std=c11 -D_GNU_SOURCE -fno-fast-math $(OPT) -g -fopenmp -Wall -Wextra \
-           -Wno-unused-parameter -fvisibility=hidden -Iinclude -Isrc
+           -Wmissing-prototypes -Wno-unused-parameter -fvisibility=hidden -Iinclude -Isrc
 LDLIBS  += -lm -fopenmp
 BUILD   ?= build
 ifneq ($(SANITIZE),)

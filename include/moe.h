@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -104,6 +105,7 @@ enum { MOE_ATTN_GQA = 0, MOE_ATTN_MLA = 1 };
 
 MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name);
 MOE_API const char *const *moe_preset_names(void);  /* NULL-terminated */
+MOE_API const char *moe_preset_about(const char *name); /* one line; NULL if unknown */
 /* Sets one field from text, e.g. key "n_experts", value "4". */
 MOE_API moe_status moe_config_set(moe_config *cfg, const char *key, const char *value);
 MOE_API moe_status moe_config_validate(const moe_config *cfg);
@@ -194,6 +196,11 @@ MOE_API size_t moe_dataset_tokens(const moe_dataset *d, int validation);
 MOE_API moe_status moe_read_texts(const char *const *paths, int n_paths, char ***texts,
                                   size_t **lens, int *n_texts);
 MOE_API void moe_free_texts(char **texts, size_t *lens, int n_texts);
+/* Reads all of stream f (name is for messages) or of the file at path into
+ * one buffer, *len bytes followed by a NUL that *len does not count; free it
+ * with moe_free. */
+MOE_API moe_status moe_read_stream(FILE *f, const char *name, char **out, size_t *len);
+MOE_API moe_status moe_read_file(const char *path, char **out, size_t *len);
 
 typedef struct {
     int step, steps;
@@ -210,6 +217,12 @@ typedef void (*moe_progress_fn)(const moe_train_progress *p, void *user);
  * to continue from. */
 MOE_API moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params *p,
                              const char *resume_state, moe_progress_fn fn, void *user);
+/* The step a resume of m from state_path would start at, and the run's
+ * horizon, after the checks moe_train makes on that file (so *step >= *steps
+ * means there is nothing left to train; moe_train would refuse). Reads the
+ * whole state: meant for once, before the data is loaded. */
+MOE_API moe_status moe_train_resume_point(const moe_model *m, const char *state_path, int *step,
+                                          int *steps);
 /* Mean per-token cross-entropy over the validation split (or all of d when it has none). */
 MOE_API moe_status moe_evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches,
                                 int use_all, double *loss_out, size_t *tokens_out);

@@ -41,6 +41,16 @@ static const char *th_case = "";
         printf("\n");                                                         \
         fflush(stdout);                                                       \
     } while (0)
+/* Fails the current case and ends the program, summary line included, when
+ * nothing after it could run (a setup allocation failed, say). */
+#define TEST_FATAL(...)                                                       \
+    do {                                                                      \
+        CHECK(0, __VA_ARGS__);                                                \
+        TEST_END();                                                           \
+        printf("%d passed, %d failed, %d skipped\n", th_passed, th_failed,    \
+               th_skipped);                                                   \
+        exit(1);                                                              \
+    } while (0)
 #define TEST_MAIN_END()                                                       \
     do {                                                                      \
         printf("%d passed, %d failed, %d skipped\n", th_passed, th_failed,    \

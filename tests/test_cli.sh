@@ -57,6 +57,16 @@ for f in preset set data steps batch seq lr seed threads out resume log eval-eve
     grep -q -- "--$f" "$T/out" || bad "help lists --$f" "moe train --help does not mention --$f"
 done
 grep -q "default" "$T/out" && ok "train help shows defaults" || bad "train help shows defaults" "no 'default'"
+# the preset list: every preset the library knows (as its unknown-preset error
+# names them) on a line of its own, with its description
+cp "$T/out" "$T/help"
+run "$MOE" train --preset nosuchpreset --data "$T/small.txt"
+known=$(sed -n 's/.*(known: \(.*\)).*/\1/p' "$T/err" | tr -d ',')
+missing=""
+for p in $known; do grep -qE "^  $p +[^ ].{10,}$" "$T/help" || missing="$missing $p"; done
+if [ -n "$known" ] && [ -z "$missing" ] && grep -qE "^  tiny +2 layers, d_model 64, 4 experts top-2: for tests$" "$T/help"; then
+    ok "train help describes every preset ($(echo $known | wc -w))"
+else bad "train help describes every preset" "known: '$known'; without a description:$missing"; fi
 run "$MOE" --version
 [ "$RC" -eq 0 ] && grep -qE '^moe [0-9]' "$T/out" && ok "--version" || bad "--version" "exit $RC: $(cat "$T/out")"
 
@@ -90,6 +100,8 @@ expect "--tokens empty" 2 "'--tokens' expects an integer" "$MOE" generate --mode
 expect "flag given a value" 2 "'--force' takes no value" "$MOE" train --force=yes
 expect "stray argument" 2 "unexpected argument 'extra'" "$MOE" train extra
 expect "--set without =" 2 "--set expects KEY=VALUE" "$MOE" train --set d_model
+expect "--set with an empty key" 2 "--set expects KEY=VALUE" "$MOE" train --set =4
+expect "info --set without =" 2 "--set expects KEY=VALUE" "$MOE" info --set d_model
 expect "--resume with --preset" 2 "--resume" "$MOE" train --resume "$T/existing.gguf" --preset tiny
 expect "generate without --model" 2 "--model" "$MOE" generate
 expect "eval without --data" 2 "--data" "$MOE" eval --model x
@@ -98,6 +110,7 @@ unchanged "bad flags leave files alone" "$T/existing.gguf" "$T/existing.copy"
 
 # ---- configuration errors (exit 1), found before any work ----------------------------------
 expect "--set unknown key" 1 "bogus_key" "$MOE" train --data "$T/small.txt" --set bogus_key=3
+expect "--set key too long" 1 "key too long" "$MOE" train --data "$T/small.txt" --set "$(printf 'k%.0s' $(seq 200))=1"
 expect "--set bad value" 1 "n_layers" "$MOE" train --data "$T/small.txt" --set n_layers=abc
 expect "top_k > n_experts" 1 "top_k" "$MOE" train --data "$T/small.txt" --set n_experts=8 --set top_k=9
 expect "n_heads not dividing d_model" 1 "head" "$MOE" train --data "$T/small.txt" --set d_model=64 --set n_heads=5
@@ -193,6 +206,14 @@ if [ $have_model = 1 ]; then
         run "$MOE" train --data "$T/small.txt" --resume "$R" --threads 1
         [ "$RC" -eq 0 ] && grep -q "step 4/4" "$T/err" && ok "train --resume finishes" \
             || bad "train --resume finishes" "exit $RC: $(tail -c 300 "$T/err")"
+        # resuming a finished run: a plain note, before any data is read, and nothing written
+        cp "$R" "$T/resume.copy"; cp "$R.state" "$T/resume.state.copy"
+        run "$MOE" train --data "$T/small.txt" --resume "$R" --threads 1
+        if [ "$RC" -eq 0 ] && grep -qx "nothing to train: the run is already complete (step 4 of 4); model in $R" "$T/out" \
+           && ! grep -q "error" "$T/err" && ! grep -q "^data:" "$T/err"; then ok "train --resume of a finished run says so"
+        else bad "train --resume of a finished run says so" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; fi
+        unchanged "finished run's model left as it was" "$R" "$T/resume.copy"
+        unchanged "finished run's state left as it was" "$R.state" "$T/resume.state.copy"
     else bad "train --stop-after pauses" "exit $RC: $(tail -c 300 "$T/err") $(cat "$T/out")"; fi
 
     # ---- damaged model files ----

@@ -385,8 +385,10 @@ static void test_atomic(void) {
     }
     TEST_END();
 
-    TEST_CASE("atomic write: read-only directory (skipped as root)");
-    if (geteuid() != 0) {
+    TEST_CASE("atomic write: read-only directory");
+    if (geteuid() == 0) {
+        TEST_SKIP("running as root, whom directory permissions do not stop");
+    } else {
         char ro[512], rop[600];
         snprintf(ro, sizeof ro, "%s/ro", tmpdir);
         snprintf(rop, sizeof rop, "%s/m.gguf", ro);
@@ -399,8 +401,8 @@ static void test_atomic(void) {
         chmod(ro, 0755);
         unlink(rop);
         rmdir(ro);
+        TEST_END();
     }
-    TEST_END();
 
     TEST_CASE("atomic write: failing writer removes temp file, keeps old file");
     {

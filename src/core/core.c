@@ -10,6 +10,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 
 /* ---- errors ---- */
 static _Thread_local char err_msg[512];
@@ -59,21 +61,52 @@ const char *moe_status_str(moe_status s) {
  * Each block carries a 64-byte header holding its size, so frees are counted
  * and user memory stays 64-byte aligned (cache lines, AVX-512 loads). */
 #define HDR 64
+/* All four are read and written only inside the moe_alloc critical section:
+ * allocations come from every OpenMP thread. */
 static size_t alloc_in_use, alloc_peak;
-static long alloc_countdown; /* >0: fail when it reaches 0 */
+static long alloc_countdown;  /* >0: the allocation that brings it to 0 fails */
+static long alloc_fails_left; /* failures still to inject from there; -1 = no end */
+static long alloc_fails_done; /* failures injected since the last configuration */
 
-void moe_alloc_fail_after(long n) {
+long moe_alloc_fail_config(long after, long repeat) {
+    long done;
 #pragma omp critical(moe_alloc)
-    { alloc_countdown = n; }
+    {
+        done = alloc_fails_done;
+        alloc_fails_done = 0;
+        int on = after > 0 && repeat != 0;
+        alloc_countdown = on ? after : 0;
+        alloc_fails_left = on ? repeat : 0;
+    }
+    return done;
 }
-size_t moe_alloc_in_use(void) { return alloc_in_use; }
-size_t moe_alloc_peak(void) { return alloc_peak; }
+void moe_alloc_fail_after(long n) { moe_alloc_fail_config(n, -1); }
+
+size_t moe_alloc_in_use(void) {
+    size_t n;
+#pragma omp critical(moe_alloc)
+    { n = alloc_in_use; }
+    return n;
+}
+size_t moe_alloc_peak(void) {
+    size_t n;
+#pragma omp critical(moe_alloc)
+    { n = alloc_peak; }
+    return n;
+}
 
 static int injected_failure(void) {
     int fail = 0;
 #pragma omp critical(moe_alloc)
     {
-        if (alloc_countdown > 0 && --alloc_countdown == 0) { fail = 1; alloc_countdown = 1; }
+        if (alloc_countdown > 0 && --alloc_countdown == 0) {
+            fail = 1;
+            alloc_fails_done++;
+            /* a bounded run of failures ends by switching injection off;
+             * otherwise the very next allocation fails too */
+            if (alloc_fails_left > 0 && --alloc_fails_left == 0) alloc_countdown = 0;
+            else alloc_countdown = 1;
+        }
     }
     return fail;
 }
@@ -176,9 +209,18 @@ double moe_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* ---- CPU features ---- */
+/* ---- CPU features ----
+ * Detected once, through pthread_once: the first caller may be any thread of
+ * an OpenMP team (expert loop -> matmul -> fast path), so a plain "if (!done)"
+ * would race. pthread_once rather than a constructor keeps the detection (and
+ * the read of MOE_REFERENCE) at first use, after main() may have set the
+ * environment, and works the same in a static library, where nothing would
+ * pull in an object holding only a constructor. */
 static moe_cpu_features cpu;
-static int cpu_done, force_reference = -1;
+static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
+/* 1: scalar reference kernels only; set from MOE_REFERENCE at first use, then
+ * by moe_set_reference_kernels (atomic: kernels read it from any thread) */
+static atomic_int force_reference;
 
 static unsigned long long xgetbv0(void) {
     unsigned lo, hi;
@@ -186,8 +228,7 @@ static unsigned long long xgetbv0(void) {
     return ((unsigned long long)hi << 32) | lo;
 }
 
-const moe_cpu_features *moe_cpu(void) {
-    if (cpu_done) return &cpu;
+static void detect_cpu(void) {
     unsigned a, b, c, d;
     moe_cpu_features f = {0};
     if (__get_cpuid_max(0, NULL) >= 7 && __get_cpuid(1, &a, &b, &c, &d)) {
@@ -209,19 +250,23 @@ const moe_cpu_features *moe_cpu(void) {
         f.avx512_bf16 = ((a >> 5) & 1) && zmm_ok;
     }
     cpu = f;
-    cpu_done = 1;
+    const char *e = getenv("MOE_REFERENCE");
+    atomic_store(&force_reference, e && *e && strcmp(e, "0") != 0);
+}
+
+const moe_cpu_features *moe_cpu(void) {
+    pthread_once(&cpu_once, detect_cpu);
     return &cpu;
 }
 
-void moe_set_reference_kernels(int on) { force_reference = on; }
+void moe_set_reference_kernels(int on) {
+    pthread_once(&cpu_once, detect_cpu); /* so a later first use cannot undo this */
+    atomic_store(&force_reference, on != 0);
+}
 
 int moe_use_fast_kernels(void) {
-    if (force_reference < 0) {
-        const char *e = getenv("MOE_REFERENCE");
-        force_reference = (e && *e && strcmp(e, "0") != 0);
-    }
-    if (force_reference) return 0;
     const moe_cpu_features *c = moe_cpu();
+    if (atomic_load_explicit(&force_reference, memory_order_relaxed)) return 0;
     return c->avx512f && c->fma;
 }
 

@@ -18,8 +18,12 @@ moe_status moe_error_prefix(moe_status code, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
 /* ---- allocation ------------------------------------------------------------
- * 64-byte aligned, counted. moe_alloc_fail_after(n) makes the n-th next
- * allocation (and all after it, until reset with 0) fail: used by tests. */
+ * 64-byte aligned, counted. Failure injection, for tests (after SQLite's
+ * faultsimConfig(nDelay, nRepeat)): moe_alloc_fail_config(after, repeat)
+ * makes the after-th next allocation fail, and with it the repeat-1 that
+ * follow it (repeat = -1: every later one too, until reconfigured); then
+ * allocations succeed again. after = 0 or repeat = 0 switches injection off.
+ * It returns the number of failures injected since the previous call. */
 void *moe_malloc(size_t bytes);           /* NULL on failure, message set */
 void *moe_calloc(size_t count, size_t size); /* zeroed; overflow-checked   */
 void *moe_realloc(void *p, size_t bytes);
@@ -27,7 +31,8 @@ void moe_free(void *p);                   /* accepts NULL */
 char *moe_strdup(const char *s);
 /* a*b with overflow check: returns 0 and sets *out on success, -1 on overflow */
 int moe_mul_size(size_t a, size_t b, size_t *out);
-void moe_alloc_fail_after(long n);      /* 0 = never fail */
+long moe_alloc_fail_config(long after, long repeat);
+void moe_alloc_fail_after(long n);      /* = moe_alloc_fail_config(n, -1); 0 = never fail */
 size_t moe_alloc_in_use(void);         /* bytes currently allocated */
 size_t moe_alloc_peak(void);
 

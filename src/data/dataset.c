@@ -6,9 +6,10 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "core/hash.h"
 #include "data/dataset.h"
 
-typedef struct { char **paths; char **names; int n, cap; } file_list;
+typedef struct { char **paths; int n, cap; } file_list;
 
 static moe_status list_add(file_list *fl, const char *path) {
     if (fl->n == fl->cap) {
@@ -60,30 +61,6 @@ static moe_status expand_paths(file_list *fl, const char *const *paths, int n_pa
     return MOE_OK;
 }
 
-static moe_status read_file(const char *path, char **out, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return moe_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
-    size_t cap = 1 << 16, n = 0;
-    char *buf = moe_malloc(cap);
-    while (buf) {
-        if (n == cap) {
-            char *nb = moe_realloc(buf, cap * 2);
-            if (!nb) { moe_free(buf); buf = NULL; break; }
-            buf = nb; cap *= 2;
-        }
-        size_t got = fread(buf + n, 1, cap - n, f);
-        n += got;
-        if (got == 0) break;
-    }
-    int err = ferror(f);
-    fclose(f);
-    if (!buf) return moe_error(MOE_ERR_NOMEM, "out of memory reading %s", path);
-    if (err) { moe_free(buf); return moe_error(MOE_ERR_IO, "error reading %s", path); }
-    *out = buf;
-    *len = n;
-    return MOE_OK;
-}
-
 moe_status moe_read_texts(const char *const *paths, int n_paths, char ***texts, size_t **lens,
                           int *n_texts) {
     file_list fl = {0};
@@ -97,7 +74,7 @@ moe_status moe_read_texts(const char *const *paths, int n_paths, char ***texts, 
     }
     size_t total = 0;
     for (int i = 0; !st && i < fl.n; i++) {
-        st = read_file(fl.paths[i], &(*texts)[i], &(*lens)[i]);
+        st = moe_read_file(fl.paths[i], &(*texts)[i], &(*lens)[i]);
         if (!st) { total += (*lens)[i]; *n_texts = i + 1; }
     }
     if (!st && total == 0) st = moe_error(MOE_ERR_INVALID_ARG, "the data holds no text (all files are empty)");
@@ -205,7 +182,7 @@ moe_status moe_dataset_load_text(moe_dataset **out, const moe_tokenizer *tok,
     doc_list dl = {0};
     if (!d || !texts || !lens || !d->domain_names) st = moe_error(MOE_ERR_NOMEM, "out of memory");
     for (int i = 0; !st && i < fl.n; i++) {
-        st = read_file(fl.paths[i], &texts[i], &lens[i]);
+        st = moe_read_file(fl.paths[i], &texts[i], &lens[i]);
         if (st) break;
         d->domain_names[i] = domain_name(fl.paths[i]);
         d->n_domains = i + 1;
@@ -233,9 +210,7 @@ moe_status moe_dataset_load_text(moe_dataset **out, const moe_tokenizer *tok,
         if (!st) { memcpy(d->domain[1], d->domain[0] + start, nv); d->n[0] = start; }
     }
     if (!st) {
-        uint64_t h = 1469598103934665603ull;
-        for (size_t i = 0; i < d->n[0]; i++) h = (h ^ (uint32_t)d->tokens[0][i]) * 1099511628211ull;
-        d->fingerprint = h ^ d->n[0];
+        d->fingerprint = moe_fnv1a64(MOE_FNV1A64_BASIS, d->tokens[0], d->n[0] * sizeof(int32_t)) ^ d->n[0];
     }
     for (int i = 0; i < fl.n; i++) if (texts) moe_free(texts[i]);
     moe_free(texts); moe_free(lens); moe_free(dl.docs); moe_free(dl.dom);

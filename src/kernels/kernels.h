@@ -212,9 +212,4 @@ void crossentropy_softmax_backward(float *probs, const int32_t *targets, int N, 
 float kernels_row_max(const float *x, int n);
 double kernels_dot8d(const float *x, const float *y, int n);
 #define KERNELS_PAR_MIN 16384.0
-
-/* Peak-FLOP probe helpers for benchmarks: GFLOP/s of matmul_forward on random
- * [N][C] x [OC][C]^T data, best of reps timed calls after one warm-up
- * (negative if memory ran out). */
-double kernels_matmul_gflops(int N, int C, int OC, int reps, matmul_precision prec);
 #endif

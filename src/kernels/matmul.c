@@ -861,36 +861,3 @@ void matmul_backward_set_din(float *din, float *dw, float *dbias, const float *d
                              matmul_precision prec) {
     backward(din, dw, dbias, dout, in, w, N, C, OC, prec, 1);
 }
-
-/* ------------------------------------------------------------------------ */
-/* benchmark helper                                                           */
-/* ------------------------------------------------------------------------ */
-
-/* GFLOP/s of matmul_forward at [N][C] x [OC][C]^T: one warm-up call, then reps
- * timed calls; returns the best of them (negative if memory ran out). */
-double kernels_matmul_gflops(int N, int C, int OC, int reps, matmul_precision prec) {
-    if (N <= 0 || C <= 0 || OC <= 0) return -1.0;
-    if (reps < 1) reps = 1;
-    float *in = moe_malloc((size_t)N * C * sizeof(float));
-    float *w = moe_malloc((size_t)OC * C * sizeof(float));
-    float *out = moe_malloc((size_t)N * OC * sizeof(float));
-    double best = -1.0;
-    if (in && w && out) {
-        moe_rng r;
-        moe_rng_seed(&r, 1234);
-        for (size_t i = 0; i < (size_t)N * C; i++) in[i] = moe_rng_uniform(&r) - 0.5f;
-        for (size_t i = 0; i < (size_t)OC * C; i++) w[i] = moe_rng_uniform(&r) - 0.5f;
-        matmul_forward(out, in, w, NULL, N, C, OC, prec);
-        for (int i = 0; i < reps; i++) {
-            double t0 = moe_now();
-            matmul_forward(out, in, w, NULL, N, C, OC, prec);
-            double dt = moe_now() - t0;
-            double gf = 2.0 * N * C * OC / (dt > 1e-9 ? dt : 1e-9) * 1e-9;
-            if (gf > best) best = gf;
-        }
-    }
-    moe_free(in);
-    moe_free(w);
-    moe_free(out);
-    return best;
-}

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "core/core.h"
+#include "model/model.h"
 
 static const moe_config base_config = {
     .vocab_size = 4096, .d_model = 192, .n_layers = 4, .n_heads = 6, .n_kv_heads = 2,

@@ -60,6 +60,8 @@ float clip_scale(double norm, float clip) {
     return coef >= 1.0 ? 1.0f : (float)coef;
 }
 
+/* Only tests call this (the reference step of tests/test_model_ref.c):
+ * moe_train passes clip_scale to adamw_update as gscale instead of a pass. */
 void clip_grads(float *g, size_t n, double norm, float clip) {
     float cf = clip_scale(norm, clip);
     if (cf == 1.0f) return;

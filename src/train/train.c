@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/hash.h"
 #include "data/dataset.h"
 #include "io/gguf.h"
 #include "train/train.h"
@@ -39,20 +40,14 @@ void moe_set_threads(int n) {
 /* ---- training state file ----
  * magic "MOESTATE", u32 version, then the run's schedule, the data RNG, the
  * dataset fingerprint, AdamW moments, and an FNV-1a checksum of all of it. */
-uint64_t state_fnv(uint64_t h, const void *p, size_t n) {
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
-    return h;
-}
-
 typedef struct { state_header h; const float *m, *v; } state_out;
 
 static moe_status write_state_fn(int fd, void *u) {
     state_out *s = u;
     size_t bytes = s->h.n_params * sizeof(float);
-    uint64_t sum = state_fnv(1469598103934665603ull, &s->h, sizeof s->h);
-    sum = state_fnv(sum, s->m, bytes);
-    sum = state_fnv(sum, s->v, bytes);
+    uint64_t sum = moe_fnv1a64(MOE_FNV1A64_BASIS, &s->h, sizeof s->h);
+    sum = moe_fnv1a64(sum, s->m, bytes);
+    sum = moe_fnv1a64(sum, s->v, bytes);
     moe_status st = moe_write_all(fd, &s->h, sizeof s->h);
     if (!st) st = moe_write_all(fd, s->m, bytes);
     if (!st) st = moe_write_all(fd, s->v, bytes);
@@ -74,7 +69,7 @@ static moe_status read_state(const char *path, state_header *h, float *m, float 
         st = moe_error(MOE_ERR_FORMAT, "training state %s is truncated", path);
     else if (fgetc(f) != EOF) st = moe_error(MOE_ERR_FORMAT, "training state %s has trailing bytes", path);
     else {
-        sum = state_fnv(state_fnv(state_fnv(1469598103934665603ull, h, sizeof *h), m, bytes), v, bytes);
+        sum = moe_fnv1a64(moe_fnv1a64(moe_fnv1a64(MOE_FNV1A64_BASIS, h, sizeof *h), m, bytes), v, bytes);
         if (sum != want) st = moe_error(MOE_ERR_FORMAT, "training state %s is corrupt (checksum mismatch)", path);
     }
     fclose(f);
@@ -185,6 +180,20 @@ static moe_status load_state(const char *path, const moe_model *m, state_header 
         return MOE_OK;
     }
     return moe_error(st ? st : MOE_ERR_FORMAT, "%s", first);
+}
+
+moe_status moe_train_resume_point(const moe_model *m, const char *state_path, int *step, int *steps) {
+    if (!m || !state_path || !step || !steps)
+        return moe_error(MOE_ERR_INVALID_ARG, "moe_train_resume_point: NULL argument");
+    float *am = moe_calloc(m->n_params ? m->n_params : 1, sizeof(float));
+    float *av = moe_calloc(m->n_params ? m->n_params : 1, sizeof(float));
+    moe_status st = am && av ? MOE_OK : moe_error(MOE_ERR_NOMEM, "out of memory for the optimizer state");
+    state_header h;
+    if (!st) st = load_state(state_path, m, &h, am, av);
+    if (!st) { *step = h.step; *steps = h.steps; }
+    moe_free(am);
+    moe_free(av);
+    return st;
 }
 
 /* ---- evaluation ---- */

@@ -18,7 +18,9 @@ void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_p
 /* Global L2 norm of the gradients, summed in a fixed order. */
 double grad_norm(const float *g, size_t n);
 /* Scales gradients so their norm is at most clip (torch's clip_grad_norm_ rule);
- * clip_scale is the factor it multiplies by (1 when no clipping is needed). */
+ * clip_scale is the factor it multiplies by (1 when no clipping is needed).
+ * clip_grads is a test helper (tests/test_model_ref.c clips in the separate
+ * pass PyTorch makes): training folds clip_scale into adamw_update's gscale. */
 void clip_grads(float *g, size_t n, double norm, float clip);
 float clip_scale(double norm, float clip);
 /* Reads and checks the training-state file at path as moe_train does on
@@ -28,10 +30,13 @@ moe_status train_state_check(const char *path, size_t n_params, int *step);
 /* Linear warmup to lr, then cosine down to lr * min_lr_frac at p->steps. */
 float lr_at(const moe_train_params *p, int step);
 /* Training-state file (MODEL.gguf.state): this header, AdamW m and v
- * (n_params floats each), then an FNV-1a checksum (state_fnv from
- * 1469598103934665603) of everything before it. */
+ * (n_params floats each), then an FNV-1a checksum (moe_fnv1a64 from
+ * MOE_FNV1A64_BASIS, core/hash.h) of everything before it.
+ * Version 2: checksum and dataset fingerprint are true FNV-1a (version 1 began
+ * from a wrong offset basis, and hashed the tokens 32 bits at a time), so a
+ * version-1 file would fail both checks: it is refused by its version. */
 #define STATE_MAGIC "MOESTATE"
-#define STATE_VERSION 1u
+#define STATE_VERSION 2u
 typedef struct {
     char magic[8];
     uint32_t version, reserved;
@@ -39,5 +44,4 @@ typedef struct {
     float lr, min_lr_frac, weight_decay, beta1, beta2, adam_eps, grad_clip, pad;
     uint64_t seed, rng[4], fingerprint, n_params;
 } state_header;
-uint64_t state_fnv(uint64_t h, const void *p, size_t n);
 #endif

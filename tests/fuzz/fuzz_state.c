@@ -6,6 +6,7 @@
  * header claims (when small). */
 #define FUZZ_HAS_SEEDS
 #include "fuzz.h"
+#include "core/hash.h"
 #include "train/train.h"
 
 static void fuzz_one(const uint8_t *data, size_t size) {
@@ -16,7 +17,7 @@ static void fuzz_one(const uint8_t *data, size_t size) {
     if (!buf) return;
     memcpy(buf, data, size);
     if (fix && size >= 8) {
-        uint64_t sum = state_fnv(1469598103934665603ull, buf, size - 8);
+        uint64_t sum = moe_fnv1a64(MOE_FNV1A64_BASIS, buf, size - 8);
         memcpy(buf + size - 8, &sum, 8);
     }
     const char *path = fuzz_file(buf, size);
@@ -35,7 +36,7 @@ static size_t make_state(uint8_t *out, uint64_t n_params, int32_t step, int32_t 
     state_header h;
     memset(&h, 0, sizeof h);
     memcpy(h.magic, "MOESTATE", 8);
-    h.version = 1;
+    h.version = STATE_VERSION;
     h.step = step; h.steps = steps; h.batch = 2; h.seq = 8; h.grad_accum = 1; h.warmup = 1;
     h.lr = 1e-3f; h.min_lr_frac = 0.1f; h.weight_decay = 0.1f; h.beta1 = 0.9f; h.beta2 = 0.95f;
     h.adam_eps = 1e-8f; h.grad_clip = 1.0f; h.seed = 1;
@@ -44,7 +45,7 @@ static size_t make_state(uint8_t *out, uint64_t n_params, int32_t step, int32_t 
     out[n++] = 1; /* flag: fix the checksum */
     memcpy(out + n, &h, sizeof h); n += sizeof h;
     for (uint64_t i = 0; i < 2 * n_params; i++) { float x = 0.5f * (float)i; memcpy(out + n, &x, 4); n += 4; }
-    uint64_t sum = state_fnv(1469598103934665603ull, out + 1, n - 1);
+    uint64_t sum = moe_fnv1a64(MOE_FNV1A64_BASIS, out + 1, n - 1);
     memcpy(out + n, &sum, 8); n += 8;
     return n;
 }
@@ -62,7 +63,7 @@ static int fuzz_write_seeds(const char *dir) {
     b[0] = 0; b[n - 1] ^= 0x55; bad |= fuzz_put(dir, "bad_checksum", b, n);
     n = make_state(b, 4, 11, 10); bad |= fuzz_put(dir, "step_past_end", b, n);
     n = make_state(b, 7, 0, 5); bad |= fuzz_put(dir, "other_size", b, n);
-    n = make_state(b, 4, 0, 5); b[1 + 8] = 2; bad |= fuzz_put(dir, "bad_version", b, n);
+    n = make_state(b, 4, 0, 5); b[1 + 8] = STATE_VERSION + 1; bad |= fuzz_put(dir, "bad_version", b, n);
     n = make_state(b, 4, 0, 5); b[1] = 'X'; bad |= fuzz_put(dir, "bad_magic", b, n);
     bad |= fuzz_put(dir, "empty", b, 0);
     return bad ? 1 : 0;

@@ -64,6 +64,11 @@ int cli_given(cli_cmd *cmd, const char *name);
 /* "moe NAME: <msg> (see 'moe NAME --help')" on stderr; returns EXIT_USAGE. */
 int cli_usage_error(const char *cmd_name, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* --set KEY=VALUE lists: cli_check_sets only checks the spelling (a usage
+ * error, EXIT_USAGE); cli_apply_sets checks, then sets each field of cfg
+ * (EXIT_FAIL naming the bad one). Both print their error; 0 if fine. */
+int cli_check_sets(const char *cmd_name, const str_list *sets);
+int cli_apply_sets(const char *cmd_name, const str_list *sets, moe_config *cfg);
 /* Strict number parsing: 0 on success. */
 int parse_int(const char *s, int *out);
 int parse_u64(const char *s, uint64_t *out);
@@ -90,8 +95,6 @@ int check_out_path(const char *out, const char *allowed, int force);
 const char *default_corpus(void);
 /* Loads a model GGUF that must have a tokenizer. Prints the error; 0 if fine. */
 int load_model(const char *path, moe_model **m);
-/* Reads a whole stream; malloc'd, NUL-terminated; NULL on failure. */
-char *read_stream(FILE *f, size_t *len);
 
 /* ---- formatting ---------------------------------------------------------------- */
 void fmt_human(char *buf, size_t cap, int64_t n);  /* 46.7B */

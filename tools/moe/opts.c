@@ -222,6 +222,30 @@ void cli_free(cli_cmd *cmd) {
     }
 }
 
+/* ---- --set KEY=VALUE ---- */
+int cli_check_sets(const char *cmd_name, const str_list *sets) {
+    for (int i = 0; i < sets->n; i++) {
+        const char *eq = strchr(sets->v[i], '=');
+        if (!eq || eq == sets->v[i])
+            return cli_usage_error(cmd_name, "--set expects KEY=VALUE, got '%s'", sets->v[i]);
+    }
+    return 0;
+}
+
+int cli_apply_sets(const char *cmd_name, const str_list *sets, moe_config *cfg) {
+    int rc = cli_check_sets(cmd_name, sets);
+    for (int i = 0; !rc && i < sets->n; i++) {
+        const char *kv = sets->v[i], *eq = strchr(kv, '=');
+        char key[128];
+        size_t klen = (size_t)(eq - kv);
+        if (klen >= sizeof key) return fail("--set %s: key too long", kv);
+        memcpy(key, kv, klen);
+        key[klen] = 0;
+        if (moe_config_set(cfg, key, eq + 1) != MOE_OK) return fail("--set %s: %s", kv, moe_last_error());
+    }
+    return rc;
+}
+
 static void default_text(const cli_opt *o, char *buf, size_t cap) {
     if (o->def) { snprintf(buf, cap, "%s", o->def); return; }
     switch (o->kind) {

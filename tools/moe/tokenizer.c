@@ -76,8 +76,10 @@ static int tok_encode_run(cli_cmd *cmd, const char *path, const char *text) {
     if (text) {
         len = strlen(text);
     } else {
-        owned = read_stream(stdin, &len);
-        if (!owned) { moe_tokenizer_free(tok); return fail("reading standard input failed"); }
+        if (moe_read_stream(stdin, "standard input", &owned, &len) != MOE_OK) {
+            moe_tokenizer_free(tok);
+            return lib_fail(NULL);
+        }
         text = owned;
     }
     int32_t *ids = NULL;
@@ -91,7 +93,7 @@ static int tok_encode_run(cli_cmd *cmd, const char *path, const char *text) {
         if (fflush(stdout) != 0) rc = fail("writing the output failed");
     }
     moe_free(ids);
-    free(owned);
+    moe_free(owned);
     moe_tokenizer_free(tok);
     return rc;
 }
@@ -156,8 +158,7 @@ static int tok_decode_run(cli_cmd *cmd, const char *path, const str_list *ids) {
         for (int i = 0; i < ids->n && !rc; i++) rc = decode_one(cmd, tok, ids->v[i], &out);
     } else {
         size_t len;
-        in = read_stream(stdin, &len);
-        if (!in) rc = fail("reading standard input failed");
+        if (moe_read_stream(stdin, "standard input", &in, &len) != MOE_OK) rc = lib_fail(NULL);
         for (char *p = in; !rc && p && *p;) {
             while (*p && isspace((unsigned char)*p)) p++;
             if (!*p) break;
@@ -173,7 +174,7 @@ static int tok_decode_run(cli_cmd *cmd, const char *path, const str_list *ids) {
     if (!rc && out.n && fwrite(out.p, 1, out.n, stdout) != out.n) rc = fail("writing the output failed");
     if (!rc && fflush(stdout) != 0) rc = fail("writing the output failed");
     free(out.p);
-    free(in);
+    moe_free(in);
     moe_tokenizer_free(tok);
     return rc;
 }

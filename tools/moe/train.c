@@ -86,15 +86,8 @@ static int build_config(const train_args *a, moe_config *cfg, moe_tokenizer **to
     if (moe_config_preset(cfg, a->preset) != MOE_OK) {
         return lib_fail(NULL); /* names the known presets */
     }
-    for (int i = 0; i < a->sets.n; i++) {
-        const char *kv = a->sets.v[i], *eq = strchr(kv, '=');
-        char key[128];
-        size_t klen = (size_t)(eq - kv);
-        if (klen >= sizeof key) return fail("--set %s: key too long", kv);
-        memcpy(key, kv, klen);
-        key[klen] = 0;
-        if (moe_config_set(cfg, key, eq + 1) != MOE_OK) return fail("--set %s: %s", kv, moe_last_error());
-    }
+    int rc = cli_apply_sets("train", &a->sets, cfg);
+    if (rc) return rc;
     if (a->tokenizer) {
         if (!path_exists(a->tokenizer)) return fail("tokenizer file '%s' does not exist", a->tokenizer);
         if (moe_tokenizer_load(tok, a->tokenizer) != MOE_OK) return lib_fail_file(a->tokenizer);
@@ -132,10 +125,8 @@ static int train_tokenizer(const train_args *a, int vocab, moe_tokenizer **tok) 
 static void print_summary(const train_args *a, const progress *s, int data_defaulted, double elapsed) {
     char dur[32];
     fmt_duration(dur, sizeof dur, elapsed);
-    if (!s->have) {
-        printf("nothing to train: already at the step horizon; model in %s\n", a->out);
-        return;
-    }
+    /* moe_train succeeded, so it ran at least one step: a finished run is
+     * caught before training (moe_train_resume_point) */
     const moe_train_progress *p = &s->last;
     if (p->step < p->steps) {
         printf("paused at step %d/%d after %s; saved %s\ncontinue with: moe train --resume %s",
@@ -158,11 +149,8 @@ static int train_run(cli_cmd *cmd, train_args *a) {
         return cli_usage_error(cmd->name, "--tokenizer cannot be used with --resume "
                                           "(the model file has its tokenizer)");
     if (a->p.lr >= 10) return cli_usage_error(cmd->name, "option '--lr' must be below 10, got %g", (double)a->p.lr);
-    for (int i = 0; i < a->sets.n; i++) {
-        const char *eq = strchr(a->sets.v[i], '=');
-        if (!eq || eq == a->sets.v[i])
-            return cli_usage_error(cmd->name, "--set expects KEY=VALUE, got '%s'", a->sets.v[i]);
-    }
+    int bad_sets = cli_check_sets(cmd->name, &a->sets);
+    if (bad_sets) return bad_sets;
     if (!a->out) a->out = a->resume ? a->resume : "model.gguf";
     int data_defaulted = 0;
     if (a->data.n == 0) {
@@ -204,6 +192,14 @@ static int train_run(cli_cmd *cmd, train_args *a) {
         if (moe_model_load(&m, a->resume) != MOE_OK) { rc = lib_fail_file(a->resume); goto done; }
         cfg = *moe_model_config(m);
         if (!moe_model_tokenizer(m)) { rc = fail("model '%s' has no tokenizer", a->resume); goto done; }
+        int step, steps;
+        if (moe_train_resume_point(m, state_in, &step, &steps) != MOE_OK) { rc = lib_fail_file(state_in); goto done; }
+        if (step >= steps) { /* before the data is read: nothing would use it */
+            printf("nothing to train: the run is already complete (step %d of %d); model in %s\n", step,
+                   steps, a->resume);
+            rc = 0;
+            goto done;
+        }
     } else if (build_config(a, &cfg, &tok)) {
         goto done;
     }

@@ -132,27 +132,6 @@ int load_model(const char *path, moe_model **m) {
     return 0;
 }
 
-char *read_stream(FILE *f, size_t *len) {
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    if (!buf) return NULL;
-    for (;;) {
-        if (cap - n < 2) {
-            char *nb = cap > SIZE_MAX / 2 ? NULL : realloc(buf, cap * 2);
-            if (!nb) { free(buf); return NULL; }
-            buf = nb;
-            cap *= 2;
-        }
-        size_t got = fread(buf + n, 1, cap - n - 1, f);
-        n += got;
-        if (got == 0) break;
-    }
-    if (ferror(f)) { free(buf); return NULL; }
-    buf[n] = 0;
-    *len = n;
-    return buf;
-}
-
 /* ---- formatting ---- */
 void fmt_human(char *buf, size_t cap, int64_t n) {
     static const char *unit[] = {"", "K", "M", "B", "T"};
@@ -195,11 +174,17 @@ void fmt_duration(char *buf, size_t cap, double s) {
     else snprintf(buf, cap, "%ldh%02ldm", t / 3600, (t % 3600) / 60);
 }
 
+/* "Presets:", then a line per preset: its name and what it is */
 void print_presets(FILE *f, const char *indent) {
     const char *const *names = moe_preset_names();
-    fprintf(f, "%sPresets:", indent);
-    for (int i = 0; names && names[i]; i++) fprintf(f, " %s", names[i]);
-    fputc('\n', f);
+    int width = 0;
+    for (int i = 0; names && names[i]; i++)
+        if ((int)strlen(names[i]) > width) width = (int)strlen(names[i]);
+    fprintf(f, "%sPresets:\n", indent);
+    for (int i = 0; names && names[i]; i++) {
+        const char *about = moe_preset_about(names[i]);
+        fprintf(f, "%s  %-*s  %s\n", indent, width, names[i], about ? about : "");
+    }
 }
 
 /* The keys --set understands: the left sides of moe_config_describe's lines. */
