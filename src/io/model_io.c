@@ -5,7 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "data/tokenizer.h"
+#include "io/tokenizer_gguf.h"
 #include "io/gguf.h"
 #include "model/model.h"
 

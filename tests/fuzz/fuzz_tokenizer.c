@@ -5,6 +5,7 @@
 #define FUZZ_HAS_SEEDS
 #include "fuzz.h"
 #include "data/tokenizer.h"
+#include "io/tokenizer_gguf.h"
 
 static const char sample_text[] =
     "The quick brown fox jumps over the lazy dog. It's 2024; the dog's 3 naps\n"
