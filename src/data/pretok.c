@@ -475,14 +475,14 @@ static moe_status split_gpt2(const ptext *t, size_t a, size_t b, seglist *out) {
         unsigned run = f2 & UCAT_LETTER ? UCAT_LETTER : f2 & UCAT_NUMBER ? UCAT_NUMBER : 0;
         if (run) { /* ' '?\p{L}+ and ' '?\p{N}+ */
             pos += c == ' ';
-            while (f2 & run) f2 = FL(++pos);
+            while (f2 & run) { pos++; f2 = FL(pos); }
             CUT(pos);
             continue;
         }
         const unsigned not_other = UCAT_SPACE | UCAT_LETTER | UCAT_NUMBER;
         if (!(f2 & not_other) && f2) { /* ' '?[^\s\p{L}\p{N}]+ */
             pos += c == ' ';
-            while (!(f2 & not_other) && f2) f2 = FL(++pos);
+            while (!(f2 & not_other) && f2) { pos++; f2 = FL(pos); }
             CUT(pos);
             continue;
         }
@@ -548,7 +548,7 @@ static moe_status split_llama3(const ptext *t, size_t a, size_t b, seglist *out,
         unsigned f2 = c == ' ' ? FL(pos + 1) : f;
         if (!(f2 & not_other) && f) { /* ' '?[^\s\p{L}\p{N}]+[\r\n]* */
             pos += c == ' ';
-            while (!(f2 & not_other) && f2) f2 = FL(++pos);
+            while (!(f2 & not_other) && f2) { pos++; f2 = FL(pos); }
             while (CP(pos) == '\r' || CP(pos) == '\n') pos++;
             CUT(pos);
             continue;
