@@ -130,15 +130,34 @@ MOE_API moe_param_counts moe_config_param_counts(const moe_config *cfg);
 typedef struct moe_tokenizer moe_tokenizer;
 MOE_API moe_status moe_tokenizer_train(moe_tokenizer **out, const char *const *texts,
                                        const size_t *lens, int n_texts, int vocab_size);
-MOE_API moe_status moe_tokenizer_load(moe_tokenizer **out, const char *path); /* GGUF */
+/* GGUF: our own vocabulary, or a published one (tokenizer.ggml.model "llama"
+ * or "gpt2" with a supported tokenizer.ggml.pre), tokenised as llama.cpp does. */
+MOE_API moe_status moe_tokenizer_load(moe_tokenizer **out, const char *path);
+/* Our own vocabulary only (MOE_ERR_UNSUPPORTED for a published one). */
 MOE_API moe_status moe_tokenizer_save(const moe_tokenizer *tok, const char *path);
 MOE_API void moe_tokenizer_free(moe_tokenizer *tok);
 MOE_API int moe_tokenizer_vocab_size(const moe_tokenizer *tok);
+/* End-of-text id: our own vocabulary's last id, a published one's eos (-1: none). */
 MOE_API int moe_tokenizer_eos(const moe_tokenizer *tok);
-/* Encodes len bytes; *ids is allocated with malloc-compatible moe_free. */
+/* Beginning-of-sequence id, -1 when none. */
+MOE_API int moe_tokenizer_bos(const moe_tokenizer *tok);
+/* Whether id ends generation (eos, end of turn, end of message, ...; for a
+ * published vocabulary the set llama.cpp derives). */
+MOE_API int moe_tokenizer_is_eog(const moe_tokenizer *tok, int32_t id);
+/* Encodes len bytes of raw text: no BOS, special-token text is plain text
+ * (user-defined tokens of a published vocabulary still match, as in
+ * llama.cpp). *ids is allocated with malloc-compatible moe_free. */
 MOE_API moe_status moe_tokenizer_encode(const moe_tokenizer *tok, const char *text, size_t len,
                                         int32_t **ids, size_t *n_ids);
-/* Bytes of one token (not NUL-terminated); NULL for an invalid id. */
+/* Encodes a prompt as llama.cpp's tokenizer does: add_special adds BOS (and
+ * EOS) where the vocabulary asks for them; parse_special turns the text of
+ * special tokens into those tokens (llama-completion uses 1, 1). */
+MOE_API moe_status moe_tokenizer_encode_prompt(const moe_tokenizer *tok, const char *text,
+                                               size_t len, int add_special, int parse_special,
+                                               int32_t **ids, size_t *n_ids);
+/* Bytes of one token (not NUL-terminated); NULL for an invalid id. For a
+ * published vocabulary: llama.cpp's token_to_piece with special tokens
+ * rendered as their text (may be empty, e.g. for unused tokens). */
 MOE_API const char *moe_tokenizer_token(const moe_tokenizer *tok, int32_t id, size_t *len);
 
 /* ---- model -------------------------------------------------------------- */

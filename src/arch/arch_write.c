@@ -9,7 +9,7 @@
 
 #include "arch/arch.h"
 #include "core/dtype.h"
-#include "data/tokenizer.h"
+#include "io/tokenizer_gguf.h"
 #include "model/model.h"
 
 static moe_status put_meta(gguf_writer *w, const char *arch, const moe_config *c) {

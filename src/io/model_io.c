@@ -7,7 +7,7 @@
 
 #include "arch/arch.h"
 #include "core/dtype.h"
-#include "data/tokenizer.h"
+#include "io/tokenizer_gguf.h"
 #include "io/gguf.h"
 #include "model/model.h"
 
