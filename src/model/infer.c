@@ -150,30 +150,45 @@ static void norm_rows(float *x, int n, int C, size_t stride, const moe_tensor *w
     for (int i = 0; i < n; i++) rmsnorm_forward(x + (size_t)i * stride, &rstd, x + (size_t)i * stride, w->data, 1, C, eps);
 }
 
+/* RoPE as the model asks for it: our own models as they were trained
+ * (rope_forward, angles in double); a published model as llama.cpp computes
+ * it (ggml's float angles, NeoX or adjacent pairs, partial rotation, YaRN
+ * with llama.cpp's attention factor, whose magnitude goes into the
+ * attention scale instead: yarn_mscale). */
+static rope_params model_rope(const moe_config *c) {
+    rope_params p = rope_params_plain(moe_config_rope_dim(c), c->rope_base);
+    p.neox = c->rope_neox;
+    p.freq_scale = c->rope_freq_scale;
+    p.ggml_angles = 1;
+    if (c->yarn_factor > 1) {
+        p.ext_factor = 1.0f;
+        p.attn_factor = 1.0f / (1.0f + 0.1f * logf(1.0f / c->rope_freq_scale));
+        p.beta_fast = c->yarn_beta_fast;
+        p.beta_slow = c->yarn_beta_slow;
+        p.n_ctx_orig = c->yarn_orig_ctx;
+    }
+    return p;
+}
+
 /* RoPE on n rows of H heads of D floats each (the rotated part is the first
  * rope_dim of a head), heads hstride floats apart, rows stride apart. */
 static void rope_rows(const moe_model *m, float *x, const int32_t *pos, int n, int H, int D,
                       size_t hstride, size_t stride) {
     const moe_config *c = &m->cfg;
     const int R = moe_config_rope_dim(c);
-    if (!c->rope_neox && R == D && hstride == (size_t)D && stride == (size_t)H * D &&
-        c->rope_freq_scale == 1.0f && c->yarn_factor == 0) {
+    const int contiguous = hstride == (size_t)D && stride == (size_t)H * D;
+    if (!m->arch[0] && !c->rope_neox && R == D && contiguous && c->rope_freq_scale == 1.0f && c->yarn_factor == 0) {
         rope_forward(x, pos, n, H, D, c->rope_base, m->rope_tab, m->rope_n);
         return;
     }
-    for (int i = 0; i < n; i++)
-        for (int h = 0; h < H; h++) {
-            float *v = x + (size_t)i * stride + (size_t)h * hstride;
-            for (int j = 0; j < R / 2; j++) {
-                const float theta = (float)pos[i] * c->rope_freq_scale *
-                                    powf(c->rope_base, -2.0f * (float)j / (float)R);
-                const float cs = cosf(theta), sn = sinf(theta);
-                const int a = c->rope_neox ? j : 2 * j, b = c->rope_neox ? j + R / 2 : 2 * j + 1;
-                const float x0 = v[a], x1 = v[b];
-                v[a] = x0 * cs - x1 * sn;
-                v[b] = x0 * sn + x1 * cs;
-            }
-        }
+    const rope_params p = model_rope(c);
+    if (contiguous) {
+        rope_apply_forward(x, pos, n, H, D, &p, NULL, 0);
+        return;
+    }
+    for (int i = 0; i < n; i++) /* the rotated part of each head on its own */
+        for (int h = 0; h < H; h++)
+            rope_apply_forward(x + (size_t)i * stride + (size_t)h * hstride, pos + i, 1, 1, R, &p, NULL, 0);
 }
 
 /* Causal attention of n queries at positions pos0.. over the cache:
