@@ -79,7 +79,7 @@ moe_status moe_generate(moe_model *m, const int32_t *prompt, size_t n_prompt,
         int32_t next = sample(logits, V, sp, &rng, cands);
         size_t len = 0;
         const char *bytes = m->tok ? moe_tokenizer_token(m->tok, next, &len) : NULL;
-        if (next == eos) break;
+        if (next == eos || (m->tok && moe_tokenizer_is_eog(m->tok, next))) break;
         if (fn && fn(next, bytes, bytes ? len : 0, user)) break;
         st = model_decode(m, next, pos++, logits);
     }

@@ -22,23 +22,33 @@ static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
 }
 
 static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe_sample_params *sp,
-                        int threads, int echo) {
+                        int threads, int echo, int n_ctx) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     moe_model *m = NULL;
     if (load_model(model, &m)) return EXIT_FAIL;
+    if (!moe_model_tokenizer(m)) {
+        moe_model_free(m);
+        return fail("%s has no tokenizer (tokenizer.ggml.* metadata), so there is no text to generate", model);
+    }
+    if (cli_given(cmd, "ctx") && moe_model_set_context(m, n_ctx) != MOE_OK) {
+        moe_model_free(m);
+        return lib_fail(NULL);
+    }
     const moe_tokenizer *tok = moe_model_tokenizer(m);
     int rc = EXIT_FAIL;
     int32_t *ids = NULL, eos;
     size_t n = 0;
-    if (moe_tokenizer_encode(tok, prompt, strlen(prompt), &ids, &n) != MOE_OK) {
+    /* as llama.cpp reads a prompt: BOS when the vocabulary asks for it, and
+     * special-token text (e.g. "<|im_start|>") as that token */
+    if (moe_tokenizer_encode_prompt(tok, prompt, strlen(prompt), 1, 1, &ids, &n) != MOE_OK) {
         rc = lib_fail("encoding the prompt");
         goto done;
     }
     const int32_t *use = ids;
-    int ctx = moe_model_config(m)->max_seq;
+    int ctx = moe_model_context(m);
     if (ctx > 1 && n > (size_t)ctx - 1) { /* keep the end of a long prompt, leave room to generate */
-        fprintf(stderr, "moe generate: note: the prompt has %zu tokens; keeping its last %d (max_seq %d)\n",
+        fprintf(stderr, "moe generate: note: the prompt has %zu tokens; keeping its last %d (context %d)\n",
                 n, ctx - 1, ctx);
         use = ids + (n - (size_t)(ctx - 1));
         n = (size_t)ctx - 1;
@@ -68,7 +78,7 @@ done:
 
 int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *prompt = "";
-    int threads = 0, echo = 0;
+    int threads = 0, echo = 0, n_ctx = 0;
     moe_sample_params sp = {.max_tokens = 200, .temperature = 0.8f, .top_k = 0, .top_p = 0.95f, .seed = 1};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to sample from", "required", 0},
@@ -80,12 +90,14 @@ int cmd_generate(int argc, char **argv) {
         {"seed", OPT_U64, &sp.seed, R_ANY, "S", "sampling seed", NULL, 0},
         {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
         {"echo", OPT_FLAG, &echo, R_ANY, NULL, "print the prompt before the generated text", NULL, 0},
+        {"ctx", OPT_INT, &n_ctx, R_POS, "N", "positions the KV cache holds",
+         "the model's context, at most 4096 for published models", 0},
     };
     cli_cmd cmd = {"generate", "--model FILE [options]",
                    "Samples text from a model and streams it to stdout as it is generated.",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo);
+    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx);
     cli_free(&cmd);
     return rc;
 }

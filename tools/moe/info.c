@@ -35,16 +35,23 @@ static void print_info(const moe_config *cfg) {
     printf("  %-10s %.3f (%.1f%% of the parameters are used per token)\n", "active/total", ratio, 100 * ratio);
 }
 
-static int info_run(cli_cmd *cmd, const char *model, const char *preset, const str_list *sets) {
+static int info_run(cli_cmd *cmd, const char *model, const char *preset, const str_list *sets, int n_ctx) {
     if (model && (cli_given(cmd, "preset") || sets->n))
         return cli_usage_error(cmd->name, "use either --model or --preset/--set, not both");
     if (model) {
         moe_model *m = NULL;
         if (load_model(model, &m)) return EXIT_FAIL;
         const moe_tokenizer *tok = moe_model_tokenizer(m);
-        printf("model: %s\n", model);
+        if (cli_given(cmd, "ctx") && moe_model_set_context(m, n_ctx) != MOE_OK) { moe_model_free(m); return lib_fail(NULL); }
+        char desc[4096];
+        moe_model_describe(m, desc, sizeof desc);
+        printf("model: %s\n%s", model, desc);
         print_info(moe_model_config(m));
-        printf("tokenizer: vocab %d (end-of-text id %d)\n", moe_tokenizer_vocab_size(tok), moe_tokenizer_eos(tok));
+        if (tok)
+            printf("tokenizer: vocab %d (bos %d, eos %d)\n", moe_tokenizer_vocab_size(tok), moe_tokenizer_bos(tok),
+                   moe_tokenizer_eos(tok));
+        else
+            printf("tokenizer: none in the file\n");
         moe_model_free(m);
         return 0;
     }
@@ -75,19 +82,22 @@ static void info_footer(FILE *f) {
 
 int cmd_info(int argc, char **argv) {
     const char *model = NULL, *preset = "default";
+    int n_ctx = 0;
     str_list sets = {0};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "describe this model GGUF", NULL, 0},
         {"preset", OPT_STR, &preset, R_ANY, "NAME", "describe this preset (when no --model)", NULL, 0},
         {"set", OPT_LIST, &sets, R_ANY, "KEY=VALUE", "override one config field of the preset; repeatable",
          "none", 0},
+        {"ctx", OPT_INT, &n_ctx, R_POS, "N", "context to give the memory needed for (with --model)",
+         "the model's context, at most 4096 for published models", 0},
     };
     cli_cmd cmd = {"info", "--model FILE | --preset NAME [--set KEY=VALUE ...]",
                    "Prints a configuration and its parameter counts: total, active per token,\n"
                    "embedding and routed experts.",
                    opts, CLI_NOPTS(opts), NULL, info_footer};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = info_run(&cmd, model, preset, &sets);
+    if (rc < 0) rc = info_run(&cmd, model, preset, &sets, n_ctx);
     cli_free(&cmd);
     return rc;
 }
