@@ -71,9 +71,11 @@ static moe_status put_meta(gguf_writer *w, const char *arch, const moe_config *c
 }
 
 /* The type a matrix is written in: wtype when its rows are whole blocks of
- * it, else (as llama.cpp's quantiser falls back) q8_0, else f32. */
+ * it, else (as llama.cpp's quantiser falls back) q8_0, else f32; routers
+ * stay f32 as llama.cpp's quantiser leaves them. */
 static int tensor_type(int wtype, const tensor_desc *t) {
     size_t rb;
+    if (strstr(t->name, "ffn_gate_inp")) return DT_F32; /* llama.cpp's quantiser keeps routers f32 */
     if (!dtype_row_bytes(wtype, t->ne[0], &rb)) return wtype;
     if (!dtype_row_bytes(DT_Q8_0, t->ne[0], &rb)) return DT_Q8_0;
     return DT_F32;

@@ -150,7 +150,7 @@ static moe_status bind_published(moe_model *m, gguf_ctx *g, const char *path) {
             if (dtype_row_bytes(gt->type, t->ne[0], &rb))
                 return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s': rows of %lld are not whole %s blocks", path, t->name,
                                  (long long)t->ne[0], dtype_name(gt->type));
-            const int router = t->slot == offsetof(layer_weights, router) && t->layer >= 0;
+            const int router = 0; /* routers run in their own type, as llama.cpp runs them */
             if (pass == 0) { if (router && gt->type != DT_F32) owned += t->size; continue; }
             moe_tensor *v = model_tensor_slot(&m->w, t);
             v->data = (void *)gt->data;

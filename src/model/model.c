@@ -134,7 +134,7 @@ moe_route_opts model_route_opts(const moe_model *m, int layer, int T) {
 }
 
 moe_weights model_layer_moe_weights(const layer_weights *W) {
-    moe_weights w = {.router = F32(W->router), .gate = W->gate_exps.data, .up = W->up_exps.data,
+    moe_weights w = {.router = W->router.data, .router_t = W->router.type, .gate = W->gate_exps.data, .up = W->up_exps.data,
                      .down = W->down_exps.data, .bias = F32(W->exp_bias), .sh_gate = W->sh_gate.data,
                      .sh_up = W->sh_up.data, .sh_down = W->sh_down.data, .sh_inp = F32(W->sh_inp),
                      .gate_t = W->gate_exps.type, .up_t = W->up_exps.type, .down_t = W->down_exps.type,

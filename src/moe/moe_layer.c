@@ -199,7 +199,9 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
         }
         xr = r->xj;
     }
-    matmul_forward(r->logits, xr, wt->router, NULL, N, d, E, MATMUL_FP32);
+    /* a published model's router may be quantised: then as llama.cpp computes it */
+    if (wt->router_t != DT_F32) qmatmul_forward(r->logits, xr, wt->router, wt->router_t, N, d, E, r->qws);
+    else matmul_forward(r->logits, xr, wt->router, NULL, N, d, E, MATMUL_FP32);
 
     /* scores, logsumexp, selection scores (a separate copy only when a bias or
      * group limit changes them: at 2,048 experts a copy is 16 MB per layer) */
@@ -471,6 +473,7 @@ void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt
     const int d = c->d, E = c->E, S = c->S, F = c->F, Fs = c->Fs;
     moe_routing *r = &c->r;
     double pt = moe_prof_start();
+    r->qws = c->qws;
     moe_route(r, x, wt, N, d, o);
     moe_prof_lap(PROF_ROUTE, &pt);
     const int rows = r->rows;

@@ -60,6 +60,7 @@ typedef struct {
     double *psum;      /* [B+1][E] sums over tokens of the normalised scores:
                           per sequence, then over all (balance-term scratch)    */
     double *hrow;      /* [N] routing entropy of each token (scratch)            */
+    char *qws;         /* a quantised router's activation rows (the cache's qws)  */
     int rows;          /* dispatched rows                                        */
     int capacity;      /* per-expert capacity used (0 = none)                    */
     int64_t assigned, dropped; /* assignments chosen / dropped by capacity       */
@@ -73,12 +74,12 @@ typedef struct {
  * a published model's quantised weights), named by the *_t fields (0 =
  * DT_F32). Training and the backward pass need fp32. */
 typedef struct {
-    const float *router;                 /* [E][d] (fp32)                       */
+    const void *router;                  /* [E][d]                              */
     const void *gate, *up, *down;        /* [E][F][d], [E][F][d], [E][d][F]     */
     const float *bias;                   /* [E] selection bias, or NULL          */
     const void *sh_gate, *sh_up, *sh_down; /* [Fs][d], [Fs][d], [d][Fs] or NULL  */
     const float *sh_inp;                 /* [d] shared-expert gate, or NULL      */
-    int gate_t, up_t, down_t, sh_gate_t, sh_up_t, sh_down_t; /* element types   */
+    int router_t, gate_t, up_t, down_t, sh_gate_t, sh_up_t, sh_down_t; /* element types */
 } moe_weights;
 
 typedef struct {
