@@ -306,6 +306,12 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
                          int T, model_losses *losses) {
     const moe_config *c = &m->cfg;
     const matmul_precision mm = model_matmul(c);
+    if (!m->params)
+        return moe_error(MOE_ERR_UNSUPPORTED, "a published %s model runs for inference only (no training or batch forward yet)", m->arch);
+    if (c->attn != MOE_ATTN_GQA || c->qk_norm || c->qkv_bias || c->rope_neox || moe_config_rope_dim(c) != head_dim(c) ||
+        moe_config_v_head_dim(c) != head_dim(c) || c->yarn_factor > 0 || c->rope_freq_scale != 1.0f)
+        return moe_error(MOE_ERR_UNSUPPORTED, "training supports GQA attention with full adjacent-pair RoPE only "
+                         "(not yet: MLA, q/k norms, q/k/v biases, NeoX or partial RoPE, YaRN)");
     moe_status st = model_alloc_acts(m, B, T);
     if (st) return st;
     model_acts *a = &m->acts;
