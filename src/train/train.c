@@ -212,7 +212,8 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
     size_t n = d->n[split];
     if (n < 2) return MOE_OK;
     int32_t *tok = moe_malloc(sizeof(int32_t) * B * T), *tgt = moe_malloc(sizeof(int32_t) * B * T);
-    if (!tok || !tgt) { moe_free(tok); moe_free(tgt); return MOE_ERR_NOMEM; }
+    float *logits = m->params ? NULL : moe_malloc(sizeof(float) * (size_t)T * m->cfg.vocab_size);
+    if (!tok || !tgt || (!m->params && !logits)) { moe_free(tok); moe_free(tgt); moe_free(logits); return MOE_ERR_NOMEM; }
     size_t windows = eval_window_count(d, split, T, max_windows);
     /* evenly spaced windows when capped, all consecutive ones otherwise */
     size_t stride = max_windows ? MOE_MAX((size_t)T, (n - 1) / windows) : (size_t)T;
@@ -227,12 +228,23 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
                 tgt[b * T + t] = ok ? d->tokens[split][i + 1] : -1;
             }
         }
-        model_losses L;
-        st = model_forward(m, tok, tgt, B, T, &L);
-        if (st) break;
         size_t counted = 0;
         for (int i = 0; i < B * T; i++) counted += tgt[i] >= 0;
-        *sum += L.ce * (double)counted;
+        if (logits) { /* a published model: each window through the KV-cached inference path */
+            double ce = 0;
+            for (int b = 0; !st && b < B; b++) {
+                if (tgt[b * T] < 0) continue;
+                st = model_infer(m, tok + (size_t)b * T, T, 0, logits, 1);
+                if (!st) ce += crossentropy_forward(NULL, logits, tgt + (size_t)b * T, T, m->cfg.vocab_size);
+            }
+            if (st) break;
+            *sum += ce;
+        } else {
+            model_losses L;
+            st = model_forward(m, tok, tgt, B, T, &L);
+            if (st) break;
+            *sum += L.ce * (double)counted;
+        }
         *count += counted;
         if (pr->fn) {
             pr->done += (size_t)MOE_MIN((size_t)B, windows - w0) * T;
@@ -241,6 +253,7 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
     }
     moe_free(tok);
     moe_free(tgt);
+    moe_free(logits);
     return st;
 }
 
@@ -252,7 +265,8 @@ moe_status moe_evaluate(moe_model *m, const moe_dataset *d, int seq, int max_bat
 moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq, int max_batches,
                                  int use_all, double *loss_out, size_t *tokens_out,
                                  moe_eval_progress_fn fn, void *user) {
-    if (seq < 2 || seq > m->cfg.max_seq) return moe_error(MOE_ERR_INVALID_ARG, "sequence length %d must be in 2..%d", seq, m->cfg.max_seq);
+    const int ctx = moe_model_context(m);
+    if (seq < 2 || seq > ctx) return moe_error(MOE_ERR_INVALID_ARG, "sequence length %d must be in 2..%d (the context)", seq, ctx);
     const int B = 8;
     double sum = 0;
     size_t count = 0;

@@ -128,6 +128,7 @@ static void on_eval_progress(size_t done, size_t total, void *user) {
     status_line(e->tty, line, &e->open);
 }
 
+#define MOE_CLI_MIN(a, b) ((a) < (b) ? (a) : (b))
 static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (data->n == 0) return cli_usage_error(cmd->name, "--data PATH is required");
@@ -138,9 +139,14 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     const moe_config *cfg = moe_model_config(m);
     int rc = EXIT_FAIL;
     moe_dataset *d = NULL;
-    if (seq == 0) seq = cfg->max_seq;
-    if (seq > cfg->max_seq) {
-        rc = fail("--seq %d is longer than the model's context (max_seq = %d)", seq, cfg->max_seq);
+    const int ctx = moe_model_context(m); /* a published model: at most 4096 by default */
+    if (seq == 0) seq = MOE_CLI_MIN(ctx, cfg->max_seq);
+    if (seq > ctx) {
+        rc = fail("--seq %d is longer than the model's context (%d)", seq, ctx);
+        goto done;
+    }
+    if (!moe_model_tokenizer(m)) {
+        rc = fail("%s has no tokenizer (tokenizer.ggml.* metadata): there is no way to read text", model);
         goto done;
     }
     if (moe_dataset_load_text(&d, moe_model_tokenizer(m), data->v, data->n) != MOE_OK) {
