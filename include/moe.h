@@ -258,6 +258,7 @@ typedef struct {
     int top_k;            /* 0 = off                                        */
     float top_p;          /* 1 = off                                        */
     uint64_t seed;
+    int ignore_eos;       /* 1: end-of-generation tokens get no probability */
 } moe_sample_params;
 typedef int (*moe_token_fn)(int32_t id, const char *bytes, size_t len, void *user); /* nonzero stops */
 MOE_API moe_status moe_generate(moe_model *m, const int32_t *prompt, size_t n_prompt,

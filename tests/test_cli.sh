@@ -169,6 +169,13 @@ if [ $have_model = 1 ]; then
     run "$MOE" generate --model "$M" --tokens 3 --top-k 5 --top-p 1
     [ "$RC" -eq 0 ] && ok "generate with --top-k" || bad "generate with --top-k" "exit $RC: $(head -c 300 "$T/err")"
 
+    # Ctrl-C stops generation cleanly: the text so far is printed, exit 130
+    run "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --set max_seq=8192 --out "$T/long.gguf"
+    "$MOE" generate --model "$T/long.gguf" --tokens 8000 --ignore-eos --prompt "the" >"$T/out" 2>"$T/err" &
+    gp=$!; sleep 1; kill -INT $gp; wait $gp; RC=$?
+    if [ "$RC" -eq 130 ] && [ -s "$T/out" ] && grep -q "interrupted" "$T/err"; then ok "generate stops on SIGINT (exit 130, text kept)"
+    else bad "generate stops on SIGINT" "exit $RC, $(wc -c <"$T/out") bytes out, stderr: $(head -c 200 "$T/err")"; fi
+
     run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1
     if [ "$RC" -eq 0 ] && grep -qE "^loss [0-9.]+  perplexity [0-9.]+  tokens [0-9]+$" "$T/out"; then ok "eval"
     else bad "eval" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; fi

@@ -76,6 +76,9 @@ moe_status moe_generate(moe_model *m, const int32_t *prompt, size_t n_prompt,
     for (int i = 0; !st && i < sp->max_tokens && pos < ctx; i++) {
         /* ids the tokenizer never produces get no probability */
         for (int v = vocab_used; v < V; v++) logits[v] = -INFINITY;
+        if (sp->ignore_eos && m->tok) /* as llama.cpp's --ignore-eos: no end-of-generation token */
+            for (int v = 0; v < vocab_used; v++)
+                if (v == eos || moe_tokenizer_is_eog(m->tok, v)) logits[v] = -INFINITY;
         int32_t next = sample(logits, V, sp, &rng, cands);
         size_t len = 0;
         const char *bytes = m->tok ? moe_tokenizer_token(m->tok, next, &len) : NULL;

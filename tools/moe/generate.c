@@ -2,6 +2,7 @@
 #include "cli.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,12 +14,21 @@ typedef struct {
     int write_failed;
 } stream_state;
 
+/* Ctrl-C: the first stops generation after the current token (the text so
+ * far stays printed); a second one kills at once (the default action). */
+static volatile sig_atomic_t interrupted;
+static void on_sigint(int sig) {
+    (void)sig;
+    interrupted = 1;
+    signal(SIGINT, SIG_DFL);
+}
+
 static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
     stream_state *s = user;
     (void)id;
     if (bytes && len && fwrite(bytes, 1, len, stdout) != len) s->write_failed = 1;
     if (fflush(stdout) != 0) s->write_failed = 1;
-    return s->write_failed; /* stop when nobody reads any more */
+    return s->write_failed || interrupted; /* stop when nobody reads any more, or on Ctrl-C */
 }
 
 static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe_sample_params *sp,
@@ -63,12 +73,20 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         fputs(prompt, stdout);
         fflush(stdout);
     }
+    interrupted = 0;
+    signal(SIGINT, on_sigint);
     moe_status s = moe_generate(m, use, n, sp, on_token, &st);
+    signal(SIGINT, SIG_DFL);
     if (!st.write_failed) {
         putchar('\n');
         if (fflush(stdout) != 0) st.write_failed = 1;
     }
     if (s != MOE_OK) { rc = lib_fail(NULL); goto done; }
+    if (interrupted) {
+        fprintf(stderr, "moe generate: interrupted\n");
+        rc = EXIT_INTERRUPTED;
+        goto done;
+    }
     rc = st.write_failed ? fail("writing the output failed") : 0;
 done:
     moe_free(ids);
@@ -90,6 +108,7 @@ int cmd_generate(int argc, char **argv) {
         {"seed", OPT_U64, &sp.seed, R_ANY, "S", "sampling seed", NULL, 0},
         {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
         {"echo", OPT_FLAG, &echo, R_ANY, NULL, "print the prompt before the generated text", NULL, 0},
+        {"ignore-eos", OPT_FLAG, &sp.ignore_eos, R_ANY, NULL, "never sample an end-of-generation token", NULL, 0},
         {"ctx", OPT_INT, &n_ctx, R_POS, "N", "positions the KV cache holds",
          "the model's context, at most 4096 for published models", 0},
     };
