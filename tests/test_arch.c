@@ -199,6 +199,54 @@ static void broken(const char *label, const layout *L, const char *tname, int wh
     TEST_END();
 }
 
+/* The moe command on a published-layout file with a vocabulary: info,
+ * generate and eval, as a user runs them. */
+static int run_cmd(const char *cmd, char *out, size_t cap) {
+    FILE *p = popen(cmd, "r");
+    if (!p) return -1;
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = 0;
+    return pclose(p);
+}
+
+static void cli_on_published(void) {
+    TEST_CASE("moe info, generate and eval on a published-layout file");
+    const char *bin = getenv("MOE_BIN");
+    if (!bin) { TEST_SKIP("MOE_BIN is not set (run through tests/run.sh)"); return; }
+    char path[256], txt[256], cmd[1024], out[8192];
+    th_tmp_path(path, sizeof path, "cli_arch.gguf");
+    th_tmp_path(txt, sizeof txt, "cli_arch.txt");
+    CHECK(th_write_word_text(txt, 5, 20, 60) == 0, "text");
+    FILE *f = fopen(txt, "rb");
+    static char text[65536];
+    size_t len = f ? fread(text, 1, sizeof text, f) : 0;
+    if (f) fclose(f);
+    const char *texts[1] = {text};
+    moe_tokenizer *tok = NULL;
+    CHECK(moe_tokenizer_train(&tok, texts, &len, 1, 300) == MOE_OK, "%s", moe_last_error());
+    layout L[8];
+    layouts(L);
+    moe_config c = L[2].c; /* qwen2moe */
+    CHECK(tok && arch_write_random(path, "qwen2moe", &c, DT_Q8_0, tok, 9) == MOE_OK, "%s", moe_last_error());
+    moe_tokenizer_free(tok);
+    snprintf(cmd, sizeof cmd, "%s info --model %s --ctx 32 2>&1", bin, path);
+    int rc = run_cmd(cmd, out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "architecture: qwen2moe") && strstr(out, "shared experts: 1") &&
+          strstr(out, "q8_0") && strstr(out, "memory at context 32"), "info: rc %d: %.600s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s generate --model %s --prompt 'the expert' --tokens 8 --temperature 0 2>&1", bin, path);
+    rc = run_cmd(cmd, out, sizeof out);
+    CHECK(rc == 0 && strlen(out) > 1, "generate: rc %d: %.300s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s eval --model %s --data %s --seq 32 2>/dev/null", bin, path, txt);
+    rc = run_cmd(cmd, out, sizeof out);
+    CHECK(rc == 0 && !strncmp(out, "loss ", 5), "eval: rc %d: %.300s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s generate --model %s --ctx 100000 --tokens 2 2>&1", bin, path);
+    rc = run_cmd(cmd, out, sizeof out);
+    CHECK(rc != 0 && strstr(out, "context"), "a context beyond the model's: rc %d: %.300s", rc, out);
+    remove(path);
+    remove(txt);
+    TEST_END();
+}
+
 int main(void) {
     layout L[8];
     const int n = layouts(L);
@@ -224,5 +272,6 @@ int main(void) {
     }
     /* type with a block size that does not divide the rows: d_ff 96 is not a multiple of 256 */
     broken("a type whose blocks do not fit the rows", &L[0], "blk.0.ffn_down_exps.weight", 3, "ffn_down_exps");
+    cli_on_published();
     TEST_MAIN_END();
 }

@@ -4,6 +4,8 @@
  * forward pass and the sampler. */
 #define FUZZ_HAS_SEEDS
 #include "fuzz.h"
+#include "arch/arch.h"
+#include "core/dtype.h"
 #include "model/model.h"
 
 static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
@@ -47,6 +49,12 @@ static int save_model(const char *dir, const char *name, const moe_config *cfg, 
     return bad;
 }
 
+static const char *path_in(const char *dir, const char *name) {
+    static char path[1024];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return path;
+}
+
 static int fuzz_write_seeds(const char *dir) {
     moe_config c;
     moe_config_preset(&c, "tiny");
@@ -58,5 +66,29 @@ static int fuzz_write_seeds(const char *dir) {
     bad |= save_model(dir, "moe_tied_notok.gguf", &c, 0);
     c.n_experts = 0; c.top_k = 0; c.tied_embeddings = 0;
     bad |= save_model(dir, "dense.gguf", &c, 1);
+    /* published layouts, written as other tools write them (no moe.* keys) */
+    moe_config p;
+    moe_config_preset(&p, "tiny");
+    p.vocab_size = 257; p.d_model = 8; p.n_layers = 2; p.n_heads = 2; p.n_kv_heads = 1;
+    p.d_ff = 8; p.n_experts = 4; p.top_k = 2; p.d_expert = 8; p.max_seq = 16;
+    bad |= arch_write_random(path_in(dir, "arch_llama.gguf"), "llama", &p, DT_F32, NULL, 1) != MOE_OK;
+    moe_config o = p;
+    o.qk_norm = MOE_QK_NORM_FULL; o.rope_neox = 1; o.renorm_topk = 0; o.n_kv_heads = 2;
+    bad |= arch_write_random(path_in(dir, "arch_olmoe.gguf"), "olmoe", &o, DT_F32, NULL, 2) != MOE_OK;
+    moe_config q2 = p;
+    q2.qkv_bias = 1; q2.rope_neox = 1; q2.renorm_topk = 0; q2.n_shared_experts = 1; q2.d_shared = 8; q2.shared_gate = 1;
+    bad |= arch_write_random(path_in(dir, "arch_qwen2moe.gguf"), "qwen2moe", &q2, DT_F32, NULL, 3) != MOE_OK;
+    moe_config q3 = p;
+    q3.qk_norm = MOE_QK_NORM_HEAD; q3.rope_neox = 1; q3.head_dim = 6;
+    bad |= arch_write_random(path_in(dir, "arch_qwen3moe.gguf"), "qwen3moe", &q3, DT_F32, NULL, 4) != MOE_OK;
+    moe_config ds = p;
+    ds.attn = MOE_ATTN_MLA; ds.n_kv_heads = 1; ds.head_dim = 6; ds.v_head_dim = 4; ds.rope_dim = 2;
+    ds.kv_lora_rank = 4; ds.q_lora_rank = 4; ds.moe_first_dense = 1; ds.n_shared_experts = 1; ds.d_shared = 8;
+    ds.router = MOE_ROUTER_SIGMOID; ds.expert_bias = 1; ds.n_group = 2; ds.topk_group = 1; ds.bias_rate = 0;
+    ds.routed_scale = 2.5f; ds.yarn_factor = 4; ds.yarn_orig_ctx = 8; ds.yarn_log_mul = 0.1f; ds.rope_freq_scale = 0.25f;
+    bad |= arch_write_random(path_in(dir, "arch_deepseek2.gguf"), "deepseek2", &ds, DT_F32, NULL, 5) != MOE_OK;
+    moe_config q8 = p;
+    q8.d_model = 32; q8.d_ff = 32; q8.d_expert = 32;
+    bad |= arch_write_random(path_in(dir, "arch_llama_q8_0.gguf"), "llama", &q8, DT_Q8_0, NULL, 6) != MOE_OK;
     return bad;
 }
