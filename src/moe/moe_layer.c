@@ -468,41 +468,47 @@ static void weight_matmul(float *out, const float *in, const void *w, int t, int
     else qmatmul_forward(out, in, w, t, N, C, OC, ws);
 }
 
-void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt, int N,
-                 const moe_route_opts *o) {
-    const int d = c->d, E = c->E, S = c->S, F = c->F, Fs = c->Fs;
-    moe_routing *r = &c->r;
-    double pt = moe_prof_start();
-    r->qws = c->qws;
-    moe_route(r, x, wt, N, d, o);
-    moe_prof_lap(PROF_ROUTE, &pt);
-    const int rows = r->rows;
+/* ---- the forward stages (moe_layer.h); moe_forward composes them ---- */
+void moe_dispatch(moe_cache *c, const float *x) {
+    const moe_routing *r = &c->r;
+    const int d = c->d, S = c->S, rows = r->rows;
     #pragma omp parallel for schedule(static)
     for (int row = 0; row < rows; row++)
         memcpy(c->xe + (size_t)row * d, x + (size_t)(r->row_slot[row] / S) * d, sizeof(float) * d);
-    moe_prof_lap(PROF_DISPATCH, &pt);
+}
+
+void moe_experts_forward(moe_cache *c, const moe_weights *wt, matmul_precision mm) {
+    moe_routing *r = &c->r;
+    const int d = c->d, F = c->F;
     int32_t *order = r->order;
-    const int active = expert_order(r, E, order);
+    const int active = expert_order(r, c->E, order);
     #pragma omp parallel for schedule(dynamic, 1)
     for (int i = 0; i < active; i++) {
         const int e = order[i], n = r->counts[e], off = r->offsets[e];
         float *hg = c->hg + (size_t)off * F, *hu = c->hu + (size_t)off * F, *act = c->act + (size_t)off * F;
         char *ws = c->qws ? c->qws + (size_t)off * c->qws_row : NULL; /* this expert's rows only */
         const float *xe = c->xe + (size_t)off * d;
-        weight_matmul(hg, xe, expert_matrix(wt->gate, wt->gate_t, e, F, d), wt->gate_t, n, d, F, o->matmul, ws);
-        weight_matmul(hu, xe, expert_matrix(wt->up, wt->up_t, e, F, d), wt->up_t, n, d, F, o->matmul, ws);
+        weight_matmul(hg, xe, expert_matrix(wt->gate, wt->gate_t, e, F, d), wt->gate_t, n, d, F, mm, ws);
+        weight_matmul(hu, xe, expert_matrix(wt->up, wt->up_t, e, F, d), wt->up_t, n, d, F, mm, ws);
         swiglu_forward(act, hg, hu, n, F);
         weight_matmul(c->ye + (size_t)off * d, act, expert_matrix(wt->down, wt->down_t, e, d, F), wt->down_t,
-                      n, F, d, o->matmul, ws);
+                      n, F, d, mm, ws);
     }
-    moe_prof_lap(PROF_EXPERTS, &pt);
-    if (Fs) { /* shared experts: one SwiGLU of hidden Fs over every token */
-        weight_matmul(c->sh_hg, x, wt->sh_gate, wt->sh_gate_t, N, d, Fs, o->matmul, c->qws);
-        weight_matmul(c->sh_hu, x, wt->sh_up, wt->sh_up_t, N, d, Fs, o->matmul, c->qws);
-        swiglu_forward(c->sh_act, c->sh_hg, c->sh_hu, N, Fs);
-        weight_matmul(c->sh_y, c->sh_act, wt->sh_down, wt->sh_down_t, N, Fs, d, o->matmul, c->qws);
-        moe_prof_lap(PROF_SHARED, &pt);
-    }
+}
+
+void moe_shared_forward(moe_cache *c, const float *x, const moe_weights *wt, int N, matmul_precision mm) {
+    const int d = c->d, Fs = c->Fs;
+    if (!Fs) return;
+    /* one SwiGLU of hidden Fs over every token */
+    weight_matmul(c->sh_hg, x, wt->sh_gate, wt->sh_gate_t, N, d, Fs, mm, c->qws);
+    weight_matmul(c->sh_hu, x, wt->sh_up, wt->sh_up_t, N, d, Fs, mm, c->qws);
+    swiglu_forward(c->sh_act, c->sh_hg, c->sh_hu, N, Fs);
+    weight_matmul(c->sh_y, c->sh_act, wt->sh_down, wt->sh_down_t, N, Fs, d, mm, c->qws);
+}
+
+void moe_combine(float *out, moe_cache *c, const float *x, const moe_weights *wt, int N) {
+    const moe_routing *r = &c->r;
+    const int d = c->d, S = c->S, Fs = c->Fs;
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         float *o_ = out + (size_t)t * d;
@@ -526,6 +532,23 @@ void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt
             for (int i = 0; i < d; i++) o_[i] += g * y[i];
         }
     }
+}
+
+void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt, int N,
+                 const moe_route_opts *o) {
+    double pt = moe_prof_start();
+    c->r.qws = c->qws;
+    moe_route(&c->r, x, wt, N, c->d, o);
+    moe_prof_lap(PROF_ROUTE, &pt);
+    moe_dispatch(c, x);
+    moe_prof_lap(PROF_DISPATCH, &pt);
+    moe_experts_forward(c, wt, o->matmul);
+    moe_prof_lap(PROF_EXPERTS, &pt);
+    if (c->Fs) {
+        moe_shared_forward(c, x, wt, N, o->matmul);
+        moe_prof_lap(PROF_SHARED, &pt);
+    }
+    moe_combine(out, c, x, wt, N);
     moe_prof_lap(PROF_COMBINE, &pt);
 }
 

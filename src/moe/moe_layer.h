@@ -127,6 +127,19 @@ void moe_cache_free(moe_cache *c);
 void moe_route(moe_routing *r, const float *x, const moe_weights *w, int N, int d,
                const moe_route_opts *o);
 
+/* The forward stages, callable one by one so that an all-to-all (expert
+ * parallelism), a prefetch (offloading) or a telemetry tap can stand between
+ * them; moe_forward runs them in this order:
+ *   moe_route           scores, selection, capacity, dispatch plan (c->r)
+ *   moe_dispatch        gathers the kept rows by expert: c->xe
+ *   moe_experts_forward each expert's SwiGLU over its rows: c->ye
+ *   moe_shared_forward  the shared experts over every token (when Fs > 0)
+ *   moe_combine         out[t] = weighted sum of its rows (+ gated shared) */
+void moe_dispatch(moe_cache *c, const float *x);
+void moe_experts_forward(moe_cache *c, const moe_weights *w, matmul_precision mm);
+void moe_shared_forward(moe_cache *c, const float *x, const moe_weights *w, int N, matmul_precision mm);
+void moe_combine(float *out, moe_cache *c, const float *x, const moe_weights *w, int N);
+
 /* out[N][d] = sum_j w[t,j] * expert_{ids[t,j]}(x[t]) + shared(x[t]). Fills c for backward. */
 void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *w, int N,
                  const moe_route_opts *o);
