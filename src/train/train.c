@@ -207,12 +207,14 @@ static size_t eval_window_count(const moe_dataset *d, int split, int T, size_t m
     return max_windows && windows > max_windows ? max_windows : windows;
 }
 
+enum { EVAL_CHUNK = 64 }; /* positions per inference call when evaluating a published model */
+
 static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, int B, int T,
                                size_t max_windows, double *sum, size_t *count, eval_progress *pr) {
     size_t n = d->n[split];
     if (n < 2) return MOE_OK;
     int32_t *tok = moe_malloc(sizeof(int32_t) * B * T), *tgt = moe_malloc(sizeof(int32_t) * B * T);
-    float *logits = m->params ? NULL : moe_malloc(sizeof(float) * (size_t)T * m->cfg.vocab_size);
+    float *logits = m->params ? NULL : moe_malloc(sizeof(float) * (size_t)EVAL_CHUNK * m->cfg.vocab_size);
     if (!tok || !tgt || (!m->params && !logits)) { moe_free(tok); moe_free(tgt); moe_free(logits); return MOE_ERR_NOMEM; }
     size_t windows = eval_window_count(d, split, T, max_windows);
     /* evenly spaced windows when capped, all consecutive ones otherwise */
@@ -230,12 +232,17 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
         }
         size_t counted = 0;
         for (int i = 0; i < B * T; i++) counted += tgt[i] >= 0;
-        if (logits) { /* a published model: each window through the KV-cached inference path */
+        if (logits) { /* a published model: each window through the KV-cached inference path,
+                       * EVAL_CHUNK positions at a time (scratch and logits stay small) */
             double ce = 0;
             for (int b = 0; !st && b < B; b++) {
                 if (tgt[b * T] < 0) continue;
-                st = model_infer(m, tok + (size_t)b * T, T, 0, logits, 1);
-                if (!st) ce += crossentropy_forward(NULL, logits, tgt + (size_t)b * T, T, m->cfg.vocab_size);
+                for (int p0 = 0; !st && p0 < T; p0 += EVAL_CHUNK) {
+                    const int n = MOE_MIN(EVAL_CHUNK, T - p0);
+                    const size_t at = (size_t)b * T + p0;
+                    st = model_infer(m, tok + at, n, p0, logits, 1);
+                    if (!st) ce += crossentropy_forward(NULL, logits, tgt + at, n, m->cfg.vocab_size);
+                }
             }
             if (st) break;
             *sum += ce;
