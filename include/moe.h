@@ -166,6 +166,13 @@ MOE_API moe_status moe_model_create(moe_model **out, const moe_config *cfg, uint
 MOE_API moe_status moe_model_load(moe_model **out, const char *path);  /* GGUF */
 /* Atomic: writes path.tmp, fsyncs, renames. Includes the tokenizer if set. */
 MOE_API moe_status moe_model_save(const moe_model *m, const char *path);
+/* Writes the model in a published GGUF layout that llama.cpp runs with the
+ * same results: the llama architecture (Mixtral-style MoE or dense), f32
+ * weights, the tokenizer if set, no moe.* keys (atomic, like save). Refuses
+ * with MOE_ERR_UNSUPPORTED, naming the feature, a model that layout cannot
+ * express (sigmoid routing, shared experts, expert choice, ...) or one that
+ * is itself a published file. path NULL: only that check, nothing written. */
+MOE_API moe_status moe_model_convert(const moe_model *m, const char *path);
 MOE_API void moe_model_free(moe_model *m);
 MOE_API const moe_config *moe_model_config(const moe_model *m);
 MOE_API const moe_tokenizer *moe_model_tokenizer(const moe_model *m);

@@ -249,6 +249,53 @@ expect "eval: missing model" 1 "missing\.gguf" "$MOE" eval --model "$T/missing.g
 expect "info: directory as model" 1 "directory" "$MOE" info --model "$T/emptydir"
 expect "encode: missing tokenizer" 1 "missing\.gguf" "$MOE" tokenizer encode --tokenizer "$T/missing.gguf" --text hi
 expect "train: missing --tokenizer" 1 "missing\.gguf" "$MOE" train --data "$T/small.txt" "${TINY[@]}" --tokenizer "$T/missing.gguf"
+
+# ---- moe convert --to gguf: our model in the published llama layout -----------------------
+run "$MOE" convert --help
+if [ "$RC" -eq 0 ] && grep -q "Usage: moe convert --to gguf IN OUT" "$T/out"; then ok "help: moe convert --help"
+else bad "help: moe convert --help" "exit $RC: $(head -c 200 "$T/out")"; fi
+C="$T/conv-src.gguf"
+run "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --out "$C"
+if [ "$RC" -eq 0 ] && [ -s "$C" ]; then
+    run "$MOE" convert --to gguf "$C" "$T/conv.gguf"
+    if [ "$RC" -eq 0 ] && grep -q "^wrote .*conv.gguf: llama layout, 1 layers, 4 experts top-2" "$T/out" && [ -s "$T/conv.gguf" ]
+    then ok "convert writes the llama layout"; else bad "convert writes the llama layout" "exit $RC: $(head -c 300 "$T/err")"; fi
+    if grep -aq "moe\.d_model\|moe\.train_step" "$T/conv.gguf"; then bad "converted file has no moe.* keys" "found moe.* keys"
+    else ok "converted file has no moe.* keys"; fi
+    run "$MOE" info --model "$T/conv.gguf"
+    if [ "$RC" -eq 0 ] && grep -qx "architecture: llama" "$T/out" && grep -q "4 routed, top-2, hidden 32; softmax scores, renormalised" "$T/out"
+    then ok "converted file loads as a published llama model"; else bad "converted file loads as a published llama model" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; fi
+    run "$MOE" generate --model "$C" --prompt "the quick" --tokens 12 --temperature 0 --threads 1; cp "$T/out" "$T/gen-orig"
+    run "$MOE" generate --model "$T/conv.gguf" --prompt "the quick" --tokens 12 --temperature 0 --threads 1
+    if [ "$RC" -eq 0 ] && cmp -s "$T/out" "$T/gen-orig"; then ok "converted model generates the same greedy text"
+    else bad "converted model generates the same greedy text" "exit $RC: '$(head -c 200 "$T/out")' vs '$(head -c 200 "$T/gen-orig")'"; fi
+    expect "convert: a published file" 1 "already a published llama file" "$MOE" convert --to gguf "$T/conv.gguf" "$T/conv2.gguf"
+    cp "$T/conv.gguf" "$T/conv.copy"
+    expect "convert: refuses to overwrite" 1 "refusing to overwrite" "$MOE" convert --to gguf "$C" "$T/conv.gguf"
+    unchanged "convert: existing OUT left as it was" "$T/conv.gguf" "$T/conv.copy"
+    run "$MOE" convert --to gguf --force "$C" "$T/conv.gguf"
+    [ "$RC" -eq 0 ] && ok "convert --force overwrites" || bad "convert --force overwrites" "exit $RC: $(head -c 300 "$T/err")"
+    expect "convert: IN is OUT" 1 "same file" "$MOE" convert --to gguf --force "$C" "$C"
+else bad "train a model to convert" "exit $RC: $(tail -c 300 "$T/err")"; fi
+expect "convert: no --to" 2 "--to FORMAT is required" "$MOE" convert "$C" "$T/x.gguf"
+expect "convert: unknown format" 2 "unknown format 'onnx'" "$MOE" convert --to onnx "$C" "$T/x.gguf"
+expect "convert: one file" 2 "expects two files" "$MOE" convert --to gguf "$C"
+expect "convert: missing IN" 1 "missing\.gguf" "$MOE" convert --to gguf "$T/missing.gguf" "$T/x.gguf"
+expect "convert: OUT in a missing directory" 1 "does not exist" "$MOE" convert --to gguf "$C" "$T/nodir/x.gguf"
+# what the llama layout cannot express: refused, naming the feature, nothing written
+refuse_case() { # NAME PATTERN SET...
+    local name=$1 pat=$2; shift 2
+    local sets=(); for s in "$@"; do sets+=(--set "$s"); done
+    run "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${sets[@]}" "${SHORT[@]}" --out "$T/ref-$name.gguf"
+    if [ "$RC" -ne 0 ]; then bad "convert refuses $name" "training it failed: $(tail -c 200 "$T/err")"; return; fi
+    expect "convert refuses $name" 1 "$pat" "$MOE" convert --to gguf "$T/ref-$name.gguf" "$T/ref-$name.out"
+    [ -e "$T/ref-$name.out" ] && bad "convert refuses $name: nothing written" "$T/ref-$name.out exists"
+}
+refuse_case sigmoid "sigmoid routing: the llama layout has only softmax; deepseek2 .*MLA" router=sigmoid
+refuse_case expert-choice "expert-choice routing" routing=expert_choice
+refuse_case eval-capacity "eval_capacity_factor 2 drops tokens over capacity at inference" eval_capacity_factor=2
+refuse_case shared "shared experts: the llama layout has none; deepseek2" n_shared_experts=1 d_shared=32
+refuse_case no-renorm "renorm_topk = 0: llama.cpp's llama architecture always renormalises" renorm_topk=0
 unchanged "existing file survived everything" "$T/existing.gguf" "$T/existing.copy"
 
 finish

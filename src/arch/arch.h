@@ -16,6 +16,9 @@ const char *arch_supported_list(void);
  * vocabulary size and whether the output head is tied come from the
  * tensors. */
 moe_status arch_read_config(const gguf_ctx *g, moe_config *cfg, char *arch, size_t cap);
+/* Writes the "general.*" and "{arch}.*" metadata of cfg in architecture
+ * arch's layout, as llama.cpp reads it; name goes to general.name. */
+moe_status arch_put_metadata(gguf_writer *w, const char *arch, const moe_config *c, const char *name);
 /* Writes a random-weight model of cfg's shapes in architecture arch's layout
  * (names, shapes, metadata as llama.cpp reads them); every matrix of element
  * type wtype (a matrix whose rows are not whole blocks of it falls back to

@@ -12,17 +12,19 @@
 #include "io/tokenizer_gguf.h"
 #include "model/model.h"
 
-static moe_status put_meta(gguf_writer *w, const char *arch, const moe_config *c) {
+moe_status arch_put_metadata(gguf_writer *w, const char *arch, const moe_config *c, const char *name) {
     char k[128];
     moe_status st = MOE_OK;
 #define U(suffix, v) do { snprintf(k, sizeof k, "%s.%s", arch, suffix); if (!st) st = gguf_set_u32(w, k, (uint32_t)(v)); } while (0)
 #define F(suffix, v) do { snprintf(k, sizeof k, "%s.%s", arch, suffix); if (!st) st = gguf_set_f32(w, k, (float)(v)); } while (0)
     if (!st) st = gguf_set_str(w, "general.architecture", arch, strlen(arch));
-    if (!st) st = gguf_set_str(w, "general.name", "moe-random", 10);
+    if (!st) st = gguf_set_str(w, "general.name", name, strlen(name));
     U("context_length", c->max_seq);
     U("embedding_length", c->d_model);
     U("block_count", c->n_layers);
-    U("feed_forward_length", c->d_ff > 0 ? c->d_ff : c->d_expert);
+    /* llama and olmoe size their experts by feed_forward_length (no dense layers there) */
+    const int experts_ff = c->n_experts > 0 && (!strcmp(arch, "llama") || !strcmp(arch, "olmoe"));
+    U("feed_forward_length", experts_ff || c->d_ff <= 0 ? c->d_expert : c->d_ff);
     U("attention.head_count", c->n_heads);
     U("attention.head_count_kv", c->n_kv_heads);
     F("attention.layer_norm_rms_epsilon", c->norm_eps);
@@ -114,7 +116,7 @@ moe_status arch_write_random(const char *path, const char *arch, const moe_confi
     if (!st && qbytes && !q) st = MOE_ERR_NOMEM;
     gguf_writer *w = st ? NULL : gguf_writer_create();
     if (!st && !w) st = MOE_ERR_NOMEM;
-    if (!st) st = put_meta(w, arch, cfg);
+    if (!st) st = arch_put_metadata(w, arch, cfg, "moe-random");
     if (!st && tok) st = tokenizer_write_gguf(tok, w);
     size_t used = 0;
     for (int i = 0; !st && i < m->n_tensors; i++) {

@@ -112,5 +112,6 @@ int cmd_generate(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_tokenizer(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
 
 #endif

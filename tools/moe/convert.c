@@ -1,0 +1,65 @@
+/* convert.c: moe convert --to gguf IN OUT: a model moe trained, written in
+ * the published GGUF layout other engines (llama.cpp) run. */
+#include "cli.h"
+
+#include <string.h>
+
+static int convert_run(cli_cmd *cmd, const char *to, const str_list *paths, int force) {
+    if (!cli_given(cmd, "to")) return cli_usage_error(cmd->name, "--to FORMAT is required (gguf)");
+    if (strcmp(to, "gguf") != 0)
+        return cli_usage_error(cmd->name, "unknown format '%s' for --to (known: gguf)", to);
+    if (paths->n != 2)
+        return cli_usage_error(cmd->name, "expects two files, IN and OUT, got %d", paths->n);
+    const char *in = paths->v[0], *out = paths->v[1];
+    if (same_file(in, out)) return fail("IN and OUT are the same file (%s): write the converted model elsewhere", out);
+    if (check_out_path(out, NULL, force)) return EXIT_FAIL;
+    moe_model *m = NULL;
+    if (load_model(in, &m)) return EXIT_FAIL;
+    int rc = 0;
+    if (moe_model_convert(m, out) != MOE_OK) {
+        char ctx[512];
+        snprintf(ctx, sizeof ctx, "cannot convert %s", in);
+        rc = lib_fail(ctx);
+    } else {
+        const moe_config *c = moe_model_config(m);
+        if (c->n_experts > 0)
+            printf("wrote %s: llama layout, %d layers, %d experts top-%d, f32 weights\n", out, c->n_layers,
+                   c->n_experts, c->top_k);
+        else
+            printf("wrote %s: llama layout, %d dense layers, f32 weights\n", out, c->n_layers);
+        if (c->matmul == MOE_MATMUL_BF16)
+            fprintf(stderr, "moe convert: note: %s rounds matmul inputs to bfloat16; the converted file runs "
+                    "them in fp32, as llama.cpp runs f32 weights\n", in);
+    }
+    moe_model_free(m);
+    return rc;
+}
+
+static void convert_footer(FILE *f) {
+    fprintf(f,
+            "The llama layout (as Mixtral) expresses: softmax routing over all experts,\n"
+            "top-k renormalised over the k, experts in every layer (or a dense model),\n"
+            "RoPE on adjacent pairs, tied or untied output. Models with sigmoid routing,\n"
+            "shared experts, a selection bias, expert groups, a routed scale, no top-k\n"
+            "renormalisation, mixed dense and MoE layers, expert-choice or sequence\n"
+            "routing, or a capacity at evaluation are refused with the reason.\n");
+}
+
+int cmd_convert(int argc, char **argv) {
+    const char *to = NULL;
+    int force = 0;
+    str_list paths = {0};
+    cli_opt opts[] = {
+        {"to", OPT_STR, &to, R_ANY, "FORMAT", "the layout to write: gguf (llama.cpp's)", "required", 0},
+        {"force", OPT_FLAG, &force, R_ANY, NULL, "overwrite OUT if it exists", NULL, 0},
+    };
+    cli_cmd cmd = {"convert", "--to gguf IN OUT",
+                   "Writes the model IN (a moe model file) to OUT in a published GGUF layout that\n"
+                   "llama.cpp runs with the same greedy tokens: the llama architecture, f32\n"
+                   "weights, the tokenizer, no moe.* keys. moe runs OUT too.",
+                   opts, CLI_NOPTS(opts), &paths, convert_footer};
+    int rc = cli_parse(&cmd, argc, argv);
+    if (rc < 0) rc = convert_run(&cmd, to, &paths, force);
+    cli_free(&cmd);
+    return rc;
+}
