@@ -19,40 +19,37 @@ static const char *key(const reader *r, const char *suffix, char *buf, size_t ca
     return buf;
 }
 
-/* An integer hyperparameter: required ones fail the read when absent. */
+/* The full key of suffix in k, and whether to read it: not after an earlier
+ * failure, not when absent (a required key then fails the read). */
+static int want(reader *r, const char *suffix, char *k, size_t cap, int required) {
+    key(r, suffix, k, cap);
+    if (r->st) return 0;
+    if (gguf_has_key(r->g, k)) return 1;
+    if (required) r->st = moe_error(MOE_ERR_FORMAT, "metadata key '%s' is missing", k);
+    return 0;
+}
+
+/* An integer hyperparameter in 0..2^30. */
 static int get_int(reader *r, const char *suffix, int required, int dflt) {
     char k[128];
-    key(r, suffix, k, sizeof k);
-    if (r->st) return dflt;
-    if (!gguf_has_key(r->g, k)) {
-        if (required) r->st = moe_error(MOE_ERR_FORMAT, "metadata key '%s' is missing", k);
-        return dflt;
-    }
     int64_t v;
-    moe_status st = gguf_get_i64(r->g, k, &v);
-    if (st) { r->st = st; return dflt; }
+    if (!want(r, suffix, k, sizeof k, required) || (r->st = gguf_get_i64(r->g, k, &v))) return dflt;
     if (v < 0 || v > (1 << 30)) { r->st = moe_error(MOE_ERR_FORMAT, "metadata key '%s' = %lld is out of range", k, (long long)v); return dflt; }
     return (int)v;
 }
 
 static float get_float(reader *r, const char *suffix, float dflt) {
     char k[128];
-    key(r, suffix, k, sizeof k);
-    if (r->st || !gguf_has_key(r->g, k)) return dflt;
     double v;
-    moe_status st = gguf_get_f64(r->g, k, &v);
-    if (st) { r->st = st; return dflt; }
+    if (!want(r, suffix, k, sizeof k, 0) || (r->st = gguf_get_f64(r->g, k, &v))) return dflt;
     return (float)v;
 }
 
 static int get_bool(reader *r, const char *suffix, int dflt) {
     char k[128];
-    key(r, suffix, k, sizeof k);
-    if (r->st || !gguf_has_key(r->g, k)) return dflt;
     int v;
-    moe_status st = gguf_get_bool(r->g, k, &v);
-    if (st) r->st = st;
-    return st ? dflt : v;
+    if (!want(r, suffix, k, sizeof k, 0) || (r->st = gguf_get_bool(r->g, k, &v))) return dflt;
+    return v;
 }
 
 /* rope.scaling.type: "none", "linear", "yarn" (absent: none) */
