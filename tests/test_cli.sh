@@ -169,6 +169,9 @@ if [ $have_model = 1 ]; then
     run "$MOE" generate --model "$M" --tokens 3 --top-k 5 --top-p 1
     [ "$RC" -eq 0 ] && ok "generate with --top-k" || bad "generate with --top-k" "exit $RC: $(head -c 300 "$T/err")"
 
+    run "$MOE" generate --model "$M" --tokens 5 --prompt "the fox" --stats
+    grep -qE "^moe generate: prompt [0-9]+ tokens, [0-9.]+ tokens/s; generation [0-9]+ tokens, [0-9.]+ tokens/s$" "$T/err" \
+        && ok "generate --stats" || bad "generate --stats" "exit $RC: $(head -c 300 "$T/err")"
     # Ctrl-C stops generation cleanly: the text so far is printed, exit 130
     run "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --set max_seq=8192 --out "$T/long.gguf"
     "$MOE" generate --model "$T/long.gguf" --tokens 8000 --ignore-eos --prompt "the" >"$T/out" 2>"$T/err" &

@@ -9,9 +9,17 @@
 #include <time.h>
 #include <unistd.h>
 
+static double moe_clock(void) { /* monotonic seconds */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 /* ---- generate ---- */
 typedef struct {
     int write_failed;
+    int n_gen;            /* tokens streamed so far                     */
+    double t0, t_first, t_last; /* start, first and last token (--stats) */
 } stream_state;
 
 /* Ctrl-C: the first stops generation after the current token (the text so
@@ -26,13 +34,15 @@ static void on_sigint(int sig) {
 static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
     stream_state *s = user;
     (void)id;
+    s->t_last = moe_clock();
+    if (s->n_gen++ == 0) s->t_first = s->t_last;
     if (bytes && len && fwrite(bytes, 1, len, stdout) != len) s->write_failed = 1;
     if (fflush(stdout) != 0) s->write_failed = 1;
     return s->write_failed || interrupted; /* stop when nobody reads any more, or on Ctrl-C */
 }
 
 static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe_sample_params *sp,
-                        int threads, int echo, int n_ctx) {
+                        int threads, int echo, int n_ctx, int stats) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     moe_model *m = NULL;
@@ -74,6 +84,7 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         fflush(stdout);
     }
     interrupted = 0;
+    st.t0 = moe_clock();
     signal(SIGINT, on_sigint);
     moe_status s = moe_generate(m, use, n, sp, on_token, &st);
     signal(SIGINT, SIG_DFL);
@@ -82,6 +93,11 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         if (fflush(stdout) != 0) st.write_failed = 1;
     }
     if (s != MOE_OK) { rc = lib_fail(NULL); goto done; }
+    if (stats) { /* the first token comes after the prompt; each later one after one decode step */
+        const double tp = st.n_gen ? st.t_first - st.t0 : moe_clock() - st.t0, tg = st.t_last - st.t_first;
+        fprintf(stderr, "moe generate: prompt %zu tokens, %.1f tokens/s; generation %d tokens, %.1f tokens/s\n",
+                n, tp > 0 ? (double)n / tp : 0.0, st.n_gen, st.n_gen > 1 && tg > 0 ? (st.n_gen - 1) / tg : 0.0);
+    }
     if (interrupted) {
         fprintf(stderr, "moe generate: interrupted\n");
         rc = EXIT_INTERRUPTED;
@@ -96,7 +112,7 @@ done:
 
 int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *prompt = "";
-    int threads = 0, echo = 0, n_ctx = 0;
+    int threads = 0, echo = 0, n_ctx = 0, stats = 0;
     moe_sample_params sp = {.max_tokens = 200, .temperature = 0.8f, .top_k = 0, .top_p = 0.95f, .seed = 1};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to sample from", "required", 0},
@@ -109,6 +125,7 @@ int cmd_generate(int argc, char **argv) {
         {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
         {"echo", OPT_FLAG, &echo, R_ANY, NULL, "print the prompt before the generated text", NULL, 0},
         {"ignore-eos", OPT_FLAG, &sp.ignore_eos, R_ANY, NULL, "never sample an end-of-generation token", NULL, 0},
+        {"stats", OPT_FLAG, &stats, R_ANY, NULL, "print prompt and generation tokens/s on stderr", NULL, 0},
         {"ctx", OPT_INT, &n_ctx, R_POS, "N", "positions the KV cache holds",
          "the model's context, at most 4096 for published models", 0},
     };
@@ -116,7 +133,7 @@ int cmd_generate(int argc, char **argv) {
                    "Samples text from a model and streams it to stdout as it is generated.",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx);
+    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats);
     cli_free(&cmd);
     return rc;
 }
@@ -126,15 +143,9 @@ int cmd_generate(int argc, char **argv) {
 /* ---- progress of moe eval: a live line on a terminal, a line per 10% otherwise ---- */
 typedef struct { int tty, open, last_decile; double t0, last; } eval_line;
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static void on_eval_progress(size_t done, size_t total, void *user) {
     eval_line *e = user;
-    double t = now_s(), el = t - e->t0;
+    double t = moe_clock(), el = t - e->t0;
     int decile = total ? (int)(10 * done / total) : 10;
     if (e->tty ? t - e->last < 0.2 && done < total : decile == e->last_decile) return;
     e->last = t;
@@ -174,7 +185,7 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     }
     double loss = 0;
     size_t tokens = 0;
-    eval_line el = {.tty = isatty(fileno(stderr)), .t0 = now_s()};
+    eval_line el = {.tty = isatty(fileno(stderr)), .t0 = moe_clock()};
     moe_status st = moe_evaluate_progress(m, d, seq, 0, 1, &loss, &tokens, on_eval_progress, &el);
     if (el.open) fputc('\n', stderr);
     if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
