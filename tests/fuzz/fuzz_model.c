@@ -90,5 +90,9 @@ static int fuzz_write_seeds(const char *dir) {
     moe_config q8 = p;
     q8.d_model = 32; q8.d_ff = 32; q8.d_expert = 32;
     bad |= arch_write_random(path_in(dir, "arch_llama_q8_0.gguf"), "llama", &q8, DT_Q8_0, NULL, 6) != MOE_OK;
+    bad |= arch_write_random(path_in(dir, "arch_llama_q4_0.gguf"), "llama", &q8, DT_Q4_0, NULL, 7) != MOE_OK;
+    q8.n_layers = 1; q8.d_ff = q8.d_expert = 16; /* f16 and bf16 seeds under the fuzzer's 64 KB input bound */
+    bad |= arch_write_random(path_in(dir, "arch_llama_f16.gguf"), "llama", &q8, DT_F16, NULL, 8) != MOE_OK;
+    bad |= arch_write_random(path_in(dir, "arch_llama_bf16.gguf"), "llama", &q8, DT_BF16, NULL, 9) != MOE_OK;
     return bad;
 }
