@@ -8,7 +8,8 @@
  * bias, routed scale, group-limited routing, a gated shared expert and the
  * sequence-wise balance loss (DeepSeek-V3 style); softmax with bias, 8
  * experts top-3 in groups, raw weights, two ungated shared experts
- * (DeepSeek-V2 / Qwen style). Dump format: model_ref.py's docstring. */
+ * (DeepSeek-V2 / Qwen style); and both DeepSeek styles again with
+ * multi-head latent attention (V3 with the query bottleneck, V2 without). Dump format: model_ref.py's docstring. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,12 +56,14 @@ static int write_dump(const char *path, const moe_config *c, const float *bias) 
     FILE *f = fopen(path, "wb");
     if (!f) { printf("cannot write %s\n", path); moe_model_free(m); return -1; }
     fwrite("MOEREF02", 1, 8, f);
-    enum { NI = 23, NF = 11, NL = 5 };
+    enum { NI = 29, NF = 11, NL = 5 };
     int32_t ints[NI] = {cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff,
                         cfg.n_experts, cfg.top_k, cfg.d_expert, cfg.moe_every, cfg.moe_first_dense,
                         cfg.tied_embeddings, cfg.renorm_topk, B, T, steps,
                         cfg.router, cfg.n_group, cfg.topk_group, cfg.n_shared_experts, cfg.d_shared,
-                        cfg.shared_gate, cfg.expert_bias};
+                        cfg.shared_gate, cfg.expert_bias, cfg.attn, moe_config_head_dim(&cfg),
+                        moe_config_v_head_dim(&cfg), moe_config_rope_dim(&cfg), cfg.kv_lora_rank,
+                        cfg.q_lora_rank};
     int32_t ni = NI, nf = NF;
     put(f, &ni, 4, 1); put(f, ints, 4, NI);
     float floats[NF] = {cfg.rope_base, cfg.norm_eps, cfg.aux_loss_coef, cfg.z_loss_coef, tp.weight_decay,
@@ -125,6 +128,16 @@ static void v_softmax_bias(moe_config *c) {
     c->seq_aux_coef = 0.05f;
 }
 
+/* Multi-head latent attention on the DeepSeek-style variants: heads of 12
+ * (8 without RoPE + 4 roped), values of 8, a latent of 16; V3 with a query
+ * bottleneck of 12, V2 without. */
+static void mla(moe_config *c, int q_lora) {
+    c->attn = MOE_ATTN_MLA; c->head_dim = 12; c->rope_dim = 4; c->v_head_dim = 8;
+    c->kv_lora_rank = 16; c->q_lora_rank = q_lora;
+}
+static void v_mla_v3(moe_config *c) { v_sigmoid_bias(c); mla(c, 12); }
+static void v_mla_v2(moe_config *c) { v_softmax_bias(c); mla(c, 0); }
+
 /* Selection biases, chosen so that the bias changes some tokens' experts
  * (model_ref.py checks it: 7 of 16 tokens each) while every choice, in the
  * first forward and the 10 steps, keeps a clear margin from a tie (model_ref.py
@@ -146,6 +159,8 @@ int main(void) {
         {v_norenorm_tied, NULL, 0, "no renorm, tied, fast kernels"},
         {v_sigmoid_bias, bias_sigmoid, 0, "sigmoid+bias, scale, groups, gated shared, seq aux, fast kernels"},
         {v_softmax_bias, bias_softmax, 1, "softmax+bias, 8 experts top-3, groups, 2 shared, no renorm, tied, reference kernels"},
+        {v_mla_v3, bias_sigmoid, 0, "MLA with q_lora on the DeepSeek-V3 style, fast kernels"},
+        {v_mla_v2, bias_softmax, 1, "MLA without q_lora on the DeepSeek-V2 style, reference kernels"},
     };
     for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
         moe_set_reference_kernels(runs[i].reference);

@@ -45,10 +45,12 @@ moe_status model_alloc_shell(moe_model **out, const moe_config *cfg) {
         return moe_error(MOE_ERR_INVALID_ARG, "internal: parameter count mismatch");
     }
     /* RoPE angles for the first positions (past them rope computes its own) */
-    m->rope_n = MOE_MIN(cfg->max_seq, ROPE_TABLE_FLOATS / head_dim(cfg));
-    m->rope_tab = moe_malloc((size_t)m->rope_n * head_dim(cfg) * sizeof(float));
+    /* sized for the rotated part (all of a head but in MLA) */
+    const int rd = moe_config_rope_dim(cfg);
+    m->rope_n = MOE_MIN(cfg->max_seq, ROPE_TABLE_FLOATS / rd);
+    m->rope_tab = moe_malloc((size_t)m->rope_n * rd * sizeof(float));
     if (!m->rope_tab) { moe_model_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "RoPE table"); }
-    rope_table_fill(m->rope_tab, m->rope_n, head_dim(cfg), cfg->rope_base);
+    rope_table_fill(m->rope_tab, m->rope_n, rd, cfg->rope_base);
     route_stats *rs = &m->stats;
     rs->n_moe = moe_config_n_moe_layers(cfg);
     if (rs->n_moe) {
@@ -229,7 +231,12 @@ moe_status model_alloc_acts(moe_model *m, int B, int T) {
     free_acts(a, c->n_layers);
     const size_t N = (size_t)B * T, d = c->d_model, hd = head_dim(c);
     const size_t qd = hd * c->n_heads, kd = hd * c->n_kv_heads, V = c->vocab_size;
-    a->blocks = moe_calloc((size_t)(16 * c->n_layers + 32), sizeof(void *));
+    const int mla = c->attn == MOE_ATTN_MLA;
+    const size_t H = c->n_heads, vd = moe_config_v_head_dim(c), rope = moe_config_rope_dim(c);
+    const size_t kvr = (size_t)c->kv_lora_rank, qr = (size_t)c->q_lora_rank;
+    /* MLA's keys and values are per query head, [N][H][hd] and [N][H][vd] */
+    const size_t kbuf = mla ? H * hd : kd, vbuf = mla ? H * vd : kd, obuf = mla ? H * vd : qd;
+    a->blocks = moe_calloc((size_t)(24 * c->n_layers + 40), sizeof(void *));
     a->layers = moe_calloc((size_t)c->n_layers, sizeof(layer_acts));
     if (!a->blocks || !a->layers) { free_acts(a, c->n_layers); return moe_error_prefix(MOE_ERR_NOMEM, "activations"); }
     int ok = 1;
@@ -237,8 +244,14 @@ moe_status model_alloc_acts(moe_model *m, int B, int T) {
     for (int l = 0; l < c->n_layers; l++) {
         layer_acts *L = &a->layers[l];
         L->x_in = grab(a, N * d, &ok); L->hn1 = grab(a, N * d, &ok); L->rstd1 = grab(a, N, &ok);
-        L->q = grab(a, N * qd, &ok); L->k = grab(a, N * kd, &ok); L->v = grab(a, N * kd, &ok);
-        L->att = grab(a, (size_t)B * c->n_heads * T * T, &ok); L->atto = grab(a, N * qd, &ok);
+        L->q = grab(a, N * qd, &ok); L->k = grab(a, N * kbuf, &ok); L->v = grab(a, N * vbuf, &ok);
+        L->att = grab(a, (size_t)B * c->n_heads * T * T, &ok); L->atto = grab(a, N * obuf, &ok);
+        if (m->plan[l].attn == ATTN_MLA) {
+            L->lat_raw = grab(a, N * kvr, &ok); L->lat = grab(a, N * kvr, &ok); L->rstd_kv = grab(a, N, &ok);
+            if (m->plan[l].q_lora) {
+                L->qa = grab(a, N * qr, &ok); L->qan = grab(a, N * qr, &ok); L->rstd_qa = grab(a, N, &ok);
+            }
+        }
         L->x_mid = grab(a, N * d, &ok); L->hn2 = grab(a, N * d, &ok); L->rstd2 = grab(a, N, &ok);
         if (moe_config_layer_is_moe(c, l)) {
             float cf = MOE_MAX(c->capacity_factor, c->eval_capacity_factor);
@@ -254,8 +267,14 @@ moe_status model_alloc_acts(moe_model *m, int B, int T) {
     a->logits = grab(a, N * V, &ok);
     a->pos = (int32_t *)grab(a, N, &ok);
     a->dx = grab(a, N * d, &ok); a->dx2 = grab(a, N * d, &ok); a->dh = grab(a, N * d, &ok);
-    a->dq = grab(a, N * qd, &ok); a->dk = grab(a, N * kd, &ok); a->dv = grab(a, N * kd, &ok);
-    a->datto = grab(a, N * qd, &ok); a->qkv = grab(a, N * (qd + 2 * kd), &ok);
+    a->dq = grab(a, N * qd, &ok); a->dk = grab(a, N * kbuf, &ok); a->dv = grab(a, N * vbuf, &ok);
+    a->datto = grab(a, N * obuf, &ok); a->qkv = grab(a, N * (qd + 2 * kd), &ok);
+    if (mla) {
+        a->kv = grab(a, N * (kvr + rope), &ok); a->dlat = grab(a, N * kvr, &ok);
+        a->dlat_raw = grab(a, N * kvr, &ok); a->head = grab(a, N * MOE_MAX(hd, kvr), &ok);
+        a->pe = grab(a, N * H * rope, &ok);
+        if (qr) { a->dqa = grab(a, N * qr, &ok); a->dqan = grab(a, N * qr, &ok); }
+    }
     a->dff1 = grab(a, N * ff, &ok); a->dff2 = grab(a, N * ff, &ok); a->dff3 = grab(a, N * ff, &ok);
     a->dlogits = grab(a, N * V, &ok);
     if (!ok) { free_acts(a, c->n_layers); return moe_error_prefix(MOE_ERR_NOMEM, "activations for batch %d x %d", B, T); }
@@ -302,21 +321,119 @@ static void qkv_backward(model_acts *a, const layer_acts *A, const layer_weights
     matmul_backward_set_din(a->dh, F32(G->wq), NULL, a->qkv, A->hn1, F32(W->wq), N, d, w, mm);
 }
 
+/* ---- multi-head latent attention (DeepSeek-V2/V3), training form ----
+ * q = h Wq (or norm(h Wq_a) Wq_b), each head [q_nope | q_pe];
+ * [latent | k_pe] = h Wkv_a, the latent normalised, k_pe one rotary key for
+ * all heads; head h attends with key [latent Wkb_h | k_pe] (Wkb_h [kvr][nope])
+ * and value latent Wvb_h^T (Wvb_h [vd][kvr]). Inference (infer.c) computes
+ * the same in the absorbed form over a cache of the latent and k_pe. */
+static void copy_rows(float *dst, size_t ds, const float *src, size_t ss, int n, int w) {
+    for (int i = 0; i < n; i++) memcpy(dst + (size_t)i * ds, src + (size_t)i * ss, sizeof(float) * w);
+}
+
+/* RoPE (or its backward) on the last rope_dim floats of each of nh heads
+ * hw floats wide in x[N][nh][hw]: gathered into acts.pe, turned, put back. */
+static void rope_tail(moe_model *m, float *x, int N, int nh, int hw, int backward) {
+    const moe_config *c = &m->cfg;
+    const int R = moe_config_rope_dim(c);
+    float *pe = m->acts.pe;
+    const size_t rows = (size_t)N * nh;
+    for (size_t r = 0; r < rows; r++) memcpy(pe + r * R, x + r * hw + hw - R, sizeof(float) * R);
+    if (backward) rope_backward(pe, m->acts.pos, N, nh, R, c->rope_base, m->rope_tab, m->rope_n);
+    else rope_forward(pe, m->acts.pos, N, nh, R, c->rope_base, m->rope_tab, m->rope_n);
+    for (size_t r = 0; r < rows; r++) memcpy(x + r * hw + hw - R, pe + r * R, sizeof(float) * R);
+}
+
+static float mla_scale(const moe_config *c) { return 1.0f / sqrtf((float)head_dim(c)); }
+
+/* A->atto[N][H][vd] from A->hn1; saves what mla_backward needs. */
+static void mla_forward(moe_model *m, layer_acts *A, const layer_weights *W, const layer_plan *P,
+                        int B, int T, matmul_precision mm) {
+    const moe_config *c = &m->cfg;
+    model_acts *a = &m->acts;
+    const int N = B * T, d = c->d_model, H = c->n_heads, hd = head_dim(c), vd = moe_config_v_head_dim(c);
+    const int R = moe_config_rope_dim(c), nope = hd - R, kvr = c->kv_lora_rank, qr = c->q_lora_rank;
+    const int kw = kvr + R;
+    if (P->q_lora) {
+        matmul_forward(A->qa, A->hn1, F32(W->wq_a), NULL, N, d, qr, mm);
+        rmsnorm_forward(A->qan, A->rstd_qa, A->qa, F32(W->q_a_norm), N, qr, c->norm_eps);
+        matmul_forward(A->q, A->qan, F32(W->wq_b), NULL, N, qr, H * hd, mm);
+    } else {
+        matmul_forward(A->q, A->hn1, F32(W->wq), NULL, N, d, H * hd, mm);
+    }
+    rope_tail(m, A->q, N, H, hd, 0);
+    matmul_forward(a->kv, A->hn1, F32(W->wkv_a), NULL, N, d, kw, mm);
+    rope_tail(m, a->kv, N, 1, kw, 0);
+    copy_rows(A->lat_raw, kvr, a->kv, kw, N, kvr);
+    rmsnorm_forward(A->lat, A->rstd_kv, A->lat_raw, F32(W->kv_a_norm), N, kvr, c->norm_eps);
+    for (int h = 0; h < H; h++) {
+        /* k_nope_h = latent @ Wkb_h: din = dout @ w with the latent as dout */
+        matmul_backward_set_din(a->head, NULL, NULL, A->lat, NULL, F32(W->wk_b) + (size_t)h * kvr * nope, N, nope, kvr, mm);
+        copy_rows(A->k + (size_t)h * hd, (size_t)H * hd, a->head, nope, N, nope);
+        copy_rows(A->k + (size_t)h * hd + nope, (size_t)H * hd, a->kv + kvr, kw, N, R);
+    }
+    /* the values of all heads at once: Wvb is [H * vd][kvr] */
+    matmul_forward(A->v, A->lat, F32(W->wv_b), NULL, N, kvr, H * vd, mm);
+    attention_forward_ex(A->atto, A->att, A->q, A->k, A->v, B, T, H, H, hd, vd, mla_scale(c));
+}
+
+/* From acts.datto = d(atto): sets acts.dh = d(hn1) and accumulates the
+ * gradients of every MLA tensor. */
+static void mla_backward(moe_model *m, const layer_acts *A, const layer_weights *W, layer_weights *G,
+                         const layer_plan *P, matmul_precision mm) {
+    const moe_config *c = &m->cfg;
+    model_acts *a = &m->acts;
+    const int B = a->B, T = a->T, N = B * T, d = c->d_model, H = c->n_heads, hd = head_dim(c);
+    const int vd = moe_config_v_head_dim(c), R = moe_config_rope_dim(c), nope = hd - R;
+    const int kvr = c->kv_lora_rank, qr = c->q_lora_rank, kw = kvr + R;
+    moe_zero(a->dq, (size_t)N * H * hd);
+    moe_zero(a->dk, (size_t)N * H * hd);
+    moe_zero(a->dv, (size_t)N * H * vd);
+    attention_backward_ex(a->dq, a->dk, a->dv, a->datto, A->att, A->q, A->k, A->v, B, T, H, H, hd, vd, mla_scale(c));
+    matmul_backward_set_din(a->dlat, F32(G->wv_b), NULL, a->dv, A->lat, F32(W->wv_b), N, kvr, H * vd, mm);
+    moe_zero(a->kv, (size_t)N * kw); /* becomes d[latent | k_pe] */
+    for (int h = 0; h < H; h++) {
+        const size_t off = (size_t)h * kvr * nope;
+        copy_rows(a->head, nope, a->dk + (size_t)h * hd, (size_t)H * hd, N, nope);
+        /* dWkb_h += latent^T dk_nope_h; dlatent += dk_nope_h Wkb_h^T */
+        matmul_backward(NULL, F32(G->wk_b) + off, NULL, A->lat, a->head, F32(W->wk_b) + off, N, nope, kvr, mm);
+        matmul_forward(a->dlat_raw, a->head, F32(W->wk_b) + off, NULL, N, nope, kvr, mm);
+        for (size_t i = 0; i < (size_t)N * kvr; i++) a->dlat[i] += a->dlat_raw[i];
+        for (int n = 0; n < N; n++) /* the shared rotary key sums its heads' gradients in head order */
+            for (int j = 0; j < R; j++) a->kv[(size_t)n * kw + kvr + j] += a->dk[((size_t)n * H + h) * hd + nope + j];
+    }
+    rope_tail(m, a->kv, N, 1, kw, 1);
+    moe_zero(a->dlat_raw, (size_t)N * kvr);
+    rmsnorm_backward(a->dlat_raw, F32(G->kv_a_norm), a->dlat, A->lat_raw, F32(W->kv_a_norm), A->rstd_kv, N, kvr);
+    copy_rows(a->kv, kw, a->dlat_raw, kvr, N, kvr);
+    matmul_backward_set_din(a->dh, F32(G->wkv_a), NULL, a->kv, A->hn1, F32(W->wkv_a), N, d, kw, mm);
+    rope_tail(m, a->dq, N, H, hd, 1);
+    if (P->q_lora) {
+        matmul_backward_set_din(a->dqan, F32(G->wq_b), NULL, a->dq, A->qan, F32(W->wq_b), N, qr, H * hd, mm);
+        moe_zero(a->dqa, (size_t)N * qr);
+        rmsnorm_backward(a->dqa, F32(G->q_a_norm), a->dqan, A->qa, F32(W->q_a_norm), A->rstd_qa, N, qr);
+        matmul_backward(a->dh, F32(G->wq_a), NULL, a->dqa, A->hn1, F32(W->wq_a), N, d, qr, mm);
+    } else {
+        matmul_backward(a->dh, F32(G->wq), NULL, a->dq, A->hn1, F32(W->wq), N, d, H * hd, mm);
+    }
+}
+
 moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *targets, int B,
                          int T, model_losses *losses) {
     const moe_config *c = &m->cfg;
     const matmul_precision mm = model_matmul(c);
     if (!m->params)
         return moe_error(MOE_ERR_UNSUPPORTED, "a published %s model runs for inference only (no training or batch forward yet)", m->arch);
-    if (c->attn != MOE_ATTN_GQA || c->qk_norm || c->qkv_bias || c->rope_neox || moe_config_rope_dim(c) != head_dim(c) ||
-        moe_config_v_head_dim(c) != head_dim(c) || c->yarn_factor > 0 || c->rope_freq_scale != 1.0f)
-        return moe_error(MOE_ERR_UNSUPPORTED, "training supports GQA attention with full adjacent-pair RoPE only "
-                         "(not yet: MLA, q/k norms, q/k/v biases, NeoX or partial RoPE, YaRN)");
+    const int mla = c->attn == MOE_ATTN_MLA;
+    if (c->qk_norm || c->qkv_bias || c->rope_neox || c->yarn_factor > 0 || c->rope_freq_scale != 1.0f ||
+        (!mla && (moe_config_rope_dim(c) != head_dim(c) || moe_config_v_head_dim(c) != head_dim(c))))
+        return moe_error(MOE_ERR_UNSUPPORTED, "training supports GQA attention with full adjacent-pair RoPE and MLA "
+                         "(not yet: q/k norms, q/k/v biases, NeoX RoPE, partial RoPE or v_head_dim outside MLA, YaRN)");
     moe_status st = model_alloc_acts(m, B, T);
     if (st) return st;
     model_acts *a = &m->acts;
     const int N = B * T, d = c->d_model, hd = head_dim(c), H = c->n_heads, KVH = c->n_kv_heads;
-    const int V = c->vocab_size;
+    const int V = c->vocab_size, vd = moe_config_v_head_dim(c);
     for (int i = 0; i < N; i++)
         if (tokens[i] < 0 || tokens[i] >= V)
             return moe_error(MOE_ERR_INVALID_ARG, "token id %d out of range (vocab %d)", tokens[i], V);
@@ -331,11 +448,15 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         const layer_weights *W = &m->w.layers[l];
         float *x_out = (l + 1 < c->n_layers) ? a->layers[l + 1].x_in : a->x_final;
         PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn1, A->rstd1, A->x_in, F32(W->attn_norm), N, d, c->norm_eps));
-        PROF_RUN(PROF_QKVO, qkv_forward(A, a->qkv, W, N, d, H * hd, KVH * hd, mm));
-        PROF_RUN(PROF_ROPE, rope_forward(A->q, a->pos, N, H, hd, c->rope_base, m->rope_tab, m->rope_n));
-        PROF_RUN(PROF_ROPE, rope_forward(A->k, a->pos, N, KVH, hd, c->rope_base, m->rope_tab, m->rope_n));
-        PROF_RUN(PROF_ATTENTION, attention_forward(A->atto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
-        PROF_RUN(PROF_QKVO, matmul_forward(a->dh, A->atto, F32(W->wo), NULL, N, H * hd, d, mm));
+        if (m->plan[l].attn == ATTN_MLA) {
+            PROF_RUN(PROF_ATTENTION, mla_forward(m, A, W, &m->plan[l], B, T, mm));
+        } else {
+            PROF_RUN(PROF_QKVO, qkv_forward(A, a->qkv, W, N, d, H * hd, KVH * hd, mm));
+            PROF_RUN(PROF_ROPE, rope_forward(A->q, a->pos, N, H, hd, c->rope_base, m->rope_tab, m->rope_n));
+            PROF_RUN(PROF_ROPE, rope_forward(A->k, a->pos, N, KVH, hd, c->rope_base, m->rope_tab, m->rope_n));
+            PROF_RUN(PROF_ATTENTION, attention_forward(A->atto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
+        }
+        PROF_RUN(PROF_QKVO, matmul_forward(a->dh, A->atto, F32(W->wo), NULL, N, H * vd, d, mm));
         PROF_RUN(PROF_RESIDUAL, add_into(A->x_mid, A->x_in, a->dh, (size_t)N * d));
         PROF_RUN(PROF_NORM, rmsnorm_forward(A->hn2, A->rstd2, A->x_mid, F32(W->ffn_norm), N, d, c->norm_eps));
         if (m->plan[l].ffn == FFN_MOE) {
@@ -382,6 +503,7 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
     model_acts *a = &m->acts;
     const int B = a->B, T = a->T, N = B * T, d = c->d_model, hd = head_dim(c);
     const int H = c->n_heads, KVH = c->n_kv_heads, V = c->vocab_size, F = c->d_ff;
+    const int vd = moe_config_v_head_dim(c);
     moe_prof_pass = 1;
     int counted = 0;
     for (int i = 0; i < N; i++) counted += targets[i] >= 0;
@@ -414,14 +536,18 @@ void model_backward(moe_model *m, const int32_t *tokens, const int32_t *targets,
         PROF_RUN(PROF_NORM, rmsnorm_backward(dx2, F32(G->ffn_norm), a->dh, A->x_mid, F32(W->ffn_norm), A->rstd2, N, d));
         /* x_mid = x_in + wo(attention(norm(x_in))); dx2 holds d(x_mid) */
         PROF_RUN(PROF_RESIDUAL, memcpy(dx, dx2, sizeof(float) * N * d));
-        PROF_RUN(PROF_QKVO, matmul_backward_set_din(a->datto, F32(G->wo), NULL, dx2, A->atto, F32(W->wo), N, H * hd, d, mm));
-        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dq, (size_t)N * H * hd));
-        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dk, (size_t)N * KVH * hd));
-        PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dv, (size_t)N * KVH * hd));
-        PROF_RUN(PROF_ATTENTION, attention_backward(a->dq, a->dk, a->dv, a->datto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
-        PROF_RUN(PROF_ROPE, rope_backward(a->dq, a->pos, N, H, hd, c->rope_base, m->rope_tab, m->rope_n));
-        PROF_RUN(PROF_ROPE, rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base, m->rope_tab, m->rope_n));
-        PROF_RUN(PROF_QKVO, qkv_backward(a, A, W, G, N, d, H * hd, KVH * hd, mm));
+        PROF_RUN(PROF_QKVO, matmul_backward_set_din(a->datto, F32(G->wo), NULL, dx2, A->atto, F32(W->wo), N, H * vd, d, mm));
+        if (m->plan[l].attn == ATTN_MLA) {
+            PROF_RUN(PROF_ATTENTION, mla_backward(m, A, W, G, &m->plan[l], mm));
+        } else {
+            PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dq, (size_t)N * H * hd));
+            PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dk, (size_t)N * KVH * hd));
+            PROF_RUN(PROF_ZERO_ACTS, moe_zero(a->dv, (size_t)N * KVH * hd));
+            PROF_RUN(PROF_ATTENTION, attention_backward(a->dq, a->dk, a->dv, a->datto, A->att, A->q, A->k, A->v, B, T, H, KVH, hd));
+            PROF_RUN(PROF_ROPE, rope_backward(a->dq, a->pos, N, H, hd, c->rope_base, m->rope_tab, m->rope_n));
+            PROF_RUN(PROF_ROPE, rope_backward(a->dk, a->pos, N, KVH, hd, c->rope_base, m->rope_tab, m->rope_n));
+            PROF_RUN(PROF_QKVO, qkv_backward(a, A, W, G, N, d, H * hd, KVH * hd, mm));
+        }
         PROF_RUN(PROF_NORM, rmsnorm_backward(dx, F32(G->attn_norm), a->dh, A->x_in, F32(W->attn_norm), A->rstd1, N, d));
     }
     /* embedding rows: parallel over columns so each element sums tokens in order */

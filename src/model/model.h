@@ -68,6 +68,10 @@ enum { TENSOR_INIT_NORMAL, TENSOR_INIT_ONES, TENSOR_INIT_ZERO, TENSOR_INIT_RESID
 typedef struct {
     float *x_in, *hn1, *rstd1, *q, *k, *v, *att, *atto, *x_mid, *hn2, *rstd2;
     float *hg, *hu, *act;  /* dense FFN */
+    /* MLA (q, k, v, att, atto above hold the per-head [N][H][hd] query and
+     * key, [N][H][vd] value and output): the query bottleneck before and
+     * after its norm, the latent before and after its norm */
+    float *qa, *qan, *rstd_qa, *lat_raw, *lat, *rstd_kv;
     moe_cache moe;         /* MoE FFN   */
 } layer_acts;
 
@@ -79,6 +83,9 @@ typedef struct {
     /* backward scratch */
     float *dx, *dx2, *dh, *dq, *dk, *dv, *datto, *dff1, *dff2, *dff3, *dlogits;
     float *qkv;  /* [N][qd+2kd] the fused q/k/v projection (forward) or its gradient */
+    /* MLA scratch: [latent | k_pe] or its gradient, latent gradients, one
+     * head's key part, the query bottleneck's gradients, RoPE'd parts */
+    float *kv, *dlat, *dlat_raw, *head, *dqa, *dqan, *pe;
     void **blocks; int n_blocks;
 } model_acts;
 

@@ -29,11 +29,13 @@ over the MoE layers.
 
 Dump format (little-endian):
   b"MOEREF02"
-  int32 n_int (=23), int32 vocab_size, d_model, n_layers, n_heads, n_kv_heads,
+  int32 n_int (=29), int32 vocab_size, d_model, n_layers, n_heads, n_kv_heads,
         d_ff, n_experts, top_k, d_expert, moe_every, moe_first_dense,
         tied_embeddings, renorm_topk, B, T, n_steps,
         router (0 softmax, 1 sigmoid), n_group, topk_group, n_shared_experts,
-        d_shared, shared_gate, expert_bias
+        d_shared, shared_gate, expert_bias,
+        attn (0 GQA, 1 MLA), qk_head_dim, v_head_dim, rope_dim, kv_lora_rank,
+        q_lora_rank (head sizes resolved: never 0)
   int32 n_float (=11), float32 rope_base, norm_eps, aux_loss_coef, z_loss_coef,
         weight_decay, beta1, beta2, adam_eps, grad_clip, routed_scale, seq_aux_coef
   int32 tokens[B*T], int32 targets[B*T]
@@ -61,7 +63,8 @@ INT_FIELDS = ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_f
               "n_experts", "top_k", "d_expert", "moe_every", "moe_first_dense",
               "tied_embeddings", "renorm_topk", "B", "T", "n_steps",
               "router", "n_group", "topk_group", "n_shared_experts", "d_shared",
-              "shared_gate", "expert_bias"]
+              "shared_gate", "expert_bias",
+              "attn", "qk_head_dim", "v_head_dim", "rope_dim", "kv_lora_rank", "q_lora_rank"]
 FLOAT_FIELDS = ["rope_base", "norm_eps", "aux_loss_coef", "z_loss_coef", "weight_decay",
                 "beta1", "beta2", "adam_eps", "grad_clip", "routed_scale", "seq_aux_coef"]
 LOSS_NAMES = ["loss_total", "loss_ce", "loss_aux", "loss_z", "loss_seq_aux"]
@@ -86,7 +89,11 @@ class Config:
                     # plain softmax top-k model of MOEREF01 / bench/torch_train.py
                     router=0, routed_scale=1.0, n_group=1, topk_group=1,
                     n_shared_experts=0, d_shared=0, shared_gate=0, expert_bias=0,
-                    seq_aux_coef=0.0)
+                    seq_aux_coef=0.0,
+                    # attention: 0 GQA, 1 MLA (multi-head latent attention); head
+                    # sizes 0 mean the defaults (d_model / n_heads, all of it roped)
+                    attn=0, qk_head_dim=0, v_head_dim=0, rope_dim=0, kv_lora_rank=0,
+                    q_lora_rank=0)
 
     def __init__(self, **kw):
         for k, v in self.DEFAULTS.items():
@@ -101,7 +108,17 @@ class Config:
 
     @property
     def head_dim(self):
-        return self.d_model // self.n_heads
+        """q and k size per head (MLA: nope + rope)."""
+        return self.qk_head_dim if self.qk_head_dim > 0 else self.d_model // self.n_heads
+
+    @property
+    def v_dim(self):
+        return self.v_head_dim if self.v_head_dim > 0 else self.head_dim
+
+    @property
+    def rot_dim(self):
+        """RoPE'd dims per head (MLA: the q_pe / k_pe part)."""
+        return self.rope_dim if self.rope_dim > 0 else self.head_dim
 
     def layer_is_moe(self, l):
         return (self.n_experts > 0 and l >= self.moe_first_dense
@@ -123,9 +140,16 @@ class Config:
         for k in pos:
             if getattr(self, k) <= 0:
                 return "%s must be > 0 (got %d)" % (k, getattr(self, k))
-        if self.d_model % self.n_heads:
+        if self.attn == 1:
+            if self.rot_dim % 2 or not 0 < self.rot_dim < self.head_dim:
+                return "MLA needs an even rope_dim below head_dim"
+            if self.kv_lora_rank <= 0 or self.q_lora_rank < 0:
+                return "MLA needs kv_lora_rank > 0"
+        elif self.attn != 0:
+            return "attn must be 0 (GQA) or 1 (MLA)"
+        elif self.d_model % self.n_heads and self.qk_head_dim == 0:
             return "d_model (%d) not divisible by n_heads (%d)" % (self.d_model, self.n_heads)
-        if self.head_dim % 2:
+        elif self.head_dim % 2:
             return "head_dim (%d) must be even for RoPE" % self.head_dim
         if self.n_heads % self.n_kv_heads:
             return "n_heads (%d) not divisible by n_kv_heads (%d)" % (self.n_heads,
@@ -184,9 +208,24 @@ def param_specs(cfg):
     specs = [("token_embd", (V, d))]
     for l in range(cfg.n_layers):
         p = "blk.%d." % l
-        specs += [(p + "attn_norm", (d,)), (p + "attn_q", (H * hd, d)),
-                  (p + "attn_k", (KVH * hd, d)), (p + "attn_v", (KVH * hd, d)),
-                  (p + "attn_output", (d, H * hd)), (p + "ffn_norm", (d,))]
+        specs.append((p + "attn_norm", (d,)))
+        if cfg.attn == 1:
+            # MLA; GGUF ne {nope, kvr, H} for attn_k_b is [H][kvr][nope] here,
+            # ne {kvr, vd, H} for attn_v_b is [H][vd][kvr]
+            kvr, R, vd = cfg.kv_lora_rank, cfg.rot_dim, cfg.v_dim
+            if cfg.q_lora_rank > 0:
+                qr = cfg.q_lora_rank
+                specs += [(p + "attn_q_a", (qr, d)), (p + "attn_q_a_norm", (qr,)),
+                          (p + "attn_q_b", (H * hd, qr))]
+            else:
+                specs.append((p + "attn_q", (H * hd, d)))
+            specs += [(p + "attn_kv_a_mqa", (kvr + R, d)), (p + "attn_kv_a_norm", (kvr,)),
+                      (p + "attn_k_b", (H, kvr, hd - R)), (p + "attn_v_b", (H, vd, kvr)),
+                      (p + "attn_output", (d, H * vd)), (p + "ffn_norm", (d,))]
+        else:
+            specs += [(p + "attn_q", (H * hd, d)),
+                      (p + "attn_k", (KVH * hd, d)), (p + "attn_v", (KVH * hd, d)),
+                      (p + "attn_output", (d, H * hd)), (p + "ffn_norm", (d,))]
         if cfg.layer_is_moe(l):
             specs += [(p + "ffn_gate_inp", (E, d)), (p + "ffn_gate_exps", (E, de, d)),
                       (p + "ffn_up_exps", (E, de, d)), (p + "ffn_down_exps", (E, d, de))]
@@ -323,6 +362,36 @@ def attention(cfg, P, p, h, naive=False):
         mask = torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1)
         s = s.masked_fill(mask, float("-inf"))
         o = (torch.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(B, T, H * hd)
+    return o @ P[p + "attn_output"].t()
+
+
+def attention_mla(cfg, P, p, h):
+    """Multi-head latent attention (DeepSeek-V2/V3), written out plainly: the
+    query (optionally through a normalised rank-q_lora_rank bottleneck), each
+    head [q_nope | q_pe]; h W_kv_a = [latent | k_pe], the latent normalised,
+    k_pe one rotary key shared by every head; head h's key is
+    [latent @ W_kb[h] | k_pe] and its value latent @ W_vb[h]^T."""
+    B, T, d = h.shape
+    H, hd, vd, R, kvr = cfg.n_heads, cfg.head_dim, cfg.v_dim, cfg.rot_dim, cfg.kv_lora_rank
+    nope = hd - R
+    if cfg.q_lora_rank > 0:
+        qa = rmsnorm(h @ P[p + "attn_q_a"].t(), P[p + "attn_q_a_norm"], cfg.norm_eps)
+        q = qa @ P[p + "attn_q_b"].t()
+    else:
+        q = h @ P[p + "attn_q"].t()
+    q = q.view(B, T, H, hd)
+    cos, sin = rope_tables(T, R, cfg.rope_base, h.dtype, h.device)
+    q = torch.cat([q[..., :nope], apply_rope(q[..., nope:], cos, sin)], dim=-1)
+    kv = h @ P[p + "attn_kv_a_mqa"].t()                              # [B,T,kvr+R]
+    latent = rmsnorm(kv[..., :kvr], P[p + "attn_kv_a_norm"], cfg.norm_eps)
+    k_pe = apply_rope(kv[..., kvr:].reshape(B, T, 1, R), cos, sin)   # [B,T,1,R]
+    k_nope = torch.einsum("btr,hrj->bthj", latent, P[p + "attn_k_b"])
+    v = torch.einsum("btr,hvr->bthv", latent, P[p + "attn_v_b"])     # [B,T,H,vd]
+    k = torch.cat([k_nope, k_pe.expand(B, T, H, R)], dim=-1)        # [B,T,H,hd]
+    s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd)
+    mask = torch.ones(T, T, dtype=torch.bool, device=h.device).triu(1)
+    a = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
+    o = torch.einsum("bhts,bshv->bthv", a, v).reshape(B, T, H * vd)
     return o @ P[p + "attn_output"].t()
 
 
@@ -473,7 +542,7 @@ def forward(cfg, P, tokens, targets=None, naive=False):
     for l in range(cfg.n_layers):
         p = "blk.%d." % l
         h = rmsnorm(x, P[p + "attn_norm"], cfg.norm_eps)
-        x = x + attention(cfg, P, p, h, naive)
+        x = x + (attention_mla(cfg, P, p, h) if cfg.attn == 1 else attention(cfg, P, p, h, naive))
         h2 = rmsnorm(x, P[p + "ffn_norm"], cfg.norm_eps)
         if cfg.layer_is_moe(l):
             y, aux, zl, sq, r = moe_ffn(cfg, P, p, h2.reshape(B * T, -1), T, naive)
