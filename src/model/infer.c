@@ -151,8 +151,8 @@ static void norm_rows(float *x, int n, int C, size_t stride, const moe_tensor *w
 }
 
 /* RoPE as the model asks for it: our own models as they were trained
- * (rope_forward, angles in double); a published model as llama.cpp computes
- * it (ggml's float angles, NeoX or adjacent pairs, partial rotation, YaRN
+ * (angles in double, rope_forward where it applies); a published model as
+ * llama.cpp computes it (ggml's float angles, NeoX or adjacent pairs, partial rotation, YaRN
  * with llama.cpp's attention factor, whose magnitude goes into the
  * attention scale instead: yarn_mscale). */
 static rope_params model_rope(const moe_config *c) {
@@ -181,7 +181,8 @@ static void rope_rows(const moe_model *m, float *x, const int32_t *pos, int n, i
         rope_forward(x, pos, n, H, D, c->rope_base, m->rope_tab, m->rope_n);
         return;
     }
-    const rope_params p = model_rope(c);
+    rope_params p = model_rope(c);
+    p.ggml_angles = m->arch[0] != 0; /* our own models rotate as they were trained: angles in double */
     if (contiguous) {
         rope_apply_forward(x, pos, n, H, D, &p, NULL, 0);
         return;
