@@ -155,6 +155,46 @@ static void converts(const char *name, moe_config cfg, int bf16) {
     TEST_END();
 }
 
+/* An MLA model goes out as deepseek2: loads back as a published deepseek2
+ * file, the same greedy tokens, and the same logits bit for bit once the
+ * original rotates with published RoPE (float angles). */
+static void converts_mla(const char *name, moe_config cfg) {
+    TEST_CASE(name);
+    char path[256];
+    snprintf(path, sizeof path, "%s/conv_mla.gguf", dir);
+    moe_model *m = NULL, *p = NULL;
+    moe_status st = make_model(&m, &cfg, 13);
+    CHECK(!st, "create: %s", moe_last_error());
+    if (!st) st = moe_model_convert(m, path);
+    CHECK(!st, "convert: %s", moe_last_error());
+    if (!st) st = moe_model_load(&p, path);
+    CHECK(!st, "load: %s", moe_last_error());
+    if (!st) {
+        const moe_config *a = &m->cfg, *b = &p->cfg;
+        CHECK(!strcmp(p->arch, "deepseek2") && p->file != NULL, "not loaded as published deepseek2 (arch '%s')", p->arch);
+        CHECK(b->attn == MOE_ATTN_MLA && b->kv_lora_rank == a->kv_lora_rank && b->q_lora_rank == a->q_lora_rank &&
+              moe_config_head_dim(b) == moe_config_head_dim(a) && moe_config_rope_dim(b) == moe_config_rope_dim(a) &&
+              moe_config_v_head_dim(b) == moe_config_v_head_dim(a) && b->router == a->router &&
+              b->expert_bias == a->expert_bias && b->n_group == a->n_group && b->routed_scale == a->routed_scale &&
+              b->renorm_topk == a->renorm_topk && b->n_shared_experts == a->n_shared_experts &&
+              b->moe_first_dense == a->moe_first_dense, "MLA or routing fields differ");
+        int32_t tok[10];
+        for (int i = 0; i < 10; i++) tok[i] = (i * 53 + 7) % cfg.vocab_size;
+        int diff, argmax_same;
+        double rel;
+        CHECK(compare_logits(m, p, tok, 10, &diff, &argmax_same, &rel), "infer: %s", moe_last_error());
+        CHECK(argmax_same, "the greedy token differs (max rel. difference %.3g)", rel);
+        snprintf(m->arch, sizeof m->arch, "deepseek2");
+        CHECK(compare_logits(m, p, tok, 10, &diff, &argmax_same, &rel) && diff < 0,
+              "with published RoPE, logits differ (first at %d, max rel. %.3g)", diff, rel);
+        m->arch[0] = 0;
+    }
+    moe_model_free(p);
+    moe_model_free(m);
+    remove(path);
+    TEST_END();
+}
+
 /* cfg is refused with an error containing want, and no file appears. */
 static void refuses(const char *name, moe_config cfg, const char *want) {
     TEST_CASE(name);
@@ -232,7 +272,12 @@ int main(void) {
     refuses("refuses q/k norms", c, "q/k norms");
     c = tiny(V); c.attn = MOE_ATTN_MLA; c.n_kv_heads = 1; c.head_dim = 24; c.v_head_dim = 16; c.rope_dim = 8;
     c.kv_lora_rank = 32;
-    refuses("refuses MLA attention", c, "MLA attention");
+    converts_mla("MLA (DeepSeek-V2 style) goes out as deepseek2", c);
+    c.q_lora_rank = 32; c.router = MOE_ROUTER_SIGMOID; c.expert_bias = 1; c.n_group = 2; c.topk_group = 1;
+    c.routed_scale = 2.5f; c.n_shared_experts = 1; c.d_shared = c.d_expert; c.moe_first_dense = 1; c.n_layers = 3;
+    converts_mla("MLA with query compression, sigmoid, bias, groups, shared expert (DeepSeek-V3 style)", c);
+    c.shared_gate = 1;
+    refuses("refuses a gated shared expert under deepseek2", c, "gated shared expert");
     c = tiny(V + 7);
     refuses("refuses a vocab_size the tokenizer does not fill", c, "sizes the embedding by the token list");
 

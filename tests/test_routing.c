@@ -109,7 +109,7 @@ static void test_config(void) {
     moe_config_preset(&c, "olmoe-1b-7b"); /* published: 6.9B total, 1.3B active */
     pc = moe_config_param_counts(&c);
     CHECK(fabs(pc.total / 6.9e9 - 1) < 0.01 && fabs(pc.active / 1.3e9 - 1) < 0.02, "olmoe %lld / %lld", (long long)pc.total, (long long)pc.active);
-    moe_config_preset(&c, "deepseek-v3-671b"); /* 671B / 37B; MLA counted as MHA */
+    moe_config_preset(&c, "deepseek-v3-671b"); /* published 671B / 37B (our active count includes the whole embedding) */
     pc = moe_config_param_counts(&c);
     CHECK(fabs(pc.total / 671e9 - 1) < 0.01 && fabs(pc.active / 37e9 - 1) < 0.05 && pc.shared == 58LL * 3 * 7168 * 2048,
           "deepseek-v3 %lld / %lld, shared %lld", (long long)pc.total, (long long)pc.active, (long long)pc.shared);

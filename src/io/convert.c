@@ -4,9 +4,11 @@
  * Our own files are already named and shaped as llama.cpp's llama
  * architecture; what makes them ours is the "moe.*" config. The converted
  * file has only "{arch}.*" metadata, so it must say everything the model
- * does in the keys llama.cpp reads. Today that is the llama architecture
- * (Mixtral): softmax over all experts, top-k renormalised over the k, an
- * expert FFN in every layer of a MoE model, RoPE on adjacent pairs. What it
+ * does in the keys llama.cpp reads: the llama architecture (Mixtral:
+ * softmax over all experts, top-k renormalised over the k, an expert FFN in
+ * every layer of a MoE model, RoPE on adjacent pairs) for GQA models, and
+ * deepseek2 for MLA models (sigmoid or softmax, selection bias, groups,
+ * routed scale, leading dense layers, shared experts). What it
  * cannot say is refused, naming the feature, before anything is written;
  * after writing, the file's metadata is read back through our published
  * reader and must give the model's config again. */
@@ -23,14 +25,14 @@
 enum { LLAMA_CPP_MAX_EXPERTS = 512 };
 
 /* What the deepseek2 layout would express but needs MLA attention for. */
-#define NEEDS_DEEPSEEK2 "; deepseek2 expresses it, but only with MLA attention, which moe's training does not have yet"
+#define NEEDS_DEEPSEEK2 "; deepseek2 expresses it, but only with MLA attention (train with --set attn=mla, as the deepseek presets do)"
 
 /* MOE_OK when the llama layout expresses c (and tok's vocabulary), else an
  * error naming the first feature it cannot. */
 static moe_status llama_expresses(const moe_config *c, const moe_tokenizer *tok) {
 #define REFUSE(...) return moe_error(MOE_ERR_UNSUPPORTED, __VA_ARGS__)
     if (c->attn == MOE_ATTN_MLA)
-        REFUSE("MLA attention: its layout is deepseek2, which moe convert does not write yet");
+        REFUSE("MLA attention: its layout is deepseek2 (internal: llama_expresses called for MLA)");
     if (c->qk_norm != MOE_QK_NORM_NONE)
         REFUSE("q/k norms: the llama layout has none (olmoe and qwen3moe have them, with NeoX RoPE)");
     if (c->qkv_bias) REFUSE("q/k/v biases: the llama layout has none (qwen2moe has them, with NeoX RoPE)");
@@ -78,6 +80,42 @@ static moe_status llama_expresses(const moe_config *c, const moe_tokenizer *tok)
     return MOE_OK;
 }
 
+/* MOE_OK when the deepseek2 layout expresses c (an MLA model): softmax or
+ * sigmoid scores, selection bias, groups, renormalisation flag, routed
+ * scale, leading dense layers and unweighted shared experts as wide as the
+ * routed ones; else an error naming the first feature it cannot. */
+static moe_status deepseek2_expresses(const moe_config *c, const moe_tokenizer *tok) {
+#define REFUSE(...) return moe_error(MOE_ERR_UNSUPPORTED, __VA_ARGS__)
+    if (tok && moe_tokenizer_vocab_size(tok) != c->vocab_size)
+        REFUSE("the tokenizer has %d tokens but vocab_size is %d: llama.cpp sizes the embedding by the token "
+               "list and would not load the file", moe_tokenizer_vocab_size(tok), c->vocab_size);
+    if (c->rope_neox) REFUSE("NeoX RoPE (rope_neox = 1): llama.cpp's deepseek2 rotates adjacent pairs");
+    if (c->rope_freq_scale != 1.0f || c->yarn_factor != 0.0f)
+        REFUSE("RoPE scaling (rope_freq_scale %g, yarn_factor %g): moe convert does not write it yet",
+               c->rope_freq_scale, c->yarn_factor);
+    if (c->n_experts == 0) REFUSE("a dense MLA model: llama.cpp's deepseek2 needs experts");
+    if (c->routing == MOE_ROUTING_EXPERT)
+        REFUSE("expert-choice routing: no published layout has it (llama.cpp routes each token on its own)");
+    if (c->routing == MOE_ROUTING_SEQUENCE)
+        REFUSE("sequence routing: no published layout has it (llama.cpp routes each token on its own)");
+    if (c->eval_capacity_factor > 0)
+        REFUSE("eval_capacity_factor %g drops tokens over capacity at inference: no published layout does "
+               "(llama.cpp is dropless; set eval_capacity_factor=0 and check the model still works)",
+               c->eval_capacity_factor);
+    if (c->n_experts > LLAMA_CPP_MAX_EXPERTS)
+        REFUSE("%d experts: llama.cpp holds at most %d", c->n_experts, LLAMA_CPP_MAX_EXPERTS);
+    if (c->moe_every != 1)
+        REFUSE("moe_every %d: deepseek2 has leading dense layers only (moe_first_dense), then experts in every layer",
+               c->moe_every);
+    if (c->n_shared_experts > 0 && c->shared_gate)
+        REFUSE("a gated shared expert: deepseek2 adds its shared experts unweighted (qwen2moe gates, but has no MLA)");
+    if (c->n_shared_experts > 0 && c->d_shared != c->d_expert)
+        REFUSE("shared experts of %d against routed ones of %d: deepseek2's are as wide as the routed experts",
+               c->d_shared, c->d_expert);
+#undef REFUSE
+    return MOE_OK;
+}
+
 /* The part of a config inference depends on, with defaults resolved and
  * fields that do nothing cleared, so that two configs that run alike
  * compare equal field by field. */
@@ -105,6 +143,7 @@ static moe_config inference_view(const moe_config *in) {
     if (c.n_group <= 1) c.n_group = c.topk_group = 1;
     if (c.n_shared_experts == 0) c.d_shared = c.shared_gate = 0;
     if (c.attn != MOE_ATTN_MLA) c.q_lora_rank = c.kv_lora_rank = 0;
+    else c.n_kv_heads = 1; /* MLA's one latent: deepseek2 files say 1 */
     if (c.yarn_factor == 0.0f) {
         c.yarn_orig_ctx = d.yarn_orig_ctx;
         c.yarn_log_mul = d.yarn_log_mul;
@@ -141,11 +180,14 @@ moe_status moe_model_convert(const moe_model *m, const char *path) {
         return moe_error(MOE_ERR_UNSUPPORTED, "the model is already a published %s file: moe convert writes "
                          "models moe trained or created", m->arch[0] ? m->arch : "GGUF");
     const moe_config *c = &m->cfg;
-    moe_status st = llama_expresses(c, m->tok);
+    const int mla = c->attn == MOE_ATTN_MLA;
+    moe_status st = mla ? deepseek2_expresses(c, m->tok) : llama_expresses(c, m->tok);
     if (st || !path) return st;
     gguf_writer *w = gguf_writer_create();
     if (!w) return moe_error(MOE_ERR_NOMEM, "out of memory");
-    st = arch_put_metadata(w, "llama", c, "moe");
+    moe_config out = *c;
+    if (mla) out.n_kv_heads = 1; /* as llama.cpp's converter writes MLA (one latent "head") */
+    st = arch_put_metadata(w, mla ? "deepseek2" : "llama", &out, "moe");
     if (!st) st = gguf_set_u32(w, "general.file_type", 0); /* all f32 */
     if (!st && m->tok && (st = tokenizer_write_gguf(m->tok, w))) moe_error_prefix(st, "tokenizer");
     for (int i = 0; !st && i < m->n_tensors; i++) {

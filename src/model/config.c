@@ -47,6 +47,13 @@ static void p_switch(moe_config *c) {
     c->capacity_factor = 1.25f; c->eval_capacity_factor = 2.0f; c->aux_loss_coef = 0.01f;
     c->z_loss_coef = 0.0f; c->router_jitter = 0.01f;
 }
+/* Multi-head latent attention as DeepSeek-V2/V3 build it (kv latent 512,
+ * q/k heads of 128 + 64 rotated dims, v heads 128, V3's query rank 1536),
+ * scaled to d_model 192: a latent of 64, heads of 32 + 16 rotated, v 32. */
+static void mla_scaled(moe_config *c, int q_lora) {
+    c->attn = MOE_ATTN_MLA; c->kv_lora_rank = 64; c->rope_dim = 16; c->head_dim = 48; c->v_head_dim = 32;
+    c->q_lora_rank = q_lora;
+}
 /* DeepSeek-V2 (236B): 2 shared + 160 routed experts of 1536 (d_model 5120: 0.3 d),
  * top-6, 8 groups of which 3 eligible, softmax without renormalisation, routed
  * scale 16, first layer dense, expert-level balance loss 0.003. Scaled: 32
@@ -56,6 +63,7 @@ static void p_deepseek_v2(moe_config *c) {
     c->n_experts = 32; c->top_k = 6; c->d_expert = 64; c->n_shared_experts = 2; c->d_shared = 64;
     c->n_group = 8; c->topk_group = 3; c->renorm_topk = 0; c->routed_scale = 3.2f;
     c->moe_first_dense = 1; c->d_ff = 8 * 64; c->aux_loss_coef = 0.003f; c->z_loss_coef = 0.0f;
+    mla_scaled(c, 0);
 }
 /* DeepSeek-V3 (671B): 1 shared + 256 routed experts of 2048 (d_model 7168: 0.29 d),
  * top-8, sigmoid scores, selection bias updated by gamma = 0.001 (auxiliary-loss
@@ -68,6 +76,7 @@ static void p_deepseek_v3(moe_config *c) {
     c->n_group = 8; c->topk_group = 4; c->expert_bias = 1; c->bias_rate = 0.001f;
     c->seq_aux_coef = 1e-4f; c->aux_loss_coef = 0.0f; c->z_loss_coef = 0.0f;
     c->moe_first_dense = 1; c->d_ff = 9 * 64;
+    mla_scaled(c, 96);
 }
 static void p_gpt4(moe_config *c) { /* rumoured: 16 experts, top-2 */
     c->n_experts = 16; c->top_k = 2; c->renorm_topk = 1;
@@ -85,6 +94,8 @@ static void p_deepseek_v3_671b(moe_config *c) { /* published shape, for `moe inf
     c->router = MOE_ROUTER_SIGMOID; c->renorm_topk = 1; c->routed_scale = 2.5f;
     c->n_group = 8; c->topk_group = 4; c->expert_bias = 1; c->seq_aux_coef = 1e-4f;
     c->aux_loss_coef = 0.0f; c->z_loss_coef = 0.0f;
+    c->attn = MOE_ATTN_MLA; c->q_lora_rank = 1536; c->kv_lora_rank = 512; c->head_dim = 192;
+    c->rope_dim = 64; c->v_head_dim = 128;
 }
 static void p_olmoe_1b_7b(moe_config *c) { /* published shape, for `moe info` */
     c->vocab_size = 50304; c->d_model = 2048; c->n_layers = 16; c->n_heads = 16;
@@ -100,15 +111,15 @@ static const preset presets[] = {
      p_mixtral},
     {"switch", "Switch recipe: 16 FFN-size experts, top-1, capacity 1.25 (eval 2.0), aux 0.01, jitter",
      p_switch},
-    {"deepseek-v2", "DeepSeek-V2 recipe: 2 shared + 32 fine-grained routed, top-6, 8 groups keep 3",
+    {"deepseek-v2", "DeepSeek-V2 recipe: MLA, 2 shared + 32 fine-grained routed, top-6, 8 groups keep 3",
      p_deepseek_v2},
-    {"deepseek-v3", "DeepSeek-V3 recipe: 1 shared + 64 fine-grained, top-8, sigmoid, bias balancing, groups",
+    {"deepseek-v3", "DeepSeek-V3 recipe: MLA with query compression, 1 shared + 64 fine-grained, top-8, sigmoid, bias balancing, groups",
      p_deepseek_v3},
     {"gpt4-rumoured", "rumoured GPT-4 recipe: 16 experts, top-2, at default scale", p_gpt4},
     {"olmoe", "OLMoE recipe: 64 experts of d/2, top-8, no renorm, aux 0.01, z 0.001", p_olmoe},
     {"mixtral-8x7b", "Mixtral 8x7B's published shape (too large to train here)",
      p_mixtral_8x7b},
-    {"deepseek-v3-671b", "DeepSeek-V3's published shape, attention counted as MHA (not MLA)",
+    {"deepseek-v3-671b", "DeepSeek-V3's published shape, with multi-head latent attention (too large to train here)",
      p_deepseek_v3_671b},
     {"olmoe-1b-7b", "OLMoE-1B-7B's published shape (too large to train here)", p_olmoe_1b_7b},
 };

@@ -22,11 +22,12 @@ static int convert_run(cli_cmd *cmd, const char *to, const str_list *paths, int 
         rc = lib_fail(ctx);
     } else {
         const moe_config *c = moe_model_config(m);
+        const char *layout = c->attn == MOE_ATTN_MLA ? "deepseek2" : "llama";
         if (c->n_experts > 0)
-            printf("wrote %s: llama layout, %d layers, %d experts top-%d, f32 weights\n", out, c->n_layers,
+            printf("wrote %s: %s layout, %d layers, %d experts top-%d, f32 weights\n", out, layout, c->n_layers,
                    c->n_experts, c->top_k);
         else
-            printf("wrote %s: llama layout, %d dense layers, f32 weights\n", out, c->n_layers);
+            printf("wrote %s: %s layout, %d dense layers, f32 weights\n", out, layout, c->n_layers);
         if (c->matmul == MOE_MATMUL_BF16)
             fprintf(stderr, "moe convert: note: %s rounds matmul inputs to bfloat16; the converted file runs "
                     "them in fp32, as llama.cpp runs f32 weights\n", in);
@@ -42,7 +43,11 @@ static void convert_footer(FILE *f) {
             "RoPE on adjacent pairs, tied or untied output. Models with sigmoid routing,\n"
             "shared experts, a selection bias, expert groups, a routed scale, no top-k\n"
             "renormalisation, mixed dense and MoE layers, expert-choice or sequence\n"
-            "routing, or a capacity at evaluation are refused with the reason.\n");
+            "routing, or a capacity at evaluation are refused with the reason.\n"
+            "Models with MLA attention (attn=mla, the deepseek presets) are written in\n"
+            "the deepseek2 layout: softmax or sigmoid scores, selection bias, expert\n"
+            "groups, routed scale, renormalisation on or off, leading dense layers and\n"
+            "shared experts as wide as the routed ones.\n");
 }
 
 int cmd_convert(int argc, char **argv) {
