@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "harness.h"
 #include "moe/moe_layer.h"
 #include "kernels/kernels.h"
@@ -381,6 +383,37 @@ static void test_group_brute_force(void) {
     TEST_END();
 }
 
+/* Experts run as (expert, row block) tasks when few experts hold many rows:
+ * the blocks must not change a bit (one thread: one task per expert; many
+ * threads: blocks of a few dozen rows). */
+static void test_row_blocks(void) {
+    TEST_CASE("expert row-block tasks give the same bits as whole experts");
+    enum { NB = 600, DB = 16, EB = 4, FB = 24 };
+    static float xb[NB * DB], rb[EB * DB], gb[EB * FB * DB], ub[EB * FB * DB], db[EB * DB * FB], o1[NB * DB], o2[NB * DB];
+    unsigned seed = 11;
+    fill(xb, NB * DB, 1.0f, &seed);
+    fill(rb, EB * DB, 1.0f, &seed);
+    fill(gb, EB * FB * DB, 0.5f, &seed);
+    fill(ub, EB * FB * DB, 0.5f, &seed);
+    fill(db, EB * DB * FB, 0.5f, &seed);
+    moe_weights w = {.router = rb, .gate = gb, .up = ub, .down = db};
+    moe_route_opts o = {.score = MOE_ROUTER_SOFTMAX, .mode = MOE_ROUTING_TOKEN, .renorm = 1};
+    moe_cache c1, c2; /* separate caches: no row of one run can stand in for the other's */
+    if (moe_cache_init(&c1, NB, DB, EB, 2, FB, 0, MOE_ROUTING_TOKEN, (int64_t)NB * 2) != MOE_OK ||
+        moe_cache_init(&c2, NB, DB, EB, 2, FB, 0, MOE_ROUTING_TOKEN, (int64_t)NB * 2) != MOE_OK)
+        TEST_FATAL("moe_cache_init: %s", moe_last_error());
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    moe_forward(o1, &c1, xb, &w, NB, &o);
+    omp_set_num_threads(16);
+    moe_forward(o2, &c2, xb, &w, NB, &o);
+    omp_set_num_threads(threads);
+    CHECK(!memcmp(o1, o2, sizeof o1), "outputs differ between one task per expert and row blocks");
+    moe_cache_free(&c1);
+    moe_cache_free(&c2);
+    TEST_END();
+}
+
 int main(void) {
     unsigned seed = 7;
     fill(x, N * D, 1.0f, &seed);
@@ -397,6 +430,7 @@ int main(void) {
 
     test_hand_cases();
     test_group_brute_force();
+    test_row_blocks();
     {
         TEST_CASE("combine equals the dense sum of selected experts");
         variant v = {"combine", hand_opts(MOE_ROUTING_TOKEN, 1), 0, 0, 0, {0, 0, 0}};

@@ -4,6 +4,8 @@
  * auxiliary-loss-free bias update. docs/routing.md has the formulas.
  * Deterministic: every sum runs in a fixed order whatever the thread count. */
 #include <math.h>
+#include <omp.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "core/core.h"
@@ -477,14 +479,41 @@ void moe_dispatch(moe_cache *c, const float *x) {
         memcpy(c->xe + (size_t)row * d, x + (size_t)(r->row_slot[row] / S) * d, sizeof(float) * d);
 }
 
+/* The experts' work as (expert, row block) tasks shared by all threads,
+ * busiest expert first, blocks in row order: one task per expert while
+ * there are experts enough to keep every thread busy, smaller blocks when
+ * few experts hold the rows (a prompt's tokens on few experts, one token's
+ * k experts on many threads). Every output row of a matmul depends on its
+ * own input row only, so the bits do not depend on the blocks. tasks holds
+ * (expert, first row) pairs; returns their count. */
+static int expert_tasks(moe_routing *r, int E, int32_t *tasks, int *block) {
+    int32_t *order = r->order;
+    const int active = expert_order(r, E, order), nthr = omp_get_max_threads();
+    const int B = active >= 2 * nthr ? INT32_MAX : MOE_MAX(32, (r->rows + 2 * nthr - 1) / (2 * nthr));
+    int n = 0;
+    for (int i = 0; i < active; i++)
+        for (int r0 = 0; r0 < r->counts[order[i]]; r0 += B) {
+            tasks[2 * n] = order[i];
+            tasks[2 * n + 1] = r0;
+            n++;
+            if (B == INT32_MAX) break;
+        }
+    *block = B;
+    return n;
+}
+
 void moe_experts_forward(moe_cache *c, const moe_weights *wt, matmul_precision mm) {
     moe_routing *r = &c->r;
     const int d = c->d, F = c->F;
-    int32_t *order = r->order;
-    const int active = expert_order(r, c->E, order);
+    /* the routing's selection scratch is free once routing is done: at most
+     * one task per dispatched row, two ints each */
+    int32_t *tasks = r->iscratch;
+    int B;
+    const int n_tasks = expert_tasks(r, c->E, tasks, &B);
     #pragma omp parallel for schedule(dynamic, 1)
-    for (int i = 0; i < active; i++) {
-        const int e = order[i], n = r->counts[e], off = r->offsets[e];
+    for (int i = 0; i < n_tasks; i++) {
+        const int e = tasks[2 * i], r0 = tasks[2 * i + 1];
+        const int n = MOE_MIN(B, r->counts[e] - r0), off = r->offsets[e] + r0;
         float *hg = c->hg + (size_t)off * F, *hu = c->hu + (size_t)off * F, *act = c->act + (size_t)off * F;
         char *ws = c->qws ? c->qws + (size_t)off * c->qws_row : NULL; /* this expert's rows only */
         const float *xe = c->xe + (size_t)off * d;
