@@ -103,7 +103,8 @@ moe_status model_infer_alloc(moe_model *m, int n_max) {
     const size_t ff = moe_config_n_moe_layers(c) < c->n_layers ? (size_t)MOE_MAX(c->d_ff, 1) : 1;
     const size_t g = mla ? max_sz(max_sz(hd, kvr), max_sz(vd, (size_t)c->q_lora_rank)) : 1;
     size_t sizes[] = {n * d, n * d, n * d, n * qw, n * max_sz(qw, mla ? (size_t)c->q_lora_rank : 1),
-                      n * ow, n, n * ff, n * ff, n * ff, n * g, n * g, H * (size_t)ctx};
+                      n * ow, n, n * ff, n * ff, n * ff, n * g, n * g,
+                      attention_cached_scratch(ctx, n_max, (int)H)};
     size_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) total += (sizes[i] + 15) & ~(size_t)15;
     float *b = moe_malloc(total * sizeof(float));
@@ -192,41 +193,6 @@ static void rope_rows(const moe_model *m, float *x, const int32_t *pos, int n, i
             rope_apply_forward(x + (size_t)i * stride + (size_t)h * hstride, pos + i, 1, 1, R, &p, NULL, 0);
 }
 
-/* Causal attention of n queries at positions pos0.. over the cache:
- * q[n][H][qs] (head h at h*qs, Dk used), k rows ks floats apart, v rows vs
- * apart (Dv used), kv head h / (H / KVH) at kvh*kh and kvh*vh within a row.
- * out[n][H][Dv]. */
-static void attend(float *out, const float *q, int qs, const float *kc, size_t ks, int kh,
-                   const float *vc, size_t vs, int vh, int pos0, int n, int H, int KVH, int Dk,
-                   int Dv, float scale, float *sc_all, int ctx) {
-    const int group = H / KVH;
-    #pragma omp parallel for schedule(static) if ((size_t)n * H * (pos0 + n) >= 16384)
-    for (int hh = 0; hh < H; hh++) {
-        float *sc = sc_all + (size_t)hh * ctx;
-        const int kvh = hh / group;
-        for (int i = 0; i < n; i++) {
-            const int p = pos0 + i;
-            const float *qh = q + ((size_t)i * H + hh) * qs;
-            float mx = -INFINITY;
-            for (int t = 0; t <= p; t++) {
-                const float *kt = kc + (size_t)t * ks + (size_t)kvh * kh;
-                float s = 0;
-                for (int j = 0; j < Dk; j++) s += qh[j] * kt[j];
-                sc[t] = s * scale;
-                mx = sc[t] > mx ? sc[t] : mx;
-            }
-            double sum = 0;
-            for (int t = 0; t <= p; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-            float *oh = out + ((size_t)i * H + hh) * Dv;
-            for (int j = 0; j < Dv; j++) oh[j] = 0;
-            for (int t = 0; t <= p; t++) {
-                const float pr = (float)(sc[t] / sum), *vt = vc + (size_t)t * vs + (size_t)kvh * vh;
-                for (int j = 0; j < Dv; j++) oh[j] += pr * vt[j];
-            }
-        }
-    }
-}
-
 /* mscale of YaRN's attention temperature (1 without YaRN) */
 static float yarn_mscale(const moe_config *c) {
     if (c->yarn_factor <= 1.0f) return 1.0f;
@@ -254,8 +220,8 @@ static void attention_gqa(moe_model *m, int l, const int32_t *pos, int n, int po
     }
     rope_rows(m, s->q, pos, n, H, hd, hd, (size_t)H * hd);
     rope_rows(m, k, pos, n, KVH, hd, hd, (size_t)KVH * hd);
-    attend(s->att_o, s->q, hd, kc, s->kdim, hd, vc, s->vdim, vd, pos0, n, H, KVH, hd, vd,
-           1.0f / sqrtf((float)hd), s->sc, s->ctx);
+    attention_cached(s->att_o, s->q, kc, vc, pos0, n, H, KVH, hd, vd, s->kdim, s->vdim,
+                     1.0f / sqrtf((float)hd), s->sc);
     wmm(s->o, s->att_o, &W->wo, NULL, n, H * vd, d, mm, s->qws);
 }
 
@@ -301,8 +267,8 @@ static void attention_mla(moe_model *m, int l, const int32_t *pos, int n, int po
             memcpy(s->q + ((size_t)i * H + h) * qs + kvr, s->qa + ((size_t)i * H + h) * hd + nope, sizeof(float) * rope);
     }
     const float ms = yarn_mscale(c);
-    attend(s->att_o, s->q, qs, kc, kdim, 0, kc, kdim, 0, pos0, n, H, 1, qs,
-           kvr, ms * ms / sqrtf((float)hd), s->sc, s->ctx);
+    /* one kv "head": keys [latent | k_pe], values the latent (the first kvr of each key row) */
+    attention_cached(s->att_o, s->q, kc, kc, pos0, n, H, 1, qs, kvr, kdim, kdim, ms * ms / sqrtf((float)hd), s->sc);
     /* each head's latent read-out mapped to its value: W_vb[h] o_lat, into q's room */
     for (int h = 0; h < H; h++)
         head_matmul(s, s->qa + (size_t)h * vd, (size_t)H * vd, s->att_o + (size_t)h * kvr, (size_t)H * kvr,
