@@ -173,9 +173,12 @@ if [ $have_model = 1 ]; then
     grep -qE "^moe generate: prompt [0-9]+ tokens, [0-9.]+ tokens/s; generation [0-9]+ tokens, [0-9.]+ tokens/s$" "$T/err" \
         && ok "generate --stats" || bad "generate --stats" "exit $RC: $(head -c 300 "$T/err")"
     # Ctrl-C stops generation cleanly: the text so far is printed, exit 130
-    run "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --set max_seq=8192 --out "$T/long.gguf"
-    "$MOE" generate --model "$T/long.gguf" --tokens 8000 --ignore-eos --prompt "the" >"$T/out" 2>"$T/err" &
-    gp=$!; sleep 1; kill -INT $gp; wait $gp; RC=$?
+    # (a long context, so generation outlasts the signal: the interrupt comes as soon as text appears)
+    run "$MOE" train --data "$T/small.txt" "${TINY[@]}" "${SHORT[@]}" --set max_seq=32768 --out "$T/long.gguf"
+    "$MOE" generate --model "$T/long.gguf" --tokens 32000 --ignore-eos --prompt "the" >"$T/out" 2>"$T/err" &
+    gp=$!
+    for _ in $(seq 200); do [ -s "$T/out" ] && break; sleep 0.05; done
+    kill -INT $gp; wait $gp; RC=$?
     if [ "$RC" -eq 130 ] && [ -s "$T/out" ] && grep -q "interrupted" "$T/err"; then ok "generate stops on SIGINT (exit 130, text kept)"
     else bad "generate stops on SIGINT" "exit $RC, $(wc -c <"$T/out") bytes out, stderr: $(head -c 200 "$T/err")"; fi
 
