@@ -27,9 +27,35 @@ enum { LLAMA_CPP_MAX_EXPERTS = 512 };
 /* What the deepseek2 layout would express but needs MLA attention for. */
 #define NEEDS_DEEPSEEK2 "; deepseek2 expresses it, but only with MLA attention (train with --set attn=mla, as the deepseek presets do)"
 
-/* MOE_OK when the llama layout expresses c (and tok's vocabulary), else an
+/* What no layout we write expresses, whichever it is: a vocabulary
+ * llama.cpp would not load, RoPE scaling, and routing other than each token
+ * on its own without drops. MOE_OK, or an error naming the feature. */
+static moe_status any_layout_expresses(const moe_config *c, const moe_tokenizer *tok) {
+#define REFUSE(...) return moe_error(MOE_ERR_UNSUPPORTED, __VA_ARGS__)
+    if (tok && moe_tokenizer_vocab_size(tok) != c->vocab_size)
+        REFUSE("the tokenizer has %d tokens but vocab_size is %d: llama.cpp sizes the embedding by the token "
+               "list and would not load the file", moe_tokenizer_vocab_size(tok), c->vocab_size);
+    if (c->rope_freq_scale != 1.0f || c->yarn_factor != 0.0f)
+        REFUSE("RoPE scaling (rope_freq_scale %g, yarn_factor %g): moe convert does not write it yet",
+               c->rope_freq_scale, c->yarn_factor);
+    if (c->n_experts == 0) return MOE_OK;
+    if (c->routing == MOE_ROUTING_EXPERT)
+        REFUSE("expert-choice routing: no published layout has it (llama.cpp routes each token on its own)");
+    if (c->routing == MOE_ROUTING_SEQUENCE)
+        REFUSE("sequence routing: no published layout has it (llama.cpp routes each token on its own)");
+    if (c->eval_capacity_factor > 0)
+        REFUSE("eval_capacity_factor %g drops tokens over capacity at inference: no published layout does "
+               "(llama.cpp is dropless; set eval_capacity_factor=0 and check the model still works)",
+               c->eval_capacity_factor);
+    if (c->n_experts > LLAMA_CPP_MAX_EXPERTS)
+        REFUSE("%d experts: llama.cpp holds at most %d", c->n_experts, LLAMA_CPP_MAX_EXPERTS);
+#undef REFUSE
+    return MOE_OK;
+}
+
+/* MOE_OK when the llama layout expresses c (past any_layout_expresses), else an
  * error naming the first feature it cannot. */
-static moe_status llama_expresses(const moe_config *c, const moe_tokenizer *tok) {
+static moe_status llama_expresses(const moe_config *c) {
 #define REFUSE(...) return moe_error(MOE_ERR_UNSUPPORTED, __VA_ARGS__)
     if (c->attn == MOE_ATTN_MLA)
         REFUSE("MLA attention: its layout is deepseek2 (internal: llama_expresses called for MLA)");
@@ -43,24 +69,7 @@ static moe_status llama_expresses(const moe_config *c, const moe_tokenizer *tok)
     if (moe_config_v_head_dim(c) != moe_config_head_dim(c))
         REFUSE("v_head_dim %d differs from head_dim %d: llama.cpp's llama architecture needs them equal",
                moe_config_v_head_dim(c), moe_config_head_dim(c));
-    if (c->rope_freq_scale != 1.0f || c->yarn_factor != 0.0f)
-        REFUSE("RoPE scaling (rope_freq_scale %g, yarn_factor %g): moe convert does not write it yet",
-               c->rope_freq_scale, c->yarn_factor);
-    if (tok && moe_tokenizer_vocab_size(tok) != c->vocab_size)
-        REFUSE("the tokenizer has %d tokens but vocab_size is %d: llama.cpp sizes the embedding by the token "
-               "list and would not load the file", moe_tokenizer_vocab_size(tok), c->vocab_size);
     if (c->n_experts == 0) return MOE_OK; /* a dense llama */
-    /* routing: who chooses and whether anything is dropped at inference */
-    if (c->routing == MOE_ROUTING_EXPERT)
-        REFUSE("expert-choice routing: no published layout has it (llama.cpp routes each token on its own)");
-    if (c->routing == MOE_ROUTING_SEQUENCE)
-        REFUSE("sequence routing: no published layout has it (llama.cpp routes each token on its own)");
-    if (c->eval_capacity_factor > 0)
-        REFUSE("eval_capacity_factor %g drops tokens over capacity at inference: no published layout does "
-               "(llama.cpp is dropless; set eval_capacity_factor=0 and check the model still works)",
-               c->eval_capacity_factor);
-    if (c->n_experts > LLAMA_CPP_MAX_EXPERTS)
-        REFUSE("%d experts: llama.cpp holds at most %d", c->n_experts, LLAMA_CPP_MAX_EXPERTS);
     /* the scores and weights: llama's are softmax, top-k, renormalised */
     if (c->router == MOE_ROUTER_SIGMOID) REFUSE("sigmoid routing: the llama layout has only softmax" NEEDS_DEEPSEEK2);
     if (c->n_shared_experts > 0) REFUSE("shared experts: the llama layout has none" NEEDS_DEEPSEEK2);
@@ -84,26 +93,10 @@ static moe_status llama_expresses(const moe_config *c, const moe_tokenizer *tok)
  * sigmoid scores, selection bias, groups, renormalisation flag, routed
  * scale, leading dense layers and unweighted shared experts as wide as the
  * routed ones; else an error naming the first feature it cannot. */
-static moe_status deepseek2_expresses(const moe_config *c, const moe_tokenizer *tok) {
+static moe_status deepseek2_expresses(const moe_config *c) {
 #define REFUSE(...) return moe_error(MOE_ERR_UNSUPPORTED, __VA_ARGS__)
-    if (tok && moe_tokenizer_vocab_size(tok) != c->vocab_size)
-        REFUSE("the tokenizer has %d tokens but vocab_size is %d: llama.cpp sizes the embedding by the token "
-               "list and would not load the file", moe_tokenizer_vocab_size(tok), c->vocab_size);
     if (c->rope_neox) REFUSE("NeoX RoPE (rope_neox = 1): llama.cpp's deepseek2 rotates adjacent pairs");
-    if (c->rope_freq_scale != 1.0f || c->yarn_factor != 0.0f)
-        REFUSE("RoPE scaling (rope_freq_scale %g, yarn_factor %g): moe convert does not write it yet",
-               c->rope_freq_scale, c->yarn_factor);
     if (c->n_experts == 0) REFUSE("a dense MLA model: llama.cpp's deepseek2 needs experts");
-    if (c->routing == MOE_ROUTING_EXPERT)
-        REFUSE("expert-choice routing: no published layout has it (llama.cpp routes each token on its own)");
-    if (c->routing == MOE_ROUTING_SEQUENCE)
-        REFUSE("sequence routing: no published layout has it (llama.cpp routes each token on its own)");
-    if (c->eval_capacity_factor > 0)
-        REFUSE("eval_capacity_factor %g drops tokens over capacity at inference: no published layout does "
-               "(llama.cpp is dropless; set eval_capacity_factor=0 and check the model still works)",
-               c->eval_capacity_factor);
-    if (c->n_experts > LLAMA_CPP_MAX_EXPERTS)
-        REFUSE("%d experts: llama.cpp holds at most %d", c->n_experts, LLAMA_CPP_MAX_EXPERTS);
     if (c->moe_every != 1)
         REFUSE("moe_every %d: deepseek2 has leading dense layers only (moe_first_dense), then experts in every layer",
                c->moe_every);
@@ -181,7 +174,8 @@ moe_status moe_model_convert(const moe_model *m, const char *path) {
                          "models moe trained or created", m->arch[0] ? m->arch : "GGUF");
     const moe_config *c = &m->cfg;
     const int mla = c->attn == MOE_ATTN_MLA;
-    moe_status st = mla ? deepseek2_expresses(c, m->tok) : llama_expresses(c, m->tok);
+    moe_status st = any_layout_expresses(c, m->tok);
+    if (!st) st = mla ? deepseek2_expresses(c) : llama_expresses(c);
     if (st || !path) return st;
     gguf_writer *w = gguf_writer_create();
     if (!w) return moe_error(MOE_ERR_NOMEM, "out of memory");
