@@ -193,5 +193,4 @@ int moe_config_field_required(int i); /* present in every model file */
 const char *moe_config_field(int i, int *is_float);
 double moe_config_get_field(const moe_config *c, int i);
 void moe_config_put_field(moe_config *c, int i, double v);
-const char *moe_preset_about(const char *name);
 #endif

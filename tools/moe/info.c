@@ -59,16 +59,8 @@ static int info_run(cli_cmd *cmd, const char *model, const char *preset, const s
     if (moe_config_preset(&cfg, preset) != MOE_OK) {
         return lib_fail(NULL); /* names the known presets */
     }
-    for (int i = 0; i < sets->n; i++) {
-        const char *kv = sets->v[i], *eq = strchr(kv, '=');
-        char key[128];
-        if (!eq || eq == kv) return cli_usage_error(cmd->name, "--set expects KEY=VALUE, got '%s'", kv);
-        size_t klen = (size_t)(eq - kv);
-        if (klen >= sizeof key) return fail("--set %s: key too long", kv);
-        memcpy(key, kv, klen);
-        key[klen] = 0;
-        if (moe_config_set(&cfg, key, eq + 1) != MOE_OK) return fail("--set %s: %s", kv, moe_last_error());
-    }
+    int rc = cli_apply_sets(cmd->name, sets, &cfg);
+    if (rc) return rc;
     if (moe_config_validate(&cfg) != MOE_OK) return fail("invalid configuration: %s", moe_last_error());
     printf("preset: %s%s\n", preset, sets->n ? " (with --set overrides)" : "");
     print_info(&cfg);
