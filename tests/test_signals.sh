@@ -35,6 +35,14 @@ wait_for() {
     return 1
 }
 
+# reap PID: its exit status in RC, waiting 120 s at most (then SIGKILL and RC=999: a
+# process that ignores a signal must fail the test, not hang it)
+reap() {
+    for _ in $(seq 6000); do kill -0 "$1" 2>/dev/null || break; sleep 0.02; done
+    if kill -0 "$1" 2>/dev/null; then kill -9 "$1"; wait "$1" 2>/dev/null; RC=999; return; fi
+    wait "$1"; RC=$?
+}
+
 # the uninterrupted reference
 if "$MOE" train "${RUN[@]}" --out ref.gguf >/dev/null 2>ref.err; then ok "reference run of $STEPS steps"
 else bad "reference run" "$(tail -n 3 ref.err)"; fi
@@ -46,7 +54,7 @@ interrupted() {
     "$MOE" train "${RUN[@]}" --out "$out" --log "$3.jsonl" >"$3.out" 2>"$3.err" &
     local pid=$!
     wait_for "$3.err" "^step [0-9]+/" $pid
-    kill -"$sig" $pid; wait $pid; local rc=$?
+    kill -"$sig" $pid; reap $pid; local rc=$RC
     local cmd; cmd=$(sed -n 's/^resume with: moe //p' "$3.err")
     if [ $rc -eq "$want" ] && [ -s "$out" ] && [ -s "$out.state" ] && grep -q "^moe train: interrupted (SIG$sig) after step [0-9]*/$STEPS" "$3.err" \
        && [ "$cmd" = "train --resume $out --data small.txt --log $3.jsonl --eval-every 0 --threads 1" ]; then
@@ -79,7 +87,7 @@ if [ -e two.gguf ]; then   # the checkpoint of step 1 is complete (renamed into 
     kill -INT $pid
     wait_for two.err "stopping after this step" $pid && kill -INT $pid
 fi
-wait $pid; rc=$?
+reap $pid; rc=$RC
 if [ $rc -eq 130 ] && grep -q "stopped at once, not saved; the last checkpoint is kept" two.err \
    && ! grep -q "^moe train: interrupted" two.err; then ok "a second SIGINT stops at once, exit 130, no save"
 else bad "a second SIGINT stops at once" "exit $rc: $(tail -c 400 two.err)"; fi
@@ -119,7 +127,7 @@ for _ in $(seq 100); do cat small.txt; done >big.txt
 "$MOE" eval --model ref.gguf --data big.txt --seq 32 --threads 1 >eval.out 2>eval.err &
 pid=$!
 wait_for eval.err "^eval [0-9]+/[0-9]+ tokens" $pid
-kill -INT $pid; wait $pid; rc=$?
+kill -INT $pid; reap $pid; rc=$RC
 total=$(sed -n 's/^eval [0-9]*\/\([0-9]*\) tokens.*/\1/p' eval.err | head -n 1)
 got=$(sed -n 's/^loss [0-9.]*  perplexity [0-9.]*  tokens \([0-9]*\)  (partial: interrupted)$/\1/p' eval.out)
 if [ $rc -eq 130 ] && [ -n "$got" ] && [ "$got" -gt 0 ] && [ "$got" -lt "$total" ] \
@@ -133,7 +141,7 @@ else bad "eval stops on SIGINT" "exit $rc: $(cat eval.out) $(tail -c 300 eval.er
 "$MOE" generate --model long.gguf --tokens 32000 --ignore-eos --prompt "the" >gen.out 2>gen.err &
 pid=$!
 for _ in $(seq 500); do [ -s gen.out ] && break; sleep 0.02; done
-kill -TERM $pid; wait $pid; rc=$?
+kill -TERM $pid; reap $pid; rc=$RC
 [ $rc -eq 143 ] && [ -s gen.out ] && grep -q "interrupted (SIGTERM)" gen.err \
     && ok "generate stops on SIGTERM (exit 143, text kept)" || bad "generate stops on SIGTERM" "exit $rc: $(head -c 200 gen.err)"
 

@@ -275,7 +275,8 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
         *count += counted;
         pr->done += (size_t)MOE_MIN((size_t)B, windows - w0) * T;
         if (pr->fn) pr->fn(MOE_MIN(pr->done, pr->total), pr->total, pr->user);
-        if (pr->stoppable && stop_requested()) { pr->stopped = 1; break; }
+        /* after the last batch there is nothing left to stop: the result is whole */
+        if (pr->stoppable && pr->done < pr->total && stop_requested()) { pr->stopped = 1; break; }
     }
     moe_free(tok);
     moe_free(tgt);
