@@ -21,10 +21,13 @@ typedef struct {
     int32_t *perm;          /* [rows in] remote-cache row of each     */
     int stage_cap;
     int rows_in;
+    int32_t *src_counts, *src_offsets; /* [E], [E+1]: one source's rows in the remote cache */
 } ep_layer;
 
 struct expert_parallel {
     int n_moe, E;
+    float *g_shard;   /* [3][E][F][d] one source's expert gradients (gate, up, down) */
+    size_t g_floats;  /* E*F*d                                                    */
     ep_layer *layers;
     moe_status st;
     char msg[256];
@@ -143,15 +146,54 @@ static void ep_forward(moe_exchange *xb, moe_cache *c, const moe_weights *wt, ma
     }
 }
 
+/* The experts' backward one source rank at a time, each source's weight
+ * gradient from zero and then added in source order: the sum one process
+ * makes when those sources are its micro-batches (dist.h: determinism). */
+static moe_status experts_backward_by_source(ep_layer *L, const moe_weights *wt, const moe_grads *g,
+                                             matmul_precision mm) {
+    expert_parallel *x = L->owner;
+    const moe_dist *w = dist_world();
+    const int P = w->ep, E = L->remote.E, Ep = E / P, e0 = w->ep_rank * Ep;
+    const size_t per = (size_t)L->remote.F * L->remote.d, n = (size_t)E * per;
+    if (x->g_floats < n) {
+        moe_free(x->g_shard);
+        x->g_shard = moe_calloc(3 * n, sizeof(float));
+        x->g_floats = x->g_shard ? n : 0;
+        if (!x->g_shard) return moe_error(MOE_ERR_NOMEM, "out of memory for the experts' gradients");
+    }
+    float *gg = x->g_shard, *gu = gg + n, *gd = gu + n;
+    const moe_grads shard = {.gate = gg, .up = gu, .down = gd};
+    moe_cache v = L->remote; /* the same rows and buffers, one source's routing */
+    v.r.counts = L->src_counts;
+    v.r.offsets = L->src_offsets;
+    const moe_routing *q = &L->remote.r;
+    for (int s = 0; s < P; s++) {
+        for (int e = 0; e < E; e++) {
+            const int el = e - e0, mine = el >= 0 && el < Ep;
+            int at = q->offsets[e];
+            for (int s2 = 0; mine && s2 < s; s2++) at += L->cnt_in[s2 * Ep + el];
+            L->src_counts[e] = mine ? L->cnt_in[s * Ep + el] : 0;
+            L->src_offsets[e] = at;
+        }
+        L->src_offsets[E] = q->offsets[E];
+        moe_experts_backward(&v, wt, &shard, mm);
+        const size_t lo = (size_t)e0 * per, hi = (size_t)(e0 + Ep) * per;
+        #pragma omp parallel for schedule(static)
+        for (size_t i = lo; i < hi; i++) {
+            g->gate[i] += gg[i]; g->up[i] += gu[i]; g->down[i] += gd[i];
+            gg[i] = gu[i] = gd[i] = 0.0f;
+        }
+    }
+    return MOE_OK;
+}
+
 static void ep_backward(moe_exchange *xb, moe_cache *c, const moe_weights *wt, const moe_grads *g,
                         matmul_precision mm) {
     ep_layer *L = (ep_layer *)xb;
     moe_status st = L->owner->st;
     if (!st) st = rows_out(L, L->remote.dye, c->dye, c->d);
-    if (!st) {
-        moe_experts_backward(&L->remote, wt, g, mm);
-        st = rows_back(L, c->dxe, L->remote.dxe, c->d);
-    }
+    if (!st) st = experts_backward_by_source(L, wt, g, mm);
+    if (!st) st = rows_back(L, c->dxe, L->remote.dxe, c->d);
     if (st) {
         fail(L->owner, st);
         moe_zero(c->dxe, (size_t)c->r.rows * c->d);
@@ -174,8 +216,10 @@ moe_status expert_parallel_create(expert_parallel **out, int n_moe, int E) {
         L->ex.experts_backward = ep_backward;
         L->owner = x;
         L->cnt_in = moe_calloc((size_t)E, sizeof(int32_t));
+        L->src_counts = moe_calloc((size_t)2 * E + 1, sizeof(int32_t));
         L->send_rows = moe_calloc((size_t)P * 4, sizeof(int));
-        if (!L->cnt_in || !L->send_rows) { expert_parallel_free(x); return moe_error(MOE_ERR_NOMEM, "out of memory for expert parallelism"); }
+        if (!L->cnt_in || !L->send_rows || !L->src_counts) { expert_parallel_free(x); return moe_error(MOE_ERR_NOMEM, "out of memory for expert parallelism"); }
+        L->src_offsets = L->src_counts + E;
         L->send_off = L->send_rows + P;
         L->recv_rows = L->send_rows + 2 * P;
         L->recv_off = L->send_rows + 3 * P;
@@ -190,11 +234,13 @@ void expert_parallel_free(expert_parallel *x) {
         ep_layer *L = &x->layers[k];
         moe_cache_free(&L->remote);
         moe_free(L->cnt_in);
+        moe_free(L->src_counts);
         moe_free(L->send_rows);
         moe_free(L->stage);
         moe_free(L->perm);
     }
     moe_free(x->layers);
+    moe_free(x->g_shard);
     moe_free(x);
 }
 

@@ -215,13 +215,14 @@ static int train_run(cli_cmd *cmd, train_args *a) {
             rc = cli_usage_error(cmd->name, "--expert-parallel needs the distributed build (make MPI=1) under mpirun");
             goto done;
         }
+        /* every rank refuses alike; rank 0 says why */
         if (dist_check_expert_parallel(ep, w->size, cfg.n_experts) != MOE_OK) {
-            rc = cli_usage_error(cmd->name, "%s", moe_last_error());
+            rc = w->rank ? EXIT_USAGE : cli_usage_error(cmd->name, "%s", moe_last_error());
             goto done;
         }
         int batch = a->resume ? 0 : a->p.batch; /* a resumed run's batch is checked by moe_train */
         if (batch % w->size) {
-            rc = cli_usage_error(cmd->name, "--batch %d does not split over the %d ranks of the job "
+            rc = w->rank ? EXIT_USAGE : cli_usage_error(cmd->name, "--batch %d does not split over the %d ranks of the job "
                                  "(each rank takes batch / ranks sequences)", batch, w->size);
             goto done;
         }
