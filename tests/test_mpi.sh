@@ -12,6 +12,9 @@
 #  4. A checkpoint of 2 ranks resumes on 4 ranks and on one process.
 #  5. Bad launches are refused up front; a rank killed mid-step, or stopped,
 #     ends the job with an error within a bounded time.
+#  6. Two hosts: two network namespaces joined by a veth pair, one job over
+#     TCP between them (skipped, with the reason, where namespaces are not
+#     allowed).
 # Skipped, with the reason printed, without mpirun or build-mpi/moe.
 set -u
 cd "$(dirname "$0")/.."
@@ -196,4 +199,43 @@ read -r rc took < <(long_run STOP)
 if [ "$rc" -ne 0 ] && [ "$took" -le 40 ] && grep -q "did not complete within 5 s" "$T/err"; then
     ok "rank 1 stopped mid-run: rank 0 reports '$(grep -m1 -o "[^:]*did not complete within 5 s" "$T/err")' and the job ends in ${took} s"
 else bad "hung rank" "exit $rc after $took s: $(tail -n 4 "$T/err")"; fi
+
+# ---- 6. two hosts: network namespaces joined by a veth pair, TCP only ----
+# Each "host" is a network namespace (and its own hostname); mpirun starts the
+# remote daemon through an rsh agent that enters the other namespace. The
+# job must give the bits of one process and its rows must cross the veth.
+two_hosts() {
+    local a="moea$$" b="moeb$$" va="mva$$" vb="mvb$$"
+    if ! ip netns add "$a" 2>/dev/null; then skip "two hosts" "cannot create network namespaces here (ip netns add: not permitted)"; return; fi
+    ip netns add "$b" && ip link add "$va" type veth peer name "$vb" && ip link set "$va" netns "$a" && ip link set "$vb" netns "$b" &&
+        ip -n "$a" addr add 10.77.0.1/24 dev "$va" && ip -n "$b" addr add 10.77.0.2/24 dev "$vb" &&
+        ip -n "$a" link set "$va" up && ip -n "$b" link set "$vb" up && ip -n "$a" link set lo up && ip -n "$b" link set lo up
+    if [ $? -ne 0 ]; then skip "two hosts" "could not set up the veth pair"; ip netns del "$a"; ip netns del "$b" 2>/dev/null; return; fi
+    cat >"$T/agent.sh" <<AGENT
+#!/bin/sh
+host=\$1; shift
+case "\$host" in 10.77.0.1) ns=$a;; 10.77.0.2) ns=$b;; *) echo "no host \$host" >&2; exit 1;; esac
+exec ip netns exec "\$ns" unshare --uts sh -c 'hostname "\$0"; exec sh -c "\$*"' "\$ns" "\$@"
+AGENT
+    chmod +x "$T/agent.sh"
+    printf '10.77.0.1 slots=1\n10.77.0.2 slots=1\n' >"$T/hosts"
+    local rx0 rx1
+    rx0=$(ip netns exec "$b" cat "/sys/class/net/$vb/statistics/rx_bytes")
+    if timeout 120 ip netns exec "$a" unshare --uts sh -c 'hostname "$0"; exec "$@"' "$a" \
+            mpirun --hostfile "$T/hosts" -np 2 --mca plm_rsh_agent "$T/agent.sh" --mca btl self,tcp \
+            --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 \
+            "$MPIMOE" train "${CONFIG[@]}" "${RUN[@]}" --batch 4 --expert-parallel 2 \
+            --out "$T/hosts2.gguf" --log "$T/hosts2.gguf.jsonl" >"$T/out" 2>"$T/err"; then
+        rx1=$(ip netns exec "$b" cat "/sys/class/net/$vb/statistics/rx_bytes")
+        same "two hosts over TCP, expert parallel 2 = one process with batch/2 and grad-accum 2" "$T/s2.gguf" "$T/hosts2.gguf"
+        local need
+        need=$(python3 -c "import json,sys; print(sum(json.loads(l)['a2a_recv'][1] for l in open(sys.argv[1]) if 'a2a_recv' in l))" "$T/hosts2.gguf.jsonl")
+        [ $((rx1 - rx0)) -ge "$need" ] && ok "two hosts: the second host's veth received $((rx1 - rx0)) bytes, at least the $need all-to-all bytes logged" \
+            || bad "two hosts traffic" "veth received $((rx1 - rx0)) bytes, fewer than the $need logged"
+    else
+        bad "two hosts" "$(tail -n 5 "$T/err")"
+    fi
+    ip netns del "$a"; ip netns del "$b"
+}
+two_hosts
 finish

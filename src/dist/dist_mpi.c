@@ -165,37 +165,31 @@ moe_status dist_gather_f64(double *out, const double *x, int n) {
     return gather_bytes(out, x, n * (int)sizeof(double), "gathering statistics");
 }
 
-moe_status dist_sum_f64(double *x, int n) {
+/* x[n] (doubles or int64) = the sum over ranks, added in rank order */
+static moe_status sum_in_rank_order(void *x, int n, int is_f64) {
     const int P = dist_world()->size;
     if (P == 1 || n == 0) return MOE_OK;
-    double *all = moe_malloc(sizeof(double) * (size_t)n * P);
+    const int width = 8; /* sizeof(double) == sizeof(int64_t) */
+    char *all = moe_malloc((size_t)width * n * P);
     if (!all) return moe_error(MOE_ERR_NOMEM, "out of memory for a reduction");
-    moe_status st = gather_bytes(all, x, n * (int)sizeof(double), "summing statistics");
-    if (!st)
-        for (int i = 0; i < n; i++) {
+    moe_status st = gather_bytes(all, x, n * width, is_f64 ? "summing statistics" : "summing counts");
+    for (int i = 0; !st && i < n; i++) {
+        if (is_f64) {
             double s = 0;
-            for (int r = 0; r < P; r++) s += all[(size_t)r * n + i];
-            x[i] = s;
+            for (int r = 0; r < P; r++) s += ((const double *)all)[(size_t)r * n + i];
+            ((double *)x)[i] = s;
+        } else {
+            int64_t s = 0;
+            for (int r = 0; r < P; r++) s += ((const int64_t *)all)[(size_t)r * n + i];
+            ((int64_t *)x)[i] = s;
         }
+    }
     moe_free(all);
     return st;
 }
 
-moe_status dist_sum_i64(int64_t *x, int n) {
-    const int P = dist_world()->size;
-    if (P == 1 || n == 0) return MOE_OK;
-    int64_t *all = moe_malloc(sizeof(int64_t) * (size_t)n * P);
-    if (!all) return moe_error(MOE_ERR_NOMEM, "out of memory for a reduction");
-    moe_status st = gather_bytes(all, x, n * (int)sizeof(int64_t), "summing counts");
-    if (!st)
-        for (int i = 0; i < n; i++) {
-            int64_t s = 0;
-            for (int r = 0; r < P; r++) s += all[(size_t)r * n + i];
-            x[i] = s;
-        }
-    moe_free(all);
-    return st;
-}
+moe_status dist_sum_f64(double *x, int n) { return sum_in_rank_order(x, n, 1); }
+moe_status dist_sum_i64(int64_t *x, int n) { return sum_in_rank_order(x, n, 0); }
 
 moe_status dist_any(int *flag) {
     int mine = *flag != 0, any = 0;
