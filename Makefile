@@ -24,7 +24,7 @@ endif
 
 # src/dist: dist_mpi.c with MPI=1, its single-rank stand-in dist_local.c otherwise
 ifeq ($(MPI),1)
-  BUILD   := build-mpi
+  BUILD   := build-mpi$(if $(SANITIZE),-san)
   CC      := mpicc
   CFLAGS  += -DMOE_MPI
   DIST_OUT := src/dist/dist_local.c
@@ -91,7 +91,7 @@ test-bins: $(BUILD)/moe $(TEST_BIN) $(REPLAY_BIN)
 
 test: setup corpus-small
 	@$(MAKE) --no-print-directory test-bins
-	@if [ -z "$(MPI)" ] && command -v mpicc >/dev/null; then $(MAKE) --no-print-directory MPI=1 all; fi
+	@if [ -z "$(MPI)" ] && command -v mpicc >/dev/null; then $(MAKE) --no-print-directory MPI=1 SANITIZE= all; fi
 	@BUILD=$(BUILD) tests/run.sh
 
 demo: setup corpus-small all
@@ -142,7 +142,7 @@ valgrind: setup
 	@tests/valgrind.sh build-vg/moe
 
 clean:
-	rm -rf build build-san build-fuzz build-vg build-mpi
+	rm -rf build build-san build-fuzz build-vg build-mpi build-mpi-san
 
 # issue 3: MoE vs dense, routing collapse, granularity (about an hour); writes docs/experiments.md
 experiments: all corpus-small
