@@ -6,6 +6,7 @@
 #   make fuzz       libFuzzer + ASan + UBSan on every target in tests/fuzz/ (clang;
 #                   FUZZ_SECONDS per target, default 60; FUZZ_TARGETS to pick some)
 #   SANITIZE=address,undefined   sanitizer build (into build-san/)
+#   MPI=1           the distributed moe (mpicc, into build-mpi/; docs/distributed.md)
 CC      ?= gcc
 OPT     ?= -O2 -march=native -fno-math-errno -fvect-cost-model=dynamic
 CFLAGS  ?=
@@ -21,7 +22,17 @@ ifneq ($(SANITIZE),)
   LDLIBS  += -fsanitize=$(SANITIZE)
 endif
 
-LIB_SRC   := $(sort $(wildcard src/*/*.c))
+# src/dist: dist_mpi.c with MPI=1, its single-rank stand-in dist_local.c otherwise
+ifeq ($(MPI),1)
+  BUILD   := build-mpi$(if $(SANITIZE),-san)
+  CC      := mpicc
+  CFLAGS  += -DMOE_MPI
+  DIST_OUT := src/dist/dist_local.c
+else
+  DIST_OUT := src/dist/dist_mpi.c
+endif
+
+LIB_SRC   := $(filter-out $(DIST_OUT),$(sort $(wildcard src/*/*.c)))
 LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/%.o)
 CLI_SRC   := $(sort $(wildcard tools/moe/*.c))
 CLI_OBJ   := $(CLI_SRC:%.c=$(BUILD)/%.o)
@@ -80,6 +91,7 @@ test-bins: $(BUILD)/moe $(TEST_BIN) $(REPLAY_BIN)
 
 test: setup corpus-small
 	@$(MAKE) --no-print-directory test-bins
+	@if [ -z "$(MPI)" ] && command -v mpicc >/dev/null; then $(MAKE) --no-print-directory MPI=1 SANITIZE= all; fi
 	@BUILD=$(BUILD) tests/run.sh
 
 demo: setup corpus-small all
@@ -130,7 +142,7 @@ valgrind: setup
 	@tests/valgrind.sh build-vg/moe
 
 clean:
-	rm -rf build build-san build-fuzz build-vg
+	rm -rf build build-san build-fuzz build-vg build-mpi build-mpi-san
 
 # issue 3: MoE vs dense, routing collapse, granularity (about an hour); writes docs/experiments.md
 experiments: all corpus-small

@@ -210,6 +210,8 @@ typedef struct {
     const char *log_path; /* JSONL log, NULL = none                          */
     float save_minutes;   /* also checkpoint when this many minutes passed since
                              the last save (default 10; 0 = off)             */
+    int expert_parallel;  /* a distributed run (make MPI=1): ranks per expert-parallel
+                             group, each owning n_experts / EP experts (0, 1 = none) */
 } moe_train_params;
 MOE_API void moe_train_params_default(moe_train_params *p);
 
@@ -238,6 +240,11 @@ typedef struct {
     int evaluated;         /* 1 on the step an evaluation ran              */
     float maxvio;          /* worst MoE layer's (max load - mean) / mean   */
     float drop_rate;       /* share of assignments dropped by capacity     */
+    /* a distributed run (ranks > 1), this rank (0) over the step:          */
+    int ranks;
+    double a2a_bytes;      /* all-to-all bytes sent plus received           */
+    double a2a_s, reduce_s, compute_s; /* seconds in the all-to-all, in the
+                                          reductions, and in everything else */
 } moe_train_progress;
 typedef void (*moe_progress_fn)(const moe_train_progress *p, void *user);
 

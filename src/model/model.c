@@ -5,6 +5,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "dist/expert_parallel.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
 
@@ -462,7 +463,9 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         if (m->plan[l].ffn == FFN_MOE) {
             moe_route_opts ro = model_route_opts(m, l, T);
             moe_weights mw = model_layer_moe_weights(W);
+            A->moe.ex = m->ep ? expert_parallel_layer(m->ep, L.n_moe) : NULL;
             moe_forward(a->dh, &A->moe, A->hn2, &mw, N, &ro);
+            if (m->ep && (st = expert_parallel_status(m->ep))) return st;
             L.aux += A->moe.r.aux;
             L.z += A->moe.r.z;
             L.seq_aux += A->moe.r.seq_aux;

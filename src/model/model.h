@@ -133,6 +133,7 @@ struct moe_model {
     int train_step;          /* optimizer steps taken (saved in the GGUF) */
     int training;            /* 1: forward uses the training capacity and jitter */
     uint64_t jitter_seed;    /* per micro-batch, set by the training loop         */
+    struct expert_parallel *ep; /* experts split over ranks (dist/), or NULL; not owned */
     route_stats stats;
     float *rope_tab;         /* RoPE cos/sin for positions [0, rope_n) (rope_table_fill) */
     int rope_n;              /* min(max_seq, ROPE_TABLE_FLOATS / head dim)                */

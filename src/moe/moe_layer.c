@@ -571,7 +571,8 @@ void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt
     moe_prof_lap(PROF_ROUTE, &pt);
     moe_dispatch(c, x);
     moe_prof_lap(PROF_DISPATCH, &pt);
-    moe_experts_forward(c, wt, o->matmul);
+    if (c->ex) c->ex->experts_forward(c->ex, c, wt, o->matmul);
+    else moe_experts_forward(c, wt, o->matmul);
     moe_prof_lap(PROF_EXPERTS, &pt);
     if (c->Fs) {
         moe_shared_forward(c, x, wt, N, o->matmul);
@@ -581,15 +582,34 @@ void moe_forward(float *out, moe_cache *c, const float *x, const moe_weights *wt
     moe_prof_lap(PROF_COMBINE, &pt);
 }
 
+void moe_experts_backward(moe_cache *c, const moe_weights *wt, const moe_grads *gr, matmul_precision mm) {
+    moe_routing *r = &c->r;
+    const int d = c->d, F = c->F;
+    int32_t *order = r->order;
+    const int active = expert_order(r, c->E, order);
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int i = 0; i < active; i++) {
+        const int e = order[i], n = r->counts[e], off = r->offsets[e];
+        const size_t rf = (size_t)off * F, rd = (size_t)off * d;
+        matmul_backward_set_din(c->dact + rf, gr->down + (size_t)e * d * F, NULL, c->dye + rd, c->act + rf,
+                        (const float *)wt->down + (size_t)e * d * F, n, F, d, mm);
+        swiglu_backward(c->dhg + rf, c->dhu + rf, c->dact + rf, c->hg + rf, c->hu + rf, n, F);
+        matmul_backward_set_din(c->dxe + rd, gr->gate + (size_t)e * F * d, NULL, c->dhg + rf, c->xe + rd,
+                        (const float *)wt->gate + (size_t)e * F * d, n, d, F, mm);
+        matmul_backward(c->dxe + rd, gr->up + (size_t)e * F * d, NULL, c->dhu + rf, c->xe + rd,
+                        (const float *)wt->up + (size_t)e * F * d, n, d, F, mm);
+    }
+}
+
 void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *c, const float *x,
                   const moe_weights *wt, const moe_route_opts *o, moe_loss_scales ls) {
-    const int d = c->d, E = c->E, k = c->k, S = c->S, F = c->F, Fs = c->Fs;
+    const int d = c->d, E = c->E, k = c->k, S = c->S, Fs = c->Fs;
     moe_routing *r = &c->r;
     const int N = r->N;
     const int sigmoid = o->score == MOE_ROUTER_SIGMOID, mode = o->mode;
     const float scale = o->scale > 0 ? o->scale : 1.0f;
     const size_t ns = (size_t)N * S, ne = (size_t)N * E;
-    float *dye = c->dye, *dact = c->dact, *dhg = c->dhg, *dhu = c->dhu, *dxe = c->dxe;
+    float *dye = c->dye, *dxe = c->dxe;
     float *dlogits = c->dlogits, *dprobs = c->dprobs, *dw = c->dw;
     double pt = moe_prof_start();
 
@@ -605,21 +625,9 @@ void moe_backward(float *dx, const moe_grads *gr, const float *dout, moe_cache *
         for (int i = 0; i < d; i++) { acc += (double)g[i] * y[i]; dy[i] = r->w[s] * g[i]; }
         dw[s] = (float)acc;
     }
-    int32_t *order = r->order;
-    const int active = expert_order(r, E, order);
     moe_prof_lap(PROF_COMBINE, &pt);
-    #pragma omp parallel for schedule(dynamic, 1)
-    for (int i = 0; i < active; i++) {
-        const int e = order[i], n = r->counts[e], off = r->offsets[e];
-        const size_t rf = (size_t)off * F, rd = (size_t)off * d;
-        matmul_backward_set_din(dact + rf, gr->down + (size_t)e * d * F, NULL, dye + rd, c->act + rf,
-                        (const float *)wt->down + (size_t)e * d * F, n, F, d, o->matmul);
-        swiglu_backward(dhg + rf, dhu + rf, dact + rf, c->hg + rf, c->hu + rf, n, F);
-        matmul_backward_set_din(dxe + rd, gr->gate + (size_t)e * F * d, NULL, dhg + rf, c->xe + rd,
-                        (const float *)wt->gate + (size_t)e * F * d, n, d, F, o->matmul);
-        matmul_backward(dxe + rd, gr->up + (size_t)e * F * d, NULL, dhu + rf, c->xe + rd,
-                        (const float *)wt->up + (size_t)e * F * d, n, d, F, o->matmul);
-    }
+    if (c->ex) c->ex->experts_backward(c->ex, c, wt, gr, o->matmul);
+    else moe_experts_backward(c, wt, gr, o->matmul);
     moe_prof_lap(PROF_EXPERTS, &pt);
     #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {

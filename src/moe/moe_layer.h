@@ -90,8 +90,19 @@ typedef struct {
 /* d(loss)/d(term) of this layer's balance terms */
 typedef struct { float aux, z, seq; } moe_loss_scales;
 
+/* Expert parallelism (dist/expert_parallel.c): when a cache has one, the
+ * expert stages send their rows to the ranks that own the experts and take
+ * the results back, instead of running every expert here. */
+typedef struct moe_cache moe_cache;
+typedef struct moe_exchange moe_exchange;
+struct moe_exchange {
+    void (*experts_forward)(moe_exchange *x, moe_cache *c, const moe_weights *w, matmul_precision mm);
+    void (*experts_backward)(moe_exchange *x, moe_cache *c, const moe_weights *w, const moe_grads *g,
+                             matmul_precision mm);
+};
+
 /* Everything the backward pass needs, sized for up to N tokens. */
-typedef struct {
+struct moe_cache {
     int N, d, E, k, F, Fs, S, max_rows;
     moe_routing r;
     float *xe;   /* [rows][d] gathered inputs           */
@@ -111,7 +122,8 @@ typedef struct {
      * the caller plans and owns it (NULL when every weight is fp32) */
     char *qws;
     size_t qws_row;
-} moe_cache;
+    moe_exchange *ex; /* NULL: every expert runs here (set by the caller, not by init) */
+};
 
 /* Dispatched rows needed for N tokens: N*k for token choice, E*c for expert
  * choice with the largest capacity factor that will be used. */
@@ -137,6 +149,9 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *w, int N, int 
  *   moe_combine         out[t] = weighted sum of its rows (+ gated shared) */
 void moe_dispatch(moe_cache *c, const float *x);
 void moe_experts_forward(moe_cache *c, const moe_weights *w, matmul_precision mm);
+/* The experts' backward over the dispatched rows: c->dye -> c->dxe, and
+ * their weight gradients accumulated into g (moe_backward's middle stage). */
+void moe_experts_backward(moe_cache *c, const moe_weights *w, const moe_grads *g, matmul_precision mm);
 void moe_shared_forward(moe_cache *c, const float *x, const moe_weights *w, int N, matmul_precision mm);
 void moe_combine(float *out, moe_cache *c, const float *x, const moe_weights *w, int N);
 

@@ -11,6 +11,8 @@
 
 #include "core/hash.h"
 #include "data/dataset.h"
+#include "dist/dist.h"
+#include "dist/expert_parallel.h"
 #include "io/gguf.h"
 #include "train/train.h"
 
@@ -392,6 +394,63 @@ static void json_layers(FILE *f, const char *key, const double *met, int n_moe, 
     fprintf(f, "]");
 }
 
+/* The routing statistics of all ranks' shards, so that the bias update and
+ * the metrics see the whole global batch (counts are exact integers; the
+ * sums of per-call values add in rank order). */
+static moe_status stats_allreduce(moe_model *m) {
+    route_stats *rs = &m->stats;
+    if (dist_world()->size == 1 || !rs->n_moe) return MOE_OK;
+    const int nl = rs->n_moe;
+    double calls = rs->calls;
+    moe_status st = dist_sum_i64(rs->counts, nl * rs->E);
+    if (!st) st = dist_sum_i64(rs->assigned, nl);
+    if (!st) st = dist_sum_i64(rs->dropped, nl);
+    if (!st) st = dist_sum_f64(rs->aux, 4 * nl); /* aux, z, seq_aux, entropy: one block */
+    if (!st) st = dist_sum_f64(&calls, 1);
+    rs->calls = (int)calls;
+    return st;
+}
+
+/* What each rank did in a step of a distributed run, for the log. */
+enum { RK_A2A_SENT, RK_A2A_RECV, RK_RED_SENT, RK_RED_RECV, RK_T_A2A, RK_T_RED, RK_T_STEP, RK_ROWS_OUT, RK_N };
+
+static void json_rank_field(FILE *f, const char *key, const double *all, int R, int stride, int which, int integer) {
+    fprintf(f, ",\"%s\":[", key);
+    for (int r = 0; r < R; r++) {
+        double v = all[(size_t)r * stride + which];
+        if (integer) fprintf(f, "%s%.0f", r ? "," : "", v);
+        else fprintf(f, "%s%.6g", r ? "," : "", v);
+    }
+    fprintf(f, "]");
+}
+
+/* The per-rank traffic, times and routed rows per expert (summed over the
+ * MoE layers, from this rank's own routing) in the JSONL log. */
+static void json_ranks(FILE *f, const double *all, int R, int E) {
+    const int stride = RK_N + E;
+    fprintf(f, ",\"ranks\":%d,\"ep\":%d", R, dist_world()->ep);
+    json_rank_field(f, "a2a_sent", all, R, stride, RK_A2A_SENT, 1);
+    json_rank_field(f, "a2a_recv", all, R, stride, RK_A2A_RECV, 1);
+    json_rank_field(f, "reduce_sent", all, R, stride, RK_RED_SENT, 1);
+    json_rank_field(f, "reduce_recv", all, R, stride, RK_RED_RECV, 1);
+    json_rank_field(f, "t_a2a", all, R, stride, RK_T_A2A, 0);
+    json_rank_field(f, "t_reduce", all, R, stride, RK_T_RED, 0);
+    fprintf(f, ",\"t_compute\":[");
+    for (int r = 0; r < R; r++) {
+        const double *a = all + (size_t)r * stride;
+        fprintf(f, "%s%.6g", r ? "," : "", a[RK_T_STEP] - a[RK_T_A2A] - a[RK_T_RED]);
+    }
+    fprintf(f, "]");
+    json_rank_field(f, "a2a_rows_out", all, R, stride, RK_ROWS_OUT, 1);
+    fprintf(f, ",\"rank_rows\":[");
+    for (int r = 0; r < R; r++) {
+        fprintf(f, "%s[", r ? "," : "");
+        for (int e = 0; e < E; e++) fprintf(f, "%s%.0f", e ? "," : "", all[(size_t)r * stride + RK_N + e]);
+        fprintf(f, "]");
+    }
+    fprintf(f, "]");
+}
+
 moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params *p_in,
                      const char *resume_state, moe_progress_fn fn, void *user) {
     moe_train_params p = *p_in;
@@ -415,6 +474,15 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     float *load = moe_calloc((size_t)MOE_MAX(n_moe, 1) * MOE_MAX(c->n_experts, 1), sizeof(float));
     double *met = moe_calloc((size_t)MOE_MAX(n_moe, 1) * M_N, sizeof(double));
     FILE *log = NULL;
+    /* a distributed run: each rank takes batch / ranks sequences of every
+     * micro-batch (a shard, routed as its own group); the shards' gradients
+     * are added in the order one process adds its micro-batches */
+    moe_dist *dw = dist_world();
+    const int R = dw->size, me = dw->rank;
+    float *acc = NULL;
+    int32_t *tok_other = NULL, *tgt_other = NULL;
+    double *rank_all = NULL, *rank_mine = NULL, *loss_all = NULL;
+    expert_parallel *ep = NULL;
     if (!am || !av || !load || !met) { st = moe_error(MOE_ERR_NOMEM, "out of memory for training buffers"); goto done; }
 
     moe_rng rng;
@@ -437,15 +505,42 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     }
     st = check_params(&p, c); /* after resuming: the stored run's settings count */
     if (st) goto done;
-    BT = (size_t)p.batch * p.seq;
-    tok = moe_malloc(BT * sizeof(int32_t));
-    tgt = moe_malloc(BT * sizeof(int32_t));
-    if (!tok || !tgt) { st = moe_error(MOE_ERR_NOMEM, "out of memory for a batch of %d x %d", p.batch, p.seq); goto done; }
+    if (p.batch % R) {
+        st = moe_error(MOE_ERR_INVALID_ARG, "the batch of %d sequences does not split over %d ranks "
+                       "(each rank takes batch / ranks of them)", p.batch, R);
+        goto done;
+    }
+    if ((st = dist_set_expert_parallel(p.expert_parallel > 0 ? p.expert_parallel : 1, c->n_experts))) goto done;
+    if (dw->ep > 1) {
+        if ((st = expert_parallel_create(&ep, n_moe, c->n_experts))) goto done;
+        m->ep = ep;
+    }
+    const int Bl = p.batch / R, shards = p.grad_accum * R;
+    BT = (size_t)p.batch * p.seq; /* the global batch: tokens per micro-batch over all ranks */
+    const size_t BTl = (size_t)Bl * p.seq;
+    tok = moe_malloc(BTl * sizeof(int32_t));
+    tgt = moe_malloc(BTl * sizeof(int32_t));
+    if (!tok || !tgt) { st = moe_error(MOE_ERR_NOMEM, "out of memory for a batch of %d x %d", Bl, p.seq); goto done; }
+    if (R > 1) {
+        tok_other = moe_malloc(BTl * sizeof(int32_t));
+        tgt_other = moe_malloc(BTl * sizeof(int32_t));
+        rank_all = moe_calloc((size_t)R * (RK_N + MOE_MAX(c->n_experts, 1)), sizeof(double));
+        rank_mine = moe_calloc(RK_N + MOE_MAX(c->n_experts, 1), sizeof(double));
+        loss_all = moe_calloc((size_t)R * 5, sizeof(double));
+        if (!tok_other || !tgt_other || !rank_all || !rank_mine || !loss_all) {
+            st = moe_error(MOE_ERR_NOMEM, "out of memory for the distributed run");
+            goto done;
+        }
+    }
+    if (shards > 1) { /* each micro-batch's gradient from zero, then added in order */
+        acc = moe_calloc(m->n_params ? m->n_params : 1, sizeof(float));
+        if (!acc) { st = moe_error(MOE_ERR_NOMEM, "out of memory for gradient accumulation"); goto done; }
+    }
     if (d->n[0] < (size_t)p.seq + 1) {
         st = moe_error(MOE_ERR_INVALID_ARG, "the training data has %zu tokens; --seq %d needs at least %d", d->n[0], p.seq, p.seq + 1);
         goto done;
     }
-    if (p.log_path) {
+    if (p.log_path && me == 0) {
         log = fopen(p.log_path, resume_state ? "a" : "w");
         if (!log) { st = moe_error(MOE_ERR_IO, "cannot open log %s", p.log_path); goto done; }
     }
@@ -465,21 +560,54 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
         moe_zero(load, (size_t)MOE_MAX(n_moe, 1) * MOE_MAX(c->n_experts, 1));
         model_stats_reset(m);
         model_losses sum = {0};
+        dist_counters_reset(dw);
+        if (ep) expert_parallel_reset(ep);
         for (int micro = 0; micro < p.grad_accum; micro++) {
-            PROF_RUN(PROF_DATA, st = dataset_sample(d, 0, &rng, p.batch, p.seq, tok, tgt));
-            if (st) goto done;
+            /* every rank draws every shard, so the data RNG stays the one
+             * stream of a single process running shards micro-batches */
+            for (int r = 0; r < R; r++) {
+                const int mine = r == me;
+                PROF_RUN(PROF_DATA, st = dataset_sample(d, 0, &rng, Bl, p.seq, mine ? tok : tok_other, mine ? tgt : tgt_other));
+                if (st) goto done;
+                /* router jitter draws its seed from the run's RNG (saved in the state file) */
+                if (c->router_jitter > 0) {
+                    uint64_t js = moe_rng_u64(&rng);
+                    if (mine) m->jitter_seed = js;
+                }
+            }
             model_losses L;
-            /* router jitter draws its seed from the run's RNG (saved in the state file) */
-            if (c->router_jitter > 0) m->jitter_seed = moe_rng_u64(&rng);
             m->training = 1;
-            st = model_forward(m, tok, tgt, p.batch, p.seq, &L);
-            if (st == MOE_ERR_NUMERIC) { st = nonfinite_loss(m, step + 1, L.loss, p.batch, p.seq); goto done; }
+            st = model_forward(m, tok, tgt, Bl, p.seq, &L);
+            if (st == MOE_ERR_NUMERIC) { st = nonfinite_loss(m, step + 1, L.loss, Bl, p.seq); goto done; }
             if (st) { moe_error_prefix(st, "step %d", step + 1); goto done; }
-            model_backward(m, tok, tgt, 1.0f / (float)p.grad_accum);
+            model_backward(m, tok, tgt, 1.0f / (float)shards);
             m->training = 0;
-            sum.loss += L.loss / p.grad_accum; sum.ce += L.ce / p.grad_accum;
-            sum.aux += L.aux / p.grad_accum; sum.z += L.z / p.grad_accum;
-            sum.seq_aux += L.seq_aux / p.grad_accum;
+            if (ep && (st = expert_parallel_status(ep))) { moe_error_prefix(st, "step %d", step + 1); goto done; }
+            if (acc) {
+                if ((st = dist_reduce_add(acc, m->grads, m->n_params))) { moe_error_prefix(st, "step %d", step + 1); goto done; }
+                moe_zero(m->grads, m->n_params);
+            }
+            double mine_l[5] = {L.loss, L.ce, L.aux, L.z, L.seq_aux}, one[5];
+            double *all_l = R > 1 ? loss_all : one;
+            if ((st = dist_gather_f64(all_l, mine_l, 5))) goto done;
+            for (int r = 0; r < R; r++) { /* in shard order, as one process sums its micro-batches */
+                const double *l = all_l + (size_t)r * 5;
+                sum.loss += l[0] / shards; sum.ce += l[1] / shards;
+                sum.aux += l[2] / shards; sum.z += l[3] / shards;
+                sum.seq_aux += l[4] / shards;
+            }
+        }
+        if (acc) {
+            memcpy(m->grads, acc, m->n_params * sizeof(float));
+            moe_zero(acc, m->n_params);
+        }
+        if (R > 1) { /* this rank's own routing, before the statistics become global */
+            for (int e = 0; e < c->n_experts; e++) {
+                int64_t n = 0;
+                for (int k = 0; k < n_moe; k++) n += m->stats.counts[(size_t)k * c->n_experts + e];
+                rank_mine[RK_N + e] = (double)n;
+            }
+            if ((st = stats_allreduce(m))) goto done;
         }
         for (int k = 0; k < n_moe; k++) { /* share of the chosen assignments per expert */
             const int64_t *cnt = m->stats.counts + (size_t)k * c->n_experts;
@@ -502,6 +630,13 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
         m->train_step = step + 1;
         done_here++;
         const double dt = moe_now() - t0;
+        if (R > 1) { /* measured before the gather that collects them */
+            rank_mine[RK_A2A_SENT] = (double)dw->a2a_sent; rank_mine[RK_A2A_RECV] = (double)dw->a2a_recv;
+            rank_mine[RK_RED_SENT] = (double)dw->reduce_sent; rank_mine[RK_RED_RECV] = (double)dw->reduce_recv;
+            rank_mine[RK_T_A2A] = dw->t_a2a; rank_mine[RK_T_RED] = dw->t_reduce; rank_mine[RK_T_STEP] = dt;
+            rank_mine[RK_ROWS_OUT] = ep ? (double)expert_parallel_rows_out(ep) : 0;
+            if ((st = dist_gather_f64(rank_all, rank_mine, RK_N + MOE_MAX(c->n_experts, 1)))) goto done;
+        }
         float balance = 0;
         for (int k = 0; k < n_moe; k++) {
             float mx = 0;
@@ -548,6 +683,7 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
                 json_layers(log, "layer_z", met, n_moe, M_Z);
                 json_layers(log, "layer_seq_aux", met, n_moe, M_SEQ);
             }
+            if (R > 1) json_ranks(log, rank_all, R, c->n_experts);
             fprintf(log, ",\"load\":[");
             for (int k = 0; k < n_moe; k++) {
                 fprintf(log, "%s[", k ? "," : "");
@@ -563,23 +699,34 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
             }
             fflush(log);
         }
-        if (fn) {
+        if (fn && me == 0) {
             double elapsed = moe_now() - t_begin;
             moe_train_progress pr = {
                 .step = step + 1, .steps = p.steps, .loss = (float)sum.loss, .val_loss = val_loss,
                 .lr = lr, .tokens_per_s = (float)(BT * p.grad_accum / dt), .balance = balance,
                 .elapsed_s = elapsed, .eta_s = elapsed / done_here * (p.steps - step - 1),
-                .evaluated = evaluated, .maxvio = maxvio, .drop_rate = drop_rate};
+                .evaluated = evaluated, .maxvio = maxvio, .drop_rate = drop_rate, .ranks = R};
+            if (R > 1) {
+                pr.a2a_bytes = rank_all[RK_A2A_SENT] + rank_all[RK_A2A_RECV];
+                pr.a2a_s = rank_all[RK_T_A2A];
+                pr.reduce_s = rank_all[RK_T_RED];
+                pr.compute_s = dt - pr.a2a_s - pr.reduce_s;
+            }
             fn(&pr, user);
         }
         const int last = step + 1 == p.steps; /* saved and finished anyway */
-        const int req = step_requests(&p, moe_now() - t_saved);
+        int req = step_requests(&p, moe_now() - t_saved);
+        if (R > 1) { /* a stop or save one rank asks for happens on all, after this same step */
+            int want_stop = req & REQ_STOP, want_save = req & REQ_SAVE;
+            if ((st = dist_any(&want_stop)) || (st = dist_any(&want_save))) goto done;
+            req = (want_stop ? REQ_STOP : 0) | (want_save ? REQ_SAVE : 0);
+        }
         const int stop = (req & REQ_STOP) && !last;
         const int pause = p.stop_after > 0 && done_here >= p.stop_after && !last;
         const int periodic = p.save_every > 0 && (step + 1) % p.save_every == 0;
         if (pause || stop || periodic || (req & REQ_SAVE) || last) {
-            st = save_checkpoint(m, &p, &rng, d->fingerprint, am, av);
-            if (st) goto done;
+            /* the ranks hold the same state: rank 0 writes it */
+            if (me == 0 && (st = save_checkpoint(m, &p, &rng, d->fingerprint, am, av))) goto done;
             t_saved = moe_now();
         }
         if (stop) {
@@ -593,6 +740,10 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     if (start >= p.steps) st = moe_error(MOE_ERR_INVALID_ARG, "the run is already complete (step %d of %d)", start, p.steps);
 done:
     m->training = 0;
+    if (m->ep == ep) m->ep = NULL;
+    expert_parallel_free(ep);
+    moe_free(acc); moe_free(tok_other); moe_free(tgt_other);
+    moe_free(rank_all); moe_free(rank_mine); moe_free(loss_all);
     if (log) fclose(log);
     moe_free(am); moe_free(av); moe_free(tok); moe_free(tgt); moe_free(load); moe_free(met);
     return st;

@@ -6,8 +6,11 @@
 
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+
+#include "dist/dist.h"
 
 static const struct {
     const char *name;
@@ -93,6 +96,20 @@ static int find_command(const char *name) {
     return -1;
 }
 
+/* A command under mpirun: rank 0 speaks for the job (the other ranks'
+ * stdout is dropped; their errors still reach stderr); a failure on one rank
+ * aborts the job, since its peers may be waiting for it. */
+static int run_distributed(int (*run)(int, char **), int argc, char **argv) {
+    if (dist_init(&argc, &argv) != MOE_OK) {
+        fprintf(stderr, "moe: error: %s\n", moe_last_error());
+        return EXIT_FAIL;
+    }
+    if (dist_world()->rank != 0 && !freopen("/dev/null", "w", stdout)) return EXIT_FAIL;
+    int rc = run(argc - 2, argv + 2);
+    dist_finalize(rc == EXIT_FAIL);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN); /* a closed pipe becomes a write error, not a kill */
     signal(SIGXFSZ, SIG_IGN); /* past a file-size limit write() fails with EFBIG: a clear error */
@@ -129,5 +146,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "moe: unknown command '%s' (see 'moe --help')\n", cmd);
         return EXIT_USAGE;
     }
+    if (dist_is_mpi() && strcmp(cmd, "train") == 0) /* the distributed build (make MPI=1) */
+        return run_distributed(commands[c].run, argc, argv);
     return commands[c].run(argc - 2, argv + 2);
 }

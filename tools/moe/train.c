@@ -9,6 +9,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "dist/dist.h"
+
 typedef struct {
     moe_train_params p;
     const char *preset, *out, *resume, *log, *tokenizer;
@@ -25,7 +27,7 @@ typedef struct {
 } progress;
 
 static void format_line(const progress *s, const moe_train_progress *p, char *buf, size_t cap) {
-    char val[32], tps[32], bal[48], eta[32];
+    char val[32], tps[32], bal[48], eta[32], comm[96] = "";
     if (s->val >= 0) snprintf(val, sizeof val, "%.3f", (double)s->val);
     else snprintf(val, sizeof val, "-");
     double t = p->tokens_per_s;
@@ -37,12 +39,15 @@ static void format_line(const progress *s, const moe_train_progress *p, char *bu
     else if (p->balance > 0) snprintf(bal, sizeof bal, "%.2f (maxvio %.2f)", (double)p->balance, (double)p->maxvio);
     else snprintf(bal, sizeof bal, "-");
     fmt_duration(eta, sizeof eta, p->eta_s);
-    snprintf(buf, cap, "step %d/%d | loss %.3f | val %s | %s tok/s | lr %.1e | balance %s | eta %s",
-             p->step, p->steps, (double)p->loss, val, tps, (double)p->lr, bal, eta);
+    if (p->ranks > 1) /* rank 0's share of the step */
+        snprintf(comm, sizeof comm, " | %d ranks: a2a %.2f MB %.0f ms, reduce %.0f ms, compute %.0f ms",
+                 p->ranks, p->a2a_bytes / 1e6, 1e3 * p->a2a_s, 1e3 * p->reduce_s, 1e3 * p->compute_s);
+    snprintf(buf, cap, "step %d/%d | loss %.3f | val %s | %s tok/s | lr %.1e | balance %s | eta %s%s",
+             p->step, p->steps, (double)p->loss, val, tps, (double)p->lr, bal, eta, comm);
 }
 
 static void print_line(progress *s, const moe_train_progress *p) {
-    char line[256];
+    char line[384];
     format_line(s, p, line, sizeof line);
     status_line(s->tty, line, &s->line_open);
     if (s->line_open && p->evaluated) { fputc('\n', stderr); s->line_open = 0; } /* keep eval lines */
@@ -140,13 +145,15 @@ static void print_shell_word(FILE *f, const char *w) {
 /* The command that continues this run from its checkpoint: the data (unless
  * it was the default) and the options the state file does not keep, as given. */
 static void print_resume_command(FILE *f, cli_cmd *cmd, const train_args *a, int data_defaulted) {
+    if (dist_world()->size > 1) fprintf(f, "mpirun -np %d ", dist_world()->size); /* or srun: any rank count resumes */
     fputs("moe train --resume ", f);
     print_shell_word(f, a->out);
     for (int i = 0; !data_defaulted && i < a->data.n; i++) {
         fputs(" --data ", f);
         print_shell_word(f, a->data.v[i]);
     }
-    static const char *const kept[] = {"log", "eval-every", "save-every", "save-minutes", "threads"};
+    static const char *const kept[] = {"log", "eval-every", "save-every", "save-minutes", "threads",
+                                           "expert-parallel"};
     for (size_t i = 0; i < sizeof kept / sizeof kept[0]; i++) {
         cli_opt *o = cli_opt_find(cmd, kept[i]);
         if (!o || !o->given) continue;
@@ -170,8 +177,12 @@ static void print_checkpoint_plan(const train_args *a) {
 
 /* After moe_train stopped on a signal: what was saved and how to go on. */
 static int report_interrupted(cli_cmd *cmd, const train_args *a, const progress *s, int data_defaulted) {
-    const int sig = cli_stop_signal() ? cli_stop_signal() : SIGINT;
+    /* a rank that saw no signal of its own stopped because another rank did
+     * (training agrees on the step): it reports like the others, as SIGTERM,
+     * the signal mpirun and Slurm forward */
+    const int sig = cli_stop_signal() ? cli_stop_signal() : dist_world()->size > 1 ? SIGTERM : SIGINT;
     const char *name = sig == SIGTERM ? "SIGTERM" : "SIGINT";
+    if (dist_world()->rank != 0) return CLI_SIGNAL_STATUS(sig); /* rank 0 speaks for the job */
     if (!s->have) {
         fprintf(stderr, "moe train: interrupted (%s) before the first step; nothing saved%s%s\n", name,
                 a->resume ? ", the checkpoint is as it was: " : "", a->resume ? a->resume : "");
@@ -264,6 +275,25 @@ static int train_run(cli_cmd *cmd, train_args *a) {
     } else if (build_config(a, &cfg, &tok)) {
         goto done;
     }
+    { /* a distributed launch that cannot split is refused before any work */
+        const moe_dist *w = dist_world();
+        int ep = a->p.expert_parallel > 0 ? a->p.expert_parallel : 1;
+        if (ep > 1 && !dist_is_mpi()) {
+            rc = cli_usage_error(cmd->name, "--expert-parallel needs the distributed build (make MPI=1) under mpirun");
+            goto done;
+        }
+        /* every rank refuses alike; rank 0 says why */
+        if (dist_check_expert_parallel(ep, w->size, cfg.n_experts) != MOE_OK) {
+            rc = w->rank ? EXIT_USAGE : cli_usage_error(cmd->name, "%s", moe_last_error());
+            goto done;
+        }
+        int batch = a->resume ? 0 : a->p.batch; /* a resumed run's batch is checked by moe_train */
+        if (batch % w->size) {
+            rc = w->rank ? EXIT_USAGE : cli_usage_error(cmd->name, "--batch %d does not split over the %d ranks of the job "
+                                 "(each rank takes batch / ranks sequences)", batch, w->size);
+            goto done;
+        }
+    }
     if (!a->resume && a->p.seq > cfg.max_seq) {
         rc = fail("--seq %d is longer than the model's context (max_seq = %d)", a->p.seq, cfg.max_seq);
         goto done;
@@ -297,6 +327,7 @@ static int train_run(cli_cmd *cmd, train_args *a) {
     char s1[32], s2[32], s3[32], s4[32];
     fmt_commas(s1, sizeof s1, (int64_t)n_train);
     fmt_commas(s2, sizeof s2, (int64_t)n_val);
+    if (dist_world()->rank == 0)
     fprintf(stderr, "data: %s training tokens, %s validation tokens\n", s1, s2);
     if (!a->resume) {
         if (moe_model_create(&m, &cfg, a->p.seed) != MOE_OK) { rc = lib_fail(NULL); goto done; }
@@ -309,6 +340,7 @@ static int train_run(cli_cmd *cmd, train_args *a) {
     char kind[64];
     if (cfg.n_experts > 0) snprintf(kind, sizeof kind, "%d experts, top %d", cfg.n_experts, cfg.top_k);
     else snprintf(kind, sizeof kind, "dense");
+    if (dist_world()->rank == 0)
     fprintf(stderr, "model: %s parameters, %s active per token (%s)%s\n", s3, s4, kind,
             a->resume ? "; resuming" : "");
 
@@ -329,7 +361,7 @@ static int train_run(cli_cmd *cmd, train_args *a) {
     prog.tty = isatty(fileno(stderr));
     prog.val = -1;
     if (a->profile) moe_profile(1);
-    print_checkpoint_plan(a);
+    if (dist_world()->rank == 0) print_checkpoint_plan(a);
     /* the first Ctrl-C or SIGTERM: the library finishes the step and saves;
      * a second: out at once, the last checkpoint (atomic saves) intact */
     cli_catch_stop_signals(prog.tty ? "\nmoe train: stopping after this step to save (again: stop at once, no save)\n"
@@ -409,6 +441,8 @@ int cmd_train(int argc, char **argv) {
          "train one on the data", 0},
         {"force", OPT_FLAG, &a.force, R_ANY, NULL, "allow overwriting an existing --out file", NULL, 0},
         {"profile", OPT_FLAG, &a.profile, R_ANY, NULL, "print the time spent per phase at the end", NULL, 0},
+        {"expert-parallel", OPT_INT, &a.p.expert_parallel, R_POS, "EP",
+         "under mpirun (make MPI=1): split the experts over groups of EP ranks", "1", 0},
     };
     cli_cmd cmd = {"train", "[options]",
                    "Trains a Mixture-of-Experts language model on text and saves it as GGUF.\n"
