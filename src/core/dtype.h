@@ -67,6 +67,10 @@ float dtype_bf16_to_f32(uint16_t h);
  * bf16_from_float flushes them, as VCVTNEPS2BF16 does), NaN made quiet */
 uint16_t dtype_f32_to_bf16(float f);
 
+/* The 6-bit scales and mins of the 8 sub-blocks of a Q4_K / Q5_K
+ * super-block, from its 12 packed scale bytes. */
+void dtype_k_scales(const uint8_t *packed, uint8_t sc[8], uint8_t mn[8]);
+
 /* The Q8_K activation block (ggml's block_q8_K): x = d * qs, bsums[g] the sum
  * of qs[16g .. 16g+15]. Unlike the weight blocks it holds a float, so Q8_K
  * rows (qmatmul's workspace) must be 4-byte aligned. */
