@@ -6,13 +6,16 @@
  * {1,2,3,4,5,8,15,16,17}, ragged output counts, random and extreme values;
  * each output also equals its row computed alone (N = 1). Skipped where the
  * CPU lacks the units. Also: MOE_KERNELS=portable and MOE_REFERENCE select
- * the portable path. */
+ * the portable path; and, when MOE_GGML_CPU_LIB names a llama.cpp build's
+ * libggml-cpu.so (built for this CPU), the portable converters and vec_dots
+ * against its own, bit for bit: the independent oracle for the order. */
 #include "harness.h"
 #include "core/core.h"
 #include "core/dtype.h"
 #include "kernels/qmatmul.h"
 #include "moe.h"
 
+#include <dlfcn.h>
 #include <omp.h>
 #include <stdint.h>
 #include <sys/wait.h>
@@ -243,11 +246,67 @@ static void test_env(void) {
     TEST_END();
 }
 
+/* llama.cpp's CPU library, loaded at run time when the environment names it */
+typedef void (*ggml_dot_fn)(int n, float *s, size_t bs, const void *x, size_t bx, const void *y,
+                            size_t by, int nrc);
+typedef void (*ggml_quant_fn)(const float *x, void *y, int64_t k);
+static void test_llama(void) {
+    TEST_CASE("portable vec_dot and converters = llama.cpp's libggml-cpu, bit for bit");
+    const char *lib = getenv("MOE_GGML_CPU_LIB");
+    void *h = lib && *lib ? dlopen(lib, RTLD_NOW | RTLD_LOCAL) : NULL;
+    if (!h) {
+        TEST_SKIP("%s", lib && *lib ? "MOE_GGML_CPU_LIB does not load"
+                                    : "set MOE_GGML_CPU_LIB to a llama.cpp libggml-cpu.so");
+        return;
+    }
+    void (*init)(void) = (void (*)(void))dlsym(h, "ggml_cpu_init");
+    ggml_quant_fn q80 = (ggml_quant_fn)dlsym(h, "quantize_row_q8_0");
+    ggml_quant_fn q8k = (ggml_quant_fn)dlsym(h, "quantize_row_q8_K");
+    const char *names[N_TYPES] = {"ggml_vec_dot_q8_0_q8_0", "ggml_vec_dot_q4_0_q8_0",
+                                  "ggml_vec_dot_q4_K_q8_K", "ggml_vec_dot_q5_K_q8_K",
+                                  "ggml_vec_dot_q6_K_q8_K", "ggml_vec_dot_f16", "ggml_vec_dot_bf16"};
+    int missing = !init || !q80 || !q8k, bad_dot = 0, bad_act = 0, n_dots = 0;
+    if (init) init(); /* fp16 tables */
+    static float x[MAXC];
+    static uint8_t w[MAXC * 2], a[MAXC * 2], b[MAXC * 2];
+    moe_rng r;
+    moe_rng_seed(&r, 5);
+    for (int ti = 0; ti < N_TYPES && !missing; ti++) {
+        const dtype_traits *t = dtype_traits_of(types[ti]), *at = dtype_traits_of(t->dot_type);
+        ggml_dot_fn f = (ggml_dot_fn)dlsym(h, names[ti]);
+        if (!f) { missing = 1; break; }
+        for (int trial = 0; trial < 100; trial++) {
+            int blk = t->blck == 1 ? 64 : t->blck, n = blk * (1 + (int)moe_rng_below(&r, MAXC / blk));
+            if (t->blck == 1 && trial % 3 == 0 && n + 63 <= MAXC) n += (int)moe_rng_below(&r, 63);
+            fill_weights(types[ti], w, 1, n, trial % 3, &r);
+            fill_act(x, n, trial % 3, &r); /* no inf in f16: its NaNs are not compared */
+            at->quantize_act(a, x, n);
+            if (t->dot_type == DT_Q8_0 || t->dot_type == DT_Q8_K) {
+                size_t rb;
+                dtype_row_bytes(t->dot_type, n, &rb);
+                (t->dot_type == DT_Q8_0 ? q80 : q8k)(x, b, n);
+                if (memcmp(a, b, rb)) bad_act++;
+            }
+            float ours = t->vec_dot(w, a, n), theirs = 0;
+            f(n, &theirs, 0, w, 0, a, 0, 1);
+            if (memcmp(&ours, &theirs, 4) && bad_dot++ < 3)
+                printf("  %s n %d: ours %.9g, llama.cpp %.9g\n", t->name, n, ours, theirs);
+            n_dots++;
+        }
+    }
+    CHECK(!missing, "a symbol is missing from %s", lib);
+    CHECK(bad_dot == 0, "%d of %d dots differ", bad_dot, n_dots);
+    CHECK(bad_act == 0, "%d activation rows differ", bad_act);
+    TEST_END();
+    dlclose(h);
+}
+
 int main(void) {
     test_env();
     printf("kernels: %s\n", moe_cpu_kernels());
     test_quantize();
     test_tiles();
     test_threads();
+    test_llama();
     TEST_MAIN_END();
 }
