@@ -124,22 +124,6 @@ _Static_assert(sizeof(dtype_q8_K_block) == 292, "block size");
 /* K-quant unpacking, shared by to_float and vec_dot                          */
 /* ------------------------------------------------------------------------ */
 
-/* The 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes:
- * bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; bytes
- * 8-11 hold the low 4 bits of scale (low nibble) and min (high nibble) 4-7,
- * whose top 2 bits sit in bits 6-7 of bytes 0-3 (scales) and 4-7 (mins). */
-static void k_scale_min(const uint8_t *s, int j, uint8_t *sc, uint8_t *mn) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *mn = s[j + 4] & 63;
-    } else {
-        *sc = (uint8_t)((s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4));
-        *mn = (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-    }
-}
-void dtype_k_scales(const uint8_t *packed, uint8_t sc[8], uint8_t mn[8]) {
-    for (int j = 0; j < 8; j++) k_scale_min(packed, j, &sc[j], &mn[j]);
-}
 static void k_pack_scale_min(uint8_t *s, const uint8_t *sc, const uint8_t *mn) {
     for (int j = 0; j < 4; j++) {
         s[j] = (uint8_t)((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
@@ -222,10 +206,10 @@ static void q8_0_to_float(float *dst, const void *src, int64_t n) {
 /* x = (d * sc_j) * q - (dmin * m_j), two rounded products and a difference */
 static void k_affine_to_float(float *dst, const int8_t *q, float d, float dmin,
                               const uint8_t *scales) {
+    uint8_t sc[8], mn[8];
+    dtype_k_scales(scales, sc, mn);
     for (int j = 0; j < 8; j++) {
-        uint8_t sc, mn;
-        k_scale_min(scales, j, &sc, &mn);
-        float d1 = d * (float)sc, m1 = dmin * (float)mn;
+        float d1 = d * (float)sc[j], m1 = dmin * (float)mn[j];
         for (int l = 0; l < 32; l++) dst[32 * j + l] = d1 * (float)q[32 * j + l] - m1;
     }
 }
@@ -650,11 +634,11 @@ static float k_affine_vec_dot(const void *w, const void *a, int64_t n, int five_
         const blk_q4_K *h = k_affine_block(w, i, five_bits, q);
         float d = y[i].d * ld_f16(h->d), dmin = -y[i].d * ld_f16(h->dmin);
         int32_t mpair[4] = {0};
+        uint8_t s[8], m[8];
+        dtype_k_scales(h->scales, s, m);
         for (int j = 0; j < 8; j++) {
-            uint8_t s, m;
-            k_scale_min(h->scales, j, &s, &m);
-            sc[j] = s;
-            mpair[j / 2] += (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) * m;
+            sc[j] = s[j];
+            mpair[j / 2] += (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) * m[j];
         }
         if (five_bits)
             summs = fmaf(dmin, (float)((mpair[0] + mpair[1]) + (mpair[2] + mpair[3])), summs);

@@ -262,11 +262,12 @@ QK_INLINE void unpack_q6_K(q6block *k, const uint8_t *p) {
         k->q[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m15), h01);
         k->q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m15), h23);
     }
-    for (int s = 0; s < 4; s++) {
-        int16_t idx[32];
-        for (int t = 0; t < 32; t++) idx[t] = (int16_t)(4 * s + t / 8);
-        k->sc[s] = _mm512_permutexvar_epi16(_mm512_loadu_si512((const void *)idx), s512);
-    }
+    /* int16 lane t of step s takes scale 4s + t / 8 */
+    static const int16_t base[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                     2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+    const __m512i idx = _mm512_loadu_si512((const void *)base);
+    for (int s = 0; s < 4; s++)
+        k->sc[s] = _mm512_permutexvar_epi16(_mm512_add_epi16(idx, _mm512_set1_epi16((short)(4 * s))), s512);
 }
 
 QK_INLINE void q6_K_body(float *out, size_t ldo, const uint8_t *w, size_t wrow, const uint8_t *a,
