@@ -571,10 +571,11 @@ static float bf16_vec_dot(const void *w, const void *a, int64_t n) {
 }
 
 /* a product as VPSIGNB then VPDPBUSD form it: |x| (unsigned) times y with
- * x's sign given to it, where negating y = -128 wraps back to -128 */
+ * x's sign given to it, where negating y = -128 wraps back to -128, so that
+ * x < 0 against y = -128 gives -(x y). Branch-free: the row loops vectorise. */
 static inline int sign_mul(int x, int y) {
-    int sy = x < 0 ? (int8_t)(uint8_t)(-y & 0xff) : x == 0 ? 0 : y;
-    return (x < 0 ? -x : x) * sy;
+    int p = x * y, wrap = (x < 0) & (y == -128);
+    return wrap ? -p : p;
 }
 /* Q4_0 / Q8_0 against Q8_0: 8 lanes; per block, lane l takes
  * fma(dw * da, (float)(sum of products 4l .. 4l+3), lane); then hsum8. */
