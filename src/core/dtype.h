@@ -11,7 +11,9 @@
  * type's dot type (Q8_0 for Q4_0 and Q8_0, Q8_K for the K-quants, F16 for F16,
  * BF16 for BF16) the way llama.cpp's x86 code converts them, then each output
  * is one vec_dot of a weight row with an activation row: integer dot products
- * per block, scales applied per block, blocks summed in order. */
+ * per block, scales applied per block, summed in the SIMD lanes and the order
+ * of llama.cpp's x86 kernels (emulated in scalar code; kernels/quant_avx512.c
+ * computes the same bits). */
 #ifndef MOE_DTYPE_H
 #define MOE_DTYPE_H
 #include <stddef.h>
