@@ -3,17 +3,22 @@
  * memory bandwidth. Every figure is the median of 5 runs.
  *
  *   bench_kernels [--quick]      (threads: OMP_NUM_THREADS, default all cores)
+ *   bench_kernels --qmatmul      (only the quantised-matmul section)
  *
  * Output: one line per measurement, then "ratio" lines giving the fast matmul
- * as a fraction of the measured peak at the same thread count. */
+ * as a fraction of the measured peak at the same thread count, then the
+ * quantised matmul (qmatmul) on one thread, portable vs fast, per weight type. */
 #include "core/core.h"
+#include "core/dtype.h"
 #include "kernels/kernels.h"
+#include "kernels/qmatmul.h"
 
 #include <immintrin.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define RUNS 5
 
@@ -183,8 +188,78 @@ static double time_attention(int B, int T, int H, int KVH, int D, int bwd) {
     return res;
 }
 
+/* ---- quantised matmul: GMAC/s of qmatmul_forward on one thread, W OC x C of
+ * type wtype, N activation rows (conversion included); reference = 1 times
+ * the portable path. Timed in this thread's CPU time (the work runs on it
+ * alone), so that other processes' share of a loaded machine drops out;
+ * repeated until 0.2 s of it have passed, median of RUNS. */
+static double thread_cpu_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+static double time_qmatmul(int wtype, int N, int C, int OC, int reference) {
+    const dtype_traits *t = dtype_traits_of(wtype);
+    size_t rb;
+    if (dtype_row_bytes(wtype, C, &rb)) return 0;
+    float *src = moe_malloc((size_t)C * sizeof(float)), *in = moe_malloc((size_t)N * C * sizeof(float));
+    float *out = moe_malloc((size_t)N * OC * sizeof(float));
+    uint8_t *w = moe_malloc((size_t)OC * rb);
+    void *ws = moe_malloc(qmatmul_workspace(wtype, N, C) + 1);
+    double res = 0;
+    if (src && in && out && w && ws) {
+        moe_rng r;
+        moe_rng_seed(&r, 1);
+        for (int o = 0; o < OC; o++) {
+            for (int i = 0; i < C; i++) src[i] = 0.5f * moe_rng_normal(&r);
+            t->from_float(w + (size_t)o * rb, src, C);
+        }
+        for (size_t i = 0; i < (size_t)N * C; i++) in[i] = moe_rng_normal(&r);
+        moe_set_reference_kernels(reference);
+        double v[RUNS];
+        for (int k = 0; k < RUNS; k++) {
+            int reps = 0;
+            double t0 = thread_cpu_seconds(), el;
+            do {
+                qmatmul_forward(out, in, w, wtype, N, C, OC, ws);
+                reps++;
+                el = thread_cpu_seconds() - t0;
+            } while (el < 0.2);
+            v[k] = (double)reps * N * C * OC / el * 1e-9;
+        }
+        moe_set_reference_kernels(0);
+        res = median(v, RUNS);
+    }
+    moe_free(src); moe_free(in); moe_free(out); moe_free(w); moe_free(ws);
+    return res;
+}
+
+static void bench_qmatmul(void) {
+    const int types[] = {DT_Q8_0, DT_Q4_0, DT_Q4_K, DT_Q5_K, DT_Q6_K, DT_F16, DT_BF16};
+    enum { C = 1024, OC = 4096 };
+    int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    printf("qmatmul   W %d x %d, 1 thread, fast path: %s (GMAC per second of the thread's CPU\n"
+           "          time; the portable rate does not depend on OC, so it is timed on 512 rows)\n",
+           OC, C, qmatmul_kernels());
+    printf("%-6s | %9s %9s %7s | %9s %9s %7s\n", "type", "N=1 port", "N=1 fast", "speedup",
+           "N=64 port", "N=64 fast", "speedup");
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        double p1 = time_qmatmul(types[i], 1, C, 512, 1), f1 = time_qmatmul(types[i], 1, C, OC, 0);
+        double p64 = time_qmatmul(types[i], 64, C, 512, 1), f64 = time_qmatmul(types[i], 64, C, OC, 0);
+        printf("%-6s | %9.2f %9.2f %6.1fx | %9.2f %9.2f %6.1fx\n", dtype_name(types[i]), p1, f1,
+               p1 > 0 ? f1 / p1 : 0, p64, f64, p64 > 0 ? f64 / p64 : 0);
+        fflush(stdout);
+    }
+    omp_set_num_threads(saved);
+}
+
 int main(int argc, char **argv) {
     int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    if (argc > 1 && strcmp(argv[1], "--qmatmul") == 0) { /* that section alone */
+        bench_qmatmul();
+        return 0;
+    }
     int nthr = omp_get_max_threads();
     const char *isa;
     printf("bench_kernels: %d thread%s, fast kernels %s\n", nthr, nthr == 1 ? "" : "s",
@@ -247,5 +322,6 @@ int main(int argc, char **argv) {
     if (bpeakn > 0)
         printf("ratio     bf16 matmul fwd / measured bf16 dot peak (%d threads): mean %.1f%%\n", nthr,
                100.0 * sum_bfrac / ns);
+    bench_qmatmul();
     return 0;
 }

@@ -36,6 +36,9 @@ MOE_API const char *moe_status_str(moe_status s); /* static text for a code */
 MOE_API void moe_profile(int on);
 MOE_API void moe_profile_report(char *buf, size_t cap);
 MOE_API const char *moe_last_error(void);         /* message of last failure */
+/* The kernels quantised matmuls use on this CPU now: "avx512-vnni" or
+ * "portable" (MOE_KERNELS=portable or MOE_REFERENCE=1 force the latter). */
+MOE_API const char *moe_cpu_kernels(void);
 
 /* ---- configuration ------------------------------------------------------ */
 typedef struct {

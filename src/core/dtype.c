@@ -4,9 +4,11 @@
  * Block layouts are ggml's (ggml-common.h). The activation converters and the
  * dot products follow what llama.cpp's CPU backend computes, so that a row
  * quantised here holds the same integers as llama.cpp's, and each dot product
- * is llama.cpp's portable ("generic") arithmetic: exact integer sums per block,
- * block scales applied in float, the float terms added in the same order.
- * Nothing here uses a fused multiply-add: every product is rounded. */
+ * is llama.cpp's x86 arithmetic, its SIMD lanes emulated in scalar code:
+ * exact integer sums per block, block scales applied in float, the float
+ * terms added in the same lanes and the same order.
+ * The quantisers use no fused multiply-add; the dot products use one exactly
+ * where llama.cpp's x86 kernels do. */
 #include "core/dtype.h"
 
 #include <math.h>
@@ -122,19 +124,6 @@ _Static_assert(sizeof(dtype_q8_K_block) == 292, "block size");
 /* K-quant unpacking, shared by to_float and vec_dot                          */
 /* ------------------------------------------------------------------------ */
 
-/* The 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes:
- * bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; bytes
- * 8-11 hold the low 4 bits of scale (low nibble) and min (high nibble) 4-7,
- * whose top 2 bits sit in bits 6-7 of bytes 0-3 (scales) and 4-7 (mins). */
-static void k_scale_min(const uint8_t *s, int j, uint8_t *sc, uint8_t *mn) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *mn = s[j + 4] & 63;
-    } else {
-        *sc = (uint8_t)((s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4));
-        *mn = (uint8_t)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
-    }
-}
 static void k_pack_scale_min(uint8_t *s, const uint8_t *sc, const uint8_t *mn) {
     for (int j = 0; j < 4; j++) {
         s[j] = (uint8_t)((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
@@ -217,10 +206,10 @@ static void q8_0_to_float(float *dst, const void *src, int64_t n) {
 /* x = (d * sc_j) * q - (dmin * m_j), two rounded products and a difference */
 static void k_affine_to_float(float *dst, const int8_t *q, float d, float dmin,
                               const uint8_t *scales) {
+    uint8_t sc[8], mn[8];
+    dtype_k_scales(scales, sc, mn);
     for (int j = 0; j < 8; j++) {
-        uint8_t sc, mn;
-        k_scale_min(scales, j, &sc, &mn);
-        float d1 = d * (float)sc, m1 = dmin * (float)mn;
+        float d1 = d * (float)sc[j], m1 = dmin * (float)mn[j];
         for (int l = 0; l < 32; l++) dst[32 * j + l] = d1 * (float)q[32 * j + l] - m1;
     }
 }
@@ -492,12 +481,31 @@ static void q6_K_from_float(void *dst, const float *x, int64_t n) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* dot products: llama.cpp's generic arithmetic                               */
+/* dot products: llama.cpp's x86 arithmetic (AVX2 with AVX512-VNNI)          */
 /* ------------------------------------------------------------------------ */
 
-/* Float rows: each product is exact in float (f32 aside) and the sum runs in
- * double, as ggml's scalar vec_dot_f16/bf16; 8 interleaved partial sums let
- * it vectorise (a fixed order, so the same bits on every call). */
+/* These are scalar emulations of the SIMD lanes llama.cpp's x86 vec_dot
+ * kernels accumulate in (what an -march=native build compiles on a CPU with
+ * AVX-512 and VNNI: the __AVX2__ branches of arch/x86/quants.c, and the
+ * __AVX512F__ / __AVX512BF16__ branches of vec.cpp for f16 / bf16), with the
+ * same fused multiply-adds and the same horizontal sums, so that the result
+ * is bit for bit llama.cpp's decode and equals our AVX-512 kernels
+ * (kernels/quant_avx512.c), which the tests check against these. Integer
+ * sums are exact, so only which products meet in which lane matters. */
+
+/* The 8 float lanes added as hsum_float_8 does: halves, then pairs. */
+static inline float hsum8(const float *a) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+/* 16 lanes as _mm512_reduce_add_ps: halves of 8, 4, 2, then the last pair */
+static inline float hsum16(const float *v) {
+    float t[8];
+    for (int l = 0; l < 8; l++) t[l] = v[l] + v[l + 8];
+    return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+}
+
+/* Float rows, f32: each product rounded, the sum in double (8 interleaved
+ * partial sums in a fixed order). Unused by qmatmul (f32 goes to matmul). */
 static float f32_vec_dot(const void *w, const void *a, int64_t n) {
     const float *x = w, *y = a;
     double s[8] = {0};
@@ -507,119 +515,166 @@ static float f32_vec_dot(const void *w, const void *a, int64_t n) {
     for (; i < n; i++) s[0] += (double)(x[i] * y[i]);
     return (float)(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
 }
+
+/* f16 (ggml_vec_dot_f16, AVX-512 without FP16): per 64 elements, 4 vectors
+ * of 16 lanes take fused products (element i + 16j + l in vector j, lane
+ * l); then v0 + v2, v1 + v3, their sum, reduced over 16 lanes; the
+ * remaining n % 64 products (rounded in float) are added in double. */
 static float f16_vec_dot(const void *w, const void *a, int64_t n) {
     const uint8_t *x = w, *y = a;
-    double s[8] = {0};
-    float fx[8], fy[8];
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        for (int l = 0; l < 8; l++) fx[l] = ld_f16(x + 2 * (i + l)), fy[l] = ld_f16(y + 2 * (i + l));
-        for (int l = 0; l < 8; l++) s[l] += (double)(fx[l] * fy[l]);
-    }
-    for (; i < n; i++) s[0] += (double)(ld_f16(x + 2 * i) * ld_f16(y + 2 * i));
-    return (float)(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+    float v[4][16] = {{0}};
+    int64_t np = n & ~(int64_t)63, i = 0;
+    for (; i < np; i += 64)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 16; l++) {
+                int64_t e = i + 16 * j + l;
+                v[j][l] = fmaf(ld_f16(x + 2 * e), ld_f16(y + 2 * e), v[j][l]);
+            }
+    float s[16];
+    for (int l = 0; l < 16; l++) s[l] = (v[0][l] + v[2][l]) + (v[1][l] + v[3][l]);
+    double sum = (double)hsum16(s);
+    for (; i < n; i++) sum += (double)(ld_f16(x + 2 * i) * ld_f16(y + 2 * i));
+    return (float)sum;
 }
+
 static inline float ld_bf16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
     return dtype_bf16_to_f32(h);
 }
+/* VDPBF16PS ignores MXCSR: subnormal inputs read as zero, subnormal results
+ * are flushed to zero, rounding to nearest even */
+static inline float ftz(float f) { return fabsf(f) < 0x1p-126f ? copysignf(0.0f, f) : f; }
+/* one VDPBF16PS lane: the odd pair first, then the even one */
+static inline float dpbf16(float c, const uint8_t *x, const uint8_t *y) {
+    c = ftz(fmaf(ftz(ld_bf16(x + 2)), ftz(ld_bf16(y + 2)), c));
+    return ftz(fmaf(ftz(ld_bf16(x)), ftz(ld_bf16(y)), c));
+}
+/* bf16 (ggml_vec_dot_bf16 with AVX512-BF16): per 64 elements, two vectors
+ * of 16 lanes take pairs (lane l of the first: elements i + 2l, i + 2l + 1;
+ * the second: 32 further); each reduced over its lanes and added in double,
+ * then the remaining n % 64 products (exact in float) in double. */
 static float bf16_vec_dot(const void *w, const void *a, int64_t n) {
     const uint8_t *x = w, *y = a;
-    double s[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++)
-            s[l] += (double)(ld_bf16(x + 2 * (i + l)) * ld_bf16(y + 2 * (i + l)));
-    for (; i < n; i++) s[0] += (double)(ld_bf16(x + 2 * i) * ld_bf16(y + 2 * i));
-    return (float)(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+    float c1[16] = {0}, c2[16] = {0};
+    int64_t np = n & ~(int64_t)63, i = 0;
+    for (; i < np; i += 64)
+        for (int l = 0; l < 16; l++) {
+            c1[l] = dpbf16(c1[l], x + 2 * (i + 2 * l), y + 2 * (i + 2 * l));
+            c2[l] = dpbf16(c2[l], x + 2 * (i + 32 + 2 * l), y + 2 * (i + 32 + 2 * l));
+        }
+    double sum = 0.0;
+    sum += (double)hsum16(c1);
+    sum += (double)hsum16(c2);
+    for (; i < n; i++) sum += (double)(ld_bf16(x + 2 * i) * ld_bf16(y + 2 * i));
+    return (float)sum;
 }
 
-/* sum += (float)isum * dw * da, in that order, per 32-element block */
+/* a product as VPSIGNB then VPDPBUSD form it: |x| (unsigned) times y with
+ * x's sign given to it, where negating y = -128 wraps back to -128, so that
+ * x < 0 against y = -128 gives -(x y). Branch-free: the row loops vectorise. */
+static inline int sign_mul(int x, int y) {
+    int p = x * y, wrap = (x < 0) & (y == -128);
+    return wrap ? -p : p;
+}
+/* Q4_0 / Q8_0 against Q8_0: 8 lanes; per block, lane l takes
+ * fma(dw * da, (float)(sum of products 4l .. 4l+3), lane); then hsum8. */
 static float q4_0_vec_dot(const void *w, const void *a, int64_t n) {
     const blk_q4_0 *x = w;
     const blk_q8_0 *y = a;
-    float sumf = 0.0f;
+    float acc[8] = {0};
     for (int64_t i = 0; i < n / QK; i++) {
-        int s = 0;
-        for (int j = 0; j < QK / 2; j++)
-            s += ((x[i].qs[j] & 0xf) - 8) * y[i].qs[j] + ((x[i].qs[j] >> 4) - 8) * y[i].qs[j + QK / 2];
-        sumf += (float)s * ld_f16(x[i].d) * ld_f16(y[i].d);
+        float d = ld_f16(x[i].d) * ld_f16(y[i].d);
+        for (int l = 0; l < 8; l++) {
+            int s = 0;
+            for (int e = 4 * l; e < 4 * l + 4; e++) {
+                int q = e < QK / 2 ? (x[i].qs[e] & 0xf) : (x[i].qs[e - QK / 2] >> 4);
+                s += sign_mul(q - 8, y[i].qs[e]);
+            }
+            acc[l] = fmaf(d, (float)s, acc[l]);
+        }
     }
-    return sumf;
+    return hsum8(acc);
 }
-/* sum += (float)isum * (dw * da): ggml brackets the Q8_0 scales first */
 static float q8_0_vec_dot(const void *w, const void *a, int64_t n) {
     const blk_q8_0 *x = w, *y = a;
-    float sumf = 0.0f;
+    float acc[8] = {0};
     for (int64_t i = 0; i < n / QK; i++) {
-        int s = 0;
-        for (int j = 0; j < QK; j++) s += x[i].qs[j] * y[i].qs[j];
-        sumf += (float)s * (ld_f16(x[i].d) * ld_f16(y[i].d));
+        float d = ld_f16(x[i].d) * ld_f16(y[i].d);
+        for (int l = 0; l < 8; l++) {
+            int s = 0;
+            for (int e = 4 * l; e < 4 * l + 4; e++) s += sign_mul(x[i].qs[e], y[i].qs[e]);
+            acc[l] = fmaf(d, (float)s, acc[l]);
+        }
     }
-    return sumf;
+    return hsum8(acc);
 }
 
-/* lane[l] += scale(e) * q[e] * a[e] over the elements e = l (mod 8) of one
- * super-block, sub-blocks of `sub` elements with scale sc[e / sub] */
+/* The K-quants' integer lanes: lane l of a super-block sums
+ * scale(e) * q[e] * a[e] over the elements e with (e % 32) / 4 == l (each
+ * 32-element run spread over the 8 lanes 4 by 4), scale(e) = sc[e / sub]. */
 static inline void k_lanes(int32_t *lane, const int8_t *q, const int8_t *a, const int32_t *sc,
                            int sub) {
-    int16_t p[QKK]; /* |q a| <= 128 * 128: exact in int16 */
-    for (int e = 0; e < QKK; e++) p[e] = (int16_t)(q[e] * a[e]);
     for (int l = 0; l < 8; l++) lane[l] = 0;
-    for (int j = 0; j < QKK / sub; j++) {
-        int32_t s8[8] = {0};
-        for (int g = 0; g < sub; g += 8)
-            for (int l = 0; l < 8; l++) s8[l] += p[sub * j + g + l];
-        for (int l = 0; l < 8; l++) lane[l] += sc[j] * s8[l];
-    }
+    for (int e = 0; e < QKK; e++) lane[(e % 32) / 4] += sc[e / sub] * q[e] * a[e];
 }
 
-/* Q4_K / Q5_K against Q8_K: per super-block, 8 integer lane sums of
- * sc * q * a and the integer min term sum_g bsums[g] * m[g / 2]; then
- * lane sums += (dw * da) * lane, total -= (dmin * da) * minsum, and the 8 lane
- * sums added to the total at the end (ggml's generic order). */
+/* Q4_K / Q5_K against Q8_K: per super-block, d = da * dw and
+ * dmin = -da * dmin_w; 8 lanes acc = fma(d, lane, acc). The min term: Q4_K
+ * keeps 4 lanes, lane k = fma(dmin, m[2k] (bs[4k] + bs[4k+1]) +
+ * m[2k+1] (bs[4k+2] + bs[4k+3]), lane), summed (0+2) + (1+3) at the end;
+ * Q5_K one float, fma(dmin, whole integer min sum, sum) (llama.cpp's C,
+ * contracted to a fused multiply-add by its compiler). Result
+ * hsum8(acc) + the min term. */
 static float k_affine_vec_dot(const void *w, const void *a, int64_t n, int five_bits) {
     const dtype_q8_K_block *y = a;
-    float sums[8] = {0}, sumf = 0.0f;
+    float acc[8] = {0}, accm[4] = {0}, summs = 0.0f;
     int8_t q[QKK];
     int32_t lane[8], sc[8];
     for (int64_t i = 0; i < n / QKK; i++) {
         const blk_q4_K *h = k_affine_block(w, i, five_bits, q);
-        int32_t minsum = 0;
+        float d = y[i].d * ld_f16(h->d), dmin = -y[i].d * ld_f16(h->dmin);
+        int32_t mpair[4] = {0};
+        uint8_t s[8], m[8];
+        dtype_k_scales(h->scales, s, m);
         for (int j = 0; j < 8; j++) {
-            uint8_t s, m;
-            k_scale_min(h->scales, j, &s, &m);
-            sc[j] = s;
-            minsum += (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) * m;
+            sc[j] = s[j];
+            mpair[j / 2] += (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) * m[j];
         }
+        if (five_bits)
+            summs = fmaf(dmin, (float)((mpair[0] + mpair[1]) + (mpair[2] + mpair[3])), summs);
+        else
+            for (int k = 0; k < 4; k++) accm[k] = fmaf(dmin, (float)mpair[k], accm[k]);
         k_lanes(lane, q, y[i].qs, sc, 32);
-        float d = ld_f16(h->d) * y[i].d;
-        for (int l = 0; l < 8; l++) sums[l] += d * (float)lane[l];
-        float dmin = ld_f16(h->dmin) * y[i].d;
-        sumf -= dmin * (float)minsum;
+        for (int l = 0; l < 8; l++) acc[l] = fmaf(d, (float)lane[l], acc[l]);
     }
-    for (int l = 0; l < 8; l++) sumf += sums[l];
-    return sumf;
+    float mins = five_bits ? summs : (accm[0] + accm[2]) + (accm[1] + accm[3]);
+    return hsum8(acc) + mins;
 }
 static float q4_K_vec_dot(const void *w, const void *a, int64_t n) { return k_affine_vec_dot(w, a, n, 0); }
 static float q5_K_vec_dot(const void *w, const void *a, int64_t n) { return k_affine_vec_dot(w, a, n, 1); }
 
+/* Q6_K: the lanes of sc * (q + 32) * a (q + 32 in 0..63), minus per lane l
+ * 32 (sc[2l] bs[2l] + sc[2l+1] bs[2l+1]) (the offset taken out through the
+ * block sums, not per element); acc = fma(da * dw, lane, acc); hsum8. */
 static float q6_K_vec_dot(const void *w, const void *a, int64_t n) {
     const blk_q6_K *x = w;
     const dtype_q8_K_block *y = a;
-    float sums[8] = {0}, sumf = 0.0f;
+    float acc[8] = {0};
     int8_t q[QKK];
     int32_t lane[8], sc[16];
     for (int64_t i = 0; i < n / QKK; i++) {
         q6k_unpack(&x[i], q);
+        for (int e = 0; e < QKK; e++) q[e] = (int8_t)(q[e] + 32);
         for (int j = 0; j < 16; j++) sc[j] = x[i].scales[j];
         k_lanes(lane, q, y[i].qs, sc, 16);
-        float d = ld_f16(x[i].d) * y[i].d;
-        for (int l = 0; l < 8; l++) sums[l] += d * (float)lane[l];
+        float d = y[i].d * ld_f16(x[i].d);
+        for (int l = 0; l < 8; l++) {
+            int32_t off = sc[2 * l] * y[i].bsums[2 * l] + sc[2 * l + 1] * y[i].bsums[2 * l + 1];
+            acc[l] = fmaf(d, (float)(lane[l] - off * 32), acc[l]);
+        }
     }
-    for (int l = 0; l < 8; l++) sumf += sums[l];
-    return sumf;
+    return hsum8(acc);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -11,7 +11,9 @@
  * type's dot type (Q8_0 for Q4_0 and Q8_0, Q8_K for the K-quants, F16 for F16,
  * BF16 for BF16) the way llama.cpp's x86 code converts them, then each output
  * is one vec_dot of a weight row with an activation row: integer dot products
- * per block, scales applied per block, blocks summed in order. */
+ * per block, scales applied per block, summed in the SIMD lanes and the order
+ * of llama.cpp's x86 kernels (emulated in scalar code; kernels/quant_avx512.c
+ * computes the same bits). */
 #ifndef MOE_DTYPE_H
 #define MOE_DTYPE_H
 #include <stddef.h>
@@ -66,6 +68,21 @@ float dtype_bf16_to_f32(uint16_t h);
 /* as llama.cpp's GGML_FP32_TO_BF16: subnormals kept (kernels.h's
  * bf16_from_float flushes them, as VCVTNEPS2BF16 does), NaN made quiet */
 uint16_t dtype_f32_to_bf16(float f);
+
+/* The 6-bit scales and mins of the 8 sub-blocks of a Q4_K / Q5_K
+ * super-block, from its 12 packed bytes: bytes 0-3 hold scales 0-3 in their
+ * low 6 bits, bytes 4-7 mins 0-3; bytes 8-11 the low 4 bits of scale (low
+ * nibble) and min (high nibble) 4-7, whose top 2 bits sit in bits 6-7 of
+ * bytes 0-3 (scales) and 4-7 (mins). Inline: the fast kernels unpack it
+ * once per super-block and row. */
+static inline void dtype_k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (uint8_t)((s[j + 8] & 0xf) | ((s[j] >> 6) << 4));
+        mn[j + 4] = (uint8_t)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+}
 
 /* The Q8_K activation block (ggml's block_q8_K): x = d * qs, bsums[g] the sum
  * of qs[16g .. 16g+15]. Unlike the weight blocks it holds a float, so Q8_K

@@ -1,13 +1,17 @@
 /* kernels/qmatmul: out = in @ W^T for weights of any usable element type.
  * F32 weights use matmul_forward; otherwise every activation row is converted
- * once to the weight type's dot type, then each output is one vec_dot. */
+ * once to the weight type's dot type, then each output is one vec_dot, by the
+ * portable code or an AVX-512 tile that computes the same bits. */
 #include "kernels/qmatmul.h"
 #include "kernels/kernels.h"
 #include "core/core.h"
+#include "moe.h"
 
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* below this many multiply-adds a parallel region costs more than it saves */
@@ -28,6 +32,34 @@ size_t qmatmul_workspace(int wtype, int N, int C) {
     if ((!rb && C > 0) || N < 0 || moe_mul_size(rb, (size_t)N, &total)) return SIZE_MAX;
     return total;
 }
+
+/* MOE_KERNELS=portable, read once (pthread_once: the first call may come
+ * from any thread of a team); MOE_REFERENCE and moe_set_reference_kernels
+ * are asked on every call, through moe_use_fast_kernels. */
+static pthread_once_t env_once = PTHREAD_ONCE_INIT;
+static int env_portable;
+static void read_env(void) {
+    const char *e = getenv("MOE_KERNELS");
+    env_portable = e && strcmp(e, "portable") == 0;
+}
+static int use_avx512(void) {
+    pthread_once(&env_once, read_env);
+    return !env_portable && moe_use_fast_kernels() && qk_avx512_supported();
+}
+const char *qmatmul_kernels(void) { return use_avx512() ? "avx512-vnni" : "portable"; }
+MOE_API const char *moe_cpu_kernels(void) { return qmatmul_kernels(); }
+
+/* the portable tile: one vec_dot per output */
+static void portable_tile(const dtype_traits *t, float *out, size_t ldo, const char *w,
+                          size_t wrow, int nw, const char *a, size_t arow, int na, int C) {
+    for (int o = 0; o < nw; o++)
+        for (int n = 0; n < na; n++)
+            out[(size_t)n * ldo + o] = t->vec_dot(w + (size_t)o * wrow, a + (size_t)n * arow, C);
+}
+
+/* output rows per task: a few weight rows stay in L1 while every activation
+ * row passes them */
+#define ROWS_PER_TASK 16
 
 static void fill_nan(float *out, int N, int OC) {
     for (size_t i = 0; i < (size_t)N * (size_t)OC; i++) out[i] = NAN;
@@ -52,21 +84,30 @@ void qmatmul_forward(float *out, const float *in, const void *w, int wtype, int 
         fill_nan(out, N, OC);
         return;
     }
-    const dtype_traits *at = dtype_traits_of(t->dot_type);
+    qmm_quant_fn quant = dtype_traits_of(t->dot_type)->quantize_act;
+    qmm_tile_fn tile = NULL;
+    if (use_avx512()) {
+        tile = qk_avx512_tile(wtype);
+        qmm_quant_fn fast = qk_avx512_quantize(t->dot_type);
+        if (fast) quant = fast;
+    }
     char *act = ws;
+    const char *wb = w;
     double work = (double)N * C * OC;
+    int tasks = (OC + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
 #pragma omp parallel if (work >= PAR_MIN_WORK)
     {
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++)
-            at->quantize_act(act + (size_t)n * arow, in + (size_t)n * C, C);
-        /* by output rows: a weight row is read once and dotted with every
-         * activation row while it is in cache */
+        for (int n = 0; n < N; n++) quant(act + (size_t)n * arow, in + (size_t)n * C, C);
+        /* by output rows: a few weight rows are read once and dotted with
+         * every activation row while they are in cache */
 #pragma omp for schedule(static)
-        for (int o = 0; o < OC; o++) {
-            const char *wr = (const char *)w + (size_t)o * wrow;
-            for (int n = 0; n < N; n++)
-                out[(size_t)n * OC + o] = t->vec_dot(wr, act + (size_t)n * arow, C);
+        for (int k = 0; k < tasks; k++) {
+            int o = k * ROWS_PER_TASK, nw = OC - o < ROWS_PER_TASK ? OC - o : ROWS_PER_TASK;
+            if (tile)
+                tile(out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, arow, N, C);
+            else
+                portable_tile(t, out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, arow, N, C);
         }
     }
 }

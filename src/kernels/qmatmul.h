@@ -6,8 +6,13 @@
  *
  * F32 weights go to matmul_forward (fp32). Any other type first converts each
  * input row to the type's dot_type (quantize_act: as llama.cpp does), then
- * every output element is one vec_dot. Work is split by output rows and each
- * element is one vec_dot, so results do not depend on the thread count.
+ * every output element is the type's vec_dot of a weight row and an
+ * activation row: computed by the portable vec_dot, or by an AVX-512 tile
+ * (kernels/quant_avx512.c) that does the same float operations in the same
+ * order, chosen once per process from the CPU (MOE_KERNELS=portable or
+ * MOE_REFERENCE=1 force the portable path). Work is split by output rows and
+ * no output depends on which other rows share its tile, so results do not
+ * depend on the thread count, on N, or on the path.
  * ws is qmatmul_workspace(wtype, N, C) bytes, planned by the caller (NULL
  * when that is 0); the kernel allocates nothing. */
 #ifndef MOE_QMATMUL_H
@@ -18,6 +23,23 @@
 size_t qmatmul_workspace(int wtype, int N, int C);
 void qmatmul_forward(float *out, const float *in, const void *w, int wtype, int N, int C,
                      int OC, void *ws);
+/* "avx512-vnni" or "portable": the path qmatmul_forward takes now. */
+const char *qmatmul_kernels(void);
+
+/* A tile: for o < nw and n < na,
+ *   out[n * ldo + o] = vec_dot(w + o * wrow, a + n * arow, C)
+ * bit for bit as the weight type's portable vec_dot computes it, a holding
+ * activation rows converted to the dot type. */
+typedef void (*qmm_tile_fn)(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                            const void *a, size_t arow, int na, int64_t C);
+typedef void (*qmm_quant_fn)(void *dst, const float *src, int64_t n);
+/* kernels/quant_avx512.c: 1 when the CPU has AVX-512 F/BW/VL/VNNI/BF16 and
+ * FMA; the tile for a weight type, the converter for a dot type (Q8_0, Q8_K;
+ * the same bytes as quantize_act), NULL for types it lacks. */
+int qk_avx512_supported(void);
+qmm_tile_fn qk_avx512_tile(int wtype);
+qmm_quant_fn qk_avx512_quantize(int dot_type);
+
 /* The reference twin: every weight row dequantised with to_float and summed
  * against the activation row as its dot type rounds it, in double. Test oracle
  * (a tolerance check; the fast path must agree with vec_dot bit for bit). */

@@ -1,0 +1,447 @@
+/* kernels/quant_avx512: AVX-512 (BW, VL, VNNI, BF16) tiles of qmatmul for the
+ * quantised and half-precision weight types, and the Q8_0 / Q8_K activation
+ * converters.
+ *
+ * Every output is the same float operations, in the same order, as the
+ * type's portable vec_dot in core/dtype.c (which emulates llama.cpp's x86
+ * lanes), so the two agree bit for bit; the activation converters write the
+ * same bytes as the portable ones. Integer sums are exact, so they may be
+ * formed any way that keeps each product in its lane; the float steps (one
+ * fused multiply-add per block and lane, the horizontal sums) are fixed.
+ *
+ * A tile is nw weight rows x na activation rows. Each weight block is
+ * unpacked once into registers and used for up to 4 activation rows (prefill),
+ * and with one activation row (decode) 4 weight rows run side by side so the
+ * chains of fused adds overlap. Accumulators belong to one (row, row) pair, so
+ * the grouping changes nothing in the result.
+ *
+ * Built always (functions carry their own target), called only where the CPU
+ * has the units (qmatmul checks moe_cpu()). */
+#include "kernels/qmatmul.h"
+#include "core/core.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define QK_TARGET                                                                                  \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")))
+#define QK_INLINE static inline __attribute__((always_inline)) QK_TARGET
+
+enum { QB = 32, QKB = 256, Q8_0_BYTES = 34, Q4_0_BYTES = 18, Q4_K_BYTES = 144, Q5_K_BYTES = 176,
+       Q6_K_BYTES = 210, Q8_K_BYTES = 292 };
+
+QK_INLINE float h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* as dtype.c's hsum8: ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)) */
+QK_INLINE float hsum8(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+}
+/* as dtype.c's hsum16: lanes l + (l + 8), then hsum8 */
+QK_INLINE float hsum16(__m512 v) {
+    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+
+/* ---- tile driver ------------------------------------------------------------
+ * BODY(out, ldo, w, wrow, a, arow, C, RW, RA) computes an RW x RA micro-tile
+ * with RW, RA compile-time constants; TILE_FN makes the tile function that
+ * covers nw x na with micro-tiles: 4 x 1 for one activation row, else
+ * MULTI_RW x (up to 4). */
+#define MICRO(BODY, rw, ra) BODY(o_, ldo, w_, wrow, a_, arow, C, rw, ra)
+#define TILE_FN(NAME, BODY, MULTI_RW)                                                              \
+    static QK_TARGET void NAME(float *out, size_t ldo, const void *w, size_t wrow, int nw,         \
+                               const void *a, size_t arow, int na, int64_t C) {                    \
+        for (int o = 0; o < nw;) {                                                                 \
+            int left = nw - o, rw = na == 1 ? (left < 4 ? left : 4)                                \
+                                            : (left < (MULTI_RW) ? left : (MULTI_RW));             \
+            for (int n = 0; n < na;) {                                                             \
+                int ra = na - n < 4 ? na - n : 4;                                                  \
+                float *o_ = out + (size_t)n * ldo + o;                                             \
+                const uint8_t *w_ = (const uint8_t *)w + (size_t)o * wrow;                         \
+                const uint8_t *a_ = (const uint8_t *)a + (size_t)n * arow;                         \
+                switch (rw * 8 + ra) {                                                             \
+                case 9: MICRO(BODY, 1, 1); break;                                                  \
+                case 17: MICRO(BODY, 2, 1); break;                                                 \
+                case 25: MICRO(BODY, 3, 1); break;                                                 \
+                case 33: MICRO(BODY, 4, 1); break;                                                 \
+                case 10: MICRO(BODY, 1, 2); break;                                                 \
+                case 11: MICRO(BODY, 1, 3); break;                                                 \
+                case 12: MICRO(BODY, 1, 4); break;                                                 \
+                case 18: if ((MULTI_RW) > 1) MICRO(BODY, 2, 2); break;                             \
+                case 19: if ((MULTI_RW) > 1) MICRO(BODY, 2, 3); break;                             \
+                case 20: if ((MULTI_RW) > 1) MICRO(BODY, 2, 4); break;                             \
+                }                                                                                  \
+                n += ra;                                                                           \
+            }                                                                                      \
+            o += rw;                                                                               \
+        }                                                                                          \
+    }
+#define FOR_W for (int i = 0; i < RW; i++)
+#define FOR_A for (int j = 0; j < RA; j++)
+
+/* ---- Q8_0 and Q4_0 against Q8_0 ----------------------------------------------
+ * Lane l of a block: the exact sum of products 4l .. 4l+3, formed as
+ * VPDPBUSD(|w|, a signed like w) (so a = -128 against w < 0 wraps as in
+ * llama.cpp); acc = fma(dw * da, lane, acc). */
+QK_INLINE __m256i q4_0_quants(const uint8_t *qs) {
+    __m128i t = _mm_loadu_si128((const __m128i *)qs);
+    __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t, 4), t), _mm256_set1_epi8(15));
+    return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+}
+QK_INLINE void q8_0_like_body(float *out, size_t ldo, const uint8_t *w, size_t wrow,
+                              const uint8_t *a, size_t arow, int64_t C, const int RW, const int RA,
+                              const int four_bit) {
+    __m256 acc[4][4];
+    FOR_W FOR_A acc[i][j] = _mm256_setzero_ps();
+    const size_t wb = four_bit ? Q4_0_BYTES : Q8_0_BYTES;
+    for (int64_t b = 0; b < C / QB; b++) {
+        __m256i wq[4], wabs[4];
+        float wd[4];
+        FOR_W {
+            const uint8_t *p = w + (size_t)i * wrow + (size_t)b * wb;
+            wd[i] = h2f(p);
+            wq[i] = four_bit ? q4_0_quants(p + 2) : _mm256_loadu_si256((const __m256i *)(p + 2));
+            wabs[i] = _mm256_abs_epi8(wq[i]);
+        }
+        FOR_A {
+            const uint8_t *p = a + (size_t)j * arow + (size_t)b * Q8_0_BYTES;
+            float ad = h2f(p);
+            __m256i aq = _mm256_loadu_si256((const __m256i *)(p + 2));
+            FOR_W {
+                __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs[i],
+                                                _mm256_sign_epi8(aq, wq[i]));
+                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(wd[i] * ad), _mm256_cvtepi32_ps(s), acc[i][j]);
+            }
+        }
+    }
+    FOR_W FOR_A out[(size_t)j * ldo + i] = hsum8(acc[i][j]);
+}
+#define Q8_0_BODY(o, ldo, w, wr, a, ar, C, RW, RA) q8_0_like_body(o, ldo, w, wr, a, ar, C, RW, RA, 0)
+#define Q4_0_BODY(o, ldo, w, wr, a, ar, C, RW, RA) q8_0_like_body(o, ldo, w, wr, a, ar, C, RW, RA, 1)
+TILE_FN(q8_0_tile, Q8_0_BODY, 2)
+TILE_FN(q4_0_tile, Q4_0_BODY, 2)
+
+/* ---- Q4_K, Q5_K, Q6_K against Q8_K --------------------------------------------
+ * 64 elements per 512-bit step: unsigned weight quants times activation
+ * bytes (VPMADDUBSW: no saturation here, |pair| <= 2 * 63 * 128), times the
+ * sub-block scale as int16 (VPMADDWD), into 16 int32 lanes; lane m covers
+ * elements 4m .. 4m+3 of the 64, so lanes m and m + 8 both belong to the
+ * portable lane m: folding the halves gives exactly its 8 integer lanes. */
+
+/* scale vector for a 64-element step of two 32-element sub-blocks */
+QK_INLINE __m512i scale_pair(int s0, int s1) {
+    return _mm512_mask_blend_epi16(0xffff0000u, _mm512_set1_epi16((short)s0), _mm512_set1_epi16((short)s1));
+}
+QK_INLINE __m256i fold16(__m512i v) {
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+/* per activation block: pairs of block sums (8 int16, bs[2k] + bs[2k+1]) */
+QK_INLINE __m128i bsum_pairs(const dtype_q8_K_block *y) {
+    __m256i bs = _mm256_loadu_si256((const __m256i *)y->bsums);
+    return _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+}
+
+/* The unpacked weight super-block: 4 steps of 64 quants (unsigned), their
+ * scales, and for Q4_K / Q5_K the 8 mins as int16. */
+typedef struct {
+    __m512i q[4], sc[4];
+    __m128i mins;
+    float d, dmin;
+} kblock;
+
+QK_INLINE void unpack_k_affine(kblock *k, const uint8_t *p, int five_bits) {
+    uint8_t sc[8], mn[8];
+    dtype_k_scales(p + 4, sc, mn);
+    k->d = h2f(p);
+    k->dmin = h2f(p + 2);
+    k->mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn));
+    const uint8_t *qs = p + (five_bits ? 48 : 16);
+    __m256i hb = five_bits ? _mm256_loadu_si256((const __m256i *)(p + 16)) : _mm256_setzero_si256();
+    const __m256i m15 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    for (int c = 0; c < 4; c++) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+        __m256i lo = _mm256_and_si256(raw, m15), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m15);
+        if (five_bits) {
+            __m256i b0 = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * c)), one);
+            __m256i b1 = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * c + 1)), one);
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
+        }
+        k->q[c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        k->sc[c] = scale_pair(sc[2 * c], sc[2 * c + 1]);
+    }
+}
+
+QK_INLINE __m256i k_lanes(const kblock *k, const int8_t *qa) {
+    __m512i s = _mm512_setzero_si512();
+    for (int c = 0; c < 4; c++) {
+        __m512i av = _mm512_loadu_si512((const void *)(qa + 64 * c));
+        s = _mm512_add_epi32(s, _mm512_madd_epi16(_mm512_maddubs_epi16(k->q[c], av), k->sc[c]));
+    }
+    return fold16(s);
+}
+
+/* Q4_K: 4 min lanes (fma per lane, (0+2) + (1+3) at the end); Q5_K: one
+ * scalar fma with the whole integer min sum */
+QK_INLINE void k_affine_body(float *out, size_t ldo, const uint8_t *w, size_t wrow,
+                             const uint8_t *a, size_t arow, int64_t C, const int RW, const int RA,
+                             const int five_bits) {
+    __m256 acc[4][4];
+    __m128 accm[4][4];
+    float summs[4][4];
+    FOR_W FOR_A acc[i][j] = _mm256_setzero_ps(), accm[i][j] = _mm_setzero_ps(), summs[i][j] = 0.0f;
+    const size_t wb = five_bits ? Q5_K_BYTES : Q4_K_BYTES;
+    for (int64_t b = 0; b < C / QKB; b++) {
+        kblock k[4];
+        FOR_W unpack_k_affine(&k[i], w + (size_t)i * wrow + (size_t)b * wb, five_bits);
+        FOR_A {
+            const dtype_q8_K_block *y =
+                (const dtype_q8_K_block *)(a + (size_t)j * arow) + b;
+            __m128i pairs = bsum_pairs(y);
+            FOR_W {
+                __m256i lanes = k_lanes(&k[i], y->qs);
+                __m128i mp = _mm_madd_epi16(k[i].mins, pairs);
+                float d = y->d * k[i].d, dmin = -y->d * k[i].dmin;
+                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc[i][j]);
+                if (five_bits) {
+                    __m128i t = _mm_add_epi32(mp, _mm_unpackhi_epi64(mp, mp));
+                    int tot = _mm_cvtsi128_si32(t) + _mm_extract_epi32(t, 1);
+                    summs[i][j] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(dmin), _mm_set_ss((float)tot),
+                                                             _mm_set_ss(summs[i][j])));
+                } else {
+                    accm[i][j] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mp), accm[i][j]);
+                }
+            }
+        }
+    }
+    FOR_W FOR_A {
+        float mins = summs[i][j];
+        if (!five_bits) {
+            __m128 m = _mm_add_ps(accm[i][j], _mm_movehl_ps(accm[i][j], accm[i][j]));
+            mins = _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+        }
+        out[(size_t)j * ldo + i] = hsum8(acc[i][j]) + mins;
+    }
+}
+#define Q4_K_BODY(o, ldo, w, wr, a, ar, C, RW, RA) k_affine_body(o, ldo, w, wr, a, ar, C, RW, RA, 0)
+#define Q5_K_BODY(o, ldo, w, wr, a, ar, C, RW, RA) k_affine_body(o, ldo, w, wr, a, ar, C, RW, RA, 1)
+TILE_FN(q4_K_tile, Q4_K_BODY, 2)
+TILE_FN(q5_K_tile, Q5_K_BODY, 2)
+
+/* Q6_K: quants q + 32 (0..63); step p covers elements 64p .. 64p+63, int16
+ * lane t there has scale sc[4p + t / 8]; the offset 32 comes out per lane l
+ * as 32 (sc[2l] bs[2l] + sc[2l+1] bs[2l+1]). */
+typedef struct {
+    __m512i q[4], sc[4];
+    __m256i sc16;
+    float d;
+} q6block;
+
+QK_INLINE void unpack_q6_K(q6block *k, const uint8_t *p) {
+    const uint8_t *ql = p, *qh = p + 128;
+    k->d = h2f(p + 208);
+    k->sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
+    __m512i s512 = _mm512_castsi256_si512(k->sc16);
+    const __m512i m15 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {
+        __m512i l = _mm512_loadu_si512((const void *)(ql + 64 * h));
+        __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+        /* top bits: bits 0-1 / 2-3 for the low-nibble pair, 4-5 / 6-7 for the high one */
+        __m512i h01 = _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
+        __m512i h23 = _mm512_srli_epi16(h01, 4);
+        h01 = _mm512_slli_epi16(_mm512_and_si512(h01, m3), 4);
+        h23 = _mm512_slli_epi16(_mm512_and_si512(h23, m3), 4);
+        k->q[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m15), h01);
+        k->q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m15), h23);
+    }
+    /* int16 lane t of step s takes scale 4s + t / 8 */
+    static const int16_t base[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                     2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+    const __m512i idx = _mm512_loadu_si512((const void *)base);
+    for (int s = 0; s < 4; s++)
+        k->sc[s] = _mm512_permutexvar_epi16(_mm512_add_epi16(idx, _mm512_set1_epi16((short)(4 * s))), s512);
+}
+
+QK_INLINE void q6_K_body(float *out, size_t ldo, const uint8_t *w, size_t wrow, const uint8_t *a,
+                         size_t arow, int64_t C, const int RW, const int RA) {
+    __m256 acc[4][4];
+    FOR_W FOR_A acc[i][j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < C / QKB; b++) {
+        q6block k[4];
+        FOR_W unpack_q6_K(&k[i], w + (size_t)i * wrow + (size_t)b * Q6_K_BYTES);
+        FOR_A {
+            const dtype_q8_K_block *y = (const dtype_q8_K_block *)(a + (size_t)j * arow) + b;
+            __m256i bs = _mm256_loadu_si256((const __m256i *)y->bsums);
+            FOR_W {
+                __m512i s = _mm512_setzero_si512();
+                for (int c = 0; c < 4; c++) {
+                    __m512i av = _mm512_loadu_si512((const void *)(y->qs + 64 * c));
+                    s = _mm512_add_epi32(s, _mm512_madd_epi16(_mm512_maddubs_epi16(k[i].q[c], av), k[i].sc[c]));
+                }
+                __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(bs, k[i].sc16), 5);
+                __m256i lanes = _mm256_sub_epi32(fold16(s), off);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(y->d * k[i].d), _mm256_cvtepi32_ps(lanes), acc[i][j]);
+            }
+        }
+    }
+    FOR_W FOR_A out[(size_t)j * ldo + i] = hsum8(acc[i][j]);
+}
+#define Q6_K_BODY(o, ldo, w, wr, a, ar, C, RW, RA) q6_K_body(o, ldo, w, wr, a, ar, C, RW, RA)
+TILE_FN(q6_K_tile, Q6_K_BODY, 2)
+
+/* ---- F16 and BF16 ---------------------------------------------------------------
+ * f16: per 64 elements 4 vectors of 16 fused products, then (v0+v2) + (v1+v3)
+ * reduced; bf16: per 64 elements two VDPBF16PS vectors, each reduced and
+ * added in double. The n % 64 tail: float products summed in double. */
+QK_INLINE void f16_body(float *out, size_t ldo, const uint8_t *w, size_t wrow, const uint8_t *a,
+                        size_t arow, int64_t C, const int RW, const int RA) {
+    __m512 v[4][4][4];
+    FOR_W FOR_A for (int s = 0; s < 4; s++) v[i][j][s] = _mm512_setzero_ps();
+    int64_t np = C & ~(int64_t)63;
+    for (int64_t e = 0; e < np; e += 64)
+        for (int s = 0; s < 4; s++) {
+            __m512 wv[4];
+            FOR_W wv[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + (size_t)i * wrow + 2 * (e + 16 * s))));
+            FOR_A {
+                __m512 av = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a + (size_t)j * arow + 2 * (e + 16 * s))));
+                FOR_W v[i][j][s] = _mm512_fmadd_ps(wv[i], av, v[i][j][s]);
+            }
+        }
+    FOR_W FOR_A {
+        __m512 t = _mm512_add_ps(_mm512_add_ps(v[i][j][0], v[i][j][2]), _mm512_add_ps(v[i][j][1], v[i][j][3]));
+        double sum = (double)hsum16(t);
+        const uint8_t *wr = w + (size_t)i * wrow, *ar = a + (size_t)j * arow;
+        for (int64_t e = np; e < C; e++) sum += (double)(h2f(wr + 2 * e) * h2f(ar + 2 * e));
+        out[(size_t)j * ldo + i] = (float)sum;
+    }
+}
+#define F16_BODY(o, ldo, w, wr, a, ar, C, RW, RA) f16_body(o, ldo, w, wr, a, ar, C, RW, RA)
+TILE_FN(f16_tile, F16_BODY, 1)
+
+QK_INLINE float bf2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+QK_INLINE void bf16_body(float *out, size_t ldo, const uint8_t *w, size_t wrow, const uint8_t *a,
+                         size_t arow, int64_t C, const int RW, const int RA) {
+    __m512 c[4][4][2];
+    FOR_W FOR_A c[i][j][0] = c[i][j][1] = _mm512_setzero_ps();
+    int64_t np = C & ~(int64_t)63;
+    for (int64_t e = 0; e < np; e += 64)
+        for (int s = 0; s < 2; s++) {
+            __m512bh wv[4];
+            FOR_W wv[i] = (__m512bh)_mm512_loadu_si512((const void *)(w + (size_t)i * wrow + 2 * (e + 32 * s)));
+            FOR_A {
+                __m512bh av = (__m512bh)_mm512_loadu_si512((const void *)(a + (size_t)j * arow + 2 * (e + 32 * s)));
+                FOR_W c[i][j][s] = _mm512_dpbf16_ps(c[i][j][s], wv[i], av);
+            }
+        }
+    FOR_W FOR_A {
+        double sum = 0.0;
+        sum += (double)hsum16(c[i][j][0]);
+        sum += (double)hsum16(c[i][j][1]);
+        const uint8_t *wr = w + (size_t)i * wrow, *ar = a + (size_t)j * arow;
+        for (int64_t e = np; e < C; e++) sum += (double)(bf2f(wr + 2 * e) * bf2f(ar + 2 * e));
+        out[(size_t)j * ldo + i] = (float)sum;
+    }
+}
+#define BF16_BODY(o, ldo, w, wr, a, ar, C, RW, RA) bf16_body(o, ldo, w, wr, a, ar, C, RW, RA)
+TILE_FN(bf16_tile, BF16_BODY, 1)
+
+/* ---- activation converters --------------------------------------------------- */
+
+/* Q8_0 as dtype.c's q8_0_quantize_act: the 8-lane MAXPS tree for amax (which
+ * fixes where a NaN wins), fp16 d = amax / 127, q = saturate(nearest(x * 127 / amax)). */
+static QK_TARGET void q8_0_quantize(void *dst, const float *x, int64_t n) {
+    uint8_t *y = dst;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / QB; i++, x += QB, y += Q8_0_BYTES) {
+        __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
+        for (int r = 1; r < 4; r++) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * r)));
+        __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        uint16_t h = _cvtss_sh(amax / 127.0f, 0);
+        memcpy(y, &h, 2);
+        __m512 id = _mm512_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+        for (int k = 0; k < 2; k++) {
+            __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * k), id),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm_storeu_si128((__m128i *)(y + 2 + 16 * k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+        }
+    }
+}
+
+/* Q8_K as dtype.c's q8_K_quantize_act: max = the first element of largest
+ * magnitude (NaN never wins), iscale = -127 / max, q = min(127, nearest even
+ * of iscale * x by the 1.5 * 2^23 trick), bsums, d = 1 / iscale. */
+static QK_TARGET void q8_K_quantize(void *dst, const float *x, int64_t n) {
+    dtype_q8_K_block *y = dst;
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n / QKB; i++, x += QKB) {
+        __m512 m = _mm512_setzero_ps();
+        for (int k = 0; k < QKB / 16; k++) /* MAXPS returns its second operand for a NaN */
+            m = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(x + 16 * k)), m);
+        float amax = _mm512_reduce_max_ps(m);
+        memset(&y[i], 0, sizeof y[i]);
+        if (amax == 0.0f) continue;
+        int first = 0;
+        for (int k = 0; k < QKB / 16; k++) {
+            __mmask16 eq = _mm512_cmpeq_ps_mask(_mm512_andnot_ps(sign, _mm512_loadu_ps(x + 16 * k)),
+                                                _mm512_set1_ps(amax));
+            if (eq) { first = 16 * k + __builtin_ctz(eq); break; }
+        }
+        float iscale = -127.0f / x[first];
+        const __m512 vs = _mm512_set1_ps(iscale), magic = _mm512_set1_ps(12582912.0f);
+        for (int k = 0; k < QKB / 16; k++) {
+            __m512 s = _mm512_add_ps(_mm512_mul_ps(vs, _mm512_loadu_ps(x + 16 * k)), magic);
+            __m512i v = _mm512_sub_epi32(_mm512_and_si512(_mm512_castps_si512(s), _mm512_set1_epi32(0x007fffff)),
+                                         _mm512_set1_epi32(0x00400000));
+            v = _mm512_min_epi32(v, _mm512_set1_epi32(127));
+            __m128i q = _mm512_cvtepi32_epi8(v);
+            _mm_storeu_si128((__m128i *)(y[i].qs + 16 * k), q);
+            y[i].bsums[k] = (int16_t)_mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(q));
+        }
+        y[i].d = 1.0f / iscale;
+    }
+}
+
+int qk_avx512_supported(void) {
+    const moe_cpu_features *c = moe_cpu();
+    return c->avx512f && c->avx512bw && c->avx512vl && c->avx512_vnni && c->avx512_bf16 && c->fma;
+}
+
+qmm_tile_fn qk_avx512_tile(int wtype) {
+    switch (wtype) {
+    case DT_Q8_0: return q8_0_tile;
+    case DT_Q4_0: return q4_0_tile;
+    case DT_Q4_K: return q4_K_tile;
+    case DT_Q5_K: return q5_K_tile;
+    case DT_Q6_K: return q6_K_tile;
+    case DT_F16: return f16_tile;
+    case DT_BF16: return bf16_tile;
+    default: return NULL;
+    }
+}
+
+qmm_quant_fn qk_avx512_quantize(int dot_type) {
+    return dot_type == DT_Q8_0 ? q8_0_quantize : dot_type == DT_Q8_K ? q8_K_quantize : NULL;
+}
+
+#else /* not x86-64 with GCC-style intrinsics: no fast tiles */
+int qk_avx512_supported(void) { return 0; }
+qmm_tile_fn qk_avx512_tile(int wtype) { return NULL; }
+qmm_quant_fn qk_avx512_quantize(int dot_type) { return NULL; }
+#endif

@@ -1,0 +1,312 @@
+/* test_qkern: the AVX-512 tiles and activation converters of qmatmul
+ * (kernels/quant_avx512.c) against the portable code in core/dtype.c, bit for
+ * bit: the portable vec_dot emulates llama.cpp's x86 lanes and the fast
+ * kernels must do the same float operations in the same order. Every weight
+ * type, rows of one to several blocks (and f16/bf16 tails), N in
+ * {1,2,3,4,5,8,15,16,17}, ragged output counts, random and extreme values;
+ * each output also equals its row computed alone (N = 1). Skipped where the
+ * CPU lacks the units. Also: MOE_KERNELS=portable and MOE_REFERENCE select
+ * the portable path; and, when MOE_GGML_CPU_LIB names a llama.cpp build's
+ * libggml-cpu.so (built for this CPU), the portable converters and vec_dots
+ * against its own, bit for bit: the independent oracle for the order. */
+#include "harness.h"
+#include "core/core.h"
+#include "core/dtype.h"
+#include "kernels/qmatmul.h"
+#include "moe.h"
+
+#include <dlfcn.h>
+#include <omp.h>
+#include <stdint.h>
+#include <sys/wait.h>
+
+enum { MAXN = 17, MAXOC = 33, MAXC = 1088 };
+
+static const int types[] = {DT_Q8_0, DT_Q4_0, DT_Q4_K, DT_Q5_K, DT_Q6_K, DT_F16, DT_BF16};
+#define N_TYPES (int)(sizeof types / sizeof types[0])
+
+static float f32_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* one activation row: kind 0 normal, 1 tiny, 2 huge, 3 mixed extremes
+ * (zeros, +-max float, subnormals, exact ties of the Q8_0 rounding) */
+static void fill_act(float *x, int n, int kind, moe_rng *r) {
+    for (int i = 0; i < n; i++) {
+        float v = moe_rng_normal(r);
+        switch (kind) {
+        case 1: v *= 1e-30f; break;
+        case 2: v *= 1e30f; break;
+        case 3: {
+            int k = (int)moe_rng_below(r, 8);
+            v = k == 0 ? 0.0f : k == 1 ? 3.0e38f : k == 2 ? -3.0e38f : k == 3 ? f32_of(0x00000123u)
+              : k == 4 ? 127.0f : k == 5 ? -63.5f : k == 6 ? 0.5f : v;
+            break;
+        }
+        default: break;
+        }
+        x[i] = v;
+    }
+}
+
+/* weights: kind 0 from quantised normals, 1 random quants with sane
+ * scales, 2 random bytes everywhere (any quants, -128 included; fp16 scales
+ * from subnormal to about 2, kept finite: NaN payloads are not compared).
+ * f16/bf16: kinds 1 and 2 are random bits below 2 in magnitude, subnormals
+ * included. */
+static void fill_weights(int type, uint8_t *w, int rows, int C, int kind, moe_rng *r) {
+    const dtype_traits *t = dtype_traits_of(type);
+    size_t rb;
+    dtype_row_bytes(type, C, &rb);
+    static float src[MAXC];
+    for (int o = 0; o < rows; o++) {
+        uint8_t *row = w + (size_t)o * rb;
+        for (int i = 0; i < C; i++) src[i] = moe_rng_normal(r) * 0.5f;
+        t->from_float(row, src, C);
+        if (kind == 0) continue;
+        for (size_t i = 0; i < rb; i++) {
+            size_t in_blk = i % t->block_bytes;
+            int scale = type == DT_Q6_K ? in_blk >= 208 : in_blk < 4;
+            if (t->blck == 1) {
+                row[i] = (uint8_t)moe_rng_u64(r);
+                if (i % 2) row[i] &= 0xbf;
+            } else if (!scale) {
+                row[i] = (uint8_t)moe_rng_u64(r);
+            } else if (kind == 2) {
+                row[i] = (uint8_t)moe_rng_u64(r);
+                if (in_blk % 2) row[i] &= 0xbf; /* high byte of an fp16: exponent < 16 */
+            }
+        }
+    }
+}
+
+/* the fast path can run here: the CPU has it and MOE_KERNELS does not forbid it */
+static int fast_ok(void) {
+    const char *e = getenv("MOE_KERNELS");
+    return qk_avx512_supported() && !(e && strcmp(e, "portable") == 0);
+}
+#define SKIP_REASON (qk_avx512_supported() ? "MOE_KERNELS=portable in the environment" \
+                                           : "no AVX-512 (F/BW/VL/VNNI/BF16)")
+
+static int same_bits(const float *a, const float *b, size_t n) { return !memcmp(a, b, n * sizeof(float)); }
+
+static void test_tiles(void) {
+    static float in[MAXN * MAXC], fast[MAXN * MAXOC], port[MAXN * MAXOC], alone[MAXOC];
+    static uint8_t w[MAXOC * MAXC * 2 + 64];
+    const int Ns[] = {1, 2, 3, 4, 5, 8, 15, 16, 17}, OCs[] = {1, 3, 17, 33};
+    moe_rng r;
+    moe_rng_seed(&r, 77);
+    for (int ti = 0; ti < N_TYPES; ti++) {
+        int type = types[ti];
+        const dtype_traits *t = dtype_traits_of(type), *at = dtype_traits_of(t->dot_type);
+        char name[96];
+        snprintf(name, sizeof name, "avx512 %s: = portable vec_dot bit for bit, any N, row alone", t->name);
+        TEST_CASE(name);
+        if (!fast_ok()) {
+            TEST_SKIP("%s", SKIP_REASON);
+            continue;
+        }
+        /* lengths: 1 .. several blocks; f16/bf16 with tails past 64 */
+        int Cs[5];
+        if (t->blck == 1) Cs[0] = 16, Cs[1] = 64, Cs[2] = 100, Cs[3] = 576, Cs[4] = 1087;
+        else if (t->blck == 32) Cs[0] = 32, Cs[1] = 64, Cs[2] = 96, Cs[3] = 352, Cs[4] = 1056;
+        else Cs[0] = 256, Cs[1] = 512, Cs[2] = 768, Cs[3] = 1024, Cs[4] = 256;
+        int bad_port = 0, bad_dot = 0, bad_alone = 0, shapes = 0;
+        for (int ci = 0; ci < 5; ci++)
+            for (int ni = 0; ni < 9; ni++) {
+                int C = Cs[ci], N = Ns[ni], OC = OCs[(ci + ni) % 4];
+                int wkind = (ci + ni) % 3, akind = (ni + 2 * ci) % 4;
+                size_t rb, arow;
+                dtype_row_bytes(type, C, &rb);
+                dtype_row_bytes(t->dot_type, C, &arow);
+                fill_weights(type, w, OC, C, wkind, &r);
+                for (int n = 0; n < N; n++) fill_act(in + (size_t)n * C, C, (akind + n) % 4, &r);
+                size_t wsb = qmatmul_workspace(type, N, C);
+                void *ws = moe_malloc(wsb);
+                uint8_t *act = moe_malloc(arow);
+                moe_set_reference_kernels(0);
+                qmatmul_forward(fast, in, w, type, N, C, OC, ws);
+                moe_set_reference_kernels(1);
+                qmatmul_forward(port, in, w, type, N, C, OC, ws);
+                moe_set_reference_kernels(0);
+                if (!same_bits(fast, port, (size_t)N * OC) && bad_port++ < 3)
+                    for (int i = 0; i < N * OC; i++)
+                        if (memcmp(&fast[i], &port[i], 4)) {
+                            printf("  C %d N %d OC %d [%d][%d]: fast %.9g portable %.9g\n", C, N, OC,
+                                   i / OC, i % OC, fast[i], port[i]);
+                            break;
+                        }
+                for (int n = 0; n < N; n++) {
+                    /* the oracle itself: the portable converter and vec_dot */
+                    at->quantize_act(act, in + (size_t)n * C, C);
+                    for (int o = 0; o < OC; o++) {
+                        float want = t->vec_dot(w + (size_t)o * rb, act, C);
+                        if (memcmp(&want, &fast[(size_t)n * OC + o], 4)) bad_dot++;
+                    }
+                    qmatmul_forward(alone, in + (size_t)n * C, w, type, 1, C, OC, ws);
+                    if (!same_bits(alone, fast + (size_t)n * OC, (size_t)OC)) bad_alone++;
+                }
+                moe_free(ws);
+                moe_free(act);
+                shapes++;
+            }
+        CHECK(bad_port == 0, "%d of %d shapes: fast != portable", bad_port, shapes);
+        CHECK(bad_dot == 0, "%d outputs != the portable vec_dot", bad_dot);
+        CHECK(bad_alone == 0, "%d rows differ from the row computed alone", bad_alone);
+        TEST_END();
+    }
+}
+
+/* 1 vs 2 threads on a prefill shape: outputs are split by rows only */
+static void test_threads(void) {
+    TEST_CASE("avx512: 1 and 2 threads give the same bits (q4_K, q8_0; N 17, OC 70)");
+    if (!fast_ok()) {
+        TEST_SKIP("%s", SKIP_REASON);
+        return;
+    }
+    enum { N = 17, OC = 70, C = 512 };
+    static float in[N * C], o1[N * OC], o2[N * OC];
+    static uint8_t w[OC * C * 2];
+    moe_rng r;
+    moe_rng_seed(&r, 3);
+    int saved = omp_get_max_threads(), bad = 0;
+    const int tt[] = {DT_Q4_K, DT_Q8_0};
+    for (int k = 0; k < 2; k++) {
+        fill_weights(tt[k], w, OC, C, 0, &r);
+        fill_act(in, N * C, 0, &r);
+        void *ws = moe_malloc(qmatmul_workspace(tt[k], N, C));
+        omp_set_num_threads(1);
+        qmatmul_forward(o1, in, w, tt[k], N, C, OC, ws);
+        omp_set_num_threads(2);
+        qmatmul_forward(o2, in, w, tt[k], N, C, OC, ws);
+        if (!same_bits(o1, o2, (size_t)N * OC)) bad++;
+        moe_free(ws);
+    }
+    omp_set_num_threads(saved);
+    CHECK(bad == 0, "%d types differ between thread counts", bad);
+    TEST_END();
+}
+
+/* the fast converters write the portable bytes, extremes included */
+static void test_quantize(void) {
+    static float x[4096];
+    static uint8_t a[4096 * 2], b[4096 * 2];
+    const int dt[] = {DT_Q8_0, DT_Q8_K};
+    moe_rng r;
+    moe_rng_seed(&r, 11);
+    for (int k = 0; k < 2; k++) {
+        const dtype_traits *t = dtype_traits_of(dt[k]);
+        char name[96];
+        snprintf(name, sizeof name, "avx512 %s act: = portable bytes (random, ties, NaN, inf, zeros)", t->name);
+        TEST_CASE(name);
+        qmm_quant_fn fast = qk_avx512_quantize(dt[k]);
+        if (!qk_avx512_supported() || !fast) {
+            TEST_SKIP("%s", SKIP_REASON);
+            continue;
+        }
+        int bad = 0;
+        for (int trial = 0; trial < 200; trial++) {
+            int n = 4096;
+            fill_act(x, n, trial % 4, &r);
+            if (trial % 5 == 4) /* specials in a few places */
+                for (int s = 0; s < 6; s++) {
+                    uint32_t sp[] = {0x7fc00000u, 0xffc00001u, 0x7f800000u, 0xff800000u, 0x80000000u, 0};
+                    x[moe_rng_below(&r, n)] = f32_of(sp[moe_rng_below(&r, 6)]);
+                }
+            if (trial % 7 == 6) memset(x, 0, 256 * sizeof(float)); /* an all-zero block */
+            size_t rb;
+            dtype_row_bytes(dt[k], n, &rb);
+            memset(a, 0x55, rb);
+            memset(b, 0xaa, rb);
+            t->quantize_act(a, x, n);
+            fast(b, x, n);
+            if (memcmp(a, b, rb)) bad++;
+        }
+        CHECK(bad == 0, "%d of 200 rows differ", bad);
+        TEST_END();
+    }
+}
+
+/* MOE_KERNELS is read once, at first use: checked in a child that sets it
+ * before anything asks */
+static void test_env(void) {
+    TEST_CASE("MOE_KERNELS=portable and MOE_REFERENCE=1 select the portable path");
+    pid_t pid = fork();
+    if (pid == 0) {
+        setenv("MOE_KERNELS", "portable", 1);
+        _exit(strcmp(moe_cpu_kernels(), "portable") == 0 ? 0 : 1);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "MOE_KERNELS=portable not honoured");
+    moe_set_reference_kernels(1);
+    CHECK(strcmp(moe_cpu_kernels(), "portable") == 0, "reference kernels forced, got %s",
+          moe_cpu_kernels());
+    moe_set_reference_kernels(0);
+    const char *want = fast_ok() ? "avx512-vnni" : "portable";
+    CHECK(strcmp(moe_cpu_kernels(), want) == 0, "detected %s, want %s", moe_cpu_kernels(), want);
+    TEST_END();
+}
+
+/* llama.cpp's CPU library, loaded at run time when the environment names it */
+typedef void (*ggml_dot_fn)(int n, float *s, size_t bs, const void *x, size_t bx, const void *y,
+                            size_t by, int nrc);
+typedef void (*ggml_quant_fn)(const float *x, void *y, int64_t k);
+static void test_llama(void) {
+    TEST_CASE("portable vec_dot and converters = llama.cpp's libggml-cpu, bit for bit");
+    const char *lib = getenv("MOE_GGML_CPU_LIB");
+    void *h = lib && *lib ? dlopen(lib, RTLD_NOW | RTLD_LOCAL) : NULL;
+    if (!h) {
+        TEST_SKIP("%s", lib && *lib ? "MOE_GGML_CPU_LIB does not load"
+                                    : "set MOE_GGML_CPU_LIB to a llama.cpp libggml-cpu.so");
+        return;
+    }
+    void (*init)(void) = (void (*)(void))dlsym(h, "ggml_cpu_init");
+    ggml_quant_fn q80 = (ggml_quant_fn)dlsym(h, "quantize_row_q8_0");
+    ggml_quant_fn q8k = (ggml_quant_fn)dlsym(h, "quantize_row_q8_K");
+    const char *names[N_TYPES] = {"ggml_vec_dot_q8_0_q8_0", "ggml_vec_dot_q4_0_q8_0",
+                                  "ggml_vec_dot_q4_K_q8_K", "ggml_vec_dot_q5_K_q8_K",
+                                  "ggml_vec_dot_q6_K_q8_K", "ggml_vec_dot_f16", "ggml_vec_dot_bf16"};
+    int missing = !init || !q80 || !q8k, bad_dot = 0, bad_act = 0, n_dots = 0;
+    if (init) init(); /* fp16 tables */
+    static float x[MAXC];
+    static uint8_t w[MAXC * 2], a[MAXC * 2], b[MAXC * 2];
+    moe_rng r;
+    moe_rng_seed(&r, 5);
+    for (int ti = 0; ti < N_TYPES && !missing; ti++) {
+        const dtype_traits *t = dtype_traits_of(types[ti]), *at = dtype_traits_of(t->dot_type);
+        ggml_dot_fn f = (ggml_dot_fn)dlsym(h, names[ti]);
+        if (!f) { missing = 1; break; }
+        for (int trial = 0; trial < 100; trial++) {
+            int blk = t->blck == 1 ? 64 : t->blck, n = blk * (1 + (int)moe_rng_below(&r, MAXC / blk));
+            if (t->blck == 1 && trial % 3 == 0 && n + 63 <= MAXC) n += (int)moe_rng_below(&r, 63);
+            fill_weights(types[ti], w, 1, n, trial % 3, &r);
+            fill_act(x, n, trial % 3, &r); /* no inf in f16: its NaNs are not compared */
+            at->quantize_act(a, x, n);
+            if (t->dot_type == DT_Q8_0 || t->dot_type == DT_Q8_K) {
+                size_t rb;
+                dtype_row_bytes(t->dot_type, n, &rb);
+                (t->dot_type == DT_Q8_0 ? q80 : q8k)(x, b, n);
+                if (memcmp(a, b, rb)) bad_act++;
+            }
+            float ours = t->vec_dot(w, a, n), theirs = 0;
+            f(n, &theirs, 0, w, 0, a, 0, 1);
+            if (memcmp(&ours, &theirs, 4) && bad_dot++ < 3)
+                printf("  %s n %d: ours %.9g, llama.cpp %.9g\n", t->name, n, ours, theirs);
+            n_dots++;
+        }
+    }
+    CHECK(!missing, "a symbol is missing from %s", lib);
+    CHECK(bad_dot == 0, "%d of %d dots differ", bad_dot, n_dots);
+    CHECK(bad_act == 0, "%d activation rows differ", bad_act);
+    TEST_END();
+    dlclose(h);
+}
+
+int main(void) {
+    test_env();
+    printf("kernels: %s\n", moe_cpu_kernels());
+    test_quantize();
+    test_tiles();
+    test_threads();
+    test_llama();
+    TEST_MAIN_END();
+}
