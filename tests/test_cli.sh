@@ -171,6 +171,7 @@ if [ $have_model = 1 ]; then
 
     run "$MOE" generate --model "$M" --tokens 5 --prompt "the fox" --stats
     grep -qE "^moe generate: prompt [0-9]+ tokens, [0-9.]+ tokens/s; generation [0-9]+ tokens, [0-9.]+ tokens/s$" "$T/err" \
+        && grep -qE "^moe generate: units: .*; kernels: " "$T/err" \
         && ok "generate --stats" || bad "generate --stats" "exit $RC: $(head -c 300 "$T/err")"
     # Ctrl-C stops generation cleanly: the text so far is printed, exit 130
     # (a long context, so generation outlasts the signal: the interrupt comes as soon as text appears)
