@@ -118,7 +118,7 @@ static bench_stats stats_of(const double *v, int n) {
     double sorted[64];
     for (int i = 0; i < n; i++) { s.mean += v[i]; sorted[i] = v[i]; }
     s.mean /= n;
-    for (int i = 0; i < n && n > 1; i++) s.sd += (v[i] - s.mean) * (v[i] - s.mean);
+    for (int i = 0; i < n; i++) s.sd += (v[i] - s.mean) * (v[i] - s.mean);
     s.sd = n > 1 ? sqrt(s.sd / (n - 1)) : 0; /* sample deviation, as llama-bench */
     qsort(sorted, (size_t)n, sizeof(double), cmp_dbl);
     s.median = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
