@@ -62,6 +62,11 @@ fi
 if want kernels && [ -x "$BUILD/bench/bench_kernels" ]; then
     echo "== kernels"
     OMP_NUM_THREADS=$THREADS "$BUILD/bench/bench_kernels" $([ $q = 1 ] && echo --quick) | tee "$tmp/kernels.txt"
+    # the peak of every unit measured, into the summary
+    $PY -c '
+import re, sys
+for m in re.finditer(r"^peak\s+(.*?)\s+1 thread.*?(\d+) threads\s+([\d.]+) GFLOP/s", open(sys.argv[1]).read(), re.M):
+    print(f"peak: {m.group(1)} ({m.group(2)} threads, GFLOP/s)\t{m.group(3)}\t\t\t\t")' "$tmp/kernels.txt" >>"$SUMMARY"
     echo
 fi
 touch "$tmp/kernels.txt"
