@@ -1,25 +1,77 @@
 #!/usr/bin/env bash
-# make bench: speed measured side by side in one run.
+# make bench: speed measured side by side in one run (docs/performance.md).
+#  0. the machine: CPU, its units, the kernel path the engine chose, memory bandwidth
 #  1. kernels: matmul GFLOP/s against this machine's measured FMA peak and memory bandwidth
 #  2. training: moe vs a PyTorch model of the same config (bench/torch_train.py), same
 #     batch, sequence length and thread count; medians over steps and over runs.
+#  3. the MoE layer alone at 64 experts: grouped execution vs a loop over experts
+#  4. inference on the synthetic 1.72B MoE (Q8_0, Q4_K, BF16): prefill pp and decode tg,
+#     decode as a fraction of the measured roofline, against llama.cpp and ik_llama.cpp
+#     when LLAMA_BENCH / IK_LLAMA_BENCH name their llama-bench binaries
+#  5. sparsity: the MoE against dense models of its total and of its active parameters
+# Environment: BENCH_QUICK=1 (a few minutes: one run, short prompt, Q8_0 only),
+# BENCH_ONLY="machine kernels training moe-layer inference sparsity" (a subset),
+# BENCH_TYPES, BENCH_PROMPT, BENCH_GEN, BENCH_REPS, BENCH_CACHE (models, written once),
+# LLAMA_BENCH, IK_LLAMA_BENCH, LLAMA_BENCH_CONFIGS, IK_LLAMA_BENCH_CONFIGS, THREADS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
-RUNS=${RUNS:-3}
+QUICK=${BENCH_QUICK:-0}
+[ "$QUICK" = 0 ] && q=0 || q=1
+RUNS=${RUNS:-$([ $q = 1 ] && echo 1 || echo 3)}
 PRESET=${PRESET:-default}
 BATCH=${BATCH:-16}
 SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
+ONLY=${BENCH_ONLY:-machine kernels training moe-layer inference sparsity}
+TYPES=${BENCH_TYPES:-$([ $q = 1 ] && echo q8_0 || echo "q8_0 q4_K bf16")}
+PROMPT=${BENCH_PROMPT:-$([ $q = 1 ] && echo 64 || echo 256)}
+GEN=${BENCH_GEN:-$([ $q = 1 ] && echo 32 || echo 128)}
+REPS=${BENCH_REPS:-$([ $q = 1 ] && echo 2 || echo 3)}
+CACHE=${BENCH_CACHE:-bench/.cache}
+# each engine's configurations (';' between them); the fastest per test is kept
+LLAMA_CONFIGS=${LLAMA_BENCH_CONFIGS:-"-fa on"}
+IK_CONFIGS=${IK_LLAMA_BENCH_CONFIGS:-"-fa 1 -fmoe 1;-fa 1 -fmoe 1 -rtr 1"}
 PY=/usr/bin/python3
+MOE="$BUILD/moe"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+SUMMARY=$tmp/summary.tsv # workload, ours, baseline, theirs, ratio, roofline: the final table
+: >"$SUMMARY"
+export SUMMARY
+want() { case " $ONLY " in *" $1 "*) return 0;; esac; return 1; }
+median() { $PY -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$SUMMARY"; }
+[ $q = 1 ] && echo "(quick mode: BENCH_QUICK=1; runs $RUNS, prompt $PROMPT, gen $GEN, types $TYPES)"
 
-if [ -x "$BUILD/bench/bench_kernels" ]; then
-    echo "== kernels"
-    "$BUILD/bench/bench_kernels" | tee "$tmp/kernels.txt"
+if want machine; then
+    echo "== machine"
+    cpu=$(grep -m1 '^model name' /proc/cpuinfo | sed 's/^[^:]*: *//' || true)
+    flags=" $(grep -m1 '^flags' /proc/cpuinfo | sed 's/^[^:]*://') "
+    units=""
+    for u in avx2 avx512f avx512_bf16 avx512_vnni amx_tile amx_bf16 amx_int8; do
+        case "$flags" in *" $u "*) units+=" $u";; *) units+=" no-$u";; esac
+    done
+    echo "cpu: ${cpu:-unknown}, $(nproc) cores online; /proc/cpuinfo:$units"
+    "$MOE" bench --machine --threads "$THREADS" | tee "$tmp/machine.txt"
+    bw=$(sed -n 's/.*memory bandwidth \([0-9.]*\) GB\/s.*/\1/p' "$tmp/machine.txt")
+    row "memory bandwidth (streaming read, $THREADS threads)" "$bw GB/s" "" "" "" ""
     echo
 fi
+
+if want kernels && [ -x "$BUILD/bench/bench_kernels" ]; then
+    echo "== kernels"
+    OMP_NUM_THREADS=$THREADS "$BUILD/bench/bench_kernels" $([ $q = 1 ] && echo --quick) | tee "$tmp/kernels.txt"
+    # the peak of every unit measured, into the summary
+    $PY -c '
+import re, sys
+for m in re.finditer(r"^peak\s+(.*?)\s+1 thread.*?(\d+) threads\s+([\d.]+) GFLOP/s", open(sys.argv[1]).read(), re.M):
+    print(f"peak: {m.group(1)} ({m.group(2)} threads, GFLOP/s)\t{m.group(3)}\t\t\t\t")' "$tmp/kernels.txt" >>"$SUMMARY"
+    echo
+fi
+touch "$tmp/kernels.txt"
+
+if want training; then
 
 echo "== training throughput: preset $PRESET, batch $BATCH x seq $SEQ, $THREADS threads, $RUNS runs each"
 # the config exactly as the engine has it, passed field by field to PyTorch
@@ -64,7 +116,6 @@ torch_runs() {
     done
     echo "${rates[*]}"
 }
-median() { $PY -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
 # PyTorch gets its best thread layout on this machine: its own intra-op threads
 # and OpenBLAS's threads compete for the same cores when both are > 1, so try
@@ -87,7 +138,6 @@ for mm in fp32 bf16; do
 done
 blas=$(cat "$tmp/blas")
 
-touch "$tmp/kernels.txt"
 $PY - "$blas" "${moe_rates[fp32]}" "${moe_rates[bf16]}" "${torch_rates[fp32]}" "${torch_rates[bf16]}" \
     "$cfg" "$SEQ" "$tmp/kernels.txt" <<'PYEOF'
 import json, re, statistics, sys
@@ -137,4 +187,169 @@ for key, torch_v in (("fp32", tf), ("bf16", tb)):
         best = peak[key] * 1e9 / fpt
         print(f"ceiling {key}: at 100% of the {key} peak the matmuls alone allow {best:,.0f} tokens/s"
               f" = {best / med(torch_v):.2f}x pytorch {key}")
+import os
+with open(os.environ["SUMMARY"], "a") as f:
+    best_torch = max(med(tf), med(tb))
+    for name, v in (("fp32", mf), ("bf16", mb)):
+        f.write(f"training matmul={name} (tokens/s)\t{med(v):,.0f}\tpytorch (fastest)"
+                f"\t{best_torch:,.0f}\t{med(v) / best_torch:.2f}x\t\n")
+PYEOF
+echo
+fi # training
+
+if want moe-layer && [ -x "$BUILD/bench/bench_moe_layer" ]; then
+    echo "== the MoE layer alone (64 experts top-8, d 1024, hidden 512, fp32): grouped vs a loop over experts"
+    OMP_NUM_THREADS=$THREADS "$BUILD/bench/bench_moe_layer" $([ $q = 1 ] && echo --quick) | tee "$tmp/layer.txt"
+    sed -n 's/^moe layer N=\([0-9]*\) .*grouped *\([0-9.]*\) ms.*expert loop *\([0-9.]*\) ms: grouped is *\([0-9.]*\)x.*/\1 \2 \3 \4/p' \
+        "$tmp/layer.txt" | while read -r n g l r; do
+        row "moe layer N=$n, 64 experts: grouped (ms)" "$g" "loop over experts" "$l" "${r}x faster" ""
+    done
+    echo
+fi
+
+# ---- inference: the synthetic models, written once into the cache ----
+mkdir -p "$CACHE"
+model_file() { # kind type -> path, written when missing
+    local f="$CACHE/$1-$2.gguf"
+    if [ ! -s "$f" ]; then
+        echo "writing $f (once; later runs reuse it)..." >&2
+        "$MOE" bench --write-synthetic "$1" --type "$2" --out "$f" >&2
+    fi
+    echo "$f"
+}
+# ours: moe bench --json on a file -> $tmp/ours-<tag>.json
+ours() { # file tag
+    "$MOE" bench --model "$1" -p "$PROMPT" -n "$GEN" -r "$REPS" --threads "$THREADS" --json 2>"$tmp/ours.err" \
+        >"$tmp/ours-$2.json" || { cat "$tmp/ours.err" >&2; exit 1; }
+}
+# theirs: one llama-bench binary on a file, each configuration; pp and tg (decode after the
+# prompt: llama.cpp's -d, ik_llama.cpp's -gp) -> $tmp/<engine>-<tag>-<i>.json
+theirs() { # engine binary file tag
+    local engine=$1 bin=$2 file=$3 tag=$4 configs i=0 cfg j runs
+    [ "$engine" = ik ] && configs=$IK_CONFIGS || configs=$LLAMA_CONFIGS
+    [ $q = 1 ] && configs=${configs%%;*} # quick: the first configuration only
+    IFS=';' read -ra cfgs <<<"$configs"
+    for cfg in "${cfgs[@]}"; do
+        if [ "$engine" = ik ]; then runs=("-p $PROMPT -n 0 -gp $PROMPT,$GEN")
+        else runs=("-p $PROMPT -n 0" "-p 0 -n $GEN -d $PROMPT"); fi
+        for j in "${!runs[@]}"; do
+            # shellcheck disable=SC2086
+            "$bin" -m "$file" ${runs[$j]} -r "$REPS" -t "$THREADS" $cfg -o json >"$tmp/$engine-$tag-$i-$j.json" \
+                2>"$tmp/$engine.err" || { echo "$engine llama-bench failed with '${runs[$j]} $cfg':" >&2
+                                          tail -5 "$tmp/$engine.err" >&2; rm -f "$tmp/$engine-$tag-$i-$j.json"; }
+        done
+        echo "$cfg" >"$tmp/$engine-$tag-$i.cfg"
+        i=$((i + 1))
+    done
+}
+# prints the comparison of one file and adds its rows to the summary
+compare() { # tag label
+    $PY - "$tmp" "$1" "$2" "$PROMPT" "$GEN" <<'PYEOF'
+import glob, json, os, statistics, sys
+tmp, tag, label, P, G = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+ours = json.load(open(f"{tmp}/ours-{tag}.json"))
+roof = ours["roofline_ts"]
+med = statistics.median
+def ours_ts(kind):
+    for t in ours["tests"]:
+        if t["test"].startswith(kind): return med(t["samples_ts"])
+    return None
+def theirs_ts(engine):
+    """best median t/s per test over the engine's configurations, with the flags that gave it"""
+    best = {}
+    for path in sorted(glob.glob(f"{tmp}/{engine}-{tag}-*.json")):
+        flags = open(path.rsplit("-", 1)[0] + ".cfg").read().strip()
+        try: recs = json.load(open(path))
+        except ValueError: continue
+        for r in recs:
+            depth = r.get("n_depth", 0) or 0
+            if r.get("n_gen", 0) == 0 and r.get("n_prompt") == P and depth == 0: kind = "pp"
+            elif r.get("n_gen") == G and (depth == P or r.get("n_prompt") == P): kind = "tg"  # -d P, or ik's -gp P,G
+            else: continue
+            v = med(r["samples_ts"])
+            if kind not in best or v > best[kind][0]: best[kind] = (v, flags)
+    return best
+engines = [(e, n) for e, n in (("llama", "llama.cpp"), ("ik", "ik_llama.cpp")) if glob.glob(f"{tmp}/{e}-{tag}-*.json")]
+res = {e: theirs_ts(e) for e, _ in engines}
+print(f"{label}: {ours['model']}, {ours['size_bytes'] / 2**30:.2f} GiB, {ours['bytes_per_token'] / 1e6:.1f} MB read per "
+      f"decoded token; bandwidth {ours['bandwidth_gbs']:.1f} GB/s -> roofline {roof:.1f} tokens/s; kernels {ours['kernels']}")
+with open(os.environ["SUMMARY"], "a") as f:
+    for kind, test in (("pp", f"pp{P}"), ("tg", f"tg{G} @ d{P}")):
+        o = ours_ts(kind)
+        if o is None: continue
+        fr = lambda v: f"{100 * v / roof:.1f}%" if kind == "tg" and roof > 0 else ""
+        line = f"  {test:<12} ours {o:9.2f} t/s {fr(o):>7}"
+        if not engines: f.write(f"{label} {test}\t{o:.2f}\t\t\t\t{fr(o)}\n")
+        for e, name in engines:
+            if kind in res[e]:
+                v, flags = res[e][kind]
+                line += f" | {name} {v:9.2f} t/s {fr(v):>7} ({flags}): ours/theirs {o / v:5.2f}x"
+                f.write(f"{label} {test}\t{o:.2f}\t{name} ({flags})\t{v:.2f}\t{o / v:.2f}x\t{fr(o)}"
+                        f"{' (theirs ' + fr(v) + ')' if fr(v) else ''}\n")
+            else:
+                line += f" | {name}: no result"
+        print(line)
+PYEOF
+}
+
+if want inference; then
+    echo "== inference: the synthetic 1.72B MoE (llama layout, 64 experts top-8), pp$PROMPT and tg$GEN after it, $THREADS threads, $REPS runs each (medians)"
+    for e in LLAMA_BENCH IK_LLAMA_BENCH; do
+        if [ -z "${!e:-}" ]; then echo "$e is not set: the $([ $e = LLAMA_BENCH ] && echo llama.cpp || echo ik_llama.cpp) comparison is skipped (set it to the path of a llama-bench binary)"
+        elif [ ! -x "${!e}" ]; then echo "$e=${!e} is not an executable: that comparison is skipped"; fi
+    done
+    for ty in $TYPES; do
+        f=$(model_file moe "$ty")
+        ours "$f" "moe-$ty"
+        [ -n "${LLAMA_BENCH:-}" ] && [ -x "$LLAMA_BENCH" ] && theirs llama "$LLAMA_BENCH" "$f" "moe-$ty"
+        [ -n "${IK_LLAMA_BENCH:-}" ] && [ -x "$IK_LLAMA_BENCH" ] && theirs ik "$IK_LLAMA_BENCH" "$f" "moe-$ty"
+        compare "moe-$ty" "1.72B MoE $ty"
+    done
+    echo
+fi
+
+if want sparsity; then
+    ty=${TYPES%% *}
+    echo "== sparsity: the MoE against dense models of its total and of its active parameters ($ty, pp$PROMPT, tg$GEN)"
+    for kind in moe dense-total dense-active; do
+        f=$(model_file "$kind" "$ty")
+        [ -s "$tmp/ours-$kind-$ty.json" ] || ours "$f" "$kind-$ty"
+    done
+    $PY - "$tmp" "$ty" <<'PYEOF'
+import json, os, statistics, sys
+tmp, ty = sys.argv[1], sys.argv[2]
+med = statistics.median
+r = {k: json.load(open(f"{tmp}/ours-{k}-{ty}.json")) for k in ("moe", "dense-total", "dense-active")}
+def ts(j, kind): return next((med(t["samples_ts"]) for t in j["tests"] if t["test"].startswith(kind)), None)
+moe = r["moe"]
+print(f"{'model':<14} {'params':>8} {'active':>8} {'MB/token':>9} {'pp t/s':>9} {'tg t/s':>9} | "
+      f"{'MoE/this pp':>11} {'predicted':>9} | {'MoE/this tg':>11} {'predicted':>9}")
+with open(os.environ["SUMMARY"], "a") as f:
+    for k, j in r.items():
+        pp, tg = ts(j, "pp"), ts(j, "tg")
+        # decode reads the bytes of a token's weights: the predicted ratio is theirs over the MoE's;
+        # prefill's work is the active parameters' multiply-adds
+        pred_tg = j["bytes_per_token"] / moe["bytes_per_token"]
+        pred_pp = j["active_params"] / moe["active_params"]
+        rpp = ts(moe, "pp") / pp if pp else float("nan")
+        rtg = ts(moe, "tg") / tg if tg else float("nan")
+        print(f"{k:<14} {j['params'] / 1e9:7.2f}B {j['active_params'] / 1e9:7.2f}B {j['bytes_per_token'] / 1e6:9.1f} "
+              f"{pp or 0:9.2f} {tg or 0:9.2f} | {rpp:10.2f}x {pred_pp:8.2f}x | {rtg:10.2f}x {pred_tg:8.2f}x")
+        if k != "moe":
+            f.write(f"sparsity {ty}: MoE / {k} pp (t/s)\t{ts(moe, 'pp'):.2f}\t{k}\t{pp:.2f}\t{rpp:.2f}x\tpredicted {pred_pp:.2f}x\n")
+            f.write(f"sparsity {ty}: MoE / {k} tg (t/s)\t{ts(moe, 'tg'):.2f}\t{k}\t{tg:.2f}\t{rtg:.2f}x\tpredicted {pred_tg:.2f}x\n")
+PYEOF
+    echo
+fi
+
+echo "== summary (medians; ratio = ours / theirs; roofline = decode tokens/s over bandwidth / bytes per token)"
+$PY - "$SUMMARY" <<'PYEOF'
+import sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+head = ["workload", "ours", "baseline", "theirs", "ratio", "roofline"]
+w = [max(len(r[i]) for r in rows + [head]) for i in range(6)]
+fmt = lambda r: "| " + " | ".join(c.ljust(w[i]) if i in (0, 2) else c.rjust(w[i]) for i, c in enumerate(r)) + " |"
+print(fmt(head))
+print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+for r in rows: print(fmt(r))
 PYEOF

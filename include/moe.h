@@ -295,6 +295,30 @@ typedef int (*moe_token_fn)(int32_t id, const char *bytes, size_t len, void *use
 MOE_API moe_status moe_generate(moe_model *m, const int32_t *prompt, size_t n_prompt,
                                 const moe_sample_params *sp, moe_token_fn fn, void *user);
 
+/* ---- benchmarking (moe bench, make bench; docs/performance.md) ------------ */
+/* Writes a random-weight model of cfg's shapes in the published llama layout
+ * (Mixtral-style experts when cfg->n_experts > 0, else dense), every matrix in
+ * type ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_K", ...; rows that are not
+ * whole blocks of it fall back to q8_0, then f32; routers stay f32), with a
+ * synthetic vocabulary of exactly cfg->vocab_size tokens (257 to 65,793) so
+ * that other engines load the same file. */
+MOE_API moe_status moe_write_synthetic(const char *path, const moe_config *cfg, const char *type,
+                                       uint64_t seed);
+typedef struct {
+    int64_t total;     /* bytes of every weight as stored                        */
+    int64_t per_token; /* bytes one decoded token reads: every weight outside the
+                          routed experts, k of the E experts of each MoE layer, the
+                          whole output matrix, one row of the token embedding    */
+} moe_weight_bytes;
+MOE_API moe_weight_bytes moe_model_weight_bytes(const moe_model *m);
+/* Streaming-read bandwidth in GB/s (1e9 bytes/s) on the current thread count:
+ * the median of reps passes over a buffer of bytes (0: 512 MiB, far beyond
+ * the caches; reps 0: 7). */
+MOE_API moe_status moe_measure_bandwidth(size_t bytes, int reps, double *gbs);
+/* "units: avx2 fma avx512f ...; kernels: fast (avx512)": the CPU units
+ * detected at run time and the kernel path they select (buf NUL-terminated). */
+MOE_API void moe_cpu_describe(char *buf, size_t cap);
+
 MOE_API void moe_set_threads(int n);  /* 0 = all cores */
 /* Releases memory the library hands out (e.g. moe_tokenizer_encode's ids). */
 MOE_API void moe_free(void *p);

@@ -171,6 +171,7 @@ if [ $have_model = 1 ]; then
 
     run "$MOE" generate --model "$M" --tokens 5 --prompt "the fox" --stats
     grep -qE "^moe generate: prompt [0-9]+ tokens, [0-9.]+ tokens/s; generation [0-9]+ tokens, [0-9.]+ tokens/s$" "$T/err" \
+        && grep -qE "^moe generate: units: .*; kernels: " "$T/err" \
         && ok "generate --stats" || bad "generate --stats" "exit $RC: $(head -c 300 "$T/err")"
     # Ctrl-C stops generation cleanly: the text so far is printed, exit 130
     # (a long context, so generation outlasts the signal: the interrupt comes as soon as text appears)
@@ -303,5 +304,50 @@ refuse_case eval-capacity "eval_capacity_factor 2 drops tokens over capacity at 
 refuse_case shared "shared experts: the llama layout has none; deepseek2" n_shared_experts=1 d_shared=32
 refuse_case no-renorm "renorm_topk = 0: llama.cpp's llama architecture always renormalises" renorm_topk=0
 unchanged "existing file survived everything" "$T/existing.gguf" "$T/existing.copy"
+
+
+# ---- moe bench: speed of a model file, and the synthetic benchmark models ----------------
+SYN=(--set n_layers=2 --set d_model=64 --set n_heads=4 --set n_kv_heads=2 --set n_experts=4 --set top_k=2
+     --set d_expert=64 --set vocab_size=300 --set max_seq=128)
+run "$MOE" bench --write-synthetic moe --type q8_0 --out "$T/bm.gguf" "${SYN[@]}"
+[ "$RC" -eq 0 ] && grep -q "4 experts top-2 of hidden 64, q8_0" "$T/out" && ok "bench --write-synthetic moe" \
+    || bad "bench --write-synthetic moe" "exit $RC: $(head -c 300 "$T/err")"
+run "$MOE" bench --write-synthetic dense-total --type bf16 --out "$T/bd.gguf" "${SYN[@]}"
+[ "$RC" -eq 0 ] && grep -q "dense layers of hidden 256, bf16" "$T/out" && ok "bench --write-synthetic dense-total" \
+    || bad "bench --write-synthetic dense-total" "exit $RC: $(head -c 300 "$T/err")"
+run "$MOE" info --model "$T/bm.gguf"
+[ "$RC" -eq 0 ] && grep -q "experts: 4 routed, top-2" "$T/out" && ok "the synthetic model loads" \
+    || bad "the synthetic model loads" "exit $RC: $(head -c 300 "$T/err")"
+run "$MOE" bench --model "$T/bm.gguf" -p 8 -n 4 -r 2 -t 1
+if [ "$RC" -eq 0 ] && grep -qE '^\| llama 162.1K q8_0 +\| .* \| +1 \| +pp8 \| +[0-9.]+ ± [0-9.]+ \| +- \|$' "$T/out" &&
+   grep -qE '^\| llama .* \| +tg4 @ d8 \| +[0-9.]+ ± [0-9.]+ \| +[0-9.]+% \|$' "$T/out" &&
+   grep -q "memory bandwidth [0-9.]* GB/s" "$T/out" && grep -q "run 2/2" "$T/err"; then
+    ok "bench: the table has the pp and tg rows"
+else bad "bench: the table has the pp and tg rows" "exit $RC: $(head -c 600 "$T/out") $(head -c 200 "$T/err")"; fi
+run "$MOE" bench --model "$T/bd.gguf" --n-prompt 4 --n-gen 0 --repetitions 1 --json
+if [ "$RC" -eq 0 ] && /usr/bin/python3 -c '
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert [t["test"] for t in j["tests"]] == ["pp4"], j["tests"]
+assert len(j["tests"][0]["samples_ts"]) == 1 and j["tests"][0]["avg_ts"] > 0
+assert j["type"] == "bf16" and j["bandwidth_gbs"] > 0 and 0 < j["bytes_per_token"] < j["size_bytes"]' "$T/out"; then
+    ok "bench --json parses"
+else bad "bench --json parses" "exit $RC: $(head -c 400 "$T/out")"; fi
+expect "bench: no model" 2 "--model FILE is required" "$MOE" bench
+expect "bench: nothing to measure" 2 "nothing to measure" "$MOE" bench --model "$T/bm.gguf" -p 0 -n 0
+expect "bench: bad -p" 2 "n-prompt.*expects an integer" "$MOE" bench --model "$T/bm.gguf" -p many
+expect "bench: negative -n" 2 "n-gen.*>= 0" "$MOE" bench --model "$T/bm.gguf" -n -3
+expect "bench: too long for the context" 1 "context length is 128" "$MOE" bench --model "$T/bm.gguf" -p 200
+expect "bench: missing model" 1 "missing\.gguf" "$MOE" bench --model "$T/missing.gguf"
+expect "bench: not a model" 1 "small\.txt" "$MOE" bench --model "$T/small.txt"
+expect "bench: unknown synthetic model" 2 "unknown model 'sparse'" "$MOE" bench --write-synthetic sparse --out "$T/x.gguf"
+expect "bench: synthetic needs --out" 2 "needs --out" "$MOE" bench --write-synthetic moe
+expect "bench: unknown type" 1 "type 'q3_x'.*known: .*q4_K" "$MOE" bench --write-synthetic moe --type q3_x --out "$T/x.gguf" "${SYN[@]}"
+expect "bench: vocabulary too large" 1 "synthetic vocabulary has 257 to 65793 tokens" "$MOE" bench --write-synthetic moe --out "$T/x.gguf" "${SYN[@]}" --set vocab_size=70000
+expect "bench: --out without --write-synthetic" 2 "go with --write-synthetic" "$MOE" bench --model "$T/bm.gguf" --out "$T/x.gguf"
+expect "bench: refuses to overwrite" 1 "refusing to overwrite" "$MOE" bench --write-synthetic moe --out "$T/bm.gguf" "${SYN[@]}"
+run "$MOE" bench --help
+[ "$RC" -eq 0 ] && grep -q -- "--write-synthetic" "$T/out" && grep -q "short for --n-prompt" "$T/out" && ok "bench --help" \
+    || bad "bench --help" "exit $RC"
 
 finish

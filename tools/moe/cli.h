@@ -93,7 +93,9 @@ int check_data_paths(const str_list *paths);
 int check_out_path(const char *out, const char *allowed, int force);
 /* The built-in corpus (data/corpus-small here or next to the binary), or NULL. */
 const char *default_corpus(void);
-/* Loads a model GGUF that must have a tokenizer. Prints the error; 0 if fine. */
+/* Loads a model GGUF (open_model: with or without a tokenizer; load_model:
+ * it must have one). Print the error; 0 if fine. */
+int open_model(const char *path, moe_model **m);
 int load_model(const char *path, moe_model **m);
 
 /* ---- formatting ---------------------------------------------------------------- */
@@ -124,5 +126,6 @@ int cmd_eval(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_tokenizer(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
 
 #endif

@@ -90,6 +90,9 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         const double tp = st.n_gen ? st.t_first - st.t0 : moe_clock() - st.t0, tg = st.t_last - st.t_first;
         fprintf(stderr, "moe generate: prompt %zu tokens, %.1f tokens/s; generation %d tokens, %.1f tokens/s\n",
                 n, tp > 0 ? (double)n / tp : 0.0, st.n_gen, st.n_gen > 1 && tg > 0 ? (st.n_gen - 1) / tg : 0.0);
+        char units[512];
+        moe_cpu_describe(units, sizeof units);
+        fprintf(stderr, "moe generate: %s\n", units);
     }
     if (sig) {
         fprintf(stderr, "moe generate: interrupted (%s)\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -118,7 +121,7 @@ int cmd_generate(int argc, char **argv) {
         {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
         {"echo", OPT_FLAG, &echo, R_ANY, NULL, "print the prompt before the generated text", NULL, 0},
         {"ignore-eos", OPT_FLAG, &sp.ignore_eos, R_ANY, NULL, "never sample an end-of-generation token", NULL, 0},
-        {"stats", OPT_FLAG, &stats, R_ANY, NULL, "print prompt and generation tokens/s on stderr", NULL, 0},
+        {"stats", OPT_FLAG, &stats, R_ANY, NULL, "print prompt and generation tokens/s and the kernel path on stderr", NULL, 0},
         {"ctx", OPT_INT, &n_ctx, R_POS, "N", "positions the KV cache holds",
          "the model's context, at most 4096 for published models", 0},
     };

@@ -1,5 +1,5 @@
 /* moe: the command-line front end of libmoe.
- *   moe train | generate | eval | info | tokenizer (train|encode|decode) | convert
+ *   moe train | generate | eval | info | tokenizer (train|encode|decode) | convert | bench
  * Each command lives in its own file and describes its options in a table
  * read by the shared parser in opts.c. */
 #include "cli.h"
@@ -23,6 +23,7 @@ static const struct {
     {"info", cmd_info, "show a configuration and its parameter counts"},
     {"tokenizer", cmd_tokenizer, "train a tokenizer, or encode/decode with one"},
     {"convert", cmd_convert, "write a model in the GGUF layout llama.cpp runs"},
+    {"bench", cmd_bench, "measure prefill and decode speed against the memory roofline"},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 
@@ -114,7 +115,7 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN); /* a closed pipe becomes a write error, not a kill */
     signal(SIGXFSZ, SIG_IGN); /* past a file-size limit write() fails with EFBIG: a clear error */
     if (argc < 2) {
-        fprintf(stderr, "moe: missing command: train, generate, eval, info, tokenizer or convert (see 'moe --help')\n");
+        fprintf(stderr, "moe: missing command: train, generate, eval, info, tokenizer, convert or bench (see 'moe --help')\n");
         return EXIT_USAGE;
     }
     const char *cmd = argv[1];

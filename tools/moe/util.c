@@ -118,12 +118,17 @@ const char *default_corpus(void) {
     return is_dir(buf) ? buf : NULL;
 }
 
-int load_model(const char *path, moe_model **m) {
+int open_model(const char *path, moe_model **m) {
     struct stat st;
     *m = NULL;
     if (stat(path, &st) != 0) return fail("model file '%s': %s", path, strerror(errno));
     if (S_ISDIR(st.st_mode)) return fail("model file '%s' is a directory", path);
     if (moe_model_load(m, path) != MOE_OK) return lib_fail_file(path);
+    return 0;
+}
+
+int load_model(const char *path, moe_model **m) {
+    if (open_model(path, m)) return EXIT_FAIL;
     if (!moe_model_tokenizer(*m)) {
         moe_model_free(*m);
         *m = NULL;
