@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "core/core.h"
+#include "moe.h"
 
 void moe_cpu_describe(char *buf, size_t cap) {
     if (!buf || !cap) return;
@@ -25,10 +26,11 @@ void moe_cpu_describe(char *buf, size_t cap) {
             any = 1;
         }
     if (!any && o < cap) o += (size_t)snprintf(buf + o, cap - o, " none");
-    /* the fast kernels need AVX-512 (moe_use_fast_kernels); the rest runs the reference */
+    /* the fp32/bf16 GEMM's fast path needs AVX-512 (moe_use_fast_kernels); the
+     * quantised weights' kernels choose their own (moe_cpu_kernels) */
     const char *path = moe_use_fast_kernels() ? "fast (avx512)"
                        : c->avx512f && c->fma ? "reference (MOE_REFERENCE set)" : "reference (portable C)";
-    if (o < cap) snprintf(buf + o, cap - o, "; kernels: %s", path);
+    if (o < cap) snprintf(buf + o, cap - o, "; kernels: matmul %s, quantised %s", path, moe_cpu_kernels());
 }
 
 /* One pass over the buffer, every 64-bit word read once and folded into a
