@@ -50,14 +50,21 @@ static size_t min_budget(moe_model *m) {
     return p && sscanf(p, "minimum of %llu", &v) == 1 ? (size_t)v : 0;
 }
 
+/* writes a random model of layout L in type wtype to path and loads it (NULL: failed, checked) */
+static moe_model *write_and_load(const char *path, const layout *L, int wtype, uint64_t seed) {
+    moe_model *m = NULL;
+    CHECK(arch_write_random(path, L->arch, &L->c, wtype, NULL, seed) == MOE_OK && moe_model_load(&m, path) == MOE_OK,
+          "%s: %s", L->label, moe_last_error());
+    return m;
+}
+
 static void test_layout(const layout *L, int wtype) {
     char name[200], path[256];
     snprintf(name, sizeof name, "offload %s (%s): budgets give the resident bits", L->label, dtype_name(wtype));
     TEST_CASE(name);
     th_tmp_path(path, sizeof path, "offload.gguf");
-    moe_model *m = NULL;
-    moe_status st = arch_write_random(path, L->arch, &L->c, wtype, NULL, 11);
-    CHECK(st == MOE_OK && moe_model_load(&m, path) == MOE_OK, "load: %s", moe_last_error());
+    moe_model *m = write_and_load(path, L, wtype, 11);
+    moe_status st;
     const size_t V = (size_t)L->c.vocab_size;
     float *ref = malloc(sizeof(float) * N_TOK * V), *got = malloc(sizeof(float) * N_TOK * V);
     if (!m || !ref || !got) { free(ref); free(got); moe_model_free(m); TEST_END(); return; }
@@ -104,6 +111,17 @@ static void test_layout(const layout *L, int wtype) {
         CHECK(moe_model_set_mem_budget(m, "25%") == MOE_OK, "%s", moe_last_error());
         CHECK(run(m, got) == MOE_OK && !memcmp(got, ref, sizeof(float) * N_TOK * V), "policy %s: logits differ", policies[p]);
     }
+    /* warm start: every expert counted once fills a 100% cache before the run, so nothing misses */
+    int64_t *counts = calloc((size_t)moe_config_n_moe_layers(&m->cfg) * L->c.n_experts, sizeof(int64_t));
+    for (int i = 0; counts && i < moe_config_n_moe_layers(&m->cfg) * L->c.n_experts; i++) counts[i] = 1 + i % 3;
+    CHECK(counts && moe_model_set_mem_budget(m, "100%") == MOE_OK && moe_model_offload_warm(m, counts) == MOE_OK, "warm: %s",
+          moe_last_error());
+    CHECK(run(m, got) == MOE_OK && !memcmp(got, ref, sizeof(float) * N_TOK * V), "warm start: logits differ");
+    moe_offload_stats ws;
+    moe_model_offload_stats(m, &ws);
+    CHECK(ws.misses == 0 && ws.bytes_read == 0 && ws.hits > 0, "warm start: %lld misses, %lld bytes read", (long long)ws.misses,
+          (long long)ws.bytes_read);
+    free(counts);
     CHECK(moe_model_set_mem_budget(m, "0") == MOE_OK && !m->store, "off again: %s", moe_last_error());
     CHECK(run(m, got) == MOE_OK && !memcmp(got, ref, sizeof(float) * N_TOK * V), "budget 0 after a budget: logits differ");
     free(ref);
@@ -122,9 +140,7 @@ static void test_truncated(void) {
     th_tmp_path(cut, sizeof cut, "offload-cut.gguf");
     layout L[8];
     layouts(L);
-    moe_model *m = NULL;
-    CHECK(arch_write_random(path, L[0].arch, &L[0].c, DT_Q8_0, NULL, 5) == MOE_OK && moe_model_load(&m, path) == MOE_OK,
-          "%s", moe_last_error());
+    moe_model *m = write_and_load(path, &L[0], DT_Q8_0, 5);
     size_t n = 0;
     char *bytes = NULL;
     CHECK(moe_read_file(path, &bytes, &n) == MOE_OK, "%s", moe_last_error());
@@ -157,9 +173,7 @@ static void test_refusals(void) {
     th_tmp_path(path, sizeof path, "offload-bad.gguf");
     layout L[8];
     layouts(L);
-    moe_model *m = NULL;
-    CHECK(arch_write_random(path, L[0].arch, &L[0].c, DT_F32, NULL, 5) == MOE_OK && moe_model_load(&m, path) == MOE_OK,
-          "%s", moe_last_error());
+    moe_model *m = write_and_load(path, &L[0], DT_F32, 5);
     const char *bad[] = {"", "abc", "-1", "150%", "12X", "1.5.2G"};
     for (int i = 0; m && i < 6; i++)
         CHECK(moe_model_set_mem_budget(m, bad[i]) == MOE_ERR_INVALID_ARG && strstr(moe_last_error(), "memory budget"),

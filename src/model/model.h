@@ -141,7 +141,8 @@ struct moe_model {
     char *path;              /* the file a published model was loaded from */
     size_t store_budget;     /* bytes the store was given                  */
     int64_t store_tokens;    /* tokens run since the stats were reset      */
-    int store_policy, store_drop_cache; /* EXPERT_EVICT_*, posix_fadvise after reads */
+    int store_policy;        /* 1 + EXPERT_EVICT_*, 0 = the default          */
+    int store_drop_cache;    /* posix_fadvise(DONTNEED) after every read     */
 };
 
 /* The layer plan of a config (plan[n_layers]). */

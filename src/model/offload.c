@@ -15,7 +15,7 @@
 /* half-lives of the frequency policies, in tokens (moe.h) */
 enum { LFU_HALFLIFE_TOKENS = 256, LRFU_HALFLIFE_TOKENS = 4 };
 static const char *const policy_names[EXPERT_EVICT_COUNT] = {"lru", "lfu", "lrfu"};
-enum { DEFAULT_POLICY = EXPERT_EVICT_LRU };
+enum { DEFAULT_POLICY = EXPERT_EVICT_LFU }; /* measured best: docs/memory.md */
 
 /* the stacked experts' matrix k (0 gate, 1 up, 2 down) of layer W */
 static const moe_tensor *expert_tensor(const layer_weights *W, int k) {
@@ -98,7 +98,7 @@ static moe_status open_store(moe_model *m) {
         }
     }
     const double per_token = (double)m->cfg.top_k * moe_config_n_moe_layers(&m->cfg); /* acquires */
-    const int policy = m->store_policy;
+    const int policy = m->store_policy ? m->store_policy - 1 : DEFAULT_POLICY;
     expert_store_opts o = {.policy = policy, .drop_page_cache = m->store_drop_cache,
                            .halflife = per_token * (policy == EXPERT_EVICT_LRFU ? LRFU_HALFLIFE_TOKENS : LFU_HALFLIFE_TOKENS)};
     moe_status st = expert_store_open(&m->store, m->path, layers, L, m->cfg.n_experts, m->store_budget, &o);
@@ -128,7 +128,7 @@ moe_status moe_model_set_offload_policy(moe_model *m, const char *policy, int dr
         for (p = 0; p < EXPERT_EVICT_COUNT && strcmp(policy, policy_names[p]); p++) {}
         if (p == EXPERT_EVICT_COUNT) return moe_error(MOE_ERR_INVALID_ARG, "eviction policy '%s': expected lru, lfu or lrfu", policy);
     }
-    m->store_policy = p;
+    m->store_policy = p + 1;
     m->store_drop_cache = drop_page_cache != 0;
     return m->store ? open_store(m) : MOE_OK;
 }
@@ -166,5 +166,6 @@ moe_status moe_model_offload_warm(moe_model *m, const int64_t *counts) {
         if (m->plan[l].ffn == FFN_MOE) memcpy(by_layer + (size_t)l * E, counts + (size_t)i++ * E, sizeof(int64_t) * E);
     moe_status st = expert_store_warm(m->store, by_layer);
     moe_free(by_layer);
+    moe_model_offload_reset_stats(m); /* the counts start with the warm cache */
     return st;
 }

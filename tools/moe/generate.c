@@ -39,7 +39,7 @@ static void print_offload_stats(const char *cmd, const moe_model *m) {
 #define OFFLOAD_OPTS(budget, policy)                                                                         \
     {"mem-budget", OPT_STR, &(budget), R_ANY, "SIZE",                                                        \
      "keep routed experts on disk, cached in SIZE bytes (512M, 2G) or a share of their bytes (50%)", "0 = all in memory", 0}, \
-    {"offload-policy", OPT_STR, &(policy), R_ANY, "NAME", "expert cache eviction: lru, lfu or lrfu", "lru", 0}
+    {"offload-policy", OPT_STR, &(policy), R_ANY, "NAME", "expert cache eviction: lru, lfu or lrfu", "lfu", 0}
 
 /* ---- generate ---- */
 typedef struct {
