@@ -239,6 +239,7 @@ int expert_store_acquire(expert_store *s, int layer, int e, int counts, const vo
             t->unit = u;
             t->pins = 1;
             t->loading = 1;
+            t->last_use = s->tick; /* not the previous occupant's */
             s->unit_slot[u] = victim;
             s->st.misses++;
             pthread_mutex_unlock(&s->mu);
