@@ -191,6 +191,45 @@ MOE_API int moe_model_context(const moe_model *m);
  * buf, always NUL-terminated. */
 MOE_API void moe_model_describe(const moe_model *m, char *buf, size_t cap);
 
+/* ---- expert offloading (docs/memory.md) ------------------------------------
+ * A published model's routed experts can stay on disk: with a budget, each
+ * expert's gate, up and down slices are read from the model file when the
+ * router first picks it, into a cache whose slots take at most budget bytes
+ * (its bookkeeping, a few bytes per expert, is table_bytes besides);
+ * attention, norms, embeddings and routers stay mapped. Output is
+ * bit-identical to the fully resident run.
+ * size: "0" (off: every expert mapped, the default), bytes ("4096", "512K",
+ * "512M", "2G", powers of 1024) or a share of the experts' bytes ("50%").
+ * Refused below one expert's slices (the message says the minimum), and for
+ * our own models (their weights are in memory already: moe convert writes
+ * a published copy). */
+MOE_API moe_status moe_model_set_mem_budget(moe_model *m, const char *size);
+/* Eviction policy for the next moe_model_set_mem_budget (or the current
+ * cache, rebuilt empty): "lru", "lfu" (use counts halving every 256 tokens)
+ * or "lrfu" (halving every 4 tokens: recency and frequency mixed); NULL =
+ * the default, lfu (docs/memory.md says why). drop_page_cache: after
+ * every read, tell the kernel to drop those pages (posix_fadvise DONTNEED),
+ * so that every miss reaches the disk (for honest measurements). */
+MOE_API moe_status moe_model_set_offload_policy(moe_model *m, const char *policy, int drop_page_cache);
+typedef struct {
+    int64_t budget;        /* bytes given (0: offloading off)                    */
+    int64_t expert_bytes;  /* all routed experts' weights in the file             */
+    int64_t cache_bytes;   /* the cache's slots (<= budget)                       */
+    int64_t table_bytes;   /* its bookkeeping, allocated besides                  */
+    int slots, units;      /* experts the cache holds at once / experts there are */
+    int64_t hits, misses;  /* expert uses found in the cache / read from the file */
+    int64_t bytes_read;    /* from the file, since the last reset                 */
+    int64_t tokens;        /* tokens run since the last reset                     */
+    double read_s;         /* seconds spent reading (summed over threads)         */
+} moe_offload_stats;
+/* All zero when offloading is off. */
+MOE_API void moe_model_offload_stats(const moe_model *m, moe_offload_stats *out);
+MOE_API void moe_model_offload_reset_stats(moe_model *m);
+/* Fills the empty slots with the experts most used in counts[n_moe][E]
+ * (routing statistics of MoE layer i, expert e, e.g. from an earlier run),
+ * most used first, and restarts the statistics; no-op when offloading is off. */
+MOE_API moe_status moe_model_offload_warm(moe_model *m, const int64_t *counts);
+
 /* ---- training ------------------------------------------------------------ */
 typedef struct {
     int steps;            /* horizon of the whole run (schedule length)      */

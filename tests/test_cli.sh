@@ -276,6 +276,20 @@ if [ "$RC" -eq 0 ] && [ -s "$C" ]; then
     run "$MOE" generate --model "$T/conv.gguf" --prompt "the quick" --tokens 12 --temperature 0 --threads 1
     if [ "$RC" -eq 0 ] && cmp -s "$T/out" "$T/gen-orig"; then ok "converted model generates the same greedy text"
     else bad "converted model generates the same greedy text" "exit $RC: '$(head -c 200 "$T/out")' vs '$(head -c 200 "$T/gen-orig")'"; fi
+    # expert offloading: the same greedy text from a cache of part of the experts, and the cache's numbers
+    for b in 100% 50% 25%; do
+        run "$MOE" generate --model "$T/conv.gguf" --prompt "the quick" --tokens 12 --temperature 0 --threads 1 --mem-budget "$b" --stats
+        if [ "$RC" -eq 0 ] && cmp -s "$T/out" "$T/gen-orig" && grep -qE "^moe generate: experts: hit rate [0-9.]+% .* MiB read per token" "$T/err"
+        then ok "generate --mem-budget $b: same text, cache stats"; else bad "generate --mem-budget $b: same text, cache stats" "exit $RC: $(head -c 300 "$T/err")"; fi
+    done
+    run "$MOE" eval --model "$T/conv.gguf" --data "$T/small.txt" --seq 16 --threads 1; cp "$T/out" "$T/eval-orig"
+    run "$MOE" eval --model "$T/conv.gguf" --data "$T/small.txt" --seq 16 --threads 1 --mem-budget 25% --offload-policy lfu --stats
+    if [ "$RC" -eq 0 ] && cmp -s "$T/out" "$T/eval-orig" && grep -q "^moe eval: experts: hit rate" "$T/err"
+    then ok "eval --mem-budget 25%: same loss"; else bad "eval --mem-budget 25%: same loss" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; fi
+    expect "generate: --mem-budget below the minimum" 1 "below the minimum of [0-9]+ bytes" "$MOE" generate --model "$T/conv.gguf" --mem-budget 1K
+    expect "generate: --mem-budget nonsense" 1 "memory budget 'lots'" "$MOE" generate --model "$T/conv.gguf" --mem-budget lots
+    expect "generate: --offload-policy unknown" 1 "policy 'fifo'" "$MOE" generate --model "$T/conv.gguf" --mem-budget 50% --offload-policy fifo
+    expect "generate: --mem-budget on our own model" 1 "published-layout" "$MOE" generate --model "$C" --mem-budget 50%
     expect "convert: a published file" 1 "already a published llama file" "$MOE" convert --to gguf "$T/conv.gguf" "$T/conv2.gguf"
     cp "$T/conv.gguf" "$T/conv.copy"
     expect "convert: refuses to overwrite" 1 "refusing to overwrite" "$MOE" convert --to gguf "$C" "$T/conv.gguf"

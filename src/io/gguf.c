@@ -679,6 +679,8 @@ uint32_t gguf_version(const gguf_ctx *c) { return c ? c->version : 0; }
 size_t gguf_alignment(const gguf_ctx *c) { return c ? c->alignment : 0; }
 size_t gguf_data_offset(const gguf_ctx *c) { return c ? c->data_off : 0; }
 
+size_t gguf_file_offset(const gguf_ctx *c, const void *p) { return (size_t)((const uint8_t *)p - c->base); }
+
 size_t gguf_data_size(const gguf_ctx *c) {
     return c && c->size > c->data_off ? c->size - c->data_off : 0;
 }

@@ -75,6 +75,8 @@ uint32_t gguf_version(const gguf_ctx *ctx);
 size_t gguf_alignment(const gguf_ctx *ctx);
 size_t gguf_data_offset(const gguf_ctx *ctx); /* file offset of the data section */
 size_t gguf_data_size(const gguf_ctx *ctx);   /* bytes from there to the end of the file */
+/* file offset of p, a pointer into the mapping (a tensor's data) */
+size_t gguf_file_offset(const gguf_ctx *ctx, const void *p);
 
 int gguf_n_tensors(const gguf_ctx *ctx);
 const gguf_tensor *gguf_tensor_at(const gguf_ctx *ctx, int i);

@@ -95,7 +95,8 @@ static moe_status read_config(const gguf_ctx *g, moe_config *c, const char *path
 static int default_ctx(const moe_config *c) { return MOE_MIN(c->max_seq, 4096); }
 
 static moe_status check_memory(const moe_model *m, int ctx) {
-    const double weights = m->file ? (double)gguf_data_size(m->file) : (double)m->n_params * sizeof(float);
+    double weights = m->file ? (double)gguf_data_size(m->file) : (double)m->n_params * sizeof(float);
+    if (m->store) weights += (double)m->store_budget - (double)model_expert_bytes(m); /* offloaded experts */
     const double kv = (double)model_kv_bytes(&m->cfg, ctx), have = (double)moe_physical_memory();
     if (weights + kv > 0.9 * have)
         return moe_error(MOE_ERR_NOMEM, "the weights need %.2f GiB and the KV cache for a context of %d needs "
@@ -195,6 +196,7 @@ static moe_status load_published(moe_model **out, gguf_ctx *g, const char *path)
         if (st) moe_error_prefix(st, "%s", path);
         else m->tok = tok;
     }
+    if (!st && !(m->path = moe_strdup(path))) st = moe_error(MOE_ERR_NOMEM, "out of memory");
     if (st) { m->file = NULL; moe_model_free(m); return st; }
     *out = m;
     return MOE_OK;

@@ -22,6 +22,7 @@
 #include "kernels/kernels.h"
 #include "kernels/qmatmul.h"
 #include "model/model.h"
+#include "moe/expert_store.h"
 
 struct infer_state {
     int n_max;               /* tokens per chunk the scratch holds          */
@@ -292,6 +293,8 @@ static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
     if (ro.mode == MOE_ROUTING_EXPERT) ro.mode = MOE_ROUTING_TOKEN;
     ro.capacity = 0; /* dropless: a token's result must not depend on its chunk */
     moe_weights mw = model_layer_moe_weights(W);
+    mw.store = m->store;
+    mw.store_layer = l;
     if (ro.mode == MOE_ROUTING_SEQUENCE) {
         /* causal: each token routes on the mean over the prefix up to it, so
          * the chunk goes one token at a time */
@@ -345,6 +348,7 @@ moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, flo
             rmsnorm_forward(s->h + (size_t)i * d, &rstd, s->x + (size_t)i * d, W->ffn_norm.data, 1, d, c->norm_eps);
         }
         ffn(m, l, n, pos0, mm);
+        if (m->store && (st = expert_store_check(m->store))) return st; /* a read failed */
         for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->o[i];
     }
     const int first = all_logits ? 0 : n - 1, rows = n - first;
@@ -353,6 +357,7 @@ moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, flo
         rmsnorm_forward(s->h + (size_t)(i - first) * d, &rstd, s->x + (size_t)i * d, m->w.output_norm.data, 1, d, c->norm_eps);
     }
     wmm(logits, s->h, &m->w.output, NULL, rows, d, c->vocab_size, mm, s->qws);
+    m->store_tokens += n;
     return MOE_OK;
 }
 

@@ -198,6 +198,7 @@ void moe_model_free(moe_model *m) {
     moe_free(m->stats.dropped);
     moe_free(m->stats.aux);
     moe_free(m->rope_tab);
+    model_offload_free(m);
     moe_tokenizer_free(m->tok);
     moe_free(m);
 }

@@ -137,6 +137,13 @@ struct moe_model {
     route_stats stats;
     float *rope_tab;         /* RoPE cos/sin for positions [0, rope_n) (rope_table_fill) */
     int rope_n;              /* min(max_seq, ROPE_TABLE_FLOATS / head dim)                */
+    /* expert offloading (model/offload.c): store NULL = every expert mapped */
+    struct expert_store *store;
+    char *path;              /* the file a published model was loaded from */
+    size_t store_budget;     /* bytes the store was given                  */
+    int64_t store_tokens;    /* tokens run since the stats were reset      */
+    int store_policy;        /* 1 + EXPERT_EVICT_*, 0 = the default          */
+    int store_drop_cache;    /* posix_fadvise(DONTNEED) after every read     */
 };
 
 /* The layer plan of a config (plan[n_layers]). */
@@ -187,6 +194,11 @@ matmul_precision model_matmul(const moe_config *c);
 moe_route_opts model_route_opts(const moe_model *m, int layer, int T);
 /* The bias update of aux-loss-free balancing, from the stats since the last reset. */
 void model_update_bias(moe_model *m);
+
+/* Bytes of all routed experts' weights in their own types (offloading's
+ * 100%), and the unpinning of their pages in the mapping (model/offload.c). */
+size_t model_expert_bytes(const moe_model *m);
+void model_offload_free(moe_model *m);
 
 /* config field table (config.c) */
 int moe_config_n_fields(void);

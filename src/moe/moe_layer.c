@@ -12,6 +12,7 @@
 #include "core/dtype.h"
 #include "kernels/kernels.h"
 #include "kernels/qmatmul.h"
+#include "moe/expert_store.h"
 #include "moe/moe_layer.h"
 
 /* ---- memory: one block, carved in 64-byte aligned pieces. A first pass
@@ -517,11 +518,19 @@ void moe_experts_forward(moe_cache *c, const moe_weights *wt, matmul_precision m
         float *hg = c->hg + (size_t)off * F, *hu = c->hu + (size_t)off * F, *act = c->act + (size_t)off * F;
         char *ws = c->qws ? c->qws + (size_t)off * c->qws_row : NULL; /* this expert's rows only */
         const float *xe = c->xe + (size_t)off * d;
-        weight_matmul(hg, xe, expert_matrix(wt->gate, wt->gate_t, e, F, d), wt->gate_t, n, d, F, mm, ws);
-        weight_matmul(hu, xe, expert_matrix(wt->up, wt->up_t, e, F, d), wt->up_t, n, d, F, mm, ws);
+        const void *gate, *up, *down;
+        if (wt->store) { /* offloaded: pinned in the cache (read now on a miss) until released */
+            if (expert_store_acquire(wt->store, wt->store_layer, e, r0 == 0, &gate, &up, &down)) continue;
+        } else {
+            gate = expert_matrix(wt->gate, wt->gate_t, e, F, d);
+            up = expert_matrix(wt->up, wt->up_t, e, F, d);
+            down = expert_matrix(wt->down, wt->down_t, e, d, F);
+        }
+        weight_matmul(hg, xe, gate, wt->gate_t, n, d, F, mm, ws);
+        weight_matmul(hu, xe, up, wt->up_t, n, d, F, mm, ws);
         swiglu_forward(act, hg, hu, n, F);
-        weight_matmul(c->ye + (size_t)off * d, act, expert_matrix(wt->down, wt->down_t, e, d, F), wt->down_t,
-                      n, F, d, mm, ws);
+        weight_matmul(c->ye + (size_t)off * d, act, down, wt->down_t, n, F, d, mm, ws);
+        if (wt->store) expert_store_release(wt->store, wt->store_layer, e);
     }
 }
 

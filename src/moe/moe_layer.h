@@ -80,6 +80,10 @@ typedef struct {
     const void *sh_gate, *sh_up, *sh_down; /* [Fs][d], [Fs][d], [d][Fs] or NULL  */
     const float *sh_inp;                 /* [d] shared-expert gate, or NULL      */
     int router_t, gate_t, up_t, down_t, sh_gate_t, sh_up_t, sh_down_t; /* element types */
+    /* offloading: the routed experts come from this store (layer store_layer)
+     * instead of gate/up/down; NULL = they are all in memory */
+    struct expert_store *store;
+    int store_layer;
 } moe_weights;
 
 typedef struct {

@@ -15,6 +15,32 @@ static double moe_clock(void) { /* monotonic seconds */
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* ---- expert offloading (--mem-budget, --offload-policy) ---- */
+static int apply_mem_budget(moe_model *m, const char *budget, const char *policy) {
+    if (policy && moe_model_set_offload_policy(m, policy, 0) != MOE_OK) return lib_fail("--offload-policy");
+    if (budget && moe_model_set_mem_budget(m, budget) != MOE_OK) return lib_fail("--mem-budget");
+    return 0;
+}
+
+/* one line: hit rate, bytes read per token, what the cache holds */
+static void print_offload_stats(const char *cmd, const moe_model *m) {
+    moe_offload_stats s;
+    moe_model_offload_stats(m, &s);
+    if (!s.budget) return;
+    const double uses = (double)(s.hits + s.misses), mib = 1024.0 * 1024.0;
+    fprintf(stderr, "moe %s: experts: hit rate %.1f%% (%lld hits, %lld misses), %.2f MiB read per token; cache %.1f MiB "
+            "of a %.1f MiB budget (%.0f%% of the experts' %.1f MiB), %d of %d experts\n", cmd,
+            uses ? 100.0 * (double)s.hits / uses : 0.0, (long long)s.hits, (long long)s.misses,
+            s.tokens ? (double)s.bytes_read / (double)s.tokens / mib : 0.0, (double)s.cache_bytes / mib,
+            (double)s.budget / mib, 100.0 * (double)s.budget / (double)s.expert_bytes, (double)s.expert_bytes / mib,
+            s.slots, s.units);
+}
+
+#define OFFLOAD_OPTS(budget, policy)                                                                         \
+    {"mem-budget", OPT_STR, &(budget), R_ANY, "SIZE",                                                        \
+     "keep routed experts on disk, cached in SIZE bytes (512M, 2G) or a share of their bytes (50%)", "0 = all in memory", 0}, \
+    {"offload-policy", OPT_STR, &(policy), R_ANY, "NAME", "expert cache eviction: lru, lfu or lrfu", "lfu", 0}
+
 /* ---- generate ---- */
 typedef struct {
     int write_failed;
@@ -35,7 +61,7 @@ static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
 }
 
 static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe_sample_params *sp,
-                        int threads, int echo, int n_ctx, int stats) {
+                        int threads, int echo, int n_ctx, int stats, const char *budget, const char *policy) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     moe_model *m = NULL;
@@ -43,6 +69,10 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
     if (!moe_model_tokenizer(m)) {
         moe_model_free(m);
         return fail("%s has no tokenizer (tokenizer.ggml.* metadata), so there is no text to generate", model);
+    }
+    if (apply_mem_budget(m, budget, policy)) {
+        moe_model_free(m);
+        return EXIT_FAIL;
     }
     if (cli_given(cmd, "ctx") && moe_model_set_context(m, n_ctx) != MOE_OK) {
         moe_model_free(m);
@@ -93,6 +123,7 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         char units[512];
         moe_cpu_describe(units, sizeof units);
         fprintf(stderr, "moe generate: %s\n", units);
+        print_offload_stats("generate", m);
     }
     if (sig) {
         fprintf(stderr, "moe generate: interrupted (%s)\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -107,7 +138,7 @@ done:
 }
 
 int cmd_generate(int argc, char **argv) {
-    const char *model = NULL, *prompt = "";
+    const char *model = NULL, *prompt = "", *budget = NULL, *policy = NULL;
     int threads = 0, echo = 0, n_ctx = 0, stats = 0;
     moe_sample_params sp = {.max_tokens = 200, .temperature = 0.8f, .top_k = 0, .top_p = 0.95f, .seed = 1};
     cli_opt opts[] = {
@@ -121,9 +152,11 @@ int cmd_generate(int argc, char **argv) {
         {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
         {"echo", OPT_FLAG, &echo, R_ANY, NULL, "print the prompt before the generated text", NULL, 0},
         {"ignore-eos", OPT_FLAG, &sp.ignore_eos, R_ANY, NULL, "never sample an end-of-generation token", NULL, 0},
-        {"stats", OPT_FLAG, &stats, R_ANY, NULL, "print prompt and generation tokens/s and the kernel path on stderr", NULL, 0},
+        {"stats", OPT_FLAG, &stats, R_ANY, NULL,
+         "print prompt and generation tokens/s, the kernel path (and the expert cache's hit rate) on stderr", NULL, 0},
         {"ctx", OPT_INT, &n_ctx, R_POS, "N", "positions the KV cache holds",
          "the model's context, at most 4096 for published models", 0},
+        OFFLOAD_OPTS(budget, policy),
     };
     cli_cmd cmd = {"generate", "--model FILE [options]",
                    "Samples text from a model and streams it to stdout as it is generated.\n"
@@ -131,7 +164,7 @@ int cmd_generate(int argc, char **argv) {
                    "exit status 130 (143).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats);
+    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats, budget, policy);
     cli_free(&cmd);
     return rc;
 }
@@ -157,13 +190,18 @@ static void on_eval_progress(size_t done, size_t total, void *user) {
 }
 
 #define MOE_CLI_MIN(a, b) ((a) < (b) ? (a) : (b))
-static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads) {
+static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads, int stats,
+                    const char *budget, const char *policy) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (data->n == 0) return cli_usage_error(cmd->name, "--data PATH is required");
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     if (check_data_paths(data)) return EXIT_FAIL;
     moe_model *m = NULL;
     if (load_model(model, &m)) return EXIT_FAIL;
+    if (apply_mem_budget(m, budget, policy)) {
+        moe_model_free(m);
+        return EXIT_FAIL;
+    }
     const moe_config *cfg = moe_model_config(m);
     int rc = EXIT_FAIL;
     moe_dataset *d = NULL;
@@ -200,6 +238,11 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
     if (tokens == 0) { rc = fail("the data is too short to evaluate (need more than %d tokens)", seq); goto done; }
     printf("loss %.3f  perplexity %.1f  tokens %zu\n", loss, exp(loss), tokens);
+    if (stats) {
+        const double dt = moe_clock() - el.t0;
+        fprintf(stderr, "moe eval: %zu tokens in %.2f s, %.1f tokens/s\n", tokens, dt, dt > 0 ? (double)tokens / dt : 0.0);
+        print_offload_stats("eval", m);
+    }
     rc = 0;
 done:
     moe_dataset_free(d);
@@ -208,14 +251,16 @@ done:
 }
 
 int cmd_eval(int argc, char **argv) {
-    const char *model = NULL;
+    const char *model = NULL, *budget = NULL, *policy = NULL;
     str_list data = {0};
-    int seq = 0, threads = 0;
+    int seq = 0, threads = 0, stats = 0;
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to evaluate", "required", 0},
         {"data", OPT_LIST, &data, R_ANY, "PATH", "text file or directory; repeatable", "required", 0},
         {"seq", OPT_INT, &seq, R_GT1, "T", "tokens per sequence", "the model's max_seq", 0},
         {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
+        {"stats", OPT_FLAG, &stats, R_ANY, NULL, "print tokens/s (and the expert cache's hit rate) on stderr", NULL, 0},
+        OFFLOAD_OPTS(budget, policy),
     };
     cli_cmd cmd = {"eval", "--model FILE --data PATH [options]",
                    "Computes a model's mean per-token loss and perplexity on all of the given text.\n"
@@ -223,7 +268,7 @@ int cmd_eval(int argc, char **argv) {
                    "marked partial, and exits with status 130 (143).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads);
+    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, budget, policy);
     cli_free(&cmd);
     return rc;
 }

@@ -1,0 +1,318 @@
+/* moe/expert_store: the bounded expert cache (expert_store.h). One mutex
+ * guards the tables; reads run outside it, so a miss on one thread does
+ * not stall the hits of the others. */
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/core.h"
+#include "moe/expert_store.h"
+
+enum { SLICE_ALIGN = 64 };
+
+typedef struct {
+    int unit;            /* layer * E + e held here, -1 = free           */
+    int pins;            /* threads using it now                         */
+    int loading;         /* a thread is reading it in                    */
+    int64_t last_use;    /* tick of its last counted acquire (LRU)        */
+} slot_state;
+
+struct expert_store {
+    int fd;
+    char path[256];
+    int n_layers, E, n_units, n_slots;
+    expert_store_layer *layers;  /* [n_layers]                           */
+    size_t slot_bytes;           /* every slot: the largest unit, aligned */
+    char *slots;                 /* [n_slots][slot_bytes]                 */
+    slot_state *slot;            /* [n_slots]                             */
+    int *unit_slot;              /* [n_units] slot holding the unit, -1   */
+    double *freq;                /* [n_units] decayed use count at freq_at */
+    int64_t *freq_at;            /* [n_units] tick of that count          */
+    expert_store_opts o;
+    int64_t tick;                /* counted acquires so far               */
+    expert_store_stats st;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int sync_ready;              /* mu and cv initialised                 */
+    moe_status failed;           /* first read error, and its message     */
+    char err[384];
+};
+
+static size_t align_up(size_t n) { return (n + SLICE_ALIGN - 1) & ~(size_t)(SLICE_ALIGN - 1); }
+
+/* bytes of a unit of layer l in a slot: its slices, each 64-byte aligned */
+static size_t unit_bytes(const expert_store_layer *L) {
+    return align_up(L->bytes[0]) + align_up(L->bytes[1]) + align_up(L->bytes[2]);
+}
+
+size_t expert_store_min_budget(const expert_store_layer *layers, int n_layers) {
+    size_t m = 0;
+    for (int l = 0; l < n_layers; l++) m = MOE_MAX(m, unit_bytes(&layers[l]));
+    return m;
+}
+
+moe_status expert_store_open(expert_store **out, const char *path, const expert_store_layer *layers,
+                             int n_layers, int n_experts, size_t budget, const expert_store_opts *o) {
+    *out = NULL;
+    if (n_layers < 1 || n_experts < 1 || (int64_t)n_layers * n_experts > INT32_MAX)
+        return moe_error(MOE_ERR_INVALID_ARG, "expert store: %d layers of %d experts", n_layers, n_experts);
+    if (o->policy < 0 || o->policy >= EXPERT_EVICT_COUNT || !(o->halflife > 0))
+        return moe_error(MOE_ERR_INVALID_ARG, "expert store: bad policy %d or half-life %g", o->policy, o->halflife);
+    const int n_units = n_layers * n_experts;
+    const size_t slot_bytes = expert_store_min_budget(layers, n_layers);
+    if (!slot_bytes) return moe_error(MOE_ERR_INVALID_ARG, "expert store: the model has no routed experts");
+    int used_units = 0; /* units that exist (layers with experts) */
+    for (int l = 0; l < n_layers; l++) used_units += unit_bytes(&layers[l]) ? n_experts : 0;
+    if (budget < slot_bytes)
+        return moe_error(MOE_ERR_INVALID_ARG, "a memory budget of %zu bytes is below the minimum of %zu bytes "
+                         "(one expert's gate, up and down slices)", budget, slot_bytes);
+    size_t n_slots = budget / slot_bytes;
+    if (n_slots > (size_t)used_units) n_slots = (size_t)used_units;
+
+    int fd;
+    do fd = open(path, O_RDONLY | O_CLOEXEC);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0) return moe_error(MOE_ERR_IO, "expert store: cannot open %s: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        int e = errno;
+        close(fd);
+        return moe_error(MOE_ERR_IO, "expert store: cannot stat %s: %s", path, strerror(e));
+    }
+    /* every slice must lie inside the file now (a later truncation is a read error) */
+    for (int l = 0; l < n_layers; l++)
+        for (int k = 0; k < 3; k++) {
+            const expert_store_layer *L = &layers[l];
+            size_t span;
+            if (!L->bytes[k]) continue;
+            if (L->off[k] < 0 || moe_mul_size(L->bytes[k], (size_t)n_experts, &span) ||
+                (uint64_t)L->off[k] > (uint64_t)sb.st_size || span > (uint64_t)sb.st_size - (uint64_t)L->off[k]) {
+                close(fd);
+                return moe_error(MOE_ERR_FORMAT, "expert store: layer %d's experts lie outside %s", l, path);
+            }
+        }
+    expert_store *s = moe_calloc(1, sizeof *s);
+    if (!s) { close(fd); return moe_error_prefix(MOE_ERR_NOMEM, "expert store"); }
+    s->fd = fd;
+    snprintf(s->path, sizeof s->path, "%s", path);
+    s->n_layers = n_layers; s->E = n_experts; s->n_units = n_units; s->n_slots = (int)n_slots;
+    s->slot_bytes = slot_bytes;
+    s->o = *o;
+    s->layers = moe_malloc((size_t)n_layers * sizeof *s->layers);
+    s->slot = moe_calloc(n_slots, sizeof *s->slot);
+    s->unit_slot = moe_malloc((size_t)n_units * sizeof(int));
+    s->freq = moe_calloc((size_t)n_units, sizeof(double));
+    s->freq_at = moe_calloc((size_t)n_units, sizeof(int64_t));
+    size_t slots_total;
+    if (!moe_mul_size(n_slots, slot_bytes, &slots_total)) s->slots = moe_malloc(slots_total);
+    if (!s->layers || !s->slot || !s->unit_slot || !s->freq || !s->freq_at || !s->slots) {
+        expert_store_free(s);
+        return moe_error_prefix(MOE_ERR_NOMEM, "expert cache of %zu slots of %zu bytes", n_slots, slot_bytes);
+    }
+    memcpy(s->layers, layers, (size_t)n_layers * sizeof *s->layers);
+    for (int u = 0; u < n_units; u++) s->unit_slot[u] = -1;
+    for (size_t i = 0; i < n_slots; i++) s->slot[i].unit = -1;
+    s->st.slot_bytes = slot_bytes;
+    s->st.n_slots = (int)n_slots;
+    s->st.table_bytes = sizeof *s + (size_t)n_layers * sizeof *s->layers + n_slots * sizeof *s->slot +
+                        (size_t)n_units * (sizeof(int) + sizeof(double) + sizeof(int64_t));
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->sync_ready = 1;
+    if (o->drop_page_cache) (void)posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    *out = s;
+    return MOE_OK;
+}
+
+void expert_store_free(expert_store *s) {
+    if (!s) return;
+    if (s->sync_ready) { pthread_mutex_destroy(&s->mu); pthread_cond_destroy(&s->cv); }
+    if (s->fd >= 0) close(s->fd);
+    moe_free(s->slots);
+    moe_free(s->slot);
+    moe_free(s->unit_slot);
+    moe_free(s->freq);
+    moe_free(s->freq_at);
+    moe_free(s->layers);
+    moe_free(s);
+}
+
+/* the decayed use count of unit u now (LFU and LRFU) */
+static double freq_now(const expert_store *s, int u) {
+    return s->freq[u] * exp2(-(double)(s->tick - s->freq_at[u]) / s->o.halflife);
+}
+
+/* A free slot, else the unpinned slot the policy likes least; -1 when every
+ * slot is pinned or loading. Called with the lock held. */
+static int pick_victim(const expert_store *s) {
+    int best = -1;
+    double best_score = 0;
+    for (int i = 0; i < s->n_slots; i++) {
+        const slot_state *t = &s->slot[i];
+        if (t->pins || t->loading) continue;
+        if (t->unit < 0) return i;
+        const double score = s->o.policy == EXPERT_EVICT_LRU ? (double)t->last_use : freq_now(s, t->unit);
+        if (best < 0 || score < best_score) { best = i; best_score = score; }
+    }
+    return best;
+}
+
+/* pread all of n bytes at off into dst; 0, or -1 with errno (0: end of file) */
+static int read_full(int fd, char *dst, size_t n, int64_t off) {
+    while (n) {
+        ssize_t got = pread(fd, dst, n, (off_t)off);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) { if (got == 0) errno = 0; return -1; }
+        dst += got; n -= (size_t)got; off += got;
+    }
+    return 0;
+}
+
+static char *slice_at(const expert_store *s, int slot, int l, int k) {
+    const expert_store_layer *L = &s->layers[l];
+    size_t at = 0;
+    for (int j = 0; j < k; j++) at += align_up(L->bytes[j]);
+    return s->slots + (size_t)slot * s->slot_bytes + at;
+}
+
+/* Reads unit (l, e) into slot (lock not held); 0 or -1 with s->err set. */
+static int load_unit(expert_store *s, int slot, int l, int e) {
+    const expert_store_layer *L = &s->layers[l];
+    const double t0 = moe_now();
+    int rc = 0;
+    size_t total = 0;
+    for (int k = 0; k < 3 && !rc; k++) {
+        const int64_t off = L->off[k] + (int64_t)e * (int64_t)L->bytes[k];
+        if (read_full(s->fd, slice_at(s, slot, l, k), L->bytes[k], off)) {
+            const int err = errno;
+            pthread_mutex_lock(&s->mu);
+            if (!s->failed) {
+                s->failed = MOE_ERR_IO;
+                if (err) snprintf(s->err, sizeof s->err, "reading expert %d of layer %d from %s: %s", e, l, s->path, strerror(err));
+                else snprintf(s->err, sizeof s->err, "reading expert %d of layer %d from %s: the file ends early "
+                              "(truncated since it was loaded?)", e, l, s->path);
+            }
+            pthread_mutex_unlock(&s->mu);
+            rc = -1;
+        }
+        if (!rc && s->o.drop_page_cache) { /* whole pages around the slice, so the next miss reads the device */
+            const int64_t pg = 4096, a = off & ~(pg - 1), b = (off + (int64_t)L->bytes[k] + pg - 1) & ~(pg - 1);
+            (void)posix_fadvise(s->fd, (off_t)a, (off_t)(b - a), POSIX_FADV_DONTNEED);
+        }
+        total += L->bytes[k];
+    }
+    const double dt = moe_now() - t0;
+    pthread_mutex_lock(&s->mu);
+    s->st.read_s += dt;
+    if (!rc) s->st.bytes_read += (int64_t)total;
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+int expert_store_acquire(expert_store *s, int layer, int e, int counts, const void **gate,
+                         const void **up, const void **down) {
+    const int u = layer * s->E + e;
+    int waited = 0, slot;
+    pthread_mutex_lock(&s->mu);
+    if (counts) { /* the use: recency and decayed frequency */
+        s->tick++;
+        s->freq[u] = freq_now(s, u) + 1.0;
+        s->freq_at[u] = s->tick;
+    }
+    for (;;) {
+        if (s->failed) { pthread_mutex_unlock(&s->mu); return -1; }
+        slot = s->unit_slot[u];
+        if (slot >= 0 && !s->slot[slot].loading) { /* a hit */
+            s->slot[slot].pins++;
+            if (counts) s->st.hits++;
+            break;
+        }
+        const int victim = slot >= 0 ? -1 : pick_victim(s);
+        if (victim >= 0) { /* a miss: claim the slot, read without the lock */
+            slot_state *t = &s->slot[victim];
+            if (t->unit >= 0) s->unit_slot[t->unit] = -1;
+            t->unit = u;
+            t->pins = 1;
+            t->loading = 1;
+            t->last_use = s->tick; /* not the previous occupant's */
+            s->unit_slot[u] = victim;
+            s->st.misses++;
+            pthread_mutex_unlock(&s->mu);
+            const int rc = load_unit(s, victim, layer, e);
+            pthread_mutex_lock(&s->mu);
+            t->loading = 0;
+            if (rc) { t->unit = -1; t->pins = 0; s->unit_slot[u] = -1; }
+            pthread_cond_broadcast(&s->cv);
+            if (rc) { pthread_mutex_unlock(&s->mu); return -1; }
+            slot = victim;
+            break;
+        }
+        /* another thread is reading this unit, or every slot is pinned */
+        if (!waited) { s->st.waits++; waited = 1; }
+        pthread_cond_wait(&s->cv, &s->mu);
+    }
+    if (counts) s->slot[slot].last_use = s->tick;
+    pthread_mutex_unlock(&s->mu);
+    *gate = slice_at(s, slot, layer, 0);
+    *up = slice_at(s, slot, layer, 1);
+    *down = slice_at(s, slot, layer, 2);
+    return 0;
+}
+
+void expert_store_release(expert_store *s, int layer, int e) {
+    pthread_mutex_lock(&s->mu);
+    const int slot = s->unit_slot[layer * s->E + e];
+    if (slot >= 0 && s->slot[slot].pins > 0 && --s->slot[slot].pins == 0) pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+moe_status expert_store_check(expert_store *s) {
+    pthread_mutex_lock(&s->mu);
+    moe_status st = s->failed;
+    if (st) moe_error(st, "%s", s->err);
+    pthread_mutex_unlock(&s->mu);
+    return st;
+}
+
+moe_status expert_store_warm(expert_store *s, const int64_t *count) {
+    for (;;) {
+        int free_slot = -1, best = -1;
+        pthread_mutex_lock(&s->mu);
+        for (int i = 0; i < s->n_slots && free_slot < 0; i++)
+            if (s->slot[i].unit < 0) free_slot = i;
+        for (int u = 0; free_slot >= 0 && u < s->n_units; u++)
+            if (s->unit_slot[u] < 0 && count[u] > 0 && unit_bytes(&s->layers[u / s->E]) && (best < 0 || count[u] > count[best]))
+                best = u;
+        if (best < 0) { pthread_mutex_unlock(&s->mu); return MOE_OK; }
+        slot_state *t = &s->slot[free_slot];
+        t->unit = best;
+        s->unit_slot[best] = free_slot;
+        pthread_mutex_unlock(&s->mu);
+        if (load_unit(s, free_slot, best / s->E, best % s->E)) {
+            t->unit = -1;
+            s->unit_slot[best] = -1;
+            return expert_store_check(s);
+        }
+    }
+}
+
+void expert_store_get_stats(expert_store *s, expert_store_stats *out) {
+    pthread_mutex_lock(&s->mu);
+    *out = s->st;
+    pthread_mutex_unlock(&s->mu);
+}
+
+void expert_store_reset_stats(expert_store *s) {
+    pthread_mutex_lock(&s->mu);
+    const expert_store_stats keep = s->st;
+    memset(&s->st, 0, sizeof s->st);
+    s->st.slot_bytes = keep.slot_bytes;
+    s->st.n_slots = keep.n_slots;
+    s->st.table_bytes = keep.table_bytes;
+    pthread_mutex_unlock(&s->mu);
+}

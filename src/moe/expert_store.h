@@ -1,0 +1,81 @@
+/* moe/expert_store: a bounded cache of routed experts' weights, read from
+ * the model file on demand (expert offloading).
+ *
+ * A unit is one expert of one layer: its gate, up and down slices, each a
+ * contiguous range of the file in the file's own type, held in a slot as
+ *   [gate F rows][up F rows][down d rows].
+ * Every slot has the size of the largest unit; the slots are one counted
+ * allocation (moe_malloc) of n_slots * slot_bytes <= budget, made once.
+ * The bookkeeping (a few bytes per unit and slot, table_bytes) comes on top.
+ *
+ * acquire(layer, e) pins the unit (reading it with pread on a miss, outside
+ * the lock, so other threads go on meanwhile) and hands out the three
+ * slices; release(layer, e) unpins it. Any number of threads may hold units
+ * at once; when every slot is pinned, acquire waits for a release (each
+ * thread holds one unit at a time, so one slot is enough to make progress).
+ * A read error is recorded once (the first one wins) and acquire fails from
+ * then on; expert_store_check turns it into the caller's moe_error. */
+#ifndef MOE_EXPERT_STORE_H
+#define MOE_EXPERT_STORE_H
+#include <stddef.h>
+#include <stdint.h>
+#include "core/core.h"
+
+/* eviction policies (docs/memory.md "## Offloading" says which won and why) */
+enum {
+    EXPERT_EVICT_LRU = 0,  /* least recently used                                  */
+    EXPERT_EVICT_LFU = 1,  /* least used, counts halved every `halflife` acquires (long) */
+    EXPERT_EVICT_LRFU = 2, /* the same with a short half-life: frequency and recency mixed */
+    EXPERT_EVICT_COUNT
+};
+
+/* Where one layer's experts are in the file: expert e's slice of matrix
+ * m (0 gate, 1 up, 2 down) is bytes[m] bytes at off[m] + e * bytes[m].
+ * A layer without routed experts has bytes all 0. */
+typedef struct {
+    int64_t off[3];
+    size_t bytes[3];
+} expert_store_layer;
+
+typedef struct {
+    int policy;              /* EXPERT_EVICT_*                                       */
+    double halflife;         /* LFU/LRFU: acquires over which a count halves (> 0)   */
+    int drop_page_cache;     /* 1: posix_fadvise(DONTNEED) after every read, so that
+                                every miss reaches the device (honest measurements) */
+} expert_store_opts;
+
+typedef struct {
+    int64_t hits, misses;    /* acquires that found / read their unit               */
+    int64_t bytes_read;      /* from the file                                       */
+    int64_t waits;           /* acquires that waited for a free slot or a read     */
+    double read_s;           /* wall time inside pread, summed over threads          */
+    size_t slot_bytes;
+    int n_slots;
+    size_t table_bytes;      /* the store's bookkeeping, besides the slots          */
+} expert_store_stats;
+
+typedef struct expert_store expert_store;
+
+/* The smallest budget that works: one slot (the largest unit). */
+size_t expert_store_min_budget(const expert_store_layer *layers, int n_layers);
+/* Opens path for reading and sizes the cache for budget bytes (at most
+ * one slot per unit). MOE_ERR_INVALID_ARG below expert_store_min_budget. */
+moe_status expert_store_open(expert_store **out, const char *path, const expert_store_layer *layers,
+                             int n_layers, int n_experts, size_t budget, const expert_store_opts *o);
+void expert_store_free(expert_store *s);
+
+/* Pins unit (layer, e) and points the three slices at its slot. counts: 1
+ * for the first of an expert's tasks in a forward call (hits and the
+ * frequency are counted once per use, not per row block; a miss is always
+ * counted, as it reads). Returns 0, or -1 after a read error (recorded). */
+int expert_store_acquire(expert_store *s, int layer, int e, int counts, const void **gate,
+                         const void **up, const void **down);
+void expert_store_release(expert_store *s, int layer, int e);
+/* MOE_OK, or the recorded read error as the calling thread's moe_error. */
+moe_status expert_store_check(expert_store *s);
+/* Loads units into free slots, most used first by count[n_layers][E]
+ * (routing statistics), until the cache is full; no evictions. */
+moe_status expert_store_warm(expert_store *s, const int64_t *count);
+void expert_store_get_stats(expert_store *s, expert_store_stats *out);
+void expert_store_reset_stats(expert_store *s);
+#endif

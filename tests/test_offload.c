@@ -1,0 +1,202 @@
+/* Expert offloading (model/offload.c, moe/expert_store.c) on tiny
+ * random-weight files of every published layout:
+ *  - logits of a prompt (one chunk) and of tokens decoded one at a time are
+ *    bit-identical to the fully mapped run at budgets of 100%, 50%, 25% and
+ *    the minimum (one expert's slices), with one and with four threads, and
+ *    after switching offloading off again;
+ *  - the cache's allocation (allocator counts) stays within the budget;
+ *  - bytes read from the file = misses x one expert's bytes;
+ *  - every policy gives the same bits;
+ *  - below the minimum, a bad budget, our own (in-memory) model, and a file
+ *    truncated under a running cache are clear errors, not crashes. */
+#include <stdint.h>
+
+#include "arch/arch.h"
+#include "core/dtype.h"
+#include "harness.h"
+#include "model/model.h"
+#include "moe/expert_store.h"
+
+#include "arch_layouts.h"
+
+enum { PROMPT = 9, DECODE = 7, N_TOK = PROMPT + DECODE };
+
+/* logits[N_TOK][V]: the prompt in one chunk, then one token at a time */
+static moe_status run(moe_model *m, float *logits) {
+    int32_t tok[N_TOK];
+    for (int i = 0; i < N_TOK; i++) tok[i] = (int32_t)((i * 37 + 11) % m->cfg.vocab_size);
+    moe_status st = model_infer(m, tok, PROMPT, 0, logits, 1);
+    for (int i = PROMPT; !st && i < N_TOK; i++)
+        st = model_infer(m, tok + i, 1, i, logits + (size_t)i * m->cfg.vocab_size, 0);
+    return st;
+}
+
+/* one expert's gate, up and down bytes (every MoE layer of these files alike) */
+static size_t expert_bytes_of(const moe_model *m) {
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        if (m->plan[l].ffn == FFN_MOE) {
+            const layer_weights *W = &m->w.layers[l];
+            return (size_t)W->gate_exps.ne[1] * W->gate_exps.row_bytes + (size_t)W->up_exps.ne[1] * W->up_exps.row_bytes +
+                   (size_t)W->down_exps.ne[1] * W->down_exps.row_bytes;
+        }
+    return 0;
+}
+
+/* the minimum the library names in its refusal of a 1-byte budget */
+static size_t min_budget(moe_model *m) {
+    if (moe_model_set_mem_budget(m, "1") != MOE_ERR_INVALID_ARG) return 0;
+    const char *p = strstr(moe_last_error(), "minimum of ");
+    unsigned long long v = 0;
+    return p && sscanf(p, "minimum of %llu", &v) == 1 ? (size_t)v : 0;
+}
+
+/* writes a random model of layout L in type wtype to path and loads it (NULL: failed, checked) */
+static moe_model *write_and_load(const char *path, const layout *L, int wtype, uint64_t seed) {
+    moe_model *m = NULL;
+    CHECK(arch_write_random(path, L->arch, &L->c, wtype, NULL, seed) == MOE_OK && moe_model_load(&m, path) == MOE_OK,
+          "%s: %s", L->label, moe_last_error());
+    return m;
+}
+
+static void test_layout(const layout *L, int wtype) {
+    char name[200], path[256];
+    snprintf(name, sizeof name, "offload %s (%s): budgets give the resident bits", L->label, dtype_name(wtype));
+    TEST_CASE(name);
+    th_tmp_path(path, sizeof path, "offload.gguf");
+    moe_model *m = write_and_load(path, L, wtype, 11);
+    moe_status st;
+    const size_t V = (size_t)L->c.vocab_size;
+    float *ref = malloc(sizeof(float) * N_TOK * V), *got = malloc(sizeof(float) * N_TOK * V);
+    if (!m || !ref || !got) { free(ref); free(got); moe_model_free(m); TEST_END(); return; }
+    CHECK(run(m, ref) == MOE_OK, "resident run: %s", moe_last_error());
+    const size_t total = model_expert_bytes(m), one = expert_bytes_of(m), min = min_budget(m);
+    CHECK(min >= one && min < one + 256, "minimum %zu for an expert of %zu bytes: %s", min, one, moe_last_error());
+    CHECK(strstr(moe_last_error(), "below the minimum"), "message: %s", moe_last_error());
+    char spec[4][32] = {"100%", "50%", "25%", ""};
+    snprintf(spec[3], sizeof spec[3], "%zu", min);
+    for (int threads = 1; threads <= 4; threads += 3) {
+        moe_set_threads(threads);
+        for (int b = 0; b < 4; b++) {
+            moe_model_set_mem_budget(m, "0"); /* the previous cache goes first */
+            const size_t before = moe_alloc_in_use();
+            st = moe_model_set_mem_budget(m, spec[b]);
+            CHECK(st == MOE_OK, "budget %s: %s", spec[b], moe_last_error());
+            if (st) continue;
+            moe_offload_stats s;
+            moe_model_offload_stats(m, &s);
+            const size_t grown = moe_alloc_in_use() - before;
+            CHECK(s.cache_bytes <= s.budget && grown <= (size_t)s.budget + (size_t)s.table_bytes,
+                  "budget %s: cache %lld bytes, allocated %zu (tables %lld), budget %lld", spec[b], (long long)s.cache_bytes,
+                  grown, (long long)s.table_bytes, (long long)s.budget);
+            CHECK(b != 0 || s.slots == s.units, "100%%: %d slots for %d experts", s.slots, s.units);
+            CHECK(b != 3 || s.slots == 1, "minimum: %d slots", s.slots);
+            CHECK((size_t)s.expert_bytes == total, "expert bytes %lld vs %zu", (long long)s.expert_bytes, total);
+            st = run(m, got);
+            CHECK(st == MOE_OK, "budget %s: %s", spec[b], moe_last_error());
+            CHECK(!memcmp(got, ref, sizeof(float) * N_TOK * V), "budget %s, %d threads: logits differ from the resident run",
+                  spec[b], threads);
+            moe_model_offload_stats(m, &s);
+            CHECK(s.bytes_read == s.misses * (int64_t)one, "budget %s: read %lld bytes for %lld misses of %zu", spec[b],
+                  (long long)s.bytes_read, (long long)s.misses, one);
+            CHECK(s.misses > 0 && s.hits + s.misses >= (int64_t)N_TOK * L->c.top_k / 2, "budget %s: %lld hits, %lld misses",
+                  spec[b], (long long)s.hits, (long long)s.misses);
+            CHECK(b != 0 || s.misses <= s.units, "100%%: %lld misses for %d experts", (long long)s.misses, s.units);
+            CHECK(s.tokens == N_TOK, "%lld tokens counted", (long long)s.tokens);
+        }
+    }
+    moe_set_threads(0);
+    const char *policies[] = {"lru", "lfu", "lrfu"};
+    for (int p = 0; p < 3; p++) {
+        CHECK(moe_model_set_offload_policy(m, policies[p], p == 2) == MOE_OK, "%s", moe_last_error());
+        CHECK(moe_model_set_mem_budget(m, "25%") == MOE_OK, "%s", moe_last_error());
+        CHECK(run(m, got) == MOE_OK && !memcmp(got, ref, sizeof(float) * N_TOK * V), "policy %s: logits differ", policies[p]);
+    }
+    /* warm start: every expert counted once fills a 100% cache before the run, so nothing misses */
+    int64_t *counts = calloc((size_t)moe_config_n_moe_layers(&m->cfg) * L->c.n_experts, sizeof(int64_t));
+    for (int i = 0; counts && i < moe_config_n_moe_layers(&m->cfg) * L->c.n_experts; i++) counts[i] = 1 + i % 3;
+    CHECK(counts && moe_model_set_mem_budget(m, "100%") == MOE_OK && moe_model_offload_warm(m, counts) == MOE_OK, "warm: %s",
+          moe_last_error());
+    CHECK(run(m, got) == MOE_OK && !memcmp(got, ref, sizeof(float) * N_TOK * V), "warm start: logits differ");
+    moe_offload_stats ws;
+    moe_model_offload_stats(m, &ws);
+    CHECK(ws.misses == 0 && ws.bytes_read == 0 && ws.hits > 0, "warm start: %lld misses, %lld bytes read", (long long)ws.misses,
+          (long long)ws.bytes_read);
+    free(counts);
+    CHECK(moe_model_set_mem_budget(m, "0") == MOE_OK && !m->store, "off again: %s", moe_last_error());
+    CHECK(run(m, got) == MOE_OK && !memcmp(got, ref, sizeof(float) * N_TOK * V), "budget 0 after a budget: logits differ");
+    free(ref);
+    free(got);
+    moe_model_free(m);
+    remove(path);
+    TEST_END();
+}
+
+/* A cache on a file cut short after it opened: the first miss is an I/O
+ * error naming the expert and the file, every later call too, no crash. */
+static void test_truncated(void) {
+    TEST_CASE("offload: a file truncated under the cache is a clear error");
+    char path[256], cut[256];
+    th_tmp_path(path, sizeof path, "offload-full.gguf");
+    th_tmp_path(cut, sizeof cut, "offload-cut.gguf");
+    layout L[8];
+    layouts(L);
+    moe_model *m = write_and_load(path, &L[0], DT_Q8_0, 5);
+    size_t n = 0;
+    char *bytes = NULL;
+    CHECK(moe_read_file(path, &bytes, &n) == MOE_OK, "%s", moe_last_error());
+    FILE *f = fopen(cut, "wb");
+    CHECK(f && fwrite(bytes, 1, n, f) == n && fclose(f) == 0, "writing the copy");
+    moe_free(bytes);
+    if (!m) { TEST_END(); return; }
+    /* the cache reads the copy (the model's own mapping stays whole) */
+    moe_free(m->path);
+    m->path = moe_strdup(cut);
+    CHECK(moe_model_set_mem_budget(m, "25%") == MOE_OK, "%s", moe_last_error());
+    CHECK(truncate(cut, 4096) == 0, "truncate");
+    float *logits = malloc(sizeof(float) * N_TOK * L[0].c.vocab_size);
+    moe_status st = run(m, logits);
+    CHECK(st == MOE_ERR_IO, "status %d: %s", st, moe_last_error());
+    CHECK(strstr(moe_last_error(), "ends early") && strstr(moe_last_error(), "offload-cut.gguf"), "message: %s", moe_last_error());
+    CHECK(run(m, logits) == MOE_ERR_IO, "a second run after the error");
+    /* opening a cache on a file too short for its experts is refused at once */
+    CHECK(moe_model_set_mem_budget(m, "50%") == MOE_ERR_FORMAT && strstr(moe_last_error(), "outside"), "%s", moe_last_error());
+    free(logits);
+    moe_model_free(m);
+    remove(path);
+    remove(cut);
+    TEST_END();
+}
+
+static void test_refusals(void) {
+    TEST_CASE("offload: bad budgets and in-memory models are refused with a reason");
+    char path[256];
+    th_tmp_path(path, sizeof path, "offload-bad.gguf");
+    layout L[8];
+    layouts(L);
+    moe_model *m = write_and_load(path, &L[0], DT_F32, 5);
+    const char *bad[] = {"", "abc", "-1", "150%", "12X", "1.5.2G"};
+    for (int i = 0; m && i < 6; i++)
+        CHECK(moe_model_set_mem_budget(m, bad[i]) == MOE_ERR_INVALID_ARG && strstr(moe_last_error(), "memory budget"),
+              "'%s': %s", bad[i], moe_last_error());
+    CHECK(!m || moe_model_set_offload_policy(m, "fifo", 0) == MOE_ERR_INVALID_ARG, "policy fifo accepted");
+    CHECK(!m || (moe_model_set_mem_budget(m, "1M") == MOE_OK && m->store_budget == 1048576), "1M: %s", moe_last_error());
+    moe_model_free(m);
+    remove(path);
+    moe_model *own = NULL;
+    CHECK(moe_model_create(&own, &L[0].c, 1) == MOE_OK, "%s", moe_last_error());
+    CHECK(!own || (moe_model_set_mem_budget(own, "50%") == MOE_ERR_UNSUPPORTED && strstr(moe_last_error(), "published")),
+          "own model: %s", moe_last_error());
+    CHECK(!own || moe_model_set_mem_budget(own, "0") == MOE_OK, "own model, budget 0: %s", moe_last_error());
+    moe_model_free(own);
+    TEST_END();
+}
+
+int main(void) {
+    layout L[8];
+    const int n = layouts(L);
+    for (int i = 0; i < n; i++) test_layout(&L[i], i % 2 ? DT_Q8_0 : DT_F32);
+    test_layout(&L[0], DT_Q4_K);
+    test_truncated();
+    test_refusals();
+    TEST_MAIN_END();
+}
