@@ -167,6 +167,16 @@ MOE_API const char *moe_tokenizer_token(const moe_tokenizer *tok, int32_t id, si
 typedef struct moe_model moe_model;
 MOE_API moe_status moe_model_create(moe_model **out, const moe_config *cfg, uint64_t seed);
 MOE_API moe_status moe_model_load(moe_model **out, const char *path);  /* GGUF */
+/* What to settle while loading, before the memory check a load makes: a
+ * published model larger than memory loads when its experts are offloaded
+ * (mem_budget, as moe_model_set_mem_budget takes it; NULL = all mapped),
+ * and n_ctx (0 = the default) sizes the KV cache the check counts. */
+typedef struct {
+    const char *mem_budget;
+    const char *offload_policy; /* NULL = the default (moe_model_set_offload_policy) */
+    int n_ctx;
+} moe_load_options;
+MOE_API moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load_options *opts);
 /* Atomic: writes path.tmp, fsyncs, renames. Includes the tokenizer if set. */
 MOE_API moe_status moe_model_save(const moe_model *m, const char *path);
 /* Writes the model in a published GGUF layout that llama.cpp runs with the

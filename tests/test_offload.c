@@ -167,6 +167,47 @@ static void test_truncated(void) {
     TEST_END();
 }
 
+/* A model the memory check refuses loads when its experts are offloaded:
+ * the check (with MOE_PHYSICAL_MEMORY pretending a small machine) then
+ * counts the budget instead of the experts, and the logits are the mapped
+ * run's. */
+static void test_larger_than_memory(void) {
+    TEST_CASE("offload: a model larger than memory loads with a budget (moe_model_load_with)");
+    char path[256];
+    th_tmp_path(path, sizeof path, "offload-big.gguf");
+    layout L[8];
+    layouts(L);
+    moe_model *m = write_and_load(path, &L[0], DT_F32, 9);
+    if (!m) { TEST_END(); return; }
+    const size_t V = (size_t)m->cfg.vocab_size, ctx = 32;
+    float *want = malloc(sizeof(float) * N_TOK * V), *got = malloc(sizeof(float) * N_TOK * V);
+    CHECK(moe_model_set_context(m, (int)ctx) == MOE_OK && run(m, want) == MOE_OK, "%s", moe_last_error());
+    const double weights = (double)gguf_data_size(m->file), experts = (double)model_expert_bytes(m);
+    const double kv = (double)model_kv_bytes(&m->cfg, (int)ctx);
+    moe_model_free(m);
+    m = NULL;
+    /* a machine where all weights do not fit in 90% but a quarter of the experts does */
+    const double need_all = weights + kv, need_quarter = weights - 0.75 * experts + kv;
+    CHECK(need_quarter < 0.85 * need_all, "experts are too small a part of this file to test with");
+    char mem[32];
+    snprintf(mem, sizeof mem, "%.0f", (need_all / 0.9 + need_quarter / 0.9) / 2);
+    setenv("MOE_PHYSICAL_MEMORY", mem, 1);
+    moe_load_options all = {NULL, NULL, (int)ctx}, quarter = {"25%", NULL, (int)ctx};
+    moe_status st = moe_model_load_with(&m, path, &all);
+    CHECK(st == MOE_ERR_NOMEM && !m && strstr(moe_last_error(), "memory"), "all mapped: status %d: %s", st, moe_last_error());
+    moe_model_free(m);
+    m = NULL;
+    st = moe_model_load_with(&m, path, &quarter);
+    CHECK(st == MOE_OK && m && m->store, "a quarter of the experts: %s", moe_last_error());
+    if (m) CHECK(run(m, got) == MOE_OK && !memcmp(want, got, sizeof(float) * N_TOK * V), "logits differ from the mapped run");
+    unsetenv("MOE_PHYSICAL_MEMORY");
+    moe_model_free(m);
+    free(want);
+    free(got);
+    remove(path);
+    TEST_END();
+}
+
 static void test_refusals(void) {
     TEST_CASE("offload: bad budgets and in-memory models are refused with a reason");
     char path[256];
@@ -197,6 +238,7 @@ int main(void) {
     for (int i = 0; i < n; i++) test_layout(&L[i], i % 2 ? DT_Q8_0 : DT_F32);
     test_layout(&L[0], DT_Q4_K);
     test_truncated();
+    test_larger_than_memory();
     test_refusals();
     TEST_MAIN_END();
 }

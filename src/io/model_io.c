@@ -177,7 +177,7 @@ static moe_status bind_published(moe_model *m, gguf_ctx *g, const char *path) {
     return MOE_OK;
 }
 
-static moe_status load_published(moe_model **out, gguf_ctx *g, const char *path) {
+static moe_status load_published(moe_model **out, gguf_ctx *g, const char *path, const moe_load_options *o) {
     moe_config cfg;
     char arch[32];
     moe_status st = arch_read_config(g, &cfg, arch, sizeof arch);
@@ -189,26 +189,36 @@ static moe_status load_published(moe_model **out, gguf_ctx *g, const char *path)
     m->file = g;
     m->n_params = 0; /* nothing in a flat buffer: the weights stay in the mapping */
     if (!st) st = bind_published(m, g, path);
-    if (!st) st = moe_model_set_context(m, 0);
+    if (!st && !(m->path = moe_strdup(path))) st = moe_error(MOE_ERR_NOMEM, "out of memory");
+    /* offloading first: the memory check then counts the budget, not the experts */
+    if (!st && o->offload_policy) st = moe_model_set_offload_policy(m, o->offload_policy, 0);
+    if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
+    if (!st) st = moe_model_set_context(m, o->n_ctx);
     if (!st && gguf_has_key(g, "tokenizer.ggml.tokens")) {
         moe_tokenizer *tok = NULL;
         st = tokenizer_read_gguf(&tok, g);
         if (st) moe_error_prefix(st, "%s", path);
         else m->tok = tok;
     }
-    if (!st && !(m->path = moe_strdup(path))) st = moe_error(MOE_ERR_NOMEM, "out of memory");
     if (st) { m->file = NULL; moe_model_free(m); return st; }
     *out = m;
     return MOE_OK;
 }
 
 moe_status moe_model_load(moe_model **out, const char *path) {
+    const moe_load_options none = {0};
+    return moe_model_load_with(out, path, &none);
+}
+
+moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load_options *opts) {
     *out = NULL;
+    const moe_load_options none = {0};
+    const moe_load_options *o = opts ? opts : &none;
     gguf_ctx *g = NULL;
     moe_status st = gguf_open(&g, path);
     if (st) return st;
     if (!gguf_has_key(g, "moe.d_model")) { /* a model from another tool */
-        st = load_published(out, g, path);
+        st = load_published(out, g, path, o);
         if (st) gguf_close(g);
         return st;
     }
@@ -253,6 +263,10 @@ moe_status moe_model_load(moe_model **out, const char *path) {
         }
     }
     gguf_close(g);
+    /* our own models: every weight is in memory, so a budget is refused (the message says why) */
+    if (!st && o->offload_policy) st = moe_model_set_offload_policy(m, o->offload_policy, 0);
+    if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
+    if (!st && o->n_ctx) st = moe_model_set_context(m, o->n_ctx);
     if (st) { moe_model_free(m); return st; }
     *out = m;
     return MOE_OK;

@@ -97,6 +97,9 @@ const char *default_corpus(void);
  * it must have one). Print the error; 0 if fine. */
 int open_model(const char *path, moe_model **m);
 int load_model(const char *path, moe_model **m);
+/* the same, settling offloading and the context before the load's memory check */
+int open_model_with(const char *path, const moe_load_options *opts, moe_model **m);
+int load_model_with(const char *path, const moe_load_options *opts, moe_model **m);
 
 /* ---- formatting ---------------------------------------------------------------- */
 void fmt_human(char *buf, size_t cap, int64_t n);  /* 46.7B */

@@ -16,12 +16,6 @@ static double moe_clock(void) { /* monotonic seconds */
 }
 
 /* ---- expert offloading (--mem-budget, --offload-policy) ---- */
-static int apply_mem_budget(moe_model *m, const char *budget, const char *policy) {
-    if (policy && moe_model_set_offload_policy(m, policy, 0) != MOE_OK) return lib_fail("--offload-policy");
-    if (budget && moe_model_set_mem_budget(m, budget) != MOE_OK) return lib_fail("--mem-budget");
-    return 0;
-}
-
 /* one line: hit rate, bytes read per token, what the cache holds */
 static void print_offload_stats(const char *cmd, const moe_model *m) {
     moe_offload_stats s;
@@ -65,18 +59,11 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     moe_model *m = NULL;
-    if (load_model(model, &m)) return EXIT_FAIL;
+    const moe_load_options lo = {budget, policy, cli_given(cmd, "ctx") ? n_ctx : 0};
+    if (load_model_with(model, &lo, &m)) return EXIT_FAIL;
     if (!moe_model_tokenizer(m)) {
         moe_model_free(m);
         return fail("%s has no tokenizer (tokenizer.ggml.* metadata), so there is no text to generate", model);
-    }
-    if (apply_mem_budget(m, budget, policy)) {
-        moe_model_free(m);
-        return EXIT_FAIL;
-    }
-    if (cli_given(cmd, "ctx") && moe_model_set_context(m, n_ctx) != MOE_OK) {
-        moe_model_free(m);
-        return lib_fail(NULL);
     }
     const moe_tokenizer *tok = moe_model_tokenizer(m);
     int rc = EXIT_FAIL;
@@ -197,11 +184,8 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     if (check_data_paths(data)) return EXIT_FAIL;
     moe_model *m = NULL;
-    if (load_model(model, &m)) return EXIT_FAIL;
-    if (apply_mem_budget(m, budget, policy)) {
-        moe_model_free(m);
-        return EXIT_FAIL;
-    }
+    const moe_load_options lo = {budget, policy, 0};
+    if (load_model_with(model, &lo, &m)) return EXIT_FAIL;
     const moe_config *cfg = moe_model_config(m);
     int rc = EXIT_FAIL;
     moe_dataset *d = NULL;

@@ -118,17 +118,21 @@ const char *default_corpus(void) {
     return is_dir(buf) ? buf : NULL;
 }
 
-int open_model(const char *path, moe_model **m) {
+int open_model(const char *path, moe_model **m) { return open_model_with(path, NULL, m); }
+
+int open_model_with(const char *path, const moe_load_options *opts, moe_model **m) {
     struct stat st;
     *m = NULL;
     if (stat(path, &st) != 0) return fail("model file '%s': %s", path, strerror(errno));
     if (S_ISDIR(st.st_mode)) return fail("model file '%s' is a directory", path);
-    if (moe_model_load(m, path) != MOE_OK) return lib_fail_file(path);
+    if (moe_model_load_with(m, path, opts) != MOE_OK) return lib_fail_file(path);
     return 0;
 }
 
-int load_model(const char *path, moe_model **m) {
-    if (open_model(path, m)) return EXIT_FAIL;
+int load_model(const char *path, moe_model **m) { return load_model_with(path, NULL, m); }
+
+int load_model_with(const char *path, const moe_load_options *opts, moe_model **m) {
+    if (open_model_with(path, opts, m)) return EXIT_FAIL;
     if (!moe_model_tokenizer(*m)) {
         moe_model_free(*m);
         *m = NULL;
