@@ -174,14 +174,15 @@ static void json_samples(const double *v, int n) {
 }
 
 static int bench_run(cli_cmd *cmd, const char *path, int n_prompt, int n_gen, int reps, int threads,
-                     int json) {
+                     int json, const char *budget, const char *policy) {
     if (!path) return cli_usage_error(cmd->name, "--model FILE is required (or --write-synthetic KIND, --machine)");
     if (n_prompt == 0 && n_gen == 0) return cli_usage_error(cmd->name, "nothing to measure: -p and -n are both 0");
     if (reps > 64) return cli_usage_error(cmd->name, "-r must be at most 64, got %d", reps);
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     const int n_threads = omp_get_max_threads();
     moe_model *m = NULL;
-    if (open_model(path, &m)) return EXIT_FAIL;
+    const moe_load_options lo = {budget, policy, 0};
+    if (open_model_with(path, &lo, &m)) return EXIT_FAIL;
     int rc = EXIT_FAIL;
     const moe_config *c = moe_model_config(m);
     /* the KV cache for just this run: the prompt, then n_gen decode steps */
@@ -197,8 +198,12 @@ static int bench_run(cli_cmd *cmd, const char *path, int n_prompt, int n_gen, in
     char arch[32], type[32], units[512], total_s[32];
     model_label(m, arch, sizeof arch, type, sizeof type);
     moe_cpu_describe(units, sizeof units);
-    const char *kernels = strstr(units, "kernels: ");
-    kernels = kernels ? kernels + 9 : "?";
+    /* the path this model's matrices take: f32 ones the matmul's, the others
+     * the quantised kernels' (f16 and bf16 included) */
+    char matmul_path[64] = "?";
+    const char *mp = strstr(units, "matmul ");
+    if (mp) snprintf(matmul_path, sizeof matmul_path, "%.*s", (int)strcspn(mp + 7, ","), mp + 7);
+    const char *kernels = !strcmp(type, "f32") ? matmul_path : moe_cpu_kernels();
     const moe_param_counts pc = moe_config_param_counts(c);
     const moe_weight_bytes wb = moe_model_weight_bytes(m);
     fmt_human(total_s, sizeof total_s, pc.total);
@@ -269,6 +274,7 @@ static int bench_run(cli_cmd *cmd, const char *path, int n_prompt, int n_gen, in
         printf("\nmemory bandwidth %.1f GB/s (streaming read, median of 7); decode reads %.1f MB of weights per "
                "token, so the roofline is %.1f tokens/s\n%s\n", gbs, wb.per_token / 1e6, roof, units);
     }
+    print_offload_stats("bench", m);
     rc = fflush(stdout) == 0 ? 0 : fail("writing the output failed");
 done:
     moe_model_free(m);
@@ -307,7 +313,7 @@ static void bench_footer(FILE *f) {
 }
 
 int cmd_bench(int argc, char **argv) {
-    const char *model = NULL, *synth = NULL, *type = "q8_0", *out = NULL;
+    const char *model = NULL, *budget = NULL, *policy = NULL, *synth = NULL, *type = "q8_0", *out = NULL;
     int n_prompt = 256, n_gen = 128, reps = 3, threads = 0, json = 0, force = 0, machine = 0;
     uint64_t seed = 1;
     str_list sets = {0};
@@ -325,6 +331,7 @@ int cmd_bench(int argc, char **argv) {
         {"set", OPT_LIST, &sets, R_ANY, "KEY=VALUE", "--write-synthetic: change the MoE's shape; repeatable", NULL, 0},
         {"seed", OPT_U64, &seed, R_ANY, "S", "--write-synthetic: weight seed", NULL, 0},
         {"force", OPT_FLAG, &force, R_ANY, NULL, "--write-synthetic: overwrite --out", NULL, 0},
+        OFFLOAD_OPTS(budget, policy),
     };
     cli_cmd cmd = {"bench", "--model FILE [-p 256] [-n 128] [-r 3] [-t N] [--json]",
                    "Measures prefill and decode speed of a model file and prints a table in\n"
@@ -347,7 +354,7 @@ int cmd_bench(int argc, char **argv) {
         else if (out || sets.n || cli_given(&cmd, "type"))
             rc = cli_usage_error(cmd.name, "--out, --type and --set go with --write-synthetic");
         else if (machine) rc = machine_run(&cmd, threads, json);
-        else rc = bench_run(&cmd, model, n_prompt, n_gen, reps, threads, json);
+        else rc = bench_run(&cmd, model, n_prompt, n_gen, reps, threads, json, budget, policy);
     }
     cli_free(&cmd);
     free(args);

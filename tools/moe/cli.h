@@ -100,6 +100,14 @@ int load_model(const char *path, moe_model **m);
 /* the same, settling offloading and the context before the load's memory check */
 int open_model_with(const char *path, const moe_load_options *opts, moe_model **m);
 int load_model_with(const char *path, const moe_load_options *opts, moe_model **m);
+/* --mem-budget and --offload-policy, alike in generate, eval and bench */
+#define OFFLOAD_OPTS(budget, policy)                                                                         \
+    {"mem-budget", OPT_STR, &(budget), R_ANY, "SIZE",                                                        \
+     "keep routed experts on disk, cached in SIZE bytes (512M, 2G) or a share of their bytes (50%)", "0 = all in memory", 0}, \
+    {"offload-policy", OPT_STR, &(policy), R_ANY, "NAME", "expert cache eviction: lru, lfu or lrfu", "lfu", 0}
+/* after a run with a budget: the expert cache's hit rate, bytes read per
+ * token and what it holds, one line on stderr (nothing without a budget) */
+void print_offload_stats(const char *cmd, const moe_model *m);
 
 /* ---- formatting ---------------------------------------------------------------- */
 void fmt_human(char *buf, size_t cap, int64_t n);  /* 46.7B */

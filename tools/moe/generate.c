@@ -15,26 +15,6 @@ static double moe_clock(void) { /* monotonic seconds */
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* ---- expert offloading (--mem-budget, --offload-policy) ---- */
-/* one line: hit rate, bytes read per token, what the cache holds */
-static void print_offload_stats(const char *cmd, const moe_model *m) {
-    moe_offload_stats s;
-    moe_model_offload_stats(m, &s);
-    if (!s.budget) return;
-    const double uses = (double)(s.hits + s.misses), mib = 1024.0 * 1024.0;
-    fprintf(stderr, "moe %s: experts: hit rate %.1f%% (%lld hits, %lld misses), %.2f MiB read per token; cache %.1f MiB "
-            "of a %.1f MiB budget (%.0f%% of the experts' %.1f MiB), %d of %d experts\n", cmd,
-            uses ? 100.0 * (double)s.hits / uses : 0.0, (long long)s.hits, (long long)s.misses,
-            s.tokens ? (double)s.bytes_read / (double)s.tokens / mib : 0.0, (double)s.cache_bytes / mib,
-            (double)s.budget / mib, 100.0 * (double)s.budget / (double)s.expert_bytes, (double)s.expert_bytes / mib,
-            s.slots, s.units);
-}
-
-#define OFFLOAD_OPTS(budget, policy)                                                                         \
-    {"mem-budget", OPT_STR, &(budget), R_ANY, "SIZE",                                                        \
-     "keep routed experts on disk, cached in SIZE bytes (512M, 2G) or a share of their bytes (50%)", "0 = all in memory", 0}, \
-    {"offload-policy", OPT_STR, &(policy), R_ANY, "NAME", "expert cache eviction: lru, lfu or lrfu", "lfu", 0}
-
 /* ---- generate ---- */
 typedef struct {
     int write_failed;

@@ -141,6 +141,20 @@ int load_model_with(const char *path, const moe_load_options *opts, moe_model **
     return 0;
 }
 
+/* one line: hit rate, bytes read per token, what the cache holds */
+void print_offload_stats(const char *cmd, const moe_model *m) {
+    moe_offload_stats s;
+    moe_model_offload_stats(m, &s);
+    if (!s.budget) return;
+    const double uses = (double)(s.hits + s.misses), mib = 1024.0 * 1024.0;
+    fprintf(stderr, "moe %s: experts: hit rate %.1f%% (%lld hits, %lld misses), %.2f MiB read per token; cache %.1f MiB "
+            "of a %.1f MiB budget (%.0f%% of the experts' %.1f MiB), %d of %d experts\n", cmd,
+            uses ? 100.0 * (double)s.hits / uses : 0.0, (long long)s.hits, (long long)s.misses,
+            s.tokens ? (double)s.bytes_read / (double)s.tokens / mib : 0.0, (double)s.cache_bytes / mib,
+            (double)s.budget / mib, 100.0 * (double)s.budget / (double)s.expert_bytes, (double)s.expert_bytes / mib,
+            s.slots, s.units);
+}
+
 /* ---- formatting ---- */
 void fmt_human(char *buf, size_t cap, int64_t n) {
     static const char *unit[] = {"", "K", "M", "B", "T"};
