@@ -188,6 +188,35 @@ MOE_API int moe_model_context(const moe_model *m);
  * buf, always NUL-terminated. */
 MOE_API void moe_model_describe(const moe_model *m, char *buf, size_t cap);
 
+/* ---- routing telemetry and ablation -------------------------------------- */
+/* The routing of one token: for each of the n_moe MoE layers (layers[i] is
+ * its index among all layers) the k chosen experts, best first, and their
+ * combine weights; expert -1 with weight 0 is an empty slot (a disabled
+ * expert's). The arrays are valid during the callback only. */
+typedef struct {
+    size_t pos;              /* index of the token in the input               */
+    int32_t token;
+    int n_moe, k;
+    const int *layers;       /* [n_moe]                                       */
+    const int32_t *experts;  /* [n_moe][k]                                    */
+    const float *weights;    /* [n_moe][k]                                    */
+} moe_token_route;
+typedef int (*moe_route_fn)(const moe_token_route *r, void *user); /* nonzero stops */
+/* Runs tokens[n] through m as inference does (dropless, the KV-cached path;
+ * our own and published models alike) and calls fn for each token in order.
+ * Past the context the model starts over: token i sits at position
+ * i % context. A dense model calls fn with n_moe 0. */
+MOE_API moe_status moe_model_route(moe_model *m, const int32_t *tokens, size_t n, moe_route_fn fn,
+                                   void *user);
+/* Switches expert `expert` of MoE layer `layer` off for evaluation,
+ * generation and moe_model_route (not training): where the router picks
+ * it, its slot stays empty, its weight goes to no one, and the other
+ * chosen experts are renormalised only when the router renormalises
+ * (renorm_topk). MOE_ERR_INVALID_ARG for a layer or expert out of range or
+ * a dense layer. moe_model_enable_experts switches all back on. */
+MOE_API moe_status moe_model_disable_expert(moe_model *m, int layer, int expert);
+MOE_API void moe_model_enable_experts(moe_model *m);
+
 /* ---- training ------------------------------------------------------------ */
 typedef struct {
     int steps;            /* horizon of the whole run (schedule length)      */

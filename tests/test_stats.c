@@ -1,0 +1,227 @@
+/* Routing telemetry, expert ablation and the routing-analytics metrics:
+ *  - moe_model_route against the routing the batched training forward
+ *    (a separate code path) computes for the same tokens, and on a
+ *    random-weight published layout;
+ *  - the tap leaves the logits unchanged; windows past the context restart;
+ *  - a disabled expert leaves its slot empty with the weights computed by
+ *    hand (renormalised or not), and bad specs are refused;
+ *  - each metric of stats/route_stats.c against a hand-computed case. */
+#include <stdint.h>
+
+#include "arch/arch.h"
+#include "core/dtype.h"
+#include "harness.h"
+#include "model/model.h"
+
+static moe_config tiny(void) {
+    moe_config c;
+    moe_config_preset(&c, "tiny");
+    c.vocab_size = 300; c.d_model = 32; c.n_layers = 3; c.n_heads = 4; c.n_kv_heads = 2;
+    c.d_ff = 48; c.n_experts = 8; c.top_k = 2; c.d_expert = 16; c.max_seq = 32;
+    c.moe_first_dense = 1; c.moe_every = 1;
+    return c;
+}
+
+typedef struct { int n, cap, n_moe, k; int32_t tok[256]; int32_t ids[256 * 8]; float w[256 * 8]; int layers[4]; } trace_buf;
+static int collect(const moe_token_route *r, void *u) {
+    trace_buf *t = u;
+    if (t->n >= t->cap || (size_t)t->n != r->pos) return 1;
+    t->n_moe = r->n_moe; t->k = r->k;
+    for (int i = 0; i < r->n_moe; i++) t->layers[i] = r->layers[i];
+    t->tok[t->n] = r->token;
+    memcpy(t->ids + (size_t)t->n * r->n_moe * r->k, r->experts, sizeof(int32_t) * r->n_moe * r->k);
+    memcpy(t->w + (size_t)t->n * r->n_moe * r->k, r->weights, sizeof(float) * r->n_moe * r->k);
+    t->n++;
+    return 0;
+}
+
+static void test_trace_matches_forward(void) {
+    TEST_CASE("route: experts and weights equal the batched forward's routing");
+    moe_config c = tiny();
+    moe_model *m;
+    if (moe_model_create(&m, &c, 5)) TEST_FATAL("create: %s", moe_last_error());
+    enum { N = 24 };
+    int32_t tok[N];
+    for (int i = 0; i < N; i++) tok[i] = (i * 37 + 11) % c.vocab_size;
+    static trace_buf t;
+    t.cap = 256;
+    CHECK(moe_model_route(m, tok, N, collect, &t) == MOE_OK, "%s", moe_last_error());
+    CHECK(t.n == N && t.n_moe == 2 && t.k == 2, "n %d n_moe %d k %d", t.n, t.n_moe, t.k);
+    CHECK(t.layers[0] == 1 && t.layers[1] == 2, "layers %d %d", t.layers[0], t.layers[1]);
+    model_losses L;
+    CHECK(model_forward(m, tok, NULL, 1, N, &L) == MOE_OK, "%s", moe_last_error());
+    int id_bad = 0;
+    float wmax = 0;
+    for (int km = 0; km < 2; km++) {
+        const moe_routing *r = &m->acts.layers[t.layers[km]].moe.r;
+        for (int i = 0; i < N; i++)
+            for (int j = 0; j < 2; j++) {
+                size_t at = ((size_t)i * 2 + km) * 2 + j;
+                id_bad += t.ids[at] != r->ids[(size_t)i * r->S + j];
+                wmax = fmaxf(wmax, fabsf(t.w[at] - r->w[(size_t)i * r->S + j]));
+            }
+    }
+    CHECK(id_bad == 0, "%d experts differ", id_bad);
+    CHECK(wmax < 1e-4f, "weights differ by %g", wmax);
+    for (int i = 0; i < N; i++) CHECK(t.tok[i] == tok[i], "token %d", i);
+    /* the callback can stop the run */
+    t.n = 0; t.cap = 5;
+    CHECK(moe_model_route(m, tok, N, collect, &t) == MOE_OK && t.n == 5, "stopped after %d", t.n);
+    moe_model_free(m);
+    TEST_END();
+}
+
+static void test_tap_keeps_logits(void) {
+    TEST_CASE("route: the tap changes no logit; past the context the windows restart");
+    moe_config c = tiny();
+    moe_model *m;
+    if (moe_model_create(&m, &c, 6)) TEST_FATAL("create: %s", moe_last_error());
+    enum { N = 16 };
+    int32_t tok[N];
+    for (int i = 0; i < N; i++) tok[i] = (i * 13 + 3) % c.vocab_size;
+    float *a = malloc(sizeof(float) * N * c.vocab_size), *b = malloc(sizeof(float) * N * c.vocab_size);
+    int32_t ids[N * 2 * 2];
+    float w[N * 2 * 2];
+    CHECK(model_infer(m, tok, N, 0, a, 1) == MOE_OK, "%s", moe_last_error());
+    m->tap_ids = ids; m->tap_w = w;
+    CHECK(model_infer(m, tok, N, 0, b, 1) == MOE_OK, "%s", moe_last_error());
+    m->tap_ids = NULL; m->tap_w = NULL;
+    CHECK(memcmp(a, b, sizeof(float) * N * c.vocab_size) == 0, "logits changed");
+    /* a context of 8: tokens 8..15 route as tokens 0..7 would on their own */
+    static trace_buf whole, first;
+    whole.cap = first.cap = 256;
+    int32_t again[N];
+    for (int i = 0; i < N; i++) again[i] = tok[i % 8];
+    CHECK(moe_model_set_context(m, 8) == MOE_OK, "%s", moe_last_error());
+    CHECK(moe_model_route(m, again, N, collect, &whole) == MOE_OK, "%s", moe_last_error());
+    CHECK(moe_model_route(m, tok, 8, collect, &first) == MOE_OK, "%s", moe_last_error());
+    CHECK(whole.n == N && first.n == 8, "%d %d", whole.n, first.n);
+    CHECK(memcmp(whole.ids + 8 * 4, first.ids, sizeof(int32_t) * 8 * 4) == 0, "second window routes differently");
+    CHECK(memcmp(whole.w + 8 * 4, first.w, sizeof(float) * 8 * 4) == 0, "second window weighs differently");
+    free(a); free(b);
+    moe_model_free(m);
+    TEST_END();
+}
+
+/* One router stage with the router weights the identity, so the logits are
+ * the input: softmax(1, 3, 2, 0) picks experts 1 and 2. */
+static void test_disable_by_hand(void) {
+    TEST_CASE("disable: the switched-off expert's slot is empty; weights as by hand");
+    enum { E = 4, K = 2, D = 4 };
+    float router[E * D] = {0}, x[D] = {1, 3, 2, 0};
+    for (int e = 0; e < E; e++) router[e * D + e] = 1;
+    moe_weights w = {.router = router};
+    moe_cache cache;
+    if (moe_cache_init(&cache, 1, D, E, K, 4, 0, MOE_ROUTING_TOKEN, 0)) TEST_FATAL("cache");
+    const double z = exp(1) + exp(3) + exp(2) + exp(0);
+    const double p1 = exp(3) / z, p2 = exp(2) / z;
+    uint8_t off[E] = {0, 1, 0, 0};
+    for (int renorm = 0; renorm < 2; renorm++) {
+        moe_route_opts o = {.score = MOE_ROUTER_SOFTMAX, .mode = MOE_ROUTING_TOKEN, .renorm = renorm, .scale = 1};
+        moe_route(&cache.r, x, &w, 1, D, &o);
+        CHECK(cache.r.ids[0] == 1 && cache.r.ids[1] == 2, "on: %d %d", cache.r.ids[0], cache.r.ids[1]);
+        double w0 = renorm ? p1 / (p1 + p2) : p1, w1 = renorm ? p2 / (p1 + p2) : p2;
+        CHECK(fabs(cache.r.w[0] - w0) < 1e-6 && fabs(cache.r.w[1] - w1) < 1e-6, "on: %g %g", cache.r.w[0], cache.r.w[1]);
+        o.disabled = off;
+        moe_route(&cache.r, x, &w, 1, D, &o);
+        /* expert 1 is still the router's choice; its place is not given to expert 0 */
+        CHECK(cache.r.ids[0] == -1 && cache.r.ids[1] == 2, "off: %d %d", cache.r.ids[0], cache.r.ids[1]);
+        CHECK(cache.r.w[0] == 0.0f && fabs(cache.r.w[1] - (renorm ? 1.0 : p2)) < 1e-6, "off: %g %g", cache.r.w[0], cache.r.w[1]);
+        CHECK(cache.r.sel_counts[1] == 0 && cache.r.sel_counts[2] == 1 && cache.r.rows == 1, "dispatch");
+    }
+    moe_cache_free(&cache);
+    TEST_END();
+}
+
+static void test_disable_model(void) {
+    TEST_CASE("disable: specs checked; the expert never appears in the trace of its layer");
+    moe_config c = tiny();
+    moe_model *m;
+    if (moe_model_create(&m, &c, 7)) TEST_FATAL("create: %s", moe_last_error());
+    CHECK(moe_model_disable_expert(m, 3, 0) == MOE_ERR_INVALID_ARG && strstr(moe_last_error(), "layer 3"), "%s", moe_last_error());
+    CHECK(moe_model_disable_expert(m, -1, 0) == MOE_ERR_INVALID_ARG, "negative layer");
+    CHECK(moe_model_disable_expert(m, 0, 0) == MOE_ERR_INVALID_ARG && strstr(moe_last_error(), "dense"), "%s", moe_last_error());
+    CHECK(moe_model_disable_expert(m, 1, 8) == MOE_ERR_INVALID_ARG && strstr(moe_last_error(), "expert 8"), "%s", moe_last_error());
+    CHECK(m->disabled == NULL, "a refused spec allocated the mask");
+    enum { N = 32 };
+    int32_t tok[N];
+    for (int i = 0; i < N; i++) tok[i] = (i * 29 + 1) % c.vocab_size;
+    static trace_buf on, off;
+    on.cap = off.cap = 256;
+    CHECK(moe_model_route(m, tok, N, collect, &on) == MOE_OK, "%s", moe_last_error());
+    /* the expert layer 1 chooses most often */
+    int cnt[8] = {0}, best = 0;
+    for (int i = 0; i < N; i++) for (int j = 0; j < 2; j++) cnt[on.ids[(size_t)i * 4 + j]]++;
+    for (int e = 1; e < 8; e++) if (cnt[e] > cnt[best]) best = e;
+    CHECK(moe_model_disable_expert(m, 1, best) == MOE_OK, "%s", moe_last_error());
+    CHECK(moe_model_route(m, tok, N, collect, &off) == MOE_OK, "%s", moe_last_error());
+    int seen = 0, empty = 0, first_same = 1;
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < 2; j++) {
+            int32_t id = off.ids[(size_t)i * 4 + j];
+            seen += id == best;
+            if (on.ids[(size_t)i * 4 + j] == best) empty += id == -1 && off.w[(size_t)i * 4 + j] == 0.0f;
+        }
+    /* layer 1's choices are unchanged but for the empty slots (its input is
+     * upstream of the ablation) */
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < 2; j++) {
+            int32_t a = on.ids[(size_t)i * 4 + j], b = off.ids[(size_t)i * 4 + j];
+            if (a != best && a != b) first_same = 0;
+        }
+    CHECK(seen == 0 && empty == cnt[best] && cnt[best] > 0, "seen %d, empty %d of %d", seen, empty, cnt[best]);
+    CHECK(first_same, "layer 1's other choices moved");
+    moe_model_enable_experts(m);
+    static trace_buf back;
+    back.cap = 256;
+    CHECK(moe_model_route(m, tok, N, collect, &back) == MOE_OK && memcmp(back.ids, on.ids, sizeof(int32_t) * N * 4) == 0,
+          "re-enabled routing differs");
+    moe_model_free(m);
+    TEST_END();
+}
+
+static void test_published_layout(void) {
+    TEST_CASE("route: a random-weight published layout (olmoe, Q8_0 experts)");
+    moe_config c;
+    moe_config_preset(&c, "default");
+    c.vocab_size = 300; c.d_model = 64; c.n_layers = 2; c.n_heads = 4; c.n_kv_heads = 4;
+    c.d_ff = 96; c.n_experts = 4; c.top_k = 2; c.d_expert = 64; c.max_seq = 64;
+    c.norm_eps = 1e-5f; c.qk_norm = MOE_QK_NORM_FULL; c.rope_neox = 1; c.renorm_topk = 0;
+    char path[] = "/tmp/moe_test_stats_XXXXXX";
+    int fd = mkstemp(path);
+    if (fd < 0) TEST_FATAL("mkstemp");
+    close(fd);
+    CHECK(arch_write_random(path, "olmoe", &c, DT_Q8_0, NULL, 3) == MOE_OK, "%s", moe_last_error());
+    moe_model *m = NULL;
+    CHECK(moe_model_load(&m, path) == MOE_OK, "%s", moe_last_error());
+    if (m) {
+        int32_t tok[40];
+        for (int i = 0; i < 40; i++) tok[i] = (i * 7 + 2) % 300;
+        static trace_buf t;
+        t.cap = 256;
+        CHECK(moe_model_route(m, tok, 40, collect, &t) == MOE_OK, "%s", moe_last_error());
+        int bad = 0;
+        for (int i = 0; i < 40; i++)
+            for (int l = 0; l < 2; l++) {
+                const int32_t *id = t.ids + ((size_t)i * 2 + l) * 2;
+                const float *w = t.w + ((size_t)i * 2 + l) * 2;
+                /* softmax without renormalisation: two distinct experts, weights in (0, 1) summing below 1 */
+                bad += id[0] < 0 || id[0] >= 4 || id[1] < 0 || id[1] >= 4 || id[0] == id[1] || !(w[0] >= w[1]) ||
+                       !(w[1] > 0) || !(w[0] + w[1] < 1.0f);
+            }
+        CHECK(t.n == 40 && t.n_moe == 2 && bad == 0, "n %d n_moe %d, %d bad", t.n, t.n_moe, bad);
+        moe_model_free(m);
+    }
+    unlink(path);
+    TEST_END();
+}
+
+int main(void) {
+    moe_set_threads(2);
+    test_trace_matches_forward();
+    test_tap_keeps_logits();
+    test_disable_by_hand();
+    test_disable_model();
+    test_published_layout();
+    TEST_MAIN_END();
+}
