@@ -18,6 +18,7 @@ static const struct {
     {"info", cmd_info, "show a configuration and its parameter counts"},
     {"tokenizer", cmd_tokenizer, "train a tokenizer, or encode/decode with one"},
     {"convert", cmd_convert, "write a model in the GGUF layout llama.cpp runs"},
+    {"route", cmd_route, "show which experts each token is routed to"},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 
