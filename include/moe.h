@@ -247,6 +247,9 @@ MOE_API moe_status moe_dataset_load_text(moe_dataset **out, const moe_tokenizer 
                                          const char *const *paths, int n_paths);
 MOE_API void moe_dataset_free(moe_dataset *d);
 MOE_API size_t moe_dataset_tokens(const moe_dataset *d, int validation);
+/* Domains: one per data file, named by the file without its extension. */
+MOE_API int moe_dataset_n_domains(const moe_dataset *d);
+MOE_API const char *moe_dataset_domain_name(const moe_dataset *d, int i); /* NULL if out of range */
 /* Reads the raw texts of the given paths (for tokenizer training). */
 MOE_API moe_status moe_read_texts(const char *const *paths, int n_paths, char ***texts,
                                   size_t **lens, int *n_texts);
@@ -286,6 +289,13 @@ typedef void (*moe_eval_progress_fn)(size_t done, size_t total, void *user);
 MOE_API moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq,
                                          int max_batches, int use_all, double *loss_out,
                                          size_t *tokens_out, moe_eval_progress_fn fn, void *user);
+/* moe_evaluate_progress over all of d (use_all), the loss also split by the
+ * domain of each target token: dom_loss[i] its mean loss over dom_tokens[i]
+ * targets (0 when none), for i < moe_dataset_n_domains(d). The overall loss
+ * is computed exactly as moe_evaluate computes it. */
+MOE_API moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, double *loss_out,
+                                        size_t *tokens_out, double *dom_loss, size_t *dom_tokens,
+                                        moe_eval_progress_fn fn, void *user);
 
 /* ---- generation ---------------------------------------------------------- */
 typedef struct {

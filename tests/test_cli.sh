@@ -46,7 +46,7 @@ echo "precious" >"$T/existing.gguf"; cp "$T/existing.gguf" "$T/existing.copy"
 # ---- help and version -----------------------------------------------------------------
 for c in "--help" "help" "help train" "train --help" "generate --help" "eval --help" "info --help" \
          "tokenizer --help" "tokenizer train --help" "tokenizer encode --help" "tokenizer decode --help" \
-         "train --steps 5 -h"; do
+         "train --steps 5 -h" "route --help"; do
     run "$MOE" $c
     if [ "$RC" -eq 0 ] && grep -q "Usage" "$T/out"; then ok "help: moe $c"
     else bad "help: moe $c" "exit $RC, stdout: $(head -c 200 "$T/out")"; fi
@@ -74,7 +74,7 @@ run "$MOE" --version
 expect "no command" 2 "usage|command" "$MOE"
 expect "unknown command" 2 "unknown command 'frobnicate'" "$MOE" frobnicate
 expect "unknown top-level option" 2 "unknown option '--frob'" "$MOE" --frob
-for c in train generate eval info "tokenizer train" "tokenizer encode" "tokenizer decode"; do
+for c in train generate eval info route "tokenizer train" "tokenizer encode" "tokenizer decode"; do
     expect "unknown flag: $c" 2 "moe $c: unknown option '--foo' \(see 'moe $c --help'\)" "$MOE" $c --foo
 done
 expect "unknown flag with =value" 2 "unknown option '--foo'" "$MOE" train --foo=3
@@ -303,5 +303,68 @@ refuse_case eval-capacity "eval_capacity_factor 2 drops tokens over capacity at 
 refuse_case shared "shared experts: the llama layout has none; deepseek2" n_shared_experts=1 d_shared=32
 refuse_case no-renorm "renorm_topk = 0: llama.cpp's llama architecture always renormalises" renorm_topk=0
 unchanged "existing file survived everything" "$T/existing.gguf" "$T/existing.copy"
+
+# ---- routing analytics: moe route, moe eval --disable-expert --------------------------------
+mkdir -p "$T/dom"
+awk 'BEGIN { srand(3); for (i = 0; i < 200; i++) print "the quick brown fox jumps over the lazy dog " int(rand() * 9) }' >"$T/dom/prose.txt"
+awk 'BEGIN { srand(4); for (i = 0; i < 200; i++) print "def f(x): return x * " int(rand() * 9) " + 1" }' >"$T/dom/code.txt"
+PY=/usr/bin/python3
+run "$MOE" train --data "$T/dom" "${TINY[@]}" --set n_layers=2 --set moe_first_dense=1 --steps 20 --batch 4 --seq 16 \
+    --threads 1 --eval-every 0 --out "$T/rt.gguf" --log "$T/rt.jsonl"
+if [ "$RC" -eq 0 ]; then
+    R="$T/rt.gguf"
+    run "$MOE" route --model "$R" --prompt 'say "hi" <b> & tab	end' --json --threads 1
+    if [ "$RC" -eq 0 ] && "$PY" -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1], encoding="utf-8")]
+assert rows and [r["pos"] for r in rows] == list(range(len(rows)))
+text = "".join(r["text"] for r in rows)
+assert text == "say \"hi\" <b> & tab\tend", text
+for r in rows:
+    assert [l["layer"] for l in r["layers"]] == [1]
+    for l in r["layers"]:
+        assert len(l["experts"]) == 2 and len(set(l["experts"])) == 2 and all(0 <= e < 4 for e in l["experts"])
+        assert abs(sum(l["weights"]) - 1) < 1e-4 and l["weights"][0] >= l["weights"][1]
+' "$T/out"; then ok "route --json: JSON Lines that parse, the text back, one MoE layer, weights sum to 1"
+    else bad "route --json" "exit $RC: $(head -c 400 "$T/out") $(head -c 300 "$T/err")"; fi
+    run "$MOE" route --model "$R" --data "$T/dom/code.txt" --max-tokens 7 --json --layer 1
+    [ "$RC" -eq 0 ] && [ "$(wc -l <"$T/out")" -eq 7 ] && ok "route --data --max-tokens 7 --layer 1" \
+        || bad "route --data --max-tokens" "exit $RC, $(wc -l <"$T/out") lines: $(head -c 300 "$T/err")"
+    NO_COLOR=1 script -qec "$MOE route --model $R --prompt 'the fox' --threads 1" /dev/null >"$T/out" 2>&1; RC=$?
+    if [ "$RC" -eq 0 ] && grep -q "L1" "$T/out" && ! grep -q $'\x1b' "$T/out"; then ok "route: NO_COLOR on a terminal, no escapes"
+    else bad "route NO_COLOR" "exit $RC: $(head -c 300 "$T/out" | cat -v)"; fi
+    script -qec "$MOE route --model $R --prompt 'the fox' --threads 1" /dev/null >"$T/out" 2>&1
+    grep -q $'\x1b\[' "$T/out" && grep -q "colour = top expert of layer 1" "$T/out" && ok "route: coloured on a terminal" \
+        || bad "route colour" "$(head -c 300 "$T/out" | cat -v)"
+    run "$MOE" route --model "$R" --prompt "the fox" --threads 1
+    [ "$RC" -eq 0 ] && ! grep -q $'\x1b' "$T/out" && grep -qE '^ +0 +[0-9]+  ".*"  \| L1  [0-3]:[0-9.]+  [0-3]:[0-9.]+$' "$T/out" \
+        && ok "route: plain table into a pipe" || bad "route plain" "exit $RC: $(head -c 300 "$T/out" | cat -v)"
+    expect "route: dense layer" 1 "layer 0 is a dense layer" "$MOE" route --model "$R" --prompt x --layer 0
+    expect "route: layer out of range" 1 "layer 7 is out of range" "$MOE" route --model "$R" --prompt x --layer 7
+    expect "route: no text" 2 "--prompt TEXT or --data PATH is required" "$MOE" route --model "$R"
+    expect "route: both texts" 2 "not both" "$MOE" route --model "$R" --prompt x --data "$T/dom"
+
+    run "$MOE" eval --model "$R" --data "$T/dom" --seq 16 --threads 1; cp "$T/out" "$T/eval.plain"
+    run "$MOE" eval --model "$R" --data "$T/dom" --seq 16 --threads 1 --domains
+    if [ "$RC" -eq 0 ] && [ "$(head -n 1 "$T/out")" = "$(cat "$T/eval.plain")" ] && grep -qE "^domain code +loss [0-9.]+ " "$T/out" \
+       && grep -qE "^domain prose +loss [0-9.]+ " "$T/out"; then ok "eval --domains: the plain line and one line per domain"
+    else bad "eval --domains" "exit $RC: $(cat "$T/out") vs $(cat "$T/eval.plain")"; fi
+    cp "$T/out" "$T/eval.dom"
+    changed=0
+    for e in 0 1 2 3; do
+        run "$MOE" eval --model "$R" --data "$T/dom" --seq 16 --threads 1 --disable-expert 1:$e
+        grep -q "^disabled experts (layer:expert): 1:$e$" "$T/out" || bad "eval --disable-expert 1:$e" "$(cat "$T/out" "$T/err")"
+        [ "$(grep '^domain' "$T/out")" != "$(grep '^domain' "$T/eval.dom")" ] && changed=$((changed + 1))
+    done
+    [ $changed -ge 3 ] && ok "eval --disable-expert changes the domain losses ($changed of 4 experts)" \
+        || bad "eval --disable-expert" "only $changed of 4 ablations changed a loss"
+    run "$MOE" eval --model "$R" --data "$T/dom" --seq 16 --threads 1 --disable-expert 1:0 --disable-expert 1:1
+    [ "$RC" -eq 0 ] && grep -q "^disabled experts (layer:expert): 1:0 1:1$" "$T/out" && ok "eval: --disable-expert repeats" \
+        || bad "eval --disable-expert twice" "exit $RC: $(cat "$T/err")"
+    expect "eval: disable in a dense layer" 1 "layer 0 is a dense layer" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 0:1
+    expect "eval: disable layer out of range" 1 "layer 5 is out of range" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 5:1
+    expect "eval: disable expert out of range" 1 "expert 4 is out of range" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 1:4
+    expect "eval: malformed disable spec" 2 "is not LAYER:EXPERT" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 1-2
+else bad "train a model for routing analytics" "exit $RC: $(tail -c 300 "$T/err")"; fi
 
 finish

@@ -11,6 +11,7 @@
 #include "arch/arch.h"
 #include "core/dtype.h"
 #include "harness.h"
+#include "data/dataset.h"
 #include "model/model.h"
 
 static moe_config tiny(void) {
@@ -216,6 +217,91 @@ static void test_published_layout(void) {
     TEST_END();
 }
 
+static void write_text(const char *path, const char *words, int lines, unsigned seed) {
+    FILE *f = fopen(path, "w");
+    if (!f) return;
+    char w[32][16];
+    int nw = 0;
+    for (const char *p = words; *p && nw < 32;) {
+        int n = 0;
+        while (*p && *p != ' ' && n < 15) w[nw][n++] = *p++;
+        w[nw++][n] = 0;
+        while (*p == ' ') p++;
+    }
+    for (int i = 0; i < lines; i++) {
+        for (int j = 0; j < 10; j++) {
+            seed = seed * 1103515245u + 12345u;
+            fprintf(f, "%s ", w[(seed >> 16) % nw]);
+        }
+        fprintf(f, ".\n%s", i % 8 == 7 ? "\f\n" : "");
+    }
+    fclose(f);
+}
+
+static void test_eval_domains(void) {
+    TEST_CASE("eval: per-domain losses; nothing disabled = plain eval bit for bit; an ablation moves the loss");
+    char dir[] = "/tmp/moe_test_stats_dXXXXXX";
+    if (!mkdtemp(dir)) TEST_FATAL("mkdtemp");
+    char a[300], b[300];
+    snprintf(a, sizeof a, "%s/alpha.txt", dir);
+    snprintf(b, sizeof b, "%s/beta.txt", dir);
+    write_text(a, "the quick brown fox jumps over a lazy dog river tree stone", 160, 1);
+    write_text(b, "def return import class self for while print lambda yield", 160, 2);
+    const char *paths[2] = {a, b};
+    char **texts; size_t *lens; int nt;
+    moe_tokenizer *tok = NULL;
+    moe_dataset *d = NULL;
+    moe_model *m = NULL;
+    CHECK(moe_read_texts(paths, 2, &texts, &lens, &nt) == MOE_OK, "%s", moe_last_error());
+    CHECK(moe_tokenizer_train(&tok, (const char *const *)texts, lens, nt, 300) == MOE_OK, "%s", moe_last_error());
+    moe_free_texts(texts, lens, nt);
+    CHECK(moe_dataset_load_text(&d, tok, paths, 2) == MOE_OK, "%s", moe_last_error());
+    moe_config c = tiny();
+    CHECK(moe_model_create(&m, &c, 11) == MOE_OK, "%s", moe_last_error());
+    if (!tok || !d || !m) TEST_FATAL("setup");
+    char out[320];
+    snprintf(out, sizeof out, "%s/m.gguf", dir);
+    moe_train_params p;
+    moe_train_params_default(&p);
+    p.steps = 30; p.batch = 4; p.seq = 16; p.lr = 1e-2f; p.warmup = 2; p.eval_every = 0; p.eval_batches = 1;
+    p.out_path = out; p.threads = 2;
+    CHECK(moe_train(m, d, &p, NULL, NULL, NULL) == MOE_OK, "%s", moe_last_error());
+    CHECK(moe_dataset_n_domains(d) == 2 && !strcmp(moe_dataset_domain_name(d, 0), "alpha") &&
+          !strcmp(moe_dataset_domain_name(d, 1), "beta") && !moe_dataset_domain_name(d, 2), "domain names");
+    double plain, all, dl[2], dl2[2], off, back;
+    size_t n_plain, n_all, dt[2], dt2[2], n_off;
+    CHECK(moe_evaluate(m, d, 16, 0, 1, &plain, &n_plain) == MOE_OK, "%s", moe_last_error());
+    CHECK(moe_evaluate_domains(m, d, 16, &all, &n_all, dl, dt, NULL, NULL) == MOE_OK, "%s", moe_last_error());
+    CHECK(memcmp(&plain, &all, sizeof plain) == 0 && n_plain == n_all, "%.17g vs %.17g", plain, all);
+    CHECK(dt[0] > 100 && dt[1] > 100 && dt[0] + dt[1] == n_all, "domain tokens %zu + %zu of %zu", dt[0], dt[1], n_all);
+    double mix = (dl[0] * dt[0] + dl[1] * dt[1]) / (double)n_all;
+    CHECK(fabs(mix - all) < 1e-5 * all, "domains average %.9g, overall %.9g", mix, all);
+    /* switch off layer 1's busiest expert (on the first domain's text) */
+    int cnt[8] = {0}, best = 0;
+    static trace_buf t;
+    t.cap = 256;
+    CHECK(moe_model_route(m, d->tokens[0], 200, collect, &t) == MOE_OK, "%s", moe_last_error());
+    for (int i = 0; i < t.n; i++) for (int j = 0; j < 2; j++) cnt[t.ids[(size_t)i * 4 + j]]++;
+    for (int e = 1; e < 8; e++) if (cnt[e] > cnt[best]) best = e;
+    CHECK(moe_model_disable_expert(m, 1, best) == MOE_OK, "%s", moe_last_error());
+    CHECK(moe_evaluate_domains(m, d, 16, &off, &n_off, dl2, dt2, NULL, NULL) == MOE_OK, "%s", moe_last_error());
+    CHECK(n_off == n_all && dt2[0] == dt[0] && off != all && dl2[0] != dl[0] && dl2[1] != dl[1],
+          "disabling expert %d: %.6f -> %.6f (alpha %.6f -> %.6f, beta %.6f -> %.6f)", best, all, off, dl[0], dl2[0], dl[1], dl2[1]);
+    printf("  layer 1 expert %d off: loss %.4f -> %.4f\n", best, all, off);
+    moe_model_enable_experts(m);
+    CHECK(moe_evaluate(m, d, 16, 0, 1, &back, NULL) == MOE_OK && memcmp(&back, &plain, sizeof back) == 0,
+          "re-enabled: %.17g vs %.17g", back, plain);
+    moe_model_free(m);
+    moe_dataset_free(d);
+    moe_tokenizer_free(tok);
+    unlink(a); unlink(b); unlink(out);
+    char st[340];
+    snprintf(st, sizeof st, "%s.state", out);
+    unlink(st);
+    rmdir(dir);
+    TEST_END();
+}
+
 int main(void) {
     moe_set_threads(2);
     test_trace_matches_forward();
@@ -223,5 +309,6 @@ int main(void) {
     test_disable_by_hand();
     test_disable_model();
     test_published_layout();
+    test_eval_domains();
     TEST_MAIN_END();
 }
