@@ -13,6 +13,8 @@
 #include "harness.h"
 #include "data/dataset.h"
 #include "model/model.h"
+#include "stats/jsonl.h"
+#include "stats/route_stats.h"
 
 static moe_config tiny(void) {
     moe_config c;
@@ -302,6 +304,85 @@ static void test_eval_domains(void) {
     TEST_END();
 }
 
+/* Five tokens of one MoE layer with 4 experts, top-2 (-1: an empty slot):
+ *   token  5 7 5 9 5    domain 0 0 1 1 1
+ *   chosen {0,1} {0,2} {1,-} {3,0} {2,3}
+ * and an older checkpoint's choices {1,0} {3,2} {1,2} {2,1} {2,3}. */
+static void hand_trace(route_trace *t, const int32_t *ids) {
+    static int layer = 1;
+    static int32_t tok[5] = {5, 7, 5, 9, 5};
+    static uint8_t dom[5] = {0, 0, 1, 1, 1};
+    memset(t, 0, sizeof *t);
+    t->n = t->cap = 5; t->n_moe = 1; t->k = 2; t->E = 4;
+    t->layers = &layer; t->tokens = tok; t->domain = dom; t->ids = (int32_t *)ids;
+}
+
+#define NEAR(a, b) (fabs((a) - (b)) < 1e-12)
+static void test_metrics_by_hand(void) {
+    TEST_CASE("metrics: load, domain share, co-activation, overlap, vocabulary against hand counts");
+    static const int32_t now[10] = {0, 1, 0, 2, 1, -1, 3, 0, 2, 3}, old[10] = {1, 0, 3, 2, 1, 2, 2, 1, 2, 3};
+    route_trace t, o;
+    hand_trace(&t, now);
+    hand_trace(&o, old);
+    double load[4];
+    route_load(&t, 0, load); /* 3, 2, 2, 2 of 9 assignments */
+    CHECK(NEAR(load[0], 3 / 9.0) && NEAR(load[1], 2 / 9.0) && NEAR(load[2], 2 / 9.0) && NEAR(load[3], 2 / 9.0),
+          "load %g %g %g %g", load[0], load[1], load[2], load[3]);
+    double sh[8];
+    size_t nt[2];
+    route_domain_share(&t, 0, 2, sh, nt);
+    const double want_sh[8] = {1, 0.5, 0.5, 0, 1 / 3.0, 1 / 3.0, 1 / 3.0, 2 / 3.0};
+    int bad = 0;
+    for (int i = 0; i < 8; i++) bad += !NEAR(sh[i], want_sh[i]);
+    CHECK(!bad && nt[0] == 2 && nt[1] == 3, "domain share (%d wrong), tokens %zu %zu", bad, nt[0], nt[1]);
+    double p[16];
+    route_coactivation(&t, 0, p);
+    const double want_p[16] = {1, 1 / 3.0, 1 / 3.0, 1 / 3.0, 0.5, 1, 0, 0, 0.5, 0, 1, 0.5, 0.5, 0, 0.5, 1};
+    bad = 0;
+    for (int i = 0; i < 16; i++) bad += !NEAR(p[i], want_p[i]);
+    CHECK(!bad, "co-activation: %d entries wrong (row 2: %g %g %g %g)", bad, p[8], p[9], p[10], p[11]);
+    /* common experts 2, 1, 1, 0, 2 of k = 2 */
+    CHECK(NEAR(route_overlap(&t, &o, 0), 0.6), "overlap %g", route_overlap(&t, &o, 0));
+    CHECK(NEAR(route_overlap(&t, &t, 0), 0.9), "self overlap %g (an empty slot matches nothing)", route_overlap(&t, &t, 0));
+    route_vocab_entry top[8];
+    double fav;
+    size_t counted;
+    /* token 5: experts 0,1,1,2,3 over 3 occurrences (favourite 1: 2/3); tokens 7 and 9 once each (1) */
+    CHECK(route_vocab(&t, 0, 2, 1, top, &fav, &counted) == MOE_OK, "%s", moe_last_error());
+    CHECK(NEAR(fav, (2 / 3.0 + 1 + 1) / 3) && counted == 3, "favourite share %g over %zu", fav, counted);
+    CHECK(top[0].token == 5 && top[0].count == 1 && top[0].occurrences == 3 && top[1].token == 7, "expert 0: %d %d", top[0].token, top[1].token);
+    CHECK(top[2].token == 5 && top[2].count == 2 && top[3].token == -1, "expert 1: %d (%lld) %d", top[2].token, (long long)top[2].count, top[3].token);
+    CHECK(top[4].token == 5 && top[5].token == 7 && top[6].token == 5 && top[7].token == 9, "experts 2, 3");
+    CHECK(route_vocab(&t, 0, 2, 2, top, &fav, &counted) == MOE_OK && NEAR(fav, 2 / 3.0) && counted == 1,
+          "min_occ 2: %g over %zu", fav, counted);
+    TEST_END();
+}
+
+static void test_jsonl(void) {
+    TEST_CASE("jsonl: strings escaped (HTML-safe, invalid UTF-8 as U+FFFD); log numbers read back");
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    const char s[] = "a\"b\\c\n\t\x01<x>&\xc3\xa9\xff\xe2\x82";
+    json_string(f, s, sizeof s - 1);
+    fputc(' ', f);
+    json_number(f, 0.25);
+    fputc(' ', f);
+    json_number(f, NAN);
+    fclose(f);
+    const char want[] = "\"a\\\"b\\\\c\\n\\t\\u0001\\u003cx\\u003e\\u0026\xc3\xa9\\ufffd\\ufffd\\ufffd\" 0.25 null";
+    CHECK(len == strlen(want) && !memcmp(buf, want, len), "got %s", buf);
+    free(buf);
+    const char *line = "{\"step\":12,\"loss\":3.5,\"maxvio\":[0.25,null,1e-3],\"load\":[[0.5,0.5]],\"x\":\"\\\"maxvio\\\":[9]\"}";
+    double v[4], x;
+    CHECK(jsonl_number(line, "step", &x) && x == 12, "step");
+    CHECK(jsonl_array(line, "maxvio", v, 4) == 3 && v[0] == 0.25 && isnan(v[1]) && v[2] == 1e-3, "maxvio");
+    CHECK(jsonl_array(line, "maxvio", v, 2) == 2, "capped");
+    CHECK(jsonl_array(line, "dead", v, 4) == -1 && !jsonl_number(line, "dead", &x), "absent key");
+    CHECK(jsonl_array(line, "load", v, 4) == -1, "nested arrays are not numbers");
+    TEST_END();
+}
+
 int main(void) {
     moe_set_threads(2);
     test_trace_matches_forward();
@@ -310,5 +391,7 @@ int main(void) {
     test_disable_model();
     test_published_layout();
     test_eval_domains();
+    test_metrics_by_hand();
+    test_jsonl();
     TEST_MAIN_END();
 }
