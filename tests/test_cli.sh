@@ -46,7 +46,7 @@ echo "precious" >"$T/existing.gguf"; cp "$T/existing.gguf" "$T/existing.copy"
 # ---- help and version -----------------------------------------------------------------
 for c in "--help" "help" "help train" "train --help" "generate --help" "eval --help" "info --help" \
          "tokenizer --help" "tokenizer train --help" "tokenizer encode --help" "tokenizer decode --help" \
-         "train --steps 5 -h" "route --help"; do
+         "train --steps 5 -h" "route --help" "report --help"; do
     run "$MOE" $c
     if [ "$RC" -eq 0 ] && grep -q "Usage" "$T/out"; then ok "help: moe $c"
     else bad "help: moe $c" "exit $RC, stdout: $(head -c 200 "$T/out")"; fi
@@ -74,7 +74,7 @@ run "$MOE" --version
 expect "no command" 2 "usage|command" "$MOE"
 expect "unknown command" 2 "unknown command 'frobnicate'" "$MOE" frobnicate
 expect "unknown top-level option" 2 "unknown option '--frob'" "$MOE" --frob
-for c in train generate eval info route "tokenizer train" "tokenizer encode" "tokenizer decode"; do
+for c in train generate eval info route report "tokenizer train" "tokenizer encode" "tokenizer decode"; do
     expect "unknown flag: $c" 2 "moe $c: unknown option '--foo' \(see 'moe $c --help'\)" "$MOE" $c --foo
 done
 expect "unknown flag with =value" 2 "unknown option '--foo'" "$MOE" train --foo=3
@@ -365,6 +365,47 @@ for r in rows:
     expect "eval: disable layer out of range" 1 "layer 5 is out of range" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 5:1
     expect "eval: disable expert out of range" 1 "expert 4 is out of range" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 1:4
     expect "eval: malformed disable spec" 2 "is not LAYER:EXPERT" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 1-2
+
+    # moe report: one self-contained HTML page and report.json with the same numbers
+    run "$MOE" train --data "$T/dom" "${TINY[@]}" --set n_layers=2 --set moe_first_dense=1 --steps 5 --batch 4 --seq 16 \
+        --threads 1 --eval-every 0 --out "$T/rt-old.gguf"
+    run "$MOE" report --model "$R" --data "$T/dom" --log "$T/rt.jsonl" --compare "$T/rt-old.gguf" --max-tokens 600 \
+        --prompt 'the <fox> & "dog"' --threads 1 --out "$T/rep.html"
+    if [ "$RC" -eq 0 ] && [ -s "$T/rep.html" ] && "$PY" -c '
+import json, sys
+d = json.load(open(sys.argv[1], encoding="utf-8"))
+E, k, L = d["n_experts"], d["top_k"], d["layers"]
+assert (E, k, L) == (4, 2, [1]) and d["tokens"] == 600, (E, k, L, d["tokens"])
+assert d["domains"] == ["code", "prose"] and sum(d["domain_tokens"]) == 600 and min(d["domain_tokens"]) > 100
+assert abs(sum(d["load"][0]) - 1) < 1e-4
+for row in d["domain_share"][0]: assert abs(sum(row) - k) < 1e-4          # k experts per token
+for i, row in enumerate(d["coactivation"][0]): assert row[i] in (0, 1) and all(0 <= v <= 1 for v in row)
+o = d["saturation"]["overlap"][0]; assert 0 <= o <= 1
+assert len(d["training"]["step"]) == 20 and len(d["training"]["maxvio"][0]) == 20
+assert "".join(t["text"] for t in d["view"]) == "the <fox> & \"dog\""
+assert all(len(e) > 0 for e in d["vocabulary"]["top"][0]) and 0 < d["vocabulary"]["favourite_share"][0] <= 1
+' "$T/rep.json"; then ok "report: report.json parses and its numbers add up"
+    else bad "report" "exit $RC: $(tail -c 400 "$T/err")"; fi
+    missing=""
+    for sec in load training domains vocabulary coactivation saturation tokens; do
+        grep -q "<section id=\"$sec\">" "$T/rep.html" || missing="$missing $sec"
+    done
+    [ -z "$missing" ] && [ "$(grep -c '<svg' "$T/rep.html")" -ge 7 ] && grep -q 'class="tok" data-i="0"' "$T/rep.html" \
+        && grep -q "addEventListener('mouseover'" "$T/rep.html" && ok "report: every section, SVG charts, the hover view" \
+        || bad "report sections" "missing:$missing; $(grep -c '<svg' "$T/rep.html") svg"
+    ! grep -qiE 'https?://|<link|src=' "$T/rep.html" && ok "report: self-contained (no http(s)://, no links or sources)" \
+        || bad "report self-contained" "$(grep -oiE 'https?://[^ ]*|<link[^>]*|src=[^ ]*' "$T/rep.html" | head -3)"
+    view=$(grep -o '<div id="view">.*</div></section>' "$T/rep.html" | sed 's/<[^>]*>//g')
+    [ "$view" = 'the &lt;fox&gt; &amp; &quot;dog&quot;' ] && ! grep -q '<fox' "$T/rep.html" \
+        && ok "report: token text escaped in the HTML" || bad "report escaping" "raw <fox> in the page"
+    grep -qE '^report: routing [0-9]+/600 tokens' "$T/err" && ok "report: progress on stderr" || bad "report progress" "$(head -c 200 "$T/err")"
+    cp "$T/rep.html" "$T/rep.copy"
+    expect "report: refuses to overwrite" 1 "exists|overwrite" "$MOE" report --model "$R" --data "$T/dom" --out "$T/rep.html"
+    unchanged "report: existing page left as it was" "$T/rep.html" "$T/rep.copy"
+    expect "report: no --out" 2 "--out FILE.html is required" "$MOE" report --model "$R" --data "$T/dom"
+    expect "report: missing log" 1 "cannot open the log" "$MOE" report --model "$R" --data "$T/dom" --log "$T/none.jsonl" --out "$T/r2.html"
+    "$MOE" train --data "$T/dom" "${TINY[@]}" --set n_experts=8 "${SHORT[@]}" --out "$T/rt8.gguf" >/dev/null 2>&1
+    expect "report: --compare of another shape" 1 "different shape" "$MOE" report --model "$R" --data "$T/dom" --compare "$T/rt8.gguf" --out "$T/r3.html"
 else bad "train a model for routing analytics" "exit $RC: $(tail -c 300 "$T/err")"; fi
 
 finish

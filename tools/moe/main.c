@@ -19,6 +19,7 @@ static const struct {
     {"tokenizer", cmd_tokenizer, "train a tokenizer, or encode/decode with one"},
     {"convert", cmd_convert, "write a model in the GGUF layout llama.cpp runs"},
     {"route", cmd_route, "show which experts each token is routed to"},
+    {"report", cmd_report, "write an HTML report of a model's routing"},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 
