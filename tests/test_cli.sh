@@ -366,6 +366,11 @@ for r in rows:
     expect "eval: disable expert out of range" 1 "expert 4 is out of range" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 1:4
     expect "eval: malformed disable spec" 2 "is not LAYER:EXPERT" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 1-2
 
+    if [ -f "$T/conv.gguf" ]; then # a published (llama) layout
+        run "$MOE" route --model "$T/conv.gguf" --prompt "the fox" --json --threads 1
+        [ "$RC" -eq 0 ] && "$PY" -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; assert r and r[0]["layers"][0]["experts"]' "$T/out" \
+            && ok "route: a published llama-layout file" || bad "route published" "exit $RC: $(head -c 300 "$T/err")"
+    fi
     # moe report: one self-contained HTML page and report.json with the same numbers
     run "$MOE" train --data "$T/dom" "${TINY[@]}" --set n_layers=2 --set moe_first_dense=1 --steps 5 --batch 4 --seq 16 \
         --threads 1 --eval-every 0 --out "$T/rt-old.gguf"
