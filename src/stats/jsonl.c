@@ -31,6 +31,23 @@ void json_number(FILE *f, double v) {
     else fputs("null", f);
 }
 
+void json_route_layers(FILE *f, const int *layers, int n_moe, int k, const int32_t *ids, const float *w, int only) {
+    fputc('[', f);
+    for (int i = 0, first = 1; i < n_moe; i++) {
+        if (only >= 0 && i != only) continue;
+        fprintf(f, "%s{\"layer\":%d,\"experts\":[", first ? "" : ",", layers[i]);
+        first = 0;
+        for (int j = 0; j < k; j++) fprintf(f, "%s%d", j ? "," : "", ids[(size_t)i * k + j]);
+        fputs("],\"weights\":[", f);
+        for (int j = 0; j < k; j++) {
+            if (j) fputc(',', f);
+            json_number(f, w[(size_t)i * k + j]);
+        }
+        fputs("]}", f);
+    }
+    fputc(']', f);
+}
+
 /* The value after "key": at the top level of line, or NULL. */
 static const char *value_of(const char *line, const char *key) {
     const size_t kl = strlen(key);

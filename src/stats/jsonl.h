@@ -5,6 +5,7 @@
 #define MOE_STATS_JSONL_H
 #include <stdio.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* s[len] as a quoted JSON string: quote, backslash and control characters
  * escaped, '<', '>' and '&' as \u escapes (so the text can sit inside an
@@ -12,6 +13,11 @@
 void json_string(FILE *f, const char *s, size_t len);
 /* A number with 6 significant digits, or null when not finite. */
 void json_number(FILE *f, double v);
+
+/* One token's routing as moe route --json writes it:
+ * [{"layer":L,"experts":[..],"weights":[..]},...] for the n_moe MoE layers
+ * (model layers layers[]) of ids/w[n_moe][k]; only >= 0: that one alone. */
+void json_route_layers(FILE *f, const int *layers, int n_moe, int k, const int32_t *ids, const float *w, int only);
 
 /* From one JSON Lines object: the number at "key" (1 if found), or the
  * array of numbers at "key" into v[cap] (its length, at most cap; -1 when

@@ -234,17 +234,9 @@ static void json_view(FILE *f, const route_trace *v, const moe_tokenizer *tok) {
     for (size_t i = 0; i < v->n; i++) {
         fprintf(f, "%s{\"token\":%d,\"text\":", i ? "," : "", v->tokens[i]);
         json_token_text(f, tok, v->tokens[i]);
-        fputs(",\"layers\":[", f);
-        for (int km = 0; km < v->n_moe; km++) {
-            const int32_t *id = v->ids + i * per + (size_t)km * v->k;
-            const float *w = v->w + i * per + (size_t)km * v->k;
-            fprintf(f, "%s{\"layer\":%d,\"experts\":[", km ? "," : "", v->layers[km]);
-            for (int j = 0; j < v->k; j++) fprintf(f, "%s%d", j ? "," : "", id[j]);
-            fputs("],\"weights\":[", f);
-            for (int j = 0; j < v->k; j++) { if (j) fputc(',', f); json_number(f, w[j]); }
-            fputs("]}", f);
-        }
-        fputs("]}", f);
+        fputs(",\"layers\":", f);
+        json_route_layers(f, v->layers, v->n_moe, v->k, v->ids + i * per, v->w + i * per, -1);
+        fputc('}', f);
     }
     fputc(']', f);
 }

@@ -90,21 +90,9 @@ static int on_route(const moe_token_route *r, void *user) {
     if (o->json) {
         fprintf(f, "{\"pos\":%zu,\"token\":%d,\"text\":", r->pos, r->token);
         json_string(f, text ? text : "", len);
-        fputs(",\"layers\":[", f);
-        int first = 1;
-        for (int i = 0; i < r->n_moe; i++) {
-            if (o->only >= 0 && i != o->only) continue;
-            fprintf(f, "%s{\"layer\":%d,\"experts\":[", first ? "" : ",", r->layers[i]);
-            first = 0;
-            for (int j = 0; j < r->k; j++) fprintf(f, "%s%d", j ? "," : "", r->experts[(size_t)i * r->k + j]);
-            fputs("],\"weights\":[", f);
-            for (int j = 0; j < r->k; j++) {
-                if (j) fputc(',', f);
-                json_number(f, r->weights[(size_t)i * r->k + j]);
-            }
-            fputs("]}", f);
-        }
-        fputs("]}\n", f);
+        fputs(",\"layers\":", f);
+        json_route_layers(f, r->layers, r->n_moe, r->k, r->experts, r->weights, o->only);
+        fputs("}\n", f);
     } else {
         fprintf(f, "%6zu %7d  ", r->pos, r->token);
         const int top = r->n_moe ? r->experts[(size_t)o->color_layer * r->k] : -1;
