@@ -57,13 +57,14 @@ moe_status route_trace_dataset(route_trace *t, moe_model *m, const moe_dataset *
     size_t want = max_tokens && max_tokens < all ? max_tokens : all;
     want = MOE_MIN(want, t->cap - t->n);
     if (!want) return MOE_OK;
-    const size_t windows = (want + W - 1) / W, stride = all / windows;
+    /* whole windows, at least W apart so none overlaps */
+    const size_t windows = (want + W - 1) / W, stride = MOE_MAX(W, all / windows);
     int32_t *buf = moe_malloc(W * sizeof(int32_t));
     uint8_t *dom = moe_malloc(W);
     if (!buf || !dom) { moe_free(buf); moe_free(dom); return moe_error(MOE_ERR_NOMEM, "routing trace window"); }
     moe_status st = MOE_OK;
     size_t done = 0;
-    for (size_t w = 0; !st && w < windows && done < want; w++) {
+    for (size_t w = 0; !st && w < windows && done < want && w * stride < all; w++) {
         const size_t start = w * stride, len = MOE_MIN(MOE_MIN(W, want - done), all - start);
         for (size_t i = 0; i < len; i++) { /* the two splits as one stream */
             const size_t at = start + i;
