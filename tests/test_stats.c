@@ -293,6 +293,27 @@ static void test_eval_domains(void) {
     moe_model_enable_experts(m);
     CHECK(moe_evaluate(m, d, 16, 0, 1, &back, NULL) == MOE_OK && memcmp(&back, &plain, sizeof back) == 0,
           "re-enabled: %.17g vs %.17g", back, plain);
+    /* a trace of all the data reads every token once, in order, with its domain;
+     * a capped one samples both domains */
+    route_trace rt;
+    const size_t all_n = d->n[0] + d->n[1];
+    CHECK(route_trace_init(&rt, &m->cfg, all_n) == MOE_OK, "%s", moe_last_error());
+    CHECK(route_trace_dataset(&rt, m, d, 0, NULL, NULL) == MOE_OK && rt.n == all_n, "traced %zu of %zu", rt.n, all_n);
+    int order_bad = 0;
+    for (size_t i = 0; i < rt.n; i++) {
+        const int s2 = i >= d->n[0];
+        const size_t j = s2 ? i - d->n[0] : i;
+        order_bad += rt.tokens[i] != d->tokens[s2][j] || rt.domain[i] != d->domain[s2][j];
+    }
+    CHECK(order_bad == 0, "%d tokens out of place", order_bad);
+    route_trace_free(&rt);
+    CHECK(route_trace_init(&rt, &m->cfg, 320) == MOE_OK, "%s", moe_last_error());
+    size_t per_dom[2];
+    double share[16];
+    CHECK(route_trace_dataset(&rt, m, d, 320, NULL, NULL) == MOE_OK && rt.n == 320, "capped: %zu", rt.n);
+    route_domain_share(&rt, 0, 2, share, per_dom);
+    CHECK(per_dom[0] >= 32 && per_dom[1] >= 32, "10 windows over the data: domains sampled %zu and %zu", per_dom[0], per_dom[1]);
+    route_trace_free(&rt);
     moe_model_free(m);
     moe_dataset_free(d);
     moe_tokenizer_free(tok);
