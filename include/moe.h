@@ -237,6 +237,8 @@ typedef struct {
     int stop_after;       /* pause after this many steps of this process (0 = run to horizon) */
     const char *out_path; /* model GGUF; training state goes to out_path + ".state" */
     const char *log_path; /* JSONL log, NULL = none                          */
+    float save_minutes;   /* also checkpoint when this many minutes passed since
+                             the last save (default 10; 0 = off)             */
 } moe_train_params;
 MOE_API void moe_train_params_default(moe_train_params *p);
 
@@ -272,9 +274,19 @@ typedef struct {
 typedef void (*moe_progress_fn)(const moe_train_progress *p, void *user);
 
 /* Trains m on d. When resume_state is non-NULL it names a training-state file
- * to continue from. */
+ * to continue from. After moe_request_stop it finishes the current step,
+ * saves the checkpoint and its state (as a pause does) and returns
+ * MOE_ERR_INTERRUPTED; resuming from there continues bit-identically. A
+ * request seen before the first step returns MOE_ERR_INTERRUPTED at once,
+ * nothing trained, nothing saved. */
 MOE_API moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params *p,
                              const char *resume_state, moe_progress_fn fn, void *user);
+/* Asks a running moe_train (between steps) or moe_evaluate / _progress
+ * (between batches) to stop cleanly and return MOE_ERR_INTERRUPTED.
+ * Async-signal-safe and callable from any thread: meant for SIGINT and
+ * SIGTERM handlers. A request made while neither runs is honoured by the next
+ * call; the call that honours it clears it. */
+MOE_API void moe_request_stop(void);
 /* The step a resume of m from state_path would start at, and the run's
  * horizon, after the checks moe_train makes on that file (so *step >= *steps
  * means there is nothing left to train; moe_train would refuse). Reads the
@@ -284,7 +296,9 @@ MOE_API moe_status moe_train_resume_point(const moe_model *m, const char *state_
 /* Mean per-token cross-entropy over the validation split (or all of d when it has none). */
 MOE_API moe_status moe_evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches,
                                 int use_all, double *loss_out, size_t *tokens_out);
-/* The same, calling fn(tokens done, tokens in all, user) after every batch (fn may be NULL). */
+/* The same, calling fn(tokens done, tokens in all, user) after every batch (fn may be NULL).
+ * Both stop after a batch on moe_request_stop: MOE_ERR_INTERRUPTED, with
+ * *loss_out and *tokens_out over the tokens measured so far (0 tokens: no loss). */
 typedef void (*moe_eval_progress_fn)(size_t done, size_t total, void *user);
 MOE_API moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq,
                                          int max_batches, int use_all, double *loss_out,

@@ -1,5 +1,6 @@
 /* Training: checkpoint round trip, resume equivalence, thread-count
  * determinism, learning progress, and clean errors on bad input. */
+#include <math.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,6 +55,21 @@ static int train_run(const char *out, int steps, int stop_after, int threads, lo
     if (rc) printf("  train: %s\n", moe_last_error());
     moe_model_free(m);
     return rc;
+}
+
+/* progress callback of the stop and time-based-save cases: logs losses,
+ * requests a stop after step stop_at, and records the step of the checkpoint
+ * file (out) as each step begins reporting (-1: no file yet) */
+typedef struct { loss_log log; int stop_at; const char *out; int saved_step[64]; } stop_probe;
+static void on_progress_stop(const moe_train_progress *p, void *u) {
+    stop_probe *s = u;
+    on_progress(p, &s->log);
+    if (s->out && p->step < 64) {
+        moe_model *m = NULL;
+        s->saved_step[p->step] = access(s->out, F_OK) == 0 && moe_model_load(&m, s->out) == MOE_OK ? m->train_step : -1;
+        moe_model_free(m);
+    }
+    if (p->step == s->stop_at) moe_request_stop();
 }
 
 static int params_equal(const char *a, const char *b) {
@@ -221,6 +237,91 @@ int main(void) {
             moe_model_free(m);
             CHECK(params_equal(path, path2), "final weights differ");
         }
+    }
+    TEST_END();
+
+    TEST_CASE("a stop request saves after the current step; resuming continues bit-identically");
+    {
+        loss_log full;
+        snprintf(path, sizeof path, "%s/stopfull.gguf", dir);
+        snprintf(path2, sizeof path2, "%s/stopped.gguf", dir);
+        snprintf(path3, sizeof path3, "%s.state", path2);
+        int rc = train_run(path, 8, 0, 0, &full);
+        moe_config c = tiny();
+        moe_model *m = NULL;
+        rc |= moe_model_create(&m, &c, 42);
+        stop_probe probe = {.stop_at = 3};
+        moe_train_params p = params(path2, 8);
+        if (!rc) rc = moe_train(m, data, &p, NULL, on_progress_stop, &probe);
+        CHECK(rc == MOE_ERR_INTERRUPTED && probe.log.n == 3 && strstr(moe_last_error(), "after step 3 of 8"),
+              "status %d after %d steps: %s", rc, probe.log.n, moe_last_error());
+        moe_model_free(m);
+        m = NULL;
+        CHECK(moe_model_load(&m, path2) == MOE_OK && m->train_step == 3, "the checkpoint is not at step 3");
+        CHECK(access(path3, F_OK) == 0, "no training state after the stop");
+        if (m) {
+            loss_log second = {.n = 0};
+            rc = moe_train(m, data, &p, path3, on_progress, &second); /* the request was cleared */
+            CHECK(rc == MOE_OK && second.n == 5, "resume: %s (%d steps)", rc ? moe_last_error() : "ok", second.n);
+            CHECK(!memcmp(full.loss, probe.log.loss, 3 * sizeof(float)) && !memcmp(full.loss + 3, second.loss, 5 * sizeof(float)),
+                  "losses differ after the stop and resume");
+            moe_model_free(m);
+            CHECK(params_equal(path, path2), "final weights differ from the uninterrupted run");
+        }
+        /* a request before the first step: nothing trained, nothing written */
+        snprintf(path2, sizeof path2, "%s/never.gguf", dir);
+        m = NULL;
+        moe_model_create(&m, &c, 42);
+        p = params(path2, 8);
+        moe_request_stop();
+        loss_log none = {.n = 0};
+        rc = moe_train(m, data, &p, NULL, on_progress, &none);
+        CHECK(rc == MOE_ERR_INTERRUPTED && none.n == 0 && access(path2, F_OK) != 0,
+              "status %d, %d steps, file %s", rc, none.n, access(path2, F_OK) == 0 ? "written" : "absent");
+        moe_model_free(m);
+    }
+    TEST_END();
+
+    TEST_CASE("save_minutes checkpoints on a time interval, and only then");
+    {
+        for (int timed = 0; timed < 2; timed++) {
+            snprintf(path, sizeof path, "%s/timed%d.gguf", dir, timed);
+            moe_config c = tiny();
+            moe_model *m = NULL;
+            moe_model_create(&m, &c, 42);
+            stop_probe probe = {.stop_at = -1, .out = path};
+            moe_train_params p = params(path, 6);
+            p.save_minutes = timed ? 1e-9f : 0; /* 60 ns: due after every step */
+            int rc = moe_train(m, data, &p, NULL, on_progress_stop, &probe);
+            CHECK(rc == MOE_OK && probe.log.n == 6, "status %d: %s", rc, moe_last_error());
+            for (int step = 2; step <= 6; step++)
+                CHECK(probe.saved_step[step] == (timed ? step - 1 : -1), "save_minutes %s: at step %d the file holds step %d",
+                      timed ? "1e-9" : "0", step, probe.saved_step[step]);
+            moe_model_free(m);
+        }
+        moe_train_params p;
+        moe_train_params_default(&p);
+        CHECK(p.save_minutes == 10, "default save_minutes %g", (double)p.save_minutes);
+    }
+    TEST_END();
+
+    TEST_CASE("an evaluation stops after a batch on request, with the partial result");
+    {
+        moe_config c = tiny();
+        moe_model *m = NULL;
+        moe_model_create(&m, &c, 42);
+        double all = 0, part = -1;
+        size_t n_all = 0, n_part = 0;
+        int rc = moe_evaluate(m, data, 16, 0, 1, &all, &n_all);
+        moe_request_stop();
+        int rc2 = moe_evaluate(m, data, 16, 0, 1, &part, &n_part);
+        CHECK(rc == MOE_OK && rc2 == MOE_ERR_INTERRUPTED, "status %d then %d", rc, rc2);
+        /* one batch: 8 windows of 16 positions, each 15 or 16 targets */
+        CHECK(n_part > 0 && n_part <= 8 * 16 && n_part < n_all && isfinite(part) && part > 0,
+              "partial: %zu of %zu tokens, loss %g", n_part, n_all, part);
+        rc = moe_evaluate(m, data, 16, 0, 1, &part, &n_part);
+        CHECK(rc == MOE_OK && n_part == n_all && part == all, "after the stop: status %d, %zu tokens", rc, n_part);
+        moe_model_free(m);
     }
     TEST_END();
 

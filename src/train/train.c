@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,12 +31,26 @@ void moe_train_params_default(moe_train_params *p) {
     p->seed = 1;
     p->eval_every = 100;
     p->eval_batches = 8;
+    p->save_minutes = 10;
 }
 
 void moe_set_threads(int n) {
     if (n <= 0) n = omp_get_num_procs();
     omp_set_num_threads(n);
 }
+
+/* ---- stop requests ----
+ * Set by moe_request_stop, typically from a signal handler on any thread, and
+ * read between steps or batches: a lock-free atomic is safe for both. */
+_Static_assert(ATOMIC_INT_LOCK_FREE == 2, "a stop request must be settable from a signal handler");
+static atomic_int stop_request;
+
+void moe_request_stop(void) { atomic_store_explicit(&stop_request, 1, memory_order_relaxed); }
+
+static int stop_requested(void) { return atomic_load_explicit(&stop_request, memory_order_relaxed); }
+
+/* The caller honours the request: the next call starts afresh. */
+static void stop_honoured(void) { atomic_store_explicit(&stop_request, 0, memory_order_relaxed); }
 
 /* ---- training state file ----
  * magic "MOESTATE", u32 version, then the run's schedule, the data RNG, the
@@ -198,7 +213,10 @@ moe_status moe_train_resume_point(const moe_model *m, const char *state_path, in
 
 /* ---- evaluation ---- */
 typedef struct {
-    moe_eval_progress_fn fn; void *user; size_t done, total;
+    moe_eval_progress_fn fn;
+    void *user;
+    size_t done, total;
+    int stoppable, stopped;           /* stoppable: stop after a batch on a stop request */
     double *dom_sum; size_t *dom_cnt; /* [n_domains] per-domain loss sums, or NULL */
     float *losses;                    /* [B*T] per-token losses (with dom_sum)     */
     uint8_t *dom;                     /* [B*T] domain of each target               */
@@ -263,10 +281,10 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
             for (int i = 0; i < B * T; i++)
                 if (tgt[i] >= 0) { pr->dom_sum[pr->dom[i]] += pr->losses[i]; pr->dom_cnt[pr->dom[i]]++; }
         *count += counted;
-        if (pr->fn) {
-            pr->done += (size_t)MOE_MIN((size_t)B, windows - w0) * T;
-            pr->fn(MOE_MIN(pr->done, pr->total), pr->total, pr->user);
-        }
+        pr->done += (size_t)MOE_MIN((size_t)B, windows - w0) * T;
+        if (pr->fn) pr->fn(MOE_MIN(pr->done, pr->total), pr->total, pr->user);
+        /* after the last batch there is nothing left to stop: the result is whole */
+        if (pr->stoppable && pr->done < pr->total && stop_requested()) { pr->stopped = 1; break; }
     }
     moe_free(tok);
     moe_free(tgt);
@@ -274,11 +292,9 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
     return st;
 }
 
-moe_status moe_evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches, int use_all,
-                        double *loss_out, size_t *tokens_out) {
-    return moe_evaluate_progress(m, d, seq, max_batches, use_all, loss_out, tokens_out, NULL, NULL);
-}
-
+/* pr: progress, stop and per-domain settings (stoppable = 0 inside
+ * training: a stop request is the loop's to honour, after the step and its
+ * evaluation) */
 static moe_status evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches, int use_all,
                            double *loss_out, size_t *tokens_out, eval_progress *pr) {
     const int ctx = moe_model_context(m);
@@ -289,22 +305,33 @@ static moe_status evaluate(moe_model *m, const moe_dataset *d, int seq, int max_
     moe_status st = MOE_OK;
     if (use_all || d->n[1] < 2) {
         for (int s = 0; s < 2; s++) pr->total += eval_window_count(d, s, seq, 0) * seq;
-        for (int s = 0; !st && s < 2; s++) st = eval_windows(m, d, s, B, seq, 0, &sum, &count, pr);
+        for (int s = 0; !st && !pr->stopped && s < 2; s++) st = eval_windows(m, d, s, B, seq, 0, &sum, &count, pr);
     } else {
         pr->total = eval_window_count(d, 1, seq, (size_t)max_batches * B) * seq;
         st = eval_windows(m, d, 1, B, seq, (size_t)max_batches * B, &sum, &count, pr);
     }
     if (st) return st;
-    if (!count) return moe_error(MOE_ERR_INVALID_ARG, "no tokens to evaluate");
-    *loss_out = sum / (double)count;
+    if (!count && !pr->stopped) return moe_error(MOE_ERR_INVALID_ARG, "no tokens to evaluate");
+    *loss_out = count ? sum / (double)count : 0.0;
     if (tokens_out) *tokens_out = count;
+    if (pr->stopped) {
+        stop_honoured();
+        return moe_error(MOE_ERR_INTERRUPTED, "evaluation stopped on request after %zu of %zu positions",
+                         MOE_MIN(pr->done, pr->total), pr->total);
+    }
     return MOE_OK;
+}
+
+moe_status moe_evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches, int use_all,
+                        double *loss_out, size_t *tokens_out) {
+    eval_progress pr = {.stoppable = 1};
+    return evaluate(m, d, seq, max_batches, use_all, loss_out, tokens_out, &pr);
 }
 
 moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq, int max_batches,
                                  int use_all, double *loss_out, size_t *tokens_out,
                                  moe_eval_progress_fn fn, void *user) {
-    eval_progress pr = {.fn = fn, .user = user};
+    eval_progress pr = {.fn = fn, .user = user, .stoppable = 1};
     return evaluate(m, d, seq, max_batches, use_all, loss_out, tokens_out, &pr);
 }
 
@@ -312,12 +339,12 @@ moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, dou
                                 size_t *tokens_out, double *dom_loss, size_t *dom_tokens,
                                 moe_eval_progress_fn fn, void *user) {
     const size_t BT = (size_t)8 * (size_t)MOE_MAX(seq, 1);
-    eval_progress pr = {.fn = fn, .user = user, .dom_sum = dom_loss, .dom_cnt = dom_tokens,
+    eval_progress pr = {.fn = fn, .user = user, .stoppable = 1, .dom_sum = dom_loss, .dom_cnt = dom_tokens,
                         .losses = moe_malloc(BT * sizeof(float)), .dom = moe_malloc(BT)};
     moe_status st = pr.losses && pr.dom ? MOE_OK : moe_error(MOE_ERR_NOMEM, "per-domain evaluation buffers");
     for (int i = 0; i < d->n_domains; i++) { dom_loss[i] = 0; dom_tokens[i] = 0; }
     if (!st) st = evaluate(m, d, seq, 0, 1, loss_out, tokens_out, &pr);
-    for (int i = 0; !st && i < d->n_domains; i++)
+    for (int i = 0; (!st || st == MOE_ERR_INTERRUPTED) && i < d->n_domains; i++)
         if (dom_tokens[i]) dom_loss[i] /= (double)dom_tokens[i];
     moe_free(pr.losses);
     moe_free(pr.dom);
@@ -325,6 +352,18 @@ moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, dou
 }
 
 /* ---- the loop ---- */
+enum { REQ_STOP = 1, REQ_SAVE = 2 };
+
+/* What this process asks of the step just finished: to stop (moe_request_stop)
+ * and to save (save_minutes have passed since the last save). With several
+ * ranks this is the one value to OR across them (a single allreduce) so that
+ * every rank saves and stops after the same step. */
+static int step_requests(const moe_train_params *p, double since_save_s) {
+    int r = stop_requested() ? REQ_STOP : 0;
+    if (p->save_minutes > 0 && since_save_s >= 60.0 * (double)p->save_minutes) r |= REQ_SAVE;
+    return r;
+}
+
 static moe_status check_params(const moe_train_params *p, const moe_config *c) {
     if (p->steps <= 0) return moe_error(MOE_ERR_INVALID_ARG, "steps must be positive");
     if (p->batch <= 0) return moe_error(MOE_ERR_INVALID_ARG, "batch must be positive");
@@ -332,6 +371,8 @@ static moe_status check_params(const moe_train_params *p, const moe_config *c) {
     if (p->grad_accum <= 0) return moe_error(MOE_ERR_INVALID_ARG, "grad_accum must be positive");
     if (!(p->lr > 0) || !(p->lr < 10)) return moe_error(MOE_ERR_INVALID_ARG, "learning rate must be in (0, 10)");
     if (!p->out_path) return moe_error(MOE_ERR_INVALID_ARG, "no output path");
+    if (!(p->save_minutes >= 0 && p->save_minutes <= 1e7))
+        return moe_error(MOE_ERR_INVALID_ARG, "save_minutes must be in 0..1e7 (0 = off)");
     return MOE_OK;
 }
 
@@ -433,7 +474,13 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
         log = fopen(p.log_path, resume_state ? "a" : "w");
         if (!log) { st = moe_error(MOE_ERR_IO, "cannot open log %s", p.log_path); goto done; }
     }
+    if (start < p.steps && (step_requests(&p, 0) & REQ_STOP)) {
+        stop_honoured();
+        st = moe_error(MOE_ERR_INTERRUPTED, "stopped on request before the first step; nothing saved");
+        goto done;
+    }
     const double t_begin = moe_now();
+    double t_saved = t_begin; /* the time-based interval counts from here */
     float val_loss = -1;
     int done_here = 0;
     for (int step = start; step < p.steps; step++) {
@@ -497,7 +544,8 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
             model_stats_reset(m);
             int prof = moe_prof_on; /* the profile covers training steps only */
             moe_prof_on = 0;
-            st = moe_evaluate(m, d, p.seq, p.eval_batches, 0, &vl, NULL);
+            eval_progress quiet = {0}; /* not stoppable: the loop honours a request after the step */
+            st = evaluate(m, d, p.seq, p.eval_batches, 0, &vl, NULL, &quiet);
             moe_prof_on = prof;
             if (st) goto done;
             for (int k = 0; k < n_moe; k++) {
@@ -550,11 +598,21 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
                 .evaluated = evaluated, .maxvio = maxvio, .drop_rate = drop_rate};
             fn(&pr, user);
         }
-        int pause = p.stop_after > 0 && done_here >= p.stop_after && step + 1 < p.steps;
-        int periodic = p.save_every > 0 && (step + 1) % p.save_every == 0;
-        if (pause || periodic || step + 1 == p.steps) {
+        const int last = step + 1 == p.steps; /* saved and finished anyway */
+        const int req = step_requests(&p, moe_now() - t_saved);
+        const int stop = (req & REQ_STOP) && !last;
+        const int pause = p.stop_after > 0 && done_here >= p.stop_after && !last;
+        const int periodic = p.save_every > 0 && (step + 1) % p.save_every == 0;
+        if (pause || stop || periodic || (req & REQ_SAVE) || last) {
             st = save_checkpoint(m, &p, &rng, d->fingerprint, am, av);
             if (st) goto done;
+            t_saved = moe_now();
+        }
+        if (stop) {
+            stop_honoured();
+            st = moe_error(MOE_ERR_INTERRUPTED, "stopped on request after step %d of %d; saved %s",
+                           step + 1, p.steps, p.out_path);
+            break;
         }
         if (pause) break;
     }

@@ -106,6 +106,17 @@ void status_line(int tty, const char *line, int *open);
 void print_presets(FILE *f, const char *indent);
 void print_config_keys(FILE *f);
 
+/* ---- stop signals (main.c) ------------------------------------------------------ */
+/* From cli_catch_stop_signals until cli_release_stop_signals, the first SIGINT
+ * or SIGTERM is recorded (cli_stop_signal) and asks the library to stop at its
+ * next safe point (moe_request_stop), writing `note` (may be NULL) on stderr; a
+ * second one writes `second` (may be NULL) and ends the process at once with
+ * exit status 128 + its number. Both texts must outlive the catching. */
+void cli_catch_stop_signals(const char *note, const char *second);
+void cli_release_stop_signals(void);
+int cli_stop_signal(void); /* 0, or the first signal caught */
+#define CLI_SIGNAL_STATUS(sig) (128 + (sig)) /* as shells report a signal: 130 SIGINT, 143 SIGTERM */
+
 /* ---- commands ------------------------------------------------------------------ */
 int cmd_train(int argc, char **argv);
 int cmd_generate(int argc, char **argv);

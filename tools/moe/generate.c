@@ -22,15 +22,6 @@ typedef struct {
     double t0, t_first, t_last; /* start, first and last token (--stats) */
 } stream_state;
 
-/* Ctrl-C: the first stops generation after the current token (the text so
- * far stays printed); a second one kills at once (the default action). */
-static volatile sig_atomic_t interrupted;
-static void on_sigint(int sig) {
-    (void)sig;
-    interrupted = 1;
-    signal(SIGINT, SIG_DFL);
-}
-
 static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
     stream_state *s = user;
     (void)id;
@@ -38,7 +29,9 @@ static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
     if (s->n_gen++ == 0) s->t_first = s->t_last;
     if (bytes && len && fwrite(bytes, 1, len, stdout) != len) s->write_failed = 1;
     if (fflush(stdout) != 0) s->write_failed = 1;
-    return s->write_failed || interrupted; /* stop when nobody reads any more, or on Ctrl-C */
+    /* stop when nobody reads any more, or on Ctrl-C / SIGTERM (after this token:
+     * the text so far stays printed; a second signal ends it at once) */
+    return s->write_failed || cli_stop_signal();
 }
 
 static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe_sample_params *sp,
@@ -83,11 +76,11 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         fputs(prompt, stdout);
         fflush(stdout);
     }
-    interrupted = 0;
     st.t0 = moe_clock();
-    signal(SIGINT, on_sigint);
+    cli_catch_stop_signals(NULL, NULL);
     moe_status s = moe_generate(m, use, n, sp, on_token, &st);
-    signal(SIGINT, SIG_DFL);
+    cli_release_stop_signals();
+    const int sig = cli_stop_signal();
     if (!st.write_failed) {
         putchar('\n');
         if (fflush(stdout) != 0) st.write_failed = 1;
@@ -98,9 +91,9 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         fprintf(stderr, "moe generate: prompt %zu tokens, %.1f tokens/s; generation %d tokens, %.1f tokens/s\n",
                 n, tp > 0 ? (double)n / tp : 0.0, st.n_gen, st.n_gen > 1 && tg > 0 ? (st.n_gen - 1) / tg : 0.0);
     }
-    if (interrupted) {
-        fprintf(stderr, "moe generate: interrupted\n");
-        rc = EXIT_INTERRUPTED;
+    if (sig) {
+        fprintf(stderr, "moe generate: interrupted (%s)\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+        rc = CLI_SIGNAL_STATUS(sig);
         goto done;
     }
     rc = st.write_failed ? fail("writing the output failed") : 0;
@@ -130,7 +123,9 @@ int cmd_generate(int argc, char **argv) {
          "the model's context, at most 4096 for published models", 0},
     };
     cli_cmd cmd = {"generate", "--model FILE [options]",
-                   "Samples text from a model and streams it to stdout as it is generated.",
+                   "Samples text from a model and streams it to stdout as it is generated.\n"
+                   "Ctrl-C (or SIGTERM) stops after the current token, keeping the text so far;\n"
+                   "exit status 130 (143).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
     if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats);
@@ -218,9 +213,20 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
         goto done;
     }
     eval_line el = {.tty = isatty(fileno(stderr)), .t0 = moe_clock()};
+    /* Ctrl-C or SIGTERM: stop after the current batch and report what was measured */
+    cli_catch_stop_signals(NULL, NULL);
     moe_status st = domains ? moe_evaluate_domains(m, d, seq, &loss, &tokens, dom_loss, dom_tokens, on_eval_progress, &el)
                             : moe_evaluate_progress(m, d, seq, 0, 1, &loss, &tokens, on_eval_progress, &el);
+    cli_release_stop_signals();
     if (el.open) fputc('\n', stderr);
+    const int sig = cli_stop_signal();
+    if (st == MOE_ERR_INTERRUPTED && sig) {
+        if (tokens) printf("loss %.3f  perplexity %.1f  tokens %zu  (partial: interrupted)\n", loss, exp(loss), tokens);
+        fprintf(stderr, "moe eval: interrupted (%s) after %zu tokens; %s\n", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+                tokens, tokens ? "the result above covers only those" : "nothing was measured");
+        rc = CLI_SIGNAL_STATUS(sig);
+        goto done;
+    }
     if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
     if (tokens == 0) { rc = fail("the data is too short to evaluate (need more than %d tokens)", seq); goto done; }
     printf("loss %.3f  perplexity %.1f  tokens %zu\n", loss, exp(loss), tokens);
@@ -255,7 +261,9 @@ int cmd_eval(int argc, char **argv) {
          "switch expert E of layer L off (its weight goes to no one); repeatable; implies --domains", NULL, 0},
     };
     cli_cmd cmd = {"eval", "--model FILE --data PATH [options]",
-                   "Computes a model's mean per-token loss and perplexity on all of the given text.",
+                   "Computes a model's mean per-token loss and perplexity on all of the given text.\n"
+                   "Ctrl-C (or SIGTERM) stops after the current batch, prints the result so far\n"
+                   "marked partial, and exits with status 130 (143).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
     if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, &disable, domains);

@@ -4,6 +4,7 @@
 #include "cli.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -122,17 +123,77 @@ static int train_tokenizer(const train_args *a, int vocab, moe_tokenizer **tok) 
     return rc;
 }
 
-static void print_summary(const train_args *a, const progress *s, int data_defaulted, double elapsed) {
+/* w as one shell word: as it is when it has nothing a shell would read, else in single quotes */
+static void print_shell_word(FILE *f, const char *w) {
+    if (*w && strspn(w, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-+=.,/:@%") == strlen(w)) {
+        fputs(w, f);
+        return;
+    }
+    fputc('\'', f);
+    for (; *w; w++) {
+        if (*w == '\'') fputs("'\\''", f);
+        else fputc(*w, f);
+    }
+    fputc('\'', f);
+}
+
+/* The command that continues this run from its checkpoint: the data (unless
+ * it was the default) and the options the state file does not keep, as given. */
+static void print_resume_command(FILE *f, cli_cmd *cmd, const train_args *a, int data_defaulted) {
+    fputs("moe train --resume ", f);
+    print_shell_word(f, a->out);
+    for (int i = 0; !data_defaulted && i < a->data.n; i++) {
+        fputs(" --data ", f);
+        print_shell_word(f, a->data.v[i]);
+    }
+    static const char *const kept[] = {"log", "eval-every", "save-every", "save-minutes", "threads"};
+    for (size_t i = 0; i < sizeof kept / sizeof kept[0]; i++) {
+        cli_opt *o = cli_opt_find(cmd, kept[i]);
+        if (!o || !o->given) continue;
+        fprintf(f, " --%s ", kept[i]);
+        if (o->kind == OPT_STR) print_shell_word(f, *(const char **)o->dst);
+        else if (o->kind == OPT_INT) fprintf(f, "%d", *(const int *)o->dst);
+        else fprintf(f, "%g", (double)*(const float *)o->dst);
+    }
+    fputc('\n', f);
+}
+
+/* where and how often checkpoints go, said once before the first step */
+static void print_checkpoint_plan(const train_args *a) {
+    char every[96] = "";
+    if (a->p.save_minutes > 0) snprintf(every, sizeof every, "every %g min, ", (double)a->p.save_minutes);
+    if (a->p.save_every > 0)
+        snprintf(every + strlen(every), sizeof every - strlen(every), "every %d steps, ", a->p.save_every);
+    fprintf(stderr, "checkpoints: %sat the end and on Ctrl-C/SIGTERM, to %s (state in %s.state)\n", every,
+            a->out, a->out);
+}
+
+/* After moe_train stopped on a signal: what was saved and how to go on. */
+static int report_interrupted(cli_cmd *cmd, const train_args *a, const progress *s, int data_defaulted) {
+    const int sig = cli_stop_signal() ? cli_stop_signal() : SIGINT;
+    const char *name = sig == SIGTERM ? "SIGTERM" : "SIGINT";
+    if (!s->have) {
+        fprintf(stderr, "moe train: interrupted (%s) before the first step; nothing saved%s%s\n", name,
+                a->resume ? ", the checkpoint is as it was: " : "", a->resume ? a->resume : "");
+        return CLI_SIGNAL_STATUS(sig);
+    }
+    char dur[32];
+    fmt_duration(dur, sizeof dur, s->last.elapsed_s);
+    fprintf(stderr, "moe train: interrupted (%s) after step %d/%d (%s); saved %s and %s.state\nresume with: ", name,
+            s->last.step, s->last.steps, dur, a->out, a->out);
+    print_resume_command(stderr, cmd, a, data_defaulted);
+    return CLI_SIGNAL_STATUS(sig);
+}
+
+static void print_summary(cli_cmd *cmd, const train_args *a, const progress *s, int data_defaulted, double elapsed) {
     char dur[32];
     fmt_duration(dur, sizeof dur, elapsed);
     /* moe_train succeeded, so it ran at least one step: a finished run is
      * caught before training (moe_train_resume_point) */
     const moe_train_progress *p = &s->last;
     if (p->step < p->steps) {
-        printf("paused at step %d/%d after %s; saved %s\ncontinue with: moe train --resume %s",
-               p->step, p->steps, dur, a->out, a->out);
-        for (int i = 0; !data_defaulted && i < a->data.n; i++) printf(" --data %s", a->data.v[i]);
-        printf("\n");
+        printf("paused at step %d/%d after %s; saved %s\ncontinue with: ", p->step, p->steps, dur, a->out);
+        print_resume_command(stdout, cmd, a, data_defaulted);
         return;
     }
     printf("trained %d steps in %s: loss %.3f", p->steps, dur, (double)p->loss);
@@ -268,10 +329,18 @@ static int train_run(cli_cmd *cmd, train_args *a) {
     prog.tty = isatty(fileno(stderr));
     prog.val = -1;
     if (a->profile) moe_profile(1);
+    print_checkpoint_plan(a);
+    /* the first Ctrl-C or SIGTERM: the library finishes the step and saves;
+     * a second: out at once, the last checkpoint (atomic saves) intact */
+    cli_catch_stop_signals(prog.tty ? "\nmoe train: stopping after this step to save (again: stop at once, no save)\n"
+                                    : "moe train: stopping after this step to save (again: stop at once, no save)\n",
+                           "\nmoe train: stopped at once, not saved; the last checkpoint is kept\n");
     moe_status st = moe_train(m, d, &a->p, state_in, on_progress, &prog);
+    cli_release_stop_signals();
     progress_finish(&prog);
+    if (st == MOE_ERR_INTERRUPTED) { rc = report_interrupted(cmd, a, &prog, data_defaulted); goto done; }
     if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
-    print_summary(a, &prog, data_defaulted, prog.have ? prog.last.elapsed_s : 0);
+    print_summary(cmd, a, &prog, data_defaulted, prog.have ? prog.last.elapsed_s : 0);
     if (a->profile) {
         static char report[8192];
         moe_profile_report(report, sizeof report);
@@ -297,7 +366,14 @@ static void train_footer(FILE *f) {
             "  moe train --preset tiny --steps 200 --out tiny.gguf\n"
             "  moe train --set n_experts=4 --set top_k=1 --data notes.txt\n"
             "  moe train --steps 1000 --stop-after 100    pause after 100 steps, then:\n"
-            "  moe train --resume model.gguf              (keeps the run's --steps, --lr, ...)\n");
+            "  moe train --resume model.gguf              (keeps the run's --steps, --lr, ...)\n"
+            "\nInterruptions:\n"
+            "  Ctrl-C or SIGTERM finishes the current step, saves the checkpoint and its state\n"
+            "  (atomically: a file is replaced only once it is complete), prints the command that\n"
+            "  resumes the run, and exits with status 130 (SIGINT) or 143 (SIGTERM). A second\n"
+            "  signal stops at once without saving; the last checkpoint stays intact. A kill -9\n"
+            "  loses at most the steps since the last checkpoint (--save-minutes, --save-every).\n"
+            "  Resuming continues bit-identically, as if the run had not stopped.\n");
 }
 
 int cmd_train(int argc, char **argv) {
@@ -324,8 +400,9 @@ int cmd_train(int argc, char **argv) {
         {"log", OPT_STR, &a.log, R_ANY, "FILE.jsonl", "write training metrics as JSON lines", NULL, 0},
         {"eval-every", OPT_INT, &a.p.eval_every, R_NONNEG, "N", "validate every N steps, 0 = only at the end",
          NULL, 0},
-        {"save-every", OPT_INT, &a.p.save_every, R_NONNEG, "N", "checkpoint every N steps, 0 = only at the end",
-         NULL, 0},
+        {"save-every", OPT_INT, &a.p.save_every, R_NONNEG, "N", "checkpoint every N steps, 0 = off", NULL, 0},
+        {"save-minutes", OPT_FLOAT, &a.p.save_minutes, R_NONNEG, "M",
+         "also checkpoint every M minutes (fractions allowed), 0 = off", NULL, 0},
         {"stop-after", OPT_INT, &a.p.stop_after, R_NONNEG, "K",
          "pause after K steps of this process, 0 = run to --steps", NULL, 0},
         {"tokenizer", OPT_STR, &a.tokenizer, R_ANY, "FILE", "tokenizer GGUF to use instead of training one",
@@ -338,6 +415,7 @@ int cmd_train(int argc, char **argv) {
                    "Without options: preset 'default' on data/corpus-small, saved to model.gguf.",
                    opts, CLI_NOPTS(opts), NULL, train_footer};
     int rc = cli_parse(&cmd, argc, argv);
+    if (rc < 0 && a.p.save_minutes > 1e7f) rc = cli_usage_error(cmd.name, "option '--save-minutes' must be at most 1e7");
     if (rc < 0) rc = train_run(&cmd, &a);
     cli_free(&cmd);
     return rc;
