@@ -239,6 +239,34 @@ MOE_API void moe_model_offload_reset_stats(moe_model *m);
  * (routing statistics of MoE layer i, expert e, e.g. from an earlier run),
  * most used first, and restarts the statistics; no-op when offloading is off. */
 MOE_API moe_status moe_model_offload_warm(moe_model *m, const int64_t *counts);
+/* ---- routing telemetry and ablation -------------------------------------- */
+/* The routing of one token: for each of the n_moe MoE layers (layers[i] is
+ * its index among all layers) the k chosen experts, best first, and their
+ * combine weights; expert -1 with weight 0 is an empty slot (a disabled
+ * expert's). The arrays are valid during the callback only. */
+typedef struct {
+    size_t pos;              /* index of the token in the input               */
+    int32_t token;
+    int n_moe, k;
+    const int *layers;       /* [n_moe]                                       */
+    const int32_t *experts;  /* [n_moe][k]                                    */
+    const float *weights;    /* [n_moe][k]                                    */
+} moe_token_route;
+typedef int (*moe_route_fn)(const moe_token_route *r, void *user); /* nonzero stops */
+/* Runs tokens[n] through m as inference does (dropless, the KV-cached path;
+ * our own and published models alike) and calls fn for each token in order.
+ * Past the context the model starts over: token i sits at position
+ * i % context. A dense model calls fn with n_moe 0. */
+MOE_API moe_status moe_model_route(moe_model *m, const int32_t *tokens, size_t n, moe_route_fn fn,
+                                   void *user);
+/* Switches expert `expert` of MoE layer `layer` off for evaluation,
+ * generation and moe_model_route (not training): where the router picks
+ * it, its slot stays empty, its weight goes to no one, and the other
+ * chosen experts are renormalised only when the router renormalises
+ * (renorm_topk). MOE_ERR_INVALID_ARG for a layer or expert out of range or
+ * a dense layer. moe_model_enable_experts switches all back on. */
+MOE_API moe_status moe_model_disable_expert(moe_model *m, int layer, int expert);
+MOE_API void moe_model_enable_experts(moe_model *m);
 
 /* ---- training ------------------------------------------------------------ */
 typedef struct {
@@ -274,6 +302,9 @@ MOE_API moe_status moe_dataset_load_text(moe_dataset **out, const moe_tokenizer 
                                          const char *const *paths, int n_paths);
 MOE_API void moe_dataset_free(moe_dataset *d);
 MOE_API size_t moe_dataset_tokens(const moe_dataset *d, int validation);
+/* Domains: one per data file, named by the file without its extension. */
+MOE_API int moe_dataset_n_domains(const moe_dataset *d);
+MOE_API const char *moe_dataset_domain_name(const moe_dataset *d, int i); /* NULL if out of range */
 /* Reads the raw texts of the given paths (for tokenizer training). */
 MOE_API moe_status moe_read_texts(const char *const *paths, int n_paths, char ***texts,
                                   size_t **lens, int *n_texts);
@@ -330,6 +361,13 @@ typedef void (*moe_eval_progress_fn)(size_t done, size_t total, void *user);
 MOE_API moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq,
                                          int max_batches, int use_all, double *loss_out,
                                          size_t *tokens_out, moe_eval_progress_fn fn, void *user);
+/* moe_evaluate_progress over all of d (use_all), the loss also split by the
+ * domain of each target token: dom_loss[i] its mean loss over dom_tokens[i]
+ * targets (0 when none), for i < moe_dataset_n_domains(d). The overall loss
+ * is computed exactly as moe_evaluate computes it. */
+MOE_API moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, double *loss_out,
+                                        size_t *tokens_out, double *dom_loss, size_t *dom_tokens,
+                                        moe_eval_progress_fn fn, void *user);
 
 /* ---- generation ---------------------------------------------------------- */
 typedef struct {

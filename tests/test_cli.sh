@@ -46,7 +46,7 @@ echo "precious" >"$T/existing.gguf"; cp "$T/existing.gguf" "$T/existing.copy"
 # ---- help and version -----------------------------------------------------------------
 for c in "--help" "help" "help train" "train --help" "generate --help" "eval --help" "info --help" \
          "tokenizer --help" "tokenizer train --help" "tokenizer encode --help" "tokenizer decode --help" \
-         "train --steps 5 -h"; do
+         "train --steps 5 -h" "route --help" "report --help"; do
     run "$MOE" $c
     if [ "$RC" -eq 0 ] && grep -q "Usage" "$T/out"; then ok "help: moe $c"
     else bad "help: moe $c" "exit $RC, stdout: $(head -c 200 "$T/out")"; fi
@@ -74,7 +74,7 @@ run "$MOE" --version
 expect "no command" 2 "usage|command" "$MOE"
 expect "unknown command" 2 "unknown command 'frobnicate'" "$MOE" frobnicate
 expect "unknown top-level option" 2 "unknown option '--frob'" "$MOE" --frob
-for c in train generate eval info "tokenizer train" "tokenizer encode" "tokenizer decode"; do
+for c in train generate eval info route report "tokenizer train" "tokenizer encode" "tokenizer decode"; do
     expect "unknown flag: $c" 2 "moe $c: unknown option '--foo' \(see 'moe $c --help'\)" "$MOE" $c --foo
 done
 expect "unknown flag with =value" 2 "unknown option '--foo'" "$MOE" train --foo=3
@@ -367,5 +367,113 @@ expect "bench: refuses to overwrite" 1 "refusing to overwrite" "$MOE" bench --wr
 run "$MOE" bench --help
 [ "$RC" -eq 0 ] && grep -q -- "--write-synthetic" "$T/out" && grep -q "short for --n-prompt" "$T/out" && ok "bench --help" \
     || bad "bench --help" "exit $RC"
+# ---- routing analytics: moe route, moe eval --disable-expert --------------------------------
+mkdir -p "$T/dom"
+awk 'BEGIN { srand(3); for (i = 0; i < 200; i++) print "the quick brown fox jumps over the lazy dog " int(rand() * 9) }' >"$T/dom/prose.txt"
+awk 'BEGIN { srand(4); for (i = 0; i < 200; i++) print "def f(x): return x * " int(rand() * 9) " + 1" }' >"$T/dom/code.txt"
+PY=/usr/bin/python3
+run "$MOE" train --data "$T/dom" "${TINY[@]}" --set n_layers=2 --set moe_first_dense=1 --steps 20 --batch 4 --seq 16 \
+    --threads 1 --eval-every 0 --out "$T/rt.gguf" --log "$T/rt.jsonl"
+if [ "$RC" -eq 0 ]; then
+    R="$T/rt.gguf"
+    run "$MOE" route --model "$R" --prompt 'say "hi" <b> & tab	end' --json --threads 1
+    if [ "$RC" -eq 0 ] && "$PY" -c '
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1], encoding="utf-8")]
+assert rows and [r["pos"] for r in rows] == list(range(len(rows)))
+text = "".join(r["text"] for r in rows)
+assert text == "say \"hi\" <b> & tab\tend", text
+for r in rows:
+    assert [l["layer"] for l in r["layers"]] == [1]
+    for l in r["layers"]:
+        assert len(l["experts"]) == 2 and len(set(l["experts"])) == 2 and all(0 <= e < 4 for e in l["experts"])
+        assert abs(sum(l["weights"]) - 1) < 1e-4 and l["weights"][0] >= l["weights"][1]
+' "$T/out"; then ok "route --json: JSON Lines that parse, the text back, one MoE layer, weights sum to 1"
+    else bad "route --json" "exit $RC: $(head -c 400 "$T/out") $(head -c 300 "$T/err")"; fi
+    run "$MOE" route --model "$R" --data "$T/dom/code.txt" --max-tokens 7 --json --layer 1
+    [ "$RC" -eq 0 ] && [ "$(wc -l <"$T/out")" -eq 7 ] && ok "route --data --max-tokens 7 --layer 1" \
+        || bad "route --data --max-tokens" "exit $RC, $(wc -l <"$T/out") lines: $(head -c 300 "$T/err")"
+    NO_COLOR=1 script -qec "$MOE route --model $R --prompt 'the fox' --threads 1" /dev/null >"$T/out" 2>&1; RC=$?
+    if [ "$RC" -eq 0 ] && grep -q "L1" "$T/out" && ! grep -q $'\x1b' "$T/out"; then ok "route: NO_COLOR on a terminal, no escapes"
+    else bad "route NO_COLOR" "exit $RC: $(head -c 300 "$T/out" | cat -v)"; fi
+    script -qec "$MOE route --model $R --prompt 'the fox' --threads 1" /dev/null >"$T/out" 2>&1
+    grep -q $'\x1b\[' "$T/out" && grep -q "colour = top expert of layer 1" "$T/out" && ok "route: coloured on a terminal" \
+        || bad "route colour" "$(head -c 300 "$T/out" | cat -v)"
+    run "$MOE" route --model "$R" --prompt "the fox" --threads 1
+    [ "$RC" -eq 0 ] && ! grep -q $'\x1b' "$T/out" && grep -qE '^ +0 +[0-9]+  ".*"  \| L1  [0-3]:[0-9.]+  [0-3]:[0-9.]+$' "$T/out" \
+        && ok "route: plain table into a pipe" || bad "route plain" "exit $RC: $(head -c 300 "$T/out" | cat -v)"
+    expect "route: dense layer" 1 "layer 0 is a dense layer" "$MOE" route --model "$R" --prompt x --layer 0
+    expect "route: layer out of range" 1 "layer 7 is out of range" "$MOE" route --model "$R" --prompt x --layer 7
+    expect "route: no text" 2 "--prompt TEXT or --data PATH is required" "$MOE" route --model "$R"
+    expect "route: both texts" 2 "not both" "$MOE" route --model "$R" --prompt x --data "$T/dom"
+
+    run "$MOE" eval --model "$R" --data "$T/dom" --seq 16 --threads 1; cp "$T/out" "$T/eval.plain"
+    run "$MOE" eval --model "$R" --data "$T/dom" --seq 16 --threads 1 --domains
+    if [ "$RC" -eq 0 ] && [ "$(head -n 1 "$T/out")" = "$(cat "$T/eval.plain")" ] && grep -qE "^domain code +loss [0-9.]+ " "$T/out" \
+       && grep -qE "^domain prose +loss [0-9.]+ " "$T/out"; then ok "eval --domains: the plain line and one line per domain"
+    else bad "eval --domains" "exit $RC: $(cat "$T/out") vs $(cat "$T/eval.plain")"; fi
+    cp "$T/out" "$T/eval.dom"
+    changed=0
+    for e in 0 1 2 3; do
+        run "$MOE" eval --model "$R" --data "$T/dom" --seq 16 --threads 1 --disable-expert 1:$e
+        grep -q "^disabled experts (layer:expert): 1:$e$" "$T/out" || bad "eval --disable-expert 1:$e" "$(cat "$T/out" "$T/err")"
+        [ "$(grep '^domain' "$T/out")" != "$(grep '^domain' "$T/eval.dom")" ] && changed=$((changed + 1))
+    done
+    [ $changed -ge 3 ] && ok "eval --disable-expert changes the domain losses ($changed of 4 experts)" \
+        || bad "eval --disable-expert" "only $changed of 4 ablations changed a loss"
+    run "$MOE" eval --model "$R" --data "$T/dom" --seq 16 --threads 1 --disable-expert 1:0 --disable-expert 1:1
+    [ "$RC" -eq 0 ] && grep -q "^disabled experts (layer:expert): 1:0 1:1$" "$T/out" && ok "eval: --disable-expert repeats" \
+        || bad "eval --disable-expert twice" "exit $RC: $(cat "$T/err")"
+    expect "eval: disable in a dense layer" 1 "layer 0 is a dense layer" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 0:1
+    expect "eval: disable layer out of range" 1 "layer 5 is out of range" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 5:1
+    expect "eval: disable expert out of range" 1 "expert 4 is out of range" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 1:4
+    expect "eval: malformed disable spec" 2 "is not LAYER:EXPERT" "$MOE" eval --model "$R" --data "$T/dom" --disable-expert 1-2
+
+    if [ -f "$T/conv.gguf" ]; then # a published (llama) layout
+        run "$MOE" route --model "$T/conv.gguf" --prompt "the fox" --json --threads 1
+        [ "$RC" -eq 0 ] && "$PY" -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; assert r and r[0]["layers"][0]["experts"]' "$T/out" \
+            && ok "route: a published llama-layout file" || bad "route published" "exit $RC: $(head -c 300 "$T/err")"
+    fi
+    # moe report: one self-contained HTML page and report.json with the same numbers
+    run "$MOE" train --data "$T/dom" "${TINY[@]}" --set n_layers=2 --set moe_first_dense=1 --steps 5 --batch 4 --seq 16 \
+        --threads 1 --eval-every 0 --out "$T/rt-old.gguf"
+    run "$MOE" report --model "$R" --data "$T/dom" --log "$T/rt.jsonl" --compare "$T/rt-old.gguf" --max-tokens 600 \
+        --prompt 'the <fox> & "dog"' --threads 1 --out "$T/rep.html"
+    if [ "$RC" -eq 0 ] && [ -s "$T/rep.html" ] && "$PY" -c '
+import json, sys
+d = json.load(open(sys.argv[1], encoding="utf-8"))
+E, k, L = d["n_experts"], d["top_k"], d["layers"]
+assert (E, k, L) == (4, 2, [1]) and d["tokens"] == 600, (E, k, L, d["tokens"])
+assert d["domains"] == ["code", "prose"] and sum(d["domain_tokens"]) == 600 and min(d["domain_tokens"]) > 100
+assert abs(sum(d["load"][0]) - 1) < 1e-4
+for row in d["domain_share"][0]: assert abs(sum(row) - k) < 1e-4          # k experts per token
+for i, row in enumerate(d["coactivation"][0]): assert row[i] in (0, 1) and all(0 <= v <= 1 for v in row)
+o = d["saturation"]["overlap"][0]; assert 0 <= o <= 1
+assert len(d["training"]["step"]) == 20 and len(d["training"]["maxvio"][0]) == 20
+assert "".join(t["text"] for t in d["view"]) == "the <fox> & \"dog\""
+assert all(len(e) > 0 for e in d["vocabulary"]["top"][0]) and 0 < d["vocabulary"]["favourite_share"][0] <= 1
+' "$T/rep.json"; then ok "report: report.json parses and its numbers add up"
+    else bad "report" "exit $RC: $(tail -c 400 "$T/err")"; fi
+    missing=""
+    for sec in load training domains vocabulary coactivation saturation tokens; do
+        grep -q "<section id=\"$sec\">" "$T/rep.html" || missing="$missing $sec"
+    done
+    [ -z "$missing" ] && [ "$(grep -c '<svg' "$T/rep.html")" -ge 7 ] && grep -q 'class="tok" data-i="0"' "$T/rep.html" \
+        && grep -q "addEventListener('mouseover'" "$T/rep.html" && ok "report: every section, SVG charts, the hover view" \
+        || bad "report sections" "missing:$missing; $(grep -c '<svg' "$T/rep.html") svg"
+    ! grep -qiE 'https?://|<link|src=' "$T/rep.html" && ok "report: self-contained (no http(s)://, no links or sources)" \
+        || bad "report self-contained" "$(grep -oiE 'https?://[^ ]*|<link[^>]*|src=[^ ]*' "$T/rep.html" | head -3)"
+    view=$(grep -o '<div id="view">.*</div></section>' "$T/rep.html" | sed 's/<[^>]*>//g')
+    [ "$view" = 'the &lt;fox&gt; &amp; &quot;dog&quot;' ] && ! grep -q '<fox' "$T/rep.html" \
+        && ok "report: token text escaped in the HTML" || bad "report escaping" "raw <fox> in the page"
+    grep -qE '^report: routing [0-9]+/600 tokens' "$T/err" && ok "report: progress on stderr" || bad "report progress" "$(head -c 200 "$T/err")"
+    cp "$T/rep.html" "$T/rep.copy"
+    expect "report: refuses to overwrite" 1 "exists|overwrite" "$MOE" report --model "$R" --data "$T/dom" --out "$T/rep.html"
+    unchanged "report: existing page left as it was" "$T/rep.html" "$T/rep.copy"
+    expect "report: no --out" 2 "--out FILE.html is required" "$MOE" report --model "$R" --data "$T/dom"
+    expect "report: missing log" 1 "cannot open the log" "$MOE" report --model "$R" --data "$T/dom" --log "$T/none.jsonl" --out "$T/r2.html"
+    "$MOE" train --data "$T/dom" "${TINY[@]}" --set n_experts=8 "${SHORT[@]}" --out "$T/rt8.gguf" >/dev/null 2>&1
+    expect "report: --compare of another shape" 1 "different shape" "$MOE" report --model "$R" --data "$T/dom" --compare "$T/rt8.gguf" --out "$T/r3.html"
+else bad "train a model for routing analytics" "exit $RC: $(tail -c 300 "$T/err")"; fi
 
 finish

@@ -229,6 +229,10 @@ void moe_dataset_free(moe_dataset *d) {
 }
 
 size_t moe_dataset_tokens(const moe_dataset *d, int validation) { return d->n[validation ? 1 : 0]; }
+int moe_dataset_n_domains(const moe_dataset *d) { return d->n_domains; }
+const char *moe_dataset_domain_name(const moe_dataset *d, int i) {
+    return i >= 0 && i < d->n_domains ? d->domain_names[i] : NULL;
+}
 
 moe_status dataset_sample(const moe_dataset *d, int split, moe_rng *rng, int B, int T,
                           int32_t *tokens, int32_t *targets) {

@@ -77,8 +77,7 @@ static int unicode_class(uint32_t cp) {
     return CL_LETTER;
 }
 
-/* Length of the valid UTF-8 sequence at s (n bytes available), 0 if invalid. */
-static size_t utf8_seq(const unsigned char *s, size_t n, uint32_t *cp) {
+size_t utf8_seq(const unsigned char *s, size_t n, uint32_t *cp) {
     unsigned c = s[0];
     if (c < 0x80) {
         *cp = c;

@@ -33,6 +33,9 @@ extern const uint32_t unicode_space[];
 extern const size_t unicode_space_n;
 extern const char unicode_tab_version[];
 
+/* Length of the valid UTF-8 sequence at s (n >= 1 bytes available), 0 if
+ * invalid (overlong, surrogate, beyond U+10FFFF, cut short); *cp its code point. */
+size_t utf8_seq(const unsigned char *s, size_t n, uint32_t *cp);
 /* Class bits of cp (UCAT_UNASSIGNED beyond U+10FFFF), UCAT_SPACE included. */
 unsigned unicode_class_bits(uint32_t cp);
 

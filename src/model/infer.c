@@ -277,6 +277,21 @@ static void attention_mla(moe_model *m, int l, const int32_t *pos, int n, int po
     wmm(s->o, s->qa, &W->wo, NULL, n, H * vd, d, mm, s->qws);
 }
 
+/* Telemetry: the routing of chunk tokens i0 .. i0+n-1, just computed into
+ * the MoE cache, copied to the tap (model.h) at MoE layer index of l. */
+static void tap_routing(moe_model *m, int l, int i0, int n) {
+    const moe_config *c = &m->cfg;
+    const moe_routing *r = &m->inf->moe.r;
+    const int n_moe = moe_config_n_moe_layers(c), k = c->top_k;
+    int km = 0;
+    for (int j = 0; j < l; j++) km += m->plan[j].ffn == FFN_MOE;
+    for (int i = 0; i < n; i++) {
+        const size_t at = ((size_t)(i0 + i) * n_moe + km) * k;
+        memcpy(m->tap_ids + at, r->ids + (size_t)i * r->S, sizeof(int32_t) * k);
+        memcpy(m->tap_w + at, r->w + (size_t)i * r->S, sizeof(float) * k);
+    }
+}
+
 static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
     infer_state *s = m->inf;
     const moe_config *c = &m->cfg;
@@ -303,10 +318,12 @@ static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
             ro.seq_prefix = s->seq + (size_t)l * c->n_experts;
             ro.seq_prefix_n = pos0 + i;
             moe_forward(s->o + (size_t)i * d, &s->moe, s->h + (size_t)i * d, &mw, 1, &ro);
+            if (m->tap_ids) tap_routing(m, l, i, 1);
         }
         return;
     }
     moe_forward(s->o, &s->moe, s->h, &mw, n, &ro);
+    if (m->tap_ids) tap_routing(m, l, 0, n);
 }
 
 moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, float *logits,

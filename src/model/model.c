@@ -132,6 +132,8 @@ moe_route_opts model_route_opts(const moe_model *m, int layer, int T) {
         /* one independent stream per layer and micro-batch */
         .jitter_seed = m->jitter_seed ^ (0x9E3779B97F4A7C15ull * (uint64_t)(layer + 1)),
         .matmul = model_matmul(c),
+        /* an ablation applies to evaluation and inference, never to training */
+        .disabled = m->disabled && !m->training ? m->disabled + (size_t)layer * c->n_experts : NULL,
     };
     return o;
 }
@@ -199,6 +201,7 @@ void moe_model_free(moe_model *m) {
     moe_free(m->stats.aux);
     moe_free(m->rope_tab);
     model_offload_free(m);
+    moe_free(m->disabled);
     moe_tokenizer_free(m->tok);
     moe_free(m);
 }

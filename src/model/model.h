@@ -135,6 +135,13 @@ struct moe_model {
     uint64_t jitter_seed;    /* per micro-batch, set by the training loop         */
     struct expert_parallel *ep; /* experts split over ranks (dist/), or NULL; not owned */
     route_stats stats;
+    uint8_t *disabled;       /* [n_layers][E] experts switched off for evaluation and
+                                inference (moe_model_disable_expert); NULL: none */
+    /* routing telemetry (stats/trace.c): when tap_ids is set, model_infer
+     * copies each MoE layer's chosen experts and weights of its n tokens to
+     * tap_ids/tap_w[n][n_moe][top_k] */
+    int32_t *tap_ids;
+    float *tap_w;
     float *rope_tab;         /* RoPE cos/sin for positions [0, rope_n) (rope_table_fill) */
     int rope_n;              /* min(max_seq, ROPE_TABLE_FLOATS / head dim)                */
     /* expert offloading (model/offload.c): store NULL = every expert mapped */

@@ -284,6 +284,11 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
         }
     }
 
+    /* switched-off experts leave their slots empty (selection stays as it was) */
+    if (o->disabled)
+        for (size_t s = 0; s < (size_t)N * S; s++)
+            if (r->ids[s] >= 0 && o->disabled[r->ids[s]]) r->ids[s] = -1;
+
     /* combine weights */
     #pragma omp parallel for schedule(static) if (N * S > 4096)
     for (int t = 0; t < N; t++) {
@@ -295,8 +300,10 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
             continue;
         }
         double s = 0;
-        for (int j = 0; j < k; j++) s += v[j];
+        for (int j = 0; j < k; j++)
+            if (ids[j] >= 0) s += v[j];
         for (int j = 0; j < k; j++) {
+            if (ids[j] < 0) { w[j] = 0.0f; continue; }
             float u = o->renorm ? (s > 0 ? (float)(v[j] / s) : 0.0f) : v[j];
             w[j] = scale == 1.0f ? u : scale * u;
         }

@@ -32,6 +32,10 @@ typedef struct {
     double *seq_prefix;
     int seq_prefix_n;
     matmul_precision matmul; /* experts' matmuls (the router's stay fp32)      */
+    /* [E] 1: expert switched off (ablation): its slots are left empty after
+     * selection, nobody takes its weight, and the rest are renormalised only
+     * when renorm is set; NULL = all on */
+    const uint8_t *disabled;
 } moe_route_opts;
 
 /* Routing result for N tokens. Each token has S slots (S = k, or E for

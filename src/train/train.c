@@ -218,7 +218,10 @@ typedef struct {
     moe_eval_progress_fn fn;
     void *user;
     size_t done, total;
-    int stoppable, stopped; /* stoppable: stop after a batch on a stop request */
+    int stoppable, stopped;           /* stoppable: stop after a batch on a stop request */
+    double *dom_sum; size_t *dom_cnt; /* [n_domains] per-domain loss sums, or NULL */
+    float *losses;                    /* [B*T] per-token losses (with dom_sum)     */
+    uint8_t *dom;                     /* [B*T] domain of each target               */
 } eval_progress;
 
 /* windows of T tokens evaluate_windows will read from split (at most max_windows, 0 = all) */
@@ -250,6 +253,7 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
                 int ok = w0 + b < windows && i + 1 < n;
                 tok[b * T + t] = ok ? d->tokens[split][i] : 0;
                 tgt[b * T + t] = ok ? d->tokens[split][i + 1] : -1;
+                if (pr->dom) pr->dom[b * T + t] = ok ? d->domain[split][i + 1] : 0;
             }
         }
         size_t counted = 0;
@@ -263,7 +267,7 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
                     const int n = MOE_MIN(EVAL_CHUNK, T - p0);
                     const size_t at = (size_t)b * T + p0;
                     st = model_infer(m, tok + at, n, p0, logits, 1);
-                    if (!st) ce += crossentropy_forward(NULL, logits, tgt + at, n, m->cfg.vocab_size);
+                    if (!st) ce += crossentropy_forward(pr->losses ? pr->losses + at : NULL, logits, tgt + at, n, m->cfg.vocab_size);
                 }
             }
             if (st) break;
@@ -273,7 +277,11 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
             st = model_forward(m, tok, tgt, B, T, &L);
             if (st) break;
             *sum += L.ce * (double)counted;
+            if (pr->losses) crossentropy_forward(pr->losses, m->acts.logits, tgt, B * T, m->cfg.vocab_size);
         }
+        if (pr->dom_sum) /* rows of windows the published path skipped hold no target */
+            for (int i = 0; i < B * T; i++)
+                if (tgt[i] >= 0) { pr->dom_sum[pr->dom[i]] += pr->losses[i]; pr->dom_cnt[pr->dom[i]]++; }
         *count += counted;
         pr->done += (size_t)MOE_MIN((size_t)B, windows - w0) * T;
         if (pr->fn) pr->fn(MOE_MIN(pr->done, pr->total), pr->total, pr->user);
@@ -286,46 +294,63 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
     return st;
 }
 
-/* stoppable = 0 inside training: a stop request is the loop's to honour,
- * after the step and its evaluation */
+/* pr: progress, stop and per-domain settings (stoppable = 0 inside
+ * training: a stop request is the loop's to honour, after the step and its
+ * evaluation) */
 static moe_status evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches, int use_all,
-                           double *loss_out, size_t *tokens_out, moe_eval_progress_fn fn, void *user,
-                           int stoppable) {
+                           double *loss_out, size_t *tokens_out, eval_progress *pr) {
     const int ctx = moe_model_context(m);
     if (seq < 2 || seq > ctx) return moe_error(MOE_ERR_INVALID_ARG, "sequence length %d must be in 2..%d (the context)", seq, ctx);
     const int B = 8;
     double sum = 0;
     size_t count = 0;
     moe_status st = MOE_OK;
-    eval_progress pr = {fn, user, 0, 0, stoppable, 0};
     if (use_all || d->n[1] < 2) {
-        for (int s = 0; s < 2; s++) pr.total += eval_window_count(d, s, seq, 0) * seq;
-        for (int s = 0; !st && !pr.stopped && s < 2; s++) st = eval_windows(m, d, s, B, seq, 0, &sum, &count, &pr);
+        for (int s = 0; s < 2; s++) pr->total += eval_window_count(d, s, seq, 0) * seq;
+        for (int s = 0; !st && !pr->stopped && s < 2; s++) st = eval_windows(m, d, s, B, seq, 0, &sum, &count, pr);
     } else {
-        pr.total = eval_window_count(d, 1, seq, (size_t)max_batches * B) * seq;
-        st = eval_windows(m, d, 1, B, seq, (size_t)max_batches * B, &sum, &count, &pr);
+        pr->total = eval_window_count(d, 1, seq, (size_t)max_batches * B) * seq;
+        st = eval_windows(m, d, 1, B, seq, (size_t)max_batches * B, &sum, &count, pr);
     }
     if (st) return st;
-    if (!count && !pr.stopped) return moe_error(MOE_ERR_INVALID_ARG, "no tokens to evaluate");
+    if (!count && !pr->stopped) return moe_error(MOE_ERR_INVALID_ARG, "no tokens to evaluate");
     *loss_out = count ? sum / (double)count : 0.0;
     if (tokens_out) *tokens_out = count;
-    if (pr.stopped) {
+    if (pr->stopped) {
         stop_honoured();
         return moe_error(MOE_ERR_INTERRUPTED, "evaluation stopped on request after %zu of %zu positions",
-                         MOE_MIN(pr.done, pr.total), pr.total);
+                         MOE_MIN(pr->done, pr->total), pr->total);
     }
     return MOE_OK;
 }
 
 moe_status moe_evaluate(moe_model *m, const moe_dataset *d, int seq, int max_batches, int use_all,
                         double *loss_out, size_t *tokens_out) {
-    return evaluate(m, d, seq, max_batches, use_all, loss_out, tokens_out, NULL, NULL, 1);
+    eval_progress pr = {.stoppable = 1};
+    return evaluate(m, d, seq, max_batches, use_all, loss_out, tokens_out, &pr);
 }
 
 moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq, int max_batches,
                                  int use_all, double *loss_out, size_t *tokens_out,
                                  moe_eval_progress_fn fn, void *user) {
-    return evaluate(m, d, seq, max_batches, use_all, loss_out, tokens_out, fn, user, 1);
+    eval_progress pr = {.fn = fn, .user = user, .stoppable = 1};
+    return evaluate(m, d, seq, max_batches, use_all, loss_out, tokens_out, &pr);
+}
+
+moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, double *loss_out,
+                                size_t *tokens_out, double *dom_loss, size_t *dom_tokens,
+                                moe_eval_progress_fn fn, void *user) {
+    const size_t BT = (size_t)8 * (size_t)MOE_MAX(seq, 1);
+    eval_progress pr = {.fn = fn, .user = user, .stoppable = 1, .dom_sum = dom_loss, .dom_cnt = dom_tokens,
+                        .losses = moe_malloc(BT * sizeof(float)), .dom = moe_malloc(BT)};
+    moe_status st = pr.losses && pr.dom ? MOE_OK : moe_error(MOE_ERR_NOMEM, "per-domain evaluation buffers");
+    for (int i = 0; i < d->n_domains; i++) { dom_loss[i] = 0; dom_tokens[i] = 0; }
+    if (!st) st = evaluate(m, d, seq, 0, 1, loss_out, tokens_out, &pr);
+    for (int i = 0; (!st || st == MOE_ERR_INTERRUPTED) && i < d->n_domains; i++)
+        if (dom_tokens[i]) dom_loss[i] /= (double)dom_tokens[i];
+    moe_free(pr.losses);
+    moe_free(pr.dom);
+    return st;
 }
 
 /* ---- the loop ---- */
@@ -654,7 +679,8 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
             model_stats_reset(m);
             int prof = moe_prof_on; /* the profile covers training steps only */
             moe_prof_on = 0;
-            st = evaluate(m, d, p.seq, p.eval_batches, 0, &vl, NULL, NULL, NULL, 0);
+            eval_progress quiet = {0}; /* not stoppable: the loop honours a request after the step */
+            st = evaluate(m, d, p.seq, p.eval_batches, 0, &vl, NULL, &quiet);
             moe_prof_on = prof;
             if (st) goto done;
             for (int k = 0; k < n_moe; k++) {

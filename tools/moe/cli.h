@@ -138,5 +138,11 @@ int cmd_info(int argc, char **argv);
 int cmd_tokenizer(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cmd_route(int argc, char **argv);
+int cmd_report(int argc, char **argv);
+/* route.c, shared with report.c: the tokens of a prompt or of data files
+ * (free()); the MoE layer index of model layer l (-1 after a message) */
+int route_tokens(const moe_tokenizer *tok, const char *prompt, const str_list *data, int32_t **out, size_t *n);
+int moe_layer_index(const moe_config *c, int l);
 
 #endif

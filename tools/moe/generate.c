@@ -157,10 +157,25 @@ static void on_eval_progress(size_t done, size_t total, void *user) {
 }
 
 #define MOE_CLI_MIN(a, b) ((a) < (b) ? (a) : (b))
+/* "LAYER:EXPERT" as two non-negative numbers; 0 if well formed. */
+static int parse_expert_spec(const char *s, int *layer, int *expert) {
+    const char *colon = strchr(s, ':');
+    char buf[32];
+    if (!colon || (size_t)(colon - s) >= sizeof buf) return -1;
+    memcpy(buf, s, (size_t)(colon - s));
+    buf[colon - s] = 0;
+    return parse_int(buf, layer) || parse_int(colon + 1, expert) || *layer < 0 || *expert < 0 ? -1 : 0;
+}
+
 static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads, int stats,
-                    const char *budget, const char *policy) {
+                    const char *budget, const char *policy, const str_list *disable, int domains) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (data->n == 0) return cli_usage_error(cmd->name, "--data PATH is required");
+    for (int i = 0; i < disable->n; i++) {
+        int l, e;
+        if (parse_expert_spec(disable->v[i], &l, &e))
+            return cli_usage_error(cmd->name, "--disable-expert '%s' is not LAYER:EXPERT (two numbers, e.g. 1:3)", disable->v[i]);
+    }
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     if (check_data_paths(data)) return EXIT_FAIL;
     moe_model *m = NULL;
@@ -169,6 +184,8 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     const moe_config *cfg = moe_model_config(m);
     int rc = EXIT_FAIL;
     moe_dataset *d = NULL;
+    double *dom_loss = NULL;
+    size_t *dom_tokens = NULL;
     const int ctx = moe_model_context(m); /* a published model: at most 4096 by default */
     if (seq == 0) seq = MOE_CLI_MIN(ctx, cfg->max_seq);
     if (seq > ctx) {
@@ -179,16 +196,31 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
         rc = fail("%s has no tokenizer (tokenizer.ggml.* metadata): there is no way to read text", model);
         goto done;
     }
+    for (int i = 0; i < disable->n; i++) {
+        int l, e;
+        parse_expert_spec(disable->v[i], &l, &e);
+        if (moe_model_disable_expert(m, l, e) != MOE_OK) {
+            rc = fail("--disable-expert %s: %s", disable->v[i], moe_last_error());
+            goto done;
+        }
+    }
     if (moe_dataset_load_text(&d, moe_model_tokenizer(m), data->v, data->n) != MOE_OK) {
         rc = lib_fail(NULL);
         goto done;
     }
     double loss = 0;
     size_t tokens = 0;
+    const int nd = moe_dataset_n_domains(d);
+    domains = domains || disable->n > 0;
+    if (domains && (!(dom_loss = calloc((size_t)nd, sizeof(double))) || !(dom_tokens = calloc((size_t)nd, sizeof(size_t))))) {
+        rc = fail("out of memory");
+        goto done;
+    }
     eval_line el = {.tty = isatty(fileno(stderr)), .t0 = moe_clock()};
     /* Ctrl-C or SIGTERM: stop after the current batch and report what was measured */
     cli_catch_stop_signals(NULL, NULL);
-    moe_status st = moe_evaluate_progress(m, d, seq, 0, 1, &loss, &tokens, on_eval_progress, &el);
+    moe_status st = domains ? moe_evaluate_domains(m, d, seq, &loss, &tokens, dom_loss, dom_tokens, on_eval_progress, &el)
+                            : moe_evaluate_progress(m, d, seq, 0, 1, &loss, &tokens, on_eval_progress, &el);
     cli_release_stop_signals();
     if (el.open) fputc('\n', stderr);
     const int sig = cli_stop_signal();
@@ -207,8 +239,18 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
         fprintf(stderr, "moe eval: %zu tokens in %.2f s, %.1f tokens/s\n", tokens, dt, dt > 0 ? (double)tokens / dt : 0.0);
         print_offload_stats("eval", m);
     }
+    if (disable->n) {
+        printf("disabled experts (layer:expert):");
+        for (int i = 0; i < disable->n; i++) printf(" %s", disable->v[i]);
+        putchar('\n');
+    }
+    for (int i = 0; domains && i < nd; i++)
+        printf("domain %-16s loss %.4f  perplexity %.2f  tokens %zu\n", moe_dataset_domain_name(d, i), dom_loss[i],
+               exp(dom_loss[i]), dom_tokens[i]);
     rc = 0;
 done:
+    free(dom_loss);
+    free(dom_tokens);
     moe_dataset_free(d);
     moe_model_free(m);
     return rc;
@@ -216,8 +258,8 @@ done:
 
 int cmd_eval(int argc, char **argv) {
     const char *model = NULL, *budget = NULL, *policy = NULL;
-    str_list data = {0};
-    int seq = 0, threads = 0, stats = 0;
+    str_list data = {0}, disable = {0};
+    int seq = 0, threads = 0, stats = 0, domains = 0;
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to evaluate", "required", 0},
         {"data", OPT_LIST, &data, R_ANY, "PATH", "text file or directory; repeatable", "required", 0},
@@ -225,6 +267,9 @@ int cmd_eval(int argc, char **argv) {
         {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
         {"stats", OPT_FLAG, &stats, R_ANY, NULL, "print tokens/s (and the expert cache's hit rate) on stderr", NULL, 0},
         OFFLOAD_OPTS(budget, policy),
+        {"domains", OPT_FLAG, &domains, R_ANY, NULL, "also the loss of each domain (data file)", NULL, 0},
+        {"disable-expert", OPT_LIST, &disable, R_ANY, "L:E",
+         "switch expert E of layer L off (its weight goes to no one); repeatable; implies --domains", NULL, 0},
     };
     cli_cmd cmd = {"eval", "--model FILE --data PATH [options]",
                    "Computes a model's mean per-token loss and perplexity on all of the given text.\n"
@@ -232,7 +277,7 @@ int cmd_eval(int argc, char **argv) {
                    "marked partial, and exits with status 130 (143).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, budget, policy);
+    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, budget, policy, &disable, domains);
     cli_free(&cmd);
     return rc;
 }

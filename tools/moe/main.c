@@ -24,6 +24,8 @@ static const struct {
     {"tokenizer", cmd_tokenizer, "train a tokenizer, or encode/decode with one"},
     {"convert", cmd_convert, "write a model in the GGUF layout llama.cpp runs"},
     {"bench", cmd_bench, "measure prefill and decode speed against the memory roofline"},
+    {"route", cmd_route, "show which experts each token is routed to"},
+    {"report", cmd_report, "write an HTML report of a model's routing"},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 
@@ -115,7 +117,7 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN); /* a closed pipe becomes a write error, not a kill */
     signal(SIGXFSZ, SIG_IGN); /* past a file-size limit write() fails with EFBIG: a clear error */
     if (argc < 2) {
-        fprintf(stderr, "moe: missing command: train, generate, eval, info, tokenizer, convert or bench (see 'moe --help')\n");
+        fprintf(stderr, "moe: missing command: train, generate, eval, info, route, report, bench, tokenizer or convert (see 'moe --help')\n");
         return EXIT_USAGE;
     }
     const char *cmd = argv[1];
