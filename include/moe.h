@@ -183,6 +183,24 @@ MOE_API void moe_model_set_tokenizer(moe_model *m, moe_tokenizer *tok);
  * context whose cache, with the weights, would not fit in memory. */
 MOE_API moe_status moe_model_set_context(moe_model *m, int n_ctx);
 MOE_API int moe_model_context(const moe_model *m);
+/* Run-time routing for generation and evaluation (never training, which
+ * refuses a model with it set): active_experts experts per token instead of
+ * the model's top-k (1..n_experts; 0 = top-k), chosen by the model's own
+ * rule (scores, selection bias, group limits) and weighted by it
+ * (renormalised over the chosen when the model renormalises, else raw);
+ * then, when threshold > 0, of those only the ones whose weight is at least
+ * threshold (0..1] times the best one's, and at least min_experts (0 = 1)
+ * of the largest. The weight compared is the softmax probability or the
+ * sigmoid score, without the selection bias (so, sigmoid routing compares
+ * sigmoid scores). All zeros: the model's own routing. Changing the number
+ * of active experts drops the KV cache (set it before generating). An
+ * expert-choice model takes active_experts as the k of its capacity and
+ * refuses a threshold (MOE_ERR_UNSUPPORTED). */
+MOE_API moe_status moe_model_set_routing(moe_model *m, int active_experts, float threshold,
+                                         int min_experts);
+/* Mean routed experts per token and MoE layer in the forward passes since
+ * the last reset (0 when none); reset != 0 starts counting anew. */
+MOE_API double moe_model_experts_per_token(moe_model *m, int reset);
 /* Writes a description of a loaded model (architecture, layers, experts,
  * attention, tensor types, parameters, bytes, memory at the context) into
  * buf, always NUL-terminated. */

@@ -352,6 +352,10 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     const moe_config *c = &m->cfg;
     moe_status st = p.out_path ? MOE_OK : moe_error(MOE_ERR_INVALID_ARG, "no output path");
     if (st) return st;
+    if (m->route_k || m->route_threshold > 0)
+        return moe_error(MOE_ERR_INVALID_ARG, "run-time routing (active experts %d, threshold %g) is for inference only: "
+                         "training uses the model's top-k (clear it with moe_model_set_routing(m, 0, 0, 0))",
+                         m->route_k, m->route_threshold);
     if (p.threads) moe_set_threads(p.threads);
     /* weights + gradients + two AdamW moments, before anything is allocated */
     double need = 16.0 * (double)m->n_params;

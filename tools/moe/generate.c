@@ -42,7 +42,7 @@ static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
 }
 
 static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe_sample_params *sp,
-                        int threads, int echo, int n_ctx, int stats) {
+                        int threads, int echo, int n_ctx, int stats, const cli_routing *rt) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     moe_model *m = NULL;
@@ -54,6 +54,11 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
     if (cli_given(cmd, "ctx") && moe_model_set_context(m, n_ctx) != MOE_OK) {
         moe_model_free(m);
         return lib_fail(NULL);
+    }
+    int rc_rt = cli_apply_routing(cmd, rt, m);
+    if (rc_rt) {
+        moe_model_free(m);
+        return rc_rt;
     }
     const moe_tokenizer *tok = moe_model_tokenizer(m);
     int rc = EXIT_FAIL;
@@ -97,6 +102,8 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         const double tp = st.n_gen ? st.t_first - st.t0 : moe_clock() - st.t0, tg = st.t_last - st.t_first;
         fprintf(stderr, "moe generate: prompt %zu tokens, %.1f tokens/s; generation %d tokens, %.1f tokens/s\n",
                 n, tp > 0 ? (double)n / tp : 0.0, st.n_gen, st.n_gen > 1 && tg > 0 ? (st.n_gen - 1) / tg : 0.0);
+        if (moe_model_config(m)->n_experts > 0)
+            fprintf(stderr, "moe generate: %.2f experts per token and MoE layer\n", moe_model_experts_per_token(m, 0));
     }
     if (interrupted) {
         fprintf(stderr, "moe generate: interrupted\n");
@@ -114,6 +121,7 @@ int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *prompt = "";
     int threads = 0, echo = 0, n_ctx = 0, stats = 0;
     moe_sample_params sp = {.max_tokens = 200, .temperature = 0.8f, .top_k = 0, .top_p = 0.95f, .seed = 1};
+    cli_routing rt = {0};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to sample from", "required", 0},
         {"prompt", OPT_TEXT, &prompt, R_ANY, "TEXT", "text to continue; empty = start a new document", NULL, 0},
@@ -128,12 +136,13 @@ int cmd_generate(int argc, char **argv) {
         {"stats", OPT_FLAG, &stats, R_ANY, NULL, "print prompt and generation tokens/s on stderr", NULL, 0},
         {"ctx", OPT_INT, &n_ctx, R_POS, "N", "positions the KV cache holds",
          "the model's context, at most 4096 for published models", 0},
+        CLI_ROUTING_OPTS(rt),
     };
     cli_cmd cmd = {"generate", "--model FILE [options]",
                    "Samples text from a model and streams it to stdout as it is generated.",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats);
+    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats, &rt);
     cli_free(&cmd);
     return rc;
 }
@@ -159,7 +168,8 @@ static void on_eval_progress(size_t done, size_t total, void *user) {
 }
 
 #define MOE_CLI_MIN(a, b) ((a) < (b) ? (a) : (b))
-static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads) {
+static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads,
+                    const cli_routing *rt) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (data->n == 0) return cli_usage_error(cmd->name, "--data PATH is required");
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
@@ -179,6 +189,8 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
         rc = fail("%s has no tokenizer (tokenizer.ggml.* metadata): there is no way to read text", model);
         goto done;
     }
+    if ((rc = cli_apply_routing(cmd, rt, m))) goto done;
+    rc = EXIT_FAIL;
     if (moe_dataset_load_text(&d, moe_model_tokenizer(m), data->v, data->n) != MOE_OK) {
         rc = lib_fail(NULL);
         goto done;
@@ -190,7 +202,10 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     if (el.open) fputc('\n', stderr);
     if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
     if (tokens == 0) { rc = fail("the data is too short to evaluate (need more than %d tokens)", seq); goto done; }
-    printf("loss %.3f  perplexity %.1f  tokens %zu\n", loss, exp(loss), tokens);
+    printf("loss %.3f  perplexity %.1f  tokens %zu", loss, exp(loss), tokens);
+    if (cli_given(cmd, "active-experts") || cli_given(cmd, "expert-threshold"))
+        printf("  experts/token %.2f", moe_model_experts_per_token(m, 0));
+    printf("\n");
     rc = 0;
 done:
     moe_dataset_free(d);
@@ -202,17 +217,19 @@ int cmd_eval(int argc, char **argv) {
     const char *model = NULL;
     str_list data = {0};
     int seq = 0, threads = 0;
+    cli_routing rt = {0};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to evaluate", "required", 0},
         {"data", OPT_LIST, &data, R_ANY, "PATH", "text file or directory; repeatable", "required", 0},
         {"seq", OPT_INT, &seq, R_GT1, "T", "tokens per sequence", "the model's max_seq", 0},
         {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
+        CLI_ROUTING_OPTS(rt),
     };
     cli_cmd cmd = {"eval", "--model FILE --data PATH [options]",
                    "Computes a model's mean per-token loss and perplexity on all of the given text.",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads);
+    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, &rt);
     cli_free(&cmd);
     return rc;
 }
