@@ -173,6 +173,16 @@ MOE_API moe_status moe_model_save(const moe_model *m, const char *path);
  * express (sigmoid routing, shared experts, expert choice, ...) or one that
  * is itself a published file. path NULL: only that check, nothing written. */
 MOE_API moe_status moe_model_convert(const moe_model *m, const char *path);
+/* The same with the matrices in weight type quant: "f32" (as moe_model_convert),
+ * "q8_0", "q4_0" or "q4_k" (any case): attention, experts, dense FFN, output
+ * head and token embedding quantised by the reference quantisers, a matrix
+ * whose rows are not whole blocks of the type in q8_0, else f32; norms,
+ * routers and biases stay f32. MOE_ERR_INVALID_ARG names an unknown type. */
+MOE_API moe_status moe_model_convert_quant(const moe_model *m, const char *path, const char *quant);
+/* Bytes of the weights (tensor data) of that copy of m, for the same types;
+ * also for a published model (its tensors as if written from fp32). m NULL:
+ * only checks the name (*bytes = 0). */
+MOE_API moe_status moe_model_quant_bytes(const moe_model *m, const char *quant, uint64_t *bytes);
 MOE_API void moe_model_free(moe_model *m);
 MOE_API const moe_config *moe_model_config(const moe_model *m);
 MOE_API const moe_tokenizer *moe_model_tokenizer(const moe_model *m);

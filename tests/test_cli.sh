@@ -306,6 +306,23 @@ if [ "$RC" -eq 0 ] && [ -s "$C" ]; then
     run "$MOE" convert --to gguf --force "$C" "$T/conv.gguf"
     [ "$RC" -eq 0 ] && ok "convert --force overwrites" || bad "convert --force overwrites" "exit $RC: $(head -c 300 "$T/err")"
     expect "convert: IN is OUT" 1 "same file" "$MOE" convert --to gguf --force "$C" "$C"
+    # quantised copies: they load and evaluate; moe info lists each form's size
+    run "$MOE" eval --model "$C" --data "$T/small.txt" --seq 16 --threads 1; f32_loss=$(awk '{print $2}' "$T/out")
+    for q in q8_0 q4_0 q4_k; do
+        run "$MOE" convert --quant $q "$C" "$T/conv-$q.gguf"
+        if [ "$RC" -eq 0 ] && grep -q "$q weights" "$T/out"; then ok "convert --quant $q"
+        else bad "convert --quant $q" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; continue; fi
+        run "$MOE" eval --model "$T/conv-$q.gguf" --data "$T/small.txt" --seq 16 --threads 1
+        loss=$(awk '{print $2}' "$T/out")
+        # a 4-bit copy of this tiny model may lose a little: within 0.25 nats of the f32 loss
+        if [ "$RC" -eq 0 ] && awk -v a="$loss" -v b="$f32_loss" 'BEGIN { d = a - b; exit !(d < 0.25 && d > -0.25) }'
+        then ok "eval of the $q copy ($loss vs f32 $f32_loss)"
+        else bad "eval of the $q copy" "exit $RC: loss '$loss' vs f32 '$f32_loss' $(head -c 300 "$T/err")"; fi
+    done
+    expect "convert: unknown --quant" 2 "unknown weight type 'q5_1'" "$MOE" convert --quant q5_1 "$C" "$T/x.gguf"
+    run "$MOE" info --model "$C"
+    if [ "$RC" -eq 0 ] && grep -q "weights in each form" "$T/out" && grep -qE "^  q4_k +[0-9.]+ MiB$" "$T/out"
+    then ok "info lists the memory of each form"; else bad "info lists the memory of each form" "$(tail -c 300 "$T/out")"; fi
 else bad "train a model to convert" "exit $RC: $(tail -c 300 "$T/err")"; fi
 expect "convert: no --to" 2 "--to FORMAT is required" "$MOE" convert "$C" "$T/x.gguf"
 expect "convert: unknown format" 2 "unknown format 'onnx'" "$MOE" convert --to onnx "$C" "$T/x.gguf"
