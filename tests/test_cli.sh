@@ -188,6 +188,9 @@ if [ $have_model = 1 ]; then
     grep -qE "^eval [0-9]+/[0-9]+ tokens \(100%\)" "$T/err" && ok "eval shows progress, ending at 100%" \
         || bad "eval progress" "stderr: $(head -c 300 "$T/err")"
 
+    run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1 --validation
+    [ "$RC" -eq 0 ] && grep -qE "^loss [0-9.]+  perplexity [0-9.]+  tokens [0-9]+$" "$T/out" && ok "eval --validation" \
+        || bad "eval --validation" "exit $RC: $(head -c 300 "$T/err")"
     # run-time routing: --active-experts / --expert-threshold (tiny: 4 experts, top-2)
     run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1 --active-experts 2
     if [ "$RC" -eq 0 ] && grep -qE "^loss [0-9.]+  perplexity [0-9.]+  tokens [0-9]+  experts/token 2\.00$" "$T/out"

@@ -169,7 +169,7 @@ static void on_eval_progress(size_t done, size_t total, void *user) {
 
 #define MOE_CLI_MIN(a, b) ((a) < (b) ? (a) : (b))
 static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads,
-                    const cli_routing *rt) {
+                    int validation, const cli_routing *rt) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (data->n == 0) return cli_usage_error(cmd->name, "--data PATH is required");
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
@@ -198,7 +198,7 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     double loss = 0;
     size_t tokens = 0;
     eval_line el = {.tty = isatty(fileno(stderr)), .t0 = moe_clock()};
-    moe_status st = moe_evaluate_progress(m, d, seq, 0, 1, &loss, &tokens, on_eval_progress, &el);
+    moe_status st = moe_evaluate_progress(m, d, seq, 0, !validation, &loss, &tokens, on_eval_progress, &el);
     if (el.open) fputc('\n', stderr);
     if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
     if (tokens == 0) { rc = fail("the data is too short to evaluate (need more than %d tokens)", seq); goto done; }
@@ -216,20 +216,22 @@ done:
 int cmd_eval(int argc, char **argv) {
     const char *model = NULL;
     str_list data = {0};
-    int seq = 0, threads = 0;
+    int seq = 0, threads = 0, validation = 0;
     cli_routing rt = {0};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to evaluate", "required", 0},
         {"data", OPT_LIST, &data, R_ANY, "PATH", "text file or directory; repeatable", "required", 0},
         {"seq", OPT_INT, &seq, R_GT1, "T", "tokens per sequence", "the model's max_seq", 0},
         {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
+        {"validation", OPT_FLAG, &validation, R_ANY, NULL,
+         "only the validation split moe train holds out of the same data", NULL, 0},
         CLI_ROUTING_OPTS(rt),
     };
     cli_cmd cmd = {"eval", "--model FILE --data PATH [options]",
                    "Computes a model's mean per-token loss and perplexity on all of the given text.",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, &rt);
+    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, validation, &rt);
     cli_free(&cmd);
     return rc;
 }
