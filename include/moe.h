@@ -186,6 +186,16 @@ MOE_API moe_status moe_model_save(const moe_model *m, const char *path);
  * express (sigmoid routing, shared experts, expert choice, ...) or one that
  * is itself a published file. path NULL: only that check, nothing written. */
 MOE_API moe_status moe_model_convert(const moe_model *m, const char *path);
+/* The same with the matrices in weight type quant: "f32" (as moe_model_convert),
+ * "q8_0", "q4_0" or "q4_k" (any case): attention, experts, dense FFN, output
+ * head and token embedding quantised by the reference quantisers, a matrix
+ * whose rows are not whole blocks of the type in q8_0, else f32; norms,
+ * routers and biases stay f32. MOE_ERR_INVALID_ARG names an unknown type. */
+MOE_API moe_status moe_model_convert_quant(const moe_model *m, const char *path, const char *quant);
+/* Bytes of the weights (tensor data) of that copy of m, for the same types;
+ * also for a published model (its tensors as if written from fp32). m NULL:
+ * only checks the name (*bytes = 0). */
+MOE_API moe_status moe_model_quant_bytes(const moe_model *m, const char *quant, uint64_t *bytes);
 MOE_API void moe_model_free(moe_model *m);
 MOE_API const moe_config *moe_model_config(const moe_model *m);
 MOE_API const moe_tokenizer *moe_model_tokenizer(const moe_model *m);
@@ -196,6 +206,24 @@ MOE_API void moe_model_set_tokenizer(moe_model *m, moe_tokenizer *tok);
  * context whose cache, with the weights, would not fit in memory. */
 MOE_API moe_status moe_model_set_context(moe_model *m, int n_ctx);
 MOE_API int moe_model_context(const moe_model *m);
+/* Run-time routing for generation and evaluation (never training, which
+ * refuses a model with it set): active_experts experts per token instead of
+ * the model's top-k (1..n_experts; 0 = top-k), chosen by the model's own
+ * rule (scores, selection bias, group limits) and weighted by it
+ * (renormalised over the chosen when the model renormalises, else raw);
+ * then, when threshold > 0, of those only the ones whose weight is at least
+ * threshold (0..1] times the best one's, and at least min_experts (0 = 1)
+ * of the largest. The weight compared is the softmax probability or the
+ * sigmoid score, without the selection bias (so, sigmoid routing compares
+ * sigmoid scores). All zeros: the model's own routing. Changing the number
+ * of active experts drops the KV cache (set it before generating). An
+ * expert-choice model takes active_experts as the k of its capacity and
+ * refuses a threshold (MOE_ERR_UNSUPPORTED). */
+MOE_API moe_status moe_model_set_routing(moe_model *m, int active_experts, float threshold,
+                                         int min_experts);
+/* Mean routed experts per token and MoE layer in the forward passes since
+ * the last reset (0 when none); reset != 0 starts counting anew. */
+MOE_API double moe_model_experts_per_token(moe_model *m, int reset);
 /* Writes a description of a loaded model (architecture, layers, experts,
  * attention, tensor types, parameters, bytes, memory at the context) into
  * buf, always NUL-terminated. */
@@ -361,11 +389,11 @@ typedef void (*moe_eval_progress_fn)(size_t done, size_t total, void *user);
 MOE_API moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq,
                                          int max_batches, int use_all, double *loss_out,
                                          size_t *tokens_out, moe_eval_progress_fn fn, void *user);
-/* moe_evaluate_progress over all of d (use_all), the loss also split by the
+/* moe_evaluate_progress (over all of d with use_all, else its validation split), the loss also split by the
  * domain of each target token: dom_loss[i] its mean loss over dom_tokens[i]
  * targets (0 when none), for i < moe_dataset_n_domains(d). The overall loss
  * is computed exactly as moe_evaluate computes it. */
-MOE_API moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, double *loss_out,
+MOE_API moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, int use_all, double *loss_out,
                                         size_t *tokens_out, double *dom_loss, size_t *dom_tokens,
                                         moe_eval_progress_fn fn, void *user);
 

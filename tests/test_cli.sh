@@ -189,6 +189,33 @@ if [ $have_model = 1 ]; then
     grep -qE "^eval [0-9]+/[0-9]+ tokens \(100%\)" "$T/err" && ok "eval shows progress, ending at 100%" \
         || bad "eval progress" "stderr: $(head -c 300 "$T/err")"
 
+    run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1 --validation
+    [ "$RC" -eq 0 ] && grep -qE "^loss [0-9.]+  perplexity [0-9.]+  tokens [0-9]+$" "$T/out" && ok "eval --validation" \
+        || bad "eval --validation" "exit $RC: $(head -c 300 "$T/err")"
+    # run-time routing: --active-experts / --expert-threshold (tiny: 4 experts, top-2)
+    run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1 --active-experts 2
+    if [ "$RC" -eq 0 ] && grep -qE "^loss [0-9.]+  perplexity [0-9.]+  tokens [0-9]+  experts/token 2\.00$" "$T/out"
+    then ok "eval --active-experts 2 (the model's top-k) reports 2 experts per token"
+    else bad "eval --active-experts" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; fi
+    sed 's/  experts.*//' "$T/out" >"$T/k2"
+    run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1
+    cmp -s "$T/out" "$T/k2" && ok "eval --active-experts at the top-k gives the default loss" \
+        || bad "eval --active-experts at the top-k" "'$(cat "$T/k2")' vs '$(cat "$T/out")'"
+    run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1 --active-experts 4 --expert-threshold 0.5 --min-experts 2
+    if [ "$RC" -eq 0 ] && grep -qE "experts/token (2\.[0-9]+|3\.[0-9]+|4\.00)$" "$T/out"; then ok "eval --expert-threshold with --min-experts"
+    else bad "eval --expert-threshold" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; fi
+    run "$MOE" generate --model "$M" --tokens 5 --prompt "the fox" --temperature 0 --active-experts 1 --stats
+    [ "$RC" -eq 0 ] && grep -q "1.00 experts per token" "$T/err" && ok "generate --active-experts 1" \
+        || bad "generate --active-experts 1" "exit $RC: $(head -c 300 "$T/err")"
+    expect "eval: --active-experts above the experts" 1 "active experts 5 must be in 1\.\.4" \
+        "$MOE" eval --model "$M" --data "$T/small.txt" --active-experts 5
+    expect "eval: --expert-threshold above 1" 2 "expert-threshold.*in \(0, 1\]" \
+        "$MOE" eval --model "$M" --data "$T/small.txt" --expert-threshold 1.5
+    expect "eval: --min-experts without a threshold" 2 "only counts with --expert-threshold" \
+        "$MOE" eval --model "$M" --data "$T/small.txt" --min-experts 2
+    expect "generate: --min-experts above the active experts" 1 "minimum experts 3 must be in 1\.\.2" \
+        "$MOE" generate --model "$M" --expert-threshold 0.5 --min-experts 3
+
     printf 'caf\xc3\xa9 na\xc3\xafve \xe2\x9c\x93 \xf0\x9f\x98\x80 raw \x01\xfe\xff bytes\n' >"$T/text.bin"
     run "$MOE" tokenizer encode --tokenizer "$M" <"$T/text.bin"; cp "$T/out" "$T/ids.txt"
     if [ "$RC" -eq 0 ] && grep -qE '^[0-9]+( [0-9]+)*$' "$T/ids.txt"; then
@@ -297,6 +324,23 @@ if [ "$RC" -eq 0 ] && [ -s "$C" ]; then
     run "$MOE" convert --to gguf --force "$C" "$T/conv.gguf"
     [ "$RC" -eq 0 ] && ok "convert --force overwrites" || bad "convert --force overwrites" "exit $RC: $(head -c 300 "$T/err")"
     expect "convert: IN is OUT" 1 "same file" "$MOE" convert --to gguf --force "$C" "$C"
+    # quantised copies: they load and evaluate; moe info lists each form's size
+    run "$MOE" eval --model "$C" --data "$T/small.txt" --seq 16 --threads 1; f32_loss=$(awk '{print $2}' "$T/out")
+    for q in q8_0 q4_0 q4_k; do
+        run "$MOE" convert --quant $q "$C" "$T/conv-$q.gguf"
+        if [ "$RC" -eq 0 ] && grep -q "$q weights" "$T/out"; then ok "convert --quant $q"
+        else bad "convert --quant $q" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; continue; fi
+        run "$MOE" eval --model "$T/conv-$q.gguf" --data "$T/small.txt" --seq 16 --threads 1
+        loss=$(awk '{print $2}' "$T/out")
+        # a 4-bit copy of this tiny model may lose a little: within 0.25 nats of the f32 loss
+        if [ "$RC" -eq 0 ] && awk -v a="$loss" -v b="$f32_loss" 'BEGIN { d = a - b; exit !(d < 0.25 && d > -0.25) }'
+        then ok "eval of the $q copy ($loss vs f32 $f32_loss)"
+        else bad "eval of the $q copy" "exit $RC: loss '$loss' vs f32 '$f32_loss' $(head -c 300 "$T/err")"; fi
+    done
+    expect "convert: unknown --quant" 2 "unknown weight type 'q5_1'" "$MOE" convert --quant q5_1 "$C" "$T/x.gguf"
+    run "$MOE" info --model "$C"
+    if [ "$RC" -eq 0 ] && grep -q "weights in each form" "$T/out" && grep -qE "^  q4_k +[0-9.]+ MiB$" "$T/out"
+    then ok "info lists the memory of each form"; else bad "info lists the memory of each form" "$(tail -c 300 "$T/out")"; fi
 else bad "train a model to convert" "exit $RC: $(tail -c 300 "$T/err")"; fi
 expect "convert: no --to" 2 "--to FORMAT is required" "$MOE" convert "$C" "$T/x.gguf"
 expect "convert: unknown format" 2 "unknown format 'onnx'" "$MOE" convert --to onnx "$C" "$T/x.gguf"

@@ -273,7 +273,7 @@ static void test_eval_domains(void) {
     double plain, all, dl[2], dl2[2], off, back;
     size_t n_plain, n_all, dt[2], dt2[2], n_off;
     CHECK(moe_evaluate(m, d, 16, 0, 1, &plain, &n_plain) == MOE_OK, "%s", moe_last_error());
-    CHECK(moe_evaluate_domains(m, d, 16, &all, &n_all, dl, dt, NULL, NULL) == MOE_OK, "%s", moe_last_error());
+    CHECK(moe_evaluate_domains(m, d, 16, 1, &all, &n_all, dl, dt, NULL, NULL) == MOE_OK, "%s", moe_last_error());
     CHECK(memcmp(&plain, &all, sizeof plain) == 0 && n_plain == n_all, "%.17g vs %.17g", plain, all);
     CHECK(dt[0] > 100 && dt[1] > 100 && dt[0] + dt[1] == n_all, "domain tokens %zu + %zu of %zu", dt[0], dt[1], n_all);
     double mix = (dl[0] * dt[0] + dl[1] * dt[1]) / (double)n_all;
@@ -286,7 +286,7 @@ static void test_eval_domains(void) {
     for (int i = 0; i < t.n; i++) for (int j = 0; j < 2; j++) cnt[t.ids[(size_t)i * 4 + j]]++;
     for (int e = 1; e < 8; e++) if (cnt[e] > cnt[best]) best = e;
     CHECK(moe_model_disable_expert(m, 1, best) == MOE_OK, "%s", moe_last_error());
-    CHECK(moe_evaluate_domains(m, d, 16, &off, &n_off, dl2, dt2, NULL, NULL) == MOE_OK, "%s", moe_last_error());
+    CHECK(moe_evaluate_domains(m, d, 16, 1, &off, &n_off, dl2, dt2, NULL, NULL) == MOE_OK, "%s", moe_last_error());
     CHECK(n_off == n_all && dt2[0] == dt[0] && off != all && dl2[0] != dl[0] && dl2[1] != dl[1],
           "disabling expert %d: %.6f -> %.6f (alpha %.6f -> %.6f, beta %.6f -> %.6f)", best, all, off, dl[0], dl2[0], dl[1], dl2[1]);
     printf("  layer 1 expert %d off: loss %.4f -> %.4f\n", best, all, off);

@@ -25,6 +25,14 @@ moe_status arch_put_metadata(gguf_writer *w, const char *arch, const moe_config 
  * q8_0, then f32, as llama.cpp's quantiser does), 1-D tensors f32; with tok's
  * vocabulary when tok is non-NULL.
  * For tests and benchmarks: reading it back gives cfg again. */
+/* Adds the tensors of m (our own model: fp32 parameters) to w in the
+ * rule of arch_write_random: 1-D tensors and routers f32, every other
+ * matrix of type wtype, falling back to q8_0 then f32 when its rows are not
+ * whole blocks, quantised by the type's reference quantiser into a buffer
+ * *qbuf that must outlive the writing (moe_free it after). */
+moe_status arch_add_tensors(gguf_writer *w, const moe_model *m, int wtype, char **qbuf);
+/* Bytes of the tensor data arch_add_tensors writes for wtype. */
+size_t arch_tensor_bytes(const moe_model *m, int wtype);
 moe_status arch_write_random(const char *path, const char *arch, const moe_config *cfg, int wtype,
                              const moe_tokenizer *tok, uint64_t seed);
 #endif

@@ -83,16 +83,62 @@ static int tensor_type(int wtype, const tensor_desc *t) {
     return DT_F32;
 }
 
+size_t arch_tensor_bytes(const moe_model *m, int wtype) {
+    size_t total = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const tensor_desc *t = &m->tensors[i];
+        const int ty = t->n_dims == 1 ? DT_F32 : tensor_type(wtype, t);
+        size_t rb = 0;
+        dtype_row_bytes(ty, t->ne[0], &rb);
+        total += rb * (size_t)(t->size / (size_t)t->ne[0]);
+    }
+    return total;
+}
+
+moe_status arch_add_tensors(gguf_writer *w, const moe_model *m, int wtype, char **qbuf) {
+    *qbuf = NULL;
+    const dtype_traits *tr = dtype_traits_of(wtype);
+    if (wtype != DT_F32 && (!tr || !tr->from_float))
+        return moe_error(MOE_ERR_UNSUPPORTED, "cannot write tensors of type %s", dtype_name(wtype));
+    /* the quantised matrices, in one buffer the writer reads when it writes */
+    size_t qbytes = 0;
+    for (int i = 0; i < m->n_tensors && wtype != DT_F32; i++) {
+        size_t rb;
+        const tensor_desc *t = &m->tensors[i];
+        const int ty = t->n_dims > 1 ? tensor_type(wtype, t) : DT_F32;
+        if (ty != DT_F32 && !dtype_row_bytes(ty, t->ne[0], &rb)) qbytes += rb * (size_t)(t->size / (size_t)t->ne[0]);
+    }
+    char *q = qbytes ? moe_malloc(qbytes) : NULL;
+    if (qbytes && !q) return moe_error_prefix(MOE_ERR_NOMEM, "quantised weights (%.1f MiB)", qbytes / 1048576.0);
+    *qbuf = q;
+    moe_status st = MOE_OK;
+    size_t used = 0;
+    for (int i = 0; !st && i < m->n_tensors; i++) {
+        const tensor_desc *t = &m->tensors[i];
+        const float *src = m->params + t->offset;
+        const int ty = t->n_dims > 1 && wtype != DT_F32 ? tensor_type(wtype, t) : DT_F32;
+        if (ty == DT_F32) {
+            st = gguf_add_tensor(w, t->name, DT_F32, t->n_dims, t->ne, src);
+            continue;
+        }
+        size_t rb;
+        dtype_row_bytes(ty, t->ne[0], &rb);
+        const dtype_traits *tt = dtype_traits_of(ty);
+        const int64_t rows = (int64_t)(t->size / (size_t)t->ne[0]);
+        char *dst = q + used;
+        #pragma omp parallel for schedule(static) if (rows >= 64)
+        for (int64_t r = 0; r < rows; r++) tt->from_float(dst + (size_t)r * rb, src + r * t->ne[0], t->ne[0]);
+        st = gguf_add_tensor(w, t->name, ty, t->n_dims, t->ne, dst);
+        used += rb * (size_t)rows;
+    }
+    return st;
+}
+
 moe_status arch_write_random(const char *path, const char *arch, const moe_config *cfg, int wtype,
                              const moe_tokenizer *tok, uint64_t seed) {
     moe_model *m = NULL;
     moe_status st = model_alloc(&m, cfg);
     if (st) return st;
-    const dtype_traits *tr = dtype_traits_of(wtype);
-    if (wtype != DT_F32 && (!tr || !tr->from_float)) {
-        moe_model_free(m);
-        return moe_error(MOE_ERR_UNSUPPORTED, "cannot write tensors of type %s", dtype_name(wtype));
-    }
     /* weights of unit-scale activations: matrices N(0, 1/fan_in), norms near
      * 1, biases and the selection bias small, embeddings N(0, 1) */
     moe_rng rng;
@@ -105,40 +151,12 @@ moe_status arch_write_random(const char *path, const char *arch, const moe_confi
         const float base = t->init == TENSOR_INIT_ONES ? 1.0f : 0.0f;
         for (size_t j = 0; j < t->size; j++) p[j] = base + sd * moe_rng_normal(&rng);
     }
-    size_t qbytes = 0;
-    for (int i = 0; i < m->n_tensors && wtype != DT_F32; i++) {
-        size_t rb;
-        const tensor_desc *t = &m->tensors[i];
-        if (t->n_dims > 1 && !dtype_row_bytes(tensor_type(wtype, t), t->ne[0], &rb))
-            qbytes += rb * (size_t)(t->ne[1] * t->ne[2]);
-    }
-    char *q = st || !qbytes ? NULL : moe_malloc(qbytes);
-    if (!st && qbytes && !q) st = MOE_ERR_NOMEM;
-    gguf_writer *w = st ? NULL : gguf_writer_create();
-    if (!st && !w) st = MOE_ERR_NOMEM;
+    char *q = NULL;
+    gguf_writer *w = gguf_writer_create();
+    if (!w) st = MOE_ERR_NOMEM;
     if (!st) st = arch_put_metadata(w, arch, cfg, "moe-random");
     if (!st && tok) st = tokenizer_write_gguf(tok, w);
-    size_t used = 0;
-    for (int i = 0; !st && i < m->n_tensors; i++) {
-        const tensor_desc *t = &m->tensors[i];
-        const float *src = m->params + t->offset;
-        if (t->n_dims == 1 || wtype == DT_F32) {
-            st = gguf_add_tensor(w, t->name, DT_F32, t->n_dims, t->ne, src);
-            continue;
-        }
-        const int ty = tensor_type(wtype, t);
-        if (ty == DT_F32) {
-            st = gguf_add_tensor(w, t->name, DT_F32, t->n_dims, t->ne, src);
-            continue;
-        }
-        size_t rb;
-        dtype_row_bytes(ty, t->ne[0], &rb);
-        const dtype_traits *tt = dtype_traits_of(ty);
-        const int64_t rows = t->ne[1] * t->ne[2];
-        for (int64_t r = 0; r < rows; r++) tt->from_float(q + used + (size_t)r * rb, src + r * t->ne[0], t->ne[0]);
-        st = gguf_add_tensor(w, t->name, ty, t->n_dims, t->ne, q + used);
-        used += rb * (size_t)rows;
-    }
+    if (!st) st = arch_add_tensors(w, m, wtype, &q);
     if (!st) st = gguf_write_file(w, path);
     gguf_writer_free(w);
     moe_free(q);

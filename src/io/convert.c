@@ -14,6 +14,7 @@
  * reader and must give the model's config again. */
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "arch/arch.h"
@@ -167,14 +168,42 @@ static moe_status check_read_back(const char *path, const moe_config *want) {
     return MOE_OK;
 }
 
+/* The forms moe convert writes: element type of the matrices and
+ * general.file_type, llama.cpp's llama_ftype (q4_k: all q4_K, its "Q4_K_S"). */
+static const struct { const char *name; int type, file_type; } QUANTS[] = {
+    {"f32", DT_F32, 0}, {"q8_0", DT_Q8_0, 7}, {"q4_0", DT_Q4_0, 2}, {"q4_k", DT_Q4_K, 14},
+};
+enum { N_QUANTS = sizeof QUANTS / sizeof QUANTS[0] };
+
+static moe_status find_quant(const char *name, int *i_out) {
+    for (int i = 0; name && i < N_QUANTS; i++)
+        if (!strcasecmp(name, QUANTS[i].name)) { *i_out = i; return MOE_OK; }
+    return moe_error(MOE_ERR_INVALID_ARG, "unknown weight type '%s' (known: f32, q8_0, q4_0, q4_k)", name ? name : "(null)");
+}
+
+moe_status moe_model_quant_bytes(const moe_model *m, const char *quant, uint64_t *bytes) {
+    int q;
+    moe_status st = find_quant(quant, &q);
+    if (st) return st;
+    *bytes = m ? arch_tensor_bytes(m, QUANTS[q].type) : 0;
+    return MOE_OK;
+}
+
 moe_status moe_model_convert(const moe_model *m, const char *path) {
+    return moe_model_convert_quant(m, path, "f32");
+}
+
+moe_status moe_model_convert_quant(const moe_model *m, const char *path, const char *quant) {
     if (!m) return moe_error(MOE_ERR_INVALID_ARG, "moe_model_convert: model is NULL");
+    int q;
+    moe_status st = find_quant(quant, &q);
+    if (st) return st;
     if (m->file || !m->params)
         return moe_error(MOE_ERR_UNSUPPORTED, "the model is already a published %s file: moe convert writes "
                          "models moe trained or created", m->arch[0] ? m->arch : "GGUF");
     const moe_config *c = &m->cfg;
     const int mla = c->attn == MOE_ATTN_MLA;
-    moe_status st = any_layout_expresses(c, m->tok);
+    st = any_layout_expresses(c, m->tok);
     if (!st) st = mla ? deepseek2_expresses(c) : llama_expresses(c);
     if (st || !path) return st;
     gguf_writer *w = gguf_writer_create();
@@ -182,14 +211,13 @@ moe_status moe_model_convert(const moe_model *m, const char *path) {
     moe_config out = *c;
     if (mla) out.n_kv_heads = 1; /* as llama.cpp's converter writes MLA (one latent "head") */
     st = arch_put_metadata(w, mla ? "deepseek2" : "llama", &out, "moe");
-    if (!st) st = gguf_set_u32(w, "general.file_type", 0); /* all f32 */
+    if (!st) st = gguf_set_u32(w, "general.file_type", (uint32_t)QUANTS[q].file_type);
     if (!st && m->tok && (st = tokenizer_write_gguf(m->tok, w))) moe_error_prefix(st, "tokenizer");
-    for (int i = 0; !st && i < m->n_tensors; i++) {
-        const tensor_desc *t = &m->tensors[i];
-        st = gguf_add_tensor(w, t->name, GGML_TYPE_F32, t->n_dims, t->ne, m->params + t->offset);
-    }
+    char *qbuf = NULL;
+    if (!st) st = arch_add_tensors(w, m, QUANTS[q].type, &qbuf);
     if (!st) st = gguf_write_file(w, path);
     gguf_writer_free(w);
+    moe_free(qbuf);
     if (st) return st;
     if ((st = check_read_back(path, c))) unlink(path); /* a file that runs differently must not stay */
     return st;

@@ -50,8 +50,7 @@ static size_t plan_qws(const moe_model *m, int n, size_t *row) {
         if (t->n_dims == 3) per = max_sz(per, qmatmul_workspace(t->type, 1, (int)t->ne[0]));
     }
     *row = per;
-    const moe_config *c = &m->cfg;
-    return max_sz(all, per * (size_t)n * (size_t)MOE_MAX(c->top_k, 1));
+    return max_sz(all, per * (size_t)n * (size_t)MOE_MAX(model_route_k(m), 1));
 }
 
 void model_infer_free(moe_model *m) {
@@ -122,9 +121,10 @@ moe_status model_infer_alloc(moe_model *m, int n_max) {
     if (c->n_experts > 0) {
         /* expert choice has no batch to choose from here and falls back to
          * token choice over the same scores */
-        moe_status st = moe_cache_init(&s->moe, n_max, (int)d, c->n_experts, c->top_k, c->d_expert,
+        const int k = model_route_k(m);
+        moe_status st = moe_cache_init(&s->moe, n_max, (int)d, c->n_experts, k, c->d_expert,
                                        c->n_shared_experts * c->d_shared, MOE_ROUTING_TOKEN,
-                                       (int64_t)n_max * c->top_k);
+                                       (int64_t)n_max * k);
         if (st) { model_infer_free(m); return st; }
         s->moe.qws = s->qws;
         s->moe.qws_row = row;
@@ -319,11 +319,13 @@ static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
             ro.seq_prefix_n = pos0 + i;
             moe_forward(s->o + (size_t)i * d, &s->moe, s->h + (size_t)i * d, &mw, 1, &ro);
             if (m->tap_ids) tap_routing(m, l, i, 1);
+            model_count_routing(m, &s->moe.r);
         }
         return;
     }
     moe_forward(s->o, &s->moe, s->h, &mw, n, &ro);
     if (m->tap_ids) tap_routing(m, l, 0, n);
+    model_count_routing(m, &s->moe.r);
 }
 
 moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, float *logits,

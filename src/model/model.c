@@ -121,6 +121,8 @@ matmul_precision model_matmul(const moe_config *c) {
     return c->matmul == MOE_MATMUL_BF16 ? MATMUL_BF16 : MATMUL_FP32;
 }
 
+static void free_acts(model_acts *a, int n_layers);
+
 moe_route_opts model_route_opts(const moe_model *m, int layer, int T) {
     const moe_config *c = &m->cfg;
     moe_route_opts o = {
@@ -134,8 +136,52 @@ moe_route_opts model_route_opts(const moe_model *m, int layer, int T) {
         .matmul = model_matmul(c),
         /* an ablation applies to evaluation and inference, never to training */
         .disabled = m->disabled && !m->training ? m->disabled + (size_t)layer * c->n_experts : NULL,
+        .threshold = m->training ? 0.0f : m->route_threshold,
+        .min_keep = m->route_min > 0 ? m->route_min : 1,
     };
     return o;
+}
+
+int model_route_k(const moe_model *m) { return m->route_k > 0 ? m->route_k : m->cfg.top_k; }
+
+void model_count_routing(moe_model *m, const moe_routing *r) {
+    m->routed_tokens += r->N;
+    for (int e = 0; e < r->E; e++) m->routed_experts += r->counts[e];
+}
+
+moe_status moe_model_set_routing(moe_model *m, int active_experts, float threshold, int min_experts) {
+    const moe_config *c = &m->cfg;
+    const int E = c->n_experts;
+    if (E == 0 && (active_experts || threshold != 0.0f || min_experts))
+        return moe_error(MOE_ERR_INVALID_ARG, "a dense model has no experts to choose");
+    if (active_experts < 0 || active_experts > E)
+        return moe_error(MOE_ERR_INVALID_ARG, "active experts %d must be in 1..%d (the model's experts; 0 = its top-k, %d)",
+                         active_experts, E, c->top_k);
+    const int k = active_experts ? active_experts : c->top_k;
+    if (c->n_group > 1 && c->topk_group < c->n_group && k > c->topk_group * (E / c->n_group))
+        return moe_error(MOE_ERR_INVALID_ARG, "active experts %d exceeds the %d experts of the %d groups each token may use "
+                         "(group-limited routing: %d groups of %d)", k, c->topk_group * (E / c->n_group), c->topk_group,
+                         c->n_group, E / c->n_group);
+    if (!(threshold >= 0.0f && threshold <= 1.0f))
+        return moe_error(MOE_ERR_INVALID_ARG, "expert threshold %g must be in [0, 1] (a fraction of the best expert's weight; 0 = off)",
+                         threshold);
+    if (min_experts < 0 || min_experts > k)
+        return moe_error(MOE_ERR_INVALID_ARG, "minimum experts %d must be in 1..%d (the experts chosen per token)", min_experts, k);
+    if (threshold > 0 && c->routing == MOE_ROUTING_EXPERT)
+        return moe_error(MOE_ERR_UNSUPPORTED, "expert-choice routing: each expert picks its tokens, so a per-token "
+                         "threshold does not apply (--active-experts sets the k of its capacity)");
+    /* the MoE caches hold k slots per token: re-planned on next use */
+    if (k != model_route_k(m)) { free_acts(&m->acts, c->n_layers); model_infer_free(m); }
+    m->route_k = active_experts;
+    m->route_threshold = threshold;
+    m->route_min = min_experts;
+    return MOE_OK;
+}
+
+double moe_model_experts_per_token(moe_model *m, int reset) {
+    const double v = m->routed_tokens ? (double)m->routed_experts / (double)m->routed_tokens : 0.0;
+    if (reset) m->routed_tokens = m->routed_experts = 0;
+    return v;
 }
 
 moe_weights model_layer_moe_weights(const layer_weights *W) {
@@ -260,8 +306,9 @@ moe_status model_alloc_acts(moe_model *m, int B, int T) {
         L->x_mid = grab(a, N * d, &ok); L->hn2 = grab(a, N * d, &ok); L->rstd2 = grab(a, N, &ok);
         if (moe_config_layer_is_moe(c, l)) {
             float cf = MOE_MAX(c->capacity_factor, c->eval_capacity_factor);
-            int64_t rows = moe_rows_needed((int)N, c->n_experts, c->top_k, c->routing, cf);
-            if (ok && moe_cache_init(&L->moe, (int)N, (int)d, c->n_experts, c->top_k, c->d_expert,
+            const int k = model_route_k(m);
+            int64_t rows = moe_rows_needed((int)N, c->n_experts, k, c->routing, cf);
+            if (ok && moe_cache_init(&L->moe, (int)N, (int)d, c->n_experts, k, c->d_expert,
                                      c->n_shared_experts * c->d_shared, c->routing, rows)) ok = 0;
         } else {
             L->hg = grab(a, N * c->d_ff, &ok); L->hu = grab(a, N * c->d_ff, &ok); L->act = grab(a, N * c->d_ff, &ok);
@@ -474,6 +521,7 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
             L.z += A->moe.r.z;
             L.seq_aux += A->moe.r.seq_aux;
             stats_add(m, L.n_moe, &A->moe.r);
+            model_count_routing(m, &A->moe.r);
             L.n_moe++;
         } else {
             PROF_RUN(PROF_DENSE_FFN, matmul_forward(A->hg, A->hn2, F32(W->ffn_gate), NULL, N, d, c->d_ff, mm));

@@ -151,6 +151,11 @@ struct moe_model {
     int64_t store_tokens;    /* tokens run since the stats were reset      */
     int store_policy;        /* 1 + EXPERT_EVICT_*, 0 = the default          */
     int store_drop_cache;    /* posix_fadvise(DONTNEED) after every read     */
+    /* run-time routing at inference (moe_model_set_routing; 0 = the model's own) */
+    int route_k;             /* experts chosen per token instead of top_k           */
+    float route_threshold;   /* of those, keep weights >= this times the best       */
+    int route_min;           /* ... but at least this many                          */
+    int64_t routed_tokens, routed_experts; /* tokens through MoE layers and experts they used */
 };
 
 /* The layer plan of a config (plan[n_layers]). */
@@ -199,6 +204,11 @@ void model_stats_reset(moe_model *m);
 /* precision of the model's matmuls (the router's are always fp32) */
 matmul_precision model_matmul(const moe_config *c);
 moe_route_opts model_route_opts(const moe_model *m, int layer, int T);
+/* Experts chosen per token: the run-time setting, else the config's top_k
+ * (the MoE caches are sized for it). */
+int model_route_k(const moe_model *m);
+/* Counts the experts r used (moe_model_experts_per_token). */
+void model_count_routing(moe_model *m, const moe_routing *r);
 /* The bias update of aux-loss-free balancing, from the stats since the last reset. */
 void model_update_bias(moe_model *m);
 

@@ -175,6 +175,25 @@ static void sort_desc(int32_t *idx, int n, const float *key, int stride, int32_t
     }
 }
 
+/* The threshold rule on one token's k chosen slots: keeps the
+ * max(min_keep, #{v >= f * best}) largest weights v (ties: the earlier
+ * slot), which is every one passing the threshold plus the best of the rest
+ * up to min_keep; the others become empty (-1, weight 0). */
+static void threshold_keep(int32_t *ids, float *v, int k, float f, int min_keep) {
+    float best = 0.0f;
+    for (int j = 0; j < k; j++) best = ids[j] >= 0 && v[j] > best ? v[j] : best;
+    const float cut = f * best;
+    int keep = 0;
+    for (int j = 0; j < k; j++) keep += ids[j] >= 0 && v[j] >= cut;
+    keep = MOE_MAX(keep, min_keep);
+    for (int j = 0; j < k; j++) {
+        if (ids[j] < 0) continue;
+        int rank = 0; /* chosen slots ahead of j by weight */
+        for (int i = 0; i < k; i++) rank += ids[i] >= 0 && (v[i] > v[j] || (v[i] == v[j] && i < j));
+        if (rank >= keep) { ids[j] = -1; v[j] = 0.0f; }
+    }
+}
+
 static int seq_len_of(const moe_route_opts *o, int N) {
     int T = o->seq_len > 0 ? o->seq_len : N;
     return (T <= N && N % T == 0) ? T : N;
@@ -289,7 +308,13 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
         for (size_t s = 0; s < (size_t)N * S; s++)
             if (r->ids[s] >= 0 && o->disabled[r->ids[s]]) r->ids[s] = -1;
 
-    /* combine weights */
+    if (o->threshold > 0 && mode != MOE_ROUTING_EXPERT) {
+        #pragma omp parallel for schedule(static) if (N * k > 4096)
+        for (int t = 0; t < N; t++)
+            threshold_keep(r->ids + (size_t)t * S, r->topv + (size_t)t * S, k, o->threshold, o->min_keep);
+    }
+
+    /* combine weights (over the kept slots: the threshold may empty some) */
     #pragma omp parallel for schedule(static) if (N * S > 4096)
     for (int t = 0; t < N; t++) {
         const int32_t *ids = r->ids + (size_t)t * S;
@@ -300,11 +325,9 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
             continue;
         }
         double s = 0;
-        for (int j = 0; j < k; j++)
-            if (ids[j] >= 0) s += v[j];
+        for (int j = 0; j < k; j++) s += ids[j] >= 0 ? v[j] : 0.0f;
         for (int j = 0; j < k; j++) {
-            if (ids[j] < 0) { w[j] = 0.0f; continue; }
-            float u = o->renorm ? (s > 0 ? (float)(v[j] / s) : 0.0f) : v[j];
+            float u = ids[j] < 0 ? 0.0f : o->renorm ? (s > 0 ? (float)(v[j] / s) : 0.0f) : v[j];
             w[j] = scale == 1.0f ? u : scale * u;
         }
     }

@@ -36,6 +36,14 @@ typedef struct {
      * selection, nobody takes its weight, and the rest are renormalised only
      * when renorm is set; NULL = all on */
     const uint8_t *disabled;
+    /* threshold rule (inference; token and sequence routing): of the k chosen,
+     * keep those whose weight (softmax probability or sigmoid score, before
+     * renormalisation and scale, without the selection bias) is at least
+     * threshold times the best chosen weight, and at least min_keep of them
+     * (the largest); the rest become empty slots. 0 = off. The backward pass
+     * needs every slot kept: training never sets it. */
+    float threshold;
+    int min_keep;
 } moe_route_opts;
 
 /* Routing result for N tokens. Each token has S slots (S = k, or E for

@@ -337,7 +337,7 @@ moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq, in
     return evaluate(m, d, seq, max_batches, use_all, loss_out, tokens_out, &pr);
 }
 
-moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, double *loss_out,
+moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, int use_all, double *loss_out,
                                 size_t *tokens_out, double *dom_loss, size_t *dom_tokens,
                                 moe_eval_progress_fn fn, void *user) {
     const size_t BT = (size_t)8 * (size_t)MOE_MAX(seq, 1);
@@ -345,7 +345,7 @@ moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, dou
                         .losses = moe_malloc(BT * sizeof(float)), .dom = moe_malloc(BT)};
     moe_status st = pr.losses && pr.dom ? MOE_OK : moe_error(MOE_ERR_NOMEM, "per-domain evaluation buffers");
     for (int i = 0; i < d->n_domains; i++) { dom_loss[i] = 0; dom_tokens[i] = 0; }
-    if (!st) st = evaluate(m, d, seq, 0, 1, loss_out, tokens_out, &pr);
+    if (!st) st = evaluate(m, d, seq, 0, use_all, loss_out, tokens_out, &pr);
     for (int i = 0; (!st || st == MOE_ERR_INTERRUPTED) && i < d->n_domains; i++)
         if (dom_tokens[i]) dom_loss[i] /= (double)dom_tokens[i];
     moe_free(pr.losses);
@@ -483,6 +483,10 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     const moe_config *c = &m->cfg;
     moe_status st = p.out_path ? MOE_OK : moe_error(MOE_ERR_INVALID_ARG, "no output path");
     if (st) return st;
+    if (m->route_k || m->route_threshold > 0)
+        return moe_error(MOE_ERR_INVALID_ARG, "run-time routing (active experts %d, threshold %g) is for inference only: "
+                         "training uses the model's top-k (clear it with moe_model_set_routing(m, 0, 0, 0))",
+                         m->route_k, m->route_threshold);
     if (p.threads) moe_set_threads(p.threads);
     /* weights + gradients + two AdamW moments, before anything is allocated */
     double need = 16.0 * (double)m->n_params;

@@ -109,6 +109,20 @@ int load_model_with(const char *path, const moe_load_options *opts, moe_model **
  * token and what it holds, one line on stderr (nothing without a budget) */
 void print_offload_stats(const char *cmd, const moe_model *m);
 
+/* ---- run-time routing: --active-experts, --expert-threshold, --min-experts
+ * for generate, eval and bench: CLI_ROUTING_OPTS(r) in the option table,
+ * cli_apply_routing after loading the model. ---- */
+typedef struct { int active, min; float threshold; } cli_routing;
+#define CLI_ROUTING_OPTS(r)                                                                          \
+    {"active-experts", OPT_INT, &(r).active, R_POS, "N",                                             \
+     "experts per token instead of the model's top-k (1..n_experts)", "the model's top-k", 0},       \
+    {"expert-threshold", OPT_FLOAT, &(r).threshold, R_UNIT, "F",                                     \
+     "keep a chosen expert only if its weight is >= F times the best one's", "off", 0},              \
+    {"min-experts", OPT_INT, &(r).min, R_POS, "M", "with --expert-threshold: keep at least M", "1", 0}
+/* Sets the routing of m from the options (none given: nothing). Prints the
+ * error; 0 if fine. */
+int cli_apply_routing(cli_cmd *cmd, const cli_routing *r, moe_model *m);
+
 /* ---- formatting ---------------------------------------------------------------- */
 void fmt_human(char *buf, size_t cap, int64_t n);  /* 46.7B */
 void fmt_commas(char *buf, size_t cap, int64_t n); /* 46,702,792,704 */

@@ -35,7 +35,8 @@ static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
 }
 
 static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe_sample_params *sp,
-                        int threads, int echo, int n_ctx, int stats, const char *budget, const char *policy) {
+                        int threads, int echo, int n_ctx, int stats, const char *budget, const char *policy,
+                        const cli_routing *rt) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     moe_model *m = NULL;
@@ -44,6 +45,11 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
     if (!moe_model_tokenizer(m)) {
         moe_model_free(m);
         return fail("%s has no tokenizer (tokenizer.ggml.* metadata), so there is no text to generate", model);
+    }
+    int rc_rt = cli_apply_routing(cmd, rt, m);
+    if (rc_rt) {
+        moe_model_free(m);
+        return rc_rt;
     }
     const moe_tokenizer *tok = moe_model_tokenizer(m);
     int rc = EXIT_FAIL;
@@ -91,6 +97,8 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         moe_cpu_describe(units, sizeof units);
         fprintf(stderr, "moe generate: %s\n", units);
         print_offload_stats("generate", m);
+        if (moe_model_config(m)->n_experts > 0)
+            fprintf(stderr, "moe generate: %.2f experts per token and MoE layer\n", moe_model_experts_per_token(m, 0));
     }
     if (sig) {
         fprintf(stderr, "moe generate: interrupted (%s)\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -108,6 +116,7 @@ int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *prompt = "", *budget = NULL, *policy = NULL;
     int threads = 0, echo = 0, n_ctx = 0, stats = 0;
     moe_sample_params sp = {.max_tokens = 200, .temperature = 0.8f, .top_k = 0, .top_p = 0.95f, .seed = 1};
+    cli_routing rt = {0};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to sample from", "required", 0},
         {"prompt", OPT_TEXT, &prompt, R_ANY, "TEXT", "text to continue; empty = start a new document", NULL, 0},
@@ -124,6 +133,7 @@ int cmd_generate(int argc, char **argv) {
         {"ctx", OPT_INT, &n_ctx, R_POS, "N", "positions the KV cache holds",
          "the model's context, at most 4096 for published models", 0},
         OFFLOAD_OPTS(budget, policy),
+        CLI_ROUTING_OPTS(rt),
     };
     cli_cmd cmd = {"generate", "--model FILE [options]",
                    "Samples text from a model and streams it to stdout as it is generated.\n"
@@ -131,7 +141,7 @@ int cmd_generate(int argc, char **argv) {
                    "exit status 130 (143).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats, budget, policy);
+    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats, budget, policy, &rt);
     cli_free(&cmd);
     return rc;
 }
@@ -168,7 +178,8 @@ static int parse_expert_spec(const char *s, int *layer, int *expert) {
 }
 
 static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads, int stats,
-                    const char *budget, const char *policy, const str_list *disable, int domains) {
+                    const char *budget, const char *policy, const str_list *disable, int domains,
+                    int validation, const cli_routing *rt) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     if (data->n == 0) return cli_usage_error(cmd->name, "--data PATH is required");
     for (int i = 0; i < disable->n; i++) {
@@ -204,6 +215,8 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
             goto done;
         }
     }
+    if ((rc = cli_apply_routing(cmd, rt, m))) goto done;
+    rc = EXIT_FAIL;
     if (moe_dataset_load_text(&d, moe_model_tokenizer(m), data->v, data->n) != MOE_OK) {
         rc = lib_fail(NULL);
         goto done;
@@ -219,8 +232,9 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     eval_line el = {.tty = isatty(fileno(stderr)), .t0 = moe_clock()};
     /* Ctrl-C or SIGTERM: stop after the current batch and report what was measured */
     cli_catch_stop_signals(NULL, NULL);
-    moe_status st = domains ? moe_evaluate_domains(m, d, seq, &loss, &tokens, dom_loss, dom_tokens, on_eval_progress, &el)
-                            : moe_evaluate_progress(m, d, seq, 0, 1, &loss, &tokens, on_eval_progress, &el);
+    moe_status st = domains ? moe_evaluate_domains(m, d, seq, !validation, &loss, &tokens, dom_loss, dom_tokens,
+                                                   on_eval_progress, &el)
+                            : moe_evaluate_progress(m, d, seq, 0, !validation, &loss, &tokens, on_eval_progress, &el);
     cli_release_stop_signals();
     if (el.open) fputc('\n', stderr);
     const int sig = cli_stop_signal();
@@ -233,7 +247,10 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     }
     if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
     if (tokens == 0) { rc = fail("the data is too short to evaluate (need more than %d tokens)", seq); goto done; }
-    printf("loss %.3f  perplexity %.1f  tokens %zu\n", loss, exp(loss), tokens);
+    printf("loss %.3f  perplexity %.1f  tokens %zu", loss, exp(loss), tokens);
+    if (cli_given(cmd, "active-experts") || cli_given(cmd, "expert-threshold"))
+        printf("  experts/token %.2f", moe_model_experts_per_token(m, 0));
+    printf("\n");
     if (stats) {
         const double dt = moe_clock() - el.t0;
         fprintf(stderr, "moe eval: %zu tokens in %.2f s, %.1f tokens/s\n", tokens, dt, dt > 0 ? (double)tokens / dt : 0.0);
@@ -259,7 +276,8 @@ done:
 int cmd_eval(int argc, char **argv) {
     const char *model = NULL, *budget = NULL, *policy = NULL;
     str_list data = {0}, disable = {0};
-    int seq = 0, threads = 0, stats = 0, domains = 0;
+    int seq = 0, threads = 0, stats = 0, domains = 0, validation = 0;
+    cli_routing rt = {0};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to evaluate", "required", 0},
         {"data", OPT_LIST, &data, R_ANY, "PATH", "text file or directory; repeatable", "required", 0},
@@ -270,6 +288,9 @@ int cmd_eval(int argc, char **argv) {
         {"domains", OPT_FLAG, &domains, R_ANY, NULL, "also the loss of each domain (data file)", NULL, 0},
         {"disable-expert", OPT_LIST, &disable, R_ANY, "L:E",
          "switch expert E of layer L off (its weight goes to no one); repeatable; implies --domains", NULL, 0},
+        {"validation", OPT_FLAG, &validation, R_ANY, NULL,
+         "only the validation split moe train holds out of the same data", NULL, 0},
+        CLI_ROUTING_OPTS(rt),
     };
     cli_cmd cmd = {"eval", "--model FILE --data PATH [options]",
                    "Computes a model's mean per-token loss and perplexity on all of the given text.\n"
@@ -277,7 +298,7 @@ int cmd_eval(int argc, char **argv) {
                    "marked partial, and exits with status 130 (143).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, budget, policy, &disable, domains);
+    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, budget, policy, &disable, domains, validation, &rt);
     cli_free(&cmd);
     return rc;
 }

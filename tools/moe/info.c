@@ -35,6 +35,17 @@ static void print_info(const moe_config *cfg) {
     printf("  %-10s %.3f (%.1f%% of the parameters are used per token)\n", "active/total", ratio, 100 * ratio);
 }
 
+/* the weights' memory in each form moe convert --quant writes */
+static void print_forms(const moe_model *m) {
+    static const char *forms[] = {"f32", "q8_0", "q4_0", "q4_k"};
+    printf("weights in each form (moe convert --quant):\n");
+    for (size_t i = 0; i < sizeof forms / sizeof forms[0]; i++) {
+        uint64_t b = 0;
+        if (moe_model_quant_bytes(m, forms[i], &b) != MOE_OK) continue;
+        printf("  %-10s %8.2f MiB\n", forms[i], b / 1048576.0);
+    }
+}
+
 static int info_run(cli_cmd *cmd, const char *model, const char *preset, const str_list *sets, int n_ctx) {
     if (model && (cli_given(cmd, "preset") || sets->n))
         return cli_usage_error(cmd->name, "use either --model or --preset/--set, not both");
@@ -47,6 +58,7 @@ static int info_run(cli_cmd *cmd, const char *model, const char *preset, const s
         moe_model_describe(m, desc, sizeof desc);
         printf("model: %s\n%s", model, desc);
         print_info(moe_model_config(m));
+        print_forms(m);
         if (tok)
             printf("tokenizer: vocab %d (bos %d, eos %d)\n", moe_tokenizer_vocab_size(tok), moe_tokenizer_bos(tok),
                    moe_tokenizer_eos(tok));

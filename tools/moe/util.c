@@ -155,6 +155,14 @@ void print_offload_stats(const char *cmd, const moe_model *m) {
             s.slots, s.units);
 }
 
+int cli_apply_routing(cli_cmd *cmd, const cli_routing *r, moe_model *m) {
+    if (cli_given(cmd, "min-experts") && !cli_given(cmd, "expert-threshold"))
+        return cli_usage_error(cmd->name, "--min-experts only counts with --expert-threshold");
+    if (!cli_given(cmd, "active-experts") && !cli_given(cmd, "expert-threshold")) return 0;
+    if (moe_model_set_routing(m, r->active, r->threshold, r->min) != MOE_OK) return lib_fail(NULL);
+    return 0;
+}
+
 /* ---- formatting ---- */
 void fmt_human(char *buf, size_t cap, int64_t n) {
     static const char *unit[] = {"", "K", "M", "B", "T"};
