@@ -36,6 +36,10 @@ MOE_API const char *moe_status_str(moe_status s); /* static text for a code */
 MOE_API void moe_profile(int on);
 MOE_API void moe_profile_report(char *buf, size_t cap);
 MOE_API const char *moe_last_error(void);         /* message of last failure */
+/* The GEMM backend model matmuls run on for fp32 (bf16 = 0) or bf16-input
+ * (bf16 = 1) matmuls: "avx512", "avx512_bf16" or "reference" (no fast unit on
+ * this CPU, or MOE_REFERENCE=1); chosen once from the detected CPU. */
+MOE_API const char *moe_matmul_backend(int bf16);
 
 /* ---- configuration ------------------------------------------------------ */
 typedef struct {

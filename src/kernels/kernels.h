@@ -24,6 +24,11 @@ float bf16_to_float(uint16_t h);
  * bf16_from_float; call only when the CPU has AVX512_BF16. */
 uint16_t kernels_bf16_hw(float f);
 
+/* The GEMM backend matmuls of this precision run on ("avx512", "avx512_bf16",
+ * "reference", ...: gemm.h), chosen once from the CPU's features; "reference"
+ * when MOE_REFERENCE=1 forces the scalar loops. */
+const char *matmul_backend_name(matmul_precision prec);
+
 /* out[N][OC] = in[N][C] @ w[OC][C]^T (+ bias[OC] if non-NULL)
  * Each output row depends only on its own input row (not on N or the other
  * rows), in both paths: a token gets the same bits alone or in a batch. */
