@@ -187,6 +187,7 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
  * order; and dst[j] = 1 / (1 + exp(-x[j])). dst may equal x. Serial: callers
  * parallelise over rows. */
 double exp_shift_sum(float *dst, const float *x, float m, int n);
+double exp_shift_sum_ref(float *dst, const float *x, float m, int n); /* scalar twin, same bits */
 void sigmoid_row(float *dst, const float *x, int n);
 
 /* Row-wise softmax: out[N][C] = softmax(in[N][C]); in may equal out. */
