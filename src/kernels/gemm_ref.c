@@ -113,18 +113,24 @@ void matmul_backward_ref(float *din, float *dw, float *dbias, const float *dout,
 static int ref_supports(const gemm_desc *g) { return 1; }
 static size_t ref_workspace(const gemm_desc *g, int nthr) { return 0; }
 
+/* c + sum_k A(m,k) B(k,n), each step one fused multiply-add, k in order.
+ * Kept out of line: tests/test_no_fma.sh allows FMA instructions only in
+ * functions that ask for them by name. */
+__attribute__((noinline)) static float gemm_ref_fma_chain(const gemm_desc *g, int m, int n,
+                                                          float c, matmul_precision prec) {
+    for (int k = 0; k < g->K; k++)
+        c = fmaf(mm_in(g->A[(ptrdiff_t)m * g->as_m + (ptrdiff_t)k * g->as_k], prec),
+                 mm_in(g->B[(ptrdiff_t)k * g->bs_k + (ptrdiff_t)n * g->bs_n], prec), c);
+    return c;
+}
+
 static int ref_run(const gemm_desc *g, void *ws, int nthr) {
     matmul_precision prec = g->bf16 ? MATMUL_BF16 : MATMUL_FP32;
 #pragma omp parallel for schedule(static) num_threads(nthr) if (nthr > 1)
     for (int m = 0; m < g->M; m++) {
         float *cr = g->Cm + (ptrdiff_t)m * g->ldc;
-        for (int n = 0; n < g->Nc; n++) {
-            float c = g->init ? (g->bias ? g->bias[n] : 0.0f) : cr[n];
-            for (int k = 0; k < g->K; k++)
-                c = fmaf(mm_in(g->A[(ptrdiff_t)m * g->as_m + (ptrdiff_t)k * g->as_k], prec),
-                         mm_in(g->B[(ptrdiff_t)k * g->bs_k + (ptrdiff_t)n * g->bs_n], prec), c);
-            cr[n] = c;
-        }
+        for (int n = 0; n < g->Nc; n++)
+            cr[n] = gemm_ref_fma_chain(g, m, n, g->init ? (g->bias ? g->bias[n] : 0.0f) : cr[n], prec);
     }
     return 0;
 }
