@@ -39,6 +39,10 @@ MOE_API const char *moe_last_error(void);         /* message of last failure */
 /* The kernels quantised matmuls use on this CPU now: "avx512-vnni" or
  * "portable" (MOE_KERNELS=portable or MOE_REFERENCE=1 force the latter). */
 MOE_API const char *moe_cpu_kernels(void);
+/* The GEMM backend model matmuls run on for fp32 (bf16 = 0) or bf16-input
+ * (bf16 = 1) matmuls: "avx512", "avx512_bf16" or "reference" (no fast unit on
+ * this CPU, or MOE_REFERENCE=1); chosen once from the detected CPU. */
+MOE_API const char *moe_matmul_backend(int bf16);
 
 /* ---- configuration ------------------------------------------------------ */
 typedef struct {

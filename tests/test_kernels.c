@@ -1082,6 +1082,53 @@ static void test_exp_error(void) {
     TEST_END();
 }
 
+/* exp_shift_sum's fast twin gives exp_shift_sum_ref's bits, values and sum,
+ * for every length 0..300 (masked tails), in place and not, with special
+ * inputs (NaN, +-inf, overflow, underflow, -0) mixed in. A NaN matches any NaN:
+ * which payload survives a sum of two NaNs is the compiler's choice of operand
+ * order (C leaves it open; the -O1 sanitizer build swaps them). */
+static int same_bits_or_nan_f(const float *a, const float *b, int n) {
+    for (int i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], sizeof(float)) != 0 && !(a[i] != a[i] && b[i] != b[i])) return 0;
+    return 1;
+}
+static int same_bits_or_nan_d(double a, double b) {
+    return memcmp(&a, &b, sizeof a) == 0 || (a != a && b != b);
+}
+static void test_exp_shift_sum_twins(void) {
+    TEST_CASE("exp_shift_sum fast vs reference: same bits, lengths 0..300, special values");
+    if (!moe_use_fast_kernels()) {
+        TEST_SKIP("fast kernels off (no AVX-512, or MOE_REFERENCE=1): exp_shift_sum is the reference");
+        return;
+    }
+    enum { NMAX = 300 };
+    static const float special[] = {NAN, INFINITY, -INFINITY, 100.0f, -100.0f, 88.7f, -87.4f,
+                                    -87.6f, -0.0f, 1e-40f};
+    float x[NMAX + 1], y1[NMAX + 1], y2[NMAX + 1];
+    int bad = 0;
+    for (int n = 0; n <= NMAX; n++) {
+        for (int sp = 0; sp < 2; sp++) {
+            for (int i = 0; i < n; i++) x[i] = 20.0f * moe_rng_uniform(&rng) - 10.0f;
+            if (sp && n)
+                for (int i = 0; i < 3; i++)
+                    x[moe_rng_below(&rng, (uint64_t)n)] = special[moe_rng_below(&rng, 10)];
+            x[n] = 12345.0f; /* past the row: must stay */
+            float m = n ? x[0] * 0.5f : 0.0f;
+            memcpy(y1, x, sizeof x);
+            memcpy(y2, x, sizeof x);
+            double s1 = exp_shift_sum(y1, x, m, n), s2 = exp_shift_sum_ref(y2, x, m, n);
+            int same = same_bits_or_nan_f(y1, y2, NMAX + 1) && same_bits_or_nan_d(s1, s2);
+            float z1[NMAX + 1];
+            memcpy(z1, x, sizeof x);
+            double s3 = exp_shift_sum(z1, z1, m, n); /* in place */
+            same = same && same_bits_or_nan_f(z1, y2, NMAX + 1) && same_bits_or_nan_d(s3, s2);
+            if (!same && bad++ < 3) CHECK(0, "n %d (special values %d): fast and reference differ", n, sp);
+        }
+    }
+    CHECK(bad == 0, "%d of %d rows differ", bad, 2 * (NMAX + 1));
+    TEST_END();
+}
+
 /* ---- PyTorch cross-check (tests/ref/rope_attention_ref.py) ------------------ */
 
 static void put_i32(FILE *f, int32_t v) { fwrite(&v, 4, 1, f); }
@@ -1433,6 +1480,7 @@ int main(void) {
     test_attention_ex_fast_vs_ref();
     test_attention_cached();
     test_exp_error();
+    test_exp_shift_sum_twins();
     test_torch_rope_attention();
     test_scratch_failures();
     test_swiglu();

@@ -26,11 +26,11 @@ void moe_cpu_describe(char *buf, size_t cap) {
             any = 1;
         }
     if (!any && o < cap) o += (size_t)snprintf(buf + o, cap - o, " none");
-    /* the fp32/bf16 GEMM's fast path needs AVX-512 (moe_use_fast_kernels); the
-     * quantised weights' kernels choose their own (moe_cpu_kernels) */
-    const char *path = moe_use_fast_kernels() ? "fast (avx512)"
-                       : c->avx512f && c->fma ? "reference (MOE_REFERENCE set)" : "reference (portable C)";
-    if (o < cap) snprintf(buf + o, cap - o, "; kernels: matmul %s, quantised %s", path, moe_cpu_kernels());
+    /* the GEMM backends of fp32 and bf16-input matmuls, and the kernels of
+     * quantised (and f16/bf16) weights, each chosen once from the CPU */
+    if (o < cap)
+        snprintf(buf + o, cap - o, "; kernels: matmul %s (bf16 %s), quantised %s", moe_matmul_backend(0),
+                 moe_matmul_backend(1), moe_cpu_kernels());
 }
 
 /* One pass over the buffer, every 64-bit word read once and folded into a

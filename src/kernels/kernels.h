@@ -24,6 +24,11 @@ float bf16_to_float(uint16_t h);
  * bf16_from_float; call only when the CPU has AVX512_BF16. */
 uint16_t kernels_bf16_hw(float f);
 
+/* The GEMM backend matmuls of this precision run on ("avx512", "avx512_bf16",
+ * "reference", ...: gemm.h), chosen once from the CPU's features; "reference"
+ * when MOE_REFERENCE=1 forces the scalar loops. */
+const char *matmul_backend_name(matmul_precision prec);
+
 /* out[N][OC] = in[N][C] @ w[OC][C]^T (+ bias[OC] if non-NULL)
  * Each output row depends only on its own input row (not on N or the other
  * rows), in both paths: a token gets the same bits alone or in a batch. */
@@ -182,6 +187,7 @@ void swiglu_backward(float *dgate, float *dup, const float *dout, const float *g
  * order; and dst[j] = 1 / (1 + exp(-x[j])). dst may equal x. Serial: callers
  * parallelise over rows. */
 double exp_shift_sum(float *dst, const float *x, float m, int n);
+double exp_shift_sum_ref(float *dst, const float *x, float m, int n); /* scalar twin, same bits */
 void sigmoid_row(float *dst, const float *x, int n);
 
 /* Row-wise softmax: out[N][C] = softmax(in[N][C]); in may equal out. */

@@ -200,10 +200,7 @@ static int bench_run(cli_cmd *cmd, const char *path, int n_prompt, int n_gen, in
     moe_cpu_describe(units, sizeof units);
     /* the path this model's matrices take: f32 ones the matmul's, the others
      * the quantised kernels' (f16 and bf16 included) */
-    char matmul_path[64] = "?";
-    const char *mp = strstr(units, "matmul ");
-    if (mp) snprintf(matmul_path, sizeof matmul_path, "%.*s", (int)strcspn(mp + 7, ","), mp + 7);
-    const char *kernels = !strcmp(type, "f32") ? matmul_path : moe_cpu_kernels();
+    const char *kernels = !strcmp(type, "f32") ? moe_matmul_backend(0) : moe_cpu_kernels();
     const moe_param_counts pc = moe_config_param_counts(c);
     const moe_weight_bytes wb = moe_model_weight_bytes(m);
     fmt_human(total_s, sizeof total_s, pc.total);

@@ -76,6 +76,9 @@ static int info_run(cli_cmd *cmd, const char *model, const char *preset, const s
     if (moe_config_validate(&cfg) != MOE_OK) return fail("invalid configuration: %s", moe_last_error());
     printf("preset: %s%s\n", preset, sets->n ? " (with --set overrides)" : "");
     print_info(&cfg);
+    printf("matmul backend on this CPU: %s (fp32 matmuls: %s, bf16: %s)\n",
+           moe_matmul_backend(cfg.matmul == MOE_MATMUL_BF16), moe_matmul_backend(0),
+           moe_matmul_backend(1));
     return 0;
 }
 

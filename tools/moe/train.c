@@ -377,6 +377,9 @@ static int train_run(cli_cmd *cmd, train_args *a) {
         static char report[8192];
         moe_profile_report(report, sizeof report);
         moe_profile(0);
+        printf("matmul backend: %s (fp32 matmuls: %s, bf16: %s)\n",
+               moe_matmul_backend(cfg.matmul == MOE_MATMUL_BF16), moe_matmul_backend(0),
+               moe_matmul_backend(1));
         printf("time per phase over the training steps (evaluation and saving excluded):\n%s", report);
     }
     rc = 0;
