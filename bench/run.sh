@@ -10,7 +10,7 @@
 #     when LLAMA_BENCH / IK_LLAMA_BENCH name their llama-bench binaries
 #  5. sparsity: the MoE against dense models of its total and of its active parameters
 # Environment: BENCH_QUICK=1 (a few minutes: one run, short prompt, Q8_0 only),
-# BENCH_ONLY="machine kernels training moe-layer inference sparsity" (a subset),
+# BENCH_ONLY="machine kernels training moe-layer inference sparsity offload" (a subset),
 # BENCH_TYPES, BENCH_PROMPT, BENCH_GEN, BENCH_REPS, BENCH_CACHE (models, written once),
 # LLAMA_BENCH, IK_LLAMA_BENCH, LLAMA_BENCH_CONFIGS, IK_LLAMA_BENCH_CONFIGS, THREADS.
 set -euo pipefail
@@ -23,7 +23,7 @@ PRESET=${PRESET:-default}
 BATCH=${BATCH:-16}
 SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
-ONLY=${BENCH_ONLY:-machine kernels training moe-layer inference sparsity}
+ONLY=${BENCH_ONLY:-machine kernels training moe-layer inference sparsity offload}
 TYPES=${BENCH_TYPES:-$([ $q = 1 ] && echo q8_0 || echo "q8_0 q4_K bf16")}
 PROMPT=${BENCH_PROMPT:-$([ $q = 1 ] && echo 64 || echo 256)}
 GEN=${BENCH_GEN:-$([ $q = 1 ] && echo 32 || echo 128)}
@@ -338,6 +338,26 @@ with open(os.environ["SUMMARY"], "a") as f:
         if k != "moe":
             f.write(f"sparsity {ty}: MoE / {k} pp (t/s)\t{ts(moe, 'pp'):.2f}\t{k}\t{pp:.2f}\t{rpp:.2f}x\tpredicted {pred_pp:.2f}x\n")
             f.write(f"sparsity {ty}: MoE / {k} tg (t/s)\t{ts(moe, 'tg'):.2f}\t{k}\t{tg:.2f}\t{rtg:.2f}x\tpredicted {pred_tg:.2f}x\n")
+PYEOF
+    echo
+fi
+
+if want offload && [ -x "$BUILD/bench/bench_offload" ] && [ -f "$CACHE/moe-q8_0.gguf" ]; then
+    # decode of the 1.72B Q8_0 MoE with its experts behind a cache of half their bytes,
+    # against the same file fully mapped; the file stays in the page cache ("warm")
+    echo "== offloading: decode with a --mem-budget of 50% of the experts' bytes vs all mapped (1.72B Q8_0, 1 thread)"
+    BENCH_THREADS=1 "$BUILD/bench/bench_offload" "$CACHE/moe-q8_0.gguf" $([ $q = 1 ] && echo 16 || echo 64) "0,50%" lfu warm \
+        | tee "$tmp/offload.txt"
+    $PY - "$tmp/offload.txt" <<'PYEOF'
+import os, re, sys
+rate = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) >= 4 and re.fullmatch(r"[0-9.]+", f[3]): rate[f[0]] = float(f[3])
+mapped, half = rate.get("0"), rate.get("50%")
+if mapped and half:
+    with open(os.environ["SUMMARY"], "a") as f:
+        f.write(f"decode, experts offloaded at 50% budget (t/s)\t{half:.2f}\tall mapped\t{mapped:.2f}\t{half / mapped:.2f}x\t\n")
 PYEOF
     echo
 fi
