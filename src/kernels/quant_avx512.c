@@ -87,6 +87,16 @@ QK_INLINE float hsum16(__m512 v) {
 #define FOR_W for (int i = 0; i < RW; i++)
 #define FOR_A for (int j = 0; j < RA; j++)
 
+/* Weights are read once per token from memory, not from cache: ask for the
+ * lines PREFETCH_AHEAD bytes further along the row while this block computes
+ * (measured on decode of the 1.72B Q8_0 MoE, 2 threads, Zen 4: 36 -> 60
+ * tokens/s at 4 KiB; 1 KiB gave 41-44, 2 KiB 48, 8 KiB 54). A prefetch
+ * past the row's end is a hint and cannot fault. */
+#define PREFETCH_AHEAD 4096
+QK_INLINE void prefetch_ahead(const uint8_t *p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + PREFETCH_AHEAD + o, _MM_HINT_T0);
+}
+
 /* ---- Q8_0 and Q4_0 against Q8_0 ----------------------------------------------
  * Lane l of a block: the exact sum of products 4l .. 4l+3, formed as
  * VPDPBUSD(|w|, a signed like w) (so a = -128 against w < 0 wraps as in
@@ -107,6 +117,7 @@ QK_INLINE void q8_0_like_body(float *out, size_t ldo, const uint8_t *w, size_t w
         float wd[4];
         FOR_W {
             const uint8_t *p = w + (size_t)i * wrow + (size_t)b * wb;
+            prefetch_ahead(p, 1); /* one line per block: a block is 18 or 34 bytes */
             wd[i] = h2f(p);
             wq[i] = four_bit ? q4_0_quants(p + 2) : _mm256_loadu_si256((const __m256i *)(p + 2));
             wabs[i] = _mm256_abs_epi8(wq[i]);
@@ -201,7 +212,10 @@ QK_INLINE void k_affine_body(float *out, size_t ldo, const uint8_t *w, size_t wr
     const size_t wb = five_bits ? Q5_K_BYTES : Q4_K_BYTES;
     for (int64_t b = 0; b < C / QKB; b++) {
         kblock k[4];
-        FOR_W unpack_k_affine(&k[i], w + (size_t)i * wrow + (size_t)b * wb, five_bits);
+        FOR_W {
+            prefetch_ahead(w + (size_t)i * wrow + (size_t)b * wb, wb);
+            unpack_k_affine(&k[i], w + (size_t)i * wrow + (size_t)b * wb, five_bits);
+        }
         FOR_A {
             const dtype_q8_K_block *y =
                 (const dtype_q8_K_block *)(a + (size_t)j * arow) + b;
@@ -276,7 +290,10 @@ QK_INLINE void q6_K_body(float *out, size_t ldo, const uint8_t *w, size_t wrow, 
     FOR_W FOR_A acc[i][j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < C / QKB; b++) {
         q6block k[4];
-        FOR_W unpack_q6_K(&k[i], w + (size_t)i * wrow + (size_t)b * Q6_K_BYTES);
+        FOR_W {
+            prefetch_ahead(w + (size_t)i * wrow + (size_t)b * Q6_K_BYTES, Q6_K_BYTES);
+            unpack_q6_K(&k[i], w + (size_t)i * wrow + (size_t)b * Q6_K_BYTES);
+        }
         FOR_A {
             const dtype_q8_K_block *y = (const dtype_q8_K_block *)(a + (size_t)j * arow) + b;
             __m256i bs = _mm256_loadu_si256((const __m256i *)y->bsums);
