@@ -10,12 +10,6 @@
 #include <string.h>
 #include <time.h>
 
-static double bench_clock(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* ---- synthetic models --------------------------------------------------------
  * The issue's MoE: llama with experts, 16 layers, d_model 1024, 16 heads / 4 KV
  * heads, 64 experts top-8 of hidden 512, vocab 32000 (1.72B parameters); and
@@ -54,14 +48,14 @@ static int write_synthetic(cli_cmd *cmd, const char *kind, const char *type, con
     fmt_human(total, sizeof total, pc.total);
     fmt_human(active, sizeof active, pc.active);
     fprintf(stderr, "moe bench: writing %s (%s, %s weights, %s parameters)...\n", out, kind, type, total);
-    const double t0 = bench_clock();
+    const double t0 = cli_clock();
     if (moe_write_synthetic(out, &c, type, seed) != MOE_OK) return lib_fail_file(out);
     if (c.n_experts > 0)
         printf("wrote %s: llama layout, %d layers, %d experts top-%d of hidden %d, %s weights, %s parameters (%s active), %.0f s\n",
-               out, c.n_layers, c.n_experts, c.top_k, c.d_expert, type, total, active, bench_clock() - t0);
+               out, c.n_layers, c.n_experts, c.top_k, c.d_expert, type, total, active, cli_clock() - t0);
     else
         printf("wrote %s: llama layout, %d dense layers of hidden %d, %s weights, %s parameters (%s active), %.0f s\n",
-               out, c.n_layers, c.d_ff, type, total, active, bench_clock() - t0);
+               out, c.n_layers, c.d_ff, type, total, active, cli_clock() - t0);
     return 0;
 }
 
@@ -76,7 +70,7 @@ typedef struct {
 static int on_bench_token(int32_t id, const char *bytes, size_t len, void *user) {
     bench_timer *t = user;
     (void)id; (void)bytes; (void)len;
-    t->t_last = bench_clock();
+    t->t_last = cli_clock();
     if (t->seen++ == 0) t->t_first = t->t_last;
     return t->seen >= t->n_stop;
 }
@@ -95,7 +89,7 @@ static int bench_once(moe_model *m, int n_prompt, int n_gen, uint64_t seed, doub
     /* greedy and no end-of-generation token: every run decodes all n_gen */
     moe_sample_params sp = {.max_tokens = n_gen + 1, .temperature = 0, .top_k = 0, .top_p = 1, .seed = seed, .ignore_eos = 1};
     bench_timer t = {.n_stop = n_gen + 1};
-    t.t0 = bench_clock();
+    t.t0 = cli_clock();
     moe_status st = moe_generate(m, ids, (size_t)np, &sp, on_bench_token, &t);
     free(ids);
     if (st != MOE_OK) return lib_fail(NULL);

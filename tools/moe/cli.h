@@ -127,6 +127,7 @@ int cli_apply_routing(cli_cmd *cmd, const cli_routing *r, moe_model *m);
 void fmt_human(char *buf, size_t cap, int64_t n);  /* 46.7B */
 void fmt_commas(char *buf, size_t cap, int64_t n); /* 46,702,792,704 */
 void fmt_duration(char *buf, size_t cap, double s); /* 1m32s */
+double cli_clock(void); /* monotonic seconds, for rates and progress */
 /* One progress line on stderr: rewritten in place on a terminal (*open is then
  * set until a newline ends it), one line each otherwise. */
 void status_line(int tty, const char *line, int *open);

@@ -9,12 +9,6 @@
 #include <time.h>
 #include <unistd.h>
 
-static double moe_clock(void) { /* monotonic seconds */
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* ---- generate ---- */
 typedef struct {
     int write_failed;
@@ -25,7 +19,7 @@ typedef struct {
 static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
     stream_state *s = user;
     (void)id;
-    s->t_last = moe_clock();
+    s->t_last = cli_clock();
     if (s->n_gen++ == 0) s->t_first = s->t_last;
     if (bytes && len && fwrite(bytes, 1, len, stdout) != len) s->write_failed = 1;
     if (fflush(stdout) != 0) s->write_failed = 1;
@@ -79,7 +73,7 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         fputs(prompt, stdout);
         fflush(stdout);
     }
-    st.t0 = moe_clock();
+    st.t0 = cli_clock();
     cli_catch_stop_signals(NULL, NULL);
     moe_status s = moe_generate(m, use, n, sp, on_token, &st);
     cli_release_stop_signals();
@@ -90,7 +84,7 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
     }
     if (s != MOE_OK) { rc = lib_fail(NULL); goto done; }
     if (stats) { /* the first token comes after the prompt; each later one after one decode step */
-        const double tp = st.n_gen ? st.t_first - st.t0 : moe_clock() - st.t0, tg = st.t_last - st.t_first;
+        const double tp = st.n_gen ? st.t_first - st.t0 : cli_clock() - st.t0, tg = st.t_last - st.t_first;
         fprintf(stderr, "moe generate: prompt %zu tokens, %.1f tokens/s; generation %d tokens, %.1f tokens/s\n",
                 n, tp > 0 ? (double)n / tp : 0.0, st.n_gen, st.n_gen > 1 && tg > 0 ? (st.n_gen - 1) / tg : 0.0);
         char units[512];
@@ -153,7 +147,7 @@ typedef struct { int tty, open, last_decile; double t0, last; } eval_line;
 
 static void on_eval_progress(size_t done, size_t total, void *user) {
     eval_line *e = user;
-    double t = moe_clock(), el = t - e->t0;
+    double t = cli_clock(), el = t - e->t0;
     int decile = total ? (int)(10 * done / total) : 10;
     if (e->tty ? t - e->last < 0.2 && done < total : decile == e->last_decile) return;
     e->last = t;
@@ -229,7 +223,7 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
         rc = fail("out of memory");
         goto done;
     }
-    eval_line el = {.tty = isatty(fileno(stderr)), .t0 = moe_clock()};
+    eval_line el = {.tty = isatty(fileno(stderr)), .t0 = cli_clock()};
     /* Ctrl-C or SIGTERM: stop after the current batch and report what was measured */
     cli_catch_stop_signals(NULL, NULL);
     moe_status st = domains ? moe_evaluate_domains(m, d, seq, !validation, &loss, &tokens, dom_loss, dom_tokens,
@@ -252,7 +246,7 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
         printf("  experts/token %.2f", moe_model_experts_per_token(m, 0));
     printf("\n");
     if (stats) {
-        const double dt = moe_clock() - el.t0;
+        const double dt = cli_clock() - el.t0;
         fprintf(stderr, "moe eval: %zu tokens in %.2f s, %.1f tokens/s\n", tokens, dt, dt > 0 ? (double)tokens / dt : 0.0);
         print_offload_stats("eval", m);
     }

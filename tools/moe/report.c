@@ -45,9 +45,7 @@ typedef struct { int tty, open, last_decile; double last; const char *what; } pr
 static void on_progress(size_t done, size_t total, void *user) {
     progress *p = user;
     const int decile = total ? (int)(10 * done / total) : 10;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    const double now = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    const double now = cli_clock();
     if (p->tty ? now - p->last < 0.2 && done < total : decile == p->last_decile) return;
     p->last = now;
     p->last_decile = decile;

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 int fail(const char *fmt, ...) {
@@ -161,6 +162,12 @@ int cli_apply_routing(cli_cmd *cmd, const cli_routing *r, moe_model *m) {
     if (!cli_given(cmd, "active-experts") && !cli_given(cmd, "expert-threshold")) return 0;
     if (moe_model_set_routing(m, r->active, r->threshold, r->min) != MOE_OK) return lib_fail(NULL);
     return 0;
+}
+
+double cli_clock(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 /* ---- formatting ---- */
