@@ -282,7 +282,7 @@ static void attention_mla(moe_model *m, int l, const int32_t *pos, int n, int po
 static void tap_routing(moe_model *m, int l, int i0, int n) {
     const moe_config *c = &m->cfg;
     const moe_routing *r = &m->inf->moe.r;
-    const int n_moe = moe_config_n_moe_layers(c), k = c->top_k;
+    const int n_moe = moe_config_n_moe_layers(c), k = model_route_k(m); /* as moe_model_route sized the tap */
     int km = 0;
     for (int j = 0; j < l; j++) km += m->plan[j].ffn == FFN_MOE;
     for (int i = 0; i < n; i++) {

@@ -10,7 +10,8 @@ enum { ROUTE_CHUNK = 64 }; /* positions per inference call */
 moe_status moe_model_route(moe_model *m, const int32_t *tokens, size_t n, moe_route_fn fn, void *user) {
     if (!m || (n && !tokens) || !fn) return moe_error(MOE_ERR_INVALID_ARG, "moe_model_route: missing argument");
     const moe_config *c = &m->cfg;
-    const int n_moe = moe_config_n_moe_layers(c), k = n_moe ? c->top_k : 0;
+    /* k: the experts routing keeps now (moe_model_set_routing may change it) */
+    const int n_moe = moe_config_n_moe_layers(c), k = n_moe ? model_route_k(m) : 0;
     const int ctx = moe_model_context(m);
     const size_t per = (size_t)ROUTE_CHUNK * MOE_MAX(n_moe * k, 1);
     int *layers = moe_calloc((size_t)MOE_MAX(n_moe, 1), sizeof(int));
