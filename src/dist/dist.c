@@ -36,3 +36,10 @@ moe_status dist_check_expert_parallel(int ep, int size, int n_experts) {
                          "(each rank of a group owns the same number)", ep, n_experts);
     return MOE_OK;
 }
+
+moe_status dist_any(int *flag) {
+    int bit = *flag != 0;
+    moe_status st = dist_or_bits(&bit);
+    if (!st) *flag = bit;
+    return st;
+}

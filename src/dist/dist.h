@@ -58,6 +58,8 @@ moe_status dist_gather_f64(double *out, const double *x, int n);
 /* *flag = 1 on every rank when any rank had *flag != 0 (to agree on a stop:
  * a signal seen by one rank stops all of them at the same step). */
 moe_status dist_any(int *flag);
+/* *bits = the bitwise OR of every rank's bits (one collective for several flags) */
+moe_status dist_or_bits(int *bits);
 moe_status dist_barrier(void);
 
 /* Within this rank's expert-parallel group (ranks g*ep .. g*ep+ep-1):

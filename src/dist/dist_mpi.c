@@ -191,13 +191,13 @@ static moe_status sum_in_rank_order(void *x, int n, int is_f64) {
 moe_status dist_sum_f64(double *x, int n) { return sum_in_rank_order(x, n, 1); }
 moe_status dist_sum_i64(int64_t *x, int n) { return sum_in_rank_order(x, n, 0); }
 
-moe_status dist_any(int *flag) {
-    int mine = *flag != 0, any = 0;
+moe_status dist_or_bits(int *bits) {
+    int mine = *bits, all = 0;
     MPI_Request rq;
-    int rc = MPI_Iallreduce(&mine, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD, &rq);
+    int rc = MPI_Iallreduce(&mine, &all, 1, MPI_INT, MPI_BOR, MPI_COMM_WORLD, &rq);
     if (rc != MPI_SUCCESS) return mpi_fail(rc, "agreeing on a stop");
     moe_status st = wait_all(&rq, 1, "agreeing on a stop", NULL);
-    if (!st) *flag = any;
+    if (!st) *bits = all;
     return st;
 }
 

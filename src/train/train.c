@@ -746,11 +746,8 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
         }
         const int last = step + 1 == p.steps; /* saved and finished anyway */
         int req = step_requests(&p, moe_now() - t_saved);
-        if (R > 1) { /* a stop or save one rank asks for happens on all, after this same step */
-            int want_stop = req & REQ_STOP, want_save = req & REQ_SAVE;
-            if ((st = dist_any(&want_stop)) || (st = dist_any(&want_save))) goto done;
-            req = (want_stop ? REQ_STOP : 0) | (want_save ? REQ_SAVE : 0);
-        }
+        /* a stop or save one rank asks for happens on all, after this same step */
+        if (R > 1 && (st = dist_or_bits(&req))) goto done;
         const int stop = (req & REQ_STOP) && !last;
         const int pause = p.stop_after > 0 && done_here >= p.stop_after && !last;
         const int periodic = p.save_every > 0 && (step + 1) % p.save_every == 0;
