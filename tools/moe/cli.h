@@ -12,7 +12,7 @@
 
 #define MOE_CLI_VERSION "0.1.0"
 
-enum { EXIT_FAIL = 1, EXIT_USAGE = 2, EXIT_INTERRUPTED = 130 /* 128 + SIGINT, as shells report it */ };
+enum { EXIT_FAIL = 1, EXIT_USAGE = 2 }; /* a signal: CLI_SIGNAL_STATUS (128 + its number) */
 
 
 /* ---- option parser -------------------------------------------------------- */
