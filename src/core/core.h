@@ -17,6 +17,11 @@ moe_status moe_error(moe_status code, const char *fmt, ...)
 moe_status moe_error_prefix(moe_status code, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* Opens path read-only (retrying on EINTR) and fstat()s it into *sb;
+ * "cannot open PATH: reason" on failure (io/file.c). */
+struct stat;
+moe_status file_open_read(const char *path, int *fd, struct stat *sb);
+
 /* ---- allocation ------------------------------------------------------------
  * 64-byte aligned, counted. Failure injection, for tests (after SQLite's
  * faultsimConfig(nDelay, nRepeat)): moe_alloc_fail_config(after, repeat)

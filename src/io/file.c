@@ -1,10 +1,29 @@
 /* io/file: whole-file reading, shared by the dataset loader and the moe
- * command (one growing buffer, overflow-checked, counted allocation). */
+ * command (one growing buffer, overflow-checked, counted allocation), and
+ * opening a file for reading by descriptor (the GGUF mapping, the expert
+ * store's reads). */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "core/core.h"
+
+moe_status file_open_read(const char *path, int *fd, struct stat *sb) {
+    int f;
+    do f = open(path, O_RDONLY | O_CLOEXEC);
+    while (f < 0 && errno == EINTR);
+    if (f < 0) return moe_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    if (fstat(f, sb) != 0) {
+        int e = errno;
+        close(f);
+        return moe_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(e));
+    }
+    *fd = f;
+    return MOE_OK;
+}
 
 moe_status moe_read_stream(FILE *f, const char *name, char **out, size_t *len) {
     if (!f || !out || !len) return moe_error(MOE_ERR_INVALID_ARG, "moe_read_stream: NULL argument");

@@ -455,15 +455,8 @@ moe_status gguf_open(gguf_ctx **out, const char *path) {
     if (!out || !path) return moe_error(MOE_ERR_INVALID_ARG, "gguf_open: NULL argument");
     *out = NULL;
     int fd;
-    do fd = open(path, O_RDONLY | O_CLOEXEC);
-    while (fd < 0 && errno == EINTR);
-    if (fd < 0) return moe_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
     struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        int e = errno;
-        close(fd);
-        return moe_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(e));
-    }
+    if (file_open_read(path, &fd, &sb)) return MOE_ERR_IO; /* the message says why */
     if (!S_ISREG(sb.st_mode)) {
         close(fd);
         return moe_error(MOE_ERR_IO, "cannot open %s: %s", path,

@@ -75,15 +75,8 @@ moe_status expert_store_open(expert_store **out, const char *path, const expert_
     if (n_slots > (size_t)used_units) n_slots = (size_t)used_units;
 
     int fd;
-    do fd = open(path, O_RDONLY | O_CLOEXEC);
-    while (fd < 0 && errno == EINTR);
-    if (fd < 0) return moe_error(MOE_ERR_IO, "expert store: cannot open %s: %s", path, strerror(errno));
     struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        int e = errno;
-        close(fd);
-        return moe_error(MOE_ERR_IO, "expert store: cannot stat %s: %s", path, strerror(e));
-    }
+    if (file_open_read(path, &fd, &sb)) return moe_error_prefix(MOE_ERR_IO, "expert store");
     /* every slice must lie inside the file now (a later truncation is a read error) */
     for (int l = 0; l < n_layers; l++)
         for (int k = 0; k < 3; k++) {
