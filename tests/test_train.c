@@ -105,6 +105,67 @@ int main(void) {
     }
     TEST_END();
 
+    TEST_CASE("model_adamw in one parallel region: the bits of adamw_update per tensor");
+    {
+        moe_config c;
+        moe_config_preset(&c, "tiny"); /* > 65536 parameters: the parallel path */
+        moe_model *m = NULL;
+        int rc = (int)moe_model_create(&m, &c, 7);
+        rc = rc ? rc : (int)model_alloc_grads(m);
+        CHECK(rc == 0, "%s", moe_last_error());
+        size_t n = rc ? 0 : m->n_params;
+        float *buf = n ? malloc(n * sizeof(float) * 7) : NULL;
+        if (buf && n > 65536) {
+            float *am = buf, *av = buf + n, *p2 = buf + 2 * n, *g2 = buf + 3 * n;
+            float *m2 = buf + 4 * n, *v2 = buf + 5 * n, *g0 = buf + 6 * n;
+            moe_rng st;
+            moe_rng_seed(&st, 99);
+            for (size_t i = 0; i < n; i++) {
+                g0[i] = m->grads[i] = moe_rng_normal(&st) * 1e-2f;
+                am[i] = m2[i] = moe_rng_normal(&st) * 1e-3f;
+                av[i] = v2[i] = fabsf(moe_rng_normal(&st)) * 1e-5f;
+            }
+            memcpy(p2, m->params, n * sizeof(float));
+            memcpy(g2, m->grads, n * sizeof(float));
+            int decayed = -1; /* one decayed element, checked by hand below */
+            for (int i = 0; i < m->n_tensors && decayed < 0; i++)
+                if (!m->tensors[i].buffer && m->tensors[i].decay) decayed = i;
+            size_t e = decayed >= 0 ? m->tensors[decayed].offset + 1 : 0;
+            double p0 = m->params[e], m0 = am[e], v0 = av[e];
+            moe_train_params tp;
+            moe_train_params_default(&tp);
+            const float lr = 3e-3f, gs = 0.75f;
+            const int t = 3;
+            omp_set_num_threads(2);
+            model_adamw(m, am, av, lr, &tp, t, gs);
+            omp_set_num_threads(1);
+            for (int i = 0; i < m->n_tensors; i++) {
+                const tensor_desc *td = &m->tensors[i];
+                if (td->buffer) continue;
+                size_t o = td->offset;
+                adamw_update(p2 + o, g2 + o, m2 + o, v2 + o, td->size, lr, tp.beta1, tp.beta2,
+                             tp.adam_eps, td->decay ? tp.weight_decay : 0.0f, t, gs);
+            }
+            omp_set_num_threads(omp_get_num_procs());
+            CHECK(!memcmp(m->params, p2, n * sizeof(float)) && !memcmp(m->grads, g2, n * sizeof(float)) &&
+                  !memcmp(am, m2, n * sizeof(float)) && !memcmp(av, v2, n * sizeof(float)),
+                  "params, grads or moments differ from adamw_update");
+            /* the decayed element by hand, in double: AdamW with bias correction */
+            CHECK(decayed >= 0, "no decayed tensor");
+            if (decayed >= 0) {
+                double b1 = tp.beta1, b2 = tp.beta2, g = (double)g0[e] * gs;
+                double mt = b1 * m0 + (1 - b1) * g, vt = b2 * v0 + (1 - b2) * g * g;
+                double mh = mt / (1 - pow(b1, t)), vh = vt / (1 - pow(b2, t));
+                double want = p0 * (1 - (double)lr * tp.weight_decay) - lr * mh / (sqrt(vh) + tp.adam_eps);
+                CHECK(fabs(m->params[e] - want) <= 1e-6 * fabs(want) + 1e-9 && m->grads[e] == 0.0f,
+                      "param %.9g, by hand %.9g", m->params[e], want);
+            }
+        }
+        free(buf);
+        moe_model_free(m);
+    }
+    TEST_END();
+
     TEST_CASE("checkpoint save and load are bit-exact");
     {
         moe_config c = tiny();
