@@ -3,7 +3,8 @@
 #  0. the machine: CPU, its units, the kernel path the engine chose, memory bandwidth
 #  1. kernels: matmul GFLOP/s against this machine's measured FMA peak and memory bandwidth
 #  2. training: moe vs a PyTorch model of the same config (bench/torch_train.py), same
-#     batch, sequence length and thread count; medians over steps and over runs.
+#     batch, sequence length and thread count; medians over steps and over runs. The
+#     default preset, then (not under BENCH_QUICK) issue 10's two larger configs.
 #  3. the MoE layer alone at 64 experts: grouped execution vs a loop over experts
 #  4. inference on the synthetic 1.72B MoE (Q8_0, Q4_K, BF16): prefill pp and decode tg,
 #     decode as a fraction of the measured roofline, against llama.cpp and ik_llama.cpp
@@ -73,9 +74,17 @@ touch "$tmp/kernels.txt"
 
 if want training; then
 
-echo "== training throughput: preset $PRESET, batch $BATCH x seq $SEQ, $THREADS threads, $RUNS runs each"
+# One comparison (args: label, batch, seq, PyTorch steps per run, of which untimed,
+# PyTorch runs per layout, then KEY=VALUE overrides of $PRESET): moe in fp32 and
+# bf16 against PyTorch's fastest layout.
+train_compare() {
+local label=$1 batch=$2 seq=$3 tsteps=$4 twarm=$5 truns=$6
+shift 6
+local setargs=() kv
+for kv in "$@"; do setargs+=(--set "$kv"); done
+echo "== training throughput: $label, batch $batch x seq $seq, $THREADS threads, $RUNS runs each"
 # the config exactly as the engine has it, passed field by field to PyTorch
-cfg=$("$BUILD/moe" info --preset "$PRESET" | $PY -c '
+cfg=$("$BUILD/moe" info --preset "$PRESET" "${setargs[@]}" | $PY -c '
 import json, sys
 cfg = {}
 for line in sys.stdin:
@@ -95,10 +104,11 @@ v = [json.loads(l) for l in open(sys.argv[1])]
 v = [x["tokens_per_s"] for x in v if "tokens_per_s" in x and x["step"] > 3]
 print(statistics.median(v))' "$1"
 }
+unset moe_rates torch_rates
 declare -A moe_rates torch_rates # per precision: tokens/s of each run, space-separated
 for r in $(seq "$RUNS"); do
     for mm in fp32 bf16; do
-        "$BUILD/moe" train --preset "$PRESET" --set matmul=$mm --steps 14 --batch "$BATCH" --seq "$SEQ" \
+        "$BUILD/moe" train --preset "$PRESET" "${setargs[@]}" --set matmul=$mm --steps 14 --batch "$batch" --seq "$seq" \
             --threads "$THREADS" --eval-every 0 --out "$tmp/bench.gguf" --force --log "$tmp/log.jsonl" \
             2>/dev/null >/dev/null
         moe_rates[$mm]+="$(log_rate "$tmp/log.jsonl") "
@@ -108,8 +118,8 @@ done
 # one PyTorch measurement: tokens/s of each of RUNS runs (args: torch threads, OpenBLAS threads, matmul)
 torch_runs() {
     local rates=() r tcfg out
-    for r in $(seq "$RUNS"); do
-        tcfg=$($PY -c 'import json,sys; c=json.loads(sys.argv[1]); c.update(batch=int(sys.argv[2]), seq=int(sys.argv[3]), steps=8, warmup=2, threads=int(sys.argv[4]), matmul=sys.argv[5]); print(json.dumps(c))' "$cfg" "$BATCH" "$SEQ" "$1" "$3")
+    for r in $(seq "$truns"); do
+        tcfg=$($PY -c 'import json,sys; c=json.loads(sys.argv[1]); c.update(batch=int(sys.argv[2]), seq=int(sys.argv[3]), steps=int(sys.argv[6]), warmup=int(sys.argv[7]), threads=int(sys.argv[4]), matmul=sys.argv[5]); print(json.dumps(c))' "$cfg" "$batch" "$seq" "$1" "$3" "$tsteps" "$twarm")
         out=$(OPENBLAS_NUM_THREADS=$2 $PY bench/torch_train.py "$tcfg" --quiet 2>"$tmp/torch.err") || { cat "$tmp/torch.err" >&2; exit 1; }
         rates+=("$($PY -c 'import json,sys; print(json.loads(sys.argv[1])["tokens_per_s"])' "$out")")
         $PY -c 'import json,sys; print(json.loads(sys.argv[1]).get("blas","?"))' "$out" >"$tmp/blas"
@@ -139,11 +149,11 @@ done
 blas=$(cat "$tmp/blas")
 
 $PY - "$blas" "${moe_rates[fp32]}" "${moe_rates[bf16]}" "${torch_rates[fp32]}" "${torch_rates[bf16]}" \
-    "$cfg" "$SEQ" "$tmp/kernels.txt" <<'PYEOF'
+    "$cfg" "$seq" "$tmp/kernels.txt" "$label" <<'PYEOF'
 import json, re, statistics, sys
 blas = sys.argv[1]
 mf, mb, tf, tb = ([float(x) for x in a.split()] for a in sys.argv[2:6])
-cfg, seq, kernels = json.loads(sys.argv[6]), int(sys.argv[7]), open(sys.argv[8]).read()
+cfg, seq, kernels, label = json.loads(sys.argv[6]), int(sys.argv[7]), open(sys.argv[8]).read(), sys.argv[9]
 med = statistics.median
 def row(name, v):
     print(f"{name:<34} tokens/s per run: {', '.join(f'{x:,.0f}' for x in v)}   median {med(v):,.0f}")
@@ -191,10 +201,21 @@ import os
 with open(os.environ["SUMMARY"], "a") as f:
     best_torch = max(med(tf), med(tb))
     for name, v in (("fp32", mf), ("bf16", mb)):
-        f.write(f"training matmul={name} (tokens/s)\t{med(v):,.0f}\tpytorch (fastest)"
+        f.write(f"training {label} matmul={name} (tokens/s)\t{med(v):,.0f}\tpytorch (fastest)"
                 f"\t{best_torch:,.0f}\t{med(v) / best_torch:.2f}x\t\n")
 PYEOF
 echo
+}
+
+train_compare "preset $PRESET" "$BATCH" "$SEQ" 8 2 "$RUNS"
+# issue 10's two larger configs; BENCH_QUICK skips them. PyTorch gets one run of
+# 3 steps per layout there: its 64-expert step takes ~30 s on 2 loaded Sapphire
+# Rapids cores (this config adds ~10 minutes, the 8-expert one ~2).
+if [ $q = 0 ]; then
+    large=(d_model=256 n_layers=4 n_heads=8 vocab_size=4096)
+    train_compare "d256 L4 8 experts top-2 d_ff 512" 8 256 3 1 1 "${large[@]}" n_experts=8 top_k=2 d_expert=512
+    train_compare "d256 L4 64 experts top-8 d_ff 128" 8 256 3 1 1 "${large[@]}" n_experts=64 top_k=8 d_expert=128
+fi
 fi # training
 
 if want moe-layer && [ -x "$BUILD/bench/bench_moe_layer" ]; then
