@@ -42,6 +42,10 @@ typedef struct {
     double halflife;         /* LFU/LRFU: acquires over which a count halves (> 0)   */
     int drop_page_cache;     /* 1: posix_fadvise(DONTNEED) after every read, so that
                                 every miss reaches the device (honest measurements) */
+    /* expert parallelism: only experts [first, first + count) of each layer
+     * are this process's; acquiring another is an error (recorded like a
+     * read error), so their bytes are never read. count 0 = every expert */
+    int first, count;
 } expert_store_opts;
 
 typedef struct {
