@@ -252,7 +252,8 @@ MOE_API void moe_model_describe(const moe_model *m, char *buf, size_t cap);
  * "512M", "2G", powers of 1024) or a share of the experts' bytes ("50%").
  * Refused below one expert's slices (the message says the minimum), and for
  * our own models (their weights are in memory already: moe convert writes
- * a published copy). */
+ * a published copy) unless loaded with expert_parallel (mapped, then). With
+ * expert_parallel the share is of this rank's experts, and "0" is refused. */
 MOE_API moe_status moe_model_set_mem_budget(moe_model *m, const char *size);
 /* Eviction policy for the next moe_model_set_mem_budget (or the current
  * cache, rebuilt empty): "lru", "lfu" (use counts halving every 256 tokens)

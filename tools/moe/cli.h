@@ -119,7 +119,7 @@ void print_rank_stats(const char *cmd, const moe_model *m);
 #define EXPERT_PARALLEL_OPT(ep)                                                                       \
     {"expert-parallel", OPT_INT, &(ep), R_POS, "N",                                                   \
      "under mpirun -np N: split the experts over the N ranks, each holding and reading only its own", \
-     "1 (all experts here)", 0}
+     "1: every expert here", 0}
 
 /* ---- run-time routing: --active-experts, --expert-threshold, --min-experts
  * for generate, eval and bench: CLI_ROUTING_OPTS(r) in the option table,
