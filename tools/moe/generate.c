@@ -11,9 +11,16 @@
 
 #include "dist/dist.h"
 
+/* What stopped a run early: this process's signal, else (expert
+ * parallelism: the ranks agree on stopping) one that reached another rank. */
+static const char *stop_cause(int sig) {
+    return sig == SIGTERM ? "SIGTERM" : sig ? "SIGINT" : "a signal to another rank";
+}
+
 /* ---- generate ---- */
 typedef struct {
     int write_failed;
+    int peer_stop;        /* the ranks agreed to stop for another rank's reason */
     int n_gen;            /* tokens streamed so far                     */
     double t0, t_first, t_last; /* start, first and last token (--stats) */
 } stream_state;
@@ -27,10 +34,12 @@ static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
     if (fflush(stdout) != 0) s->write_failed = 1;
     /* stop when nobody reads any more, or on Ctrl-C / SIGTERM (after this token:
      * the text so far stays printed; a second signal ends it at once) */
-    int stop = s->write_failed || cli_stop_signal();
+    const int mine = s->write_failed || cli_stop_signal();
+    int stop = mine;
     /* expert parallelism: the ranks decode in step, so they stop after the same
      * token (rank 0 alone writes; a signal may reach one rank only) */
     if (dist_world()->ep > 1 && dist_any(&stop)) stop = 1;
+    s->peer_stop = stop && !mine;
     return stop;
 }
 
@@ -103,9 +112,9 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         if (moe_model_config(m)->n_experts > 0)
             fprintf(stderr, "moe generate: %.2f experts per token and MoE layer\n", moe_model_experts_per_token(m, 0));
     }
-    if (sig) {
-        fprintf(stderr, "moe generate: interrupted (%s)\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-        rc = CLI_SIGNAL_STATUS(sig);
+    if (sig || st.peer_stop) { /* rank 0 speaks for the job; every rank exits alike */
+        if (dist_world()->rank == 0) fprintf(stderr, "moe generate: interrupted (%s)\n", stop_cause(sig));
+        rc = CLI_SIGNAL_STATUS(sig ? sig : SIGTERM);
         goto done;
     }
     rc = st.write_failed ? fail("writing the output failed") : 0;
@@ -247,11 +256,12 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     cli_release_stop_signals();
     if (el.open) fputc('\n', stderr);
     const int sig = cli_stop_signal();
-    if (st == MOE_ERR_INTERRUPTED && sig) {
+    if (st == MOE_ERR_INTERRUPTED && (sig || dist_world()->ep > 1)) { /* expert parallelism: maybe a peer's signal */
         if (tokens) printf("loss %.3f  perplexity %.1f  tokens %zu  (partial: interrupted)\n", loss, exp(loss), tokens);
-        fprintf(stderr, "moe eval: interrupted (%s) after %zu tokens; %s\n", sig == SIGTERM ? "SIGTERM" : "SIGINT",
-                tokens, tokens ? "the result above covers only those" : "nothing was measured");
-        rc = CLI_SIGNAL_STATUS(sig);
+        if (dist_world()->rank == 0)
+            fprintf(stderr, "moe eval: interrupted (%s) after %zu tokens; %s\n", stop_cause(sig), tokens,
+                    tokens ? "the result above covers only those" : "nothing was measured");
+        rc = CLI_SIGNAL_STATUS(sig ? sig : SIGTERM);
         goto done;
     }
     if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
