@@ -71,7 +71,8 @@ void expert_store_free(expert_store *s);
 /* Pins unit (layer, e) and points the three slices at its slot. counts: 1
  * for the first of an expert's tasks in a forward call (hits and the
  * frequency are counted once per use, not per row block; a miss is always
- * counted, as it reads). Returns 0, or -1 after a read error (recorded). */
+ * counted, as it reads). Returns 0, or -1 after a read error or for an
+ * expert outside [first, first + count) (recorded, nothing read). */
 int expert_store_acquire(expert_store *s, int layer, int e, int counts, const void **gate,
                          const void **up, const void **down);
 void expert_store_release(expert_store *s, int layer, int e);
