@@ -179,6 +179,14 @@ typedef struct {
     const char *mem_budget;
     const char *offload_policy; /* NULL = the default (moe_model_set_offload_policy) */
     int n_ctx;
+    /* expert parallelism at inference (docs/distributed.md): this process is
+     * rank r of expert_parallel ranks of an MPI job (the job's size; the
+     * distributed build) and holds only experts [r*E/N, (r+1)*E/N) of every
+     * MoE layer, read through the expert cache (offloading: sized for all of
+     * them unless mem_budget says less, a share of this rank's). Our own
+     * models are then mapped, not copied, so other ranks' experts are never
+     * read. The ranks must then run the same calls in step. 0 or 1 = off. */
+    int expert_parallel;
 } moe_load_options;
 MOE_API moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load_options *opts);
 /* Atomic: writes path.tmp, fsyncs, renames. Includes the tokenizer if set. */
@@ -244,7 +252,8 @@ MOE_API void moe_model_describe(const moe_model *m, char *buf, size_t cap);
  * "512M", "2G", powers of 1024) or a share of the experts' bytes ("50%").
  * Refused below one expert's slices (the message says the minimum), and for
  * our own models (their weights are in memory already: moe convert writes
- * a published copy). */
+ * a published copy) unless loaded with expert_parallel (mapped, then). With
+ * expert_parallel the share is of this rank's experts, and "0" is refused. */
 MOE_API moe_status moe_model_set_mem_budget(moe_model *m, const char *size);
 /* Eviction policy for the next moe_model_set_mem_budget (or the current
  * cache, rebuilt empty): "lru", "lfu" (use counts halving every 256 tokens)
@@ -255,10 +264,12 @@ MOE_API moe_status moe_model_set_mem_budget(moe_model *m, const char *size);
 MOE_API moe_status moe_model_set_offload_policy(moe_model *m, const char *policy, int drop_page_cache);
 typedef struct {
     int64_t budget;        /* bytes given (0: offloading off)                    */
-    int64_t expert_bytes;  /* all routed experts' weights in the file             */
+    int64_t expert_bytes;  /* all routed experts' weights in the file (expert
+                              parallelism: the ones this rank holds)              */
     int64_t cache_bytes;   /* the cache's slots (<= budget)                       */
     int64_t table_bytes;   /* its bookkeeping, allocated besides                  */
-    int slots, units;      /* experts the cache holds at once / experts there are */
+    int slots, units;      /* experts the cache holds at once / experts there are
+                              (this rank's under expert parallelism)              */
     int64_t hits, misses;  /* expert uses found in the cache / read from the file */
     int64_t bytes_read;    /* from the file, since the last reset                 */
     int64_t tokens;        /* tokens run since the last reset                     */

@@ -3,7 +3,8 @@
  * expert_parallel.c run through its whole path (plan, permutation, remote
  * cache, per-source backward) with every expert local: the layer's output,
  * input gradient and weight gradients must be the bits of the layer without
- * it. Many ranks: tests/test_mpi.sh. */
+ * it; the inference exchange (EP_SAME_TOKENS) likewise, forward only.
+ * Many ranks: tests/test_mpi.sh. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -80,7 +81,7 @@ int main(void) {
         static layer_run plain, through;
         run_layer(&plain, NULL);
         expert_parallel *ep = NULL;
-        if (expert_parallel_create(&ep, 1, E) != MOE_OK) TEST_FATAL("expert_parallel_create: %s", moe_last_error());
+        if (expert_parallel_create(&ep, 1, E, EP_SHARDED_TOKENS) != MOE_OK) TEST_FATAL("expert_parallel_create: %s", moe_last_error());
         run_layer(&through, expert_parallel_layer(ep, 0));
         CHECK(expert_parallel_status(ep) == MOE_OK, "exchange failed: %s", moe_last_error());
         CHECK(expert_parallel_rows_out(ep) == 0, "%lld rows left a one-rank world", (long long)expert_parallel_rows_out(ep));
@@ -92,6 +93,35 @@ int main(void) {
         for (int i = 0; i < E * F * D; i++) sum += plain.g[0][i] * plain.g[0][i];
         CHECK(sum > 0, "no gradient reached the experts: the comparison proves nothing");
         expert_parallel_free(ep);
+        TEST_END();
+    }
+    {
+        TEST_CASE("the inference exchange (same tokens on every rank) with every expert local gives the layer's bits");
+        moe_route_opts o = {.score = MOE_ROUTER_SOFTMAX, .mode = MOE_ROUTING_TOKEN, .renorm = 1, .scale = 1.0f};
+        moe_weights wt = {.router = router, .gate = gate, .up = up, .down = down};
+        static float plain[N * D], through[N * D];
+        moe_cache c;
+        expert_parallel *ep = NULL;
+        if (moe_cache_init(&c, N, D, E, K, F, 0, o.mode, (int64_t)N * K) != MOE_OK ||
+            expert_parallel_create(&ep, 1, E, EP_SAME_TOKENS) != MOE_OK)
+            TEST_FATAL("setup: %s", moe_last_error());
+        moe_forward(plain, &c, x, &wt, N, &o);
+        c.ex = expert_parallel_layer(ep, 0);
+        moe_forward(through, &c, x, &wt, N, &o);
+        CHECK(expert_parallel_status(ep) == MOE_OK, "exchange failed: %s", moe_last_error());
+        CHECK(memcmp(plain, through, sizeof plain) == 0, "outputs differ");
+        CHECK(expert_parallel_rows_out(ep) == N * K, "%lld rows computed, want %d", (long long)expert_parallel_rows_out(ep), N * K);
+        double sum = 0;
+        for (int i = 0; i < N * D; i++) sum += plain[i] * plain[i];
+        CHECK(sum > 0, "the layer's output is zero: the comparison proves nothing");
+        /* it is forward only: a backward through it is an error, not wrong gradients */
+        static float dx[N * D], g[3][E * F * D], grouter[E * D];
+        moe_grads gr = {.router = grouter, .gate = g[0], .up = g[1], .down = g[2]};
+        moe_backward(dx, &gr, dout, &c, x, &wt, &o, (moe_loss_scales){0, 0, 0});
+        CHECK(expert_parallel_status(ep) == MOE_ERR_UNSUPPORTED && strstr(moe_last_error(), "inference only"),
+              "backward: %s", moe_last_error());
+        expert_parallel_free(ep);
+        moe_cache_free(&c);
         TEST_END();
     }
     TEST_MAIN_END();

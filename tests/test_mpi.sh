@@ -12,7 +12,11 @@
 #  4. A checkpoint of 2 ranks resumes on 4 ranks and on one process.
 #  5. Bad launches are refused up front; a rank killed mid-step, or stopped,
 #     ends the job with an error within a bounded time.
-#  6. Two hosts: two network namespaces joined by a veth pair, one job over
+#  6. Inference (generate, eval --expert-parallel N): the tokens and the
+#     loss of one process, for our own and published (f32, q8_0) files;
+#     each rank reads only its experts' bytes (its counter), and ranks whose
+#     files hold NaN in every other rank's experts still give those bits.
+#  7. Two hosts: two network namespaces joined by a veth pair, one job over
 #     TCP between them (skipped, with the reason, where namespaces are not
 #     allowed).
 # Skipped, with the reason printed, without mpirun or build-mpi/moe.
@@ -214,7 +218,110 @@ if [ "$rc" -eq 143 ] && grep -q "interrupted (SIGTERM) after step" "$T/err" \
     ok "SIGTERM to rank 1: all ranks stop after the same step, rank 0 saves once, exit 143 in ${took} s"
 else bad "SIGTERM to one rank" "exit $rc after $took s: $(grep -v '^step' "$T/err" | tail -n 4)"; fi
 
-# ---- 6. two hosts: network namespaces joined by a veth pair, TCP only ----
+# ---- 6. expert-parallel inference: the bits of one process ----
+# Every rank runs the same tokens; rank r computes its own experts' rows and
+# an all-gather gives every rank all outputs, combined in one process's order.
+GEN=(generate --prompt "the expert router" --tokens 40 --temperature 0.9 --seed 7 --ignore-eos --threads 1)
+EVAL=(eval --data "$T/corpus.txt" --threads 1 --stats)
+"$MOE" convert --to gguf "$T/s2.gguf" "$T/pub.gguf" >/dev/null 2>&1 && "$MOE" convert --quant q8_0 "$T/s2.gguf" "$T/q8.gguf" >/dev/null 2>&1 \
+    || bad "convert for inference" "moe convert failed"
+exact_loss() { grep -o "loss [0-9.e+-]* (every digit" "$1" | head -n 1; }
+for f in s2 pub q8; do
+    "${ONE[@]}" "${GEN[@]}" --model "$T/$f.gguf" >"$T/gen1" 2>"$T/err" || bad "$f generate, one process" "$(tail -n 3 "$T/err")"
+    "${ONE[@]}" "${EVAL[@]}" --model "$T/$f.gguf" >/dev/null 2>"$T/eval1" || bad "$f eval, one process" "$(tail -n 3 "$T/eval1")"
+    for n in 2 4; do
+        if timeout 120 "${MPIRUN[@]}" -np "$n" "$MPIMOE" "${GEN[@]}" --model "$T/$f.gguf" --expert-parallel "$n" --stats \
+                >"$T/gen$n" 2>"$T/err$n" && [ -s "$T/gen1" ] && cmp -s "$T/gen1" "$T/gen$n"; then
+            ok "$f: generate on $n ranks, --expert-parallel $n = one process's tokens"
+        else bad "$f generate on $n ranks" "tokens differ or failed: $(tail -n 3 "$T/err$n")"; fi
+        # the rank's own counter: exactly its experts' bytes read, all of them
+        # used at least once on 40 tokens, and never another rank's (the store
+        # refuses those: a read of one would be an error)
+        r=$(python3 - "$T/err$n" "$n" <<'PY'
+import re, sys
+n = int(sys.argv[2]); seen = {}
+for line in open(sys.argv[1]):
+    m = re.search(r"rank (\d+) of (\d+): experts (\d+)\.\.(\d+) of each MoE layer; read (\d+) expert bytes of its (\d+)", line)
+    if m: seen[int(m.group(1))] = [int(x) for x in m.groups()[1:]]
+bad = [] if sorted(seen) == list(range(n)) else ["ranks reporting: %s" % sorted(seen)]
+for r, (size, lo, hi, read, held) in sorted(seen.items()):
+    if size != n or (lo, hi) != (r * 4 // n, (r + 1) * 4 // n - 1) or read != held or held <= 0:
+        bad.append("rank %d: experts %d..%d, read %d of %d bytes" % (r, lo, hi, read, held))
+print("ok" if not bad else "; ".join(bad))
+PY
+)
+        [ "$r" = ok ] && ok "$f: each of $n ranks read exactly its own experts' bytes" || bad "$f bytes read on $n ranks" "$r"
+        if timeout 120 "${MPIRUN[@]}" -np "$n" "$MPIMOE" "${EVAL[@]}" --model "$T/$f.gguf" --expert-parallel "$n" \
+                >/dev/null 2>"$T/eval$n" && [ -n "$(exact_loss "$T/eval1")" ] && [ "$(exact_loss "$T/eval1")" = "$(exact_loss "$T/eval$n")" ]; then
+            ok "$f: eval on $n ranks = one process's $(exact_loss "$T/eval1" | cut -d' ' -f1-2)"
+        else bad "$f eval on $n ranks" "'$(exact_loss "$T/eval1")' vs '$(exact_loss "$T/eval$n")': $(tail -n 2 "$T/eval$n")"; fi
+    done
+done
+# Rank r gets its own copy of the file with every other rank's experts
+# overwritten by NaN (0xff bytes: NaN in f32 and in q8_0's f16 scales); if a
+# rank read or used any of them the tokens would change.
+poison() { # model, ranks, rank -> copy with the other ranks' experts NaN
+    /usr/bin/python3 - "$1" "$2" "$3" "$T/poison.$3.gguf" <<'PY'
+import shutil, sys
+sys.path.insert(0, "tests/ref")
+from gguf_read import GGUFFile
+src, n, me, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+f = GGUFFile(src)
+shutil.copyfile(src, out)
+with open(out, "r+b") as w:
+    for name, t in f.tensors.items():
+        if not name.endswith("_exps.weight"): continue
+        E = t.ne[2]; per = t.n_bytes() // E
+        for e in range(E):
+            if e * n // E == me: continue
+            w.seek(f.data_offset + t.offset + e * per); w.write(b"\xff" * per)
+PY
+}
+for f in s2 q8; do
+    poison "$T/$f.gguf" 2 0 && poison "$T/$f.gguf" 2 1 || { bad "$f poison" "could not write the copies"; continue; }
+    "${ONE[@]}" "${GEN[@]}" --model "$T/$f.gguf" >"$T/gen1" 2>/dev/null
+    "${ONE[@]}" "${GEN[@]}" --model "$T/poison.0.gguf" >"$T/genp" 2>/dev/null
+    cmp -s "$T/gen1" "$T/genp" && bad "$f poison" "one process on a poisoned copy gives the same tokens: the check proves nothing"
+    if timeout 120 "${MPIRUN[@]}" -np 1 "$MPIMOE" "${GEN[@]}" --model "$T/poison.0.gguf" --expert-parallel 2 : \
+            -np 1 "$MPIMOE" "${GEN[@]}" --model "$T/poison.1.gguf" --expert-parallel 2 >"$T/gen2" 2>"$T/err" && cmp -s "$T/gen1" "$T/gen2"; then
+        ok "$f: 2 ranks whose files hold NaN in the other rank's experts give one process's tokens"
+    else bad "$f poisoned ranks" "tokens differ or failed: $(tail -n 3 "$T/err")"; fi
+done
+# larger than "this machine": a memory size (MOE_PHYSICAL_MEMORY) between
+# what one process needs (every weight) and what one of 4 ranks needs (a
+# quarter of the experts): one process refuses to load, 4 ranks run
+mem=$(/usr/bin/python3 - "$T/pub.gguf" <<'PY'
+import sys
+sys.path.insert(0, "tests/ref")
+from gguf_read import GGUFFile
+f = GGUFFile(sys.argv[1])
+data = sum(t.n_bytes() for t in f.tensors.values())
+experts = sum(t.n_bytes() for n, t in f.tensors.items() if n.endswith("_exps.weight"))
+print(int((data - experts * 3 / 8 + 8192) / 0.9))  # the load wants weights + KV <= 0.9 x memory
+PY
+)
+for f in s2 pub; do
+    if MOE_PHYSICAL_MEMORY=$mem "${ONE[@]}" "${GEN[@]}" --model "$T/$f.gguf" >/dev/null 2>"$T/err"; then
+        bad "$f larger than memory" "one process loaded it with MOE_PHYSICAL_MEMORY=$mem"
+    elif MOE_PHYSICAL_MEMORY=$mem timeout 120 "${MPIRUN[@]}" -x MOE_PHYSICAL_MEMORY -np 4 "$MPIMOE" "${GEN[@]}" --model "$T/$f.gguf" \
+            --expert-parallel 4 >"$T/gen4" 2>"$T/err4" && [ -s "$T/gen4" ]; then
+        ok "$f: a model one process refuses for memory ($mem bytes) runs on 4 ranks"
+    else bad "$f larger than memory on 4 ranks" "$(tail -n 3 "$T/err4")"; fi
+done
+# bad launches, refused before the model is read
+inf_refused() { # name, expected text, ranks, args...
+    local name=$1 want=$2 n=$3; shift 3
+    if timeout 60 "${MPIRUN[@]}" -np "$n" "$MPIMOE" "$@" >"$T/out" 2>"$T/err"; then bad "$name" "was accepted"
+    elif grep -q "$want" "$T/err"; then ok "$name refused: $(grep -m1 "$want" "$T/err" | cut -c1-120)"
+    else bad "$name" "no '$want' in: $(tail -n 3 "$T/err")"; fi
+}
+inf_refused "generate on 2 ranks without --expert-parallel" "give --expert-parallel 2" 2 "${GEN[@]}" --model "$T/s2.gguf"
+inf_refused "generate --expert-parallel 4 on 2 ranks" "give --expert-parallel 2" 2 "${GEN[@]}" --model "$T/s2.gguf" --expert-parallel 4
+inf_refused "eval --expert-parallel 3 over 4 experts" "does not divide the model's 4 experts" 3 "${EVAL[@]}" --model "$T/s2.gguf" --expert-parallel 3
+inf_refused "generate --expert-parallel 2 on one rank" "needs 2 ranks" 1 "${GEN[@]}" --model "$T/s2.gguf" --expert-parallel 2
+inf_refused "--mem-budget 0 with expert parallelism" "always read through the expert" 2 "${GEN[@]}" --model "$T/pub.gguf" --expert-parallel 2 --mem-budget 0
+
+# ---- 7. two hosts: network namespaces joined by a veth pair, TCP only ----
 # Each "host" is a network namespace (and its own hostname); mpirun starts the
 # remote daemon through an rsh agent that enters the other namespace. The
 # job must give the bits of one process and its rows must cross the veth.

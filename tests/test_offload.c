@@ -192,7 +192,7 @@ static void test_larger_than_memory(void) {
     char mem[32];
     snprintf(mem, sizeof mem, "%.0f", (need_all / 0.9 + need_quarter / 0.9) / 2);
     setenv("MOE_PHYSICAL_MEMORY", mem, 1);
-    moe_load_options all = {NULL, NULL, (int)ctx}, quarter = {"25%", NULL, (int)ctx};
+    moe_load_options all = {NULL, NULL, (int)ctx, 0}, quarter = {"25%", NULL, (int)ctx, 0};
     moe_status st = moe_model_load_with(&m, path, &all);
     CHECK(st == MOE_ERR_NOMEM && !m && strstr(moe_last_error(), "memory"), "all mapped: status %d: %s", st, moe_last_error());
     moe_model_free(m);
@@ -232,6 +232,63 @@ static void test_refusals(void) {
     TEST_END();
 }
 
+/* Expert parallelism: a store limited to experts [first, first + count)
+ * has slots for those only, reads only those, and refuses the others
+ * (recorded like a read error) without reading a byte. */
+static void test_held_range(void) {
+    TEST_CASE("offload: a store holding experts 1..2 of 4 reads only those and refuses the others");
+    char path[256];
+    th_tmp_path(path, sizeof path, "offload-range.bin");
+    enum { EX = 4, SL = 128 }; /* per expert: gate, up, down slices of SL bytes */
+    unsigned char bytes[3 * EX * SL];
+    for (size_t i = 0; i < sizeof bytes; i++) bytes[i] = (unsigned char)(i * 7 + 3);
+    FILE *f = fopen(path, "wb");
+    CHECK(f && fwrite(bytes, 1, sizeof bytes, f) == sizeof bytes && fclose(f) == 0, "writing %s", path);
+    expert_store_layer lay = {.off = {0, EX * SL, 2 * EX * SL}, .bytes = {SL, SL, SL}};
+    expert_store_opts o = {.policy = EXPERT_EVICT_LRU, .halflife = 1, .first = 1, .count = 2};
+    expert_store *s = NULL;
+    CHECK(expert_store_open(&s, path, &lay, 1, EX, 1 << 20, &o) == MOE_OK, "%s", moe_last_error());
+    if (!s) { TEST_END(); return; }
+    expert_store_stats st;
+    expert_store_get_stats(s, &st);
+    CHECK(st.n_slots == 2, "%d slots for 2 experts held", st.n_slots);
+    const void *g, *u, *d;
+    for (int e = 1; e <= 2; e++) {
+        CHECK(expert_store_acquire(s, 0, e, 1, &g, &u, &d) == 0, "expert %d: %s", e, moe_last_error());
+        CHECK(!memcmp(g, bytes + e * SL, SL) && !memcmp(u, bytes + (EX + e) * SL, SL) && !memcmp(d, bytes + (2 * EX + e) * SL, SL),
+              "expert %d: wrong bytes", e);
+        expert_store_release(s, 0, e);
+    }
+    expert_store_get_stats(s, &st);
+    CHECK(st.bytes_read == 2 * 3 * SL, "read %lld bytes, want %d", (long long)st.bytes_read, 2 * 3 * SL);
+    CHECK(expert_store_acquire(s, 0, 3, 1, &g, &u, &d) == -1, "expert 3 of another rank acquired");
+    CHECK(expert_store_check(s) == MOE_ERR_INVALID_ARG && strstr(moe_last_error(), "belongs to another rank"), "%s", moe_last_error());
+    expert_store_get_stats(s, &st);
+    CHECK(st.bytes_read == 2 * 3 * SL, "refusing read %lld bytes", (long long)st.bytes_read);
+    expert_store_free(s);
+    o.first = 3;
+    CHECK(expert_store_open(&s, path, &lay, 1, EX, 1 << 20, &o) == MOE_ERR_INVALID_ARG, "experts 3..4 of 4 accepted");
+    remove(path);
+    TEST_END();
+}
+
+/* expert parallelism needs the job's ranks: one process refuses it, saying how */
+static void test_ep_refused(void) {
+    TEST_CASE("offload: --expert-parallel on one process is refused with the launch to use");
+    char path[256];
+    th_tmp_path(path, sizeof path, "offload-ep.gguf");
+    layout L[8];
+    layouts(L);
+    moe_model *m = NULL;
+    CHECK(arch_write_random(path, L[0].arch, &L[0].c, DT_F32, NULL, 3) == MOE_OK, "%s", moe_last_error());
+    const moe_load_options o = {.expert_parallel = 2};
+    CHECK(moe_model_load_with(&m, path, &o) == MOE_ERR_INVALID_ARG && !m && strstr(moe_last_error(), "must equal the job's 1 rank"),
+          "%s", moe_last_error());
+    moe_model_free(m);
+    remove(path);
+    TEST_END();
+}
+
 int main(void) {
     layout L[8];
     const int n = layouts(L);
@@ -240,5 +297,7 @@ int main(void) {
     test_truncated();
     test_larger_than_memory();
     test_refusals();
+    test_held_range();
+    test_ep_refused();
     TEST_MAIN_END();
 }

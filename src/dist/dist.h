@@ -70,6 +70,10 @@ moe_status dist_alltoall_i32(int32_t *recv, const int32_t *send, int n);
 moe_status dist_alltoallv_rows(float *recv, const int *recv_rows, const int *recv_off,
                                const float *send, const int *send_rows, const int *send_off,
                                int row_floats);
+/* In place, within the group: peer j's rows [first_row[j], first_row[j] +
+ * n_rows[j]) of rows (row_floats floats each) reach every peer; this
+ * rank's own block is read, the others' are written. */
+moe_status dist_allgather_rows(float *rows, const int *n_rows, const int *first_row, int row_floats);
 
 void dist_counters_reset(moe_dist *d);
 #endif

@@ -248,3 +248,25 @@ moe_status dist_alltoallv_rows(float *recv, const int *recv_rows, const int *rec
     }
     return st;
 }
+
+moe_status dist_allgather_rows(float *rows, const int *n_rows, const int *first_row, int row_floats) {
+    moe_dist *w = dist_world();
+    const int P = w->ep;
+    int cnt[P], dis[P];
+    int64_t mine = 0, others = 0;
+    for (int j = 0; j < P; j++) {
+        const int64_t n = (int64_t)n_rows[j] * row_floats, at = (int64_t)first_row[j] * row_floats;
+        if (n > INT_MAX || at > INT_MAX) return moe_error(MOE_ERR_INVALID_ARG, "rank %d: expert rows exceed one MPI call", w->rank);
+        cnt[j] = (int)n; dis[j] = (int)at;
+        if (j == w->ep_rank) mine = n; else others += n;
+    }
+    MPI_Request rq;
+    int rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, rows, cnt, dis, MPI_FLOAT, group_comm(), &rq);
+    if (rc != MPI_SUCCESS) return mpi_fail(rc, "the expert output all-gather");
+    moe_status st = wait_all(&rq, 1, "the expert output all-gather", &w->t_a2a);
+    if (!st) {
+        w->a2a_sent += mine * (P - 1) * (int64_t)sizeof(float);
+        w->a2a_recv += others * (int64_t)sizeof(float);
+    }
+    return st;
+}

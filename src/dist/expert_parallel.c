@@ -146,6 +146,38 @@ static void ep_forward(moe_exchange *xb, moe_cache *c, const moe_weights *wt, ma
     }
 }
 
+/* EP_SAME_TOKENS: our experts over their rows (a view of the cache whose
+ * routing shows only ours), then everyone's outputs to everyone. */
+static void ep_forward_same(moe_exchange *xb, moe_cache *c, const moe_weights *wt, matmul_precision mm) {
+    ep_layer *L = (ep_layer *)xb;
+    const moe_dist *w = dist_world();
+    const int P = w->ep, E = c->E, Ep = E / P, e0 = w->ep_rank * Ep;
+    moe_status st = L->owner->st;
+    if (!st) {
+        moe_cache v = *c;
+        v.r.counts = L->src_counts;
+        for (int e = 0; e < E; e++) L->src_counts[e] = e >= e0 && e < e0 + Ep ? c->r.counts[e] : 0;
+        moe_experts_forward(&v, wt, mm);
+        for (int j = 0; j < P; j++) {
+            L->recv_off[j] = c->r.offsets[j * Ep];
+            L->recv_rows[j] = c->r.offsets[(j + 1) * Ep] - c->r.offsets[j * Ep];
+        }
+        L->owner->rows_out += L->recv_rows[w->ep_rank];
+        st = dist_allgather_rows(c->ye, L->recv_rows, L->recv_off, c->d);
+    }
+    if (st) {
+        fail(L->owner, st);
+        moe_zero(c->ye, (size_t)c->r.rows * c->d);
+    }
+}
+
+static void ep_backward_none(moe_exchange *xb, moe_cache *c, const moe_weights *wt, const moe_grads *g,
+                             matmul_precision mm) {
+    ep_layer *L = (ep_layer *)xb;
+    fail(L->owner, moe_error(MOE_ERR_UNSUPPORTED, "expert parallelism over the same tokens is for inference only"));
+    moe_zero(c->dxe, (size_t)c->r.rows * c->d);
+}
+
 /* The experts' backward one source rank at a time, each source's weight
  * gradient from zero and then added in source order: the sum one process
  * makes when those sources are its micro-batches (dist.h: determinism). */
@@ -200,7 +232,7 @@ static void ep_backward(moe_exchange *xb, moe_cache *c, const moe_weights *wt, c
     }
 }
 
-moe_status expert_parallel_create(expert_parallel **out, int n_moe, int E) {
+moe_status expert_parallel_create(expert_parallel **out, int n_moe, int E, expert_parallel_mode mode) {
     *out = NULL;
     const int P = dist_world()->ep;
     if (P < 1 || E % P) return moe_error(MOE_ERR_INVALID_ARG, "%d experts do not split over %d ranks", E, P);
@@ -212,8 +244,8 @@ moe_status expert_parallel_create(expert_parallel **out, int n_moe, int E) {
     if (!x->layers) { moe_free(x); return moe_error(MOE_ERR_NOMEM, "out of memory for expert parallelism"); }
     for (int k = 0; k < n_moe; k++) {
         ep_layer *L = &x->layers[k];
-        L->ex.experts_forward = ep_forward;
-        L->ex.experts_backward = ep_backward;
+        L->ex.experts_forward = mode == EP_SAME_TOKENS ? ep_forward_same : ep_forward;
+        L->ex.experts_backward = mode == EP_SAME_TOKENS ? ep_backward_none : ep_backward;
         L->owner = x;
         L->cnt_in = moe_calloc((size_t)E, sizeof(int32_t));
         L->src_counts = moe_calloc((size_t)2 * E + 1, sizeof(int32_t));

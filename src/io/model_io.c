@@ -52,6 +52,9 @@ static moe_status put_metadata(gguf_writer *w, const moe_model *m) {
 }
 
 moe_status moe_model_save(const moe_model *m, const char *path) {
+    if (!m->params)
+        return moe_error(MOE_ERR_UNSUPPORTED, "this model's weights are views of its file (a published model, or "
+                         "expert parallelism), not parameters to save");
     gguf_writer *w = gguf_writer_create();
     if (!w) return moe_error(MOE_ERR_NOMEM, "out of memory");
     moe_status st = put_metadata(w, m);
@@ -177,6 +180,18 @@ static moe_status bind_published(moe_model *m, gguf_ctx *g, const char *path) {
     return MOE_OK;
 }
 
+/* The options of a load whose weights stay in the mapping: offloading and
+ * this rank's experts first, so that the memory check of the context then
+ * counts the cache, not every expert. */
+static moe_status settle_mapped(moe_model *m, const moe_load_options *o, int n_ctx) {
+    moe_status st = MOE_OK;
+    if (o->offload_policy) st = moe_model_set_offload_policy(m, o->offload_policy, 0);
+    if (!st) st = model_hold_experts(m, o->expert_parallel);
+    if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
+    if (!st) st = moe_model_set_context(m, n_ctx);
+    return st;
+}
+
 static moe_status load_published(moe_model **out, gguf_ctx *g, const char *path, const moe_load_options *o) {
     moe_config cfg;
     char arch[32];
@@ -190,10 +205,7 @@ static moe_status load_published(moe_model **out, gguf_ctx *g, const char *path,
     m->n_params = 0; /* nothing in a flat buffer: the weights stay in the mapping */
     if (!st) st = bind_published(m, g, path);
     if (!st && !(m->path = moe_strdup(path))) st = moe_error(MOE_ERR_NOMEM, "out of memory");
-    /* offloading first: the memory check then counts the budget, not the experts */
-    if (!st && o->offload_policy) st = moe_model_set_offload_policy(m, o->offload_policy, 0);
-    if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
-    if (!st) st = moe_model_set_context(m, o->n_ctx);
+    if (!st) st = settle_mapped(m, o, o->n_ctx);
     if (!st && gguf_has_key(g, "tokenizer.ggml.tokens")) {
         moe_tokenizer *tok = NULL;
         st = tokenizer_read_gguf(&tok, g);
@@ -201,6 +213,49 @@ static moe_status load_published(moe_model **out, gguf_ctx *g, const char *path,
         else m->tok = tok;
     }
     if (st) { m->file = NULL; moe_model_free(m); return st; }
+    *out = m;
+    return MOE_OK;
+}
+
+/* Our own file's training step and tokenizer. */
+static moe_status read_own_extras(moe_model *m, gguf_ctx *g, const char *path) {
+    moe_status st = MOE_OK;
+    if (gguf_has_key(g, "moe.train_step")) {
+        uint32_t s;
+        st = gguf_get_u32(g, "moe.train_step", &s);
+        if (!st) m->train_step = (int)s;
+    }
+    if (!st && gguf_has_key(g, "tokenizer.ggml.tokens")) {
+        moe_tokenizer *tok = NULL;
+        st = tokenizer_read_gguf(&tok, g);
+        if (st) moe_error_prefix(st, "%s", path);
+        else if (moe_tokenizer_vocab_size(tok) > m->cfg.vocab_size) {
+            moe_tokenizer_free(tok);
+            st = moe_error(MOE_ERR_FORMAT, "%s: tokenizer has more tokens than the model's vocab_size", path);
+        } else {
+            m->tok = tok;
+        }
+    }
+    return st;
+}
+
+/* Expert parallelism over our own model: its fp32 tensors bound in the
+ * mapping as a published model's are (same names, same list), not copied,
+ * so that other ranks' experts are never read; this rank's come through
+ * the expert store (model_hold_experts). Inference and evaluation only. */
+static moe_status load_own_mapped(moe_model **out, gguf_ctx *g, const moe_config *cfg, const char *path,
+                                  const moe_load_options *o) {
+    moe_model *m = NULL;
+    moe_status st = model_alloc_shell(&m, cfg);
+    if (st) { gguf_close(g); return moe_error_prefix(st, "%s", path); }
+    m->file = g;
+    m->n_params = 0;
+    st = bind_published(m, g, path);
+    if (!st && !(m->path = moe_strdup(path))) st = moe_error(MOE_ERR_NOMEM, "out of memory");
+    if (!st) st = read_own_extras(m, g, path);
+    /* the context of the copied load (max_seq), not a published model's default */
+    if (!st) st = settle_mapped(m, o, o->n_ctx ? o->n_ctx : cfg->max_seq);
+    if (st) { moe_model_free(m); return st; }
     *out = m;
     return MOE_OK;
 }
@@ -233,6 +288,7 @@ moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load
                            "file holds only %zu bytes of tensor data (truncated, or the wrong config)", path,
                            (long long)n, (double)n * sizeof(float), have);
     }
+    if (!st && o->expert_parallel > 1) return load_own_mapped(out, g, &cfg, path, o);
     if (!st) st = model_alloc(&m, &cfg);
     for (int i = 0; !st && i < m->n_tensors; i++) {
         const tensor_desc *t = &m->tensors[i];
@@ -246,22 +302,7 @@ moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load
         }
         memcpy(m->params + t->offset, gt->data, gt->nbytes);
     }
-    if (!st && gguf_has_key(g, "moe.train_step")) {
-        uint32_t s;
-        st = gguf_get_u32(g, "moe.train_step", &s);
-        if (!st) m->train_step = (int)s;
-    }
-    if (!st && gguf_has_key(g, "tokenizer.ggml.tokens")) {
-        moe_tokenizer *tok = NULL;
-        st = tokenizer_read_gguf(&tok, g);
-        if (st) moe_error_prefix(st, "%s", path);
-        else if (moe_tokenizer_vocab_size(tok) > cfg.vocab_size) {
-            moe_tokenizer_free(tok);
-            st = moe_error(MOE_ERR_FORMAT, "%s: tokenizer has more tokens than the model's vocab_size", path);
-        } else {
-            m->tok = tok;
-        }
-    }
+    if (!st) st = read_own_extras(m, g, path);
     gguf_close(g);
     /* our own models: every weight is in memory, so a budget is refused (the message says why) */
     if (!st && o->offload_policy) st = moe_model_set_offload_policy(m, o->offload_policy, 0);

@@ -22,6 +22,7 @@
 #include "kernels/kernels.h"
 #include "kernels/qmatmul.h"
 #include "model/model.h"
+#include "dist/expert_parallel.h"
 #include "moe/expert_store.h"
 
 struct infer_state {
@@ -310,6 +311,9 @@ static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
     moe_weights mw = model_layer_moe_weights(W);
     mw.store = m->store;
     mw.store_layer = l;
+    int km = 0; /* index among the MoE layers: the exchange of expert-parallel inference */
+    for (int j = 0; j < l; j++) km += m->plan[j].ffn == FFN_MOE;
+    s->moe.ex = m->ep_infer ? expert_parallel_layer(m->ep, km) : NULL;
     if (ro.mode == MOE_ROUTING_SEQUENCE) {
         /* causal: each token routes on the mean over the prefix up to it, so
          * the chunk goes one token at a time */
@@ -368,6 +372,7 @@ moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, flo
         }
         ffn(m, l, n, pos0, mm);
         if (m->store && (st = expert_store_check(m->store))) return st; /* a read failed */
+        if (m->ep_infer && (st = expert_parallel_status(m->ep))) return st;   /* a peer failed */
         for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->o[i];
     }
     const int first = all_logits ? 0 : n - 1, rows = n - first;

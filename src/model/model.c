@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include "dist/expert_parallel.h"
+#include "moe/expert_store.h"
 #include "kernels/kernels.h"
 #include "model/model.h"
 
@@ -474,7 +475,7 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
                          int T, model_losses *losses) {
     const moe_config *c = &m->cfg;
     const matmul_precision mm = model_matmul(c);
-    if (!m->params)
+    if (m->arch[0]) /* our own models only: fp32 weights, in the flat buffer or mapped (expert parallelism) */
         return moe_error(MOE_ERR_UNSUPPORTED, "a published %s model runs for inference only (no training or batch forward yet)", m->arch);
     const int mla = c->attn == MOE_ATTN_MLA;
     if (c->qk_norm || c->qkv_bias || c->rope_neox || c->yarn_factor > 0 || c->rope_freq_scale != 1.0f ||
@@ -514,9 +515,12 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         if (m->plan[l].ffn == FFN_MOE) {
             moe_route_opts ro = model_route_opts(m, l, T);
             moe_weights mw = model_layer_moe_weights(W);
+            mw.store = m->store; /* inference only: expert parallelism over our own model */
+            mw.store_layer = l;
             A->moe.ex = m->ep ? expert_parallel_layer(m->ep, L.n_moe) : NULL;
             moe_forward(a->dh, &A->moe, A->hn2, &mw, N, &ro);
             if (m->ep && (st = expert_parallel_status(m->ep))) return st;
+            if (m->store && (st = expert_store_check(m->store))) return st;
             L.aux += A->moe.r.aux;
             L.z += A->moe.r.z;
             L.seq_aux += A->moe.r.seq_aux;

@@ -133,7 +133,10 @@ struct moe_model {
     int train_step;          /* optimizer steps taken (saved in the GGUF) */
     int training;            /* 1: forward uses the training capacity and jitter */
     uint64_t jitter_seed;    /* per micro-batch, set by the training loop         */
-    struct expert_parallel *ep; /* experts split over ranks (dist/), or NULL; not owned */
+    struct expert_parallel *ep; /* experts split over ranks (dist/), or NULL; not owned,
+                                   except ep_infer's                                    */
+    int ep_infer;            /* 1: ep is inference's (model_hold_experts), owned   */
+    int ep_first, ep_count;  /* experts of each MoE layer this process holds (count 0: all) */
     route_stats stats;
     uint8_t *disabled;       /* [n_layers][E] experts switched off for evaluation and
                                 inference (moe_model_disable_expert); NULL: none */
@@ -151,6 +154,8 @@ struct moe_model {
     int64_t store_tokens;    /* tokens run since the stats were reset      */
     int store_policy;        /* 1 + EXPERT_EVICT_*, 0 = the default          */
     int store_drop_cache;    /* posix_fadvise(DONTNEED) after every read     */
+    int store_all;           /* size the cache for every expert held (expert
+                                parallelism without a budget)                  */
     /* run-time routing at inference (moe_model_set_routing; 0 = the model's own) */
     int route_k;             /* experts chosen per token instead of top_k           */
     float route_threshold;   /* of those, keep weights >= this times the best       */
@@ -216,6 +221,10 @@ void model_update_bias(moe_model *m);
  * 100%), and the unpinning of their pages in the mapping (model/offload.c). */
 size_t model_expert_bytes(const moe_model *m);
 void model_offload_free(moe_model *m);
+/* Expert parallelism at inference (moe_load_options.expert_parallel): this
+ * rank holds its share of the experts, behind the store, and the MoE layers
+ * run through an EP_SAME_TOKENS exchange. Needs m->file and m->path. */
+moe_status model_hold_experts(moe_model *m, int ep);
 
 /* config field table (config.c) */
 int moe_config_n_fields(void);

@@ -8,6 +8,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "dist/dist.h"
+#include "dist/expert_parallel.h"
 #include "io/gguf.h"
 #include "model/model.h"
 #include "moe/expert_store.h"
@@ -32,6 +34,12 @@ size_t model_expert_bytes(const moe_model *m) {
         }
     }
     return n;
+}
+
+/* the experts' bytes this process may hold: all, or its expert-parallel share */
+static size_t held_expert_bytes(const moe_model *m) {
+    const size_t all = model_expert_bytes(m);
+    return m->ep_count ? all / (size_t)m->cfg.n_experts * (size_t)m->ep_count : all;
 }
 
 /* Tells the kernel the experts' pages of the mapping are not needed (drops
@@ -60,6 +68,9 @@ void model_offload_free(moe_model *m) {
     m->store = NULL;
     moe_free(m->path);
     m->path = NULL;
+    if (m->ep_infer) expert_parallel_free(m->ep);
+    if (m->ep_infer) m->ep = NULL;
+    m->ep_infer = 0;
 }
 
 /* "0", "4096", "512K", "512M", "2G" (powers of 1024) or "50%" of total */
@@ -85,7 +96,7 @@ static moe_status parse_budget(const char *s, size_t total, size_t *out) {
 static moe_status open_store(moe_model *m) {
     expert_store_free(m->store);
     m->store = NULL;
-    if (!m->store_budget) { advise_experts(m, 0); return MOE_OK; }
+    if (!m->store_budget && !m->store_all) { advise_experts(m, 0); return MOE_OK; }
     const int L = m->cfg.n_layers;
     expert_store_layer *layers = moe_calloc((size_t)L, sizeof *layers);
     if (!layers) return moe_error_prefix(MOE_ERR_NOMEM, "expert offloading");
@@ -100,10 +111,14 @@ static moe_status open_store(moe_model *m) {
     const double per_token = (double)m->cfg.top_k * moe_config_n_moe_layers(&m->cfg); /* acquires */
     const int policy = m->store_policy ? m->store_policy - 1 : DEFAULT_POLICY;
     expert_store_opts o = {.policy = policy, .drop_page_cache = m->store_drop_cache,
-                           .halflife = per_token * (policy == EXPERT_EVICT_LRFU ? LRFU_HALFLIFE_TOKENS : LFU_HALFLIFE_TOKENS)};
+                           .halflife = per_token * (policy == EXPERT_EVICT_LRFU ? LRFU_HALFLIFE_TOKENS : LFU_HALFLIFE_TOKENS),
+                           .first = m->ep_first, .count = m->ep_count};
+    if (m->store_all) /* a slot for every expert held: each is read once, then stays */
+        m->store_budget = expert_store_min_budget(layers, L) * (size_t)moe_config_n_moe_layers(&m->cfg) *
+                          (size_t)(m->ep_count ? m->ep_count : m->cfg.n_experts);
     moe_status st = expert_store_open(&m->store, m->path, layers, L, m->cfg.n_experts, m->store_budget, &o);
     moe_free(layers);
-    if (st) { m->store_budget = 0; return st; }
+    if (st) { m->store_budget = 0; m->store_all = 0; return st; }
     advise_experts(m, 1);
     m->store_tokens = 0;
     return MOE_OK;
@@ -111,14 +126,18 @@ static moe_status open_store(moe_model *m) {
 
 moe_status moe_model_set_mem_budget(moe_model *m, const char *size) {
     size_t budget = 0;
-    const size_t total = m->cfg.n_experts > 0 ? model_expert_bytes(m) : 0;
+    const size_t total = m->cfg.n_experts > 0 ? held_expert_bytes(m) : 0;
     moe_status st = parse_budget(size, total, &budget);
     if (st) return st;
+    if (!budget && m->ep_infer)
+        return moe_error(MOE_ERR_INVALID_ARG, "with expert parallelism a rank's experts are always read through the expert "
+                         "cache: give --mem-budget above 0, or leave it out to hold all of this rank's experts");
     if (budget && (!m->file || !m->path))
         return moe_error(MOE_ERR_UNSUPPORTED, "--mem-budget needs a published-layout model file: this model's weights are "
                          "all in memory already (moe convert writes a llama-layout copy that can be offloaded)");
     if (budget && !total) return moe_error(MOE_ERR_UNSUPPORTED, "the model has no routed experts to offload");
     m->store_budget = budget;
+    m->store_all = 0;
     return open_store(m);
 }
 
@@ -139,11 +158,11 @@ void moe_model_offload_stats(const moe_model *m, moe_offload_stats *out) {
     expert_store_stats s;
     expert_store_get_stats(m->store, &s);
     out->budget = (int64_t)m->store_budget;
-    out->expert_bytes = (int64_t)model_expert_bytes(m);
+    out->expert_bytes = (int64_t)held_expert_bytes(m);
     out->cache_bytes = (int64_t)(s.slot_bytes * (size_t)s.n_slots);
     out->table_bytes = (int64_t)s.table_bytes;
     out->slots = s.n_slots;
-    out->units = moe_config_n_moe_layers(&m->cfg) * m->cfg.n_experts;
+    out->units = moe_config_n_moe_layers(&m->cfg) * (m->ep_count ? m->ep_count : m->cfg.n_experts);
     out->hits = s.hits;
     out->misses = s.misses;
     out->bytes_read = s.bytes_read;
@@ -168,4 +187,24 @@ moe_status moe_model_offload_warm(moe_model *m, const int64_t *counts) {
     moe_free(by_layer);
     moe_model_offload_reset_stats(m); /* the counts start with the warm cache */
     return st;
+}
+
+moe_status model_hold_experts(moe_model *m, int ep) {
+    const moe_dist *w = dist_world();
+    if (ep <= 1) return MOE_OK;
+    if (!m->file || !m->path) return moe_error(MOE_ERR_INVALID_ARG, "internal: expert parallelism needs the model's file");
+    if (w->size != ep)
+        return moe_error(MOE_ERR_INVALID_ARG, "--expert-parallel %d must equal the job's %d rank%s: at inference every rank "
+                         "runs the same tokens and holds 1/%d of the experts%s", ep, w->size, w->size == 1 ? "" : "s", ep,
+                         dist_is_mpi() ? " (mpirun -np N ... --expert-parallel N)"
+                                       : " (the distributed build, make MPI=1, under mpirun -np N)");
+    moe_status st = dist_set_expert_parallel(ep, m->cfg.n_experts);
+    if (st) return st;
+    if ((st = expert_parallel_create(&m->ep, moe_config_n_moe_layers(&m->cfg), m->cfg.n_experts, EP_SAME_TOKENS)))
+        return st;
+    m->ep_infer = 1;
+    m->ep_count = m->cfg.n_experts / ep;
+    m->ep_first = w->ep_rank * m->ep_count;
+    m->store_all = 1;
+    return open_store(m);
 }

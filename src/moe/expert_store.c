@@ -66,8 +66,11 @@ moe_status expert_store_open(expert_store **out, const char *path, const expert_
     const int n_units = n_layers * n_experts;
     const size_t slot_bytes = expert_store_min_budget(layers, n_layers);
     if (!slot_bytes) return moe_error(MOE_ERR_INVALID_ARG, "expert store: the model has no routed experts");
-    int used_units = 0; /* units that exist (layers with experts) */
-    for (int l = 0; l < n_layers; l++) used_units += unit_bytes(&layers[l]) ? n_experts : 0;
+    const int held = o->count ? o->count : n_experts; /* experts of each layer this process may read */
+    if (o->first < 0 || held < 1 || o->first > n_experts - held)
+        return moe_error(MOE_ERR_INVALID_ARG, "expert store: experts %d..%d of %d", o->first, o->first + held - 1, n_experts);
+    int used_units = 0; /* units that exist (layers with experts) and may be read */
+    for (int l = 0; l < n_layers; l++) used_units += unit_bytes(&layers[l]) ? held : 0;
     if (budget < slot_bytes)
         return moe_error(MOE_ERR_INVALID_ARG, "a memory budget of %zu bytes is below the minimum of %zu bytes "
                          "(one expert's gate, up and down slices)", budget, slot_bytes);
@@ -96,6 +99,7 @@ moe_status expert_store_open(expert_store **out, const char *path, const expert_
     s->n_layers = n_layers; s->E = n_experts; s->n_units = n_units; s->n_slots = (int)n_slots;
     s->slot_bytes = slot_bytes;
     s->o = *o;
+    s->o.count = held;
     s->layers = moe_malloc((size_t)n_layers * sizeof *s->layers);
     s->slot = moe_calloc(n_slots, sizeof *s->slot);
     s->unit_slot = moe_malloc((size_t)n_units * sizeof(int));
@@ -212,6 +216,11 @@ int expert_store_acquire(expert_store *s, int layer, int e, int counts, const vo
     const int u = layer * s->E + e;
     int waited = 0, slot;
     pthread_mutex_lock(&s->mu);
+    if ((e < s->o.first || e >= s->o.first + s->o.count) && !s->failed) { /* a bug of the caller, never a read */
+        s->failed = MOE_ERR_INVALID_ARG;
+        snprintf(s->err, sizeof s->err, "expert %d of layer %d belongs to another rank (this one holds experts %d..%d)",
+                 e, layer, s->o.first, s->o.first + s->o.count - 1);
+    }
     if (counts) { /* the use: recency and decayed frequency */
         s->tick++;
         s->freq[u] = freq_now(s, u) + 1.0;
@@ -279,7 +288,8 @@ moe_status expert_store_warm(expert_store *s, const int64_t *count) {
         for (int i = 0; i < s->n_slots && free_slot < 0; i++)
             if (s->slot[i].unit < 0) free_slot = i;
         for (int u = 0; free_slot >= 0 && u < s->n_units; u++)
-            if (s->unit_slot[u] < 0 && count[u] > 0 && unit_bytes(&s->layers[u / s->E]) && (best < 0 || count[u] > count[best]))
+            if (s->unit_slot[u] < 0 && count[u] > 0 && unit_bytes(&s->layers[u / s->E]) && u % s->E >= s->o.first &&
+                u % s->E < s->o.first + s->o.count && (best < 0 || count[u] > count[best]))
                 best = u;
         if (best < 0) { pthread_mutex_unlock(&s->mu); return MOE_OK; }
         slot_state *t = &s->slot[free_slot];

@@ -42,6 +42,10 @@ typedef struct {
     double halflife;         /* LFU/LRFU: acquires over which a count halves (> 0)   */
     int drop_page_cache;     /* 1: posix_fadvise(DONTNEED) after every read, so that
                                 every miss reaches the device (honest measurements) */
+    /* expert parallelism: only experts [first, first + count) of each layer
+     * are this process's; acquiring another is an error (recorded like a
+     * read error), so their bytes are never read. count 0 = every expert */
+    int first, count;
 } expert_store_opts;
 
 typedef struct {
@@ -67,7 +71,8 @@ void expert_store_free(expert_store *s);
 /* Pins unit (layer, e) and points the three slices at its slot. counts: 1
  * for the first of an expert's tasks in a forward call (hits and the
  * frequency are counted once per use, not per row block; a miss is always
- * counted, as it reads). Returns 0, or -1 after a read error (recorded). */
+ * counted, as it reads). Returns 0, or -1 after a read error or for an
+ * expert outside [first, first + count) (recorded, nothing read). */
 int expert_store_acquire(expert_store *s, int layer, int e, int counts, const void **gate,
                          const void **up, const void **down);
 void expert_store_release(expert_store *s, int layer, int e);

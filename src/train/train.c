@@ -234,13 +234,23 @@ static size_t eval_window_count(const moe_dataset *d, int split, int T, size_t m
 
 enum { EVAL_CHUNK = 64 }; /* positions per inference call when evaluating a published model */
 
+/* A stop request after a batch; under expert-parallel inference the ranks
+ * run the same batches in step, so they agree on it (any rank's request
+ * stops all of them after the same batch; a failed agreement stops too). */
+static int eval_stop(const moe_model *m) {
+    int stop = stop_requested();
+    if (m->ep_infer && dist_any(&stop)) stop = 1;
+    return stop;
+}
+
 static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, int B, int T,
                                size_t max_windows, double *sum, size_t *count, eval_progress *pr) {
     size_t n = d->n[split];
     if (n < 2) return MOE_OK;
     int32_t *tok = moe_malloc(sizeof(int32_t) * B * T), *tgt = moe_malloc(sizeof(int32_t) * B * T);
-    float *logits = m->params ? NULL : moe_malloc(sizeof(float) * (size_t)EVAL_CHUNK * m->cfg.vocab_size);
-    if (!tok || !tgt || (!m->params && !logits)) { moe_free(tok); moe_free(tgt); moe_free(logits); return MOE_ERR_NOMEM; }
+    const int batch_forward = !m->arch[0]; /* our own models, in memory or mapped (expert parallelism) */
+    float *logits = batch_forward ? NULL : moe_malloc(sizeof(float) * (size_t)EVAL_CHUNK * m->cfg.vocab_size);
+    if (!tok || !tgt || (!batch_forward && !logits)) { moe_free(tok); moe_free(tgt); moe_free(logits); return MOE_ERR_NOMEM; }
     size_t windows = eval_window_count(d, split, T, max_windows);
     /* evenly spaced windows when capped, all consecutive ones otherwise */
     size_t stride = max_windows ? MOE_MAX((size_t)T, (n - 1) / windows) : (size_t)T;
@@ -286,7 +296,7 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
         pr->done += (size_t)MOE_MIN((size_t)B, windows - w0) * T;
         if (pr->fn) pr->fn(MOE_MIN(pr->done, pr->total), pr->total, pr->user);
         /* after the last batch there is nothing left to stop: the result is whole */
-        if (pr->stoppable && pr->done < pr->total && stop_requested()) { pr->stopped = 1; break; }
+        if (pr->stoppable && pr->done < pr->total && eval_stop(m)) { pr->stopped = 1; break; }
     }
     moe_free(tok);
     moe_free(tgt);
@@ -541,7 +551,7 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     }
     if ((st = dist_set_expert_parallel(p.expert_parallel > 0 ? p.expert_parallel : 1, c->n_experts))) goto done;
     if (dw->ep > 1) {
-        if ((st = expert_parallel_create(&ep, n_moe, c->n_experts))) goto done;
+        if ((st = expert_parallel_create(&ep, n_moe, c->n_experts, EP_SHARDED_TOKENS))) goto done;
         m->ep = ep;
     }
     const int Bl = p.batch / R, shards = p.grad_accum * R;

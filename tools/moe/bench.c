@@ -175,7 +175,7 @@ static int bench_run(cli_cmd *cmd, const char *path, int n_prompt, int n_gen, in
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     const int n_threads = omp_get_max_threads();
     moe_model *m = NULL;
-    const moe_load_options lo = {budget, policy, 0};
+    const moe_load_options lo = {budget, policy, 0, 0};
     if (open_model_with(path, &lo, &m)) return EXIT_FAIL;
     int rc = EXIT_FAIL;
     const moe_config *c = moe_model_config(m);

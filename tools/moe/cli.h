@@ -109,6 +109,18 @@ int load_model_with(const char *path, const moe_load_options *opts, moe_model **
  * token and what it holds, one line on stderr (nothing without a budget) */
 void print_offload_stats(const char *cmd, const moe_model *m);
 
+/* --expert-parallel N of generate and eval: refuses, before any loading, a
+ * launch that cannot work (N must be the job's rank count; the library then
+ * checks that N divides the experts); 0 or an exit status. */
+int cli_check_inference_ep(cli_cmd *cmd, int ep);
+/* after a run with --expert-parallel: this rank's experts, the bytes it read
+ * of them and what it exchanged, one line on stderr (every rank prints its own) */
+void print_rank_stats(const char *cmd, const moe_model *m);
+#define EXPERT_PARALLEL_OPT(ep)                                                                       \
+    {"expert-parallel", OPT_INT, &(ep), R_POS, "N",                                                   \
+     "under mpirun -np N: split the experts over the N ranks, each holding and reading only its own", \
+     "1: every expert here", 0}
+
 /* ---- run-time routing: --active-experts, --expert-threshold, --min-experts
  * for generate, eval and bench: CLI_ROUTING_OPTS(r) in the option table,
  * cli_apply_routing after loading the model. ---- */

@@ -9,9 +9,18 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "dist/dist.h"
+
+/* What stopped a run early: this process's signal, else (expert
+ * parallelism: the ranks agree on stopping) one that reached another rank. */
+static const char *stop_cause(int sig) {
+    return sig == SIGTERM ? "SIGTERM" : sig ? "SIGINT" : "a signal to another rank";
+}
+
 /* ---- generate ---- */
 typedef struct {
     int write_failed;
+    int peer_stop;        /* the ranks agreed to stop for another rank's reason */
     int n_gen;            /* tokens streamed so far                     */
     double t0, t_first, t_last; /* start, first and last token (--stats) */
 } stream_state;
@@ -25,16 +34,24 @@ static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
     if (fflush(stdout) != 0) s->write_failed = 1;
     /* stop when nobody reads any more, or on Ctrl-C / SIGTERM (after this token:
      * the text so far stays printed; a second signal ends it at once) */
-    return s->write_failed || cli_stop_signal();
+    const int mine = s->write_failed || cli_stop_signal();
+    int stop = mine;
+    /* expert parallelism: the ranks decode in step, so they stop after the same
+     * token (rank 0 alone writes; a signal may reach one rank only) */
+    if (dist_world()->ep > 1 && dist_any(&stop)) stop = 1;
+    s->peer_stop = stop && !mine;
+    return stop;
 }
 
 static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe_sample_params *sp,
                         int threads, int echo, int n_ctx, int stats, const char *budget, const char *policy,
-                        const cli_routing *rt) {
+                        const cli_routing *rt, int ep) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
+    int rc_ep = cli_check_inference_ep(cmd, ep);
+    if (rc_ep) return rc_ep;
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     moe_model *m = NULL;
-    const moe_load_options lo = {budget, policy, cli_given(cmd, "ctx") ? n_ctx : 0};
+    const moe_load_options lo = {budget, policy, cli_given(cmd, "ctx") ? n_ctx : 0, ep};
     if (load_model_with(model, &lo, &m)) return EXIT_FAIL;
     if (!moe_model_tokenizer(m)) {
         moe_model_free(m);
@@ -83,7 +100,8 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         if (fflush(stdout) != 0) st.write_failed = 1;
     }
     if (s != MOE_OK) { rc = lib_fail(NULL); goto done; }
-    if (stats) { /* the first token comes after the prompt; each later one after one decode step */
+    if (stats) print_rank_stats("generate", m);
+    if (stats && dist_world()->rank == 0) { /* the first token comes after the prompt; each later one after one decode step */
         const double tp = st.n_gen ? st.t_first - st.t0 : cli_clock() - st.t0, tg = st.t_last - st.t_first;
         fprintf(stderr, "moe generate: prompt %zu tokens, %.1f tokens/s; generation %d tokens, %.1f tokens/s\n",
                 n, tp > 0 ? (double)n / tp : 0.0, st.n_gen, st.n_gen > 1 && tg > 0 ? (st.n_gen - 1) / tg : 0.0);
@@ -94,9 +112,9 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         if (moe_model_config(m)->n_experts > 0)
             fprintf(stderr, "moe generate: %.2f experts per token and MoE layer\n", moe_model_experts_per_token(m, 0));
     }
-    if (sig) {
-        fprintf(stderr, "moe generate: interrupted (%s)\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-        rc = CLI_SIGNAL_STATUS(sig);
+    if (sig || st.peer_stop) { /* rank 0 speaks for the job; every rank exits alike */
+        if (dist_world()->rank == 0) fprintf(stderr, "moe generate: interrupted (%s)\n", stop_cause(sig));
+        rc = CLI_SIGNAL_STATUS(sig ? sig : SIGTERM);
         goto done;
     }
     rc = st.write_failed ? fail("writing the output failed") : 0;
@@ -108,7 +126,7 @@ done:
 
 int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *prompt = "", *budget = NULL, *policy = NULL;
-    int threads = 0, echo = 0, n_ctx = 0, stats = 0;
+    int threads = 0, echo = 0, n_ctx = 0, stats = 0, ep = 1;
     moe_sample_params sp = {.max_tokens = 200, .temperature = 0.8f, .top_k = 0, .top_p = 0.95f, .seed = 1};
     cli_routing rt = {0};
     cli_opt opts[] = {
@@ -128,14 +146,17 @@ int cmd_generate(int argc, char **argv) {
          "the model's context, at most 4096 for published models", 0},
         OFFLOAD_OPTS(budget, policy),
         CLI_ROUTING_OPTS(rt),
+        EXPERT_PARALLEL_OPT(ep),
     };
     cli_cmd cmd = {"generate", "--model FILE [options]",
                    "Samples text from a model and streams it to stdout as it is generated.\n"
                    "Ctrl-C (or SIGTERM) stops after the current token, keeping the text so far;\n"
-                   "exit status 130 (143).",
+                   "exit status 130 (143). With the distributed build, 'mpirun -np N build-mpi/moe\n"
+                   "generate --expert-parallel N ...' splits the experts over N ranks (the same tokens\n"
+                   "as one process; docs/distributed.md).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats, budget, policy, &rt);
+    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats, budget, policy, &rt, ep);
     cli_free(&cmd);
     return rc;
 }
@@ -147,6 +168,7 @@ typedef struct { int tty, open, last_decile; double t0, last; } eval_line;
 
 static void on_eval_progress(size_t done, size_t total, void *user) {
     eval_line *e = user;
+    if (dist_world()->rank) return; /* rank 0 speaks for the job */
     double t = cli_clock(), el = t - e->t0;
     int decile = total ? (int)(10 * done / total) : 10;
     if (e->tty ? t - e->last < 0.2 && done < total : decile == e->last_decile) return;
@@ -173,8 +195,10 @@ static int parse_expert_spec(const char *s, int *layer, int *expert) {
 
 static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads, int stats,
                     const char *budget, const char *policy, const str_list *disable, int domains,
-                    int validation, const cli_routing *rt) {
+                    int validation, const cli_routing *rt, int ep) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
+    int rc_ep = cli_check_inference_ep(cmd, ep);
+    if (rc_ep) return rc_ep;
     if (data->n == 0) return cli_usage_error(cmd->name, "--data PATH is required");
     for (int i = 0; i < disable->n; i++) {
         int l, e;
@@ -184,7 +208,7 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     if (check_data_paths(data)) return EXIT_FAIL;
     moe_model *m = NULL;
-    const moe_load_options lo = {budget, policy, 0};
+    const moe_load_options lo = {budget, policy, 0, ep};
     if (load_model_with(model, &lo, &m)) return EXIT_FAIL;
     const moe_config *cfg = moe_model_config(m);
     int rc = EXIT_FAIL;
@@ -232,11 +256,12 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     cli_release_stop_signals();
     if (el.open) fputc('\n', stderr);
     const int sig = cli_stop_signal();
-    if (st == MOE_ERR_INTERRUPTED && sig) {
+    if (st == MOE_ERR_INTERRUPTED && (sig || dist_world()->ep > 1)) { /* expert parallelism: maybe a peer's signal */
         if (tokens) printf("loss %.3f  perplexity %.1f  tokens %zu  (partial: interrupted)\n", loss, exp(loss), tokens);
-        fprintf(stderr, "moe eval: interrupted (%s) after %zu tokens; %s\n", sig == SIGTERM ? "SIGTERM" : "SIGINT",
-                tokens, tokens ? "the result above covers only those" : "nothing was measured");
-        rc = CLI_SIGNAL_STATUS(sig);
+        if (dist_world()->rank == 0)
+            fprintf(stderr, "moe eval: interrupted (%s) after %zu tokens; %s\n", stop_cause(sig), tokens,
+                    tokens ? "the result above covers only those" : "nothing was measured");
+        rc = CLI_SIGNAL_STATUS(sig ? sig : SIGTERM);
         goto done;
     }
     if (st != MOE_OK) { rc = lib_fail(NULL); goto done; }
@@ -245,9 +270,11 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     if (cli_given(cmd, "active-experts") || cli_given(cmd, "expert-threshold"))
         printf("  experts/token %.2f", moe_model_experts_per_token(m, 0));
     printf("\n");
-    if (stats) {
+    if (stats) print_rank_stats("eval", m);
+    if (stats && dist_world()->rank == 0) {
         const double dt = cli_clock() - el.t0;
-        fprintf(stderr, "moe eval: %zu tokens in %.2f s, %.1f tokens/s\n", tokens, dt, dt > 0 ? (double)tokens / dt : 0.0);
+        fprintf(stderr, "moe eval: %zu tokens in %.2f s, %.1f tokens/s; loss %.17g (every digit, to compare runs)\n", tokens, dt,
+                dt > 0 ? (double)tokens / dt : 0.0, loss);
         print_offload_stats("eval", m);
     }
     if (disable->n) {
@@ -270,7 +297,7 @@ done:
 int cmd_eval(int argc, char **argv) {
     const char *model = NULL, *budget = NULL, *policy = NULL;
     str_list data = {0}, disable = {0};
-    int seq = 0, threads = 0, stats = 0, domains = 0, validation = 0;
+    int seq = 0, threads = 0, stats = 0, domains = 0, validation = 0, ep = 1;
     cli_routing rt = {0};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to evaluate", "required", 0},
@@ -285,14 +312,16 @@ int cmd_eval(int argc, char **argv) {
         {"validation", OPT_FLAG, &validation, R_ANY, NULL,
          "only the validation split moe train holds out of the same data", NULL, 0},
         CLI_ROUTING_OPTS(rt),
+        EXPERT_PARALLEL_OPT(ep),
     };
     cli_cmd cmd = {"eval", "--model FILE --data PATH [options]",
                    "Computes a model's mean per-token loss and perplexity on all of the given text.\n"
                    "Ctrl-C (or SIGTERM) stops after the current batch, prints the result so far\n"
-                   "marked partial, and exits with status 130 (143).",
+                   "marked partial, and exits with status 130 (143). Under mpirun, --expert-parallel N\n"
+                   "splits the experts over the N ranks (the same loss as one process).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, budget, policy, &disable, domains, validation, &rt);
+    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, budget, policy, &disable, domains, validation, &rt, ep);
     cli_free(&cmd);
     return rc;
 }

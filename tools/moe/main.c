@@ -100,7 +100,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "moe: unknown command '%s' (see 'moe --help')\n", cmd);
         return EXIT_USAGE;
     }
-    if (dist_is_mpi() && strcmp(cmd, "train") == 0) /* the distributed build (make MPI=1) */
+    if (dist_is_mpi() && (strcmp(cmd, "train") == 0 || strcmp(cmd, "generate") == 0 || strcmp(cmd, "eval") == 0))
+        /* the distributed build (make MPI=1) */
         return run_distributed(commands[c].run, argc, argv);
     return commands[c].run(argc - 2, argv + 2);
 }

@@ -1,6 +1,8 @@
 /* util.c: messages, file checks and number formatting for the moe command. */
 #include "cli.h"
 
+#include "dist/dist.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -154,6 +156,29 @@ void print_offload_stats(const char *cmd, const moe_model *m) {
             s.tokens ? (double)s.bytes_read / (double)s.tokens / mib : 0.0, (double)s.cache_bytes / mib,
             (double)s.budget / mib, 100.0 * (double)s.budget / (double)s.expert_bytes, (double)s.expert_bytes / mib,
             s.slots, s.units);
+}
+
+int cli_check_inference_ep(cli_cmd *cmd, int ep) {
+    const moe_dist *w = dist_world();
+    if (ep > 1 && !dist_is_mpi())
+        return cli_usage_error(cmd->name, "--expert-parallel needs the distributed build (make MPI=1) under mpirun -np %d", ep);
+    if (w->size > 1 && ep != w->size) /* every rank refuses alike; rank 0 says why */
+        return w->rank ? EXIT_USAGE : cli_usage_error(cmd->name, "under mpirun -np %d give --expert-parallel %d: every rank runs "
+                                                      "the same tokens, and the experts are what is split (got %d)", w->size, w->size, ep);
+    if (ep > 1 && w->size != ep)
+        return cli_usage_error(cmd->name, "--expert-parallel %d needs %d ranks: mpirun -np %d build-mpi/moe %s ...", ep, ep, ep, cmd->name);
+    return 0;
+}
+
+void print_rank_stats(const char *cmd, const moe_model *m) {
+    const moe_dist *w = dist_world();
+    if (w->ep <= 1) return;
+    moe_offload_stats s;
+    moe_model_offload_stats(m, &s);
+    const int E = moe_model_config(m)->n_experts, per = E / w->ep;
+    fprintf(stderr, "moe %s: rank %d of %d: experts %d..%d of each MoE layer; read %lld expert bytes of its %lld; "
+            "exchanged %lld bytes out, %lld in, %.3f s\n", cmd, w->rank, w->size, w->ep_rank * per, w->ep_rank * per + per - 1,
+            (long long)s.bytes_read, (long long)s.expert_bytes, (long long)w->a2a_sent, (long long)w->a2a_recv, w->t_a2a);
 }
 
 int cli_apply_routing(cli_cmd *cmd, const cli_routing *r, moe_model *m) {
