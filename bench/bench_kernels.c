@@ -4,12 +4,14 @@
  *
  *   bench_kernels [--quick]      (threads: OMP_NUM_THREADS, default all cores)
  *   bench_kernels --qmatmul      (only the quantised-matmul section)
+ *   bench_kernels --gemm         (only the per-backend GEMM section)
  *
  * Output: one line per measurement, then "ratio" lines giving the fast matmul
  * as a fraction of the measured peak at the same thread count, then the
  * quantised matmul (qmatmul) on one thread, portable vs fast, per weight type. */
 #include "core/core.h"
 #include "core/dtype.h"
+#include "kernels/gemm.h"
 #include "kernels/kernels.h"
 #include "kernels/qmatmul.h"
 
@@ -188,6 +190,71 @@ static double time_attention(int B, int T, int H, int KVH, int D, int bwd) {
     return res;
 }
 
+/* ---- every GEMM backend of this CPU on the default preset's training
+ * products: GFLOP/s of forward (out = in . w^T) and backward (din and dw), as
+ * matmul.c maps them onto gemm_desc, median of RUNS, all threads. */
+static double time_gemm(const gemm_backend *be, const shape *s, int bwd, int bf16) {
+    moe_rng r;
+    moe_rng_seed(&r, 9);
+    size_t N = s->N, C = s->C, OC = s->OC;
+    float *in = rand_buf(N * C, &r), *w = rand_buf(OC * C, &r), *out = rand_buf(N * OC, &r);
+    float *din = rand_buf(N * C, &r), *dw = rand_buf(OC * C, &r);
+    double res = -1.0, v[RUNS];
+    gemm_desc fwd = {.M = s->N, .Nc = s->OC, .K = s->C, .A = in, .as_m = s->C, .as_k = 1, .B = w,
+                     .bs_k = 1, .bs_n = s->C, .Cm = out, .ldc = s->OC, .init = 1, .bf16 = bf16,
+                     .pack = 1};
+    gemm_desc gdin = {.M = s->N, .Nc = s->C, .K = s->OC, .A = out, .as_m = s->OC, .as_k = 1,
+                      .B = w, .bs_k = s->C, .bs_n = 1, .Cm = din, .ldc = s->C, .init = 1,
+                      .bf16 = bf16, .pack = 1};
+    gemm_desc gdw = {.M = s->OC, .Nc = s->C, .K = s->N, .A = out, .as_m = 1, .as_k = s->OC,
+                     .B = in, .bs_k = s->C, .bs_n = 1, .Cm = dw, .ldc = s->C, .bf16 = bf16,
+                     .pack = 1};
+    if (in && w && out && din && dw) {
+        double flops = (bwd ? 4.0 : 2.0) * N * C * OC;
+        int rc = 0;
+        for (int it = -1; it < RUNS; it++) {
+            double t0 = moe_now();
+            if (bwd) rc |= gemm_execute(be, &gdin) | gemm_execute(be, &gdw);
+            else rc |= gemm_execute(be, &fwd);
+            if (it >= 0) v[it] = flops / (moe_now() - t0) * 1e-9;
+        }
+        res = rc ? -1.0 : median(v, RUNS);
+    }
+    moe_free(in); moe_free(w); moe_free(out); moe_free(din); moe_free(dw);
+    return res;
+}
+
+static void bench_gemm_backends(void) {
+    static const shape shapes[] = {
+        {"default qkv", 2048, 192, 320}, {"default expert N=512", 512, 192, 384},
+        {"default expert down", 512, 384, 192}, {"default lm head", 2048, 192, 4096},
+    };
+    const gemm_backend *bs[16];
+    int n = 0;
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+        const gemm_backend *b[8];
+        int m = gemm_available(b, 8, bf16);
+        for (int i = 0; i < m; i++)
+            if (b[i] != &gemm_backend_ref) bs[n++] = b[i];
+    }
+    printf("gemm      backends of this CPU, %d threads (GFLOP/s, fwd / bwd din+dw)\n",
+           omp_get_max_threads());
+    printf("%-22s %5s %5s %5s", "gemm", "N", "C", "OC");
+    for (int i = 0; i < n; i++) printf(" | %-17s", bs[i]->name);
+    printf("\n");
+    for (size_t j = 0; j < sizeof shapes / sizeof *shapes; j++) {
+        const shape *s = &shapes[j];
+        printf("%-22s %5d %5d %5d", s->name, s->N, s->C, s->OC);
+        for (int i = 0; i < n; i++) {
+            gemm_desc probe = {.bf16 = 1};
+            int bf16 = bs[i]->supports(&probe);
+            printf(" | %8.1f %8.1f", time_gemm(bs[i], s, 0, bf16), time_gemm(bs[i], s, 1, bf16));
+        }
+        printf("\n");
+        fflush(stdout);
+    }
+}
+
 /* ---- quantised matmul: GMAC/s of qmatmul_forward on one thread, W OC x C of
  * type wtype, N activation rows (conversion included); reference = 1 times
  * the portable path. Timed in this thread's CPU time (the work runs on it
@@ -260,6 +327,10 @@ int main(int argc, char **argv) {
         bench_qmatmul();
         return 0;
     }
+    if (argc > 1 && strcmp(argv[1], "--gemm") == 0) {
+        bench_gemm_backends();
+        return 0;
+    }
     int nthr = omp_get_max_threads();
     const char *isa;
     printf("bench_kernels: %d thread%s, fast kernels %s\n", nthr, nthr == 1 ? "" : "s",
@@ -322,6 +393,7 @@ int main(int argc, char **argv) {
     if (bpeakn > 0)
         printf("ratio     bf16 matmul fwd / measured bf16 dot peak (%d threads): mean %.1f%%\n", nthr,
                100.0 * sum_bfrac / ns);
+    bench_gemm_backends();
     bench_qmatmul();
     return 0;
 }

@@ -161,8 +161,96 @@ static void test_pick_and_name(void) {
     const moe_cpu_features *c = moe_cpu();
     if (c->avx512f && c->fma)
         CHECK(gemm_pick(0) == &gemm_backend_avx512, "AVX-512 CPU without the avx512 backend");
-    if (c->avx512f && c->avx512_bf16 && c->avx512bw && c->avx512vl)
+    gemm_desc bf16_probe = {.bf16 = 1};
+    if (gemm_backend_amx_bf16.supports(&bf16_probe))
+        CHECK(gemm_pick(1) == &gemm_backend_amx_bf16, "AMX CPU without the amx_bf16 backend");
+    else if (c->avx512f && c->avx512_bf16 && c->avx512bw && c->avx512vl)
         CHECK(gemm_pick(1) == &gemm_backend_avx512_bf16, "AVX512_BF16 CPU without its backend");
+    TEST_END();
+}
+
+/* The arithmetic of TDPBF16PS as measured on Sapphire Rapids: for each block
+ * of 32 k (one tile product), the even-k and the odd-k products are summed in
+ * two fp32 chains in increasing k, then c += (even + odd). A scalar model of
+ * it, element by element, for the bit-for-bit check of amx_bf16. */
+static void amx_model(float *C, const gemm_case *c, const float *A, const float *B,
+                      const float *bias) {
+    gemm_desc g = make_desc(c, A, B, C, bias, 1);
+    for (int m = 0; m < c->M; m++)
+        for (int n = 0; n < c->Nc; n++) {
+            float *o = &C[(size_t)m * c->Nc + n];
+            float acc = c->init ? (c->bias ? bias[n] : 0.0f) : *o;
+            for (int k0 = 0; k0 < c->K; k0 += 32) {
+                float even = 0.0f, odd = 0.0f;
+                for (int k = k0; k < k0 + 32 && k < c->K; k++) {
+                    float p = bf(A[m * g.as_m + k * g.as_k]) * bf(B[k * g.bs_k + n * g.bs_n]);
+                    if ((k - k0) % 2) odd += p;
+                    else even += p;
+                }
+                acc += even + odd;
+            }
+            *o = acc;
+        }
+}
+
+/* The AMX backend: picked where the unit is granted, equal bit for bit to the
+ * model above, and compared with the VDPBF16PS backend (which sums each pair
+ * odd element first, then even, into one chain: the two differ in the last
+ * bits of most elements; the count is printed, not asserted). Shapes: ragged
+ * ones around the 16 x 16 tile and the 32-k block, with every init, and the
+ * default preset's training products (forward, din, dw; fewer rows). */
+static void test_amx_bf16(void) {
+    TEST_CASE("amx_bf16 backend: picked on an AMX CPU, bit for bit equal to the TDPBF16PS model");
+    const moe_cpu_features *c = moe_cpu();
+    gemm_desc probe = {.bf16 = 1};
+    if (!(c->amx_tile && c->amx_bf16)) {
+        TEST_SKIP("no AMX");
+        return;
+    }
+    if (!gemm_backend_amx_bf16.supports(&probe)) {
+        TEST_SKIP("AMX present, but the kernel did not grant the tile data state");
+        return;
+    }
+    CHECK(gemm_pick(1) == &gemm_backend_amx_bf16, "AMX CPU: bf16 pick is %s", gemm_pick(1)->name);
+    int vs_avx = gemm_backend_avx512_bf16.supports(&probe);
+    static const gemm_case cases[] = {
+        {1, 1, 1, 0, 1, 1, 1},        {15, 17, 31, 1, 0, 0, 1},    {16, 16, 32, 2, 1, 0, 0},
+        {17, 33, 33, 0, 0, 0, 1},     {31, 15, 63, 1, 1, 1, 0},    {33, 47, 65, 2, 0, 0, 1},
+        {40, 50, 97, 0, 1, 1, 1},     {40, 50, 97, 1, 0, 0, 0},    {40, 50, 97, 2, 1, 1, 1},
+        {64, 320, 192, 0, 1, 1, 1},   /* qkv forward */
+        {96, 384, 192, 0, 1, 0, 1},   /* expert up forward */
+        {96, 192, 384, 1, 1, 0, 1},   /* expert down din */
+        {96, 192, 512, 2, 0, 0, 1},   /* expert dw (K = tokens) */
+        {32, 192, 4096, 1, 0, 0, 1},  /* lm head din */
+    };
+    long off_model = 0, off_avx = 0, total = 0;
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        const gemm_case *cs = &cases[i];
+        size_t na = (size_t)cs->M * cs->K, nb = (size_t)cs->K * cs->Nc, nc = (size_t)cs->M * cs->Nc;
+        float *A = vec(na), *B = vec(nb), *bias = vec(cs->Nc), *C0 = vec(nc);
+        float *x = malloc(nc * sizeof(float)), *y = malloc(nc * sizeof(float));
+        float *model = malloc(nc * sizeof(float));
+        memcpy(x, C0, nc * sizeof(float));
+        memcpy(y, C0, nc * sizeof(float));
+        memcpy(model, C0, nc * sizeof(float));
+        gemm_desc gx = make_desc(cs, A, B, x, bias, 1), gy = make_desc(cs, A, B, y, bias, 1);
+        CHECK(run_with(&gemm_backend_amx_bf16, &gx, 2, 0) == 0, "amx_bf16 failed");
+        if (vs_avx) CHECK(run_with(&gemm_backend_avx512_bf16, &gy, 2, 0) == 0, "avx512_bf16 failed");
+        amx_model(model, cs, A, B, bias);
+        long d = 0;
+        for (size_t j = 0; j < nc; j++) {
+            d += memcmp(&x[j], &model[j], sizeof(float)) != 0;
+            off_avx += vs_avx && memcmp(&x[j], &y[j], sizeof(float)) != 0;
+        }
+        CHECK(d == 0, "M %d Nc %d K %d layout %d init %d bias %d: %ld of %zu elements differ from the model",
+              cs->M, cs->Nc, cs->K, cs->layout, cs->init, cs->bias, d, nc);
+        off_model += d;
+        total += (long)nc;
+        free(A); free(B); free(bias); free(C0); free(x); free(y); free(model);
+    }
+    printf("  amx_bf16: %ld of %ld elements differ from the TDPBF16PS model", off_model, total);
+    if (vs_avx) printf(", %ld from avx512_bf16", off_avx);
+    printf("\n");
     TEST_END();
 }
 
@@ -172,5 +260,6 @@ int main(void) {
     test_pick_and_name();
     test_backends(0);
     test_backends(1);
+    test_amx_bf16();
     TEST_MAIN_END();
 }

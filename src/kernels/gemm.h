@@ -4,7 +4,7 @@
  *
  * One file per backend: gemm_ref.c (portable scalar loops, the test oracle),
  * gemm_avx512.c (fp32 FMA), gemm_avx512_bf16.c (inputs rounded to bf16,
- * VDPBF16PS). A backend says whether this CPU can run a desc, how much scratch
+ * VDPBF16PS), gemm_amx_bf16.c (the same on AMX tiles, TDPBF16PS). A backend says whether this CPU can run a desc, how much scratch
  * it wants for it, and runs it in scratch the caller provides (gemm_execute
  * allocates it), so a new unit (AMX tiles, a library) is a new file and a row
  * in the table in matmul.c, not another branch in an existing kernel.
@@ -13,7 +13,9 @@
  *     c = init ? (bias ? bias[n] : 0) : C(m,n);   c += A(m,k) * B(k,n), k = 0..K-1
  * summed in increasing k. The fp32 backends fuse each step (c = fma(a, b, c)),
  * so they agree bit for bit; the bf16 backends round A and B to bf16 first and
- * sum the exact products in fp32 (the order within a k pair is the unit's). */
+ * sum the exact products in fp32 in an order the unit fixes (VDPBF16PS: pairs
+ * in increasing k; AMX: blocks of 32 k in increasing order, each summed as
+ * two chains, see gemm_amx_bf16.c), the same for any thread count or batch. */
 #ifndef MOE_GEMM_H
 #define MOE_GEMM_H
 #include <stddef.h>
@@ -40,7 +42,8 @@ typedef struct {
     int (*run)(const gemm_desc *g, void *ws, int nthr);
 } gemm_backend;
 
-extern const gemm_backend gemm_backend_ref, gemm_backend_avx512, gemm_backend_avx512_bf16;
+extern const gemm_backend gemm_backend_ref, gemm_backend_avx512, gemm_backend_avx512_bf16,
+    gemm_backend_amx_bf16;
 
 /* The fastest backend of this CPU for the precision (bf16 0/1), chosen once
  * from the detected features; gemm_backend_ref when no fast one fits. */

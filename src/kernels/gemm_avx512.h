@@ -1,7 +1,8 @@
-/* gemm_avx512.h: what the two AVX-512 GEMM backends (gemm_avx512.c,
- * gemm_avx512_bf16.c) share: the register tile (MR rows x NR columns held in
- * 16 zmm accumulators), its masks, prologue and store, the in-register 16x16
- * transpose and the task grid helper. Private to those two files. */
+/* gemm_avx512.h: what the AVX-512 GEMM backends (gemm_avx512.c,
+ * gemm_avx512_bf16.c, gemm_amx_bf16.c) share: the register tile (MR rows x NR
+ * columns held in 16 zmm accumulators), its masks, prologue and store, the
+ * in-register 16x16 transpose, the bf16 pair conversions, the packing of B
+ * into bf16 pair panels and the task grid helper. Private to those files. */
 #ifndef MOE_GEMM_AVX512_H
 #define MOE_GEMM_AVX512_H
 #include "kernels/gemm.h"
@@ -70,6 +71,28 @@ __attribute__((target("avx512f"))) static inline void transpose16(__m512 r[16]) 
         r[12 + c] = _mm512_shuffle_f32x4(xhi, yhi, 0xDD);
     }
 }
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* 16 floats -> 16 bf16 (round to nearest even) in a ymm */
+BF16_TARGET static inline __m256i cvt16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+/* x[j], y[j] as bf16 pairs (x0, y0, x1, y1, ... x15, y15): words j of the
+ * low half are pairs 0..7, of the high half pairs 8..15 */
+BF16_TARGET static inline __m512i pairs_interleave(__m512 x, __m512 y) {
+    const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                         16, 0);
+    return _mm512_permutexvar_epi16(
+        ilv, _mm512_inserti64x4(_mm512_castsi256_si512(cvt16(x)), cvt16(y), 1));
+}
+
+/* Packs panel p of B (columns p*NR.. p*NR+NR-1, zero past Nc) as bf16 pairs
+ * along k: the 32-bit word (kp, j) = (B(2kp, n), B(2kp+1, n)), n = p*NR + j,
+ * at dst[(kp*NR + j)*2], for kp < kp_pad (>= (K+1)/2; pairs past K are zero,
+ * an odd K's last pair gets a zero second element). This is also the VNNI
+ * layout of an AMX B tile: 16 rows kp of 16 words, row stride NR words. */
+void gemm_pack_b_bf16(uint16_t *dst, const gemm_desc *g, int p, int kp_pad);
 
 /* Splits nps panels into groups of *ppg so that nrb row blocks x groups make
  * about `want` tasks; returns the number of groups. */

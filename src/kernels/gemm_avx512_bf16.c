@@ -22,24 +22,9 @@
 
 #define KCP 256 /* k pairs per block: a B panel slice of KCP*NR words = 32 KB */
 
-#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
 uint16_t BF16_TARGET kernels_bf16_hw(float f) {
     __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_set1_ps(f));
     return (uint16_t)_mm256_extract_epi16(v, 0);
-}
-
-/* 16 floats -> 16 bf16 in a ymm */
-BF16_TARGET static inline __m256i cvt16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
-
-/* x[j], y[j] as bf16 pairs (x0, y0, x1, y1, ... x15, y15): words j of the
- * low half are pairs 0..7, of the high half pairs 8..15 */
-BF16_TARGET static inline __m512i pairs_interleave(__m512 x, __m512 y) {
-    const __m512i ilv = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                         16, 0);
-    return _mm512_permutexvar_epi16(
-        ilv, _mm512_inserti64x4(_mm512_castsi256_si512(cvt16(x)), cvt16(y), 1));
 }
 
 /* 16 rows of a row-major fp32 block (row i at src + i*ld; rows >= nrows read
@@ -61,9 +46,10 @@ BF16_TARGET static void pairs_transposed(__m512 r[16], const float *src, ptrdiff
     transpose16(r);
 }
 
-/* Packs panel p of B (columns p*NR.., zero-padded) over all k pairs into dst. */
-BF16_TARGET static void pack_panel_bf16(uint16_t *dst, const gemm_desc *g, int p) {
+/* Packs panel p of B (gemm_avx512.h); the pad pairs Kp..kp_pad-1 are zero. */
+BF16_TARGET void gemm_pack_b_bf16(uint16_t *dst, const gemm_desc *g, int p, int kp_pad) {
     int n0 = p * NR, nr = MOE_MIN(NR, g->Nc - n0), K = g->K, Kp = (K + 1) / 2;
+    if (kp_pad > Kp) memset(dst + (size_t)Kp * NR * 2, 0, (size_t)(kp_pad - Kp) * NR * 2 * sizeof(uint16_t));
     if (g->bs_n == 1) { /* row-major B: interleave rows k and k+1 column by column */
         for (int h = 0; h < 2; h++) {
             __mmask16 mk = lanes(nr - h * 16);
@@ -246,7 +232,7 @@ static int bf16_run(const gemm_desc *g, void *ws, int nthr) {
         {
             uint32_t *ap = Ap + (size_t)omp_get_thread_num() * mcb * KCP;
 #pragma omp for schedule(static)
-            for (int p = ps; p < pe; p++) pack_panel_bf16(Bp + (size_t)(p - ps) * per, g, p);
+            for (int p = ps; p < pe; p++) gemm_pack_b_bf16(Bp + (size_t)(p - ps) * per, g, p, (g->K + 1) / 2);
 #pragma omp for schedule(dynamic, 1)
             for (int t = 0; t < ntasks; t++) {
                 int rb = t / groups, gi = t % groups;

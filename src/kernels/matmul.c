@@ -23,6 +23,7 @@
  * Fastest first; a backend appears for the precision its supports() accepts on
  * this CPU. gemm_backend_ref is last and accepts everything. */
 static const gemm_backend *const backends[] = {
+    &gemm_backend_amx_bf16,
     &gemm_backend_avx512_bf16,
     &gemm_backend_avx512,
     &gemm_backend_ref,
