@@ -855,6 +855,27 @@ static int write_seeds(const char *dir) {
     bb_tinfo(&b, "same", 1, &ne4, GGML_TYPE_F32, 32); bb_pad(&b, 32);
     for (int i = 0; i < 64; i++) bb_u8(&b, 0);
     SEED("dup_tensor.gguf");
+    /* the K-quant types, two rows of one super-block each (bytes random:
+     * the reader checks sizes only), and a Q5_K row of half a block */
+    {
+        static const int kt[] = {GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K};
+        static const size_t kb[] = {144, 176, 210}; /* bytes per 256-element block */
+        static const char *kn[] = {"blk.0.attn_q.weight", "blk.0.ffn_up_exps.weight", "output.weight"};
+        uint64_t ne2[] = {256, 2}, off = 0, half[] = {128, 2};
+        bb_hdr(&b, 3, 3, 0);
+        for (int i = 0; i < 3; i++) {
+            bb_tinfo(&b, kn[i], 2, ne2, kt[i], off);
+            off += (2 * kb[i] + 31) / 32 * 32;
+        }
+        bb_pad(&b, 32);
+        for (uint64_t i = 0; i < off; i++) bb_u8(&b, (uint8_t)(i * 37 + 11));
+        SEED("kquant_tensors.gguf");
+        bb_hdr(&b, 3, 1, 0);
+        bb_tinfo(&b, "t", 2, half, GGML_TYPE_Q5_K, 0);
+        bb_pad(&b, 32);
+        for (int i = 0; i < 2 * 176; i++) bb_u8(&b, (uint8_t)i);
+        SEED("kquant_partial_block.gguf");
+    }
 #undef SEED
     free(b.p);
     return bad;
