@@ -69,6 +69,12 @@ int cli_usage_error(const char *cmd_name, const char *fmt, ...)
  * (EXIT_FAIL naming the bad one). Both print their error; 0 if fine. */
 int cli_check_sets(const char *cmd_name, const str_list *sets);
 int cli_apply_sets(const char *cmd_name, const str_list *sets, moe_config *cfg);
+/* This CPU's training precision, set into a preset's cfg before --set applies:
+ * bf16 matmul inputs (fp32 weights, sums and optimizer state) where AMX tiles
+ * run them, measured 1.7x the fp32 step on Sapphire Rapids with the validation
+ * loss after 600 steps within 0.4% of fp32's (docs/performance.md); fp32
+ * elsewhere, and with MOE_REFERENCE=1. Returns 1 when it chose bf16. */
+int cli_default_matmul(moe_config *cfg);
 /* Strict number parsing: 0 on success. */
 int parse_int(const char *s, int *out);
 int parse_u64(const char *s, uint64_t *out);

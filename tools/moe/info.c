@@ -71,6 +71,7 @@ static int info_run(cli_cmd *cmd, const char *model, const char *preset, const s
     if (moe_config_preset(&cfg, preset) != MOE_OK) {
         return lib_fail(NULL); /* names the known presets */
     }
+    int cpu_bf16 = cli_default_matmul(&cfg);
     int rc = cli_apply_sets(cmd->name, sets, &cfg);
     if (rc) return rc;
     if (moe_config_validate(&cfg) != MOE_OK) return fail("invalid configuration: %s", moe_last_error());
@@ -79,6 +80,9 @@ static int info_run(cli_cmd *cmd, const char *model, const char *preset, const s
     printf("matmul backend on this CPU: %s (fp32 matmuls: %s, bf16: %s)\n",
            moe_matmul_backend(cfg.matmul == MOE_MATMUL_BF16), moe_matmul_backend(0),
            moe_matmul_backend(1));
+    if (cpu_bf16)
+        printf("training precision default on this CPU: bf16 matmul inputs (AMX), fp32 weights and "
+               "sums%s\n", cfg.matmul == MOE_MATMUL_BF16 ? "" : " (overridden by --set matmul=fp32)");
     return 0;
 }
 

@@ -246,6 +246,12 @@ int cli_apply_sets(const char *cmd_name, const str_list *sets, moe_config *cfg) 
     return rc;
 }
 
+int cli_default_matmul(moe_config *cfg) {
+    if (strcmp(moe_matmul_backend(1), "amx_bf16") != 0) return 0;
+    cfg->matmul = MOE_MATMUL_BF16;
+    return 1;
+}
+
 static void default_text(const cli_opt *o, char *buf, size_t cap) {
     if (o->def) { snprintf(buf, cap, "%s", o->def); return; }
     switch (o->kind) {

@@ -92,8 +92,12 @@ static int build_config(const train_args *a, moe_config *cfg, moe_tokenizer **to
     if (moe_config_preset(cfg, a->preset) != MOE_OK) {
         return lib_fail(NULL); /* names the known presets */
     }
+    int cpu_bf16 = cli_default_matmul(cfg);
     int rc = cli_apply_sets("train", &a->sets, cfg);
     if (rc) return rc;
+    if (cpu_bf16 && cfg->matmul == MOE_MATMUL_BF16 && dist_world()->rank == 0)
+        fprintf(stderr, "precision: bf16 matmul inputs, fp32 weights and sums (this CPU's default: AMX; "
+                        "--set matmul=fp32 for fp32)\n");
     if (a->tokenizer) {
         if (!path_exists(a->tokenizer)) return fail("tokenizer file '%s' does not exist", a->tokenizer);
         if (moe_tokenizer_load(tok, a->tokenizer) != MOE_OK) return lib_fail_file(a->tokenizer);
