@@ -192,6 +192,7 @@ static moe_status load_published(moe_model **out, gguf_ctx *g, const char *path,
     if (!st && !(m->path = moe_strdup(path))) st = moe_error(MOE_ERR_NOMEM, "out of memory");
     /* offloading first: the memory check then counts the budget, not the experts */
     if (!st && o->offload_policy) st = moe_model_set_offload_policy(m, o->offload_policy, 0);
+    if (!st && o->offload_prefetch) st = moe_model_set_offload_prefetch(m, o->offload_prefetch);
     if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
     if (!st) st = moe_model_set_context(m, o->n_ctx);
     if (!st && gguf_has_key(g, "tokenizer.ggml.tokens")) {
@@ -265,6 +266,7 @@ moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load
     gguf_close(g);
     /* our own models: every weight is in memory, so a budget is refused (the message says why) */
     if (!st && o->offload_policy) st = moe_model_set_offload_policy(m, o->offload_policy, 0);
+    if (!st && o->offload_prefetch) st = moe_model_set_offload_prefetch(m, o->offload_prefetch);
     if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
     if (!st && o->n_ctx) st = moe_model_set_context(m, o->n_ctx);
     if (st) { moe_model_free(m); return st; }

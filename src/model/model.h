@@ -151,6 +151,7 @@ struct moe_model {
     int64_t store_tokens;    /* tokens run since the stats were reset      */
     int store_policy;        /* 1 + EXPERT_EVICT_*, 0 = the default          */
     int store_drop_cache;    /* posix_fadvise(DONTNEED) after every read     */
+    int store_prefetch;      /* 1 on, 2 off, 0 = the default (offload.c)      */
     /* run-time routing at inference (moe_model_set_routing; 0 = the model's own) */
     int route_k;             /* experts chosen per token instead of top_k           */
     float route_threshold;   /* of those, keep weights >= this times the best       */
