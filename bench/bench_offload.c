@@ -1,8 +1,8 @@
 /* bench_offload: decode speed and expert-cache behaviour against the memory
  * budget (docs/memory.md, "## Offloading").
- *   build/bench/bench_offload [MODEL.gguf [DECODE [BUDGETS [POLICIES [CACHES]]]]]
+ *   build/bench/bench_offload [MODEL.gguf [DECODE [BUDGETS [POLICIES [CACHES [PREFETCH]]]]]]
  * (lists comma-separated; defaults 32, "0,100%,75%,50%,25%", "lru,lfu,lrfu",
- * "warm,cold"; BENCH_SMALL=1 writes d_model 128, expert hidden 64 instead;
+ * "warm,cold", "off,on" (innermost, so on and off runs alternate); BENCH_SMALL=1 writes d_model 128, expert hidden 64 instead;
  * BENCH_THREADS, default 1).
  * Writes MODEL (default /tmp/moe-offload-bench.gguf) when it is missing: a
  * random-weight llama-layout MoE, 8 layers, d_model 1024, 64 experts top-8,
@@ -14,7 +14,9 @@
  * and once "cold": the whole file dropped from the page cache with
  * posix_fadvise(POSIX_FADV_DONTNEED) before the run and every expert read
  * dropped again after it (no root needed), so each miss reaches the disk.
- * One line per run: tokens/s, hit rate, MiB read per token, the process's
+ * One line per run: tokens/s, hit rate, MiB read per token, experts
+ * prefetched per token and the share of them used before eviction, misses
+ * on experts a prefetch evicted per token, the process's
  * resident memory (VmRSS, and its file-backed part) and the allocator's
  * count at the end of the run (cache, KV cache, scratch). */
 #include <fcntl.h>
@@ -59,13 +61,14 @@ static int32_t next_token(const float *logits, int V) {
     return greedy ? argmax(logits, V) : (int32_t)((lcg >> 33) % (uint64_t)V);
 }
 
-static int run_one(const char *path, const char *budget, const char *policy, int cold, int n_decode) {
+static int run_one(const char *path, const char *budget, const char *policy, int cold, const char *prefetch, int n_decode) {
     lcg = 1; /* every run sees the same tokens */
     if (cold) drop_file_cache(path);
     const size_t base = moe_alloc_in_use();
     moe_model *m = NULL;
     if (moe_model_load(&m, path) != MOE_OK || moe_model_set_context(m, 1024) != MOE_OK ||
-        moe_model_set_offload_policy(m, policy, cold) != MOE_OK || moe_model_set_mem_budget(m, budget) != MOE_OK) {
+        moe_model_set_offload_policy(m, policy, cold) != MOE_OK || moe_model_set_offload_prefetch(m, prefetch) != MOE_OK ||
+        moe_model_set_mem_budget(m, budget) != MOE_OK) {
         fprintf(stderr, "bench_offload: %s\n", moe_last_error());
         moe_model_free(m);
         return 1;
@@ -92,9 +95,11 @@ static int run_one(const char *path, const char *budget, const char *policy, int
     moe_offload_stats s;
     moe_model_offload_stats(m, &s);
     const double uses = (double)(s.hits + s.misses), mib = 1024.0 * 1024.0;
-    printf("%-6s %-5s %-5s %8.2f %7.1f%% %9.2f %9.1f %9.1f %9.1f %9.1f\n", budget, policy, cold ? "cold" : "warm",
-           n_decode / dt, uses ? 100.0 * s.hits / uses : 100.0, s.tokens ? s.bytes_read / mib / s.tokens : 0.0,
-           s.cache_bytes / mib, rss_mib("VmRSS:"), rss_mib("RssFile:"), (moe_alloc_in_use() - base) / mib);
+    const double tokens = s.tokens ? (double)s.tokens : 1.0;
+    printf("%-6s %-5s %-5s %-4s %8.2f %7.1f%% %9.2f %7.2f %5.0f%% %6.2f %9.1f %9.1f %9.1f %9.1f\n", budget, policy,
+           cold ? "cold" : "warm", s.budget ? prefetch : "-", n_decode / dt, uses ? 100.0 * s.hits / uses : 100.0,
+           s.bytes_read / mib / tokens, s.prefetched / tokens, s.prefetched ? 100.0 * s.prefetch_used / s.prefetched : 0.0,
+           s.prefetch_harm / tokens, s.cache_bytes / mib, rss_mib("VmRSS:"), rss_mib("RssFile:"), (moe_alloc_in_use() - base) / mib);
     fflush(stdout);
     moe_free(logits);
     moe_model_free(m);
@@ -118,6 +123,7 @@ int main(int argc, char **argv) {
     const char *budgets = argc > 3 ? argv[3] : "0,100%,75%,50%,25%";
     const char *policies = argc > 4 ? argv[4] : "lru,lfu,lrfu";
     const char *caches = argc > 5 ? argv[5] : "warm,cold";
+    const char *prefetches = argc > 6 ? argv[6] : "off,on";
     const int small = getenv("BENCH_SMALL") != NULL; /* the same routing shape, small matrices */
     /* one thread by default: on a machine shared with other jobs, every
      * parallel region waits for a descheduled thread */
@@ -135,13 +141,16 @@ int main(int argc, char **argv) {
             return 1;
         }
     }
-    printf("budget policy cache   tok/s  hit rate  MiB/token  cacheMiB    RSSMiB  RSSfile  allocMiB\n");
-    char cb[16], bb[32], pb[16];
+    printf("budget policy cache pref    tok/s hit rate MiB/token pf/tok  used harm/t  cacheMiB    RSSMiB   RSSfile  allocMiB\n");
+    char cb[16], bb[32], pb[16], fb[8];
     for (int ci = 0; item(caches, ci, cb, sizeof cb); ci++)
         for (int bi = 0; item(budgets, bi, bb, sizeof bb); bi++)
             for (int pi = 0; item(policies, pi, pb, sizeof pb); pi++) {
                 if (!strcmp(bb, "0") && pi > 0) continue; /* mapped: no policy */
-                if (run_one(path, bb, pb, !strcmp(cb, "cold"), n_decode)) return 1;
+                for (int fi = 0; item(prefetches, fi, fb, sizeof fb); fi++) {
+                    if (!strcmp(bb, "0") && fi > 0) continue; /* mapped: no prefetch */
+                    if (run_one(path, bb, pb, !strcmp(cb, "cold"), fb, n_decode)) return 1;
+                }
             }
     return 0;
 }

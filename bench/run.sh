@@ -364,21 +364,31 @@ PYEOF
 fi
 
 if want offload && [ -x "$BUILD/bench/bench_offload" ] && [ -f "$CACHE/moe-q8_0.gguf" ]; then
-    # decode of the 1.72B Q8_0 MoE with its experts behind a cache of half their bytes,
-    # against the same file fully mapped; the file stays in the page cache ("warm")
-    echo "== offloading: decode with a --mem-budget of 50% of the experts' bytes vs all mapped (1.72B Q8_0, 1 thread)"
-    BENCH_THREADS=1 "$BUILD/bench/bench_offload" "$CACHE/moe-q8_0.gguf" $([ $q = 1 ] && echo 16 || echo 64) "0,50%" lfu warm \
-        | tee "$tmp/offload.txt"
+    # decode of the 1.72B Q8_0 MoE with its experts behind a cache of half and a quarter of
+    # their bytes, against the same file fully mapped, each budget with the next layer's
+    # experts prefetched and not (alternating runs, as the machine may be shared; medians
+    # over REPS); the file stays in the page cache ("warm")
+    echo "== offloading: decode with a --mem-budget of 50% and 25% of the experts' bytes, prefetch off/on, vs all mapped (1.72B Q8_0, 1 thread)"
+    : >"$tmp/offload.txt"
+    for r in $(seq "$REPS"); do
+        BENCH_THREADS=1 "$BUILD/bench/bench_offload" "$CACHE/moe-q8_0.gguf" $([ $q = 1 ] && echo 16 || echo 64) "0,50%,25%" lfu warm off,on \
+            | tee -a "$tmp/offload.txt"
+    done
     $PY - "$tmp/offload.txt" <<'PYEOF'
-import os, re, sys
+import os, re, statistics, sys
 rate = {}
 for line in open(sys.argv[1]):
     f = line.split()
-    if len(f) >= 4 and re.fullmatch(r"[0-9.]+", f[3]): rate[f[0]] = float(f[3])
-mapped, half = rate.get("0"), rate.get("50%")
-if mapped and half:
-    with open(os.environ["SUMMARY"], "a") as f:
-        f.write(f"decode, experts offloaded at 50% budget (t/s)\t{half:.2f}\tall mapped\t{mapped:.2f}\t{half / mapped:.2f}x\t\n")
+    if len(f) >= 5 and re.fullmatch(r"[0-9.]+", f[4]): rate.setdefault((f[0], f[3]), []).append(float(f[4]))
+med = {k: statistics.median(v) for k, v in rate.items()}
+mapped = med.get(("0", "-"))
+with open(os.environ["SUMMARY"], "a") as out:
+    for b in ("50%", "25%"):
+        off, on = med.get((b, "off")), med.get((b, "on"))
+        if mapped and on:
+            out.write(f"decode, experts offloaded at {b} budget, prefetch on (t/s)\t{on:.2f}\tall mapped\t{mapped:.2f}\t{on / mapped:.2f}x\t\n")
+        if off and on:
+            out.write(f"decode at {b} budget: prefetch on vs off (t/s)\t{on:.2f}\tprefetch off\t{off:.2f}\t{on / off:.2f}x\t\n")
 PYEOF
     echo
 fi

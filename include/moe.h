@@ -187,6 +187,7 @@ typedef struct {
      * models are then mapped, not copied, so other ranks' experts are never
      * read. The ranks must then run the same calls in step. 0 or 1 = off. */
     int expert_parallel;
+    const char *offload_prefetch; /* "on", "off", NULL = the default (moe_model_set_offload_prefetch) */
 } moe_load_options;
 MOE_API moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load_options *opts);
 /* Atomic: writes path.tmp, fsyncs, renames. Includes the tokenizer if set. */
@@ -262,6 +263,12 @@ MOE_API moe_status moe_model_set_mem_budget(moe_model *m, const char *size);
  * every read, tell the kernel to drop those pages (posix_fadvise DONTNEED),
  * so that every miss reaches the disk (for honest measurements). */
 MOE_API moe_status moe_model_set_offload_policy(moe_model *m, const char *policy, int drop_page_cache);
+/* Prefetch for the next moe_model_set_mem_budget (or the current cache,
+ * rebuilt empty): "on" (a reader thread reads the experts the next MoE
+ * layer's router predicts from the current layer's input, while this layer
+ * computes; decode chunks of up to 4 tokens), "off", or NULL = the default,
+ * off (docs/memory.md says why). Output is the same either way. */
+MOE_API moe_status moe_model_set_offload_prefetch(moe_model *m, const char *on_off);
 typedef struct {
     int64_t budget;        /* bytes given (0: offloading off)                    */
     int64_t expert_bytes;  /* all routed experts' weights in the file (expert
@@ -274,6 +281,9 @@ typedef struct {
     int64_t bytes_read;    /* from the file, since the last reset                 */
     int64_t tokens;        /* tokens run since the last reset                     */
     double read_s;         /* seconds spent reading (summed over threads)         */
+    int64_t prefetched;    /* experts read ahead by the prefetch thread (in bytes_read) */
+    int64_t prefetch_used; /* of those, used before being evicted (hits)          */
+    int64_t prefetch_harm; /* misses on experts that a prefetch had evicted       */
 } moe_offload_stats;
 /* All zero when offloading is off. */
 MOE_API void moe_model_offload_stats(const moe_model *m, moe_offload_stats *out);

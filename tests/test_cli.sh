@@ -316,6 +316,12 @@ if [ "$RC" -eq 0 ] && [ -s "$C" ]; then
     expect "generate: --mem-budget below the minimum" 1 "below the minimum of [0-9]+ bytes" "$MOE" generate --model "$T/conv.gguf" --mem-budget 1K
     expect "generate: --mem-budget nonsense" 1 "memory budget 'lots'" "$MOE" generate --model "$T/conv.gguf" --mem-budget lots
     expect "generate: --offload-policy unknown" 1 "policy 'fifo'" "$MOE" generate --model "$T/conv.gguf" --mem-budget 50% --offload-policy fifo
+    for pf in on off; do
+        run "$MOE" generate --model "$T/conv.gguf" --prompt "the quick" --tokens 12 --temperature 0 --threads 1 --mem-budget 25% --offload-prefetch $pf --stats
+        if [ "$RC" -eq 0 ] && cmp -s "$T/out" "$T/gen-orig"
+        then ok "generate --mem-budget 25% --offload-prefetch $pf: same text"; else bad "generate --mem-budget 25% --offload-prefetch $pf: same text" "exit $RC: $(head -c 300 "$T/err")"; fi
+    done
+    expect "generate: --offload-prefetch unknown" 1 "prefetch 'maybe'" "$MOE" generate --model "$T/conv.gguf" --mem-budget 50% --offload-prefetch maybe
     expect "generate: --mem-budget on our own model" 1 "published-layout" "$MOE" generate --model "$C" --mem-budget 50%
     expect "convert: a published file" 1 "already a published llama file" "$MOE" convert --to gguf "$T/conv.gguf" "$T/conv2.gguf"
     cp "$T/conv.gguf" "$T/conv.copy"

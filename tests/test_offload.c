@@ -10,6 +10,7 @@
  *  - below the minimum, a bad budget, our own (in-memory) model, and a file
  *    truncated under a running cache are clear errors, not crashes. */
 #include <stdint.h>
+#include <unistd.h>
 
 #include "arch/arch.h"
 #include "core/dtype.h"
@@ -74,8 +75,11 @@ static void test_layout(const layout *L, int wtype) {
     CHECK(strstr(moe_last_error(), "below the minimum"), "message: %s", moe_last_error());
     char spec[4][32] = {"100%", "50%", "25%", ""};
     snprintf(spec[3], sizeof spec[3], "%zu", min);
+    int64_t prefetched[2] = {0, 0}; /* by prefetch off, on */
+    for (int pf = 0; pf < 2; pf++)
     for (int threads = 1; threads <= 4; threads += 3) {
         moe_set_threads(threads);
+        CHECK(moe_model_set_offload_prefetch(m, pf ? "on" : "off") == MOE_OK, "%s", moe_last_error());
         for (int b = 0; b < 4; b++) {
             moe_model_set_mem_budget(m, "0"); /* the previous cache goes first */
             const size_t before = moe_alloc_in_use();
@@ -93,17 +97,25 @@ static void test_layout(const layout *L, int wtype) {
             CHECK((size_t)s.expert_bytes == total, "expert bytes %lld vs %zu", (long long)s.expert_bytes, total);
             st = run(m, got);
             CHECK(st == MOE_OK, "budget %s: %s", spec[b], moe_last_error());
-            CHECK(!memcmp(got, ref, sizeof(float) * N_TOK * V), "budget %s, %d threads: logits differ from the resident run",
-                  spec[b], threads);
+            CHECK(!memcmp(got, ref, sizeof(float) * N_TOK * V), "budget %s, %d threads, prefetch %d: logits differ from the "
+                  "resident run", spec[b], threads, pf);
+            /* the prefetch thread allocates nothing: the cache stays what it was given */
+            CHECK(moe_alloc_in_use() - before == grown, "budget %s, prefetch %d: allocation grew from %zu to %zu", spec[b], pf,
+                  grown, moe_alloc_in_use() - before);
             moe_model_offload_stats(m, &s);
-            CHECK(s.bytes_read == s.misses * (int64_t)one, "budget %s: read %lld bytes for %lld misses of %zu", spec[b],
-                  (long long)s.bytes_read, (long long)s.misses, one);
+            CHECK(s.bytes_read == (s.misses + s.prefetched) * (int64_t)one, "budget %s: read %lld bytes for %lld misses and "
+                  "%lld prefetches of %zu", spec[b], (long long)s.bytes_read, (long long)s.misses, (long long)s.prefetched, one);
+            CHECK(s.prefetch_used <= s.prefetched && s.prefetch_harm <= s.misses, "prefetch: %lld read, %lld used, %lld harm",
+                  (long long)s.prefetched, (long long)s.prefetch_used, (long long)s.prefetch_harm);
+            prefetched[pf] += s.prefetched;
             CHECK(s.misses > 0 && s.hits + s.misses >= (int64_t)N_TOK * L->c.top_k / 2, "budget %s: %lld hits, %lld misses",
                   spec[b], (long long)s.hits, (long long)s.misses);
             CHECK(b != 0 || s.misses <= s.units, "100%%: %lld misses for %d experts", (long long)s.misses, s.units);
             CHECK(s.tokens == N_TOK, "%lld tokens counted", (long long)s.tokens);
         }
     }
+    CHECK(prefetched[0] == 0 && prefetched[1] > 0, "experts prefetched: %lld with prefetch off, %lld on",
+          (long long)prefetched[0], (long long)prefetched[1]);
     moe_set_threads(0);
     const char *policies[] = {"lru", "lfu", "lrfu"};
     for (int p = 0; p < 3; p++) {
@@ -192,7 +204,7 @@ static void test_larger_than_memory(void) {
     char mem[32];
     snprintf(mem, sizeof mem, "%.0f", (need_all / 0.9 + need_quarter / 0.9) / 2);
     setenv("MOE_PHYSICAL_MEMORY", mem, 1);
-    moe_load_options all = {NULL, NULL, (int)ctx, 0}, quarter = {"25%", NULL, (int)ctx, 0};
+    moe_load_options all = {.n_ctx = (int)ctx}, quarter = {.mem_budget = "25%", .n_ctx = (int)ctx};
     moe_status st = moe_model_load_with(&m, path, &all);
     CHECK(st == MOE_ERR_NOMEM && !m && strstr(moe_last_error(), "memory"), "all mapped: status %d: %s", st, moe_last_error());
     moe_model_free(m);
@@ -220,6 +232,7 @@ static void test_refusals(void) {
         CHECK(moe_model_set_mem_budget(m, bad[i]) == MOE_ERR_INVALID_ARG && strstr(moe_last_error(), "memory budget"),
               "'%s': %s", bad[i], moe_last_error());
     CHECK(!m || moe_model_set_offload_policy(m, "fifo", 0) == MOE_ERR_INVALID_ARG, "policy fifo accepted");
+    CHECK(!m || moe_model_set_offload_prefetch(m, "yes") == MOE_ERR_INVALID_ARG, "prefetch yes accepted");
     CHECK(!m || (moe_model_set_mem_budget(m, "1M") == MOE_OK && m->store_budget == 1048576), "1M: %s", moe_last_error());
     moe_model_free(m);
     remove(path);
@@ -289,6 +302,90 @@ static void test_ep_refused(void) {
     TEST_END();
 }
 
+/* a store on a file of known bytes: byte i of the file is i * 7 + 3 */
+static expert_store *pattern_store(const char *path, int n_slots, int prefetch) {
+    enum { FILE_BYTES = 2 * 4 * 3 * 64 };
+    unsigned char b[FILE_BYTES];
+    for (int i = 0; i < FILE_BYTES; i++) b[i] = (unsigned char)(i * 7 + 3);
+    FILE *f = fopen(path, "wb");
+    CHECK(f && fwrite(b, 1, sizeof b, f) == sizeof b && fclose(f) == 0, "writing %s", path);
+    expert_store_layer layers[2];
+    for (int l = 0; l < 2; l++)
+        for (int k = 0; k < 3; k++) { layers[l].off[k] = (l * 3 + k) * 4 * 64; layers[l].bytes[k] = 64; }
+    expert_store_opts o = {.policy = EXPERT_EVICT_LRU, .halflife = 8, .prefetch = prefetch};
+    expert_store *s = NULL;
+    CHECK(expert_store_open(&s, path, layers, 2, 4, (size_t)n_slots * 192, &o) == MOE_OK, "%s", moe_last_error());
+    return s;
+}
+
+/* waits up to 5 s for the prefetch thread to have read n units */
+static int64_t wait_prefetched(expert_store *s, int64_t n) {
+    expert_store_stats st;
+    for (int i = 0; i < 5000; i++) {
+        expert_store_get_stats(s, &st);
+        if (st.prefetched >= n) break;
+        usleep(1000);
+    }
+    usleep(2000); /* and for its last read to land */
+    expert_store_get_stats(s, &st);
+    return st.prefetched;
+}
+
+/* The prefetch thread on its own: it reads what it is asked into free
+ * slots (the bytes the file has), acquires then hit, it does not evict the
+ * busy layer, a miss on a unit it evicted is counted, and freeing the store
+ * with a request pending joins the thread (run under ASan and TSan). */
+static void test_prefetch_thread(void) {
+    TEST_CASE("offload: the prefetch thread fills, accounts and shuts down cleanly");
+    char path[256];
+    th_tmp_path(path, sizeof path, "offload-pattern.bin");
+    expert_store *s = pattern_store(path, 3, 1);
+    if (!s) { TEST_END(); return; }
+    const int32_t all[4] = {0, 1, 2, 3};
+    expert_store_prefetch(s, 1, all, 4, 0);
+    CHECK(wait_prefetched(s, 3) == 3, "3 free slots, 4 asked: prefetched %lld", (long long)wait_prefetched(s, 3));
+    const void *g, *u, *d;
+    CHECK(expert_store_acquire(s, 1, 2, 1, &g, &u, &d) == 0, "acquire");
+    const unsigned char *gb = g, *db = d;
+    /* layer 1, expert 2: gate at (3 * 4 + 2) * 64, down at (5 * 4 + 2) * 64 */
+    CHECK(gb[0] == (unsigned char)((14 * 64) * 7 + 3) && db[63] == (unsigned char)((22 * 64 + 63) * 7 + 3), "wrong bytes");
+    expert_store_release(s, 1, 2);
+    expert_store_stats st;
+    expert_store_get_stats(s, &st);
+    CHECK(st.hits == 1 && st.misses == 0 && st.prefetch_used == 1 && st.bytes_read == 3 * 192,
+          "hits %lld misses %lld used %lld read %lld", (long long)st.hits, (long long)st.misses, (long long)st.prefetch_used,
+          (long long)st.bytes_read);
+    expert_store_free(s);
+
+    /* two slots holding layer 0's experts 0 and 1 */
+    s = pattern_store(path, 2, 1);
+    if (!s) { TEST_END(); return; }
+    for (int e = 0; e < 2; e++) {
+        CHECK(expert_store_acquire(s, 0, e, 1, &g, &u, &d) == 0, "acquire");
+        expert_store_release(s, 0, e);
+    }
+    expert_store_prefetch(s, 1, all, 2, 0); /* layer 0 busy: nothing may go */
+    usleep(20000);
+    expert_store_get_stats(s, &st);
+    CHECK(st.prefetched == 0, "evicted the busy layer: %lld prefetched", (long long)st.prefetched);
+    expert_store_prefetch(s, 1, all, 2, -1); /* nothing busy: both go */
+    CHECK(wait_prefetched(s, 2) == 2, "prefetched %lld", (long long)wait_prefetched(s, 2));
+    CHECK(expert_store_acquire(s, 0, 0, 1, &g, &u, &d) == 0, "acquire");
+    expert_store_release(s, 0, 0);
+    expert_store_get_stats(s, &st);
+    CHECK(st.misses == 3 && st.prefetch_harm == 1, "misses %lld, harm %lld", (long long)st.misses, (long long)st.prefetch_harm);
+    /* freed with a request in flight, many times over */
+    expert_store_free(s);
+    for (int i = 0; i < 50; i++) {
+        s = pattern_store(path, 2, 1);
+        if (!s) break;
+        expert_store_prefetch(s, i % 2, all, 4, -1);
+        expert_store_free(s);
+    }
+    remove(path);
+    TEST_END();
+}
+
 int main(void) {
     layout L[8];
     const int n = layouts(L);
@@ -299,5 +396,6 @@ int main(void) {
     test_refusals();
     test_held_range();
     test_ep_refused();
+    test_prefetch_thread();
     TEST_MAIN_END();
 }

@@ -186,6 +186,7 @@ static moe_status bind_published(moe_model *m, gguf_ctx *g, const char *path) {
 static moe_status settle_mapped(moe_model *m, const moe_load_options *o, int n_ctx) {
     moe_status st = MOE_OK;
     if (o->offload_policy) st = moe_model_set_offload_policy(m, o->offload_policy, 0);
+    if (!st && o->offload_prefetch) st = moe_model_set_offload_prefetch(m, o->offload_prefetch);
     if (!st) st = model_hold_experts(m, o->expert_parallel);
     if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
     if (!st) st = moe_model_set_context(m, n_ctx);
@@ -306,6 +307,7 @@ moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load
     gguf_close(g);
     /* our own models: every weight is in memory, so a budget is refused (the message says why) */
     if (!st && o->offload_policy) st = moe_model_set_offload_policy(m, o->offload_policy, 0);
+    if (!st && o->offload_prefetch) st = moe_model_set_offload_prefetch(m, o->offload_prefetch);
     if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
     if (!st && o->n_ctx) st = moe_model_set_context(m, o->n_ctx);
     if (st) { moe_model_free(m); return st; }

@@ -25,6 +25,8 @@
 #include "dist/expert_parallel.h"
 #include "moe/expert_store.h"
 
+enum { PREFETCH_TOKENS = 4 }; /* longest chunk whose next-layer experts are prefetched */
+
 struct infer_state {
     int n_max;               /* tokens per chunk the scratch holds          */
     int ctx;                 /* positions the cache holds                   */
@@ -35,6 +37,8 @@ struct infer_state {
     char *qws;               /* activation rows converted for quantised weights */
     moe_cache moe;
     double *seq;             /* [L][E] sequence routing: prefix score sums */
+    float *pf_scores;        /* [PREFETCH_TOKENS][E] next layer's router on this one's input */
+    int32_t *pf_ids;         /* [PREFETCH_TOKENS][k] the experts it predicts */
     void *block;
 };
 
@@ -63,6 +67,8 @@ void model_infer_free(moe_model *m) {
     moe_free(s->block);
     moe_free(s->qws);
     moe_free(s->seq);
+    moe_free(s->pf_scores);
+    moe_free(s->pf_ids);
     moe_free(s);
     m->inf = NULL;
 }
@@ -130,7 +136,9 @@ moe_status model_infer_alloc(moe_model *m, int n_max) {
         s->moe.qws = s->qws;
         s->moe.qws_row = row;
         s->seq = moe_calloc((size_t)c->n_layers * c->n_experts, sizeof(double));
-        if (!s->seq) { model_infer_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "decoding state"); }
+        s->pf_scores = moe_malloc(sizeof(float) * PREFETCH_TOKENS * c->n_experts);
+        s->pf_ids = moe_malloc(sizeof(int32_t) * PREFETCH_TOKENS * k);
+        if (!s->seq || !s->pf_scores || !s->pf_ids) { model_infer_free(m); return moe_error_prefix(MOE_ERR_NOMEM, "decoding state"); }
     }
     return MOE_OK;
 }
@@ -293,6 +301,39 @@ static void tap_routing(moe_model *m, int l, int i0, int n) {
     }
 }
 
+/* Offloading with prefetch: before layer l's experts run, the next MoE
+ * layer's router applied to layer l's FFN input predicts that layer's
+ * experts (the residual stream changes little from one layer to the next),
+ * and the store's thread reads the missing ones while layers l and l+1
+ * compute. Only for chunks of up to PREFETCH_TOKENS tokens (decode): a
+ * longer chunk uses most experts anyway. The prediction only fills the
+ * cache; routing itself is untouched. */
+static void prefetch_next_layer(moe_model *m, int l, int n, matmul_precision mm) {
+    infer_state *s = m->inf;
+    const moe_config *c = &m->cfg;
+    if (!m->store || n > PREFETCH_TOKENS) return;
+    int next = l + 1;
+    while (next < c->n_layers && m->plan[next].ffn != FFN_MOE) next++;
+    if (next >= c->n_layers) return;
+    const layer_weights *W = &m->w.layers[next];
+    const int E = c->n_experts, k = model_route_k(m);
+    wmm(s->pf_scores, s->h, &W->router, NULL, n, c->d_model, E, mm, s->qws);
+    const float *bias = W->exp_bias.data; /* the selection bias picks, as in routing */
+    for (int i = 0; i < n; i++) {
+        float *sc = s->pf_scores + (size_t)i * E;
+        int32_t *ids = s->pf_ids + (size_t)i * k;
+        if (bias) for (int e = 0; e < E; e++) sc[e] = 1.0f / (1.0f + expf(-sc[e])) + bias[e]; /* sigmoid gating's */
+        for (int j = 0; j < k; j++) { /* k small: selection by repeated maximum */
+            int b = -1;
+            for (int e = 0; e < E; e++)
+                if (sc[e] > -INFINITY && (b < 0 || sc[e] > sc[b])) b = e;
+            ids[j] = b;
+            if (b >= 0) sc[b] = -INFINITY;
+        }
+    }
+    expert_store_prefetch(m->store, next, s->pf_ids, n * k, l);
+}
+
 static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
     infer_state *s = m->inf;
     const moe_config *c = &m->cfg;
@@ -308,6 +349,7 @@ static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
     moe_route_opts ro = model_route_opts(m, l, n);
     if (ro.mode == MOE_ROUTING_EXPERT) ro.mode = MOE_ROUTING_TOKEN;
     ro.capacity = 0; /* dropless: a token's result must not depend on its chunk */
+    prefetch_next_layer(m, l, n, mm);
     moe_weights mw = model_layer_moe_weights(W);
     mw.store = m->store;
     mw.store_layer = l;

@@ -156,6 +156,7 @@ struct moe_model {
     int store_drop_cache;    /* posix_fadvise(DONTNEED) after every read     */
     int store_all;           /* size the cache for every expert held (expert
                                 parallelism without a budget)                  */
+    int store_prefetch;      /* 1 on, 2 off, 0 = the default (offload.c)      */
     /* run-time routing at inference (moe_model_set_routing; 0 = the model's own) */
     int route_k;             /* experts chosen per token instead of top_k           */
     float route_threshold;   /* of those, keep weights >= this times the best       */

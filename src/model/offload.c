@@ -18,6 +18,7 @@
 enum { LFU_HALFLIFE_TOKENS = 256, LRFU_HALFLIFE_TOKENS = 4 };
 static const char *const policy_names[EXPERT_EVICT_COUNT] = {"lru", "lfu", "lrfu"};
 enum { DEFAULT_POLICY = EXPERT_EVICT_LFU }; /* measured best: docs/memory.md */
+enum { DEFAULT_PREFETCH = 0 };               /* measured: docs/memory.md      */
 
 /* the stacked experts' matrix k (0 gate, 1 up, 2 down) of layer W */
 static const moe_tensor *expert_tensor(const layer_weights *W, int k) {
@@ -110,7 +111,8 @@ static moe_status open_store(moe_model *m) {
     }
     const double per_token = (double)m->cfg.top_k * moe_config_n_moe_layers(&m->cfg); /* acquires */
     const int policy = m->store_policy ? m->store_policy - 1 : DEFAULT_POLICY;
-    expert_store_opts o = {.policy = policy, .drop_page_cache = m->store_drop_cache,
+    const int prefetch = m->store_prefetch ? m->store_prefetch == 1 : DEFAULT_PREFETCH;
+    expert_store_opts o = {.policy = policy, .drop_page_cache = m->store_drop_cache, .prefetch = prefetch,
                            .halflife = per_token * (policy == EXPERT_EVICT_LRFU ? LRFU_HALFLIFE_TOKENS : LFU_HALFLIFE_TOKENS),
                            .first = m->ep_first, .count = m->ep_count};
     if (m->store_all) /* a slot for every expert held: each is read once, then stays */
@@ -152,6 +154,15 @@ moe_status moe_model_set_offload_policy(moe_model *m, const char *policy, int dr
     return m->store ? open_store(m) : MOE_OK;
 }
 
+moe_status moe_model_set_offload_prefetch(moe_model *m, const char *on_off) {
+    int p = 0;
+    if (on_off && !strcmp(on_off, "on")) p = 1;
+    else if (on_off && !strcmp(on_off, "off")) p = 2;
+    else if (on_off) return moe_error(MOE_ERR_INVALID_ARG, "expert prefetch '%s': expected on or off", on_off);
+    m->store_prefetch = p;
+    return m->store ? open_store(m) : MOE_OK;
+}
+
 void moe_model_offload_stats(const moe_model *m, moe_offload_stats *out) {
     memset(out, 0, sizeof *out);
     if (!m->store) return;
@@ -168,6 +179,9 @@ void moe_model_offload_stats(const moe_model *m, moe_offload_stats *out) {
     out->bytes_read = s.bytes_read;
     out->tokens = m->store_tokens;
     out->read_s = s.read_s;
+    out->prefetched = s.prefetched;
+    out->prefetch_used = s.prefetch_used;
+    out->prefetch_harm = s.prefetch_harm;
 }
 
 void moe_model_offload_reset_stats(moe_model *m) {

@@ -39,9 +39,23 @@ struct expert_store {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int sync_ready;              /* mu and cv initialised                 */
+    /* prefetch (expert_store.h): the reader thread and its request */
+    pthread_t reader;
+    int reader_running, reader_stop;
+    pthread_cond_t pf_cv;        /* a new request, or stop                */
+    int *pf_queue;               /* [E] units still to read               */
+    int pf_len, pf_head;         /* the request is pf_queue[pf_head .. pf_len) */
+    int pf_busy;                 /* the layer running now (-1: none)     */
+    int64_t pf_req;              /* requests so far                        */
+    int64_t *pf_gen;             /* [n_units] request a prefetched, not yet
+                                    used unit was read for; -1 = none      */
+    int64_t *pf_asked;           /* [n_units] the last request naming the unit */
+    uint8_t *pf_evicted;         /* [n_units] 1: last evicted by a prefetch */
     moe_status failed;           /* first read error, and its message     */
     char err[384];
 };
+
+static void *prefetch_main(void *arg);
 
 static size_t align_up(size_t n) { return (n + SLICE_ALIGN - 1) & ~(size_t)(SLICE_ALIGN - 1); }
 
@@ -107,20 +121,36 @@ moe_status expert_store_open(expert_store **out, const char *path, const expert_
     s->freq_at = moe_calloc((size_t)n_units, sizeof(int64_t));
     size_t slots_total;
     if (!moe_mul_size(n_slots, slot_bytes, &slots_total)) s->slots = moe_malloc(slots_total);
-    if (!s->layers || !s->slot || !s->unit_slot || !s->freq || !s->freq_at || !s->slots) {
+    s->pf_queue = moe_malloc((size_t)n_experts * sizeof(int));
+    s->pf_gen = moe_malloc((size_t)n_units * sizeof(int64_t));
+    s->pf_evicted = moe_calloc((size_t)n_units, 1);
+    s->pf_asked = moe_calloc((size_t)n_units, sizeof(int64_t));
+    if (!s->layers || !s->slot || !s->unit_slot || !s->freq || !s->freq_at || !s->slots || !s->pf_queue ||
+        !s->pf_gen || !s->pf_evicted || !s->pf_asked) {
         expert_store_free(s);
         return moe_error_prefix(MOE_ERR_NOMEM, "expert cache of %zu slots of %zu bytes", n_slots, slot_bytes);
     }
     memcpy(s->layers, layers, (size_t)n_layers * sizeof *s->layers);
-    for (int u = 0; u < n_units; u++) s->unit_slot[u] = -1;
+    for (int u = 0; u < n_units; u++) { s->unit_slot[u] = -1; s->pf_gen[u] = -1; }
     for (size_t i = 0; i < n_slots; i++) s->slot[i].unit = -1;
     s->st.slot_bytes = slot_bytes;
     s->st.n_slots = (int)n_slots;
     s->st.table_bytes = sizeof *s + (size_t)n_layers * sizeof *s->layers + n_slots * sizeof *s->slot +
-                        (size_t)n_units * (sizeof(int) + sizeof(double) + sizeof(int64_t));
+                        (size_t)n_units * (sizeof(int) + sizeof(double) + 3 * sizeof(int64_t) + 1) +
+                        (size_t)n_experts * sizeof(int);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    pthread_cond_init(&s->pf_cv, NULL);
     s->sync_ready = 1;
+    s->pf_busy = -1;
+    if (o->prefetch) {
+        const int err = pthread_create(&s->reader, NULL, prefetch_main, s);
+        if (err) {
+            expert_store_free(s);
+            return moe_error(MOE_ERR_IO, "expert store: starting the prefetch thread: %s", strerror(err));
+        }
+        s->reader_running = 1;
+    }
     if (o->drop_page_cache) (void)posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
     *out = s;
     return MOE_OK;
@@ -128,7 +158,14 @@ moe_status expert_store_open(expert_store **out, const char *path, const expert_
 
 void expert_store_free(expert_store *s) {
     if (!s) return;
-    if (s->sync_ready) { pthread_mutex_destroy(&s->mu); pthread_cond_destroy(&s->cv); }
+    if (s->reader_running) { /* wakes the reader; it finishes a read in progress, then returns */
+        pthread_mutex_lock(&s->mu);
+        s->reader_stop = 1;
+        pthread_cond_signal(&s->pf_cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->reader, NULL);
+    }
+    if (s->sync_ready) { pthread_mutex_destroy(&s->mu); pthread_cond_destroy(&s->cv); pthread_cond_destroy(&s->pf_cv); }
     if (s->fd >= 0) close(s->fd);
     moe_free(s->slots);
     moe_free(s->slot);
@@ -136,6 +173,10 @@ void expert_store_free(expert_store *s) {
     moe_free(s->freq);
     moe_free(s->freq_at);
     moe_free(s->layers);
+    moe_free(s->pf_queue);
+    moe_free(s->pf_gen);
+    moe_free(s->pf_evicted);
+    moe_free(s->pf_asked);
     moe_free(s);
 }
 
@@ -144,19 +185,45 @@ static double freq_now(const expert_store *s, int u) {
     return s->freq[u] * exp2(-(double)(s->tick - s->freq_at[u]) / s->o.halflife);
 }
 
+/* a prefetched unit not used yet, read for this request or the one before */
+static int prefetch_fresh(const expert_store *s, int u) { return s->pf_gen[u] >= 0 && s->pf_gen[u] >= s->pf_req - 1; }
+
 /* A free slot, else the unpinned slot the policy likes least; -1 when every
- * slot is pinned or loading. Called with the lock held. */
-static int pick_victim(const expert_store *s) {
-    int best = -1;
-    double best_score = 0;
+ * slot is pinned or loading. Demand (for_prefetch 0) takes a freshly
+ * prefetched unit only when nothing else is free to go; the prefetcher
+ * never takes one, nor a unit of the running layer, nor one its request
+ * names.
+ * Called with the lock held. */
+static int pick_victim(const expert_store *s, int for_prefetch) {
+    int best = -1, best_fresh = -1;
+    double best_score = 0, fresh_score = 0;
     for (int i = 0; i < s->n_slots; i++) {
         const slot_state *t = &s->slot[i];
         if (t->pins || t->loading) continue;
         if (t->unit < 0) return i;
+        const int l = t->unit / s->E, fresh = prefetch_fresh(s, t->unit);
+        if (for_prefetch && (fresh || l == s->pf_busy || s->pf_asked[t->unit] == s->pf_req)) continue;
         const double score = s->o.policy == EXPERT_EVICT_LRU ? (double)t->last_use : freq_now(s, t->unit);
-        if (best < 0 || score < best_score) { best = i; best_score = score; }
+        if (fresh) { if (best_fresh < 0 || score < fresh_score) { best_fresh = i; fresh_score = score; } }
+        else if (best < 0 || score < best_score) { best = i; best_score = score; }
     }
-    return best;
+    return best >= 0 ? best : best_fresh;
+}
+
+/* Gives slot i to unit u (lock held): the previous occupant leaves the
+ * tables, remembered as a prefetch's victim when it is one. */
+static void claim_slot(expert_store *s, int i, int u, int by_prefetch) {
+    slot_state *t = &s->slot[i];
+    if (t->unit >= 0) {
+        s->unit_slot[t->unit] = -1;
+        s->pf_gen[t->unit] = -1;
+        s->pf_evicted[t->unit] = (uint8_t)by_prefetch;
+    }
+    t->unit = u;
+    t->loading = 1;
+    t->last_use = s->tick; /* not the previous occupant's */
+    s->unit_slot[u] = i;
+    s->pf_evicted[u] = 0;
 }
 
 /* pread all of n bytes at off into dst; 0, or -1 with errno (0: end of file) */
@@ -232,17 +299,15 @@ int expert_store_acquire(expert_store *s, int layer, int e, int counts, const vo
         if (slot >= 0 && !s->slot[slot].loading) { /* a hit */
             s->slot[slot].pins++;
             if (counts) s->st.hits++;
+            if (s->pf_gen[u] >= 0) { s->st.prefetch_used++; s->pf_gen[u] = -1; }
             break;
         }
-        const int victim = slot >= 0 ? -1 : pick_victim(s);
+        const int victim = slot >= 0 ? -1 : pick_victim(s, 0);
         if (victim >= 0) { /* a miss: claim the slot, read without the lock */
             slot_state *t = &s->slot[victim];
-            if (t->unit >= 0) s->unit_slot[t->unit] = -1;
-            t->unit = u;
+            s->st.prefetch_harm += s->pf_evicted[u];
+            claim_slot(s, victim, u, 0);
             t->pins = 1;
-            t->loading = 1;
-            t->last_use = s->tick; /* not the previous occupant's */
-            s->unit_slot[u] = victim;
             s->st.misses++;
             pthread_mutex_unlock(&s->mu);
             const int rc = load_unit(s, victim, layer, e);
@@ -294,14 +359,63 @@ moe_status expert_store_warm(expert_store *s, const int64_t *count) {
         if (best < 0) { pthread_mutex_unlock(&s->mu); return MOE_OK; }
         slot_state *t = &s->slot[free_slot];
         t->unit = best;
+        t->loading = 1; /* the prefetch thread may be choosing victims meanwhile */
         s->unit_slot[best] = free_slot;
         pthread_mutex_unlock(&s->mu);
-        if (load_unit(s, free_slot, best / s->E, best % s->E)) {
-            t->unit = -1;
-            s->unit_slot[best] = -1;
-            return expert_store_check(s);
-        }
+        const int rc = load_unit(s, free_slot, best / s->E, best % s->E);
+        pthread_mutex_lock(&s->mu);
+        t->loading = 0;
+        if (rc) { t->unit = -1; s->unit_slot[best] = -1; }
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        if (rc) return expert_store_check(s);
     }
+}
+
+/* The prefetch thread: reads the requested units one at a time, the lock
+ * released during each read (as acquire's misses are). */
+static void *prefetch_main(void *arg) {
+    expert_store *s = arg;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (!s->reader_stop && s->pf_head == s->pf_len) pthread_cond_wait(&s->pf_cv, &s->mu);
+        if (s->reader_stop) break;
+        const int u = s->pf_queue[s->pf_head++];
+        if (s->failed || s->unit_slot[u] >= 0) continue;
+        const int victim = pick_victim(s, 1);
+        if (victim < 0) continue; /* no room without evicting something wanted soon */
+        slot_state *t = &s->slot[victim];
+        claim_slot(s, victim, u, 1);
+        s->pf_gen[u] = s->pf_req;
+        s->st.prefetched++;
+        pthread_mutex_unlock(&s->mu);
+        const int rc = load_unit(s, victim, u / s->E, u % s->E);
+        pthread_mutex_lock(&s->mu);
+        t->loading = 0;
+        if (rc) { t->unit = -1; s->unit_slot[u] = -1; s->pf_gen[u] = -1; }
+        pthread_cond_broadcast(&s->cv); /* acquires waiting for this unit, or for a slot */
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+void expert_store_prefetch(expert_store *s, int layer, const int32_t *ids, int n, int busy_layer) {
+    if (!s->reader_running || layer < 0 || layer >= s->n_layers || !unit_bytes(&s->layers[layer])) return;
+    pthread_mutex_lock(&s->mu);
+    s->pf_req++;
+    s->pf_busy = busy_layer;
+    s->pf_head = s->pf_len = 0;
+    for (int i = 0; i < n && s->pf_len < s->E; i++) {
+        /* another rank's expert (expert parallelism) is never read, not even ahead */
+        if (ids[i] < s->o.first || ids[i] >= s->o.first + s->o.count) continue;
+        const int u = layer * s->E + ids[i];
+        int dup = 0;
+        for (int j = 0; j < s->pf_len && !dup; j++) dup = s->pf_queue[j] == u;
+        s->pf_asked[u] = s->pf_req;
+        if (!dup && s->unit_slot[u] < 0) s->pf_queue[s->pf_len++] = u;
+    }
+    if (s->pf_len) pthread_cond_signal(&s->pf_cv);
+    pthread_mutex_unlock(&s->mu);
 }
 
 void expert_store_get_stats(expert_store *s, expert_store_stats *out) {

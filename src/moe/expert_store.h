@@ -14,7 +14,16 @@
  * at once; when every slot is pinned, acquire waits for a release (each
  * thread holds one unit at a time, so one slot is enough to make progress).
  * A read error is recorded once (the first one wins) and acquire fails from
- * then on; expert_store_check turns it into the caller's moe_error. */
+ * then on; expert_store_check turns it into the caller's moe_error.
+ *
+ * Prefetch (opts.prefetch): one reader thread of the store's own reads the
+ * units expert_store_prefetch names into the cache ahead of their use. It
+ * only fills slots, within the same budget: it never evicts a pinned or
+ * loading unit, nor one of the layer in progress or one its request
+ * names; an acquire of a unit it is reading waits for that read. Units it
+ * read are kept from demand eviction (when another victim exists) until
+ * used or two requests old. Every unit it evicts that a later acquire
+ * misses is counted (prefetch_harm). expert_store_free stops and joins it. */
 #ifndef MOE_EXPERT_STORE_H
 #define MOE_EXPERT_STORE_H
 #include <stddef.h>
@@ -46,6 +55,7 @@ typedef struct {
      * are this process's; acquiring another is an error (recorded like a
      * read error), so their bytes are never read. count 0 = every expert */
     int first, count;
+    int prefetch;            /* 1: run the prefetch reader thread                  */
 } expert_store_opts;
 
 typedef struct {
@@ -53,6 +63,9 @@ typedef struct {
     int64_t bytes_read;      /* from the file                                       */
     int64_t waits;           /* acquires that waited for a free slot or a read     */
     double read_s;           /* wall time inside pread, summed over threads          */
+    int64_t prefetched;      /* units the prefetch thread read (in bytes_read too)    */
+    int64_t prefetch_used;   /* of those, acquired before being evicted             */
+    int64_t prefetch_harm;   /* misses on units a prefetch had evicted               */
     size_t slot_bytes;
     int n_slots;
     size_t table_bytes;      /* the store's bookkeeping, besides the slots          */
@@ -81,6 +94,11 @@ moe_status expert_store_check(expert_store *s);
 /* Loads units into free slots, most used first by count[n_layers][E]
  * (routing statistics), until the cache is full; no evictions. */
 moe_status expert_store_warm(expert_store *s, const int64_t *count);
+/* Asks the prefetch thread to read units (layer, ids[0..n-1]) that are not
+ * cached (duplicates and ids < 0 skipped), replacing what it has not read
+ * yet of the previous request; busy_layer is the layer now running (its
+ * units are not evicted for this). No-op without opts.prefetch. */
+void expert_store_prefetch(expert_store *s, int layer, const int32_t *ids, int n, int busy_layer);
 void expert_store_get_stats(expert_store *s, expert_store_stats *out);
 void expert_store_reset_stats(expert_store *s);
 #endif

@@ -168,15 +168,14 @@ static void json_samples(const double *v, int n) {
 }
 
 static int bench_run(cli_cmd *cmd, const char *path, int n_prompt, int n_gen, int reps, int threads,
-                     int json, const char *budget, const char *policy) {
+                     int json, const moe_load_options *lo) {
     if (!path) return cli_usage_error(cmd->name, "--model FILE is required (or --write-synthetic KIND, --machine)");
     if (n_prompt == 0 && n_gen == 0) return cli_usage_error(cmd->name, "nothing to measure: -p and -n are both 0");
     if (reps > 64) return cli_usage_error(cmd->name, "-r must be at most 64, got %d", reps);
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     const int n_threads = omp_get_max_threads();
     moe_model *m = NULL;
-    const moe_load_options lo = {budget, policy, 0, 0};
-    if (open_model_with(path, &lo, &m)) return EXIT_FAIL;
+    if (open_model_with(path, lo, &m)) return EXIT_FAIL;
     int rc = EXIT_FAIL;
     const moe_config *c = moe_model_config(m);
     /* the KV cache for just this run: the prompt, then n_gen decode steps */
@@ -304,7 +303,8 @@ static void bench_footer(FILE *f) {
 }
 
 int cmd_bench(int argc, char **argv) {
-    const char *model = NULL, *budget = NULL, *policy = NULL, *synth = NULL, *type = "q8_0", *out = NULL;
+    moe_load_options lo = {0};
+    const char *model = NULL, *synth = NULL, *type = "q8_0", *out = NULL;
     int n_prompt = 256, n_gen = 128, reps = 3, threads = 0, json = 0, force = 0, machine = 0;
     uint64_t seed = 1;
     str_list sets = {0};
@@ -322,7 +322,7 @@ int cmd_bench(int argc, char **argv) {
         {"set", OPT_LIST, &sets, R_ANY, "KEY=VALUE", "--write-synthetic: change the MoE's shape; repeatable", NULL, 0},
         {"seed", OPT_U64, &seed, R_ANY, "S", "--write-synthetic: weight seed", NULL, 0},
         {"force", OPT_FLAG, &force, R_ANY, NULL, "--write-synthetic: overwrite --out", NULL, 0},
-        OFFLOAD_OPTS(budget, policy),
+        OFFLOAD_OPTS(lo),
     };
     cli_cmd cmd = {"bench", "--model FILE [-p 256] [-n 128] [-r 3] [-t N] [--json]",
                    "Measures prefill and decode speed of a model file and prints a table in\n"
@@ -345,7 +345,7 @@ int cmd_bench(int argc, char **argv) {
         else if (out || sets.n || cli_given(&cmd, "type"))
             rc = cli_usage_error(cmd.name, "--out, --type and --set go with --write-synthetic");
         else if (machine) rc = machine_run(&cmd, threads, json);
-        else rc = bench_run(&cmd, model, n_prompt, n_gen, reps, threads, json, budget, policy);
+        else rc = bench_run(&cmd, model, n_prompt, n_gen, reps, threads, json, &lo);
     }
     cli_free(&cmd);
     free(args);

@@ -44,14 +44,14 @@ static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
 }
 
 static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe_sample_params *sp,
-                        int threads, int echo, int n_ctx, int stats, const char *budget, const char *policy,
-                        const cli_routing *rt, int ep) {
+                        int threads, int echo, int n_ctx, int stats, moe_load_options lo,
+                        const cli_routing *rt) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
-    int rc_ep = cli_check_inference_ep(cmd, ep);
+    int rc_ep = cli_check_inference_ep(cmd, lo.expert_parallel);
     if (rc_ep) return rc_ep;
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     moe_model *m = NULL;
-    const moe_load_options lo = {budget, policy, cli_given(cmd, "ctx") ? n_ctx : 0, ep};
+    lo.n_ctx = cli_given(cmd, "ctx") ? n_ctx : 0;
     if (load_model_with(model, &lo, &m)) return EXIT_FAIL;
     if (!moe_model_tokenizer(m)) {
         moe_model_free(m);
@@ -125,8 +125,9 @@ done:
 }
 
 int cmd_generate(int argc, char **argv) {
-    const char *model = NULL, *prompt = "", *budget = NULL, *policy = NULL;
-    int threads = 0, echo = 0, n_ctx = 0, stats = 0, ep = 1;
+    const char *model = NULL, *prompt = "";
+    moe_load_options lo = {.expert_parallel = 1};
+    int threads = 0, echo = 0, n_ctx = 0, stats = 0;
     moe_sample_params sp = {.max_tokens = 200, .temperature = 0.8f, .top_k = 0, .top_p = 0.95f, .seed = 1};
     cli_routing rt = {0};
     cli_opt opts[] = {
@@ -144,9 +145,9 @@ int cmd_generate(int argc, char **argv) {
          "print prompt and generation tokens/s, the kernel path (and the expert cache's hit rate) on stderr", NULL, 0},
         {"ctx", OPT_INT, &n_ctx, R_POS, "N", "positions the KV cache holds",
          "the model's context, at most 4096 for published models", 0},
-        OFFLOAD_OPTS(budget, policy),
+        OFFLOAD_OPTS(lo),
         CLI_ROUTING_OPTS(rt),
-        EXPERT_PARALLEL_OPT(ep),
+        EXPERT_PARALLEL_OPT(lo.expert_parallel),
     };
     cli_cmd cmd = {"generate", "--model FILE [options]",
                    "Samples text from a model and streams it to stdout as it is generated.\n"
@@ -156,7 +157,7 @@ int cmd_generate(int argc, char **argv) {
                    "as one process; docs/distributed.md).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats, budget, policy, &rt, ep);
+    if (rc < 0) rc = generate_run(&cmd, model, prompt, &sp, threads, echo, n_ctx, stats, lo, &rt);
     cli_free(&cmd);
     return rc;
 }
@@ -194,10 +195,10 @@ static int parse_expert_spec(const char *s, int *layer, int *expert) {
 }
 
 static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads, int stats,
-                    const char *budget, const char *policy, const str_list *disable, int domains,
-                    int validation, const cli_routing *rt, int ep) {
+                    const moe_load_options *lo, const str_list *disable, int domains,
+                    int validation, const cli_routing *rt) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
-    int rc_ep = cli_check_inference_ep(cmd, ep);
+    int rc_ep = cli_check_inference_ep(cmd, lo->expert_parallel);
     if (rc_ep) return rc_ep;
     if (data->n == 0) return cli_usage_error(cmd->name, "--data PATH is required");
     for (int i = 0; i < disable->n; i++) {
@@ -208,8 +209,7 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     if (cli_given(cmd, "threads")) moe_set_threads(threads);
     if (check_data_paths(data)) return EXIT_FAIL;
     moe_model *m = NULL;
-    const moe_load_options lo = {budget, policy, 0, ep};
-    if (load_model_with(model, &lo, &m)) return EXIT_FAIL;
+    if (load_model_with(model, lo, &m)) return EXIT_FAIL;
     const moe_config *cfg = moe_model_config(m);
     int rc = EXIT_FAIL;
     moe_dataset *d = NULL;
@@ -295,9 +295,10 @@ done:
 }
 
 int cmd_eval(int argc, char **argv) {
-    const char *model = NULL, *budget = NULL, *policy = NULL;
+    const char *model = NULL;
+    moe_load_options lo = {.expert_parallel = 1};
     str_list data = {0}, disable = {0};
-    int seq = 0, threads = 0, stats = 0, domains = 0, validation = 0, ep = 1;
+    int seq = 0, threads = 0, stats = 0, domains = 0, validation = 0;
     cli_routing rt = {0};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to evaluate", "required", 0},
@@ -305,14 +306,14 @@ int cmd_eval(int argc, char **argv) {
         {"seq", OPT_INT, &seq, R_GT1, "T", "tokens per sequence", "the model's max_seq", 0},
         {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
         {"stats", OPT_FLAG, &stats, R_ANY, NULL, "print tokens/s (and the expert cache's hit rate) on stderr", NULL, 0},
-        OFFLOAD_OPTS(budget, policy),
+        OFFLOAD_OPTS(lo),
         {"domains", OPT_FLAG, &domains, R_ANY, NULL, "also the loss of each domain (data file)", NULL, 0},
         {"disable-expert", OPT_LIST, &disable, R_ANY, "L:E",
          "switch expert E of layer L off (its weight goes to no one); repeatable; implies --domains", NULL, 0},
         {"validation", OPT_FLAG, &validation, R_ANY, NULL,
          "only the validation split moe train holds out of the same data", NULL, 0},
         CLI_ROUTING_OPTS(rt),
-        EXPERT_PARALLEL_OPT(ep),
+        EXPERT_PARALLEL_OPT(lo.expert_parallel),
     };
     cli_cmd cmd = {"eval", "--model FILE --data PATH [options]",
                    "Computes a model's mean per-token loss and perplexity on all of the given text.\n"
@@ -321,7 +322,7 @@ int cmd_eval(int argc, char **argv) {
                    "splits the experts over the N ranks (the same loss as one process).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, budget, policy, &disable, domains, validation, &rt, ep);
+    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, &lo, &disable, domains, validation, &rt);
     cli_free(&cmd);
     return rc;
 }

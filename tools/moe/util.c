@@ -156,6 +156,10 @@ void print_offload_stats(const char *cmd, const moe_model *m) {
             s.tokens ? (double)s.bytes_read / (double)s.tokens / mib : 0.0, (double)s.cache_bytes / mib,
             (double)s.budget / mib, 100.0 * (double)s.budget / (double)s.expert_bytes, (double)s.expert_bytes / mib,
             s.slots, s.units);
+    if (s.prefetched)
+        fprintf(stderr, "moe %s: prefetch: %.2f experts read ahead per token, %.0f%% of them used; %lld misses on experts "
+                "a prefetch evicted\n", cmd, s.tokens ? (double)s.prefetched / (double)s.tokens : 0.0,
+                100.0 * (double)s.prefetch_used / (double)s.prefetched, (long long)s.prefetch_harm);
 }
 
 int cli_check_inference_ep(cli_cmd *cmd, int ep) {
