@@ -36,8 +36,10 @@ MOE_API const char *moe_status_str(moe_status s); /* static text for a code */
 MOE_API void moe_profile(int on);
 MOE_API void moe_profile_report(char *buf, size_t cap);
 MOE_API const char *moe_last_error(void);         /* message of last failure */
-/* The kernels quantised matmuls use on this CPU now: "avx512-vnni" or
- * "portable" (MOE_KERNELS=portable or MOE_REFERENCE=1 force the latter). */
+/* The kernels quantised matmuls use on this CPU now: "amx-int8+avx512-vnni"
+ * (Q8_0 matmuls of 16 rows or more on AMX-INT8; MOE_AMX=0 turns that off),
+ * "avx512-vnni" or "portable" (MOE_KERNELS=portable or MOE_REFERENCE=1
+ * force the latter). */
 MOE_API const char *moe_cpu_kernels(void);
 /* The GEMM backend model matmuls run on for fp32 (bf16 = 0) or bf16-input
  * (bf16 = 1) matmuls: "avx512", "avx512_bf16" or "reference" (no fast unit on

@@ -7,12 +7,13 @@
 # outside the allowed ones: the fp32 GEMM micro-kernel, attention's rows4, the
 # reference GEMM's fused chain (its fmaf is the oracle of the micro-kernel), and
 # the quantised dot products, which fuse where llama.cpp's x86 kernels do
-# (core/dtype.c's vec_dots and kernels/quant_avx512.c's tiles).
+# (core/dtype.c's vec_dots and kernels/quant_avx512.c's tiles), and the AMX-INT8
+# Q8_0 tile with its plain-C twin (one fused add per block, by name).
 set -u
 cd "$(dirname "$0")/.."
 . tests/lib.sh no_fma
 BUILD=${BUILD:-build}
-allowed='^(ukernel|rows4|gemm_ref_fma_chain|(q4_0|q8_0|k_affine|q6_K|f16|bf16)_vec_dot|(q4_0|q8_0|q4_K|q5_K|q6_K|f16|bf16)_tile)$'
+allowed='^(ukernel|rows4|gemm_ref_fma_chain|(q4_0|q8_0|k_affine|q6_K|f16|bf16)_vec_dot|(q4_0|q8_0|q4_K|q5_K|q6_K|f16|bf16)_tile|qk_amx_q8_0_tile|qmatmul_q8_0_blocked_ref)$'
 objs=$(ls "$BUILD"/src/*/*.o 2>/dev/null)
 if [ -z "$objs" ]; then bad objects "no object files in $BUILD/src (build first)"; finish; fi
 if ! command -v objdump >/dev/null; then bad objdump "objdump not found (binutils)"; finish; fi

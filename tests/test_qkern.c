@@ -86,6 +86,12 @@ static int fast_ok(void) {
 #define SKIP_REASON (qk_avx512_supported() ? "MOE_KERNELS=portable in the environment" \
                                            : "no AVX-512 (F/BW/VL/VNNI/BF16)")
 
+/* the AMX-INT8 path can run here (the CPU has it, the tiles were granted) */
+static int amx_ok(void) {
+    const char *a = getenv("MOE_AMX");
+    return fast_ok() && qk_amx_q8_0_supported() && !(a && strcmp(a, "0") == 0);
+}
+
 static int same_bits(const float *a, const float *b, size_t n) { return !memcmp(a, b, n * sizeof(float)); }
 
 static void test_tiles(void) {
@@ -94,6 +100,7 @@ static void test_tiles(void) {
     const int Ns[] = {1, 2, 3, 4, 5, 8, 15, 16, 17}, OCs[] = {1, 3, 17, 33};
     moe_rng r;
     moe_rng_seed(&r, 77);
+    qmatmul_allow_amx(0); /* the exact path at every N; the AMX path is tested on its own */
     for (int ti = 0; ti < N_TYPES; ti++) {
         int type = types[ti];
         const dtype_traits *t = dtype_traits_of(type), *at = dtype_traits_of(t->dot_type);
@@ -153,6 +160,83 @@ static void test_tiles(void) {
         CHECK(bad_alone == 0, "%d rows differ from the row computed alone", bad_alone);
         TEST_END();
     }
+    qmatmul_allow_amx(1);
+}
+
+/* AMX-INT8 Q8_0: = its plain-C twin (qmatmul_q8_0_blocked_ref) bit for bit
+ * on ragged N and OC, through qmatmul_forward where N >= 16 and through the
+ * kernel itself below; within the fp32 rounding bound of the exact product
+ * of the dequantised operands (qmatmul_forward_ref, in double); and the same
+ * bits on 1 and 2 threads. */
+static void test_amx(void) {
+    TEST_CASE("amx-int8 q8_0: = blocked twin bit for bit (N 0..64, ragged OC), error bound, threads");
+    if (!amx_ok()) {
+        TEST_SKIP("no AMX");
+        return;
+    }
+    enum { AN = 64, AOC = 70, AC = 1056 };
+    static float in[AN * AC], got[AN * AOC], twin[AN * AOC], ref[AN * AOC], two[AN * AOC];
+    static float wf[AC], af[AC];
+    static uint8_t w[AOC * AC * 2], act[AC * 2];
+    const int Ns[] = {0, 1, 15, 16, 17, 31, 33, 48, 64}, OCs[] = {1, 3, 16, 17, 33, 70};
+    const int Cs[] = {32, 64, 96, 352, 1056};
+    moe_rng r;
+    moe_rng_seed(&r, 21);
+    int bad_twin = 0, bad_bound = 0, bad_thr = 0, shapes = 0, saved = omp_get_max_threads();
+    const dtype_traits *t = dtype_traits_of(DT_Q8_0);
+    for (int ci = 0; ci < 5; ci++)
+        for (int ni = 0; ni < 9; ni++) {
+            const int C = Cs[ci], N = Ns[ni], OC = OCs[(ci + ni) % 6], nb = C / 32;
+            size_t rb;
+            dtype_row_bytes(DT_Q8_0, C, &rb);
+            fill_weights(DT_Q8_0, w, OC, C, (ci + ni) % 3, &r);
+            for (int n = 0; n < N; n++) fill_act(in + (size_t)n * C, C, (ni + n) % 3, &r);
+            void *ws = moe_malloc(qmatmul_workspace(DT_Q8_0, N, C) + 1);
+            if (N >= QMM_AMX_MIN_ROWS) {
+                omp_set_num_threads(1);
+                qmatmul_forward(got, in, w, DT_Q8_0, N, C, OC, ws);
+                omp_set_num_threads(2);
+                qmatmul_forward(two, in, w, DT_Q8_0, N, C, OC, ws);
+                omp_set_num_threads(saved);
+                if (!same_bits(got, two, (size_t)N * OC)) bad_thr++;
+            } else { /* below the threshold qmatmul keeps vec_dot: call the kernel */
+                for (int n = 0; n < N; n++) qk_amx_q8_0_pack(ws, in + (size_t)n * C, n, N, C);
+                for (int o = 0; o < OC; o += 16)
+                    qk_amx_q8_0_tile(got + o, (size_t)OC, w + (size_t)o * rb, rb,
+                                     OC - o < 16 ? OC - o : 16, ws, N, C);
+            }
+            qmatmul_q8_0_blocked_ref(twin, in, w, N, C, OC);
+            qmatmul_forward_ref(ref, in, w, DT_Q8_0, N, C, OC);
+            if (!same_bits(got, twin, (size_t)N * OC) && bad_twin++ < 3)
+                for (int i = 0; i < N * OC; i++)
+                    if (memcmp(&got[i], &twin[i], 4)) {
+                        printf("  C %d N %d OC %d [%d][%d]: amx %.9g twin %.9g\n", C, N, OC, i / OC,
+                               i % OC, got[i], twin[i]);
+                        break;
+                    }
+            /* one rounding per block fma and per scale product, of at most
+             * the sum of |terms| so far: (2 nb + 1) 2^-24 sum |w a| */
+            for (int n = 0; n < N; n++) {
+                t->quantize_act(act, in + (size_t)n * C, C);
+                t->to_float(af, act, C);
+                for (int o = 0; o < OC; o++) {
+                    t->to_float(wf, w + (size_t)o * rb, C);
+                    double s = 0;
+                    for (int k = 0; k < C; k++) s += fabs((double)wf[k] * af[k]);
+                    double e = fabs((double)got[(size_t)n * OC + o] - ref[(size_t)n * OC + o]);
+                    /* huge rows overflow the fp16 scales: no finite product to bound */
+                    if (isfinite(s) && isfinite(ref[(size_t)n * OC + o]) &&
+                        !(e <= (2.0 * nb + 1) * 0x1p-24 * s + 1e-37))
+                        bad_bound++;
+                }
+            }
+            moe_free(ws);
+            shapes++;
+        }
+    CHECK(bad_twin == 0, "%d of %d shapes: amx != blocked twin", bad_twin, shapes);
+    CHECK(bad_bound == 0, "%d outputs outside the rounding bound of the exact product", bad_bound);
+    CHECK(bad_thr == 0, "%d shapes differ between 1 and 2 threads", bad_thr);
+    TEST_END();
 }
 
 /* 1 vs 2 threads on a prefill shape: outputs are split by rows only */
@@ -241,7 +325,7 @@ static void test_env(void) {
     CHECK(strcmp(moe_cpu_kernels(), "portable") == 0, "reference kernels forced, got %s",
           moe_cpu_kernels());
     moe_set_reference_kernels(0);
-    const char *want = fast_ok() ? "avx512-vnni" : "portable";
+    const char *want = !fast_ok() ? "portable" : amx_ok() ? "amx-int8+avx512-vnni" : "avx512-vnni";
     CHECK(strcmp(moe_cpu_kernels(), want) == 0, "detected %s, want %s", moe_cpu_kernels(), want);
     TEST_END();
 }
@@ -315,6 +399,7 @@ int main(void) {
     test_quantize();
     test_tiles();
     test_threads();
+    test_amx();
     test_llama();
     TEST_MAIN_END();
 }

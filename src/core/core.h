@@ -57,6 +57,9 @@ typedef struct {
     int amx_tile, amx_bf16, amx_int8;
 } moe_cpu_features;
 const moe_cpu_features *moe_cpu(void);    /* detected once, cached */
+/* core/amx.c: 1 when this process may use the AMX tiles (the CPU has them
+ * and the kernel granted the tile state; asked once per process), else 0. */
+int moe_amx_enable(void);
 /* Kernels use the fast path only when this is nonzero (default: detected;
  * MOE_REFERENCE=1 in the environment or moe_set_reference_kernels(1) forces
  * the scalar reference path). */

@@ -37,16 +37,22 @@ size_t qmatmul_workspace(int wtype, int N, int C) {
  * from any thread of a team); MOE_REFERENCE and moe_set_reference_kernels
  * are asked on every call, through moe_use_fast_kernels. */
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
-static int env_portable;
+static int env_portable, env_no_amx;
+static _Atomic int amx_allowed = 1;
 static void read_env(void) {
-    const char *e = getenv("MOE_KERNELS");
+    const char *e = getenv("MOE_KERNELS"), *a = getenv("MOE_AMX");
     env_portable = e && strcmp(e, "portable") == 0;
+    env_no_amx = a && strcmp(a, "0") == 0;
 }
 static int use_avx512(void) {
     pthread_once(&env_once, read_env);
     return !env_portable && moe_use_fast_kernels() && qk_avx512_supported();
 }
-const char *qmatmul_kernels(void) { return use_avx512() ? "avx512-vnni" : "portable"; }
+void qmatmul_allow_amx(int on) { amx_allowed = on != 0; }
+static int use_amx(void) { return use_avx512() && !env_no_amx && amx_allowed && qk_amx_q8_0_supported(); }
+const char *qmatmul_kernels(void) {
+    return use_amx() ? "amx-int8+avx512-vnni" : use_avx512() ? "avx512-vnni" : "portable";
+}
 MOE_API const char *moe_cpu_kernels(void) { return qmatmul_kernels(); }
 
 /* the portable tile: one vec_dot per output */
@@ -60,6 +66,7 @@ static void portable_tile(const dtype_traits *t, float *out, size_t ldo, const c
 /* output rows per task: a few weight rows stay in L1 while every activation
  * row passes them */
 #define ROWS_PER_TASK 16
+_Static_assert(ROWS_PER_TASK == 16, "the AMX path gives a task one tile of 16 weight rows");
 
 static void fill_nan(float *out, int N, int OC) {
     for (size_t i = 0; i < (size_t)N * (size_t)OC; i++) out[i] = NAN;
@@ -95,6 +102,20 @@ void qmatmul_forward(float *out, const float *in, const void *w, int wtype, int 
     const char *wb = w;
     double work = (double)N * C * OC;
     int tasks = (OC + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    if (wtype == DT_Q8_0 && N >= QMM_AMX_MIN_ROWS && C / 32 <= QMM_AMX_MAX_BLOCKS && use_amx()) {
+        /* activations straight into the tile layout, then 16 weight rows per task */
+#pragma omp parallel if (work >= PAR_MIN_WORK)
+        {
+#pragma omp for schedule(static)
+            for (int n = 0; n < N; n++) qk_amx_q8_0_pack(act, in + (size_t)n * C, n, N, C);
+#pragma omp for schedule(static)
+            for (int k = 0; k < tasks; k++) {
+                int o = k * ROWS_PER_TASK, nw = OC - o < ROWS_PER_TASK ? OC - o : ROWS_PER_TASK;
+                qk_amx_q8_0_tile(out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, N, C);
+            }
+        }
+        return;
+    }
 #pragma omp parallel if (work >= PAR_MIN_WORK)
     {
 #pragma omp for schedule(static)
@@ -144,5 +165,35 @@ void qmatmul_forward_ref(float *out, const float *in, const void *w, int wtype, 
     }
     moe_free(wf);
     moe_free(af);
+    moe_free(act);
+}
+
+void qmatmul_q8_0_blocked_ref(float *out, const float *in, const void *w, int N, int C, int OC) {
+    const dtype_traits *t = dtype_traits_of(DT_Q8_0);
+    size_t rb;
+    if (N <= 0 || OC <= 0) return;
+    uint8_t *act = dtype_row_bytes(DT_Q8_0, C, &rb) ? NULL : moe_malloc(rb ? rb : 1);
+    if (!act) {
+        fill_nan(out, N, OC);
+        return;
+    }
+    const uint8_t *wb = w;
+    for (int n = 0; n < N; n++) {
+        t->quantize_act(act, in + (size_t)n * C, C);
+        for (int o = 0; o < OC; o++) {
+            const uint8_t *wr = wb + (size_t)o * rb;
+            float acc = 0.0f;
+            for (int b = 0; b < C / 32; b++) {
+                const uint8_t *x = wr + 34 * b, *y = act + 34 * b;
+                int32_t dot = 0;
+                for (int k = 0; k < 32; k++) dot += (int32_t)(int8_t)x[2 + k] * (int8_t)y[2 + k];
+                uint16_t hw, ha;
+                memcpy(&hw, x, 2);
+                memcpy(&ha, y, 2);
+                acc = fmaf((float)dot, dtype_f16_to_f32(hw) * dtype_f16_to_f32(ha), acc);
+            }
+            out[(size_t)n * OC + o] = acc;
+        }
+    }
     moe_free(act);
 }

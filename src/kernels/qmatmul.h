@@ -13,6 +13,13 @@
  * MOE_REFERENCE=1 force the portable path). Work is split by output rows and
  * no output depends on which other rows share its tile, so results do not
  * depend on the thread count, on N, or on the path.
+ *
+ * One exception, for prefill speed: Q8_0 weights with N >= QMM_AMX_MIN_ROWS
+ * on a CPU with AMX-INT8 (kernels/quant_amx.c) sum each output as
+ * qmatmul_q8_0_blocked_ref does (exact int32 per block, one fp32 fma per
+ * block), which differs from vec_dot in the last bits. Decode (N = 1) and
+ * every other type keep vec_dot. Still independent of the thread count and
+ * of which rows share a tile; MOE_AMX=0 or qmatmul_allow_amx(0) turn it off.
  * ws is qmatmul_workspace(wtype, N, C) bytes, planned by the caller (NULL
  * when that is 0); the kernel allocates nothing. */
 #ifndef MOE_QMATMUL_H
@@ -23,7 +30,8 @@
 size_t qmatmul_workspace(int wtype, int N, int C);
 void qmatmul_forward(float *out, const float *in, const void *w, int wtype, int N, int C,
                      int OC, void *ws);
-/* "avx512-vnni" or "portable": the path qmatmul_forward takes now. */
+/* "amx-int8+avx512-vnni", "avx512-vnni" or "portable": the path
+ * qmatmul_forward takes now (amx-int8: for Q8_0 prefill). */
 const char *qmatmul_kernels(void);
 
 /* A tile: for o < nw and n < na,
@@ -39,6 +47,25 @@ typedef void (*qmm_quant_fn)(void *dst, const float *src, int64_t n);
 int qk_avx512_supported(void);
 qmm_tile_fn qk_avx512_tile(int wtype);
 qmm_quant_fn qk_avx512_quantize(int dot_type);
+
+/* kernels/quant_amx.c: AMX-INT8 Q8_0 x Q8_0. supported: the CPU has AMX-INT8
+ * and the tiles were granted. pack: quantises row n (of N) of C floats
+ * into the tile layout (same bytes in all as N Q8_0 rows). tile: for
+ * nw <= 16 weight rows and all N packed rows, out[n * ldo + o] as
+ * qmatmul_q8_0_blocked_ref computes it; C <= 32 * QMM_AMX_MAX_BLOCKS. */
+#define QMM_AMX_MIN_ROWS 16
+#define QMM_AMX_MAX_BLOCKS 512
+int qk_amx_q8_0_supported(void);
+void qk_amx_q8_0_pack(void *dst, const float *in, int n, int N, int64_t C);
+void qk_amx_q8_0_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                      const void *pack, int N, int64_t C);
+/* 0 keeps every matmul on vec_dot (exactness tests); default 1. */
+void qmatmul_allow_amx(int on);
+
+/* The AMX twin for Q8_0 weights, plain C: activations by the portable
+ * quantize_act; per output acc = 0, then for each block in order
+ * acc = fmaf((float)exact_int32_dot, d_w * d_a, acc). */
+void qmatmul_q8_0_blocked_ref(float *out, const float *in, const void *w, int N, int C, int OC);
 
 /* The reference twin: every weight row dequantised with to_float and summed
  * against the activation row as its dot type rounds it, in double. Test oracle

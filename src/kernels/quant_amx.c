@@ -1,0 +1,146 @@
+/* kernels/quant_amx: AMX-INT8 tiles of qmatmul for Q8_0 weights against Q8_0
+ * activations, used for matmuls of QMM_AMX_MIN_ROWS rows or more (prefill).
+ *
+ * Arithmetic (the reference twin is qmatmul_q8_0_blocked_ref): per 32-element
+ * block the int32 dot of weight and activation quants, exact (TDPBSSD); then
+ * acc = fma(float(dot), d_w * d_a, acc) over the blocks in order, one fp32
+ * accumulator per output. That is not the order of llama.cpp's x86 vec_dot
+ * (8 lanes, summed at the end), which the AVX-512 tiles keep for decode.
+ *
+ * Layout. A tile = 16 weight rows x one block: read straight from the GGUF
+ * rows (32 quant bytes each, the row stride apart), so weights need no
+ * repacking. B = the block's activation quants for up to 16 tokens in the
+ * VNNI layout TDPBSSD wants (row k holds bytes 4k..4k+3 of every token):
+ * the activations are quantised straight into that layout, once per matmul
+ * (qk_amx_q8_0_pack), in the bytes the row layout would take:
+ *   token group g (rows 16g .. 16g+m-1, m = min(16, N - 16g)) starts at
+ *   byte 16g * nb * 34 and holds quants [nb][8][4m], then scales [nb][m]
+ *   (fp16, as in the Q8_0 block).
+ * C = 16 weight rows x m tokens of int32, stored and scaled in AVX-512.
+ *
+ * Built always (functions carry their own target), called only where the
+ * CPU has AMX-INT8 and the kernel granted the tiles (moe_amx_enable). */
+#include "kernels/qmatmul.h"
+#include "core/core.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11
+#include <immintrin.h>
+
+#define AMX_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")))
+
+enum { QB = 32, Q8_0_BYTES = 34, TM = 16 };
+
+/* LDTILECFG's 64-byte operand, palette 1 */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tiles 0, 1: weights (nw rows x 32 bytes) of blocks b, b + 1;
+ * 2, 3: activations (8 rows x 4m bytes); 4, 5: int32 results (nw x m) */
+static AMX_TARGET void load_config(int nw, int m) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 2; t++) {
+        c.rows[t] = (uint8_t)nw, c.colsb[t] = QB;
+        c.rows[2 + t] = QB / 4, c.colsb[2 + t] = (uint16_t)(4 * m);
+        c.rows[4 + t] = (uint8_t)nw, c.colsb[4 + t] = (uint16_t)(4 * m);
+    }
+    /* GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes, and the
+     * stores of the rest get dropped: name the whole operand */
+    __asm__ volatile("ldtilecfg %0" : : "m"(c));
+}
+
+void qk_amx_q8_0_pack(void *dst, const float *in, int n, int N, int64_t C) {
+    qmm_quant_fn quant = qk_avx512_quantize(DT_Q8_0);
+    const int64_t nb = C / QB;
+    const int g = n / TM, j = n % TM, m = N - TM * g < TM ? N - TM * g : TM;
+    uint8_t *grp = (uint8_t *)dst + (size_t)TM * g * nb * Q8_0_BYTES, blk[Q8_0_BYTES];
+    uint8_t *scales = grp + (size_t)nb * QB * m;
+    for (int64_t b = 0; b < nb; b++) {
+        quant(blk, in + b * QB, QB);
+        uint8_t *q = grp + (size_t)b * QB * m + 4 * j;
+        for (int k = 0; k < QB / 4; k++) memcpy(q + (size_t)k * 4 * m, blk + 2 + 4 * k, 4);
+        memcpy(scales + 2 * ((size_t)b * m + j), blk, 2);
+    }
+}
+
+/* acc[i] += float(int32 row i of the tile) * (dw[i] * da) */
+#define SCALE_ROWS(buf, dwb, da)                                                                   \
+    for (int i = 0; i < TM; i++)                                                                   \
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(buf)[i])),   \
+                                 _mm512_mul_ps(_mm512_set1_ps((dwb)[i]), da), acc[i])
+
+AMX_TARGET void qk_amx_q8_0_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                                 const void *pack, int N, int64_t C) {
+    const int64_t nb = C / QB;
+    const uint8_t *wb = w;
+    float dw[QMM_AMX_MAX_BLOCKS][TM];
+    for (int64_t b = 0; b < nb; b++)
+        for (int i = 0; i < TM; i++) {
+            uint16_t h = 0;
+            if (i < nw) memcpy(&h, wb + (size_t)i * wrow + (size_t)b * Q8_0_BYTES, 2);
+            dw[b][i] = _cvtsh_ss(h);
+        }
+    int32_t buf[2][TM][TM] __attribute__((aligned(64)));
+    memset(buf, 0, sizeof buf); /* rows past nw stay 0: their scale is 0 too */
+    float res[TM][TM] __attribute__((aligned(64)));
+    int cfg_m = -1;
+    for (int g = 0; TM * g < N; g++) {
+        const int m = N - TM * g < TM ? N - TM * g : TM;
+        if (m != cfg_m) load_config(nw, cfg_m = m);
+        const uint8_t *grp = (const uint8_t *)pack + (size_t)TM * g * nb * Q8_0_BYTES;
+        const uint16_t *scales = (const uint16_t *)(grp + (size_t)nb * QB * m);
+        const size_t bstride = (size_t)QB * m;
+        const __mmask16 mm = (__mmask16)((1u << m) - 1);
+        __m512 acc[TM];
+        for (int i = 0; i < TM; i++) acc[i] = _mm512_setzero_ps();
+        int64_t b = 0;
+        for (; b + 1 < nb; b += 2) { /* two blocks in flight */
+            _tile_loadd(0, wb + (size_t)b * Q8_0_BYTES + 2, wrow);
+            _tile_loadd(1, wb + (size_t)(b + 1) * Q8_0_BYTES + 2, wrow);
+            _tile_loadd(2, grp + (size_t)b * bstride, 4 * m);
+            _tile_loadd(3, grp + (size_t)(b + 1) * bstride, 4 * m);
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_dpbssd(4, 0, 2);
+            _tile_dpbssd(5, 1, 3);
+            _tile_stored(4, buf[0], 4 * TM);
+            _tile_stored(5, buf[1], 4 * TM);
+            __m512 da0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mm, scales + (size_t)b * m));
+            __m512 da1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mm, scales + (size_t)(b + 1) * m));
+            SCALE_ROWS(buf[0], dw[b], da0);
+            SCALE_ROWS(buf[1], dw[b + 1], da1);
+        }
+        if (b < nb) {
+            _tile_loadd(0, wb + (size_t)b * Q8_0_BYTES + 2, wrow);
+            _tile_loadd(2, grp + (size_t)b * bstride, 4 * m);
+            _tile_zero(4);
+            _tile_dpbssd(4, 0, 2);
+            _tile_stored(4, buf[0], 4 * TM);
+            __m512 da0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mm, scales + (size_t)b * m));
+            SCALE_ROWS(buf[0], dw[b], da0);
+        }
+        for (int i = 0; i < TM; i++) _mm512_store_ps(res[i], acc[i]);
+        for (int n = 0; n < m; n++)
+            for (int i = 0; i < nw; i++) out[(size_t)(TM * g + n) * ldo + i] = res[i][n];
+    }
+    _tile_release();
+}
+
+int qk_amx_q8_0_supported(void) {
+    const moe_cpu_features *c = moe_cpu();
+    return c->amx_int8 && qk_avx512_supported() && moe_amx_enable();
+}
+
+#else /* no AMX intrinsics here */
+void qk_amx_q8_0_pack(void *dst, const float *in, int n, int N, int64_t C) {}
+void qk_amx_q8_0_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                      const void *pack, int N, int64_t C) {}
+int qk_amx_q8_0_supported(void) { return 0; }
+#endif
