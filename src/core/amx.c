@@ -29,6 +29,12 @@ int moe_amx_enable(void) {
     pthread_once(&amx_once, request_tiles);
     return amx_granted;
 }
+
+void moe_amx_load_config(const moe_amx_tilecfg *c) {
+    /* the memory operand names all 64 bytes, so every store before it stays */
+    __asm__ volatile("ldtilecfg %0" : : "m"(*c));
+}
 #else
+void moe_amx_load_config(const moe_amx_tilecfg *c) { (void)c; }
 int moe_amx_enable(void) { return 0; }
 #endif

@@ -60,6 +60,16 @@ const moe_cpu_features *moe_cpu(void);    /* detected once, cached */
 /* core/amx.c: 1 when this process may use the AMX tiles (the CPU has them
  * and the kernel granted the tile state; asked once per process), else 0. */
 int moe_amx_enable(void);
+/* LDTILECFG's 64-byte operand, palette 1: tile t is rows[t] x colsb[t] bytes */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} moe_amx_tilecfg;
+/* Loads c into this thread's tile configuration (each thread that uses tiles
+ * must). Not the compiler's _tile_loadconfig: GCC 12 tells the optimiser that
+ * it reads 8 bytes, so stores to the rest can be dropped (seen: SIGILL). */
+void moe_amx_load_config(const moe_amx_tilecfg *c);
 /* Kernels use the fast path only when this is nonzero (default: detected;
  * MOE_REFERENCE=1 in the environment or moe_set_reference_kernels(1) forces
  * the scalar reference path). */

@@ -41,16 +41,11 @@
 #include "kernels/kernels.h"
 
 #include <omp.h>
-#include <pthread.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #define AMX_TARGET \
     __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 
 enum {
     TK = 16,            /* k pairs per tile product */
@@ -58,29 +53,13 @@ enum {
     A_BYTES = 256 << 10 /* bound of a thread's packed A rows */
 };
 
-/* ---- permission and tile configuration ---- */
-static int amx_permitted;
-static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
-
-static void amx_request(void) {
-    const moe_cpu_features *c = moe_cpu();
-    if (!(c->amx_tile && c->amx_bf16)) return;
-    amx_permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
-
-/* LDTILECFG's 64-byte operand: palette 1, all eight tiles 16 rows x 64 bytes */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-AMX_TARGET static void tiles_configure(void) {
-    tile_config cfg;
+/* ---- tile configuration: all eight tiles 16 rows x 64 bytes ---- */
+static void tiles_configure(void) {
+    moe_amx_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-    _tile_loadconfig(&cfg);
+    moe_amx_load_config(&cfg);
 }
 
 /* ---- packing A ---- */
@@ -228,8 +207,7 @@ static int amx_supports(const gemm_desc *g) {
     if (!(g->bf16 && c->amx_tile && c->amx_bf16 && c->avx512f && c->avx512bw && c->avx512vl &&
           c->avx512_bf16))
         return 0;
-    pthread_once(&amx_once, amx_request);
-    return amx_permitted;
+    return moe_amx_enable();
 }
 
 static size_t amx_workspace(const gemm_desc *g, int nthr) {

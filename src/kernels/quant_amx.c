@@ -33,17 +33,10 @@
 
 enum { QB = 32, Q8_0_BYTES = 34, TM = 16 };
 
-/* LDTILECFG's 64-byte operand, palette 1 */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
 /* tiles 0, 1: weights (nw rows x 32 bytes) of blocks b, b + 1;
  * 2, 3: activations (8 rows x 4m bytes); 4, 5: int32 results (nw x m) */
 static AMX_TARGET void load_config(int nw, int m) {
-    tile_config c;
+    moe_amx_tilecfg c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 2; t++) {
@@ -51,9 +44,7 @@ static AMX_TARGET void load_config(int nw, int m) {
         c.rows[2 + t] = QB / 4, c.colsb[2 + t] = (uint16_t)(4 * m);
         c.rows[4 + t] = (uint8_t)nw, c.colsb[4 + t] = (uint16_t)(4 * m);
     }
-    /* GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes, and the
-     * stores of the rest get dropped: name the whole operand */
-    __asm__ volatile("ldtilecfg %0" : : "m"(c));
+    moe_amx_load_config(&c);
 }
 
 void qk_amx_q8_0_pack(void *dst, const float *in, int n, int N, int64_t C) {
