@@ -526,4 +526,21 @@ assert all(len(e) > 0 for e in d["vocabulary"]["top"][0]) and 0 < d["vocabulary"
     expect "report: --compare of another shape" 1 "different shape" "$MOE" report --model "$R" --data "$T/dom" --compare "$T/rt8.gguf" --out "$T/r3.html"
 else bad "train a model for routing analytics" "exit $RC: $(tail -c 300 "$T/err")"; fi
 
+
+# training precision default: bf16 where the AMX backend runs bf16 matmuls, fp32 elsewhere
+run "$MOE" info
+if grep -q "bf16: amx_bf16" "$T/out"; then
+    grep -q "training precision default on this CPU: bf16" "$T/out" && grep -q "matmul backend on this CPU: amx_bf16 " "$T/out" \
+        && ok "info: bf16 is the training default on this AMX CPU" || bad "info: AMX default" "$(cat "$T/out" | tail -3)"
+    run "$MOE" info --set matmul=fp32
+    grep -q "overridden by --set matmul=fp32" "$T/out" && grep -q "matmul backend on this CPU: avx512 " "$T/out" \
+        && ok "info: --set matmul=fp32 overrides the AMX default" || bad "info: fp32 override" "$(tail -3 "$T/out")"
+else
+    grep -q "training precision default" "$T/out" && bad "info: no AMX, no bf16 default" "$(tail -3 "$T/out")" \
+        || ok "info: fp32 stays the training default without AMX"
+fi
+MOE_REFERENCE=1 run "$MOE" info
+grep -q "training precision default" "$T/out" && bad "info: MOE_REFERENCE=1 keeps fp32" "$(tail -3 "$T/out")" \
+    || ok "info: MOE_REFERENCE=1 keeps the fp32 default"
+
 finish
