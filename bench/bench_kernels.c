@@ -98,7 +98,7 @@ static double fma_peak(int nthr, const char **isa, int bf16) {
  * two A and two B tiles loaded once; each product is 16 x 16 x 32 multiply-adds.
  * The accumulators are stored at the end so nothing is elided. --- */
 __attribute__((target("amx-tile,amx-bf16"), noinline)) static float amx_loop(long iters) {
-    static _Alignas(64) uint16_t src[16 * 32];
+    _Alignas(64) uint16_t src[16 * 32]; /* per thread: every thread fills its own */
     for (int i = 0; i < 16 * 32; i++) src[i] = 0x3c00; /* bf16 2^-7: sums stay finite */
     moe_amx_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -113,7 +113,7 @@ __attribute__((target("amx-tile,amx-bf16"), noinline)) static float amx_loop(lon
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
-    static _Thread_local _Alignas(64) float out[16 * 16];
+    _Alignas(64) float out[16 * 16];
     float s = 0;
     _tile_stored(0, out, 64); s += out[0];
     _tile_stored(3, out, 64); s += out[255];
