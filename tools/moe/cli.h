@@ -125,6 +125,9 @@ int cli_check_inference_ep(cli_cmd *cmd, int ep);
 /* after a run with --expert-parallel: this rank's experts, the bytes it read
  * of them and what it exchanged, one line on stderr (every rank prints its own) */
 void print_rank_stats(const char *cmd, const moe_model *m);
+/* --threads N of the inference commands (0 = all cores) */
+#define THREADS_OPT(t) \
+    {"threads", OPT_INT, &(t), R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0}
 #define EXPERT_PARALLEL_OPT(ep)                                                                       \
     {"expert-parallel", OPT_INT, &(ep), R_POS, "N",                                                   \
      "under mpirun -np N: split the experts over the N ranks, each holding and reading only its own", \

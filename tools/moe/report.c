@@ -538,7 +538,7 @@ int cmd_report(int argc, char **argv) {
         {"prompt", OPT_TEXT, &prompt, R_ANY, "TEXT", "text of the per-token view", "the first traced tokens", 0},
         {"out", OPT_STR, &out, R_ANY, "FILE", "the HTML report; FILE with .json instead of .html gets the numbers", "required", 0},
         {"force", OPT_FLAG, &force, R_ANY, NULL, "overwrite existing files", NULL, 0},
-        {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
+        THREADS_OPT(threads),
     };
     cli_cmd cmd = {"report", "--model FILE [--data PATH ...] [--log FILE] [--compare FILE] --out report.html",
                    "Writes one self-contained HTML page (inline SVG and script, nothing fetched) about a model's routing: "

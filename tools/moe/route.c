@@ -189,7 +189,7 @@ int cmd_route(int argc, char **argv) {
         {"layer", OPT_INT, &layer, R_NONNEG, "L", "show only layer L (and colour by it)", "all MoE layers, colour by the first", 0},
         {"json", OPT_FLAG, &json, R_ANY, NULL, "JSON Lines, one object per token (see README)", NULL, 0},
         {"max-tokens", OPT_INT, &max_tokens, R_NONNEG, "N", "route at most N tokens, 0 = all", NULL, 0},
-        {"threads", OPT_INT, &threads, R_NONNEG, "N", "worker threads, 0 = all cores", "all cores", 0},
+        THREADS_OPT(threads),
     };
     cli_cmd cmd = {"route", "--model FILE (--prompt TEXT | --data PATH ...) [options]",
                    "Shows, for every token and every MoE layer, the experts the router chose and their weights. "
