@@ -176,7 +176,10 @@ MOE_API moe_status moe_model_load(moe_model **out, const char *path);  /* GGUF *
 /* What to settle while loading, before the memory check a load makes: a
  * published model larger than memory loads when its experts are offloaded
  * (mem_budget, as moe_model_set_mem_budget takes it; NULL = all mapped),
- * and n_ctx (0 = the default) sizes the KV cache the check counts. */
+ * and n_ctx (0 = the default) sizes the KV cache the check counts. Our own
+ * models (moe train output) given a mem_budget, even "0", are mapped as a
+ * published model is, not copied: for inference and evaluation only
+ * (moe_train and moe_model_save refuse them). */
 typedef struct {
     const char *mem_budget;
     const char *offload_policy; /* NULL = the default (moe_model_set_offload_policy) */
@@ -254,9 +257,10 @@ MOE_API void moe_model_describe(const moe_model *m, char *buf, size_t cap);
  * size: "0" (off: every expert mapped, the default), bytes ("4096", "512K",
  * "512M", "2G", powers of 1024) or a share of the experts' bytes ("50%").
  * Refused below one expert's slices (the message says the minimum), and for
- * our own models (their weights are in memory already: moe convert writes
- * a published copy) unless loaded with expert_parallel (mapped, then). With
- * expert_parallel the share is of this rank's experts, and "0" is refused. */
+ * a model whose weights are in memory (moe_model_create, or our own model
+ * loaded without mem_budget or expert_parallel: such a load copies every
+ * weight for training). With expert_parallel the share is of this rank's
+ * experts, and "0" is refused. */
 MOE_API moe_status moe_model_set_mem_budget(moe_model *m, const char *size);
 /* Eviction policy for the next moe_model_set_mem_budget (or the current
  * cache, rebuilt empty): "lru", "lfu" (use counts halving every 256 tokens)

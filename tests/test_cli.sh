@@ -322,7 +322,20 @@ if [ "$RC" -eq 0 ] && [ -s "$C" ]; then
         then ok "generate --mem-budget 25% --offload-prefetch $pf: same text"; else bad "generate --mem-budget 25% --offload-prefetch $pf: same text" "exit $RC: $(head -c 300 "$T/err")"; fi
     done
     expect "generate: --offload-prefetch unknown" 1 "prefetch 'maybe'" "$MOE" generate --model "$T/conv.gguf" --mem-budget 50% --offload-prefetch maybe
-    expect "generate: --mem-budget on our own model" 1 "published-layout" "$MOE" generate --model "$C" --mem-budget 50%
+    # our own model (moe train's file) offloads too: mapped, its experts read into the cache
+    for b in 50% 25%; do
+        run "$MOE" generate --model "$C" --prompt "the quick" --tokens 12 --temperature 0 --threads 1 --mem-budget "$b" --stats
+        if [ "$RC" -eq 0 ] && cmp -s "$T/out" "$T/gen-orig" && grep -qE "^moe generate: experts: hit rate [0-9.]+% .* MiB read per token" "$T/err"
+        then ok "generate --mem-budget $b on our own model: same text"; else bad "generate --mem-budget $b on our own model: same text" "exit $RC: $(head -c 300 "$T/err")"; fi
+    done
+    run "$MOE" eval --model "$C" --data "$T/small.txt" --seq 16 --threads 1 --stats; grep -o "loss [0-9.]* (every digit" "$T/err" >"$T/own-loss"
+    run "$MOE" eval --model "$C" --data "$T/small.txt" --seq 16 --threads 1 --mem-budget 25% --stats
+    if [ "$RC" -eq 0 ] && [ -s "$T/own-loss" ] && grep -qF "$(cat "$T/own-loss")" "$T/err" && grep -qE "^moe eval: experts: hit rate .* [0-9.]+ MiB read per token" "$T/err"
+    then ok "eval --mem-budget 25% on our own model: the same loss, every digit"
+    else bad "eval --mem-budget 25% on our own model: the same loss, every digit" "exit $RC: $(cat "$T/own-loss") $(head -c 300 "$T/err")"; fi
+    run "$MOE" bench --model "$C" -p 8 -n 4 -r 1 -t 1 --mem-budget 50%
+    if [ "$RC" -eq 0 ] && grep -q "tg4" "$T/out" && grep -q "^moe bench: experts: hit rate" "$T/err"
+    then ok "bench --mem-budget on our own model"; else bad "bench --mem-budget on our own model" "exit $RC: $(head -c 300 "$T/err")"; fi
     expect "convert: a published file" 1 "already a published llama file" "$MOE" convert --to gguf "$T/conv.gguf" "$T/conv2.gguf"
     cp "$T/conv.gguf" "$T/conv.copy"
     expect "convert: refuses to overwrite" 1 "refusing to overwrite" "$MOE" convert --to gguf "$C" "$T/conv.gguf"

@@ -7,7 +7,11 @@
  *  - the cache's allocation (allocator counts) stays within the budget;
  *  - bytes read from the file = misses x one expert's bytes;
  *  - every policy gives the same bits;
- *  - below the minimum, a bad budget, our own (in-memory) model, and a file
+ *  - our own models (moe train's files) of several presets and routing
+ *    modes, loaded with a budget, are mapped, and give the resident (copied)
+ *    load's bits through inference and the batch forward of evaluation at
+ *    the same budgets; so do their quantised copies;
+ *  - below the minimum, a bad budget, an in-memory model, and a file
  *    truncated under a running cache are clear errors, not crashes. */
 #include <stdint.h>
 #include <unistd.h>
@@ -59,23 +63,43 @@ static moe_model *write_and_load(const char *path, const layout *L, int wtype, u
     return m;
 }
 
-static void test_layout(const layout *L, int wtype) {
-    char name[200], path[256];
-    snprintf(name, sizeof name, "offload %s (%s): budgets give the resident bits", L->label, dtype_name(wtype));
-    TEST_CASE(name);
-    th_tmp_path(path, sizeof path, "offload.gguf");
-    moe_model *m = write_and_load(path, L, wtype, 11);
-    moe_status st;
-    const size_t V = (size_t)L->c.vocab_size;
-    float *ref = malloc(sizeof(float) * N_TOK * V), *got = malloc(sizeof(float) * N_TOK * V);
-    if (!m || !ref || !got) { free(ref); free(got); moe_model_free(m); TEST_END(); return; }
-    CHECK(run(m, ref) == MOE_OK, "resident run: %s", moe_last_error());
+/* How a check runs the model: through the KV-cached inference path (run:
+ * generate, bench, eval of a published model) or the batch forward (eval
+ * of our own models); logits[tokens][V] out. */
+typedef struct {
+    const char *name;
+    moe_status (*fn)(moe_model *m, float *logits);
+    int tokens;
+} runner;
+
+enum { BATCH_B = 2, BATCH_T = 8 };
+
+/* logits[B * T][V] of the batch forward over B x T tokens with targets */
+static moe_status run_batch(moe_model *m, float *logits) {
+    int32_t tok[BATCH_B * BATCH_T + 1];
+    for (int i = 0; i <= BATCH_B * BATCH_T; i++) tok[i] = (int32_t)((i * 53 + 5) % m->cfg.vocab_size);
+    model_losses L;
+    moe_status st = model_forward(m, tok, tok + 1, BATCH_B, BATCH_T, &L);
+    if (!st) memcpy(logits, m->acts.logits, sizeof(float) * BATCH_B * BATCH_T * m->cfg.vocab_size);
+    return st;
+}
+
+static const runner INFER = {"inference", run, N_TOK}, BATCH = {"batch forward", run_batch, BATCH_B * BATCH_T};
+
+/* The budgets 100%, 50%, 25% and the minimum, prefetch off and on, one and
+ * four threads: the logits of r equal ref, the cache stays within its
+ * budget (allocator counts), bytes read = (misses + prefetched) x one
+ * expert's bytes. prefetched[2] sums the experts read ahead (off, on).
+ * m has run r once before (its scratch is allocated). */
+static void check_budgets(moe_model *m, const runner *r, const float *ref, int64_t *prefetched) {
+    const size_t V = (size_t)m->cfg.vocab_size, n = (size_t)r->tokens * V;
+    float *got = malloc(sizeof(float) * n);
+    if (!got) { CHECK(0, "out of memory"); return; }
     const size_t total = model_expert_bytes(m), one = expert_bytes_of(m), min = min_budget(m);
     CHECK(min >= one && min < one + 256, "minimum %zu for an expert of %zu bytes: %s", min, one, moe_last_error());
     CHECK(strstr(moe_last_error(), "below the minimum"), "message: %s", moe_last_error());
     char spec[4][32] = {"100%", "50%", "25%", ""};
     snprintf(spec[3], sizeof spec[3], "%zu", min);
-    int64_t prefetched[2] = {0, 0}; /* by prefetch off, on */
     for (int pf = 0; pf < 2; pf++)
     for (int threads = 1; threads <= 4; threads += 3) {
         moe_set_threads(threads);
@@ -83,7 +107,7 @@ static void test_layout(const layout *L, int wtype) {
         for (int b = 0; b < 4; b++) {
             moe_model_set_mem_budget(m, "0"); /* the previous cache goes first */
             const size_t before = moe_alloc_in_use();
-            st = moe_model_set_mem_budget(m, spec[b]);
+            moe_status st = moe_model_set_mem_budget(m, spec[b]);
             CHECK(st == MOE_OK, "budget %s: %s", spec[b], moe_last_error());
             if (st) continue;
             moe_offload_stats s;
@@ -95,28 +119,43 @@ static void test_layout(const layout *L, int wtype) {
             CHECK(b != 0 || s.slots == s.units, "100%%: %d slots for %d experts", s.slots, s.units);
             CHECK(b != 3 || s.slots == 1, "minimum: %d slots", s.slots);
             CHECK((size_t)s.expert_bytes == total, "expert bytes %lld vs %zu", (long long)s.expert_bytes, total);
-            st = run(m, got);
+            st = r->fn(m, got);
             CHECK(st == MOE_OK, "budget %s: %s", spec[b], moe_last_error());
-            CHECK(!memcmp(got, ref, sizeof(float) * N_TOK * V), "budget %s, %d threads, prefetch %d: logits differ from the "
-                  "resident run", spec[b], threads, pf);
+            CHECK(!memcmp(got, ref, sizeof(float) * n), "%s, budget %s, %d threads, prefetch %d: logits differ from the "
+                  "resident run", r->name, spec[b], threads, pf);
             /* the prefetch thread allocates nothing: the cache stays what it was given */
-            CHECK(moe_alloc_in_use() - before == grown, "budget %s, prefetch %d: allocation grew from %zu to %zu", spec[b], pf,
-                  grown, moe_alloc_in_use() - before);
+            CHECK(moe_alloc_in_use() - before == grown, "budget %s, prefetch %d: allocation grew from %zu to %zu", spec[b], pf, grown, moe_alloc_in_use() - before);
             moe_model_offload_stats(m, &s);
             CHECK(s.bytes_read == (s.misses + s.prefetched) * (int64_t)one, "budget %s: read %lld bytes for %lld misses and "
                   "%lld prefetches of %zu", spec[b], (long long)s.bytes_read, (long long)s.misses, (long long)s.prefetched, one);
             CHECK(s.prefetch_used <= s.prefetched && s.prefetch_harm <= s.misses, "prefetch: %lld read, %lld used, %lld harm",
                   (long long)s.prefetched, (long long)s.prefetch_used, (long long)s.prefetch_harm);
             prefetched[pf] += s.prefetched;
-            CHECK(s.misses > 0 && s.hits + s.misses >= (int64_t)N_TOK * L->c.top_k / 2, "budget %s: %lld hits, %lld misses",
-                  spec[b], (long long)s.hits, (long long)s.misses);
+            /* uses are counted once per expert and forward call: one call for the batch */
+            const int64_t uses = r->fn == run_batch ? m->cfg.top_k : (int64_t)r->tokens * m->cfg.top_k / 2;
+            CHECK(s.misses > 0 && s.hits + s.misses >= uses, "budget %s: %lld hits, %lld misses", spec[b], (long long)s.hits, (long long)s.misses);
             CHECK(b != 0 || s.misses <= s.units, "100%%: %lld misses for %d experts", (long long)s.misses, s.units);
-            CHECK(s.tokens == N_TOK, "%lld tokens counted", (long long)s.tokens);
+            CHECK(s.tokens == r->tokens, "%lld tokens counted", (long long)s.tokens);
         }
     }
+    moe_set_threads(0);
+    free(got);
+}
+
+static void test_layout(const layout *L, int wtype) {
+    char name[200], path[256];
+    snprintf(name, sizeof name, "offload %s (%s): budgets give the resident bits", L->label, dtype_name(wtype));
+    TEST_CASE(name);
+    th_tmp_path(path, sizeof path, "offload.gguf");
+    moe_model *m = write_and_load(path, L, wtype, 11);
+    const size_t V = (size_t)L->c.vocab_size;
+    float *ref = malloc(sizeof(float) * N_TOK * V), *got = malloc(sizeof(float) * N_TOK * V);
+    if (!m || !ref || !got) { free(ref); free(got); moe_model_free(m); TEST_END(); return; }
+    CHECK(run(m, ref) == MOE_OK, "resident run: %s", moe_last_error());
+    int64_t prefetched[2] = {0, 0}; /* by prefetch off, on */
+    check_budgets(m, &INFER, ref, prefetched);
     CHECK(prefetched[0] == 0 && prefetched[1] > 0, "experts prefetched: %lld with prefetch off, %lld on",
           (long long)prefetched[0], (long long)prefetched[1]);
-    moe_set_threads(0);
     const char *policies[] = {"lru", "lfu", "lrfu"};
     for (int p = 0; p < 3; p++) {
         CHECK(moe_model_set_offload_policy(m, policies[p], p == 2) == MOE_OK, "%s", moe_last_error());
@@ -139,6 +178,89 @@ static void test_layout(const layout *L, int wtype) {
     free(ref);
     free(got);
     moe_model_free(m);
+    remove(path);
+    TEST_END();
+}
+
+/* Our own model (moe train's file: fp32, the "moe.*" config) of a preset,
+ * shrunk to a vocabulary of 300 and two MoE layers: loaded with a budget
+ * it is mapped, not copied, and at every budget both the inference path
+ * and the batch forward (eval) give the bits of the resident (copied)
+ * load. routing: a routing mode to set, or -1 for the preset's. quant: also
+ * a quantised copy (moe convert --quant) at every budget against that copy
+ * fully mapped; NULL: none. */
+static void test_own(const char *preset, int routing, const char *quant) {
+    char name[200], path[256], qpath[256];
+    snprintf(name, sizeof name, "offload: our own %s model%s%s%s: budgets give the resident bits", preset,
+             routing == MOE_ROUTING_EXPERT ? " (expert choice)" : routing == MOE_ROUTING_SEQUENCE ? " (sequence routing)" : "",
+             quant ? ", and its " : "", quant ? quant : "");
+    TEST_CASE(name);
+    th_tmp_path(path, sizeof path, "offload-own.gguf");
+    th_tmp_path(qpath, sizeof qpath, "offload-own-q.gguf");
+    moe_config c;
+    CHECK(moe_config_preset(&c, preset) == MOE_OK, "%s", moe_last_error());
+    c.vocab_size = 300;
+    c.max_seq = 32;
+    c.n_layers = c.moe_first_dense + 2;
+    if (routing >= 0) c.routing = routing;
+    moe_model *res = NULL, *om = NULL;
+    moe_status st = moe_model_create(&res, &c, 17);
+    CHECK(st == MOE_OK, "%s: %s", preset, moe_last_error());
+    if (st) { TEST_END(); return; }
+    if (c.expert_bias) /* a selection bias that changes the choice */
+        for (int l = 0; l < c.n_layers; l++)
+            for (int e = 0; res->w.layers[l].exp_bias.data && e < c.n_experts; e++)
+                F32(res->w.layers[l].exp_bias)[e] = 0.05f * (float)((e * 7 + l) % 5 - 2);
+    CHECK((st = moe_model_save(res, path)) == MOE_OK, "save: %s", moe_last_error());
+    moe_model_free(res);
+    res = NULL;
+    const size_t V = (size_t)c.vocab_size;
+    float *ref_inf = malloc(sizeof(float) * INFER.tokens * V), *ref_bat = malloc(sizeof(float) * BATCH.tokens * V);
+    float *got = malloc(sizeof(float) * (INFER.tokens + BATCH.tokens) * V);
+    if (!st) st = moe_model_load(&res, path);
+    CHECK(st == MOE_OK && res->params, "resident load: %s", moe_last_error());
+    if (!st && ref_inf && ref_bat && got) {
+        CHECK(run(res, ref_inf) == MOE_OK && run_batch(res, ref_bat) == MOE_OK, "resident runs: %s", moe_last_error());
+        moe_load_options o = {.mem_budget = "0"};
+        st = moe_model_load_with(&om, path, &o);
+        CHECK(st == MOE_OK && om && !om->params && !om->store, "mapped load: %s", moe_last_error());
+    }
+    if (om) {
+        /* budget 0: every expert in the mapping, the same bits; this allocates the scratch */
+        CHECK(run(om, got) == MOE_OK && !memcmp(got, ref_inf, sizeof(float) * INFER.tokens * V), "mapped inference differs");
+        CHECK(run_batch(om, got) == MOE_OK && !memcmp(got, ref_bat, sizeof(float) * BATCH.tokens * V), "mapped batch differs");
+        int64_t prefetched[2] = {0, 0};
+        check_budgets(om, &INFER, ref_inf, prefetched);
+        CHECK(prefetched[0] == 0 && prefetched[1] > 0, "experts prefetched: %lld off, %lld on", (long long)prefetched[0],
+              (long long)prefetched[1]);
+        check_budgets(om, &BATCH, ref_bat, prefetched);
+        /* inference only: neither saved nor trained (its weights are the file's pages) */
+        CHECK(moe_model_save(om, qpath) == MOE_ERR_UNSUPPORTED, "a mapped own model was saved");
+        moe_train_params tp;
+        moe_train_params_default(&tp);
+        tp.out_path = qpath;
+        CHECK(moe_train(om, NULL, &tp, NULL, NULL, NULL) == MOE_ERR_UNSUPPORTED && strstr(moe_last_error(), "inference only"),
+              "a mapped own model trains: %s", moe_last_error());
+        moe_model_free(om);
+        om = NULL;
+    }
+    if (quant && res) { /* the quantised copy: a published layout, offloaded as one */
+        st = moe_model_convert_quant(res, qpath, quant);
+        CHECK(st == MOE_OK, "convert --quant %s: %s", quant, moe_last_error());
+        if (!st) st = moe_model_load(&om, qpath);
+        CHECK(st == MOE_OK && om && om->arch[0], "the %s copy: %s", quant, moe_last_error());
+        if (!st) {
+            CHECK(run(om, got) == MOE_OK, "the %s copy: %s", quant, moe_last_error());
+            int64_t prefetched[2] = {0, 0};
+            check_budgets(om, &INFER, got, prefetched);
+        }
+        moe_model_free(om);
+        remove(qpath);
+    }
+    moe_model_free(res);
+    free(ref_inf);
+    free(ref_bat);
+    free(got);
     remove(path);
     TEST_END();
 }
@@ -238,7 +360,7 @@ static void test_refusals(void) {
     remove(path);
     moe_model *own = NULL;
     CHECK(moe_model_create(&own, &L[0].c, 1) == MOE_OK, "%s", moe_last_error());
-    CHECK(!own || (moe_model_set_mem_budget(own, "50%") == MOE_ERR_UNSUPPORTED && strstr(moe_last_error(), "published")),
+    CHECK(!own || (moe_model_set_mem_budget(own, "50%") == MOE_ERR_UNSUPPORTED && strstr(moe_last_error(), "when loading")),
           "own model: %s", moe_last_error());
     CHECK(!own || moe_model_set_mem_budget(own, "0") == MOE_OK, "own model, budget 0: %s", moe_last_error());
     moe_model_free(own);
@@ -391,6 +513,13 @@ int main(void) {
     const int n = layouts(L);
     for (int i = 0; i < n; i++) test_layout(&L[i], i % 2 ? DT_Q8_0 : DT_F32);
     test_layout(&L[0], DT_Q4_K);
+    test_own("default", -1, "q4_0");
+    test_own("deepseek-v2", -1, NULL);
+    test_own("deepseek-v3", -1, "q8_0");
+    test_own("olmoe", -1, NULL);
+    test_own("switch", -1, NULL);
+    test_own("tiny", MOE_ROUTING_EXPERT, NULL);
+    test_own("tiny", MOE_ROUTING_SEQUENCE, NULL);
     test_truncated();
     test_larger_than_memory();
     test_refusals();

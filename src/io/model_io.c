@@ -240,10 +240,12 @@ static moe_status read_own_extras(moe_model *m, gguf_ctx *g, const char *path) {
     return st;
 }
 
-/* Expert parallelism over our own model: its fp32 tensors bound in the
- * mapping as a published model's are (same names, same list), not copied,
- * so that other ranks' experts are never read; this rank's come through
- * the expert store (model_hold_experts). Inference and evaluation only. */
+/* Our own model for inference and evaluation only, with a memory budget or
+ * expert parallelism: its fp32 tensors bound in the mapping as a published
+ * model's are (same names, same list), not copied into a parameter block,
+ * so that offloaded experts (and other ranks') are never paged in; the
+ * experts come through the expert store (moe_model_set_mem_budget,
+ * model_hold_experts), everything else is read from the mapping. */
 static moe_status load_own_mapped(moe_model **out, gguf_ctx *g, const moe_config *cfg, const char *path,
                                   const moe_load_options *o) {
     moe_model *m = NULL;
@@ -252,6 +254,10 @@ static moe_status load_own_mapped(moe_model **out, gguf_ctx *g, const moe_config
     m->file = g;
     m->n_params = 0;
     st = bind_published(m, g, path);
+    /* the batch forward reads our own tensors as fp32, as the copied load checks */
+    for (int i = 0; !st && i < m->n_tensors; i++)
+        if (gguf_find_tensor(g, m->tensors[i].name)->type != GGML_TYPE_F32)
+            st = moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' has the wrong type or shape for the config", path, m->tensors[i].name);
     if (!st && !(m->path = moe_strdup(path))) st = moe_error(MOE_ERR_NOMEM, "out of memory");
     if (!st) st = read_own_extras(m, g, path);
     /* the context of the copied load (max_seq), not a published model's default */
@@ -289,7 +295,9 @@ moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load
                            "file holds only %zu bytes of tensor data (truncated, or the wrong config)", path,
                            (long long)n, (double)n * sizeof(float), have);
     }
-    if (!st && o->expert_parallel > 1) return load_own_mapped(out, g, &cfg, path, o);
+    /* a budget (even "0": every expert in the mapping) or expert parallelism:
+     * inference only, the weights stay in the file */
+    if (!st && (o->expert_parallel > 1 || o->mem_budget)) return load_own_mapped(out, g, &cfg, path, o);
     if (!st) st = model_alloc(&m, &cfg);
     for (int i = 0; !st && i < m->n_tensors; i++) {
         const tensor_desc *t = &m->tensors[i];
@@ -305,10 +313,10 @@ moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load
     }
     if (!st) st = read_own_extras(m, g, path);
     gguf_close(g);
-    /* our own models: every weight is in memory, so a budget is refused (the message says why) */
+    /* the policy and prefetch settings keep for a later moe_model_set_mem_budget,
+     * which refuses a model whose weights are all in memory (the message says why) */
     if (!st && o->offload_policy) st = moe_model_set_offload_policy(m, o->offload_policy, 0);
     if (!st && o->offload_prefetch) st = moe_model_set_offload_prefetch(m, o->offload_prefetch);
-    if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
     if (!st && o->n_ctx) st = moe_model_set_context(m, o->n_ctx);
     if (st) { moe_model_free(m); return st; }
     *out = m;

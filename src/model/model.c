@@ -536,6 +536,7 @@ moe_status model_forward(moe_model *m, const int32_t *tokens, const int32_t *tar
         PROF_RUN(PROF_RESIDUAL, add_into(x_out, A->x_mid, a->dh, (size_t)N * d));
     }
     if (L.n_moe) m->stats.calls++;
+    if (m->store) m->store_tokens += N; /* the cache's per-token figures (moe_model_offload_stats) */
     PROF_RUN(PROF_NORM, rmsnorm_forward(a->hnf, a->rstdf, a->x_final, F32(m->w.output_norm), N, d, c->norm_eps));
     PROF_RUN(PROF_LM_HEAD, matmul_forward(a->logits, a->hnf, F32(m->w.output), NULL, N, d, V, mm));
     if (targets) {

@@ -1,5 +1,6 @@
-/* model/offload: a published model's routed experts behind an expert_store
- * (moe/expert_store.h), read from its file on demand. The model side: the
+/* model/offload: a mapped model's routed experts (a published model, or our
+ * own loaded with a budget) behind an expert_store (moe/expert_store.h),
+ * read from its file on demand. The model side: the
  * budget's text, where each layer's experts lie in the file, keeping their
  * pages out of the process, and the public setters of moe.h. */
 #include <ctype.h>
@@ -135,8 +136,9 @@ moe_status moe_model_set_mem_budget(moe_model *m, const char *size) {
         return moe_error(MOE_ERR_INVALID_ARG, "with expert parallelism a rank's experts are always read through the expert "
                          "cache: give --mem-budget above 0, or leave it out to hold all of this rank's experts");
     if (budget && (!m->file || !m->path))
-        return moe_error(MOE_ERR_UNSUPPORTED, "--mem-budget needs a published-layout model file: this model's weights are "
-                         "all in memory already (moe convert writes a llama-layout copy that can be offloaded)");
+        return moe_error(MOE_ERR_UNSUPPORTED, "this model's weights are all in memory already (created, or loaded for "
+                         "training): give the budget when loading it (--mem-budget, moe_load_options.mem_budget), which "
+                         "keeps the weights in the file");
     if (budget && !total) return moe_error(MOE_ERR_UNSUPPORTED, "the model has no routed experts to offload");
     m->store_budget = budget;
     m->store_all = 0;

@@ -493,6 +493,9 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     const moe_config *c = &m->cfg;
     moe_status st = p.out_path ? MOE_OK : moe_error(MOE_ERR_INVALID_ARG, "no output path");
     if (st) return st;
+    if (!m->params)
+        return moe_error(MOE_ERR_UNSUPPORTED, "this model's weights are views of its file (a published model, or one "
+                         "loaded with a memory budget or expert parallelism, for inference only), not parameters to train");
     if (m->route_k || m->route_threshold > 0)
         return moe_error(MOE_ERR_INVALID_ARG, "run-time routing (active experts %d, threshold %g) is for inference only: "
                          "training uses the model's top-k (clear it with moe_model_set_routing(m, 0, 0, 0))",
