@@ -17,8 +17,10 @@
  * One line per run: tokens/s, hit rate, MiB read per token, experts
  * prefetched per token and the share of them used before eviction, misses
  * on experts a prefetch evicted per token, the process's
- * resident memory (VmRSS, and its file-backed part) and the allocator's
- * count at the end of the run (cache, KV cache, scratch). */
+ * resident memory (VmRSS, and its file-backed part), the allocator's
+ * count at the end of the run (cache, KV cache, scratch), and the bytes
+ * read from the file over (misses + experts prefetched) x one expert's
+ * bytes (1.000: no byte more than the misses imply). */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,11 +97,21 @@ static int run_one(const char *path, const char *budget, const char *policy, int
     moe_offload_stats s;
     moe_model_offload_stats(m, &s);
     const double uses = (double)(s.hits + s.misses), mib = 1024.0 * 1024.0;
+    /* bytes read over what the misses and prefetches imply (one expert's bytes each): 1 */
+    double one = 0;
+    for (int l = 0; l < m->cfg.n_layers && !one; l++)
+        if (m->plan[l].ffn == FFN_MOE) {
+            const layer_weights *W = &m->w.layers[l];
+            one = (double)W->gate_exps.ne[1] * W->gate_exps.row_bytes + (double)W->up_exps.ne[1] * W->up_exps.row_bytes +
+                  (double)W->down_exps.ne[1] * W->down_exps.row_bytes;
+        }
+    const double implied = (double)(s.misses + s.prefetched) * one;
     const double tokens = s.tokens ? (double)s.tokens : 1.0;
-    printf("%-6s %-5s %-5s %-4s %8.2f %7.1f%% %9.2f %7.2f %5.0f%% %6.2f %9.1f %9.1f %9.1f %9.1f\n", budget, policy,
+    printf("%-6s %-5s %-5s %-4s %8.2f %7.1f%% %9.2f %7.2f %5.0f%% %6.2f %9.1f %9.1f %9.1f %9.1f %8.3f\n", budget, policy,
            cold ? "cold" : "warm", s.budget ? prefetch : "-", n_decode / dt, uses ? 100.0 * s.hits / uses : 100.0,
            s.bytes_read / mib / tokens, s.prefetched / tokens, s.prefetched ? 100.0 * s.prefetch_used / s.prefetched : 0.0,
-           s.prefetch_harm / tokens, s.cache_bytes / mib, rss_mib("VmRSS:"), rss_mib("RssFile:"), (moe_alloc_in_use() - base) / mib);
+           s.prefetch_harm / tokens, s.cache_bytes / mib, rss_mib("VmRSS:"), rss_mib("RssFile:"), (moe_alloc_in_use() - base) / mib,
+           implied > 0 ? (double)s.bytes_read / implied : s.bytes_read ? -1.0 : 1.0);
     fflush(stdout);
     moe_free(logits);
     moe_model_free(m);
@@ -141,7 +153,7 @@ int main(int argc, char **argv) {
             return 1;
         }
     }
-    printf("budget policy cache pref    tok/s hit rate MiB/token pf/tok  used harm/t  cacheMiB    RSSMiB   RSSfile  allocMiB\n");
+    printf("budget policy cache pref    tok/s hit rate MiB/token pf/tok  used harm/t  cacheMiB    RSSMiB   RSSfile  allocMiB read/implied\n");
     char cb[16], bb[32], pb[16], fb[8];
     for (int ci = 0; item(caches, ci, cb, sizeof cb); ci++)
         for (int bi = 0; item(budgets, bi, bb, sizeof bb); bi++)
