@@ -6,7 +6,9 @@
  * BENCH_THREADS, default 1).
  * Writes MODEL (default /tmp/moe-offload-bench.gguf) when it is missing: a
  * random-weight llama-layout MoE, 8 layers, d_model 1024, 64 experts top-8,
- * expert hidden 512, Q8_0. Then, for each budget (mapped, 100/75/50/25% of
+ * expert hidden 512, Q8_0 (BENCH_OWN=1: one of our own fp32 files, as moe
+ * train writes them, of the default preset instead). MODEL may be any file
+ * moe loads, our own included. Then, for each budget (mapped, 100/75/50/25% of
  * the experts' bytes) and each eviction policy: a 16-token prompt, 16
  * decode steps to fill the cache, then the measured decode steps (the
  * tokens a fixed pseudo-random stream, so routing has no more locality than
@@ -68,9 +70,10 @@ static int run_one(const char *path, const char *budget, const char *policy, int
     if (cold) drop_file_cache(path);
     const size_t base = moe_alloc_in_use();
     moe_model *m = NULL;
-    if (moe_model_load(&m, path) != MOE_OK || moe_model_set_context(m, 1024) != MOE_OK ||
-        moe_model_set_offload_policy(m, policy, cold) != MOE_OK || moe_model_set_offload_prefetch(m, prefetch) != MOE_OK ||
-        moe_model_set_mem_budget(m, budget) != MOE_OK) {
+    /* the budget at load time: our own models are then mapped, not copied ("0": all mapped) */
+    const moe_load_options o = {.mem_budget = budget, .offload_policy = policy, .offload_prefetch = prefetch};
+    if (moe_model_load_with(&m, path, &o) != MOE_OK || moe_model_set_context(m, MOE_MIN(1024, m->cfg.max_seq)) != MOE_OK ||
+        (cold && moe_model_set_offload_policy(m, policy, cold) != MOE_OK)) {
         fprintf(stderr, "bench_offload: %s\n", moe_last_error());
         moe_model_free(m);
         return 1;
@@ -141,6 +144,18 @@ int main(int argc, char **argv) {
      * parallel region waits for a descheduled thread */
     moe_set_threads(getenv("BENCH_THREADS") ? atoi(getenv("BENCH_THREADS")) : 1);
     greedy = getenv("BENCH_GREEDY") != NULL;
+    if (access(path, R_OK) != 0 && getenv("BENCH_OWN")) {
+        moe_config c;
+        moe_model *m = NULL;
+        moe_config_preset(&c, "default");
+        fprintf(stderr, "bench_offload: writing %s (our own layout, default preset)\n", path);
+        if (moe_model_create(&m, &c, 42) != MOE_OK || moe_model_save(m, path) != MOE_OK) {
+            fprintf(stderr, "bench_offload: %s\n", moe_last_error());
+            moe_model_free(m);
+            return 1;
+        }
+        moe_model_free(m);
+    }
     if (access(path, R_OK) != 0) {
         moe_config c;
         moe_config_preset(&c, "default");

@@ -13,7 +13,8 @@
 #  5. Bad launches are refused up front; a rank killed mid-step, or stopped,
 #     ends the job with an error within a bounded time.
 #  6. Inference (generate, eval --expert-parallel N): the tokens and the
-#     loss of one process, for our own and published (f32, q8_0) files;
+#     loss of one process, for our own and published (f32, q8_0) files, and
+#     for our own with --mem-budget (one process and 2 ranks);
 #     each rank reads only its experts' bytes (its counter), and ranks whose
 #     files hold NaN in every other rank's experts still give those bits.
 #  7. Two hosts: two network namespaces joined by a veth pair, one job over
@@ -257,6 +258,21 @@ PY
         else bad "$f eval on $n ranks" "'$(exact_loss "$T/eval1")' vs '$(exact_loss "$T/eval$n")': $(tail -n 2 "$T/eval$n")"; fi
     done
 done
+# our own model with a budget (a share of each rank's experts, and of all on
+# one process): mapped, experts through the cache, still one process's bits
+"${ONE[@]}" "${GEN[@]}" --model "$T/s2.gguf" >"$T/gen1" 2>/dev/null
+"${ONE[@]}" "${EVAL[@]}" --model "$T/s2.gguf" >/dev/null 2>"$T/eval1"
+"${ONE[@]}" "${GEN[@]}" --model "$T/s2.gguf" --mem-budget 50% >"$T/genb" 2>"$T/err"
+[ -s "$T/gen1" ] && cmp -s "$T/gen1" "$T/genb" && ok "s2: generate --mem-budget 50%, one process = its tokens" \
+    || bad "s2 generate --mem-budget 50%" "tokens differ or failed: $(tail -n 3 "$T/err")"
+if timeout 120 "${MPIRUN[@]}" -np 2 "$MPIMOE" "${GEN[@]}" --model "$T/s2.gguf" --expert-parallel 2 --mem-budget 50% \
+        >"$T/gen2" 2>"$T/err2" && cmp -s "$T/gen1" "$T/gen2"; then
+    ok "s2: generate on 2 ranks with --mem-budget 50% of each rank's experts = one process's tokens"
+else bad "s2 generate on 2 ranks with a budget" "tokens differ or failed: $(tail -n 3 "$T/err2")"; fi
+if timeout 120 "${MPIRUN[@]}" -np 2 "$MPIMOE" "${EVAL[@]}" --model "$T/s2.gguf" --expert-parallel 2 --mem-budget 50% \
+        >/dev/null 2>"$T/eval2" && [ -n "$(exact_loss "$T/eval1")" ] && [ "$(exact_loss "$T/eval1")" = "$(exact_loss "$T/eval2")" ]; then
+    ok "s2: eval on 2 ranks with --mem-budget 50% = one process's loss"
+else bad "s2 eval on 2 ranks with a budget" "'$(exact_loss "$T/eval1")' vs '$(exact_loss "$T/eval2")': $(tail -n 2 "$T/eval2")"; fi
 # Rank r gets its own copy of the file with every other rank's experts
 # overwritten by NaN (0xff bytes: NaN in f32 and in q8_0's f16 scales); if a
 # rank read or used any of them the tokens would change.
