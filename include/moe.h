@@ -193,6 +193,7 @@ typedef struct {
      * read. The ranks must then run the same calls in step. 0 or 1 = off. */
     int expert_parallel;
     const char *offload_prefetch; /* "on", "off", NULL = the default (moe_model_set_offload_prefetch) */
+    const char *offload_warm;     /* a routing trace to warm the cache from (moe_model_offload_warm_trace), or NULL */
 } moe_load_options;
 MOE_API moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load_options *opts);
 /* Atomic: writes path.tmp, fsyncs, renames. Includes the tokenizer if set. */
@@ -298,6 +299,10 @@ MOE_API void moe_model_offload_reset_stats(moe_model *m);
  * (routing statistics of MoE layer i, expert e, e.g. from an earlier run),
  * most used first, and restarts the statistics; no-op when offloading is off. */
 MOE_API moe_status moe_model_offload_warm(moe_model *m, const int64_t *counts);
+/* The same with the counts of a routing trace as moe route --json writes it
+ * (one token a line), of this model: a file that is not one is
+ * MOE_ERR_FORMAT naming the line; no-op when offloading is off. */
+MOE_API moe_status moe_model_offload_warm_trace(moe_model *m, const char *path);
 /* ---- routing telemetry and ablation -------------------------------------- */
 /* The routing of one token: for each of the n_moe MoE layers (layers[i] is
  * its index among all layers) the k chosen experts, best first, and their

@@ -333,6 +333,12 @@ if [ "$RC" -eq 0 ] && [ -s "$C" ]; then
     if [ "$RC" -eq 0 ] && [ -s "$T/own-loss" ] && grep -qF "$(cat "$T/own-loss")" "$T/err" && grep -qE "^moe eval: experts: hit rate .* [0-9.]+ MiB read per token" "$T/err"
     then ok "eval --mem-budget 25% on our own model: the same loss, every digit"
     else bad "eval --mem-budget 25% on our own model: the same loss, every digit" "exit $RC: $(cat "$T/own-loss") $(head -c 300 "$T/err")"; fi
+    # warm from a routing trace: the experts it uses are read before the run (100%: no miss on them)
+    "$MOE" route --model "$C" --data "$T/small.txt" --max-tokens 400 --json >"$T/trace.jsonl" 2>/dev/null
+    run "$MOE" generate --model "$C" --prompt "the quick" --tokens 12 --temperature 0 --threads 1 --mem-budget 100% --offload-warm "$T/trace.jsonl" --stats
+    if [ "$RC" -eq 0 ] && cmp -s "$T/out" "$T/gen-orig" && grep -qE "^moe generate: experts: hit rate 100.0% \([0-9]+ hits, 0 misses\)" "$T/err"
+    then ok "generate --offload-warm TRACE: same text, no miss at 100%"; else bad "generate --offload-warm TRACE" "exit $RC: $(head -c 300 "$T/err")"; fi
+    expect "generate: --offload-warm of a text file" 1 "no routing found" "$MOE" generate --model "$C" --mem-budget 50% --offload-warm "$T/small.txt"
     run "$MOE" bench --model "$C" -p 8 -n 4 -r 1 -t 1 --mem-budget 50%
     if [ "$RC" -eq 0 ] && grep -q "tg4" "$T/out" && grep -q "^moe bench: experts: hit rate" "$T/err"
     then ok "bench --mem-budget on our own model"; else bad "bench --mem-budget on our own model" "exit $RC: $(head -c 300 "$T/err")"; fi

@@ -21,6 +21,7 @@
 #include "harness.h"
 #include "model/model.h"
 #include "moe/expert_store.h"
+#include "stats/route_stats.h"
 
 #include "arch_layouts.h"
 
@@ -262,6 +263,79 @@ static void test_own(const char *preset, int routing, const char *quant) {
     free(ref_bat);
     free(got);
     remove(path);
+    TEST_END();
+}
+
+/* Routing counts from a moe route --json trace (route_counts_read), by hand:
+ * 2 MoE layers of 4 experts; then a 100% cache warmed from the trace of
+ * the tokens it then runs misses nothing, and bad traces are refused. */
+static void test_warm_trace(void) {
+    TEST_CASE("offload: warming the cache from a routing trace (moe route --json)");
+    char path[256], tpath[256];
+    th_tmp_path(path, sizeof path, "offload-warm.gguf");
+    th_tmp_path(tpath, sizeof tpath, "offload-warm.jsonl");
+    layout L[8];
+    layouts(L);
+    FILE *f = fopen(tpath, "w");
+    if (f) {
+        fputs("{\"pos\":0,\"token\":5,\"text\":\"a\",\"layers\":[{\"layer\":0,\"experts\":[1,2],\"weights\":[0.6,0.4]},"
+              "{\"layer\":1,\"experts\":[3,1],\"weights\":[0.5,0.5]}]}\n", f);
+        fputs("{\"pos\":1,\"token\":6,\"text\":\"b\",\"layers\":[{\"layer\":0,\"experts\":[2,-1],\"weights\":[1,0]},"
+              "{\"layer\":1,\"experts\":[3,0],\"weights\":[0.7,0.3]}]}\n", f);
+        fputs("{\"pos\":2,\"token\":7,\"text\":\"c\",\"layers\":[{\"layer\":1,\"experts\":[ 3 , 2 ]}]}\n", f);
+        fclose(f);
+    }
+    int64_t got[8], want[8] = {0, 1, 2, 0, /* layer 1: */ 1, 1, 1, 3};
+    CHECK(route_counts_read(tpath, &L[0].c, got) == MOE_OK && !memcmp(got, want, sizeof want), "counts: %s", moe_last_error());
+    const char *bad[] = {"{\"layers\":[{\"layer\":0,\"experts\":[1,4]}]}\n", "{\"layers\":[{\"layer\":2,\"experts\":[1]}]}\n",
+                         "{\"layers\":[{\"layer\":0,\"experts\":[1,x]}]}\n", "not a trace\n"};
+    const char *why[] = {"4 experts", "MoE layer", "not a list", "no routing"};
+    for (int i = 0; i < 4; i++) {
+        f = fopen(tpath, "w");
+        if (f) { fputs(bad[i], f); fclose(f); }
+        CHECK(route_counts_read(tpath, &L[0].c, got) == MOE_ERR_FORMAT && strstr(moe_last_error(), why[i]),
+              "bad trace %d: %s", i, moe_last_error());
+    }
+    /* the trace of the run itself: at 100% every expert it uses is read before it starts */
+    moe_model *m = write_and_load(path, &L[0], DT_F32, 3);
+    const size_t V = (size_t)L[0].c.vocab_size;
+    float *ref = malloc(sizeof(float) * N_TOK * V), *out = malloc(sizeof(float) * N_TOK * V);
+    int32_t tok[N_TOK];
+    for (int i = 0; i < N_TOK; i++) tok[i] = (int32_t)((i * 37 + 11) % L[0].c.vocab_size);
+    if (m && ref && out && run(m, ref) == MOE_OK && (f = fopen(tpath, "w"))) {
+        moe_model_free(m);
+        m = NULL;
+        moe_model *r = NULL;
+        CHECK(moe_model_load(&r, path) == MOE_OK, "%s", moe_last_error());
+        route_trace t;
+        CHECK(r && route_trace_init(&t, &r->cfg, N_TOK) == MOE_OK && moe_model_route(r, tok, N_TOK, route_trace_add, &t) == MOE_OK,
+              "route: %s", moe_last_error());
+        for (size_t i = 0; r && i < t.n; i++) {
+            fputs("{\"layers\":[", f);
+            for (int j = 0; j < t.n_moe; j++) {
+                fprintf(f, "%s{\"layer\":%d,\"experts\":[", j ? "," : "", t.layers[j]);
+                for (int k = 0; k < t.k; k++) fprintf(f, "%s%d", k ? "," : "", t.ids[(i * t.n_moe + j) * t.k + k]);
+                fputs("]}", f);
+            }
+            fputs("]}\n", f);
+        }
+        fclose(f);
+        if (r) route_trace_free(&t);
+        moe_model_free(r);
+        moe_load_options o = {.mem_budget = "100%", .offload_warm = tpath};
+        CHECK(moe_model_load_with(&m, path, &o) == MOE_OK, "%s", moe_last_error());
+        moe_offload_stats s;
+        if (m) moe_model_offload_stats(m, &s);
+        CHECK(m && s.misses == 0 && s.bytes_read == 0, "after warming: %lld misses", m ? (long long)s.misses : -1LL);
+        CHECK(m && run(m, out) == MOE_OK && !memcmp(out, ref, sizeof(float) * N_TOK * V), "warm from a trace: logits differ");
+        if (m) moe_model_offload_stats(m, &s);
+        CHECK(m && s.misses == 0 && s.hits > 0, "warm from the run's own trace: %lld misses", m ? (long long)s.misses : -1LL);
+    }
+    free(ref);
+    free(out);
+    moe_model_free(m);
+    remove(path);
+    remove(tpath);
     TEST_END();
 }
 
@@ -520,6 +594,7 @@ int main(void) {
     test_own("switch", -1, NULL);
     test_own("tiny", MOE_ROUTING_EXPERT, NULL);
     test_own("tiny", MOE_ROUTING_SEQUENCE, NULL);
+    test_warm_trace();
     test_truncated();
     test_larger_than_memory();
     test_refusals();

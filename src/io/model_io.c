@@ -189,6 +189,7 @@ static moe_status settle_mapped(moe_model *m, const moe_load_options *o, int n_c
     if (!st && o->offload_prefetch) st = moe_model_set_offload_prefetch(m, o->offload_prefetch);
     if (!st) st = model_hold_experts(m, o->expert_parallel);
     if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
+    if (!st && o->offload_warm) st = moe_model_offload_warm_trace(m, o->offload_warm);
     if (!st) st = moe_model_set_context(m, n_ctx);
     return st;
 }

@@ -14,6 +14,7 @@
 #include "io/gguf.h"
 #include "model/model.h"
 #include "moe/expert_store.h"
+#include "stats/route_stats.h"
 
 /* half-lives of the frequency policies, in tokens (moe.h) */
 enum { LFU_HALFLIFE_TOKENS = 256, LRFU_HALFLIFE_TOKENS = 4 };
@@ -202,6 +203,16 @@ moe_status moe_model_offload_warm(moe_model *m, const int64_t *counts) {
     moe_status st = expert_store_warm(m->store, by_layer);
     moe_free(by_layer);
     moe_model_offload_reset_stats(m); /* the counts start with the warm cache */
+    return st;
+}
+
+moe_status moe_model_offload_warm_trace(moe_model *m, const char *path) {
+    if (!m->store) return MOE_OK;
+    int64_t *counts = moe_calloc((size_t)moe_config_n_moe_layers(&m->cfg) * m->cfg.n_experts, sizeof(int64_t));
+    if (!counts) return moe_error_prefix(MOE_ERR_NOMEM, "warming the expert cache");
+    moe_status st = route_counts_read(path, &m->cfg, counts);
+    if (!st) st = moe_model_offload_warm(m, counts);
+    moe_free(counts);
     return st;
 }
 

@@ -214,3 +214,72 @@ moe_status route_vocab(const route_trace *t, int km, int n_top, int64_t min_occ,
     moe_free(occ);
     return MOE_OK;
 }
+
+/* One integer at *p (after spaces), p moved past it; 0 when there is none. */
+static int read_int(const char **p, const char *end, long *v) {
+    const char *s = *p;
+    while (s < end && (*s == ' ' || *s == '\t')) s++;
+    char buf[24];
+    size_t n = 0;
+    if (s < end && *s == '-') buf[n++] = *s++;
+    while (s < end && *s >= '0' && *s <= '9' && n < sizeof buf - 1) buf[n++] = *s++;
+    if (n == 0 || (n == 1 && buf[0] == '-') || (s < end && *s >= '0' && *s <= '9')) return 0;
+    buf[n] = 0;
+    *v = strtol(buf, NULL, 10);
+    *p = s;
+    return 1;
+}
+
+/* the first occurrence of key in [p, end), or NULL */
+static const char *find_in(const char *p, const char *end, const char *key) {
+    const size_t k = strlen(key);
+    for (; p + k <= end; p++)
+        if (!memcmp(p, key, k)) return p;
+    return NULL;
+}
+
+moe_status route_counts_read(const char *path, const moe_config *c, int64_t *counts) {
+    const int n_moe = moe_config_n_moe_layers(c), E = c->n_experts;
+    if (!n_moe) return moe_error(MOE_ERR_INVALID_ARG, "a dense model has no experts to count");
+    int *km_of = moe_calloc((size_t)c->n_layers, sizeof(int));
+    if (!km_of) return moe_error(MOE_ERR_NOMEM, "routing statistics");
+    for (int l = 0, j = 0; l < c->n_layers; l++) km_of[l] = moe_config_layer_is_moe(c, l) ? j++ : -1;
+    char *text = NULL;
+    size_t len = 0;
+    moe_status st = moe_read_file(path, &text, &len);
+    memset(counts, 0, sizeof(int64_t) * (size_t)n_moe * E);
+    size_t line_no = 0, found = 0;
+    for (const char *line = text; !st && line && line < text + len; line_no++) {
+        const char *end = memchr(line, '\n', (size_t)(text + len - line));
+        if (!end) end = text + len;
+        const char *p = find_in(line, end, "\"layers\":[");
+        for (p = p ? p + 10 : NULL; !st && p && (p = find_in(p, end, "{\"layer\":")); ) {
+            long l = -1, e;
+            p += 9;
+            const char *ex = read_int(&p, end, &l) ? find_in(p, end, "\"experts\":[") : NULL;
+            if (!ex || l < 0 || l >= c->n_layers || km_of[l] < 0) {
+                st = moe_error(MOE_ERR_FORMAT, "%s:%zu: expected {\"layer\":L,\"experts\":[...]} of an MoE layer of this "
+                               "model (moe route --json writes them)", path, line_no + 1);
+                break;
+            }
+            p = ex + 11;
+            while (!st && read_int(&p, end, &e)) {
+                if (e < -1 || e >= E)
+                    st = moe_error(MOE_ERR_FORMAT, "%s:%zu: expert %ld of layer %ld: this model has %d experts (a trace of "
+                                   "another model?)", path, line_no + 1, e, l, E);
+                else if (e >= 0) counts[(size_t)km_of[l] * E + e]++;
+                while (p < end && (*p == ' ' || *p == ',')) p++;
+            }
+            if (!st && (p >= end || *p != ']'))
+                st = moe_error(MOE_ERR_FORMAT, "%s:%zu: layer %ld: the experts are not a list of numbers", path, line_no + 1, l);
+            found += !st;
+        }
+        line = end + 1;
+    }
+    if (!st && found == 0)
+        st = moe_error(MOE_ERR_FORMAT, "%s: no routing found (expected moe route --json output: one token a line, "
+                       "with \"layers\":[{\"layer\":L,\"experts\":[...]},...])", path);
+    moe_free(text);
+    moe_free(km_of);
+    return st;
+}

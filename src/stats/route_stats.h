@@ -53,4 +53,10 @@ typedef struct { int32_t token; int64_t count, occurrences; } route_vocab_entry;
  * none), in *n_counted how many tokens that is (may be NULL). */
 moe_status route_vocab(const route_trace *t, int km, int n_top, int64_t min_occ, route_vocab_entry *top,
                        double *favourite_share, size_t *n_counted);
+/* counts[n_moe][E]: how often each expert of each MoE layer was chosen in a
+ * routing trace as moe route --json writes it (one token a line, its
+ * "layers":[{"layer":L,"experts":[...],...},...]) of a model of config c;
+ * MOE_ERR_FORMAT, naming the line, for what is not such a trace of such a
+ * model (a layer that is not an MoE layer, an expert out of range). */
+moe_status route_counts_read(const char *path, const moe_config *c, int64_t *counts);
 #endif

@@ -106,14 +106,16 @@ int load_model(const char *path, moe_model **m);
 /* the same, settling offloading and the context before the load's memory check */
 int open_model_with(const char *path, const moe_load_options *opts, moe_model **m);
 int load_model_with(const char *path, const moe_load_options *opts, moe_model **m);
-/* --mem-budget, --offload-policy and --offload-prefetch, alike in generate,
+/* --mem-budget, --offload-policy, --offload-prefetch and --offload-warm, alike in generate,
  * eval and bench, into a moe_load_options */
 #define OFFLOAD_OPTS(lo)                                                                                     \
     {"mem-budget", OPT_STR, &(lo).mem_budget, R_ANY, "SIZE",                                                 \
      "keep routed experts on disk, cached in SIZE bytes (512M, 2G) or a share of their bytes (50%)", "0 = all in memory", 0}, \
     {"offload-policy", OPT_STR, &(lo).offload_policy, R_ANY, "NAME", "expert cache eviction: lru, lfu or lrfu", "lfu", 0}, \
     {"offload-prefetch", OPT_STR, &(lo).offload_prefetch, R_ANY, "on|off",                                  \
-     "read the next layer's predicted experts ahead, in a thread", "off", 0}
+     "read the next layer's predicted experts ahead, in a thread", "off", 0},                          \
+    {"offload-warm", OPT_STR, &(lo).offload_warm, R_ANY, "FILE",                                            \
+     "fill the cache first with the experts a routing trace (moe route --json > FILE) uses most", "none", 0}
 /* after a run with a budget: the expert cache's hit rate, bytes read per
  * token and what it holds, one line on stderr (nothing without a budget) */
 void print_offload_stats(const char *cmd, const moe_model *m);
