@@ -1,7 +1,8 @@
 /* io/model_io: a model as a GGUF file in the llama layout (llama.cpp tensor
  * names and metadata keys), plus "moe.*" keys holding our full config so a
  * file round-trips exactly. Weights are copied out of the mapping on load
- * because training updates them in place. */
+ * because training updates them in place; a load for inference with a memory
+ * budget or expert parallelism maps them instead (load_own_mapped). */
 #include <stdio.h>
 #include <string.h>
 
