@@ -338,6 +338,7 @@ if [ "$RC" -eq 0 ] && [ -s "$C" ]; then
     run "$MOE" generate --model "$C" --prompt "the quick" --tokens 12 --temperature 0 --threads 1 --mem-budget 100% --offload-warm "$T/trace.jsonl" --stats
     if [ "$RC" -eq 0 ] && cmp -s "$T/out" "$T/gen-orig" && grep -qE "^moe generate: experts: hit rate 100.0% \([0-9]+ hits, 0 misses\)" "$T/err"
     then ok "generate --offload-warm TRACE: same text, no miss at 100%"; else bad "generate --offload-warm TRACE" "exit $RC: $(head -c 300 "$T/err")"; fi
+    expect "generate: --offload-warm without --mem-budget" 1 "needs an expert cache" "$MOE" generate --model "$C" --offload-warm "$T/trace.jsonl"
     expect "generate: --offload-warm of a text file" 1 "no routing found" "$MOE" generate --model "$C" --mem-budget 50% --offload-warm "$T/small.txt"
     run "$MOE" bench --model "$C" -p 8 -n 4 -r 1 -t 1 --mem-budget 50%
     if [ "$RC" -eq 0 ] && grep -q "tg4" "$T/out" && grep -q "^moe bench: experts: hit rate" "$T/err"

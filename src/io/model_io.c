@@ -181,6 +181,11 @@ static moe_status bind_published(moe_model *m, gguf_ctx *g, const char *path) {
     return MOE_OK;
 }
 
+static moe_status warm_needs_cache(const moe_load_options *o) {
+    return moe_error(MOE_ERR_INVALID_ARG, "--offload-warm %s: warming needs an expert cache; give a --mem-budget "
+                     "above 0 too", o->offload_warm);
+}
+
 /* The options of a load whose weights stay in the mapping: offloading and
  * this rank's experts first, so that the memory check of the context then
  * counts the cache, not every expert. */
@@ -190,6 +195,7 @@ static moe_status settle_mapped(moe_model *m, const moe_load_options *o, int n_c
     if (!st && o->offload_prefetch) st = moe_model_set_offload_prefetch(m, o->offload_prefetch);
     if (!st) st = model_hold_experts(m, o->expert_parallel);
     if (!st && o->mem_budget) st = moe_model_set_mem_budget(m, o->mem_budget);
+    if (!st && o->offload_warm && !m->store) st = warm_needs_cache(o);
     if (!st && o->offload_warm) st = moe_model_offload_warm_trace(m, o->offload_warm);
     if (!st) st = moe_model_set_context(m, n_ctx);
     return st;
@@ -300,6 +306,7 @@ moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load
     /* a budget (even "0": every expert in the mapping) or expert parallelism:
      * inference only, the weights stay in the file */
     if (!st && (o->expert_parallel > 1 || o->mem_budget)) return load_own_mapped(out, g, &cfg, path, o);
+    if (!st && o->offload_warm) st = warm_needs_cache(o); /* every weight in memory: no cache to warm */
     if (!st) st = model_alloc(&m, &cfg);
     for (int i = 0; !st && i < m->n_tensors; i++) {
         const tensor_desc *t = &m->tensors[i];
