@@ -400,6 +400,37 @@ with open(os.environ["SUMMARY"], "a") as out:
         if off and on:
             out.write(f"decode at {b} budget: prefetch on vs off (t/s)\t{on:.2f}\tprefetch off\t{off:.2f}\t{on / off:.2f}x\t\n")
 PYEOF
+    # the curve of docs/memory.md: tokens/s (file in the page cache, and dropped from it before
+    # each run) and hit rate against the budget, medians over REPS, drawn as an SVG
+    echo "-- tokens/s and hit rate against the budget, page cache warm and dropped (1 thread, prefetch off)"
+    : >"$tmp/offload-curve.txt"
+    for r in $(seq "$REPS"); do
+        BENCH_THREADS=1 "$BUILD/bench/bench_offload" "$CACHE/moe-q8_0.gguf" $([ $q = 1 ] && echo 16 || echo 32) "0,100%,75%,50%,25%" lfu warm,cold off \
+            | tee -a "$tmp/offload-curve.txt"
+    done
+    $PY - "$tmp/offload-curve.txt" "$BUILD/bench/offload.svg" scripts <<'PYEOF'
+import re, statistics, sys
+sys.path.insert(0, sys.argv[3])
+from experiments import svg_plot
+rate, hit = {}, {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) >= 6 and re.fullmatch(r"[0-9.]+", f[4]) and f[5].endswith("%"):
+        rate.setdefault((f[0], f[2]), []).append(float(f[4]))
+        hit.setdefault(f[0], []).append(float(f[5].rstrip("%")))
+share = {"100%": 100, "75%": 75, "50%": 50, "25%": 25}
+def curve(cache):
+    mapped = rate.get(("0", cache))
+    if not mapped: return []
+    m = statistics.median(mapped)
+    return [(share[b], 100 * statistics.median(rate[(b, cache)]) / m) for b in share if (b, cache) in rate]
+series = [("t/s, warm (% of mapped)", "#1f77b4", "", curve("warm")),
+          ("t/s, dropped (% of mapped)", "#d62728", "", curve("cold")),
+          ("hit rate (%)", "#2ca02c", "5,4", [(share[b], statistics.median(hit[b])) for b in share if b in hit])]
+if svg_plot(sys.argv[2], "Decode with experts offloaded (1.72B Q8_0, LFU, 1 thread)",
+            "budget, % of the experts' bytes", "percent", [s for s in series if s[3]]):
+    print("wrote " + sys.argv[2])
+PYEOF
     echo
 fi
 
