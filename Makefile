@@ -87,17 +87,21 @@ corpus-small: setup
 corpus: setup
 	@scripts/build_corpus.sh
 
+# the distributed moe (build-mpi/) beside the plain one, where MPI is installed
+MPI_TOO = if [ -z "$(MPI)" ] && command -v mpicc >/dev/null; then $(MAKE) --no-print-directory MPI=1 SANITIZE= all; fi
+
 test-bins: $(BUILD)/moe $(TEST_BIN) $(REPLAY_BIN)
 
 test: setup corpus-small
 	@$(MAKE) --no-print-directory test-bins
-	@if [ -z "$(MPI)" ] && command -v mpicc >/dev/null; then $(MAKE) --no-print-directory MPI=1 SANITIZE= all; fi
+	@$(MPI_TOO)
 	@BUILD=$(BUILD) tests/run.sh
 
 demo: setup corpus-small all
 	@scripts/demo.sh
 
 bench: setup corpus-small all $(BENCH_BIN)
+	@$(MPI_TOO)
 	@BUILD=$(BUILD) bench/run.sh
 
 # ---- fuzzing: clang, libFuzzer, ASan, UBSan; objects in build-fuzz/ ----

@@ -10,10 +10,14 @@
 #     decode as a fraction of the measured roofline, against llama.cpp and ik_llama.cpp
 #     when LLAMA_BENCH / IK_LLAMA_BENCH name their llama-bench binaries
 #  5. sparsity: the MoE against dense models of its total and of its active parameters
+#  6. mpi: training on MPI ranks (build-mpi/moe, make MPI=1) against one process on the
+#     default preset: 1 rank x 2 threads vs 2 ranks x 1 thread, data and expert
+#     parallel (issue 12's target: at least 0.85x), and the time in the all-to-all
 # Environment: BENCH_QUICK=1 (a few minutes: one run, short prompt, Q8_0 only),
-# BENCH_ONLY="machine kernels training moe-layer inference sparsity offload" (a subset),
+# BENCH_ONLY="machine kernels training mpi moe-layer inference sparsity offload" (a subset),
 # BENCH_TYPES, BENCH_PROMPT, BENCH_GEN, BENCH_REPS, BENCH_CACHE (models, written once),
-# LLAMA_BENCH, IK_LLAMA_BENCH, LLAMA_BENCH_CONFIGS, IK_LLAMA_BENCH_CONFIGS, THREADS.
+# LLAMA_BENCH, IK_LLAMA_BENCH, LLAMA_BENCH_CONFIGS, IK_LLAMA_BENCH_CONFIGS, THREADS,
+# MOE_MPI_BIN (the distributed moe, default build-mpi/moe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
@@ -24,7 +28,7 @@ PRESET=${PRESET:-default}
 BATCH=${BATCH:-16}
 SEQ=${SEQ:-128}
 THREADS=${THREADS:-$(nproc)}
-ONLY=${BENCH_ONLY:-machine kernels training moe-layer inference sparsity offload}
+ONLY=${BENCH_ONLY:-machine kernels training mpi moe-layer inference sparsity offload}
 TYPES=${BENCH_TYPES:-$([ $q = 1 ] && echo q8_0 || echo "q8_0 q4_K bf16")}
 PROMPT=${BENCH_PROMPT:-$([ $q = 1 ] && echo 64 || echo 256)}
 GEN=${BENCH_GEN:-$([ $q = 1 ] && echo 32 || echo 128)}
@@ -43,6 +47,27 @@ export SUMMARY
 want() { case " $ONLY " in *" $1 "*) return 0;; esac; return 1; }
 median() { $PY -c 'import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$SUMMARY"; }
+# median of a field over steps 4.. of a moe train log (skip warm-up; args: log, field,
+# and for a per-rank list such as t_a2a the rank's index)
+log_median() {
+    $PY -c '
+import json, statistics, sys
+key, rank = sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None
+v = [json.loads(l) for l in open(sys.argv[1])]
+v = [x[key] if rank is None else x[key][rank] for x in v if key in x and x["step"] > 3]
+print(statistics.median(v))' "$@"
+}
+log_rate() { log_median "$1" tokens_per_s; } # tokens/s of a moe train log
+# one moe training run of $PRESET (args: its log, steps, the command that runs moe, such
+# as "$MOE" or "mpirun -np 2 build-mpi/moe", then "--" and more train options)
+train_run() {
+    local log=$1 steps=$2 cmd=()
+    shift 2
+    while [ "$1" != -- ]; do cmd+=("$1"); shift; done
+    shift
+    "${cmd[@]}" train --preset "$PRESET" --steps "$steps" --eval-every 0 --out "$tmp/bench.gguf" --force \
+        --log "$log" "$@" >/dev/null 2>"$tmp/train.err" || { tail -n 5 "$tmp/train.err" >&2; return 1; }
+}
 [ $q = 1 ] && echo "(quick mode: BENCH_QUICK=1; runs $RUNS, prompt $PROMPT, gen $GEN, types $TYPES)"
 
 if want machine; then
@@ -96,21 +121,12 @@ for line in sys.stdin:
             except ValueError: pass
 print(json.dumps(cfg))')
 
-# median tokens/s over steps 4..14 of a moe run's log (skip warm-up)
-log_rate() {
-    $PY -c '
-import json, statistics, sys
-v = [json.loads(l) for l in open(sys.argv[1])]
-v = [x["tokens_per_s"] for x in v if "tokens_per_s" in x and x["step"] > 3]
-print(statistics.median(v))' "$1"
-}
 unset moe_rates torch_rates
 declare -A moe_rates torch_rates # per precision: tokens/s of each run, space-separated
 for r in $(seq "$RUNS"); do
     for mm in fp32 bf16; do
-        "$BUILD/moe" train --preset "$PRESET" "${setargs[@]}" --set matmul=$mm --steps 14 --batch "$batch" --seq "$seq" \
-            --threads "$THREADS" --eval-every 0 --out "$tmp/bench.gguf" --force --log "$tmp/log.jsonl" \
-            2>/dev/null >/dev/null
+        train_run "$tmp/log.jsonl" 14 "$MOE" -- "${setargs[@]}" --set matmul=$mm --batch "$batch" --seq "$seq" \
+            --threads "$THREADS"
         moe_rates[$mm]+="$(log_rate "$tmp/log.jsonl") "
     done
 done
@@ -217,6 +233,48 @@ if [ $q = 0 ]; then
     train_compare "d256 L4 64 experts top-8 d_ff 128" 8 256 3 1 1 "${large[@]}" n_experts=64 top_k=8 d_expert=128
 fi
 fi # training
+
+if want mpi; then
+    # The same global batch on one process with 2 threads and on 2 single-thread
+    # ranks (each rank takes half the sequences), runs alternating, medians over
+    # steps and runs; the ranks' time in the all-to-all from the log (t_a2a).
+    MPIMOE=${MOE_MPI_BIN:-build-mpi/moe}
+    msteps=$([ $q = 1 ] && echo 8 || echo 14)
+    echo "== distributed training (MPI, loopback): preset $PRESET, batch $BATCH x seq $SEQ, $msteps steps, $RUNS runs each; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    if ! command -v mpirun >/dev/null; then echo "skipped: mpirun not found (scripts/setup.sh installs openmpi-bin)"
+    elif [ ! -x "$MPIMOE" ]; then echo "skipped: $MPIMOE not built (make MPI=1)"
+    else
+        mpi2=(env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe --bind-to none -np 2 "$MPIMOE")
+        unset mpi_rates mpi_a2a
+        declare -A mpi_rates mpi_a2a # per launch: tokens/s of each run; t_a2a of each run and rank
+        labels=(one dp ep)
+        for r in $(seq "$RUNS"); do
+            train_run "$tmp/one.jsonl" "$msteps" "$MOE" -- --batch "$BATCH" --seq "$SEQ" --threads 2
+            train_run "$tmp/dp.jsonl" "$msteps" "${mpi2[@]}" -- --batch "$BATCH" --seq "$SEQ" --threads 1
+            train_run "$tmp/ep.jsonl" "$msteps" "${mpi2[@]}" -- --batch "$BATCH" --seq "$SEQ" --threads 1 --expert-parallel 2
+            for l in "${labels[@]}"; do mpi_rates[$l]+="$(log_rate "$tmp/$l.jsonl") "; done
+            mpi_a2a[ep]+="$(log_median "$tmp/ep.jsonl" t_a2a 0) $(log_median "$tmp/ep.jsonl" t_a2a 1) "
+        done
+        $PY - "${mpi_rates[one]}" "${mpi_rates[dp]}" "${mpi_rates[ep]}" "${mpi_a2a[ep]}" <<'PYEOF'
+import os, statistics, sys
+med = statistics.median
+one, dp, ep, a2a = ([float(x) for x in a.split()] for a in sys.argv[1:5])
+target = 0.85  # issue 12: 2 ranks x 1 thread at least 0.85x of 1 rank x 2 threads
+for name, v in (("1 rank x 2 threads", one), ("2 ranks x 1 thread, data parallel", dp),
+                ("2 ranks x 1 thread, --expert-parallel 2", ep)):
+    print(f"{name:<42} tokens/s per run: {', '.join(f'{x:,.0f}' for x in v)}   median {med(v):,.0f}")
+a0, a1 = med(a2a[0::2]), med(a2a[1::2])
+print(f"expert parallel: all-to-all per step (median over steps and runs), rank 0 {1e3 * a0:.1f} ms, rank 1 {1e3 * a1:.1f} ms")
+with open(os.environ["SUMMARY"], "a") as f:
+    for name, v in (("data parallel", dp), ("--expert-parallel 2", ep)):
+        ratio = med(v) / med(one)
+        f.write(f"training MPI 2 ranks x 1 thread, {name} (tokens/s)\t{med(v):,.0f}\t1 rank x 2 threads\t{med(one):,.0f}"
+                f"\t{ratio:.2f}x\ttarget {target}x: {'met' if ratio >= target else 'NOT met'}\n")
+    f.write(f"training MPI --expert-parallel 2: all-to-all per step (ms, rank 0 / 1)\t{1e3 * a0:.1f} / {1e3 * a1:.1f}\t\t\t\t\n")
+PYEOF
+    fi
+    echo
+fi
 
 if want moe-layer && [ -x "$BUILD/bench/bench_moe_layer" ]; then
     echo "== the MoE layer alone (64 experts top-8, d 1024, hidden 512, fp32): grouped vs a loop over experts"

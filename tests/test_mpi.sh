@@ -16,7 +16,8 @@
 #     loss of one process, for our own and published (f32, q8_0) files, and
 #     for our own with --mem-budget (one process and 2 ranks);
 #     each rank reads only its experts' bytes (its counter), and ranks whose
-#     files hold NaN in every other rank's experts still give those bits.
+#     files hold NaN in every other rank's experts still give those bits;
+#     a rank killed or stopped during generate ends the job with an error.
 #  7. Two hosts: two network namespaces joined by a veth pair, one job over
 #     TCP between them (skipped, with the reason, where namespaces are not
 #     allowed).
@@ -186,24 +187,29 @@ echo \$\$ >"$T/pid.\$OMPI_COMM_WORLD_RANK"
 exec "$MPIMOE" "\$@"
 EOF
 chmod +x "$T/rank.sh"
-long_run() { # the signal for rank 1, then what must appear
-    rm -f "$T"/pid.* "$T/long.jsonl"
-    MOE_DIST_TIMEOUT=5 timeout 120 "${MPIRUN[@]}" -np 2 "$T/rank.sh" train "${CONFIG[@]}" --steps 100000 --batch 4 --seq 16 \
-        --expert-parallel 2 --eval-every 0 --threads 1 --data "$T/corpus.txt" --force --tokenizer "$T/s2.gguf" \
-        --out "$T/long.gguf" --log "$T/long.jsonl" >"$T/out" 2>"$T/err" &
+# 2 ranks of a long job (args: the signal for rank 1, a file whose first bytes
+# say the job is under way, then the moe command); prints the exit status and
+# the seconds from the signal to the job's end
+long_run() {
+    local sig=$1 ready=$2
+    shift 2
+    rm -f "$T"/pid.* "$ready"
+    MOE_DIST_TIMEOUT=5 timeout 120 "${MPIRUN[@]}" -np 2 "$T/rank.sh" "$@" >"$T/out" 2>"$T/err" &
     local job=$! i
-    for i in $(seq 1 200); do [ -s "$T/long.jsonl" ] && [ -f "$T/pid.1" ] && break; sleep 0.1; done
+    for i in $(seq 1 200); do [ -s "$ready" ] && [ -f "$T/pid.1" ] && break; sleep 0.1; done
     local t0=$SECONDS
-    kill "-$1" "$(cat "$T/pid.1")" 2>/dev/null
+    kill "-$sig" "$(cat "$T/pid.1")" 2>/dev/null
     wait "$job"; local rc=$?
     local took=$((SECONDS - t0))
     [ -f "$T/pid.1" ] && kill -KILL "$(cat "$T/pid.1")" 2>/dev/null
     echo "$rc $took"
 }
-read -r rc took < <(long_run KILL)
+LONG_TRAIN=(train "${CONFIG[@]}" --steps 100000 --batch 4 --seq 16 --expert-parallel 2 --eval-every 0 --threads 1
+            --data "$T/corpus.txt" --force --tokenizer "$T/s2.gguf" --out "$T/long.gguf" --log "$T/long.jsonl")
+read -r rc took < <(long_run KILL "$T/long.jsonl" "${LONG_TRAIN[@]}")
 if [ "$rc" -ne 0 ] && [ "$took" -le 30 ]; then ok "rank 1 killed mid-run: the job ends (exit $rc) in ${took} s"
 else bad "killed rank" "exit $rc after $took s: $(tail -n 3 "$T/err")"; fi
-read -r rc took < <(long_run STOP)
+read -r rc took < <(long_run STOP "$T/long.jsonl" "${LONG_TRAIN[@]}")
 if [ "$rc" -ne 0 ] && [ "$took" -le 40 ] && grep -q "did not complete within 5 s" "$T/err"; then
     ok "rank 1 stopped mid-run: rank 0 reports '$(grep -m1 -o "[^:]*did not complete within 5 s" "$T/err")' and the job ends in ${took} s"
 else bad "hung rank" "exit $rc after $took s: $(tail -n 4 "$T/err")"; fi
@@ -211,7 +217,7 @@ else bad "hung rank" "exit $rc after $took s: $(tail -n 4 "$T/err")"; fi
 # SIGTERM to one rank only: every rank stops after the same step, rank 0
 # saves once and prints the resume command, the job exits 143, and the
 # checkpoint and its state are there and load
-read -r rc took < <(long_run TERM)
+read -r rc took < <(long_run TERM "$T/long.jsonl" "${LONG_TRAIN[@]}")
 if [ "$rc" -eq 143 ] && grep -q "interrupted (SIGTERM) after step" "$T/err" \
         && grep -q "resume with: mpirun -np 2 moe train --resume" "$T/err" \
         && [ "$(grep -c "resume with" "$T/err")" -eq 1 ] && [ -s "$T/long.gguf.state" ] \
@@ -336,6 +342,24 @@ inf_refused "generate --expert-parallel 4 on 2 ranks" "give --expert-parallel 2"
 inf_refused "eval --expert-parallel 3 over 4 experts" "does not divide the model's 4 experts" 3 "${EVAL[@]}" --model "$T/s2.gguf" --expert-parallel 3
 inf_refused "generate --expert-parallel 2 on one rank" "needs 2 ranks" 1 "${GEN[@]}" --model "$T/s2.gguf" --expert-parallel 2
 inf_refused "--mem-budget 0 with expert parallelism" "always read through the expert" 2 "${GEN[@]}" --model "$T/pub.gguf" --expert-parallel 2 --mem-budget 0
+
+# a rank killed or stopped during generation: the other stops with an error
+# within a bounded time (the same deadline as training's, on the all-gather
+# and on the per-token agreement to stop). A model of 4096 positions keeps
+# generating long enough (4000 tokens, many seconds) to be caught mid-run.
+if "${ONE[@]}" train "${CONFIG[@]}" --set max_seq=4096 --steps 1 --batch 2 --seq 16 --eval-every 0 --threads 1 \
+        --data "$T/corpus.txt" --force --tokenizer "$T/s2.gguf" --out "$T/longctx.gguf" >/dev/null 2>"$T/err"; then
+    LONG_GEN=(generate --model "$T/longctx.gguf" --prompt "the expert router" --tokens 4000 --ignore-eos
+              --expert-parallel 2 --threads 1)
+    read -r rc took < <(long_run KILL "$T/out" "${LONG_GEN[@]}")
+    if [ "$rc" -ne 0 ] && [ "$took" -le 30 ] && [ -s "$T/out" ]; then
+        ok "rank 1 killed during generate: the job ends (exit $rc) in ${took} s"
+    else bad "killed rank during generate" "exit $rc after $took s: $(tail -n 3 "$T/err")"; fi
+    read -r rc took < <(long_run STOP "$T/out" "${LONG_GEN[@]}")
+    if [ "$rc" -ne 0 ] && [ "$took" -le 40 ] && [ -s "$T/out" ] && grep -q "did not complete within 5 s" "$T/err"; then
+        ok "rank 1 stopped during generate: rank 0 reports '$(grep -m1 -o "[^:]*did not complete within 5 s" "$T/err")' and the job ends in ${took} s"
+    else bad "hung rank during generate" "exit $rc after $took s: $(tail -n 4 "$T/err")"; fi
+else bad "long-context model" "$(tail -n 3 "$T/err")"; fi
 
 # ---- 7. two hosts: network namespaces joined by a veth pair, TCP only ----
 # Each "host" is a network namespace (and its own hostname); mpirun starts the

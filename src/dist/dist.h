@@ -65,11 +65,22 @@ moe_status dist_barrier(void);
 /* Within this rank's expert-parallel group (ranks g*ep .. g*ep+ep-1):
  * recv[ep][n] = each peer's send block for us, send[ep][n] our blocks. */
 moe_status dist_alltoall_i32(int32_t *recv, const int32_t *send, int n);
-/* Rows of row_floats floats: send_rows[j] rows to peer j, starting at row
- * send_off[j] of send; recv_rows[j] rows from peer j land at recv_off[j]. */
-moe_status dist_alltoallv_rows(float *recv, const int *recv_rows, const int *recv_off,
-                               const float *send, const int *send_rows, const int *send_off,
-                               int row_floats);
+/* Rows of row_floats floats, without waiting: send_rows[j] rows to peer j,
+ * starting at row send_off[j] of send; recv_rows[j] rows from peer j land at
+ * recv_off[j]. This rank's own block (j = ep_rank) is not moved: the caller
+ * copies it, and can compute on it while the others travel. *op is the
+ * exchange in flight (NULL when nothing moves); until dist_wait returns, send
+ * must not change and recv's blocks must not be read. */
+typedef struct dist_op dist_op;
+moe_status dist_alltoallv_rows_start(dist_op **op, float *recv, const int *recv_rows, const int *recv_off,
+                                     const float *send, const int *send_rows, const int *send_off,
+                                     int row_floats);
+/* Moves op along (MPI progresses a transfer only inside its calls: call this
+ * between pieces of work); 1 when it has completed (or failed: dist_wait says). */
+int dist_test(dist_op *op);
+/* Waits for op with the deadline of every call, counts its bytes, frees it
+ * (also on failure); op NULL is done. */
+moe_status dist_wait(dist_op *op);
 /* In place, within the group: peer j's rows [first_row[j], first_row[j] +
  * n_rows[j]) of rows (row_floats floats each) reach every peer; this
  * rank's own block is read, the others' are written. */

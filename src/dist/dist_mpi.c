@@ -223,29 +223,65 @@ moe_status dist_alltoall_i32(int32_t *recv, const int32_t *send, int n) {
     return st;
 }
 
-moe_status dist_alltoallv_rows(float *recv, const int *recv_rows, const int *recv_off,
-                               const float *send, const int *send_rows, const int *send_off,
-                               int row_floats) {
+struct dist_op {
+    MPI_Request rq;
+    int err;                /* an MPI error seen by dist_test */
+    int64_t sent, recv;     /* bytes to / from other ranks, counted when done */
+    const char *what;
+};
+
+moe_status dist_alltoallv_rows_start(dist_op **op, float *recv, const int *recv_rows, const int *recv_off,
+                                     const float *send, const int *send_rows, const int *send_off,
+                                     int row_floats) {
     moe_dist *w = dist_world();
     const int P = w->ep;
+    const double t0 = MPI_Wtime();
     int sc[P], sd[P], rc_[P], rd[P];
     int64_t out = 0, in = 0;
+    *op = NULL;
     for (int j = 0; j < P; j++) {
-        int64_t v[4] = {(int64_t)send_rows[j] * row_floats, (int64_t)send_off[j] * row_floats,
-                        (int64_t)recv_rows[j] * row_floats, (int64_t)recv_off[j] * row_floats};
+        const int self = j == w->ep_rank; /* the caller's own block stays put */
+        int64_t v[4] = {self ? 0 : (int64_t)send_rows[j] * row_floats, (int64_t)send_off[j] * row_floats,
+                        self ? 0 : (int64_t)recv_rows[j] * row_floats, (int64_t)recv_off[j] * row_floats};
         for (int i = 0; i < 4; i++)
             if (v[i] > INT_MAX) return moe_error(MOE_ERR_INVALID_ARG, "rank %d: expert rows exceed one MPI call", w->rank);
         sc[j] = (int)v[0]; sd[j] = (int)v[1]; rc_[j] = (int)v[2]; rd[j] = (int)v[3];
-        if (j != w->ep_rank) { out += v[0]; in += v[2]; }
+        out += v[0]; in += v[2];
     }
-    MPI_Request rq;
-    int rc = MPI_Ialltoallv(send, sc, sd, MPI_FLOAT, recv, rc_, rd, MPI_FLOAT, group_comm(), &rq);
-    if (rc != MPI_SUCCESS) return mpi_fail(rc, "the expert all-to-all");
-    moe_status st = wait_all(&rq, 1, "the expert all-to-all", &w->t_a2a);
+    if (P == 1) return MOE_OK;
+    dist_op *o = moe_calloc(1, sizeof *o);
+    if (!o) return moe_error(MOE_ERR_NOMEM, "rank %d: out of memory for an exchange", w->rank);
+    o->what = "the expert all-to-all";
+    o->sent = out * (int64_t)sizeof(float);
+    o->recv = in * (int64_t)sizeof(float);
+    int rc = MPI_Ialltoallv(send, sc, sd, MPI_FLOAT, recv, rc_, rd, MPI_FLOAT, group_comm(), &o->rq);
+    w->t_a2a += MPI_Wtime() - t0;
+    if (rc != MPI_SUCCESS) {
+        moe_free(o);
+        return mpi_fail(rc, "the expert all-to-all");
+    }
+    *op = o;
+    return MOE_OK;
+}
+
+int dist_test(dist_op *op) {
+    if (!op || op->err) return 1;
+    const double t0 = MPI_Wtime();
+    int done = 0, rc = MPI_Test(&op->rq, &done, MPI_STATUS_IGNORE);
+    dist_world()->t_a2a += MPI_Wtime() - t0;
+    if (rc != MPI_SUCCESS) op->err = rc;
+    return done || op->err;
+}
+
+moe_status dist_wait(dist_op *op) {
+    if (!op) return MOE_OK;
+    moe_dist *w = dist_world();
+    moe_status st = op->err ? mpi_fail(op->err, op->what) : wait_all(&op->rq, 1, op->what, &w->t_a2a);
     if (!st) {
-        w->a2a_sent += out * (int64_t)sizeof(float);
-        w->a2a_recv += in * (int64_t)sizeof(float);
+        w->a2a_sent += op->sent;
+        w->a2a_recv += op->recv;
     }
+    moe_free(op);
     return st;
 }
 

@@ -3,7 +3,18 @@
  * the rows of every peer for its own experts, grouped by expert and, within
  * an expert, by source rank: it runs moe_experts_forward / _backward there
  * unchanged. Rows arrive grouped by source first, so a permutation (perm)
- * maps each arrived row to its place in the remote cache and back. */
+ * maps each arrived row to its place in the remote cache and back.
+ *
+ * Overlap: this rank's own rows for its own experts never travel. The
+ * peers' rows are posted (non-blocking), our experts run over our own rows
+ * one expert at a time while they travel (polling the transfer between
+ * experts, which is what moves it along), then over the arrived rows; their
+ * outputs are posted back and the experts left over run meanwhile. The
+ * backward computes our own rows' gradients while the peers' output
+ * gradients arrive, and makes the last additions of the weight gradient
+ * while the input gradients travel back. An expert's output row depends on
+ * its input row only, and each source's weight gradient is still summed
+ * from zero and added in source order: the bits do not change. */
 #include <string.h>
 
 #include "core/core.h"
@@ -27,6 +38,7 @@ typedef struct {
 struct expert_parallel {
     int n_moe, E;
     float *g_shard;   /* [3][E][F][d] one source's expert gradients (gate, up, down) */
+    float *g_own;     /* [3][E][F][d] this rank's own rows' (computed first)        */
     size_t g_floats;  /* E*F*d                                                    */
     ep_layer *layers;
     moe_status st;
@@ -118,27 +130,93 @@ static moe_status plan(ep_layer *L, moe_cache *c) {
     return MOE_OK;
 }
 
-/* rows of out_src (grouped by owner) to the owners, into remote rows dst */
-static moe_status rows_out(ep_layer *L, float *dst, const float *src, int d) {
-    moe_status st = dist_alltoallv_rows(L->stage, L->recv_rows, L->recv_off, src, L->send_rows, L->send_off, d);
-    if (!st) copy_rows(dst, L->perm, L->stage, NULL, L->rows_in, d);
-    return st;
+/* The arrived rows of the peers (not our own block, which never travels)
+ * from the stage to their places in dst, a remote-cache buffer. */
+static void stage_to_remote(ep_layer *L, float *dst, int d) {
+    const int a = L->recv_off[dist_world()->ep_rank], b = a + L->recv_rows[dist_world()->ep_rank];
+    copy_rows(dst, L->perm, L->stage, NULL, a, d);
+    copy_rows(dst, L->perm + b, L->stage + (size_t)b * d, NULL, L->rows_in - b, d);
 }
 
-/* remote rows src back to their sources, into dst (grouped by owner) */
-static moe_status rows_back(ep_layer *L, float *dst, const float *src, int d) {
-    copy_rows(L->stage, NULL, src, L->perm, L->rows_in, d);
-    return dist_alltoallv_rows(dst, L->send_rows, L->send_off, L->stage, L->recv_rows, L->recv_off, d);
+/* The peers' rows of src, a remote-cache buffer, into the stage to go back. */
+static void remote_to_stage(ep_layer *L, const float *src, int d) {
+    const int a = L->recv_off[dist_world()->ep_rank], b = a + L->recv_rows[dist_world()->ep_rank];
+    copy_rows(L->stage, NULL, src, L->perm, a, d);
+    copy_rows(L->stage + (size_t)b * d, NULL, src, L->perm + b, L->rows_in - b, d);
+}
+
+/* Our own block between the layer's cache (rows grouped by owner) and the
+ * remote cache: to_remote 1 copies local rows in, 0 copies remote rows out. */
+static void own_rows(ep_layer *L, float *local, float *remote, int to_remote, int d) {
+    const int me = dist_world()->ep_rank;
+    float *l = local + (size_t)L->send_off[me] * d;
+    const int32_t *at = L->perm + L->recv_off[me];
+    if (to_remote) copy_rows(remote, at, l, NULL, L->recv_rows[me], d);
+    else copy_rows(l, NULL, remote, at, L->recv_rows[me], d);
+}
+
+/* v = the remote cache showing only the rows of sources [s0, s1), and of
+ * expert e alone when e >= 0 (within an expert the rows are by source, so
+ * a range of sources is one run of rows). */
+static void source_view(ep_layer *L, moe_cache *v, int s0, int s1, int e) {
+    const moe_dist *w = dist_world();
+    const int P = w->ep, E = L->remote.E, Ep = E / P, e0 = w->ep_rank * Ep;
+    const moe_routing *q = &L->remote.r;
+    *v = L->remote;
+    v->r.counts = L->src_counts;
+    v->r.offsets = L->src_offsets;
+    for (int x = 0; x < E; x++) {
+        const int el = x - e0, mine = el >= 0 && el < Ep && (e < 0 || x == e);
+        int at = q->offsets[x], n = 0;
+        for (int s = 0; mine && s < s1; s++) {
+            if (s < s0) at += L->cnt_in[s * Ep + el];
+            else n += L->cnt_in[s * Ep + el];
+        }
+        L->src_counts[x] = n;
+        L->src_offsets[x] = at;
+    }
+    L->src_offsets[E] = q->offsets[E];
+}
+
+static void forward_sources(ep_layer *L, int s0, int s1, int e, const moe_weights *wt, matmul_precision mm) {
+    if (s0 >= s1) return;
+    moe_cache v;
+    source_view(L, &v, s0, s1, e);
+    moe_experts_forward(&v, wt, mm);
 }
 
 static void ep_forward(moe_exchange *xb, moe_cache *c, const moe_weights *wt, matmul_precision mm) {
     ep_layer *L = (ep_layer *)xb;
+    const moe_dist *w = dist_world();
+    const int P = w->ep, me = w->ep_rank, Ep = c->E / P, e0 = me * Ep, d = c->d;
+    dist_op *op = NULL;
+    int el = 0;
     moe_status st = L->owner->st;
     if (!st) st = plan(L, c);
-    if (!st) st = rows_out(L, L->remote.xe, c->xe, c->d);
     if (!st) {
-        moe_experts_forward(&L->remote, wt, mm);
-        st = rows_back(L, c->ye, L->remote.ye, c->d);
+        own_rows(L, c->xe, L->remote.xe, 1, d);
+        st = dist_alltoallv_rows_start(&op, L->stage, L->recv_rows, L->recv_off, c->xe, L->send_rows, L->send_off, d);
+    }
+    if (!st) {
+        /* while the peers' rows travel: our experts over our own rows */
+        for (; el < Ep && !dist_test(op); el++) forward_sources(L, me, me + 1, e0 + el, wt, mm);
+        st = dist_wait(op);
+    }
+    if (!st) {
+        stage_to_remote(L, L->remote.xe, d);
+        forward_sources(L, 0, me, -1, wt, mm);
+        forward_sources(L, me + 1, P, -1, wt, mm);
+        remote_to_stage(L, L->remote.ye, d);
+        st = dist_alltoallv_rows_start(&op, c->ye, L->send_rows, L->send_off, L->stage, L->recv_rows, L->recv_off, d);
+    }
+    if (!st) {
+        /* while their outputs travel back: the experts left over */
+        for (; el < Ep; el++) {
+            forward_sources(L, me, me + 1, e0 + el, wt, mm);
+            dist_test(op);
+        }
+        own_rows(L, c->ye, L->remote.ye, 0, d);
+        st = dist_wait(op);
     }
     if (st) {
         fail(L->owner, st);
@@ -178,54 +256,83 @@ static void ep_backward_none(moe_exchange *xb, moe_cache *c, const moe_weights *
     moe_zero(c->dxe, (size_t)c->r.rows * c->d);
 }
 
+/* g += one source's expert gradients, for our experts; the piece is zeroed */
+static void add_shard(const moe_grads *g, float *shard, size_t n, size_t lo, size_t hi) {
+    float *gg = shard, *gu = gg + n, *gd = gu + n;
+    #pragma omp parallel for schedule(static)
+    for (size_t i = lo; i < hi; i++) {
+        g->gate[i] += gg[i]; g->up[i] += gu[i]; g->down[i] += gd[i];
+        gg[i] = gu[i] = gd[i] = 0.0f;
+    }
+}
+
+static moe_grads shard_grads(float *shard, size_t n) {
+    return (moe_grads){.gate = shard, .up = shard + n, .down = shard + 2 * n};
+}
+
 /* The experts' backward one source rank at a time, each source's weight
  * gradient from zero and then added in source order: the sum one process
- * makes when those sources are its micro-batches (dist.h: determinism). */
-static moe_status experts_backward_by_source(ep_layer *L, const moe_weights *wt, const moe_grads *g,
-                                             matmul_precision mm) {
+ * makes when those sources are its micro-batches (dist.h: determinism).
+ * Our own source's rows first, while op (the peers' output gradients)
+ * travels; then the peers'; the input gradients go back while the last
+ * additions are made. */
+static moe_status experts_backward_by_source(ep_layer *L, moe_cache *c, dist_op *op, const moe_weights *wt,
+                                             const moe_grads *g, matmul_precision mm) {
     expert_parallel *x = L->owner;
     const moe_dist *w = dist_world();
-    const int P = w->ep, E = L->remote.E, Ep = E / P, e0 = w->ep_rank * Ep;
+    const int P = w->ep, me = w->ep_rank, E = L->remote.E, Ep = E / P, e0 = me * Ep, d = c->d;
     const size_t per = (size_t)L->remote.F * L->remote.d, n = (size_t)E * per;
+    const size_t lo = (size_t)e0 * per, hi = (size_t)(e0 + Ep) * per;
     if (x->g_floats < n) {
         moe_free(x->g_shard);
+        moe_free(x->g_own);
         x->g_shard = moe_calloc(3 * n, sizeof(float));
-        x->g_floats = x->g_shard ? n : 0;
-        if (!x->g_shard) return moe_error(MOE_ERR_NOMEM, "out of memory for the experts' gradients");
+        x->g_own = moe_calloc(3 * n, sizeof(float));
+        x->g_floats = x->g_shard && x->g_own ? n : 0;
+        if (!x->g_floats) {
+            dist_wait(op);
+            return moe_error(MOE_ERR_NOMEM, "out of memory for the experts' gradients");
+        }
     }
-    float *gg = x->g_shard, *gu = gg + n, *gd = gu + n;
-    const moe_grads shard = {.gate = gg, .up = gu, .down = gd};
-    moe_cache v = L->remote; /* the same rows and buffers, one source's routing */
-    v.r.counts = L->src_counts;
-    v.r.offsets = L->src_offsets;
-    const moe_routing *q = &L->remote.r;
+    const moe_grads own = shard_grads(x->g_own, n), shard = shard_grads(x->g_shard, n);
+    moe_cache v;
+    for (int el = 0; el < Ep; el++) {
+        source_view(L, &v, me, me + 1, e0 + el);
+        moe_experts_backward(&v, wt, &own, mm);
+        dist_test(op);
+    }
+    moe_status st = dist_wait(op);
+    if (st) return st;
+    stage_to_remote(L, L->remote.dye, d);
+    const int last = me == P - 1 ? P - 2 : P - 1; /* the last peer: its addition waits */
     for (int s = 0; s < P; s++) {
-        for (int e = 0; e < E; e++) {
-            const int el = e - e0, mine = el >= 0 && el < Ep;
-            int at = q->offsets[e];
-            for (int s2 = 0; mine && s2 < s; s2++) at += L->cnt_in[s2 * Ep + el];
-            L->src_counts[e] = mine ? L->cnt_in[s * Ep + el] : 0;
-            L->src_offsets[e] = at;
+        if (s == me) {
+            if (me < last) add_shard(g, x->g_own, n, lo, hi);
+            continue;
         }
-        L->src_offsets[E] = q->offsets[E];
+        source_view(L, &v, s, s + 1, -1);
         moe_experts_backward(&v, wt, &shard, mm);
-        const size_t lo = (size_t)e0 * per, hi = (size_t)(e0 + Ep) * per;
-        #pragma omp parallel for schedule(static)
-        for (size_t i = lo; i < hi; i++) {
-            g->gate[i] += gg[i]; g->up[i] += gu[i]; g->down[i] += gd[i];
-            gg[i] = gu[i] = gd[i] = 0.0f;
-        }
+        if (s != last) add_shard(g, x->g_shard, n, lo, hi);
     }
-    return MOE_OK;
+    remote_to_stage(L, L->remote.dxe, d);
+    st = dist_alltoallv_rows_start(&op, c->dxe, L->send_rows, L->send_off, L->stage, L->recv_rows, L->recv_off, d);
+    own_rows(L, c->dxe, L->remote.dxe, 0, d);
+    add_shard(g, x->g_shard, n, lo, hi);
+    dist_test(op);
+    if (me > last) add_shard(g, x->g_own, n, lo, hi);
+    return st ? st : dist_wait(op);
 }
 
 static void ep_backward(moe_exchange *xb, moe_cache *c, const moe_weights *wt, const moe_grads *g,
                         matmul_precision mm) {
     ep_layer *L = (ep_layer *)xb;
+    dist_op *op = NULL;
     moe_status st = L->owner->st;
-    if (!st) st = rows_out(L, L->remote.dye, c->dye, c->d);
-    if (!st) st = experts_backward_by_source(L, wt, g, mm);
-    if (!st) st = rows_back(L, c->dxe, L->remote.dxe, c->d);
+    if (!st) {
+        own_rows(L, c->dye, L->remote.dye, 1, c->d);
+        st = dist_alltoallv_rows_start(&op, L->stage, L->recv_rows, L->recv_off, c->dye, L->send_rows, L->send_off, c->d);
+    }
+    if (!st) st = experts_backward_by_source(L, c, op, wt, g, mm);
     if (st) {
         fail(L->owner, st);
         moe_zero(c->dxe, (size_t)c->r.rows * c->d);
@@ -273,6 +380,7 @@ void expert_parallel_free(expert_parallel *x) {
     }
     moe_free(x->layers);
     moe_free(x->g_shard);
+    moe_free(x->g_own);
     moe_free(x);
 }
 
