@@ -12,7 +12,9 @@
 #include "harness.h"
 #include "core/core.h"
 #include "core/dtype.h"
+#include "kernels/kernels.h"
 #include "kernels/qmatmul.h"
+#include "moe/moe_layer.h"
 #include "moe.h"
 
 #include <dlfcn.h>
@@ -393,6 +395,90 @@ static void test_llama(void) {
     dlclose(h);
 }
 
+/* The MoE layer's experts with Q8_0 weights: the kernel is chosen by the
+ * layer's token count, not by an expert's rows. Ragged per-expert rows
+ * (0, 1, 15, 16, 17, 33, 2); in a batch of >= 16 tokens every expert's
+ * output is the blocked twin's (qmatmul_q8_0_blocked_ref: gate, up, SwiGLU,
+ * down), in a batch below 16 (decode) the exact vec_dot path's; the same
+ * bits on 1 and 2 threads. Without AMX the prefill case is skipped. */
+static void test_moe_batch(void) {
+    TEST_CASE("moe experts, q8_0: prefill batch -> blocked twin at any expert rows, decode -> vec_dot, threads");
+    if (!fast_ok()) { TEST_SKIP("%s", SKIP_REASON); return; }
+    enum { E = 7, D = 96, F = 64, R = 84 };
+    const int prefill_counts[E] = {0, 1, 15, 16, 17, 33, 2}, decode_counts[E] = {1, 0, 2, 0, 0, 1, 0};
+    size_t rbd, rbf;
+    dtype_row_bytes(DT_Q8_0, D, &rbd);
+    dtype_row_bytes(DT_Q8_0, F, &rbf);
+    static uint8_t gate[E * F * 128], up[E * F * 128], down[E * D * 128];
+    static float hg[R * F], hu[R * F], act[R * F], want[R * D], one[R * D];
+    moe_rng rng;
+    moe_rng_seed(&rng, 5);
+    fill_weights(DT_Q8_0, gate, E * F, D, 0, &rng);
+    fill_weights(DT_Q8_0, up, E * F, D, 0, &rng);
+    fill_weights(DT_Q8_0, down, E * D, F, 0, &rng);
+    moe_weights wt = {.gate = gate, .up = up, .down = down, .gate_t = DT_Q8_0, .up_t = DT_Q8_0,
+                      .down_t = DT_Q8_0};
+    const int saved = omp_get_max_threads();
+    for (int pass = 0; pass < 2; pass++) {
+        const int prefill = pass == 0, *counts = prefill ? prefill_counts : decode_counts;
+        if (prefill && !amx_ok()) { printf("  prefill case skipped: no AMX\n"); continue; }
+        int rows = 0;
+        for (int e = 0; e < E; e++) rows += counts[e];
+        const int N = prefill ? rows : 4; /* the layer's tokens (k = 1: one row each when prefill) */
+        moe_cache c;
+        if (moe_cache_init(&c, R, D, E, 1, F, 0, MOE_ROUTING_TOKEN, R) != MOE_OK) TEST_FATAL("%s", moe_last_error());
+        const size_t qrow = qmatmul_workspace(DT_Q8_0, 1, D);
+        c.qws = moe_malloc(qrow * R);
+        c.qws_row = qrow;
+        c.r.N = N;
+        c.r.rows = rows;
+        for (int e = 0, off = 0; e < E; e++) {
+            c.r.counts[e] = counts[e];
+            c.r.offsets[e] = off;
+            off += counts[e];
+            c.r.offsets[e + 1] = off;
+        }
+        for (int i = 0; i < rows; i++) fill_act(c.xe + (size_t)i * D, D, i % 5 == 4 ? 1 : 0, &rng);
+        /* the expected rows, expert by expert */
+        void *ws = moe_malloc(qmatmul_workspace(DT_Q8_0, R, D));
+        qmatmul_allow_amx(0); /* decode's expectation: vec_dot */
+        for (int e = 0; e < E; e++) {
+            const int n = counts[e], off = c.r.offsets[e];
+            if (!n) continue;
+            const float *x = c.xe + (size_t)off * D;
+            const uint8_t *g = gate + (size_t)e * F * rbd, *u = up + (size_t)e * F * rbd,
+                          *dn = down + (size_t)e * D * rbf;
+            if (prefill) {
+                qmatmul_q8_0_blocked_ref(hg, x, g, n, D, F);
+                qmatmul_q8_0_blocked_ref(hu, x, u, n, D, F);
+            } else {
+                qmatmul_forward(hg, x, g, DT_Q8_0, n, D, F, ws);
+                qmatmul_forward(hu, x, u, DT_Q8_0, n, D, F, ws);
+            }
+            swiglu_forward(act, hg, hu, n, F);
+            if (prefill) qmatmul_q8_0_blocked_ref(want + (size_t)off * D, act, dn, n, F, D);
+            else qmatmul_forward(want + (size_t)off * D, act, dn, DT_Q8_0, n, F, D, ws);
+        }
+        qmatmul_allow_amx(1);
+        for (int th = 1; th <= 2; th++) {
+            omp_set_num_threads(th);
+            memset(c.ye, 0xff, sizeof(float) * (size_t)rows * D);
+            moe_experts_forward(&c, &wt, MATMUL_FP32);
+            if (th == 1) memcpy(one, c.ye, sizeof(float) * (size_t)rows * D);
+            int bad = 0;
+            for (int i = 0; i < rows * D; i++) bad += memcmp(&c.ye[i], &want[i], 4) != 0;
+            CHECK(bad == 0, "%s, %d threads: %d of %d outputs differ from the %s", prefill ? "prefill" : "decode",
+                  th, bad, rows * D, prefill ? "blocked twin" : "vec_dot path");
+        }
+        CHECK(same_bits(one, c.ye, (size_t)rows * D), "1 and 2 threads differ");
+        omp_set_num_threads(saved);
+        moe_free(ws);
+        moe_free(c.qws);
+        moe_cache_free(&c);
+    }
+    TEST_END();
+}
+
 int main(void) {
     test_env();
     printf("kernels: %s\n", moe_cpu_kernels());
@@ -400,6 +486,7 @@ int main(void) {
     test_tiles();
     test_threads();
     test_amx();
+    test_moe_batch();
     test_llama();
     TEST_MAIN_END();
 }

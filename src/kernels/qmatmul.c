@@ -76,6 +76,11 @@ static void fill_nan(float *out, int N, int OC) {
  * outputs rather than reading out of bounds. */
 void qmatmul_forward(float *out, const float *in, const void *w, int wtype, int N, int C, int OC,
                      void *ws) {
+    qmatmul_forward_batch(out, in, w, wtype, N, C, OC, ws, N);
+}
+
+void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype, int N, int C,
+                           int OC, void *ws, int batch) {
     if (N <= 0 || OC <= 0) return;
     if (C == 0 && dtype_traits_of(wtype)) {
         memset(out, 0, (size_t)N * (size_t)OC * sizeof(float));
@@ -102,7 +107,7 @@ void qmatmul_forward(float *out, const float *in, const void *w, int wtype, int 
     const char *wb = w;
     double work = (double)N * C * OC;
     int tasks = (OC + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    if (wtype == DT_Q8_0 && N >= QMM_AMX_MIN_ROWS && C / 32 <= QMM_AMX_MAX_BLOCKS && use_amx()) {
+    if (wtype == DT_Q8_0 && batch >= QMM_AMX_MIN_ROWS && C / 32 <= QMM_AMX_MAX_BLOCKS && use_amx()) {
         /* activations straight into the tile layout, then 16 weight rows per task */
 #pragma omp parallel if (work >= PAR_MIN_WORK)
         {

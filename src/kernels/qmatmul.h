@@ -30,6 +30,13 @@
 size_t qmatmul_workspace(int wtype, int N, int C);
 void qmatmul_forward(float *out, const float *in, const void *w, int wtype, int N, int C,
                      int OC, void *ws);
+/* As qmatmul_forward, for the N rows of a batch of `batch` rows (an
+ * expert's share of a prompt chunk's tokens): the AMX path is chosen by the
+ * batch, not by N, so in a prefill chunk of >= QMM_AMX_MIN_ROWS tokens every
+ * expert's rows take it however few they are, and a decode step (batch < 16)
+ * none. qmatmul_forward is batch = N. */
+void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype, int N, int C,
+                           int OC, void *ws, int batch);
 /* "amx-int8+avx512-vnni", "avx512-vnni" or "portable": the path
  * qmatmul_forward takes now (amx-int8: for Q8_0 prefill). */
 const char *qmatmul_kernels(void);

@@ -7,7 +7,7 @@
 
 typedef struct { float p; int32_t id; } cand;
 
-enum { PROMPT_CHUNK = 64 }; /* prompt tokens per model_infer call */
+enum { PROMPT_CHUNK = 512 }; /* prompt tokens per model_infer call (llama.cpp's default micro-batch) */
 
 static int by_prob_desc(const void *a, const void *b) {
     const cand *x = a, *y = b;

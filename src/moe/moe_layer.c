@@ -501,6 +501,14 @@ static void weight_matmul(float *out, const float *in, const void *w, int t, int
     else qmatmul_forward(out, in, w, t, N, C, OC, ws);
 }
 
+/* an expert's N of the layer's `batch` tokens: the quantised kernel is
+ * chosen by the batch (qmatmul_forward_batch) */
+static void expert_matmul(float *out, const float *in, const void *w, int t, int N, int C, int OC,
+                          matmul_precision mm, char *ws, int batch) {
+    if (t == DT_F32) matmul_forward(out, in, w, NULL, N, C, OC, mm);
+    else qmatmul_forward_batch(out, in, w, t, N, C, OC, ws, batch);
+}
+
 /* ---- the forward stages (moe_layer.h); moe_forward composes them ---- */
 void moe_dispatch(moe_cache *c, const float *x) {
     const moe_routing *r = &c->r;
@@ -556,10 +564,10 @@ void moe_experts_forward(moe_cache *c, const moe_weights *wt, matmul_precision m
             up = expert_matrix(wt->up, wt->up_t, e, F, d);
             down = expert_matrix(wt->down, wt->down_t, e, d, F);
         }
-        weight_matmul(hg, xe, gate, wt->gate_t, n, d, F, mm, ws);
-        weight_matmul(hu, xe, up, wt->up_t, n, d, F, mm, ws);
+        expert_matmul(hg, xe, gate, wt->gate_t, n, d, F, mm, ws, r->N);
+        expert_matmul(hu, xe, up, wt->up_t, n, d, F, mm, ws, r->N);
         swiglu_forward(act, hg, hu, n, F);
-        weight_matmul(c->ye + (size_t)off * d, act, down, wt->down_t, n, F, d, mm, ws);
+        expert_matmul(c->ye + (size_t)off * d, act, down, wt->down_t, n, F, d, mm, ws, r->N);
         if (wt->store) expert_store_release(wt->store, wt->store_layer, e);
     }
 }
