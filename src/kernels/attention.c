@@ -563,7 +563,7 @@ static int cached_slots(int n, int H) {
 
 size_t attention_cached_scratch(int n_ctx, int n, int H) {
     if (n_ctx <= 0 || n <= 0 || H <= 0) return 0;
-    return 2 * (size_t)cached_slots(n, H) * (size_t)n_ctx; /* scores, and llama.cpp order's value column */
+    return (size_t)cached_slots(n, H) * (size_t)n_ctx;
 }
 
 /* sum a[j]*b[j] over 16 interleaved float partial sums (lane l takes j = l mod
@@ -602,16 +602,29 @@ static void cached_row(float *o, float *s, const float *qh, const float *kc, con
     }
 }
 
-/* The same row in llama.cpp's order (attention_cached_ggml): col is room
- * for len floats (one value column at a time). */
-static void cached_row_ggml(float *o, float *s, float *col, const float *qh, const float *kc,
-                            const float *vc, int len, int Dk, int Dv, size_t ks, size_t vs, float scale,
-                            int batch) {
+/* The same row in llama.cpp's order (attention_cached_ggml). The value sums
+ * run over the cache rows in order, VB output dims at a time, each dim with
+ * its own lanes: lane u % 16 of accumulator (u / 16) % 4 (batch = 0: the
+ * 1-token dot) or of the one chain (batch = 1), then each dim's reduction. */
+enum { VB = 32 };
+static void cached_row_ggml(float *o, float *s, const float *qh, const float *kc, const float *vc, int len,
+                            int Dk, int Dv, size_t ks, size_t vs, float scale, int batch) {
     for (int u = 0; u < len; u++) s[u] = vec_dot_ggml(qh, kc + (size_t)u * ks, Dk, 0) * scale;
     softmax_row_ggml(s, s, len, 1);
-    for (int d = 0; d < Dv; d++) {
-        for (int u = 0; u < len; u++) col[u] = vc[(size_t)u * vs + d];
-        o[d] = batch ? vec_dot_ggml_batch(col, s, len) : vec_dot_ggml(col, s, len, 1);
+    float acc[4][16][VB], one[4][16];
+    for (int d0 = 0; d0 < Dv; d0 += VB) {
+        const int nd = MOE_MIN(VB, Dv - d0);
+        memset(acc, 0, sizeof acc);
+        for (int u = 0; u < len; u++) {
+            const float p = s[u], *vu = vc + (size_t)u * vs + d0;
+            float *ac = acc[batch ? 0 : (u >> 4) & 3][u & 15];
+            for (int d = 0; d < nd; d++) ac[d] = fmaf(vu[d], p, ac[d]);
+        }
+        for (int d = 0; d < nd; d++) {
+            for (int a = 0; a < 4; a++)
+                for (int l = 0; l < 16; l++) one[a][l] = acc[a][l][d];
+            o[d0 + d] = ggml_lanes_sum((const float(*)[16])one);
+        }
     }
 }
 
@@ -629,7 +642,6 @@ static void cached_run(float *out, const float *q, const float *kc, const float 
 #pragma omp parallel num_threads(nthr) if (nthr > 1)
     {
         float *s = scratch + (size_t)omp_get_thread_num() * row;
-        float *col = scratch + (size_t)(slots + omp_get_thread_num()) * row;
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < ntask; task++) {
             int i = task / H, h = task % H, kvh = h / G;
@@ -638,7 +650,7 @@ static void cached_run(float *out, const float *q, const float *kc, const float 
             if (mode < CACHED_GGML_SINGLE)
                 cached_row(o, s, qh, kh, vh, pos0 + i + 1, Dk, Dv, k_stride, v_stride, scale, mode == CACHED_FAST);
             else
-                cached_row_ggml(o, s, col, qh, kh, vh, pos0 + i + 1, Dk, Dv, k_stride, v_stride, scale,
+                cached_row_ggml(o, s, qh, kh, vh, pos0 + i + 1, Dk, Dv, k_stride, v_stride, scale,
                                 mode == CACHED_GGML_BATCH);
         }
     }

@@ -86,6 +86,8 @@ void rmsnorm_forward_ggml(float *out, const float *in, const float *w, int N, in
  *   on whole 16-blocks of a row, libm expf(-g) on the rest. */
 float expf_ggml(float x);
 float vec_dot_ggml(const float *x, const float *y, int n, int padded);
+/* vec_dot_ggml's combination of its 4 x 16 lanes (one chain: the others 0) */
+float ggml_lanes_sum(const float acc[4][16]);
 float vec_dot_ggml_batch(const float *x, const float *y, int n);
 void matmul_ggml_f32(float *out, const float *in, const float *w, int N, int C, int OC);
 void softmax_row_ggml(float *p, const float *x, int n, int padded);

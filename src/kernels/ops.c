@@ -170,15 +170,22 @@ static float reduce16(const float *v) {
     return (b[2] + b[0]) + (b[3] + b[1]);
 }
 
+float ggml_lanes_sum(const float acc[4][16]) {
+    float v[16];
+    for (int l = 0; l < 16; l++) v[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    return reduce16(v);
+}
+
 float vec_dot_ggml(const float *x, const float *y, int n, int padded) {
     float acc[4][16] = {{0}};
     const int np = padded ? n : n & ~63;
-    for (int i = 0; i < np; i++) /* element i in accumulator (i / 16) % 4, lane i % 16 */
-        acc[(i >> 4) & 3][i & 15] = fmaf(x[i], y[i], acc[(i >> 4) & 3][i & 15]);
-    float v[16];
-    for (int l = 0; l < 16; l++) v[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
-    float s = reduce16(v);
-    for (int i = np; i < n; i++) {
+    int i = 0; /* element i in accumulator (i / 16) % 4, lane i % 16 */
+    for (; i + 64 <= np; i += 64)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 16; l++) acc[j][l] = fmaf(x[i + 16 * j + l], y[i + 16 * j + l], acc[j][l]);
+    for (; i < np; i++) acc[(i >> 4) & 3][i & 15] = fmaf(x[i], y[i], acc[(i >> 4) & 3][i & 15]);
+    float s = ggml_lanes_sum((const float(*)[16])acc);
+    for (i = np; i < n; i++) {
         const float p = x[i] * y[i];
         s += p;
     }
