@@ -94,7 +94,6 @@ moe_status model_infer_alloc(moe_model *m, int n_max) {
     const size_t d = c->d_model, H = c->n_heads, KVH = c->n_kv_heads;
     const size_t hd = moe_config_head_dim(c), vd = moe_config_v_head_dim(c);
     const size_t kvr = (size_t)c->kv_lora_rank, rope = moe_config_rope_dim(c);
-    s->ggml = m->arch[0] != 0;
     s->kdim = mla ? (int)(kvr + rope) : (int)(KVH * hd);
     s->vdim = mla ? 0 : (int)(KVH * vd);
     const size_t per = (size_t)c->n_layers * ctx;
@@ -417,6 +416,7 @@ moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, flo
     if (st) return st;
     infer_state *s = m->inf;
     const int d = c->d_model;
+    s->ggml = m->arch[0] != 0; /* read on every call, as the norms and RoPE read it */
     if (pos0 == 0 && s->seq) memset(s->seq, 0, sizeof(double) * c->n_layers * c->n_experts);
     int32_t *pos = s->pos;
     for (int i = 0; i < n; i++) pos[i] = pos0 + i;
