@@ -125,17 +125,17 @@ static void converts(const char *name, moe_config cfg, int bf16) {
             m->cfg.matmul = MOE_MATMUL_FP32;
             int diff, argmax_same;
             double rel;
-            /* As they are, the two differ only in RoPE's angles: our own
-             * models compute them in double (as trained), a published one in
-             * float as ggml does (model/infer.c rope_rows); position 0, angle
-             * 0, is the same. */
+            /* As they are, the two differ in the float ops between the
+             * matmuls: our own models run them as trained, a published one
+             * in llama.cpp's order (RoPE's float angles and fused rotation,
+             * RMSNorm, attention, SwiGLU, router: kernels.h); the greedy
+             * tokens agree. */
             CHECK(compare_logits(m, p, ia, (int)na, &diff, &argmax_same, &rel), "infer: %s", moe_last_error());
             CHECK(argmax_same, "the greedy token differs at some position (max rel. difference %.3g)", rel);
-            CHECK(diff < 0 || diff >= m->cfg.vocab_size, "logits differ at position 0 (index %d)", diff);
             printf("     as loaded: logits %s (max rel. difference %.2g), same greedy tokens\n",
-                   diff < 0 ? "bit-identical" : "differ from position 1 on", rel);
-            /* with the original's RoPE taken as a published model's, every
-             * other step must agree bit for bit */
+                   diff < 0 ? "bit-identical" : "differ", rel);
+            /* with the original run as a published model, every step must
+             * agree bit for bit */
             snprintf(m->arch, sizeof m->arch, "llama");
             CHECK(compare_logits(m, p, ia, (int)na, &diff, &argmax_same, &rel) && diff < 0,
                   "with published RoPE, logits differ (first at %d, max rel. %.3g): %s", diff, rel, moe_last_error());
@@ -157,7 +157,7 @@ static void converts(const char *name, moe_config cfg, int bf16) {
 
 /* An MLA model goes out as deepseek2: loads back as a published deepseek2
  * file, the same greedy tokens, and the same logits bit for bit once the
- * original rotates with published RoPE (float angles). */
+ * original runs as a published model (llama.cpp's order). */
 static void converts_mla(const char *name, moe_config cfg) {
     TEST_CASE(name);
     char path[256];

@@ -410,6 +410,188 @@ static void test_rmsnorm(void) {
     TEST_END();
 }
 
+/* rmsnorm_forward_ggml against its formula written out again here (each
+ * square rounded to float, summed in double left to right, mean and rstd in
+ * float; volatile pins each rounding), bit for bit, in place too; and it is
+ * another arithmetic than rmsnorm_forward's (some output differs). */
+static void test_rmsnorm_ggml(void) {
+    TEST_CASE("rmsnorm_forward_ggml: llama.cpp's order bit for bit vs the formula, in place");
+    static const int Cs[4] = {1, 7, 64, 257};
+    int differs = 0;
+    for (int ci = 0; ci < 4; ci++) {
+        const int N = 5, C = Cs[ci];
+        float *x = vec((size_t)N * C), *w = vec((size_t)C), *got = zeros((size_t)N * C);
+        float *inplace = copy(x, (size_t)N * C), *old = zeros((size_t)N * C), *rstd = zeros(N);
+        for (int j = 0; j < N * C; j++) x[j] *= (float)(1 + j % 5); /* rows of other scales */
+        memcpy(inplace, x, sizeof(float) * N * C);
+        rmsnorm_forward_ggml(got, x, w, N, C, 1e-6f);
+        rmsnorm_forward_ggml(inplace, inplace, w, N, C, 1e-6f);
+        rmsnorm_forward(old, rstd, x, w, N, C, 1e-6f);
+        int ok = 1;
+        for (int n = 0; n < N; n++) {
+            const float *r = x + (size_t)n * C;
+            double ss = 0.0;
+            for (int j = 0; j < C; j++) {
+                volatile float sq = r[j] * r[j];
+                ss += sq;
+            }
+            volatile float mean = (float)(ss / C);
+            volatile float sum = mean + 1e-6f;
+            volatile float rs = 1.0f / sqrtf(sum);
+            for (int j = 0; j < C; j++) {
+                volatile float a = r[j] * rs;
+                volatile float want = a * w[j];
+                ok &= got[(size_t)n * C + j] == want;
+            }
+        }
+        CHECK(ok, "C %d: differs from the formula", C);
+        CHECK(memcmp(got, inplace, sizeof(float) * N * C) == 0, "C %d: in place differs", C);
+        differs |= memcmp(got, old, sizeof(float) * N * C) != 0;
+        free(x); free(w); free(got); free(inplace); free(old); free(rstd);
+    }
+    CHECK(differs, "llama.cpp's order gave rmsnorm_forward's bits on every row: the test cannot tell them apart");
+    TEST_END();
+}
+
+/* ---- llama.cpp's order (kernels.h "llama.cpp's CPU arithmetic") --------------- */
+
+/* _mm512_reduce_add_ps's pairing, written out again */
+static float tree16(const float *v) {
+    volatile float a[8], b[4], c0, c1;
+    for (int l = 0; l < 8; l++) a[l] = v[l] + v[l + 8];
+    for (int l = 0; l < 4; l++) b[l] = a[l] + a[l + 4];
+    c0 = b[0] + b[2];
+    c1 = b[1] + b[3];
+    return c0 + c1;
+}
+
+static void test_ggml_order(void) {
+    TEST_CASE("llama.cpp-order kernels: hand cases and their formulas, bit for bit");
+    /* ggml_v_expf: exact at 0, 0 and inf past its range, and near exp: its
+     * source gives about 1.5 ulp plus rounding; 2.17 measured here, in ulps of
+     * float(exp(x)) upwards */
+    CHECK(expf_ggml(0.0f) == 1.0f && expf_ggml(-INFINITY) == 0.0f && expf_ggml(-200.0f) == 0.0f &&
+          expf_ggml(200.0f) == INFINITY, "expf_ggml special values");
+    double worst = 0;
+    for (int i = 0; i <= 20000; i++) {
+        float x = -87.0f + 175.0f * (float)i / 20000.0f;
+        double e = exp((double)x), u = nextafterf((float)e, INFINITY) - (float)e;
+        worst = fmax(worst, fabs(expf_ggml(x) - e) / u);
+    }
+    CHECK(worst <= 2.5, "expf_ggml: %.2f ulp from exp", worst);
+    /* the dots by hand: lane 0 holds 1e8 (acc 0), 1 (acc 1), -1e8 (acc 2).
+     * vec_dot: (1e8 + -1e8) + (1 + 0) = 1; one chain: 1e8 + 1 = 1e8, - 1e8 = 0 */
+    float x[130] = {0}, y[130];
+    for (int i = 0; i < 130; i++) y[i] = 1.0f;
+    x[0] = 1e8f; x[16] = 1.0f; x[32] = -1e8f;
+    CHECK(vec_dot_ggml(x, y, 64, 0) == 1.0f && vec_dot_ggml_batch(x, y, 64) == 0.0f,
+          "hand dots: %g %g, want 1 0", vec_dot_ggml(x, y, 64, 0), vec_dot_ggml_batch(x, y, 64));
+    /* the rest past n & ~63 is added one by one after the tree: 1 + 0.25 */
+    x[64] = 0.25f;
+    CHECK(vec_dot_ggml(x, y, 65, 0) == 1.25f, "hand dot with a rest: %g", vec_dot_ggml(x, y, 65, 0));
+    /* formulas on random rows */
+    int ok = 1;
+    for (int n = 1; n <= 130; n += 43) {
+        float *a = vec(n), *b = vec(n);
+        volatile float acc[4][16], one[16], v[16];
+        memset((void *)acc, 0, sizeof acc);
+        memset((void *)one, 0, sizeof one);
+        int np = n & ~63;
+        for (int i = 0; i < np; i += 64)
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 16; l++) acc[j][l] = fmaf(a[i + 16 * j + l], b[i + 16 * j + l], acc[j][l]);
+        for (int l = 0; l < 16; l++) { volatile float s02 = acc[0][l] + acc[2][l], s13 = acc[1][l] + acc[3][l]; v[l] = s02 + s13; }
+        volatile float want = tree16((const float *)v);
+        for (int i = np; i < n; i++) { volatile float p = a[i] * b[i]; want = want + p; }
+        ok &= vec_dot_ggml(a, b, n, 0) == want;
+        for (int i = 0; i < n; i++) one[i % 16] = fmaf(a[i], b[i], one[i % 16]);
+        ok &= vec_dot_ggml_batch(a, b, n) == tree16((const float *)one);
+        free(a); free(b);
+    }
+    CHECK(ok, "vec_dot_ggml / _batch differ from their formulas");
+    /* softmax: a flat row is 1/n; random rows by the formula */
+    float p[40], z[40] = {0};
+    softmax_row_ggml(p, z, 20, 1);
+    CHECK(p[0] == (float)(1.0 / 20.0) && p[19] == p[0], "flat softmax %g", p[0]);
+    for (int padded = 0; padded < 2; padded++) {
+        float *l = vec(37), got[37], want[37];
+        softmax_row_ggml(got, l, 37, padded);
+        float mx = l[0];
+        for (int j = 1; j < 37; j++) mx = fmaxf(mx, l[j]);
+        double sum = 0;
+        for (int j0 = 0; j0 < 37; j0 += 16) {
+            float blk[16] = {0};
+            const int whole = j0 + 16 <= 37 || padded;
+            for (int j = j0; j < j0 + 16 && j < 37; j++) {
+                want[j] = whole ? expf_ggml(l[j] - mx) : expf(l[j] - mx);
+                blk[j - j0] = want[j];
+                if (!whole) sum += want[j];
+            }
+            if (whole) sum += tree16(blk);
+        }
+        const float inv = (float)(1.0 / sum);
+        int same = 1;
+        for (int j = 0; j < 37; j++) same &= got[j] == want[j] * inv;
+        CHECK(same, "softmax_row_ggml (padded %d) differs from its formula", padded);
+        free(l);
+    }
+    /* SwiGLU: 16-blocks with expf_ggml(0 - g), the rest with expf(-g); 2 rows of 21 */
+    float *g = vec(42), *u = vec(42), out[42];
+    for (int i = 0; i < 42; i++) g[i] *= 6.0f;
+    swiglu_forward_ggml(out, g, u, 2, 21);
+    int sw = 1;
+    for (int r = 0; r < 2; r++)
+        for (int j = 0; j < 21; j++) {
+            const float gg = g[r * 21 + j], e = j < 16 ? expf_ggml(0.0f - gg) : expf(-gg);
+            volatile float den = 1.0f + e, si = gg / den;
+            sw &= out[r * 21 + j] == si * u[r * 21 + j];
+        }
+    CHECK(sw, "swiglu_forward_ggml differs from its formula");
+    /* matmul: every output the batch dot of its row and column */
+    float *in = vec(3 * 70), *w = vec(5 * 70), mo[15];
+    matmul_ggml_f32(mo, in, w, 3, 70, 5);
+    int mm = 1;
+    for (int n = 0; n < 3; n++)
+        for (int o = 0; o < 5; o++) mm &= mo[n * 5 + o] == vec_dot_ggml_batch(w + o * 70, in + n * 70, 70);
+    CHECK(mm, "matmul_ggml_f32 differs from its dots");
+    free(g); free(u); free(in); free(w);
+    TEST_END();
+
+    TEST_CASE("attention_cached_ggml: its formula, both value orders, chunks give the same bits");
+    {
+        enum { T = 40, H = 2, Dk = 72, Dv = 24 };
+        const size_t ks = Dk + 8, vs = Dv + 4;
+        float *q = vec((size_t)T * H * Dk), *kc = vec((size_t)T * ks), *vc = vec((size_t)T * vs);
+        float *sc = malloc(attention_cached_scratch(T, T, H) * sizeof(float));
+        for (int batch = 0; batch < 2; batch++) {
+            float *all = zeros((size_t)T * H * Dv), *chunk = zeros((size_t)T * H * Dv);
+            attention_cached_ggml(all, q, kc, vc, 0, T, H, 1, Dk, Dv, ks, vs, 0.3f, sc, batch);
+            for (int p0 = 0; p0 < T; p0 += 7) {
+                int n = MOE_MIN(7, T - p0);
+                attention_cached_ggml(chunk + (size_t)p0 * H * Dv, q + (size_t)p0 * H * Dk, kc, vc, p0, n, H, 1, Dk,
+                                      Dv, ks, vs, 0.3f, sc, batch);
+            }
+            CHECK(memcmp(all, chunk, sizeof(float) * T * H * Dv) == 0, "batch %d: chunks differ from one call", batch);
+            int ok2 = 1;
+            for (int i = 0; i < T; i += 13)
+                for (int h = 0; h < H; h++) {
+                    float s[T], pr[T], col[T];
+                    for (int t = 0; t <= i; t++) s[t] = vec_dot_ggml(q + ((size_t)i * H + h) * Dk, kc + t * ks, Dk, 0) * 0.3f;
+                    softmax_row_ggml(pr, s, i + 1, 1);
+                    for (int d = 0; d < Dv; d++) {
+                        for (int t = 0; t <= i; t++) col[t] = vc[t * vs + d];
+                        float want = batch ? vec_dot_ggml_batch(col, pr, i + 1) : vec_dot_ggml(col, pr, i + 1, 1);
+                        ok2 &= all[((size_t)i * H + h) * Dv + d] == want;
+                    }
+                }
+            CHECK(ok2, "batch %d: differs from its formula", batch);
+            free(all); free(chunk);
+        }
+        free(q); free(kc); free(vc); free(sc);
+    }
+    TEST_END();
+}
+
 /* ---- rope -------------------------------------------------------------------- */
 
 static void test_rope_hand(void) {
@@ -703,7 +885,10 @@ static int rope_matches_formula(const float *got, const float *x0, const int32_t
                 int j0 = p->neox ? i : 2 * i, j1 = p->neox ? i + half : 2 * i + 1;
                 volatile float c = cs[i], s = dir * sn[i];
                 volatile float p0 = a[j0] * c, p1 = a[j1] * s, p2 = a[j0] * s, p3 = a[j1] * c;
-                ok &= g[j0] == p0 - p1 && g[j1] == p2 + p3;
+                if (p->fused) /* one product rounded, the other fused into the sum */
+                    ok &= g[j0] == fmaf(a[j0], c, -p1) && g[j1] == fmaf(a[j0], s, p3);
+                else
+                    ok &= g[j0] == p0 - p1 && g[j1] == p2 + p3;
             }
             for (int j = p->n_rot; j < D; j++) ok &= memcmp(&g[j], &a[j], 4) == 0;
         }
@@ -746,12 +931,12 @@ static void test_rope_general(void) {
     }
     TEST_END();
 
-    TEST_CASE("rope_apply bit for bit vs the formula: adjacent/NeoX, partial n_rot, YaRN, freq factors, ggml angles");
+    TEST_CASE("rope_apply bit for bit vs the formula: adjacent/NeoX, partial n_rot, YaRN, freq factors, ggml angles, fused");
     {
         static const float ffac[32] = {1, 1, 1.5f, 2, 2, 3, 4, 8, 8, 8, 8, 8, 8, 8, 8, 8,
                                        1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-        rope_params cfg[6];
-        int Ds[6] = {24, 24, 64, 32, 40, 40};
+        rope_params cfg[8];
+        int Ds[8] = {24, 24, 64, 32, 40, 40, 24, 40};
         cfg[0] = rope_params_plain(16, 10000.0f);                  /* partial, adjacent */
         cfg[1] = rope_params_plain(16, 10000.0f); cfg[1].neox = 1;  /* partial, NeoX */
         cfg[2] = yarn_params(64, 1, 8.0f, 256);                     /* YaRN, NeoX */
@@ -759,9 +944,12 @@ static void test_rope_general(void) {
         cfg[4] = yarn_params(32, 0, 40.0f, 64); cfg[4].ggml_angles = 1; cfg[4].attn_factor = 0.8f;
         cfg[5] = rope_params_plain(40, 10000.0f); cfg[5].ggml_angles = 1; cfg[5].neox = 1;
         cfg[5].freq_scale = 0.5f;
+        /* llama.cpp's fused rotation: adjacent pairs (DeepSeek's partial rope), NeoX with YaRN */
+        cfg[6] = rope_params_plain(16, 10000.0f); cfg[6].ggml_angles = 1; cfg[6].fused = 1;
+        cfg[7] = yarn_params(32, 1, 40.0f, 64); cfg[7].ggml_angles = 1; cfg[7].fused = 1;
         enum { N = 6, H = 3 };
         int32_t pos[N] = {0, 1, 7, 31, 100, 5000};
-        for (int ci = 0; ci < 6; ci++) {
+        for (int ci = 0; ci < 8; ci++) {
             int D = Ds[ci];
             const rope_params *p = &cfg[ci];
             float *tab = malloc((size_t)101 * p->n_rot * sizeof(float));
@@ -777,6 +965,15 @@ static void test_rope_general(void) {
                     free(x); free(x0);
                 }
             free(tab);
+        }
+        {   /* the fused rotation is another arithmetic: some element differs from the unfused one */
+            rope_params uf = cfg[6];
+            uf.fused = 0;
+            float *x = vec((size_t)N * H * 24), *y = copy(x, (size_t)N * H * 24);
+            rope_apply_forward(x, pos, N, H, 24, &cfg[6], NULL, 0);
+            rope_apply_forward(y, pos, N, H, 24, &uf, NULL, 0);
+            CHECK(memcmp(x, y, sizeof(float) * N * H * 24) != 0, "fused and unfused rotations gave the same bits");
+            free(x); free(y);
         }
         /* NeoX on x is the adjacent rotation of x with each pair's halves interleaved */
         rope_params a = yarn_params(16, 0, 4.0f, 128), b = a;
@@ -1470,6 +1667,8 @@ int main(void) {
     test_bf16_rounding();
     test_matmul_bf16();
     test_rmsnorm();
+    test_rmsnorm_ggml();
+    test_ggml_order();
     test_rope_hand();
     test_rope_fd();
     test_attention_fd();

@@ -8,12 +8,15 @@
 # reference GEMM's fused chain (its fmaf is the oracle of the micro-kernel), and
 # the quantised dot products, which fuse where llama.cpp's x86 kernels do
 # (core/dtype.c's vec_dots and kernels/quant_avx512.c's tiles), and the AMX-INT8
-# Q8_0 tile with its plain-C twin (one fused add per block, by name).
+# Q8_0 tile with its plain-C twin (one fused add per block, by name), and
+# llama.cpp's order for published models where its code or compiler fuses:
+# rope_turn_fma (RoPE), expf_ggml (ggml_v_expf), vec_dot_ggml(_batch) and
+# cached_row_ggml (f32 dots).
 set -u
 cd "$(dirname "$0")/.."
 . tests/lib.sh no_fma
 BUILD=${BUILD:-build}
-allowed='^(ukernel|rows4|gemm_ref_fma_chain|(q4_0|q8_0|k_affine|q6_K|f16|bf16)_vec_dot|(q4_0|q8_0|q4_K|q5_K|q6_K|f16|bf16)_tile|qk_amx_q8_0_tile|qmatmul_q8_0_blocked_ref)$'
+allowed='^(ukernel|rows4|gemm_ref_fma_chain|rope_turn_fma|expf_ggml|vec_dot_ggml|vec_dot_ggml_batch|cached_row_ggml|(q4_0|q8_0|k_affine|q6_K|f16|bf16)_vec_dot|(q4_0|q8_0|q4_K|q5_K|q6_K|f16|bf16)_tile|qk_amx_q8_0_tile|qmatmul_q8_0_blocked_ref)$'
 objs=$(ls "$BUILD"/src/*/*.o 2>/dev/null)
 if [ -z "$objs" ]; then bad objects "no object files in $BUILD/src (build first)"; finish; fi
 if ! command -v objdump >/dev/null; then bad objdump "objdump not found (binutils)"; finish; fi
@@ -25,8 +28,8 @@ found=$(for o in $objs; do
 done)
 stray=$(echo "$found" | awk -F: -v a="$allowed" 'NF == 3 && $2 !~ a')
 if [ -n "$stray" ]; then
-    bad "fma only in ukernel, rows4, gemm_ref_fma_chain and the quantised dots" "FMA instructions in: $(echo $stray)"
+    bad "fma only in ukernel, rows4, gemm_ref_fma_chain, the llama.cpp-order kernels and the quantised dots" "FMA instructions in: $(echo $stray)"
 else
-    ok "fma only in ukernel, rows4, gemm_ref_fma_chain and the quantised dots ($(echo "$found" | awk -F: 'NF == 3 { printf "%s%s %s", s, $2, $3; s = ", " }'))"
+    ok "fma only in ukernel, rows4, gemm_ref_fma_chain, the llama.cpp-order kernels and the quantised dots ($(echo "$found" | awk -F: 'NF == 3 { printf "%s%s %s", s, $2, $3; s = ", " }'))"
 fi
 finish

@@ -27,7 +27,7 @@ rope_params rope_params_plain(int D, float base) {
     return (rope_params){.n_rot = D, .neox = 0, .base = base, .freq_scale = 1.0f,
                          .ext_factor = 0.0f, .attn_factor = 1.0f, .beta_fast = 32.0f,
                          .beta_slow = 1.0f, .n_ctx_orig = 0, .freq_factors = NULL,
-                         .ggml_angles = 0};
+                         .ggml_angles = 0, .fused = 0};
 }
 
 static int rope_params_ok(const rope_params *p, int D) {
@@ -142,6 +142,19 @@ void rope_table_fill(float *tab, int n_pos, int D, float base) {
     rope_table_build(tab, n_pos, &p);
 }
 
+/* fused = 1: the pairs (v0[i*st], v1[i*st]) of one head turned as llama.cpp's
+ * native x86 build turns them (its compiler contracts ggml's rotation):
+ *   x0' = fma(x0, c, -(x1*s)),  x1' = fma(x0, s, x1*c) */
+__attribute__((noinline)) static void rope_turn_fma(float *v0, float *v1, int st, const float *cs,
+                                                    const float *sn, float sg, int ni) {
+    for (int i = 0; i < ni; i++) {
+        const float c = cs[i], s = sg * sn[i];
+        const float x0 = v0[(size_t)i * st], x1 = v1[(size_t)i * st];
+        v0[(size_t)i * st] = fmaf(x0, c, -(x1 * s));
+        v1[(size_t)i * st] = fmaf(x0, s, x1 * c);
+    }
+}
+
 /* Turns the pairs of x by +angle (dir = 1) or -angle (dir = -1), magnitude
  * mscale either way (the backward is the transpose):
  *   x0' = x0*c - x1*(dir*s),  x1' = x0*(dir*s) + x1*c,
@@ -191,7 +204,10 @@ static void rope_apply(float *x, const int32_t *pos, int N, int H, int D, const 
                 }
                 for (int h = 0; h < H; h++) {
                     float *v = x + ((size_t)n * H + h) * D;
-                    if (neox) {
+                    if (p->fused) {
+                        if (neox) rope_turn_fma(v + i0, v + half + i0, 1, cs, sn, sg, ni);
+                        else rope_turn_fma(v + 2 * i0, v + 2 * i0 + 1, 2, cs, sn, sg, ni);
+                    } else if (neox) {
                         float *v0 = v + i0, *v1 = v + half + i0;
 #pragma omp simd
                         for (int i = 0; i < ni; i++) {
@@ -537,6 +553,8 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout, cons
 
 /* at most this many score rows in the caller's scratch (and threads at work) */
 enum { CACHED_SLOTS = 64 };
+/* the arithmetic of a row: ours (reference, fast) or llama.cpp's (1-token or batch matmul) */
+enum { CACHED_REF, CACHED_FAST, CACHED_GGML_SINGLE, CACHED_GGML_BATCH };
 
 static int cached_slots(int n, int H) {
     int64_t tasks = (int64_t)n * H;
@@ -584,12 +602,38 @@ static void cached_row(float *o, float *s, const float *qh, const float *kc, con
     }
 }
 
+/* The same row in llama.cpp's order (attention_cached_ggml). The value sums
+ * run over the cache rows in order, VB output dims at a time, each dim with
+ * its own lanes: lane u % 16 of accumulator (u / 16) % 4 (batch = 0: the
+ * 1-token dot) or of the one chain (batch = 1), then each dim's reduction. */
+enum { VB = 32 };
+static void cached_row_ggml(float *o, float *s, const float *qh, const float *kc, const float *vc, int len,
+                            int Dk, int Dv, size_t ks, size_t vs, float scale, int batch) {
+    for (int u = 0; u < len; u++) s[u] = vec_dot_ggml(qh, kc + (size_t)u * ks, Dk, 0) * scale;
+    softmax_row_ggml(s, s, len, 1);
+    float acc[4][16][VB], one[4][16];
+    for (int d0 = 0; d0 < Dv; d0 += VB) {
+        const int nd = MOE_MIN(VB, Dv - d0);
+        memset(acc, 0, sizeof acc);
+        for (int u = 0; u < len; u++) {
+            const float p = s[u], *vu = vc + (size_t)u * vs + d0;
+            float *ac = acc[batch ? 0 : (u >> 4) & 3][u & 15];
+            for (int d = 0; d < nd; d++) ac[d] = fmaf(vu[d], p, ac[d]);
+        }
+        for (int d = 0; d < nd; d++) {
+            for (int a = 0; a < 4; a++)
+                for (int l = 0; l < 16; l++) one[a][l] = acc[a][l][d];
+            o[d0 + d] = ggml_lanes_sum((const float(*)[16])one);
+        }
+    }
+}
+
 /* Every (query, head) is one task computed start to finish by one thread, with
  * an arithmetic that depends only on its own query row and cache prefix: the
  * same bits for any thread count, chunk size n or pos0. */
 static void cached_run(float *out, const float *q, const float *kc, const float *vc, int pos0,
                        int n, int H, int KVH, int Dk, int Dv, size_t k_stride, size_t v_stride,
-                       float scale, float *scratch, int fast) {
+                       float scale, float *scratch, int mode) {
     if (n <= 0 || pos0 < 0 || !attention_shape_ok(1, 1, H, KVH, Dk, Dv) || !scratch) return;
     const int G = H / KVH, slots = cached_slots(n, H), ntask = n * H;
     const size_t row = (size_t)pos0 + n; /* the longest prefix: query n-1 sees pos0+n keys */
@@ -601,9 +645,13 @@ static void cached_run(float *out, const float *q, const float *kc, const float 
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < ntask; task++) {
             int i = task / H, h = task % H, kvh = h / G;
-            cached_row(out + ((size_t)i * H + h) * Dv, s, q + ((size_t)i * H + h) * Dk,
-                       kc + (size_t)kvh * Dk, vc + (size_t)kvh * Dv, pos0 + i + 1, Dk, Dv,
-                       k_stride, v_stride, scale, fast);
+            float *o = out + ((size_t)i * H + h) * Dv;
+            const float *qh = q + ((size_t)i * H + h) * Dk, *kh = kc + (size_t)kvh * Dk, *vh = vc + (size_t)kvh * Dv;
+            if (mode < CACHED_GGML_SINGLE)
+                cached_row(o, s, qh, kh, vh, pos0 + i + 1, Dk, Dv, k_stride, v_stride, scale, mode == CACHED_FAST);
+            else
+                cached_row_ggml(o, s, qh, kh, vh, pos0 + i + 1, Dk, Dv, k_stride, v_stride, scale,
+                                mode == CACHED_GGML_BATCH);
         }
     }
 }
@@ -612,11 +660,18 @@ void attention_cached(float *out, const float *q, const float *kc, const float *
                       int n, int H, int KVH, int Dk, int Dv, size_t k_stride, size_t v_stride,
                       float scale, float *scratch) {
     cached_run(out, q, kc, vc, pos0, n, H, KVH, Dk, Dv, k_stride, v_stride, scale, scratch,
-               moe_use_fast_kernels());
+               moe_use_fast_kernels() ? CACHED_FAST : CACHED_REF);
+}
+
+void attention_cached_ggml(float *out, const float *q, const float *kc, const float *vc, int pos0,
+                           int n, int H, int KVH, int Dk, int Dv, size_t k_stride, size_t v_stride,
+                           float scale, float *scratch, int batch) {
+    cached_run(out, q, kc, vc, pos0, n, H, KVH, Dk, Dv, k_stride, v_stride, scale, scratch,
+               batch ? CACHED_GGML_BATCH : CACHED_GGML_SINGLE);
 }
 
 void attention_cached_ref(float *out, const float *q, const float *kc, const float *vc, int pos0,
                           int n, int H, int KVH, int Dk, int Dv, size_t k_stride,
                           size_t v_stride, float scale, float *scratch) {
-    cached_run(out, q, kc, vc, pos0, n, H, KVH, Dk, Dv, k_stride, v_stride, scale, scratch, 0);
+    cached_run(out, q, kc, vc, pos0, n, H, KVH, Dk, Dv, k_stride, v_stride, scale, scratch, CACHED_REF);
 }

@@ -55,6 +55,43 @@ void rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, i
                      float eps);
 void rmsnorm_backward(float *din, float *dw, const float *dout, const float *in, const float *w,
                       const float *rstd, int N, int C);   /* din or dw may be NULL */
+/* The same norm in llama.cpp's CPU order (published models at inference):
+ * each square rounded to float and summed in double from left to right, the
+ * mean rounded to float, rstd = 1.0f / sqrtf(mean + eps) in float, then
+ * out = (in * rstd) * w. In place (out == in) is allowed. */
+void rmsnorm_forward_ggml(float *out, const float *in, const float *w, int N, int C, float eps);
+
+/* ---- llama.cpp's CPU arithmetic --------------------------------------------
+ * For published models at inference: the same functions in the order an
+ * AVX-512 llama.cpp build (GGML_NATIVE, GCC) computes them, for bit-identical
+ * results (checked outside the tree against llama.cpp's tensors; the tests
+ * check each against its formula written out again).
+ * expf_ggml: ggml_v_expf lane by lane (fused multiply-adds, scalef).
+ * vec_dot_ggml: ggml_vec_dot_f32: 4 x 16 lanes of fused multiply-adds over
+ *   n & ~63 elements, the four combined as (0 + 2) + (1 + 3), the 16 lanes by
+ *   _mm512_reduce_add_ps's tree (l + l+8, + l+4, + l+2, 0 + 1), then the rest
+ *   added one by one, products rounded; padded = 1: x and y continue with
+ *   zeros to a multiple of 64 (llama.cpp's KV cache rows: no rest).
+ * vec_dot_ggml_batch: llamafile's tinyBLAS f32 (a matmul of 2 or more rows):
+ *   one 16-lane chain of fused multiply-adds, then the same tree.
+ * softmax_row_ggml: ggml's soft_max row: exps (expf_ggml on whole 16-blocks,
+ *   libm expf on the rest) of x - max, each block's tree sum added in double,
+ *   then times (float)(1 / sum); padded = 1: the row continues with masked
+ *   (-inf) entries to a multiple of 16 (attention over llama.cpp's cache), so
+ *   the last block is a whole one. p may equal x.
+ * matmul_ggml_f32: out[N][OC] = in[N][C] @ w[OC][C]^T with f32 weights, each
+ *   output vec_dot_ggml_batch (llama.cpp's prompt batches; its 1-token
+ *   batches use vec_dot_ggml's order, which agrees only for C <= 16).
+ * swiglu_forward_ggml: ggml_vec_swiglu_f32: (g / (1 + expf_ggml(0 - g))) * up
+ *   on whole 16-blocks of a row, libm expf(-g) on the rest. */
+float expf_ggml(float x);
+float vec_dot_ggml(const float *x, const float *y, int n, int padded);
+/* vec_dot_ggml's combination of its 4 x 16 lanes (one chain: the others 0) */
+float ggml_lanes_sum(const float acc[4][16]);
+float vec_dot_ggml_batch(const float *x, const float *y, int n);
+void matmul_ggml_f32(float *out, const float *in, const float *w, int N, int C, int OC);
+void softmax_row_ggml(float *p, const float *x, int n, int padded);
+void swiglu_forward_ggml(float *out, const float *gate, const float *up, int N, int F);
 
 /* ---- RoPE --------------------------------------------------------------------
  * In place on x[N][H][D] (D even): rotates adjacent pairs (x[2i], x[2i+1]) by
@@ -83,7 +120,9 @@ void rope_table_fill(float *tab, int n_pos, int D, float base);
  * and cos/sin are multiplied by mscale = attn_factor, times
  * (1 + 0.1 ln(1/freq_scale)) when ext_factor != 0. The rotation is
  *   x0' = x0*c - x1*s,  x1' = x0*s + x1*c   (c, s with mscale; two rounded
- *   products, one rounded sum, never fused)
+ *   products, one rounded sum, never fused), or with fused = 1 as llama.cpp's
+ *   native x86 build computes ggml's rotation (its compiler contracts it):
+ *   x0' = fma(x0, c, -(x1*s)),  x1' = fma(x0, s, x1*c)
  * on pairs (x[2i], x[2i+1]) (neox = 0: llama, Mixtral, DeepSeek, Granite) or
  * (x[i], x[i + n_rot/2]) (neox = 1: Qwen2/3(-MoE), OLMoE); dims [n_rot, D) are
  * left as they are (DeepSeek's MLA ropes only a 64-dim part of q and k).
@@ -110,6 +149,7 @@ typedef struct {
     int n_ctx_orig;            /* YaRN: the context the model was trained for           */
     const float *freq_factors; /* NULL, or [n_rot/2] divisors of pair i's frequency     */
     int ggml_angles;           /* angles in float as ggml (1) or in double (0)          */
+    int fused;                 /* 1: the rotation with llama.cpp's fused multiply-adds   */
 } rope_params;
 /* n_rot = D, adjacent pairs, no scaling: rope_forward's parameters */
 rope_params rope_params_plain(int D, float base);
@@ -175,6 +215,15 @@ void attention_cached(float *out, const float *q, const float *kc, const float *
 void attention_cached_ref(float *out, const float *q, const float *kc, const float *vc, int pos0,
                           int n, int H, int KVH, int Dk, int Dv, size_t k_stride,
                           size_t v_stride, float scale, float *scratch);
+/* The same in llama.cpp's order (no flash attention, f32 cache): scores by
+ * vec_dot_ggml, times scale, softmax_row_ggml over the (padded) row, and each
+ * output dim the dot of the probabilities with its value column:
+ * vec_dot_ggml_batch (batch = 1: llama.cpp's batches of 2 or more tokens, its
+ * tinyBLAS matmul) or padded vec_dot_ggml (batch = 0: a 1-token batch). The
+ * two orders agree while a row has at most 16 positions. */
+void attention_cached_ggml(float *out, const float *q, const float *kc, const float *vc, int pos0,
+                           int n, int H, int KVH, int Dk, int Dv, size_t k_stride, size_t v_stride,
+                           float scale, float *scratch, int batch);
 
 /* SwiGLU: out[N][F] = silu(gate) * up. The backward SETS dgate and dup (the
  * one exception to accumulation: its outputs are always fresh buffers). */

@@ -146,6 +146,107 @@ double exp_shift_sum(float *dst, const float *x, float m, int n) {
     return exp_shift_sum_ref(dst, x, m, n);
 }
 
+/* ---- llama.cpp's CPU arithmetic (published models at inference) -----------
+ * ggml's AVX-512 exp (ggml_v_expf), lane by lane: x = n ln2 + b with n from
+ * the 1.5*2^23 rounding trick, ln2 in two fused steps, a degree-5 polynomial
+ * in fused multiply-adds, then j * 2^n (scalef); |n| > 192 gives 0 or inf. */
+__attribute__((noinline)) float expf_ggml(float x) {
+    const float r = 0x1.8p23f;
+    const float z = fmaf(x, 0x1.715476p+0f, r);
+    const float n = z - r;
+    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+    const float u = b * b;
+    const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)),
+                         u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : INFINITY;
+    return ldexpf(j, (int)n);
+}
+
+/* _mm512_reduce_add_ps's tree over 16 floats */
+static float reduce16(const float *v) {
+    float a[8], b[4];
+    for (int l = 0; l < 8; l++) a[l] = v[l + 8] + v[l];
+    for (int l = 0; l < 4; l++) b[l] = a[l + 4] + a[l];
+    return (b[2] + b[0]) + (b[3] + b[1]);
+}
+
+float ggml_lanes_sum(const float acc[4][16]) {
+    float v[16];
+    for (int l = 0; l < 16; l++) v[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    return reduce16(v);
+}
+
+float vec_dot_ggml(const float *x, const float *y, int n, int padded) {
+    float acc[4][16] = {{0}};
+    const int np = padded ? n : n & ~63;
+    int i = 0; /* element i in accumulator (i / 16) % 4, lane i % 16 */
+    for (; i + 64 <= np; i += 64)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 16; l++) acc[j][l] = fmaf(x[i + 16 * j + l], y[i + 16 * j + l], acc[j][l]);
+    for (; i < np; i++) acc[(i >> 4) & 3][i & 15] = fmaf(x[i], y[i], acc[(i >> 4) & 3][i & 15]);
+    float s = ggml_lanes_sum((const float(*)[16])acc);
+    for (i = np; i < n; i++) {
+        const float p = x[i] * y[i];
+        s += p;
+    }
+    return s;
+}
+
+float vec_dot_ggml_batch(const float *x, const float *y, int n) {
+    float acc[16] = {0}, v[16];
+    int l0 = 0;
+    for (; l0 + 16 <= n; l0 += 16)
+        for (int l = 0; l < 16; l++) acc[l] = fmaf(x[l0 + l], y[l0 + l], acc[l]);
+    for (int l = 0; l0 + l < n; l++) acc[l] = fmaf(x[l0 + l], y[l0 + l], acc[l]); /* tinyBLAS pads with zeros */
+    for (int l = 0; l < 16; l++) v[l] = acc[l];
+    return reduce16(v);
+}
+
+void matmul_ggml_f32(float *out, const float *in, const float *w, int N, int C, int OC) {
+    const int64_t total = (int64_t)N * OC;
+#pragma omp parallel for schedule(static) if ((double)total * C >= PAR_MIN)
+    for (int64_t i = 0; i < total; i++) {
+        const int n = (int)(i / OC), o = (int)(i % OC);
+        out[i] = vec_dot_ggml_batch(w + (size_t)o * C, in + (size_t)n * C, C);
+    }
+}
+
+void softmax_row_ggml(float *p, const float *x, int n, int padded) {
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+    double sum = 0.0;
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        for (int l = 0; l < 16; l++) p[j + l] = expf_ggml(x[j + l] - mx);
+        sum += (double)reduce16(p + j);
+    }
+    if (padded && j < n) { /* the last block's masked lanes are exps of -inf: 0 */
+        float blk[16] = {0};
+        for (int l = 0; j + l < n; l++) blk[l] = p[j + l] = expf_ggml(x[j + l] - mx);
+        sum += (double)reduce16(blk);
+        j = n;
+    }
+    for (; j < n; j++) {
+        p[j] = expf(x[j] - mx);
+        sum += (double)p[j];
+    }
+    const float inv = (float)(1.0 / sum);
+    for (j = 0; j < n; j++) p[j] *= inv;
+}
+
+void swiglu_forward_ggml(float *out, const float *gate, const float *up, int N, int F) {
+    const int simd = F & ~15;
+#pragma omp parallel for schedule(static) if ((double)N * F >= PAR_MIN)
+    for (int n = 0; n < N; n++) {
+        const size_t o = (size_t)n * F;
+        for (int j = 0; j < F; j++) {
+            const float g = gate[o + j];
+            const float e = j < simd ? expf_ggml(0.0f - g) : expf(-g);
+            out[o + j] = (g / (1.0f + e)) * up[o + j];
+        }
+    }
+}
+
 void sigmoid_row(float *dst, const float *x, int n) {
 #pragma omp simd
     for (int j = 0; j < n; j++) dst[j] = 1.0f / (1.0f + fexp(-x[j]));
@@ -168,6 +269,22 @@ void rmsnorm_forward(float *out, float *rstd, const float *in, const float *w, i
         float r = (float)(1.0 / sqrt(ss / C + (double)eps));
         if (rstd) rstd[n] = r;
 #pragma omp simd
+        for (int j = 0; j < C; j++) o[j] = (x[j] * r) * w[j];
+    }
+}
+
+void rmsnorm_forward_ggml(float *out, const float *in, const float *w, int N, int C, float eps) {
+#pragma omp parallel for schedule(static) if ((double)N * C >= PAR_MIN)
+    for (int n = 0; n < N; n++) {
+        const float *x = in + (size_t)n * C;
+        float *o = out + (size_t)n * C;
+        double ss = 0.0;
+        for (int j = 0; j < C; j++) {
+            const float sq = x[j] * x[j];
+            ss += (double)sq;
+        }
+        const float mean = (float)(ss / C);
+        const float r = 1.0f / sqrtf(mean + eps);
         for (int j = 0; j < C; j++) o[j] = (x[j] * r) * w[j];
     }
 }

@@ -35,6 +35,7 @@ struct infer_state {
     float *x, *h, *o, *q, *qa, *att_o, *g1, *g2, *g3, *gin, *gout, *sc;
     int32_t *pos;            /* [n_max] positions of the chunk              */
     char *qws;               /* activation rows converted for quantised weights */
+    int ggml;                /* a published model: llama.cpp's arithmetic (kernels.h) */
     moe_cache moe;
     double *seq;             /* [L][E] sequence routing: prefix score sums */
     float *pf_scores;        /* [PREFETCH_TOKENS][E] next layer's router on this one's input */
@@ -143,11 +144,13 @@ moe_status model_infer_alloc(moe_model *m, int n_max) {
     return MOE_OK;
 }
 
-/* out[N][OC] = in[N][C] @ w^T (+ bias) for a weight of any usable type. */
+/* out[N][OC] = in[N][C] @ w^T (+ bias) for a weight of any usable type
+ * (f32 weights of a published model in llama.cpp's order). */
 static void wmm(float *out, const float *in, const moe_tensor *w, const moe_tensor *bias, int N,
-                int C, int OC, matmul_precision mm, char *qws) {
-    if (w->type == DT_F32) matmul_forward(out, in, w->data, NULL, N, C, OC, mm);
-    else qmatmul_forward(out, in, w->data, w->type, N, C, OC, qws);
+                int C, int OC, matmul_precision mm, const infer_state *s) {
+    if (w->type == DT_F32 && s->ggml) matmul_ggml_f32(out, in, w->data, N, C, OC);
+    else if (w->type == DT_F32) matmul_forward(out, in, w->data, NULL, N, C, OC, mm);
+    else qmatmul_forward(out, in, w->data, w->type, N, C, OC, s->qws);
     if (bias && bias->data) {
         const float *b = bias->data;
         for (int n = 0; n < N; n++)
@@ -155,10 +158,22 @@ static void wmm(float *out, const float *in, const moe_tensor *w, const moe_tens
     }
 }
 
-/* RMS norm of n rows of width C, each stride floats apart, in place. */
-static void norm_rows(float *x, int n, int C, size_t stride, const moe_tensor *w, float eps) {
+/* RMSNorm of n rows of C floats (rows istride / ostride floats apart): our
+ * own models as they were trained, a published model in llama.cpp's order */
+static void norm_rows_to(const moe_model *m, float *out, size_t ostride, const float *in, size_t istride,
+                         int n, int C, const float *w, float eps) {
     float rstd;
-    for (int i = 0; i < n; i++) rmsnorm_forward(x + (size_t)i * stride, &rstd, x + (size_t)i * stride, w->data, 1, C, eps);
+    for (int i = 0; i < n; i++) {
+        float *o = out + (size_t)i * ostride;
+        const float *x = in + (size_t)i * istride;
+        if (m->arch[0]) rmsnorm_forward_ggml(o, x, w, 1, C, eps);
+        else rmsnorm_forward(o, &rstd, x, w, 1, C, eps);
+    }
+}
+
+/* the same in place, rows stride floats apart */
+static void norm_rows(const moe_model *m, float *x, int n, int C, size_t stride, const moe_tensor *w, float eps) {
+    norm_rows_to(m, x, stride, x, stride, n, C, w->data, eps);
 }
 
 /* RoPE as the model asks for it: our own models as they were trained
@@ -193,7 +208,7 @@ static void rope_rows(const moe_model *m, float *x, const int32_t *pos, int n, i
         return;
     }
     rope_params p = model_rope(c);
-    p.ggml_angles = m->arch[0] != 0; /* our own models rotate as they were trained: angles in double */
+    p.ggml_angles = p.fused = m->arch[0] != 0; /* our own models rotate as they were trained */
     if (contiguous) {
         rope_apply_forward(x, pos, n, H, D, &p, NULL, 0);
         return;
@@ -209,6 +224,16 @@ static float yarn_mscale(const moe_config *c) {
     return 1.0f + c->yarn_log_mul * logf(c->yarn_factor);
 }
 
+/* Attention over the cache: our own models in our order, a published model
+ * in llama.cpp's (attention_cached_ggml, its batch order for every chunk, so
+ * a token's bits do not depend on the chunk: llama.cpp's 1-token batches sum
+ * the values in another order once a row has more than 16 positions). */
+static void cached_attention(const moe_model *m, float *out, const float *q, const float *kc, const float *vc,
+                             int pos0, int n, int H, int KVH, int Dk, int Dv, size_t ks, size_t vs, float scale) {
+    if (m->arch[0]) attention_cached_ggml(out, q, kc, vc, pos0, n, H, KVH, Dk, Dv, ks, vs, scale, m->inf->sc, 1);
+    else attention_cached(out, q, kc, vc, pos0, n, H, KVH, Dk, Dv, ks, vs, scale, m->inf->sc);
+}
+
 static void attention_gqa(moe_model *m, int l, const int32_t *pos, int n, int pos0, matmul_precision mm) {
     infer_state *s = m->inf;
     const moe_config *c = &m->cfg;
@@ -218,21 +243,21 @@ static void attention_gqa(moe_model *m, int l, const int32_t *pos, int n, int po
     const int hd = moe_config_head_dim(c), vd = moe_config_v_head_dim(c);
     float *kc = s->kcache + (size_t)l * s->ctx * s->kdim, *vc = s->vcache + (size_t)l * s->ctx * s->vdim;
     float *k = kc + (size_t)pos0 * s->kdim, *v = vc + (size_t)pos0 * s->vdim; /* this chunk's rows */
-    wmm(s->q, s->h, &W->wq, &W->bq, n, d, H * hd, mm, s->qws);
-    wmm(k, s->h, &W->wk, &W->bk, n, d, KVH * hd, mm, s->qws);
-    wmm(v, s->h, &W->wv, &W->bv, n, d, KVH * vd, mm, s->qws);
+    wmm(s->q, s->h, &W->wq, &W->bq, n, d, H * hd, mm, s);
+    wmm(k, s->h, &W->wk, &W->bk, n, d, KVH * hd, mm, s);
+    wmm(v, s->h, &W->wv, &W->bv, n, d, KVH * vd, mm, s);
     if (P->qk_norm == MOE_QK_NORM_FULL) {
-        norm_rows(s->q, n, H * hd, (size_t)H * hd, &W->q_norm, c->norm_eps);
-        norm_rows(k, n, KVH * hd, (size_t)KVH * hd, &W->k_norm, c->norm_eps);
+        norm_rows(m, s->q, n, H * hd, (size_t)H * hd, &W->q_norm, c->norm_eps);
+        norm_rows(m, k, n, KVH * hd, (size_t)KVH * hd, &W->k_norm, c->norm_eps);
     } else if (P->qk_norm == MOE_QK_NORM_HEAD) {
-        norm_rows(s->q, n * H, hd, (size_t)hd, &W->q_norm, c->norm_eps);
-        norm_rows(k, n * KVH, hd, (size_t)hd, &W->k_norm, c->norm_eps);
+        norm_rows(m, s->q, n * H, hd, (size_t)hd, &W->q_norm, c->norm_eps);
+        norm_rows(m, k, n * KVH, hd, (size_t)hd, &W->k_norm, c->norm_eps);
     }
     rope_rows(m, s->q, pos, n, H, hd, hd, (size_t)H * hd);
     rope_rows(m, k, pos, n, KVH, hd, hd, (size_t)KVH * hd);
-    attention_cached(s->att_o, s->q, kc, vc, pos0, n, H, KVH, hd, vd, s->kdim, s->vdim,
-                     1.0f / sqrtf((float)hd), s->sc);
-    wmm(s->o, s->att_o, &W->wo, NULL, n, H * vd, d, mm, s->qws);
+    cached_attention(m, s->att_o, s->q, kc, vc, pos0, n, H, KVH, hd, vd, s->kdim, s->vdim,
+                     1.0f / sqrtf((float)hd));
+    wmm(s->o, s->att_o, &W->wo, NULL, n, H * vd, d, mm, s);
 }
 
 /* x[n] rows of a 3-D tensor's matrix h: out[n][rows] = in[n][cols] @ M_h^T,
@@ -244,7 +269,7 @@ static void head_matmul(infer_state *s, float *out, size_t os, const float *in, 
     moe_tensor one = *t;
     one.data = (void *)tensor_matrix(t, h);
     one.n_dims = 2;
-    wmm(s->gout, s->gin, &one, NULL, n, cols, rows, mm, s->qws);
+    wmm(s->gout, s->gin, &one, NULL, n, cols, rows, mm, s);
     for (int i = 0; i < n; i++) memcpy(out + (size_t)i * os, s->gout + (size_t)i * rows, sizeof(float) * rows);
 }
 
@@ -258,15 +283,15 @@ static void attention_mla(moe_model *m, int l, const int32_t *pos, int n, int po
     float *kc = s->kcache + (size_t)l * s->ctx * kdim, *k = kc + (size_t)pos0 * kdim;
     /* the query, [n][H][hd] in s->qa, each head [q_nope | q_pe] */
     if (m->plan[l].q_lora) {
-        wmm(s->gin, s->h, &W->wq_a, NULL, n, d, c->q_lora_rank, mm, s->qws);
-        norm_rows(s->gin, n, c->q_lora_rank, (size_t)c->q_lora_rank, &W->q_a_norm, c->norm_eps);
-        wmm(s->qa, s->gin, &W->wq_b, NULL, n, c->q_lora_rank, H * hd, mm, s->qws);
+        wmm(s->gin, s->h, &W->wq_a, NULL, n, d, c->q_lora_rank, mm, s);
+        norm_rows(m, s->gin, n, c->q_lora_rank, (size_t)c->q_lora_rank, &W->q_a_norm, c->norm_eps);
+        wmm(s->qa, s->gin, &W->wq_b, NULL, n, c->q_lora_rank, H * hd, mm, s);
     } else {
-        wmm(s->qa, s->h, &W->wq, NULL, n, d, H * hd, mm, s->qws);
+        wmm(s->qa, s->h, &W->wq, NULL, n, d, H * hd, mm, s);
     }
     /* [latent | k_pe] straight into the cache */
-    wmm(k, s->h, &W->wkv_a, NULL, n, d, kdim, mm, s->qws);
-    norm_rows(k, n, kvr, (size_t)kdim, &W->kv_a_norm, c->norm_eps);
+    wmm(k, s->h, &W->wkv_a, NULL, n, d, kdim, mm, s);
+    norm_rows(m, k, n, kvr, (size_t)kdim, &W->kv_a_norm, c->norm_eps);
     rope_rows(m, k + kvr, pos, n, 1, rope, rope, (size_t)kdim);
     rope_rows(m, s->qa + nope, pos, n, H, rope, hd, (size_t)H * hd);
     for (int h = 0; h < H; h++) {
@@ -278,12 +303,12 @@ static void attention_mla(moe_model *m, int l, const int32_t *pos, int n, int po
     }
     const float ms = yarn_mscale(c);
     /* one kv "head": keys [latent | k_pe], values the latent (the first kvr of each key row) */
-    attention_cached(s->att_o, s->q, kc, kc, pos0, n, H, 1, qs, kvr, kdim, kdim, ms * ms / sqrtf((float)hd), s->sc);
+    cached_attention(m, s->att_o, s->q, kc, kc, pos0, n, H, 1, qs, kvr, kdim, kdim, ms * ms / sqrtf((float)hd));
     /* each head's latent read-out mapped to its value: W_vb[h] o_lat, into q's room */
     for (int h = 0; h < H; h++)
         head_matmul(s, s->qa + (size_t)h * vd, (size_t)H * vd, s->att_o + (size_t)h * kvr, (size_t)H * kvr,
                     &W->wv_b, h, n, mm);
-    wmm(s->o, s->qa, &W->wo, NULL, n, H * vd, d, mm, s->qws);
+    wmm(s->o, s->qa, &W->wo, NULL, n, H * vd, d, mm, s);
 }
 
 /* Telemetry: the routing of chunk tokens i0 .. i0+n-1, just computed into
@@ -317,7 +342,7 @@ static void prefetch_next_layer(moe_model *m, int l, int n, matmul_precision mm)
     if (next >= c->n_layers) return;
     const layer_weights *W = &m->w.layers[next];
     const int E = c->n_experts, k = model_route_k(m);
-    wmm(s->pf_scores, s->h, &W->router, NULL, n, c->d_model, E, mm, s->qws);
+    wmm(s->pf_scores, s->h, &W->router, NULL, n, c->d_model, E, mm, s);
     const float *bias = W->exp_bias.data; /* the selection bias picks, as in routing */
     for (int i = 0; i < n; i++) {
         float *sc = s->pf_scores + (size_t)i * E;
@@ -340,10 +365,11 @@ static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
     const layer_weights *W = &m->w.layers[l];
     const int d = c->d_model;
     if (m->plan[l].ffn == FFN_DENSE) {
-        wmm(s->g1, s->h, &W->ffn_gate, NULL, n, d, c->d_ff, mm, s->qws);
-        wmm(s->g2, s->h, &W->ffn_up, NULL, n, d, c->d_ff, mm, s->qws);
-        swiglu_forward(s->g3, s->g1, s->g2, n, c->d_ff);
-        wmm(s->o, s->g3, &W->ffn_down, NULL, n, c->d_ff, d, mm, s->qws);
+        wmm(s->g1, s->h, &W->ffn_gate, NULL, n, d, c->d_ff, mm, s);
+        wmm(s->g2, s->h, &W->ffn_up, NULL, n, d, c->d_ff, mm, s);
+        if (m->arch[0]) swiglu_forward_ggml(s->g3, s->g1, s->g2, n, c->d_ff);
+        else swiglu_forward(s->g3, s->g1, s->g2, n, c->d_ff);
+        wmm(s->o, s->g3, &W->ffn_down, NULL, n, c->d_ff, d, mm, s);
         return;
     }
     moe_route_opts ro = model_route_opts(m, l, n);
@@ -353,6 +379,7 @@ static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
     moe_weights mw = model_layer_moe_weights(W);
     mw.store = m->store;
     mw.store_layer = l;
+    mw.ggml_order = m->arch[0] != 0;
     int km = 0; /* index among the MoE layers: the exchange of expert-parallel inference */
     for (int j = 0; j < l; j++) km += m->plan[j].ffn == FFN_MOE;
     s->moe.ex = m->ep_infer ? expert_parallel_layer(m->ep, km) : NULL;
@@ -389,6 +416,7 @@ moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, flo
     if (st) return st;
     infer_state *s = m->inf;
     const int d = c->d_model;
+    s->ggml = m->arch[0] != 0; /* read on every call, as the norms and RoPE read it */
     if (pos0 == 0 && s->seq) memset(s->seq, 0, sizeof(double) * c->n_layers * c->n_experts);
     int32_t *pos = s->pos;
     for (int i = 0; i < n; i++) pos[i] = pos0 + i;
@@ -401,28 +429,20 @@ moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, flo
     }
     for (int l = 0; l < c->n_layers; l++) {
         const layer_weights *W = &m->w.layers[l];
-        for (int i = 0; i < n; i++) {
-            float rstd;
-            rmsnorm_forward(s->h + (size_t)i * d, &rstd, s->x + (size_t)i * d, W->attn_norm.data, 1, d, c->norm_eps);
-        }
+        norm_rows_to(m, s->h, (size_t)d, s->x, (size_t)d, n, d, W->attn_norm.data, c->norm_eps);
         if (m->plan[l].attn == ATTN_MLA) attention_mla(m, l, pos, n, pos0, mm);
         else attention_gqa(m, l, pos, n, pos0, mm);
         for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->o[i];
-        for (int i = 0; i < n; i++) {
-            float rstd;
-            rmsnorm_forward(s->h + (size_t)i * d, &rstd, s->x + (size_t)i * d, W->ffn_norm.data, 1, d, c->norm_eps);
-        }
+        norm_rows_to(m, s->h, (size_t)d, s->x, (size_t)d, n, d, W->ffn_norm.data, c->norm_eps);
         ffn(m, l, n, pos0, mm);
         if (m->store && (st = expert_store_check(m->store))) return st; /* a read failed */
         if (m->ep_infer && (st = expert_parallel_status(m->ep))) return st;   /* a peer failed */
         for (size_t i = 0; i < (size_t)n * d; i++) s->x[i] += s->o[i];
     }
     const int first = all_logits ? 0 : n - 1, rows = n - first;
-    for (int i = first; i < n; i++) {
-        float rstd;
-        rmsnorm_forward(s->h + (size_t)(i - first) * d, &rstd, s->x + (size_t)i * d, m->w.output_norm.data, 1, d, c->norm_eps);
-    }
-    wmm(logits, s->h, &m->w.output, NULL, rows, d, c->vocab_size, mm, s->qws);
+    norm_rows_to(m, s->h, (size_t)d, s->x + (size_t)first * d, (size_t)d, n - first, d, m->w.output_norm.data,
+                 c->norm_eps);
+    wmm(logits, s->h, &m->w.output, NULL, rows, d, c->vocab_size, mm, s);
     m->store_tokens += n;
     return MOE_OK;
 }

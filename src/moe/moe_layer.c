@@ -223,6 +223,7 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
     }
     /* a published model's router may be quantised: then as llama.cpp computes it */
     if (wt->router_t != DT_F32) qmatmul_forward(r->logits, xr, wt->router, wt->router_t, N, d, E, r->qws);
+    else if (wt->ggml_order) matmul_ggml_f32(r->logits, xr, wt->router, N, d, E);
     else matmul_forward(r->logits, xr, wt->router, NULL, N, d, E, MATMUL_FP32);
 
     /* scores, logsumexp, selection scores (a separate copy only when a bias or
@@ -235,7 +236,11 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
         float mx = l[0];
         for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
         double sum;
-        if (!sigmoid) {
+        if (!sigmoid && wt->ggml_order) {
+            softmax_row_ggml(p, l, E, 0);
+            sum = exp_shift_sum(sel, l, mx, E); /* for lse only; sel: scratch until set below */
+            r->ssum[t] = 1.0f;
+        } else if (!sigmoid) {
             sum = exp_shift_sum(p, l, mx, E);
             float inv = (float)(1.0 / sum);
             for (int e = 0; e < E; e++) p[e] *= inv;
@@ -566,7 +571,8 @@ void moe_experts_forward(moe_cache *c, const moe_weights *wt, matmul_precision m
         }
         expert_matmul(hg, xe, gate, wt->gate_t, n, d, F, mm, ws, r->N);
         expert_matmul(hu, xe, up, wt->up_t, n, d, F, mm, ws, r->N);
-        swiglu_forward(act, hg, hu, n, F);
+        if (wt->ggml_order) swiglu_forward_ggml(act, hg, hu, n, F);
+        else swiglu_forward(act, hg, hu, n, F);
         expert_matmul(c->ye + (size_t)off * d, act, down, wt->down_t, n, F, d, mm, ws, r->N);
         if (wt->store) expert_store_release(wt->store, wt->store_layer, e);
     }
@@ -578,7 +584,8 @@ void moe_shared_forward(moe_cache *c, const float *x, const moe_weights *wt, int
     /* one SwiGLU of hidden Fs over every token */
     weight_matmul(c->sh_hg, x, wt->sh_gate, wt->sh_gate_t, N, d, Fs, mm, c->qws);
     weight_matmul(c->sh_hu, x, wt->sh_up, wt->sh_up_t, N, d, Fs, mm, c->qws);
-    swiglu_forward(c->sh_act, c->sh_hg, c->sh_hu, N, Fs);
+    if (wt->ggml_order) swiglu_forward_ggml(c->sh_act, c->sh_hg, c->sh_hu, N, Fs);
+    else swiglu_forward(c->sh_act, c->sh_hg, c->sh_hu, N, Fs);
     weight_matmul(c->sh_y, c->sh_act, wt->sh_down, wt->sh_down_t, N, Fs, d, mm, c->qws);
 }
 

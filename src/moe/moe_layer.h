@@ -96,6 +96,9 @@ typedef struct {
      * instead of gate/up/down; NULL = they are all in memory */
     struct expert_store *store;
     int store_layer;
+    /* 1: a published model's layer at inference, in llama.cpp's arithmetic
+     * (router softmax and SwiGLU as kernels.h's *_ggml functions) */
+    int ggml_order;
 } moe_weights;
 
 typedef struct {
