@@ -236,10 +236,11 @@ enum { EVAL_CHUNK = 64 }; /* positions per inference call when evaluating a publ
 
 /* A stop request after a batch; under expert-parallel inference the ranks
  * run the same batches in step, so they agree on it (any rank's request
- * stops all of them after the same batch; a failed agreement stops too). */
-static int eval_stop(const moe_model *m) {
+ * stops all of them after the same batch). A failed agreement (a rank died
+ * or hangs) is an error, not a stop: its status is returned in *st. */
+static int eval_stop(const moe_model *m, moe_status *st) {
     int stop = stop_requested();
-    if (m->ep_infer && dist_any(&stop)) stop = 1;
+    if (m->ep_infer && (*st = dist_any(&stop))) stop = 1;
     return stop;
 }
 
@@ -296,7 +297,7 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
         pr->done += (size_t)MOE_MIN((size_t)B, windows - w0) * T;
         if (pr->fn) pr->fn(MOE_MIN(pr->done, pr->total), pr->total, pr->user);
         /* after the last batch there is nothing left to stop: the result is whole */
-        if (pr->stoppable && pr->done < pr->total && eval_stop(m)) { pr->stopped = 1; break; }
+        if (pr->stoppable && pr->done < pr->total && eval_stop(m, &st)) { pr->stopped = !st; break; }
     }
     moe_free(tok);
     moe_free(tgt);

@@ -21,6 +21,7 @@ static const char *stop_cause(int sig) {
 typedef struct {
     int write_failed;
     int peer_stop;        /* the ranks agreed to stop for another rank's reason */
+    int dist_failed;      /* the agreement itself failed: a rank died or hangs */
     int n_gen;            /* tokens streamed so far                     */
     double t0, t_first, t_last; /* start, first and last token (--stats) */
 } stream_state;
@@ -38,8 +39,8 @@ static int on_token(int32_t id, const char *bytes, size_t len, void *user) {
     int stop = mine;
     /* expert parallelism: the ranks decode in step, so they stop after the same
      * token (rank 0 alone writes; a signal may reach one rank only) */
-    if (dist_world()->ep > 1 && dist_any(&stop)) stop = 1;
-    s->peer_stop = stop && !mine;
+    if (dist_world()->ep > 1 && dist_any(&stop)) s->dist_failed = stop = 1; /* the message is set; the job aborts */
+    s->peer_stop = stop && !mine && !s->dist_failed;
     return stop;
 }
 
@@ -99,7 +100,7 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         putchar('\n');
         if (fflush(stdout) != 0) st.write_failed = 1;
     }
-    if (s != MOE_OK) { rc = lib_fail(NULL); goto done; }
+    if (s != MOE_OK || st.dist_failed) { rc = lib_fail(NULL); goto done; }
     if (stats) print_rank_stats("generate", m);
     if (stats && dist_world()->rank == 0) { /* the first token comes after the prompt; each later one after one decode step */
         const double tp = st.n_gen ? st.t_first - st.t0 : cli_clock() - st.t0, tg = st.t_last - st.t_first;
