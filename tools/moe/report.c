@@ -366,7 +366,7 @@ static void write_html(FILE *f, const report *r, const char *model, const moe_to
           "tokens routed to each expert, coloured against the uniform k/E (white: uniform; red: up to 4&times; more; blue: "
           "up to 4&times; less). Rows: domains; columns: experts.</p>\n", f);
     for (int km = 0; km < n && r->nd; km++) {
-        fprintf(f, "<div><div>layer %d</div>", r->layers[km]);
+        fprintf(f, "<div style=\"display:inline-block\"><div>layer %d</div>", r->layers[km]);
         svg_heatmap(f, r->nd, E, r->share + (size_t)km * r->nd * E, r->dom_names, 1, uniform, "heat domain");
         fputs("</div>\n", f);
     }
