@@ -184,6 +184,84 @@ def final_eval(run, args):
     print("      whole validation split: loss %.4f over %d tokens" % (run.final["loss"], run.final["tokens"]), flush=True)
 
 
+def cached(cmd, path):
+    """Runs cmd once: its stdout kept in path (written atomically), later calls read it back."""
+    if not os.path.exists(path):
+        print("      " + shlex.join(cmd), flush=True)
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError("%s failed (exit %d): %s" % (cmd[1], p.returncode, p.stderr.strip()[-300:]))
+        with open(path + ".tmp", "w") as f:
+            f.write(p.stdout)
+        os.replace(path + ".tmp", path)
+    with open(path) as f:
+        return f.read()
+
+
+def domain_losses(text):
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^domain (\S+)\s+loss (\S+)", text, re.M)}
+
+
+def specialisation(run, args):
+    """--scale: which domains got their own experts in run's model, and what switching each off costs.
+    moe report's domain x expert shares (over --max-tokens 200000 spread over the data); for every
+    domain its most-used expert in the last MoE layer; moe eval --validation --disable-expert of
+    that expert, against the per-domain losses with every expert on. Returns a dict, or None."""
+    if not run.ok:
+        return None
+    base = os.path.join(args.workdir, "spec-" + run.key)
+    try:
+        if not os.path.exists(base + ".json"):
+            cached([MOE, "report", "--model", rel(run.model_path(args)), "--data", DATA, "--max-tokens", "200000",
+                    "--out", rel(base + ".html"), "--force"] + threads_opt(args), base + ".report.out")
+        with open(base + ".json") as f:
+            rep = json.load(f)
+        ev = [MOE, "eval", "--model", rel(run.model_path(args)), "--data", DATA, "--validation", "--domains"]
+        full = domain_losses(cached(ev + threads_opt(args), base + ".eval-all.out"))
+        km, L = len(rep["layers"]) - 1, rep["layers"][-1]
+        rows = []
+        for di, dom in enumerate(rep["domains"]):
+            share = rep["domain_share"][km][di]
+            e = max(range(len(share)), key=lambda x: share[x])
+            off = domain_losses(cached(ev + ["--disable-expert", "%d:%d" % (L, e)] + threads_opt(args),
+                                       "%s.eval-off-%d-%d.out" % (base, L, e)))
+            rows.append({"domain": dom, "layer": L, "expert": e, "share": share[e], "uniform": rep["uniform"],
+                         "others": max((rep["domain_share"][km][j][e] for j in range(len(rep["domains"])) if j != di),
+                                       default=None),
+                         "cost": {d: off[d] - full[d] for d in full if d in off}})
+        return {"model": run.key, "tokens": rep["tokens"], "rows": rows, "domains": rep["domains"]}
+    except (RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
+        print("      specialisation failed: %s" % e, flush=True)
+        return {"error": str(e)}
+
+
+def specialisation_of(runs, args):
+    """--scale: the specialisation experiment on the first finished MoE run (seed 1 when it finished)."""
+    moe = [r for r in runs if r.group == "moe" and r.ok]
+    return specialisation(moe[0], args) if args.scale and moe else None
+
+
+def write_specialisation(w, spec):
+    w("## 4. Specialisation: which domains got their own experts\n")
+    if not spec or "error" in spec:
+        w("Not measured%s.\n" % (": " + spec["error"] if spec else " (no finished MoE run)"))
+        return
+    r0 = spec["rows"][0]
+    w("Model `%s`. From `moe report` (%d tokens spread over the corpus): for each domain the expert of the last "
+      "MoE layer (%d) that takes the largest share of its tokens (uniform k/E = %.3f; 1.0 = every token), the "
+      "largest share any other domain gives that expert, and the change in each domain's loss on the whole "
+      "validation split when that one expert is switched off (`moe eval --validation --disable-expert`).\n"
+      % (spec["model"], spec["tokens"], r0["layer"], r0["uniform"]))
+    doms = spec["domains"]
+    w("| domain | expert | its share | other domains' largest | " + " | ".join("loss change: %s" % d for d in doms) + " |")
+    w("|---|---|---|---|" + "---|" * len(doms))
+    for r in spec["rows"]:
+        w("| %s | %d:%d | %.3f | %s | %s |" % (r["domain"], r["layer"], r["expert"], r["share"],
+                                               "%.3f" % r["others"] if r["others"] is not None else "n/a",
+                                               " | ".join("%+.4f" % r["cost"].get(d, float("nan")) for d in doms)))
+    w("")
+
+
 def execute(run, args, tokenizer, idx, total, t0):
     cmd = run.cmd(args, tokenizer)
     run.command = cmd
@@ -477,7 +555,7 @@ def main():
                 with open(run.eval_path(args)) as f:
                     run.final = json.load(f)
         write_doc(args, runs, seeds, tok_cmd, None, fig_dir, out_abs, times.get("total", 0), gran_sets,
-                  times.get("finished"))
+                  times.get("finished"), specialisation_of(runs, args))
         print("wrote %s and %s/ from the logs in %s" % (rel(out_abs), rel(fig_dir), rel(args.workdir)))
         return
 
@@ -509,11 +587,12 @@ def main():
     with open(times_path, "w") as f:  # run times, for --report-only
         json.dump(times, f)
 
-    write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, times["finished"])
+    spec = specialisation_of(runs, args)
+    write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, times["finished"], spec)
     print("wrote %s and %s/" % (rel(out_abs), rel(fig_dir)), flush=True)
 
 
-def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, finished=None):
+def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, finished=None, spec=None):
     by = {}
     for r in runs:
         by.setdefault(r.group, []).append(r)
@@ -634,6 +713,8 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
 
     # ---------- 3
     write_granularity(w, args, by, ok, finals, seeds, fig_dir, figrel, gran_sets)
+    if args.scale:
+        write_specialisation(w, spec)
     write_papers(w, args, by, ok, finals, tokens)
     write_runs(w, args, runs, tok_cmd, tok_error)
     with open(out_abs, "w") as f:
