@@ -7,13 +7,25 @@
 
 Python 3 standard library only.  Usage:
   /usr/bin/python3 scripts/experiments.py [--steps N] [--quick] [--out FILE] [--workdir DIR]
-                                         [--report-only]
+                                         [--report-only] [--scale] [--threads N]
 --report-only rewrites the document from the logs of an earlier run in --workdir
 (same --steps/--quick) without training anything.
+
+--scale: experiments 1 and 3 at 10x the tokens (12,000 steps of 16 x 128 = 24.6M tokens
+per run) on the full corpus (data/corpus, `make corpus`), seeds 1-3, in a run directory
+outside the worktree (default /work/exp-runs) so that it outlives any checkout. Every run
+is resumable: a finished run (its log has the validation loss of its last step) is
+skipped, an unfinished one continues from its checkpoint (`moe train --resume`, which
+saves every 10 minutes and on SIGINT/SIGTERM), so the same command can be started again
+after any interruption. Each finished model is then evaluated once on the whole
+validation split (`moe eval --validation`, kept in KEY.eval.json). With --steps, --scale
+keeps its corpus, seeds and run directory (used to test it on a few steps).
 """
 import argparse
 import json
 import os
+import re
+import shutil
 import shlex
 import subprocess
 import sys
@@ -24,6 +36,9 @@ MOE = os.path.join("build", "moe")
 DATA = os.path.join("data", "corpus-small")
 BATCH, SEQ = 16, 128
 TOKENS_PER_STEP = BATCH * SEQ
+SCALE_DATA = os.path.join("data", "corpus")
+SCALE_STEPS = 12000     # x 2048 tokens = 24.6M tokens per run, 10x the small runs
+SCALE_WORKDIR = "/work/exp-runs"
 ASSUMED_TOK_S = 9000.0  # default preset on this 2-core machine, see the brief / docs
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
@@ -49,6 +64,7 @@ class Run:
         self.seconds = None
         self.val = []      # (step, val_loss)
         self.train = []    # dict per step: step, loss, maxvio (mean over layers), dead (mean over layers)
+        self.final = None  # --scale: {"loss", "tokens"} on the whole validation split
 
     def cmd(self, args, tokenizer):
         c = [MOE, "train", "--preset", self.preset]
@@ -59,7 +75,30 @@ class Run:
         if tokenizer:
             c += ["--tokenizer", rel(tokenizer)]
         c += ["--log", rel(self.log_path(args)), "--out", rel(self.model_path(args)), "--force"]
-        return c
+        return c + threads_opt(args)
+
+    def resume_cmd(self, args):
+        """Continues the run from its last checkpoint (its schedule is stored in the state)."""
+        return [MOE, "train", "--resume", rel(self.model_path(args)), "--data", DATA, "--eval-every",
+                str(args.eval_every), "--log", rel(self.log_path(args))] + threads_opt(args)
+
+    def eval_cmd(self, args):
+        """The finished model on the whole validation split; --stats prints the loss with every digit."""
+        return [MOE, "eval", "--model", rel(self.model_path(args)), "--data", DATA, "--validation",
+                "--stats"] + threads_opt(args)
+
+    def eval_path(self, args):
+        return os.path.join(args.workdir, self.key + ".eval.json")
+
+    def finished(self, args):
+        """The log holds the validation loss of the run's last step (moe train writes it at the end)."""
+        if not os.path.exists(self.model_path(args)):
+            return False
+        try:
+            parse_log(self, self.log_path(args))
+        except OSError:
+            return False
+        return bool(self.val) and self.val[-1][0] >= args.steps
 
     def log_path(self, args):
         return os.path.join(args.workdir, self.key + ".jsonl")
@@ -71,13 +110,20 @@ class Run:
         return os.path.join(args.workdir, self.key + ".out")
 
 
+def threads_opt(args):
+    return ["--threads", str(args.threads)] if args.threads else []
+
+
 def mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")
 
 
 def parse_log(run, path):
-    run.val, run.train = [], []
+    """The log's validation and training points; when a step appears twice (a run resumed
+    from a checkpoint older than its last logged step logs those steps again), the later
+    line wins."""
+    val, train = {}, {}
     with open(path) as f:
         for line in f:
             line = line.strip()
@@ -88,15 +134,17 @@ def parse_log(run, path):
             except ValueError:
                 continue
             if "val_loss" in d:
-                run.val.append((d["step"], float(d["val_loss"])))
+                val[d["step"]] = float(d["val_loss"])
             elif "loss" in d:
                 mv = d.get("maxvio")
                 dead = d.get("dead")
-                run.train.append({
+                train[d["step"]] = ({
                     "step": d["step"], "loss": float(d["loss"]),
                     "maxvio": mean(mv) if isinstance(mv, list) and mv else None,
                     "dead": mean(dead) if isinstance(dead, list) and dead else None,
                 })
+    run.val = sorted(val.items())
+    run.train = [train[k] for k in sorted(train)]
 
 
 def load_result(run, args):
@@ -112,19 +160,134 @@ def load_result(run, args):
     run.ok = True
 
 
+def final_eval(run, args):
+    """--scale: the whole validation split's loss of a finished run, measured once into KEY.eval.json."""
+    path = run.eval_path(args)
+    if not os.path.exists(path):
+        cmd = run.eval_cmd(args)
+        print("      " + shlex.join(cmd), flush=True)
+        start = time.time()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        m = re.search(r"moe eval: (\d+) tokens in [0-9.]+ s, [0-9.]+ tokens/s; loss (\S+)", p.stderr)
+        if p.returncode != 0 or not m:
+            run.error = "final eval failed (exit %d): %s" % (p.returncode, p.stderr.strip()[-300:])
+            run.ok = False
+            print("      FAILED: " + run.error, flush=True)
+            return
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"loss": float(m.group(2)), "tokens": int(m.group(1)), "seconds": time.time() - start,
+                       "command": cmd}, f)
+        os.replace(tmp, path)
+    with open(path) as f:
+        run.final = json.load(f)
+    print("      whole validation split: loss %.4f over %d tokens" % (run.final["loss"], run.final["tokens"]), flush=True)
+
+
+def cached(cmd, path):
+    """Runs cmd once: its stdout kept in path (written atomically), later calls read it back."""
+    if not os.path.exists(path):
+        print("      " + shlex.join(cmd), flush=True)
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError("%s failed (exit %d): %s" % (cmd[1], p.returncode, p.stderr.strip()[-300:]))
+        with open(path + ".tmp", "w") as f:
+            f.write(p.stdout)
+        os.replace(path + ".tmp", path)
+    with open(path) as f:
+        return f.read()
+
+
+def domain_losses(text):
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^domain (\S+)\s+loss (\S+)", text, re.M)}
+
+
+def specialisation(run, args):
+    """--scale: which domains got their own experts in run's model, and what switching each off costs.
+    moe report's domain x expert shares (over --max-tokens 200000 spread over the data); for every
+    domain its most-used expert in the last MoE layer; moe eval --validation --disable-expert of
+    that expert, against the per-domain losses with every expert on. Returns a dict, or None."""
+    if not run.ok:
+        return None
+    base = os.path.join(args.workdir, "spec-" + run.key)
+    try:
+        if not os.path.exists(base + ".json"):
+            cached([MOE, "report", "--model", rel(run.model_path(args)), "--data", DATA, "--max-tokens", "200000",
+                    "--out", rel(base + ".html"), "--force"] + threads_opt(args), base + ".report.out")
+        with open(base + ".json") as f:
+            rep = json.load(f)
+        ev = [MOE, "eval", "--model", rel(run.model_path(args)), "--data", DATA, "--validation", "--domains"]
+        full = domain_losses(cached(ev + threads_opt(args), base + ".eval-all.out"))
+        km, L = len(rep["layers"]) - 1, rep["layers"][-1]
+        rows = []
+        for di, dom in enumerate(rep["domains"]):
+            share = rep["domain_share"][km][di]
+            e = max(range(len(share)), key=lambda x: share[x])
+            off = domain_losses(cached(ev + ["--disable-expert", "%d:%d" % (L, e)] + threads_opt(args),
+                                       "%s.eval-off-%d-%d.out" % (base, L, e)))
+            rows.append({"domain": dom, "layer": L, "expert": e, "share": share[e], "uniform": rep["uniform"],
+                         "others": max((rep["domain_share"][km][j][e] for j in range(len(rep["domains"])) if j != di),
+                                       default=None),
+                         "cost": {d: off[d] - full[d] for d in full if d in off}})
+        return {"model": run.key, "tokens": rep["tokens"], "rows": rows, "domains": rep["domains"]}
+    except (RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
+        print("      specialisation failed: %s" % e, flush=True)
+        return {"error": str(e)}
+
+
+def specialisation_of(runs, args):
+    """--scale: the specialisation experiment on the first finished MoE run (seed 1 when it finished)."""
+    moe = [r for r in runs if r.group == "moe" and r.ok]
+    return specialisation(moe[0], args) if args.scale and moe else None
+
+
+def write_specialisation(w, spec):
+    w("## 4. Specialisation: which domains got their own experts\n")
+    if not spec or "error" in spec:
+        w("Not measured%s.\n" % (": " + spec["error"] if spec else " (no finished MoE run)"))
+        return
+    r0 = spec["rows"][0]
+    w("Model `%s`. From `moe report` (%d tokens spread over the corpus): for each domain the expert of the last "
+      "MoE layer (%d) that takes the largest share of its tokens (uniform k/E = %.3f; 1.0 = every token), the "
+      "largest share any other domain gives that expert, and the change in each domain's loss on the whole "
+      "validation split when that one expert is switched off (`moe eval --validation --disable-expert`).\n"
+      % (spec["model"], spec["tokens"], r0["layer"], r0["uniform"]))
+    doms = spec["domains"]
+    w("| domain | expert | its share | other domains' largest | " + " | ".join("loss change: %s" % d for d in doms) + " |")
+    w("|---|---|---|---|" + "---|" * len(doms))
+    for r in spec["rows"]:
+        w("| %s | %d:%d | %.3f | %s | %s |" % (r["domain"], r["layer"], r["expert"], r["share"],
+                                               "%.3f" % r["others"] if r["others"] is not None else "n/a",
+                                               " | ".join("%+.4f" % r["cost"].get(d, float("nan")) for d in doms)))
+    w("")
+
+
 def execute(run, args, tokenizer, idx, total, t0):
     cmd = run.cmd(args, tokenizer)
     run.command = cmd
     print("[%d/%d] %s (seed %d)  elapsed %s" % (idx, total, run.label, run.seed, fmt_time(time.time() - t0)), flush=True)
+    if args.scale:  # resumable: skip a finished run, continue an interrupted one
+        if run.finished(args):
+            print("      finished earlier: final val_loss %.4f" % run.val[-1][1], flush=True)
+            load_result(run, args)
+            if run.ok:
+                final_eval(run, args)
+            return
+        if os.path.exists(run.model_path(args)) and os.path.exists(run.model_path(args) + ".state"):
+            cmd = run.resume_cmd(args)
+            print("      resuming from its checkpoint", flush=True)
     print("      " + shlex.join(cmd), flush=True)
     start = time.time()
     try:
-        with open(run.out_path(args), "w") as out:
+        with open(run.out_path(args), "a" if args.scale else "w") as out:
             p = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         rc = p.returncode
     except OSError as e:
         rc, run.error = -1, str(e)
     run.seconds = time.time() - start
+    if args.scale and rc in (130, 143):  # SIGINT / SIGTERM: the run saved its checkpoint; stop here too
+        print("      interrupted; it saved its checkpoint. Run the same command again to continue.", flush=True)
+        sys.exit(rc)
     if rc != 0:
         if run.error is None:
             try:
@@ -140,6 +303,8 @@ def execute(run, args, tokenizer, idx, total, t0):
         print("      FAILED: " + run.error, flush=True)
         return
     print("      done in %s: final val_loss %.4f" % (fmt_time(run.seconds), run.val[-1][1]), flush=True)
+    if args.scale:
+        final_eval(run, args)
 
 
 # ---------------------------------------------------------------- SVG
@@ -281,17 +446,41 @@ def mean_curve(runs, attr="val"):
 # ---------------------------------------------------------------- main
 
 def main():
+    global DATA, MOE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 1200; 30 with --quick)")
     ap.add_argument("--eval-every", type=int, default=None, help="validation interval (default steps/20; 10 with --quick)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 30 steps, one seed")
-    ap.add_argument("--out", default=os.path.join("docs", "experiments.md"))
-    ap.add_argument("--workdir", default=os.path.join("build", "experiments"))
+    ap.add_argument("--out", default=None, help="the document (default docs/experiments.md; "
+                    "docs/experiments-scale.md with --scale)")
+    ap.add_argument("--workdir", default=None, help="runs, logs and models (default build/experiments; "
+                    "%s with --scale)" % SCALE_WORKDIR)
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the document from an earlier run's logs in --workdir (no training)")
+    ap.add_argument("--scale", action="store_true",
+                    help="experiments 1 and 3 at 24.6M tokens per run on data/corpus, seeds 1-3, resumable "
+                         "runs in --workdir (default %s)" % SCALE_WORKDIR)
+    ap.add_argument("--data", default=None, help="the corpus (default %s; %s with --scale)" % (DATA, SCALE_DATA))
+    ap.add_argument("--only", default=None, metavar="KEY,...",
+                    help="run only these runs (e.g. mixtral-s1,dense-s1); the document covers them alone")
+    ap.add_argument("--threads", type=int, default=0, help="threads of each moe process (default 0: all cores)")
     args = ap.parse_args()
+    if args.scale and args.quick:
+        ap.error("--scale and --quick exclude each other")
+    if args.scale:
+        DATA = SCALE_DATA
+        if args.workdir is None:
+            args.workdir = SCALE_WORKDIR
+        if args.out is None:
+            args.out = os.path.join("docs", "experiments-scale.md")
+    if args.data is not None:
+        DATA = args.data
+    if args.workdir is None:
+        args.workdir = os.path.join("build", "experiments")
+    if args.out is None:
+        args.out = os.path.join("docs", "experiments.md")
     if args.steps is None:
-        args.steps = 30 if args.quick else 1200
+        args.steps = 30 if args.quick else SCALE_STEPS if args.scale else 1200
     if args.eval_every is None:
         args.eval_every = 10 if args.quick else max(1, args.steps // 20)
     if args.steps < 1 or args.eval_every < 1:
@@ -299,13 +488,15 @@ def main():
     os.chdir(ROOT)
     if not os.path.exists(MOE):
         sys.exit("%s not found: run make first" % MOE)
+    if not args.report_only and not os.path.exists(DATA):
+        sys.exit("%s not found: run make corpus first (make corpus-small for the small slice)" % DATA)
     os.makedirs(args.workdir, exist_ok=True)
     out_abs = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out_abs) or ".", exist_ok=True)
     fig_dir = os.path.splitext(out_abs)[0] + "-figs"
     os.makedirs(fig_dir, exist_ok=True)
 
-    seeds = [1] if args.quick else [1, 2]
+    seeds = [1] if args.quick else [1, 2, 3] if args.scale else [1, 2]
     mix = []  # mixtral preset with its default Switch loss serves as the MoE run of all three experiments
     runs = []
     for s in seeds:
@@ -313,7 +504,7 @@ def main():
         runs.append(Run("dense-s%d" % s, "dense (same active parameters)", "dense", s, [], "dense"))
     nobal_sets = ["aux_loss_coef=0", "z_loss_coef=0"]
     alf_sets = ["aux_loss_coef=0", "expert_bias=1", "bias_rate=0.001"]
-    for s in seeds:
+    for s in seeds if not args.scale else []:  # experiment 2 answered its question at the small scale
         runs.append(Run("nobal-s%d" % s, "no balancing", "mixtral", s, nobal_sets, "nobal"))
         runs.append(Run("alf-s%d" % s, "aux-loss-free (bias, gamma 0.001)", "mixtral", s, alf_sets, "alf"))
     d_exp = 384 // 4
@@ -330,12 +521,23 @@ def main():
     for s in seeds:
         runs.append(Run("g32-s%d" % s, "32 experts top-8 (d_expert %d)" % d_exp, "mixtral", s, gran_sets, "g32"))
 
+    if args.only:
+        keys = args.only.split(",")
+        unknown = sorted(set(keys) - {r.key for r in runs})
+        if unknown:
+            ap.error("--only: no run named %s (runs: %s)" % (", ".join(unknown), ", ".join(r.key for r in runs)))
+        runs = [r for r in runs if r.key in keys]
     # relative cost: mixtral/dense ~1, 32x8 slower; eval adds a little
     est = len(runs) * args.steps * TOKENS_PER_STEP / ASSUMED_TOK_S * 1.15
     if not args.report_only:
         print("%d runs x %d steps x %d tokens/step; estimate at ~%.0fk tokens/s: about %s"
               % (len(runs), args.steps, TOKENS_PER_STEP, ASSUMED_TOK_S / 1000, fmt_time(est)), flush=True)
 
+    if args.scale:  # runs that span sessions keep one binary, whatever happens to the checkout
+        kept = os.path.join(args.workdir, "moe")
+        if not os.path.exists(kept) and not args.report_only:
+            shutil.copy2(MOE, kept)
+        MOE = kept
     tok = os.path.join(args.workdir, "tokenizer.gguf")
     tok_cmd = [MOE, "tokenizer", "train", "--data", DATA, "--vocab", "4096", "--out", rel(tok), "--force"]
     times_path = os.path.join(args.workdir, "runs.json")
@@ -349,16 +551,23 @@ def main():
             run.command = run.cmd(args, tok)
             run.seconds = times.get(run.key)
             load_result(run, args)
+            if args.scale and run.ok and os.path.exists(run.eval_path(args)):
+                with open(run.eval_path(args)) as f:
+                    run.final = json.load(f)
         write_doc(args, runs, seeds, tok_cmd, None, fig_dir, out_abs, times.get("total", 0), gran_sets,
-                  times.get("finished"))
+                  times.get("finished"), specialisation_of(runs, args))
         print("wrote %s and %s/ from the logs in %s" % (rel(out_abs), rel(fig_dir), rel(args.workdir)))
         return
 
     t0 = time.time()
     # one tokenizer for every run, so that losses are comparable and it is trained only once
-    print("[tokenizer] " + shlex.join(tok_cmd), flush=True)
-    r = subprocess.run(tok_cmd, cwd=ROOT, capture_output=True, text=True)
     tok_error = None
+    if args.scale and os.path.exists(tok):  # resumed runs need the tokenizer they started with
+        print("[tokenizer] kept from earlier: " + rel(tok), flush=True)
+        r = subprocess.CompletedProcess(tok_cmd, 0)
+    else:
+        print("[tokenizer] " + shlex.join(tok_cmd), flush=True)
+        r = subprocess.run(tok_cmd, cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0 or not os.path.exists(tok):
         tok_error = (r.stderr or r.stdout).strip()[-300:]
         print("      tokenizer failed, each run trains its own: " + tok_error, flush=True)
@@ -378,11 +587,12 @@ def main():
     with open(times_path, "w") as f:  # run times, for --report-only
         json.dump(times, f)
 
-    write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, times["finished"])
+    spec = specialisation_of(runs, args)
+    write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, times["finished"], spec)
     print("wrote %s and %s/" % (rel(out_abs), rel(fig_dir)), flush=True)
 
 
-def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, finished=None):
+def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, finished=None, spec=None):
     by = {}
     for r in runs:
         by.setdefault(r.group, []).append(r)
@@ -402,16 +612,28 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
         when += "; this report was written on %s" % written
     w("Generated by `make experiments` (`scripts/experiments.py%s`): %s. "
       "Every number below comes from this run's logs; nothing is typed in by hand.\n"
-      % (" --quick" if args.quick else (" --steps %d" % args.steps), when))
+      % (" --quick" if args.quick else (" --scale" if args.scale else "") + (" --steps %d" % args.steps), when))
     w("**These are small-scale results** (4 layers, d_model 192, %d steps of %d x %d tokens = %.2fM tokens "
       "per run, on `%s`, seeds %s). They may differ from the papers (Mixtral, Switch Transformer, "
       "DeepSeek-V3, OLMoE), which train models thousands of times larger on far more tokens; "
       "whatever came out is reported as it is.%s\n"
-      % (args.steps, BATCH, SEQ, tokens / 1e6, DATA, ", ".join(map(str, seeds)),
+      % (args.steps, BATCH, SEQ, tokens / 1e6, DATA, ", ".join(map(str, sorted({r.seed for r in runs}))),
          " **This is a `--quick` smoke test: the numbers mean nothing.**" if args.quick else ""))
     w("Validation loss is the cross-entropy on the held-out documents (every 10th document), evaluated every "
       "%d steps. Seed spread is given as mean (min, max) over seeds.\n" % args.eval_every)
 
+    for r in runs:  # epochs: the tokens of a run over the training split moe train reported
+        try:
+            with open(r.out_path(args), errors="replace") as f:
+                m = re.search(r"data: ([0-9,]+) training tokens, ([0-9,]+) validation tokens", f.read())
+        except OSError:
+            m = None
+        if m:
+            ntrain = int(m.group(1).replace(",", ""))
+            w("Each run reads %.2fM tokens of a training split of %.2fM tokens (%.2f epochs); the validation "
+              "split holds %.2fM tokens.\n" % (tokens / 1e6, ntrain / 1e6, tokens / ntrain,
+                                               int(m.group(2).replace(",", "")) / 1e6))
+            break
     failed = [r for r in runs if not r.ok]
     if failed:
         w("## Failed runs\n")
@@ -469,7 +691,37 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
                 "tokens (M)", "validation loss", series):
         w("![validation loss, MoE vs dense](%s/moe_vs_dense.svg)\n" % figrel)
 
+    if args.scale:
+        w("Final comparison on the whole validation split (`moe eval --validation`, every held-out token of "
+          "`%s`), one evaluation per finished model:\n" % DATA)
+        w("| model | loss on the whole validation split | tokens | runs |")
+        w("|---|---|---|---|")
+        for name, g in (("MoE (mixtral)", "moe"), ("dense", "dense"), ("32 experts top-8", "g32")):
+            rs = [r for r in ok(g) if r.final]
+            w("| %s | %s | %s | %d of %d |" % (name, spread([r.final["loss"] for r in rs]),
+                                               rs[0].final["tokens"] if rs else "n/a", len(rs), len(by.get(g, []))))
+        w("")
+        w("The sampling error of these losses is not measured yet: `moe eval` prints the mean over the tokens "
+          "only, not its standard error over documents.\n")
+
     # ---------- 2
+    if not by.get("nobal") and not by.get("alf"):
+        w("## 2. Routing collapse\n")
+        w("Not part of this run (`--scale` repeats experiments 1 and 3 only; see docs/experiments.md).\n")
+    else:
+        write_collapse(w, args, by, ok, finals, seeds, fig_dir, figrel)
+
+    # ---------- 3
+    write_granularity(w, args, by, ok, finals, seeds, fig_dir, figrel, gran_sets)
+    if args.scale:
+        write_specialisation(w, spec)
+    write_papers(w, args, by, ok, finals, tokens)
+    write_runs(w, args, runs, tok_cmd, tok_error)
+    with open(out_abs, "w") as f:
+        f.write("\n".join(md) + "\n")
+
+
+def write_collapse(w, args, by, ok, finals, seeds, fig_dir, figrel):
     w("## 2. Routing collapse: no balancing vs Switch loss vs auxiliary-loss-free\n")
     w("All three are `mixtral`. No balancing: `--set aux_loss_coef=0 --set z_loss_coef=0`. Switch loss: "
       "the preset's defaults (aux 0.01, z 0.001; the same runs as experiment 1). Auxiliary-loss-free: "
@@ -516,7 +768,9 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     if win > 1:
         w("Curves are moving averages over %d steps; the table uses the raw per-step values.\n" % win)
 
-    # ---------- 3
+
+
+def write_granularity(w, args, by, ok, finals, seeds, fig_dir, figrel, gran_sets):
     w("## 3. Granularity: 8 experts top-2 vs 32 experts top-8\n")
     w("Equal active parameters: 32 experts of a quarter of the size, 4 times as many chosen "
       "(`--set %s`). The 8x top-2 runs are the `mixtral` runs of experiment 1.\n" % " --set ".join(gran_sets))
@@ -537,7 +791,11 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
                 "tokens (M)", "validation loss", series):
         w("![granularity](%s/granularity.svg)\n" % figrel)
 
-    # ---------- against the papers (their claims as published; our verdicts computed above)
+
+
+def write_papers(w, args, by, ok, finals, tokens):
+    """Against the papers: their claims as published; our verdicts computed from the runs."""
+    group_tail = lambda g, key: mean(tail_mean(r, key) for r in ok(g))
     def verdict(ga, gb, better):
         """How group ga's final val loss compares with gb's, in words."""
         a, b = finals(ga), finals(gb)
@@ -562,7 +820,9 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     w("- DeepSeekMoE reports finer-grained experts (more, smaller, more of them chosen) improving quality at "
       "equal active parameters; %s (experiment 3).\n" % verdict("g32", "moe", "32 top-8"))
 
-    # ---------- runtimes and commands
+
+
+def write_runs(w, args, runs, tok_cmd, tok_error):
     w("## Runs and exact commands\n")
     w("From the repository root. Logs (`.jsonl`), models and console output (`.out`) are in `%s/`.\n"
       % rel(args.workdir))
@@ -591,8 +851,6 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
         w("| %s | %d | %s | %s | %s |" % (r.key, r.seed, "ok" if r.ok else "failed",
                                           fmt_time(r.seconds) if r.seconds else "n/a", tps))
     w("")
-    with open(out_abs, "w") as f:
-        f.write("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

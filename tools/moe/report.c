@@ -318,7 +318,7 @@ static const char *const css =
     "table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:left}"
     ".tok{padding:1px 0;border-radius:2px;cursor:default;white-space:pre}.tok:hover{outline:2px solid #000}"
     "#info{position:sticky;top:0;background:#f6f6f6;padding:8px;min-height:3em;border:1px solid #ddd;margin:8px 0}"
-    ".note{color:#666}";
+    ".note{color:#666}.key{border-left:14px solid;padding:0 10px 0 4px;margin-right:6px}";
 
 static const char *const view_script =
     "(function(){var D=JSON.parse(document.getElementById('view-data').textContent);"
@@ -348,6 +348,15 @@ static void write_html(FILE *f, const report *r, const char *model, const moe_to
     }
     fputs("</section>\n<section id=\"training\"><h2>Balance over training</h2>\n", f);
     if (!r->S) fputs("<p class=\"note\">No training log given (--log train.jsonl), or it holds no routing metrics.</p>\n", f);
+    else { /* the legend: which colour is which layer, in every chart of the section */
+        fputs("<p class=\"legend\">", f);
+        for (int km = 0; km < n; km++) {
+            char col[40];
+            expert_color(col, sizeof col, km, n);
+            fprintf(f, "<span class=\"key\" style=\"border-color:%s\">layer %d</span>", col, r->layers[km]);
+        }
+        fputs("</p>\n", f);
+    }
     for (int q = 0; q < 4 && r->S; q++) {
         fprintf(f, "<div style=\"display:inline-block\"><div>%s, one line per layer</div>", series_title[q]);
         svg_lines(f, r->S, r->steps, n, r->series[q], r->layers);
@@ -357,7 +366,7 @@ static void write_html(FILE *f, const report *r, const char *model, const moe_to
           "tokens routed to each expert, coloured against the uniform k/E (white: uniform; red: up to 4&times; more; blue: "
           "up to 4&times; less). Rows: domains; columns: experts.</p>\n", f);
     for (int km = 0; km < n && r->nd; km++) {
-        fprintf(f, "<div><div>layer %d</div>", r->layers[km]);
+        fprintf(f, "<div style=\"display:inline-block\"><div>layer %d</div>", r->layers[km]);
         svg_heatmap(f, r->nd, E, r->share + (size_t)km * r->nd * E, r->dom_names, 1, uniform, "heat domain");
         fputs("</div>\n", f);
     }
