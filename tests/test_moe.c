@@ -138,6 +138,60 @@ static void hand_route(moe_cache *c, const float *hx, int n, int e, int k, const
 
 static void test_hand_cases(void) {
     {
+        /* published models (ggml_order): the renormalised weights are v / (float)sum, as
+         * llama.cpp divides, with the sum clamped below at 2^-14; ours are (float)(v / (double)sum) */
+        TEST_CASE("renormalised top-k weights in llama.cpp's division");
+        enum { NT = 64, NE = 8, K = 3 };
+        float hx[NT * NE], ident[NE * NE];
+        for (int i = 0; i < NE * NE; i++) ident[i] = (i / NE == i % NE);
+        uint64_t rs = 7;
+        for (int i = 0; i < NT * NE; i++) { rs = rs * 6364136223846793005ull + 1442695040888963407ull; hx[i] = (float)((rs >> 40) % 1000) / 250.0f - 2; }
+        moe_cache c;
+        moe_route_opts o = hand_opts(MOE_ROUTING_TOKEN, 1);
+        int bad = 0, differ = 0;
+        if (moe_cache_init(&c, NT, NE, NE, K, 2, 0, o.mode, moe_rows_needed(NT, NE, K, o.mode, o.capacity)) != MOE_OK)
+            TEST_FATAL("moe_cache_init: %s", moe_last_error());
+        for (int g = 0; g < 2; g++) {
+            moe_weights w = {.router = ident, .ggml_order = g};
+            moe_route(&c.r, hx, &w, NT, NE, &o);
+            for (int t = 0; t < NT; t++) {
+                const float *v = c.r.topv + (size_t)t * K;
+                double s = 0;
+                for (int j = 0; j < K; j++) s += v[j];
+                for (int j = 0; j < K; j++) {
+                    const float want = g ? v[j] / (float)s : (float)(v[j] / s);
+                    bad += c.r.w[t * K + j] != want;
+                    differ += g && v[j] / (float)s != (float)(v[j] / s);
+                }
+            }
+        }
+        CHECK(bad == 0, "%d weights differ from their formula", bad);
+        CHECK(differ > 0, "the two divisions never differed on %d weights: the case tests nothing", NT * K);
+        /* the clamp: tiny scores (sigmoid of very negative logits) divide by 2^-14 */
+        moe_route_opts os = o;
+        os.score = MOE_ROUTER_SIGMOID;
+        for (int i = 0; i < NT * NE; i++) hx[i] = -20.0f - (float)(i % 5);
+        moe_weights w = {.router = ident, .ggml_order = 1};
+        moe_route(&c.r, hx, &w, NT, NE, &os);
+        CHECK(c.r.w[0] == c.r.topv[0] / 6.103515625e-5f && c.r.w[0] < 0.5f, "clamped division: %g from %g", c.r.w[0], c.r.topv[0]);
+        moe_cache_free(&c);
+        TEST_END();
+    }
+    {
+        TEST_CASE("qwen2moe shared-expert gate in llama.cpp's arithmetic: silu(a)/a");
+        int bad = 0, differ = 0;
+        for (int i = -400; i <= 400; i++) {
+            const float a = (float)i * 0.0371f, g = shared_gate_ggml(a);
+            const double sig = 1.0 / (1.0 + exp(-(double)a));
+            if (i == 0) { bad += g != 0.5f; continue; }
+            bad += g != (a / (1.0f + expf(-a))) / a || fabs(g - sig) > 4e-7;
+            differ += g != 1.0f / (1.0f + expf(-a));
+        }
+        CHECK(bad == 0, "%d gates off their formula or sigmoid", bad);
+        CHECK(differ > 0, "silu(a)/a never differed from 1/(1+exp(-a)) in float: the case tests nothing");
+        TEST_END();
+    }
+    {
         TEST_CASE("routing and dispatch, hand case");
         float hx[3 * 3] = {2, 0, 0,   0, 0, 1,   0, 3, 1};
         moe_cache c;

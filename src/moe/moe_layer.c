@@ -331,8 +331,13 @@ void moe_route(moe_routing *r, const float *x, const moe_weights *wt, int N, int
         }
         double s = 0;
         for (int j = 0; j < k; j++) s += ids[j] >= 0 ? v[j] : 0.0f;
+        /* published models: llama.cpp's division, by the float sum clamped below at 2^-14 */
+        const float sf = MOE_MAX((float)s, 6.103515625e-5f);
         for (int j = 0; j < k; j++) {
-            float u = ids[j] < 0 ? 0.0f : o->renorm ? (s > 0 ? (float)(v[j] / s) : 0.0f) : v[j];
+            float u = ids[j] < 0 ? 0.0f
+                    : !o->renorm ? v[j]
+                    : wt->ggml_order ? v[j] / sf
+                    : s > 0 ? (float)(v[j] / s) : 0.0f;
             w[j] = scale == 1.0f ? u : scale * u;
         }
     }
@@ -490,6 +495,12 @@ static int expert_order(const moe_routing *r, int E, int32_t *order) {
 }
 
 static float sigmoidf_(float v) { return 1.0f / (1.0f + expf(-v)); }
+/* published models (qwen2moe): llama.cpp's shared-expert gate, sigmoid(a) as
+ * silu(a) / a with libm's expf, its one-token dot order at every batch size
+ * (the gate is one value per token); at a = 0, where that is 0/0, the limit 1/2 */
+float shared_gate_ggml(float a) {
+    return a == 0.0f ? 0.5f : (a / (1.0f + expf(-a))) / a;
+}
 
 /* Matrix e ([rows][cols]) of stacked experts of element type t. */
 static const void *expert_matrix(const void *base, int t, int e, int rows, int cols) {
@@ -606,7 +617,8 @@ void moe_combine(float *out, moe_cache *c, const float *x, const moe_weights *wt
         if (Fs) {
             const float *xt = x + (size_t)t * d, *y = c->sh_y + (size_t)t * d;
             float g = 1.0f;
-            if (wt->sh_inp) {
+            if (wt->sh_inp && wt->ggml_order) g = shared_gate_ggml(vec_dot_ggml(xt, wt->sh_inp, d, 0));
+            else if (wt->sh_inp) {
                 double a = 0;
                 for (int i = 0; i < d; i++) a += (double)xt[i] * wt->sh_inp[i];
                 g = sigmoidf_((float)a);

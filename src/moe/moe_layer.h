@@ -189,4 +189,6 @@ void moe_load_fractions(const moe_routing *r, int E, float *frac);
 /* Auxiliary-loss-free balancing: bias[e] += gamma * sign(mean load - load[e]),
  * from the assignment counts of one optimizer step (exact integer comparison). */
 void moe_bias_update(float *bias, const int64_t *counts, int E, float gamma);
+float shared_gate_ggml(float a); /* qwen2moe's shared-expert gate as llama.cpp computes it */
+
 #endif
