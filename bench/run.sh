@@ -482,8 +482,8 @@ def curve(cache):
     if not mapped: return []
     m = statistics.median(mapped)
     return [(share[b], 100 * statistics.median(rate[(b, cache)]) / m) for b in share if (b, cache) in rate]
-series = [("t/s, warm (% of mapped)", "#1f77b4", "", curve("warm")),
-          ("t/s, dropped (% of mapped)", "#d62728", "", curve("cold")),
+series = [("t/s warm, % mapped", "#1f77b4", "", curve("warm")),
+          ("t/s dropped, % mapped", "#d62728", "", curve("cold")),
           ("hit rate (%)", "#2ca02c", "5,4", [(share[b], statistics.median(hit[b])) for b in share if b in hit])]
 if svg_plot(sys.argv[2], "Decode with experts offloaded (1.72B Q8_0, LFU, 1 thread)",
             "budget, % of the experts' bytes", "percent", [s for s in series if s[3]]):
