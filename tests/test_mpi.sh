@@ -94,6 +94,27 @@ if mpi 4 --batch 4 --out "$T/dp4.gguf" --log "$T/dp4.gguf.jsonl"; then
     same "4 ranks, data parallel = one process with batch/4 and grad-accum 4" "$T/s4.gguf" "$T/dp4.gguf"
 else bad "4 ranks data parallel" "$(tail -n 5 "$T/err")"; fi
 
+# ---- 1b. the sharded optimizer ----
+# Each rank updates its shard of the parameters (whole units of 65,536) and
+# the shards are gathered; the model above fits in one unit, so this one has
+# 335K parameters (6 units: every one of 4 ranks owns some). A checkpoint
+# saved mid-run gathers the optimizer's moments from the shards: resuming it
+# on 2 ranks gives the bits of the run that was never stopped.
+WIDE=(--set d_model=96 --set d_ff=96 --set d_expert=96)
+one "${WIDE[@]}" --batch 2 --grad-accum 2 --out "$T/w1.gguf" --log "$T/w1.gguf.jsonl" || bad "one process, wide" "$(tail -n 3 "$T/err")"
+if mpi 2 "${WIDE[@]}" --batch 4 --out "$T/w2.gguf" --log "$T/w2.gguf.jsonl"; then
+    same "sharded optimizer, 2 ranks = one process (335K parameters)" "$T/w1.gguf" "$T/w2.gguf"
+else bad "2 ranks, wide" "$(tail -n 5 "$T/err")"; fi
+one "${WIDE[@]}" --batch 1 --grad-accum 4 --out "$T/w4a.gguf" --log "$T/w4a.gguf.jsonl" || bad "one process, wide" "$(tail -n 3 "$T/err")"
+if mpi 4 "${WIDE[@]}" --batch 4 --out "$T/w4.gguf" --log "$T/w4.gguf.jsonl"; then
+    same "sharded optimizer, 4 ranks = one process (335K parameters)" "$T/w4a.gguf" "$T/w4.gguf"
+else bad "4 ranks, wide" "$(tail -n 5 "$T/err")"; fi
+if mpi 2 "${WIDE[@]}" --batch 4 --stop-after 2 --out "$T/wr.gguf" --log "$T/wr.gguf.jsonl" \
+        && timeout 120 "${MPIRUN[@]}" -np 2 "$MPIMOE" train --resume "$T/wr.gguf" --threads 1 --data "$T/corpus.txt" \
+            --log "$T/wr.gguf.jsonl" >"$T/out" 2>"$T/err"; then
+    same "sharded optimizer: stopped after 2 steps and resumed on 2 ranks = the unbroken run" "$T/w2.gguf" "$T/wr.gguf"
+else bad "wide stop and resume" "$(tail -n 5 "$T/err")"; fi
+
 # ---- 2. expert parallelism ----
 # Expert parallelism alone is bit for bit: an expert's forward is the same
 # per row wherever it runs, and its owner sums the weight gradient one

@@ -43,3 +43,12 @@ moe_status dist_any(int *flag) {
     if (!st) *flag = bit;
     return st;
 }
+
+void dist_shard(size_t n, size_t unit, int rank, size_t *off, size_t *len) {
+    const int P = dist_world()->size;
+    if (unit < 1) unit = 1;
+    const size_t units = (n + unit - 1) / unit;
+    const size_t a = units * (size_t)rank / (size_t)P * unit, b = units * (size_t)(rank + 1) / (size_t)P * unit;
+    *off = MOE_MIN(a, n);
+    *len = MOE_MIN(b, n) - *off;
+}

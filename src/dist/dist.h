@@ -50,6 +50,15 @@ moe_status dist_set_expert_parallel(int ep, int n_experts);
 /* acc[n] += g[0][n] + g[1][n] + ... over the ranks in rank order (g is this
  * rank's piece); acc is the same on every rank before and after. */
 moe_status dist_reduce_add(float *acc, const float *g, size_t n);
+/* Sharded reductions, for an optimizer that updates only its own part:
+ * rank r owns the floats [*off, *off + *len) of n, whole units of `unit`
+ * floats split as evenly as the units allow (unit 1: an even split). */
+void dist_shard(size_t n, size_t unit, int rank, size_t *off, size_t *len);
+/* acc's shard of this rank += the ranks' g over that shard, in rank order;
+ * the rest of acc is left as it is. Half the traffic of dist_reduce_add. */
+moe_status dist_reduce_scatter_add(float *acc, const float *g, size_t n, size_t unit);
+/* In place: every rank's shard of x[n] reaches every rank. */
+moe_status dist_allgather_shards(float *x, size_t n, size_t unit);
 /* x[n] = the sum over ranks (in rank order) of each rank's x. */
 moe_status dist_sum_f64(double *x, int n);
 moe_status dist_sum_i64(int64_t *x, int n);

@@ -99,56 +99,69 @@ static float *scratch_floats(size_t n) {
     return p;
 }
 
-/* Chunk c of n floats split over P ranks: [off, off + len). */
-static void chunk_of(size_t n, int P, int c, size_t *off, size_t *len) {
-    size_t a = n * (size_t)c / (size_t)P, b = n * (size_t)(c + 1) / (size_t)P;
-    *off = a;
-    *len = b - a;
+/* The sharded reduction moves pieces rather than calling MPI's reductions:
+ * rank c gets everyone's shard c and adds them itself in rank order, so the
+ * order of additions is fixed whatever the library's algorithm. With the
+ * all-gather after it, the traffic of a ring all-reduce. */
+static moe_status shard_counts(size_t n, size_t unit, int *cnt, int *dis) {
+    moe_dist *w = dist_world();
+    for (int j = 0; j < w->size; j++) {
+        size_t o, l;
+        dist_shard(n, unit, j, &o, &l);
+        if (o + l > (size_t)INT_MAX)
+            return moe_error(MOE_ERR_INVALID_ARG, "rank %d: %zu floats to reduce is too many for one call", w->rank, n);
+        cnt[j] = (int)l; dis[j] = (int)o;
+    }
+    return MOE_OK;
 }
 
-/* A reduce-scatter by moving pieces (rank c gets everyone's chunk c and adds
- * them in rank order), then an all-gather of the sums: the traffic of a ring
- * all-reduce, with one fixed order of additions. */
-moe_status dist_reduce_add(float *acc, const float *g, size_t n) {
+moe_status dist_reduce_scatter_add(float *acc, const float *g, size_t n, size_t unit) {
     moe_dist *w = dist_world();
     const int P = w->size, me = w->rank;
     if (P == 1) {
         for (size_t i = 0; i < n; i++) acc[i] += g[i];
         return MOE_OK;
     }
-    size_t my_off, my_len;
-    chunk_of(n, P, me, &my_off, &my_len);
-    if (n / (size_t)P + 1 > (size_t)INT_MAX / 2)
-        return moe_error(MOE_ERR_INVALID_ARG, "rank %d: %zu floats to reduce is too many for one call", me, n);
-    float *recv = scratch_floats(my_len * (size_t)P + 1);
     int scnt[P], sdis[P], rcnt[P], rdis[P];
+    moe_status st = shard_counts(n, unit, scnt, sdis);
+    if (st) return st;
+    const size_t my_off = (size_t)sdis[me], my_len = (size_t)scnt[me];
+    float *recv = scratch_floats(my_len * (size_t)P + 1);
     if (!recv) return moe_error(MOE_ERR_NOMEM, "rank %d: out of memory for the gradient reduction", me);
-    for (int j = 0; j < P; j++) {
-        size_t o, l;
-        chunk_of(n, P, j, &o, &l);
-        scnt[j] = (int)l; sdis[j] = (int)o;
-        rcnt[j] = (int)my_len; rdis[j] = (int)(my_len * (size_t)j);
-    }
+    for (int j = 0; j < P; j++) { rcnt[j] = (int)my_len; rdis[j] = (int)(my_len * (size_t)j); }
     MPI_Request rq;
     int rc = MPI_Ialltoallv(g, scnt, sdis, MPI_FLOAT, recv, rcnt, rdis, MPI_FLOAT, MPI_COMM_WORLD, &rq);
     if (rc != MPI_SUCCESS) return mpi_fail(rc, "the gradient reduce-scatter");
-    moe_status st = wait_all(&rq, 1, "the gradient reduce-scatter", &w->t_reduce);
-    if (st) return st;
+    if ((st = wait_all(&rq, 1, "the gradient reduce-scatter", &w->t_reduce))) return st;
     float *a = acc + my_off;
     for (int s = 0; s < P; s++) {
         const float *p = recv + my_len * (size_t)s;
         for (size_t i = 0; i < my_len; i++) a[i] += p[i];
     }
-    for (int j = 0; j < P; j++) { rcnt[j] = scnt[j]; rdis[j] = sdis[j]; }
-    rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, acc, rcnt, rdis, MPI_FLOAT, MPI_COMM_WORLD, &rq);
-    if (rc != MPI_SUCCESS) return mpi_fail(rc, "the gradient all-gather");
-    st = wait_all(&rq, 1, "the gradient all-gather", &w->t_reduce);
-    if (st) return st;
-    const int64_t moved = (int64_t)(n - my_len) * (int64_t)sizeof(float);      /* others' chunks out, ours back */
-    const int64_t mine = (int64_t)my_len * (P - 1) * (int64_t)sizeof(float);   /* our chunk in, and out again */
-    w->reduce_sent += moved + mine;
-    w->reduce_recv += mine + moved;
+    w->reduce_sent += (int64_t)(n - my_len) * (int64_t)sizeof(float);        /* the others' shards out */
+    w->reduce_recv += (int64_t)my_len * (P - 1) * (int64_t)sizeof(float);    /* ours, from each of them */
     return MOE_OK;
+}
+
+moe_status dist_allgather_shards(float *x, size_t n, size_t unit) {
+    moe_dist *w = dist_world();
+    const int P = w->size, me = w->rank;
+    if (P == 1) return MOE_OK;
+    int cnt[P], dis[P];
+    moe_status st = shard_counts(n, unit, cnt, dis);
+    if (st) return st;
+    MPI_Request rq;
+    int rc = MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, x, cnt, dis, MPI_FLOAT, MPI_COMM_WORLD, &rq);
+    if (rc != MPI_SUCCESS) return mpi_fail(rc, "the all-gather of the shards");
+    if ((st = wait_all(&rq, 1, "the all-gather of the shards", &w->t_reduce))) return st;
+    w->reduce_sent += (int64_t)cnt[me] * (P - 1) * (int64_t)sizeof(float);   /* ours, to each of them */
+    w->reduce_recv += (int64_t)(n - (size_t)cnt[me]) * (int64_t)sizeof(float);
+    return MOE_OK;
+}
+
+moe_status dist_reduce_add(float *acc, const float *g, size_t n) {
+    moe_status st = dist_reduce_scatter_add(acc, g, n, 1);
+    return st ? st : dist_allgather_shards(acc, n, 1);
 }
 
 static moe_status gather_bytes(void *out, const void *x, int bytes, const char *what) {

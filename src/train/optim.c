@@ -41,42 +41,59 @@ void adamw_update(float *restrict p, float *restrict g, float *restrict m, float
 /* One parallel region for all tensors (each split over the threads without a
  * barrier between tensors) rather than one per tensor: a step has dozens of
  * tensors, and on a shared machine every join waits for the slowest thread.
- * Same bits as adamw_update per tensor. */
-void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_params *p, int t,
-                 float gscale) {
+ * Same bits as adamw_update per tensor, and for any split of [lo, hi). */
+void model_adamw_range(moe_model *mdl, float *g, float *m, float *v, float lr, const moe_train_params *p,
+                       int t, float gscale, size_t lo, size_t hi) {
     const adamw_consts c_decay =
         adamw_consts_at(lr, p->beta1, p->beta2, p->adam_eps, p->weight_decay, t, gscale);
     const adamw_consts c_plain = adamw_consts_at(lr, p->beta1, p->beta2, p->adam_eps, 0.0f, t, gscale);
-    #pragma omp parallel if (mdl->n_params > 65536)
+    #pragma omp parallel if (hi - lo > 65536)
     for (int i = 0; i < mdl->n_tensors; i++) {
         const tensor_desc *td = &mdl->tensors[i];
         if (td->buffer) continue; /* non-learned (the selection bias): no optimizer */
+        const size_t a = MOE_MAX(lo, td->offset), b = MOE_MIN(hi, td->offset + td->size);
+        if (a >= b) continue;
         const adamw_consts c = td->decay ? c_decay : c_plain;
-        float *restrict pp = mdl->params + td->offset, *restrict gg = mdl->grads + td->offset;
-        float *restrict mm = m + td->offset, *restrict vv = v + td->offset;
-        const size_t n = td->size;
+        float *restrict pp = mdl->params + a, *restrict gg = g + a;
+        float *restrict mm = m + a, *restrict vv = v + a;
+        const size_t n = b - a;
         #pragma omp for simd schedule(static) nowait
         for (size_t j = 0; j < n; j++) ADAMW_BODY(c, pp, gg, mm, vv, j);
     }
 }
 
-double grad_norm(const float *g, size_t n) {
-    /* fixed chunks summed in order: same result for any thread count */
-    enum { CHUNK = 1 << 16 };
-    size_t nchunks = (n + CHUNK - 1) / CHUNK;
+void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_params *p, int t,
+                 float gscale) {
+    model_adamw_range(mdl, mdl->grads, m, v, lr, p, t, gscale, 0, mdl->n_params);
+}
+
+void grad_norm_parts(const float *g, size_t n, size_t u0, size_t u1, double *part) {
+    #pragma omp parallel for schedule(static) if (u1 - u0 > 1)
+    for (size_t u = u0; u < u1; u++) {
+        size_t lo = u * GRAD_NORM_UNIT, hi = MOE_MIN(n, lo + GRAD_NORM_UNIT);
+        double s = 0;
+        #pragma omp simd reduction(+ : s)
+        for (size_t i = lo; i < hi; i++) s += (double)g[i] * g[i];
+        part[u - u0] = s;
+    }
+}
+
+double grad_norm_total(const double *part, size_t n) {
+    const size_t units = (n + GRAD_NORM_UNIT - 1) / GRAD_NORM_UNIT;
     double total = 0;
-    for (size_t c0 = 0; c0 < nchunks; c0 += 64) {
-        double part[64] = {0};
-        size_t cn = MOE_MIN((size_t)64, nchunks - c0);
-        #pragma omp parallel for schedule(static)
-        for (size_t c = 0; c < cn; c++) {
-            size_t lo = (c0 + c) * CHUNK, hi = MOE_MIN(n, lo + CHUNK);
-            double s = 0;
-            #pragma omp simd reduction(+ : s)
-            for (size_t i = lo; i < hi; i++) s += (double)g[i] * g[i];
-            part[c] = s;
-        }
-        for (size_t c = 0; c < cn; c++) total += part[c];
+    for (size_t u = 0; u < units; u++) total += part[u];
+    return sqrt(total);
+}
+
+double grad_norm(const float *g, size_t n) {
+    /* fixed units summed in order: same result for any thread count */
+    const size_t units = (n + GRAD_NORM_UNIT - 1) / GRAD_NORM_UNIT;
+    double total = 0;
+    for (size_t u0 = 0; u0 < units; u0 += 64) {
+        double part[64];
+        const size_t un = MOE_MIN((size_t)64, units - u0);
+        grad_norm_parts(g, n, u0, u0 + un, part);
+        for (size_t u = 0; u < un; u++) total += part[u];
     }
     return sqrt(total);
 }

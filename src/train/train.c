@@ -1,6 +1,7 @@
 /* train: the training loop, evaluation, the JSONL log and the training-state
  * file that makes a paused run continue bit-identically. */
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <stdatomic.h>
@@ -433,6 +434,23 @@ static void json_layers(FILE *f, const char *key, const double *met, int n_moe, 
 /* The routing statistics of all ranks' shards, so that the bias update and
  * the metrics see the whole global batch (counts are exact integers; the
  * sums of per-call values add in rank order). */
+/* The global gradient norm when each rank holds only its shard of g (whole
+ * units): each rank's units, summed over the ranks (the others contribute
+ * exact zeros), then added in order as grad_norm does. */
+static moe_status shard_grad_norm(const float *g, size_t n, double *parts, double *norm) {
+    const size_t units = (n + GRAD_NORM_UNIT - 1) / GRAD_NORM_UNIT;
+    if (dist_world()->size == 1) { *norm = grad_norm(g, n); return MOE_OK; }
+    size_t off, len;
+    dist_shard(n, GRAD_NORM_UNIT, dist_world()->rank, &off, &len);
+    memset(parts, 0, units * sizeof(double));
+    const size_t u0 = off / GRAD_NORM_UNIT, u1 = (off + len + GRAD_NORM_UNIT - 1) / GRAD_NORM_UNIT;
+    grad_norm_parts(g, n, u0, u1, parts + u0);
+    if (units > (size_t)INT_MAX) return moe_error(MOE_ERR_INVALID_ARG, "too many parameters for one reduction");
+    moe_status st = dist_sum_f64(parts, (int)units);
+    if (!st) *norm = grad_norm_total(parts, n);
+    return st;
+}
+
 static moe_status stats_allreduce(moe_model *m) {
     route_stats *rs = &m->stats;
     if (dist_world()->size == 1 || !rs->n_moe) return MOE_OK;
@@ -523,6 +541,7 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
     moe_dist *dw = dist_world();
     const int R = dw->size, me = dw->rank;
     float *acc = NULL;
+    double *gnorm_parts = NULL;
     int32_t *tok_other = NULL, *tgt_other = NULL;
     double *rank_all = NULL, *rank_mine = NULL, *loss_all = NULL;
     expert_parallel *ep = NULL;
@@ -579,6 +598,10 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
         acc = moe_calloc(m->n_params ? m->n_params : 1, sizeof(float));
         if (!acc) { st = moe_error(MOE_ERR_NOMEM, "out of memory for gradient accumulation"); goto done; }
     }
+    size_t shard_off, shard_len; /* the parameters this rank's optimizer updates */
+    dist_shard(m->n_params, GRAD_NORM_UNIT, me, &shard_off, &shard_len);
+    gnorm_parts = moe_calloc((m->n_params + GRAD_NORM_UNIT - 1) / GRAD_NORM_UNIT + 1, sizeof(double));
+    if (!gnorm_parts) { st = moe_error(MOE_ERR_NOMEM, "out of memory for the gradient norm"); goto done; }
     if (d->n[0] < (size_t)p.seq + 1) {
         st = moe_error(MOE_ERR_INVALID_ARG, "the training data has %zu tokens; --seq %d needs at least %d", d->n[0], p.seq, p.seq + 1);
         goto done;
@@ -626,8 +649,11 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
             model_backward(m, tok, tgt, 1.0f / (float)shards);
             m->training = 0;
             if (ep && (st = expert_parallel_status(ep))) { moe_error_prefix(st, "step %d", step + 1); goto done; }
-            if (acc) {
-                if ((st = dist_reduce_add(acc, m->grads, m->n_params))) { moe_error_prefix(st, "step %d", step + 1); goto done; }
+            if (acc) { /* this rank's shard of the sum, in shard order */
+                if ((st = dist_reduce_scatter_add(acc, m->grads, m->n_params, GRAD_NORM_UNIT))) {
+                    moe_error_prefix(st, "step %d", step + 1);
+                    goto done;
+                }
                 moe_zero(m->grads, m->n_params);
             }
             double mine_l[5] = {L.loss, L.ce, L.aux, L.z, L.seq_aux}, one[5];
@@ -639,10 +665,6 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
                 sum.aux += l[2] / shards; sum.z += l[3] / shards;
                 sum.seq_aux += l[4] / shards;
             }
-        }
-        if (acc) {
-            memcpy(m->grads, acc, m->n_params * sizeof(float));
-            moe_zero(acc, m->n_params);
         }
         if (R > 1) { /* this rank's own routing, before the statistics become global */
             for (int e = 0; e < c->n_experts; e++) {
@@ -659,16 +681,28 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
             for (int e = 0; e < c->n_experts; e++) load[k * c->n_experts + e] = total ? (float)((double)cnt[e] / (double)total) : 0.0f;
             route_metrics(m, k, met + (size_t)k * M_N);
         }
+        /* The optimizer is sharded over the ranks: each updates its own shard
+         * of the parameters from its shard of the summed gradient (in acc),
+         * then the shards are gathered. Elementwise, and the norm's units
+         * are whole in a shard, so the bits are those of one process. */
+        float *g = acc ? acc : m->grads;
         double gn = 0;
-        PROF_RUN(PROF_GRAD_NORM, gn = grad_norm(m->grads, m->n_params));
+        PROF_RUN(PROF_GRAD_NORM, st = shard_grad_norm(g, m->n_params, gnorm_parts, &gn));
+        if (st) goto done;
         if (!isfinite(gn)) {
-            const char *t = first_nonfinite_tensor(m, m->grads);
+            if (R > 1) (void)dist_allgather_shards(g, m->n_params, GRAD_NORM_UNIT); /* to name the tensor */
+            const char *t = first_nonfinite_tensor(m, g);
             st = moe_error(MOE_ERR_NUMERIC, "step %d: the gradient of %s is not finite (NaN or Inf); stopped, "
                            "the last checkpoint is kept", step + 1, t ? t : "the model");
             goto done;
         }
         float lr = lr_at(&p, step);
-        PROF_RUN(PROF_ADAMW, model_adamw(m, am, av, lr, &p, step + 1, clip_scale(gn, p.grad_clip)));
+        PROF_RUN(PROF_ADAMW, model_adamw_range(m, g, am, av, lr, &p, step + 1, clip_scale(gn, p.grad_clip),
+                                               shard_off, shard_off + shard_len));
+        if (R > 1 && (st = dist_allgather_shards(m->params, m->n_params, GRAD_NORM_UNIT))) {
+            moe_error_prefix(st, "step %d", step + 1);
+            goto done;
+        }
         model_update_bias(m); /* aux-loss-free balancing, from this step's loads */
         m->train_step = step + 1;
         done_here++;
@@ -766,7 +800,9 @@ moe_status moe_train(moe_model *m, const moe_dataset *d, const moe_train_params 
         const int pause = p.stop_after > 0 && done_here >= p.stop_after && !last;
         const int periodic = p.save_every > 0 && (step + 1) % p.save_every == 0;
         if (pause || stop || periodic || (req & REQ_SAVE) || last) {
-            /* the ranks hold the same state: rank 0 writes it */
+            /* rank 0 writes the state, the optimizer's moments gathered from the shards */
+            if (R > 1 && ((st = dist_allgather_shards(am, m->n_params, GRAD_NORM_UNIT)) ||
+                          (st = dist_allgather_shards(av, m->n_params, GRAD_NORM_UNIT)))) goto done;
             if (me == 0 && (st = save_checkpoint(m, &p, &rng, d->fingerprint, am, av))) goto done;
             t_saved = moe_now();
         }
@@ -783,7 +819,7 @@ done:
     m->training = 0;
     if (m->ep == ep) m->ep = NULL;
     expert_parallel_free(ep);
-    moe_free(acc); moe_free(tok_other); moe_free(tgt_other);
+    moe_free(acc); moe_free(gnorm_parts); moe_free(tok_other); moe_free(tgt_other);
     moe_free(rank_all); moe_free(rank_mine); moe_free(loss_all);
     if (log) fclose(log);
     moe_free(am); moe_free(av); moe_free(tok); moe_free(tgt); moe_free(load); moe_free(met);

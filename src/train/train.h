@@ -15,8 +15,20 @@ void adamw_update(float *p, float *g, float *m, float *v, size_t n, float lr, fl
  * zeroes the gradients it used; buffers (no gradient) are left alone. */
 void model_adamw(moe_model *mdl, float *m, float *v, float lr, const moe_train_params *p, int t,
                  float gscale);
-/* Global L2 norm of the gradients, summed in a fixed order. */
+/* The same on the gradient g (left zero in [lo, hi)) and the parameters in
+ * [lo, hi) only: each rank of a sharded optimizer updates its own shard. */
+void model_adamw_range(moe_model *mdl, float *g, float *m, float *v, float lr, const moe_train_params *p,
+                       int t, float gscale, size_t lo, size_t hi);
+/* Global L2 norm of the gradients, summed in a fixed order: the sum of
+ * squares of each unit of GRAD_NORM_UNIT floats in double, then the units'
+ * sums in order. So any thread count, and any split into whole units over
+ * ranks (grad_norm_parts on each, grad_norm_total of them all), gives the
+ * same bits. */
+enum { GRAD_NORM_UNIT = 1 << 16 };
 double grad_norm(const float *g, size_t n);
+/* part[u - u0] = the sum of squares of unit u, for units [u0, u1) */
+void grad_norm_parts(const float *g, size_t n, size_t u0, size_t u1, double *part);
+double grad_norm_total(const double *part, size_t n); /* part: every unit of n floats */
 /* Scales gradients so their norm is at most clip (torch's clip_grad_norm_ rule);
  * clip_scale is the factor it multiplies by (1 when no clipping is needed).
  * clip_grads is a test helper (tests/test_model_ref.c clips in the separate
