@@ -432,6 +432,27 @@ MOE_API moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int
 MOE_API moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, int use_all, double *loss_out,
                                         size_t *tokens_out, double *dom_loss, size_t *dom_tokens,
                                         moe_eval_progress_fn fn, void *user);
+/* An evaluation with its sampling error: the standard error of the mean
+ * loss, taking blocks of 8 consecutive windows (block_tokens positions) as
+ * the independent units (a ratio estimator; the tokens inside a window are
+ * not independent), and again with blocks 16 times as long: when the two
+ * agree, neighbouring blocks are not correlated either. 0 with fewer than
+ * two blocks. dom_loss and dom_tokens may be NULL (no per-domain split). */
+typedef struct {
+    double loss;          /* mean per-token cross-entropy            */
+    size_t tokens;        /* targets counted                         */
+    size_t block_tokens;  /* positions per block (8 x seq)           */
+    size_t blocks;        /* blocks measured                         */
+    double se_block;      /* standard error of loss, blocks           */
+    double se_wide;       /* the same, blocks of 16 blocks            */
+} moe_eval_result;
+/* block_fn (may be NULL) gets each block's loss sum and target count, in
+ * order, with user: the same blocks for any model with the same tokenizer,
+ * so two models' block losses pair up (the standard error of a difference). */
+typedef void (*moe_eval_block_fn)(double loss_sum, size_t targets, void *user);
+MOE_API moe_status moe_evaluate_full(moe_model *m, const moe_dataset *d, int seq, int use_all, moe_eval_result *res,
+                                     double *dom_loss, size_t *dom_tokens, moe_eval_progress_fn fn,
+                                     moe_eval_block_fn block_fn, void *user);
 
 /* ---- generation ---------------------------------------------------------- */
 typedef struct {

@@ -85,7 +85,11 @@ class Run:
     def eval_cmd(self, args):
         """The finished model on the whole validation split; --stats prints the loss with every digit."""
         return [MOE, "eval", "--model", rel(self.model_path(args)), "--data", DATA, "--validation",
-                "--stats"] + threads_opt(args)
+                "--stats", "--block-losses", rel(self.blocks_path(args))] + threads_opt(args)
+
+    def blocks_path(self, args):
+        """The evaluation's blocks (loss sum, targets per line): the same blocks for every run, to pair them."""
+        return os.path.join(args.workdir, self.key + ".eval.blocks")
 
     def eval_path(self, args):
         return os.path.join(args.workdir, self.key + ".eval.json")
@@ -169,7 +173,8 @@ def final_eval(run, args):
         start = time.time()
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         m = re.search(r"moe eval: (\d+) tokens in [0-9.]+ s, [0-9.]+ tokens/s; loss (\S+)", p.stderr)
-        if p.returncode != 0 or not m:
+        se = re.search(r"^standard error (\S+) over (\d+) blocks of (\d+) positions \((\S+) over", p.stdout, re.M)
+        if p.returncode != 0 or not m or not se:
             run.error = "final eval failed (exit %d): %s" % (p.returncode, p.stderr.strip()[-300:])
             run.ok = False
             print("      FAILED: " + run.error, flush=True)
@@ -177,11 +182,66 @@ def final_eval(run, args):
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"loss": float(m.group(2)), "tokens": int(m.group(1)), "seconds": time.time() - start,
-                       "command": cmd}, f)
+                       "se": float(se.group(1)), "blocks": int(se.group(2)), "block_positions": int(se.group(3)),
+                       "se_wide": float(se.group(4)), "command": cmd}, f)
         os.replace(tmp, path)
     with open(path) as f:
         run.final = json.load(f)
     print("      whole validation split: loss %.4f over %d tokens" % (run.final["loss"], run.final["tokens"]), flush=True)
+
+
+def read_blocks(run, args):
+    """A finished run's evaluation blocks: [(loss sum, targets)], or None."""
+    try:
+        with open(run.blocks_path(args)) as f:
+            return [(float(a), int(b)) for a, b in (line.split() for line in f)]
+    except (OSError, ValueError):
+        return None
+
+
+def paired_difference(a, b):
+    """Mean loss of a minus that of b over the same blocks, and its standard error (the blocks as units)."""
+    C = sum(c for _, c in a)
+    d = [(sa - sb, c) for (sa, c), (sb, cb) in zip(a, b) if c == cb]
+    if len(d) != len(a) or len(d) < 2:
+        return None
+    mean = sum(x for x, _ in d) / C
+    n = len(d)
+    se = (sum((x - mean * c) ** 2 for x, c in d) * n / (n - 1)) ** 0.5 / C
+    return mean, se
+
+
+def write_sampling_error(w, args, ok):
+    """--scale: the standard error of each whole-split loss, and of the MoE-dense difference on the same blocks."""
+    rs = [r for g in ("moe", "dense", "g32") for r in ok(g) if r.final and "se" in r.final]
+    if not rs:
+        w("The sampling error is measured when the runs' final evaluations exist (none yet).\n")
+        return
+    f0 = rs[0].final
+    w("Sampling error. `moe eval` gives the standard error of each loss above with blocks of %d consecutive "
+      "positions (8 windows) as the independent units, %d blocks: %s; with blocks 16 times longer, %s (the two "
+      "agree when neighbouring blocks are uncorrelated). That error counts which text happens to be held out, "
+      "which is the same for every model; the difference between two models on the same blocks is far more "
+      "precise:\n" % (f0["block_positions"], f0["blocks"],
+                      ", ".join("%s %.4f" % (r.key, r.final["se"]) for r in rs),
+                      ", ".join("%s %.4f" % (r.key, r.final["se_wide"]) for r in rs)))
+    w("| pair (same seed) | loss difference | standard error of the difference |")
+    w("|---|---|---|")
+    pairs = 0
+    by_seed = {}
+    for r in rs:
+        by_seed.setdefault(r.seed, {})[r.group] = r
+    for seed in sorted(by_seed):
+        for g in ("moe", "g32"):
+            a, b = by_seed[seed].get(g), by_seed[seed].get("dense")
+            ba, bb = (read_blocks(a, args), read_blocks(b, args)) if a and b else (None, None)
+            pd = paired_difference(ba, bb) if ba and bb else None
+            if pd:
+                pairs += 1
+                w("| %s - %s | %+.4f | %.4f |" % (a.key, b.key, pd[0], pd[1]))
+    if not pairs:
+        w("| (no finished pair yet) | | |")
+    w("")
 
 
 def cached(cmd, path):
@@ -701,8 +761,7 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
             w("| %s | %s | %s | %d of %d |" % (name, spread([r.final["loss"] for r in rs]),
                                                rs[0].final["tokens"] if rs else "n/a", len(rs), len(by.get(g, []))))
         w("")
-        w("The sampling error of these losses is not measured yet: `moe eval` prints the mean over the tokens "
-          "only, not its standard error over documents.\n")
+        write_sampling_error(w, args, ok)
 
     # ---------- 2
     if not by.get("nobal") and not by.get("alf"):

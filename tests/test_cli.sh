@@ -189,6 +189,20 @@ if [ $have_model = 1 ]; then
     grep -qE "^eval [0-9]+/[0-9]+ tokens \(100%\)" "$T/err" && ok "eval shows progress, ending at 100%" \
         || bad "eval progress" "stderr: $(head -c 300 "$T/err")"
 
+    # the sampling error, and the blocks behind it: their sums give the loss printed
+    run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1 --block-losses "$T/blocks.txt"
+    if [ "$RC" -eq 0 ] && grep -qE "^standard error [0-9.]+ over [0-9]+ blocks of 128 positions \([0-9.]+ over blocks of 2048\)$" "$T/out" \
+        && /usr/bin/python3 - "$T/out" "$T/blocks.txt" <<'PY'
+import re, sys
+out = open(sys.argv[1]).read()
+loss, tokens = float(re.search(r"^loss ([0-9.]+)", out, re.M).group(1)), int(re.search(r"tokens ([0-9]+)", out).group(1))
+n = int(re.search(r"over ([0-9]+) blocks", out).group(1))
+b = [tuple(map(float, l.split())) for l in open(sys.argv[2])]
+assert len(b) == n and sum(c for _, c in b) == tokens, (len(b), n)
+assert abs(sum(s for s, _ in b) / tokens - loss) < 6e-4, (sum(s for s, _ in b) / tokens, loss)
+PY
+    then ok "eval prints the loss's standard error; --block-losses writes the blocks, which add up to the loss"
+    else bad "eval standard error / --block-losses" "exit $RC: $(head -c 300 "$T/out") $(head -c 300 "$T/err")"; fi
     run "$MOE" eval --model "$M" --data "$T/small.txt" --seq 16 --threads 1 --validation
     [ "$RC" -eq 0 ] && grep -qE "^loss [0-9.]+  perplexity [0-9.]+  tokens [0-9]+$" "$T/out" && ok "eval --validation" \
         || bad "eval --validation" "exit $RC: $(head -c 300 "$T/err")"
@@ -479,8 +493,8 @@ for r in rows:
 
     run "$MOE" eval --model "$R" --data "$T/dom" --seq 16 --threads 1; cp "$T/out" "$T/eval.plain"
     run "$MOE" eval --model "$R" --data "$T/dom" --seq 16 --threads 1 --domains
-    if [ "$RC" -eq 0 ] && [ "$(head -n 1 "$T/out")" = "$(cat "$T/eval.plain")" ] && grep -qE "^domain code +loss [0-9.]+ " "$T/out" \
-       && grep -qE "^domain prose +loss [0-9.]+ " "$T/out"; then ok "eval --domains: the plain line and one line per domain"
+    if [ "$RC" -eq 0 ] && [ "$(head -n 2 "$T/out")" = "$(cat "$T/eval.plain")" ] && grep -qE "^domain code +loss [0-9.]+ " "$T/out" \
+       && grep -qE "^domain prose +loss [0-9.]+ " "$T/out"; then ok "eval --domains: the plain lines (loss, standard error) and one line per domain"
     else bad "eval --domains" "exit $RC: $(cat "$T/out") vs $(cat "$T/eval.plain")"; fi
     cp "$T/out" "$T/eval.dom"
     changed=0

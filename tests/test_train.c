@@ -24,6 +24,15 @@ static void on_progress(const moe_train_progress *p, void *u) {
 static moe_tokenizer *tok;
 static moe_dataset *data;
 
+/* the blocks an evaluation reports (moe_evaluate_full's block_fn) */
+enum { MAX_BLOCKS = 4096 };
+typedef struct { double s[MAX_BLOCKS]; size_t c[MAX_BLOCKS]; int n; } block_log;
+static void on_block(double loss_sum, size_t targets, void *user) {
+    block_log *b = user;
+    if (b->n < MAX_BLOCKS) { b->s[b->n] = loss_sum; b->c[b->n] = targets; }
+    b->n++;
+}
+
 static int tiny_matmul = MOE_MATMUL_FP32; /* precision of the models train_run makes */
 
 static moe_config tiny(void) {
@@ -382,6 +391,42 @@ int main(void) {
               "partial: %zu of %zu tokens, loss %g", n_part, n_all, part);
         rc = moe_evaluate(m, data, 16, 0, 1, &part, &n_part);
         CHECK(rc == MOE_OK && n_part == n_all && part == all, "after the stop: status %d, %zu tokens", rc, n_part);
+        moe_model_free(m);
+    }
+    TEST_END();
+
+    TEST_CASE("an evaluation's standard error over blocks: its blocks, recomputed in two passes");
+    {
+        moe_config c = tiny();
+        moe_model *m = NULL;
+        moe_model_create(&m, &c, 42);
+        double plain = 0;
+        size_t n_plain = 0;
+        CHECK(moe_evaluate(m, data, 16, 0, 1, &plain, &n_plain) == MOE_OK, "%s", moe_last_error());
+        block_log bl = {0};
+        moe_eval_result r;
+        CHECK(moe_evaluate_full(m, data, 16, 1, &r, NULL, NULL, NULL, on_block, &bl) == MOE_OK, "%s", moe_last_error());
+        CHECK(r.loss == plain && r.tokens == n_plain && r.block_tokens == 8 * 16 && r.blocks == (size_t)bl.n && bl.n >= 32,
+              "loss %.17g vs %.17g, %zu vs %zu tokens, %zu blocks of %zu (logged %d)", r.loss, plain, r.tokens, n_plain,
+              r.blocks, r.block_tokens, bl.n);
+        /* the blocks add up to the loss, in the order the evaluation adds them */
+        double S = 0, C = 0;
+        for (int i = 0; i < bl.n; i++) { S += bl.s[i]; C += (double)bl.c[i]; }
+        CHECK(S / C == r.loss && (size_t)C == r.tokens, "blocks: %.17g over %g", S / C, C);
+        /* two passes, by definition: sqrt(n/(n-1) * sum (s_b - mean c_b)^2) / C, over
+         * the blocks and over groups of 16 of them (the last group shorter) */
+        for (int wide = 0; wide < 2; wide++) {
+            const int g = wide ? 16 : 1;
+            double gs[MAX_BLOCKS], gc[MAX_BLOCKS], acc = 0;
+            int ng = 0;
+            for (int i = 0; i < bl.n; i += g, ng++) {
+                gs[ng] = gc[ng] = 0;
+                for (int j = i; j < bl.n && j < i + g; j++) { gs[ng] += bl.s[j]; gc[ng] += (double)bl.c[j]; }
+            }
+            for (int k = 0; k < ng; k++) acc += (gs[k] - r.loss * gc[k]) * (gs[k] - r.loss * gc[k]);
+            const double want = sqrt(acc * ng / (ng - 1)) / C, got = wide ? r.se_wide : r.se_block;
+            CHECK(fabs(got - want) <= 1e-9 * want && want > 0, "%s: %.17g, two passes %.17g", wide ? "wide" : "blocks", got, want);
+        }
         moe_model_free(m);
     }
     TEST_END();

@@ -215,6 +215,20 @@ moe_status moe_train_resume_point(const moe_model *m, const char *state_path, in
 }
 
 /* ---- evaluation ---- */
+/* Sums for the standard error of a mean loss S/C over blocks b of tokens,
+ * each with loss sum s_b over c_b tokens (a ratio estimator, the blocks as
+ * the sampling units: tokens of one block are not independent). */
+typedef struct { double s, c, s2, sc, c2; size_t n; } se_sums;
+static void se_add(se_sums *a, double s, double c) {
+    a->s += s; a->c += c; a->s2 += s * s; a->sc += s * c; a->c2 += c * c; a->n++;
+}
+static double se_of(const se_sums *a) {
+    if (a->n < 2 || a->c <= 0) return 0;
+    const double m = a->s / a->c, r = a->s2 - 2 * m * a->sc + m * m * a->c2;
+    return sqrt(MOE_MAX(r, 0.0) * (double)a->n / (double)(a->n - 1)) / a->c;
+}
+enum { SE_WIDE = 16 }; /* batches per wide block */
+
 typedef struct {
     moe_eval_progress_fn fn;
     void *user;
@@ -223,7 +237,22 @@ typedef struct {
     double *dom_sum; size_t *dom_cnt; /* [n_domains] per-domain loss sums, or NULL */
     float *losses;                    /* [B*T] per-token losses (with dom_sum)     */
     uint8_t *dom;                     /* [B*T] domain of each target               */
+    se_sums blk, wide, wide_part;     /* batches as blocks; SE_WIDE batches as blocks */
+    moe_eval_block_fn block_fn;       /* each batch's loss sum and count, or NULL  */
+    int wide_k;                       /* batches in wide_part                      */
 } eval_progress;
+
+static void se_batch(eval_progress *pr, double s, size_t c) {
+    if (!c) return;
+    if (pr->block_fn) pr->block_fn(s, c, pr->user);
+    se_add(&pr->blk, s, (double)c);
+    pr->wide_part.s += s; pr->wide_part.c += (double)c;
+    if (++pr->wide_k == SE_WIDE) {
+        se_add(&pr->wide, pr->wide_part.s, pr->wide_part.c);
+        pr->wide_part = (se_sums){0};
+        pr->wide_k = 0;
+    }
+}
 
 /* windows of T tokens evaluate_windows will read from split (at most max_windows, 0 = all) */
 static size_t eval_window_count(const moe_dataset *d, int split, int T, size_t max_windows) {
@@ -284,11 +313,13 @@ static moe_status eval_windows(moe_model *m, const moe_dataset *d, int split, in
             }
             if (st) break;
             *sum += ce;
+            se_batch(pr, ce, counted);
         } else {
             model_losses L;
             st = model_forward(m, tok, tgt, B, T, &L);
             if (st) break;
             *sum += L.ce * (double)counted;
+            se_batch(pr, L.ce * (double)counted, counted);
             if (pr->losses) crossentropy_forward(pr->losses, m->acts.logits, tgt, B * T, m->cfg.vocab_size);
         }
         if (pr->dom_sum) /* rows of windows the published path skipped hold no target */
@@ -325,6 +356,7 @@ static moe_status evaluate(moe_model *m, const moe_dataset *d, int seq, int max_
         st = eval_windows(m, d, 1, B, seq, (size_t)max_batches * B, &sum, &count, pr);
     }
     if (st) return st;
+    if (pr->wide_k) se_add(&pr->wide, pr->wide_part.s, pr->wide_part.c); /* the last, shorter block */
     if (!count && !pr->stopped) return moe_error(MOE_ERR_INVALID_ARG, "no tokens to evaluate");
     *loss_out = count ? sum / (double)count : 0.0;
     if (tokens_out) *tokens_out = count;
@@ -349,19 +381,39 @@ moe_status moe_evaluate_progress(moe_model *m, const moe_dataset *d, int seq, in
     return evaluate(m, d, seq, max_batches, use_all, loss_out, tokens_out, &pr);
 }
 
+moe_status moe_evaluate_full(moe_model *m, const moe_dataset *d, int seq, int use_all, moe_eval_result *res,
+                             double *dom_loss, size_t *dom_tokens, moe_eval_progress_fn fn,
+                             moe_eval_block_fn block_fn, void *user) {
+    const size_t BT = (size_t)8 * (size_t)MOE_MAX(seq, 1);
+    eval_progress pr = {.fn = fn, .user = user, .stoppable = 1, .dom_sum = dom_loss, .dom_cnt = dom_tokens,
+                        .block_fn = block_fn};
+    moe_status st = MOE_OK;
+    if (dom_loss) {
+        pr.losses = moe_malloc(BT * sizeof(float));
+        pr.dom = moe_malloc(BT);
+        if (!pr.losses || !pr.dom) st = moe_error(MOE_ERR_NOMEM, "per-domain evaluation buffers");
+        for (int i = 0; i < d->n_domains; i++) { dom_loss[i] = 0; dom_tokens[i] = 0; }
+    }
+    *res = (moe_eval_result){0};
+    if (!st) st = evaluate(m, d, seq, 0, use_all, &res->loss, &res->tokens, &pr);
+    for (int i = 0; dom_loss && (!st || st == MOE_ERR_INTERRUPTED) && i < d->n_domains; i++)
+        if (dom_tokens[i]) dom_loss[i] /= (double)dom_tokens[i];
+    res->block_tokens = BT;
+    res->blocks = pr.blk.n;
+    res->se_block = se_of(&pr.blk);
+    res->se_wide = se_of(&pr.wide);
+    moe_free(pr.losses);
+    moe_free(pr.dom);
+    return st;
+}
+
 moe_status moe_evaluate_domains(moe_model *m, const moe_dataset *d, int seq, int use_all, double *loss_out,
                                 size_t *tokens_out, double *dom_loss, size_t *dom_tokens,
                                 moe_eval_progress_fn fn, void *user) {
-    const size_t BT = (size_t)8 * (size_t)MOE_MAX(seq, 1);
-    eval_progress pr = {.fn = fn, .user = user, .stoppable = 1, .dom_sum = dom_loss, .dom_cnt = dom_tokens,
-                        .losses = moe_malloc(BT * sizeof(float)), .dom = moe_malloc(BT)};
-    moe_status st = pr.losses && pr.dom ? MOE_OK : moe_error(MOE_ERR_NOMEM, "per-domain evaluation buffers");
-    for (int i = 0; i < d->n_domains; i++) { dom_loss[i] = 0; dom_tokens[i] = 0; }
-    if (!st) st = evaluate(m, d, seq, 0, use_all, loss_out, tokens_out, &pr);
-    for (int i = 0; (!st || st == MOE_ERR_INTERRUPTED) && i < d->n_domains; i++)
-        if (dom_tokens[i]) dom_loss[i] /= (double)dom_tokens[i];
-    moe_free(pr.losses);
-    moe_free(pr.dom);
+    moe_eval_result r;
+    moe_status st = moe_evaluate_full(m, d, seq, use_all, &r, dom_loss, dom_tokens, fn, NULL, user);
+    *loss_out = r.loss;
+    if (tokens_out) *tokens_out = r.tokens;
     return st;
 }
 

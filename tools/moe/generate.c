@@ -1,6 +1,7 @@
 /* generate.c: moe generate (stream sampled text) and moe eval (loss, perplexity). */
 #include "cli.h"
 
+#include <errno.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -166,7 +167,13 @@ int cmd_generate(int argc, char **argv) {
 /* ---- eval ---- */
 
 /* ---- progress of moe eval: a live line on a terminal, a line per 10% otherwise ---- */
-typedef struct { int tty, open, last_decile; double t0, last; } eval_line;
+typedef struct { int tty, open, last_decile; double t0, last; FILE *blocks; } eval_line;
+
+/* --block-losses: each block's loss sum and target count, one line each */
+static void on_eval_block(double loss_sum, size_t targets, void *user) {
+    eval_line *e = user;
+    if (e->blocks && dist_world()->rank == 0) fprintf(e->blocks, "%.17g %zu\n", loss_sum, targets);
+}
 
 static void on_eval_progress(size_t done, size_t total, void *user) {
     eval_line *e = user;
@@ -197,7 +204,7 @@ static int parse_expert_spec(const char *s, int *layer, int *expert) {
 
 static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int seq, int threads, int stats,
                     const moe_load_options *lo, const str_list *disable, int domains,
-                    int validation, const cli_routing *rt) {
+                    int validation, const cli_routing *rt, const char *blocks_path) {
     if (!model) return cli_usage_error(cmd->name, "--model FILE is required");
     int rc_ep = cli_check_inference_ep(cmd, lo->expert_parallel);
     if (rc_ep) return rc_ep;
@@ -249,11 +256,22 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
         goto done;
     }
     eval_line el = {.tty = isatty(fileno(stderr)), .t0 = cli_clock()};
+    if (blocks_path && dist_world()->rank == 0 && !(el.blocks = fopen(blocks_path, "w"))) {
+        rc = fail("--block-losses %s: cannot open it for writing: %s", blocks_path, strerror(errno));
+        goto done;
+    }
     /* Ctrl-C or SIGTERM: stop after the current batch and report what was measured */
     cli_catch_stop_signals(NULL, NULL);
-    moe_status st = domains ? moe_evaluate_domains(m, d, seq, !validation, &loss, &tokens, dom_loss, dom_tokens,
-                                                   on_eval_progress, &el)
-                            : moe_evaluate_progress(m, d, seq, 0, !validation, &loss, &tokens, on_eval_progress, &el);
+    moe_eval_result res;
+    moe_status st = moe_evaluate_full(m, d, seq, !validation, &res, domains ? dom_loss : NULL, domains ? dom_tokens : NULL,
+                                      on_eval_progress, on_eval_block, &el);
+    if (el.blocks) {
+        const int bad = ferror(el.blocks) | fclose(el.blocks);
+        el.blocks = NULL;
+        if (bad && !st) { rc = fail("--block-losses %s: write failed", blocks_path); goto done; }
+    }
+    loss = res.loss;
+    tokens = res.tokens;
     cli_release_stop_signals();
     if (el.open) fputc('\n', stderr);
     const int sig = cli_stop_signal();
@@ -271,6 +289,9 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     if (cli_given(cmd, "active-experts") || cli_given(cmd, "expert-threshold"))
         printf("  experts/token %.2f", moe_model_experts_per_token(m, 0));
     printf("\n");
+    if (res.blocks >= 2) /* the sampling error of the loss (moe.h: moe_eval_result) */
+        printf("standard error %.4f over %zu blocks of %zu positions (%.4f over blocks of %zu)\n", res.se_block,
+               res.blocks, res.block_tokens, res.se_wide, res.block_tokens * 16);
     if (stats) print_rank_stats("eval", m);
     if (stats && dist_world()->rank == 0) {
         const double dt = cli_clock() - el.t0;
@@ -300,6 +321,7 @@ int cmd_eval(int argc, char **argv) {
     moe_load_options lo = {.expert_parallel = 1};
     str_list data = {0}, disable = {0};
     int seq = 0, threads = 0, stats = 0, domains = 0, validation = 0;
+    const char *blocks_path = NULL;
     cli_routing rt = {0};
     cli_opt opts[] = {
         {"model", OPT_STR, &model, R_ANY, "FILE", "model GGUF to evaluate", "required", 0},
@@ -313,6 +335,9 @@ int cmd_eval(int argc, char **argv) {
          "switch expert E of layer L off (its weight goes to no one); repeatable; implies --domains", NULL, 0},
         {"validation", OPT_FLAG, &validation, R_ANY, NULL,
          "only the validation split moe train holds out of the same data", NULL, 0},
+        {"block-losses", OPT_STR, &blocks_path, R_ANY, "FILE",
+         "write each block's loss sum and target count (8 windows of --seq positions), one line each: "
+         "the same blocks for any model with the same tokenizer, to pair two models' losses", NULL, 0},
         CLI_ROUTING_OPTS(rt),
         EXPERT_PARALLEL_OPT(lo.expert_parallel),
     };
@@ -323,7 +348,7 @@ int cmd_eval(int argc, char **argv) {
                    "splits the experts over the N ranks (the same loss as one process).",
                    opts, CLI_NOPTS(opts), NULL, NULL};
     int rc = cli_parse(&cmd, argc, argv);
-    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, &lo, &disable, domains, validation, &rt);
+    if (rc < 0) rc = eval_run(&cmd, model, &data, seq, threads, stats, &lo, &disable, domains, validation, &rt, blocks_path);
     cli_free(&cmd);
     return rc;
 }
