@@ -20,7 +20,15 @@ saves every 10 minutes and on SIGINT/SIGTERM), so the same command can be starte
 after any interruption. Each finished model is then evaluated once on the whole
 validation split (`moe eval --validation`, kept in KEY.eval.json). With --steps, --scale
 keeps its corpus, seeds and run directory (used to test it on a few steps).
+
+The runs take longer than one session and a session's machine may not be kept, so each
+finished run's results (a slimmed, gzipped log, its final evaluation and blocks, the
+machine and commit it ran on) and the shared tokenizer are copied into the repository,
+experiments/scale-runs/ (--keep-dir), to be committed; a later --scale on a new machine
+copies them back into the run directory and counts those runs as finished. The
+specialisation experiment's outputs are kept the same way.
 """
+import gzip
 import argparse
 import json
 import os
@@ -39,6 +47,7 @@ TOKENS_PER_STEP = BATCH * SEQ
 SCALE_DATA = os.path.join("data", "corpus")
 SCALE_STEPS = 12000     # x 2048 tokens = 24.6M tokens per run, 10x the small runs
 SCALE_WORKDIR = "/work/exp-runs"
+KEEP_DIR = os.path.join("experiments", "scale-runs")  # in the repository: results that outlive a machine
 ASSUMED_TOK_S = 9000.0  # default preset on this 2-core machine, see the brief / docs
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
@@ -95,8 +104,9 @@ class Run:
         return os.path.join(args.workdir, self.key + ".eval.json")
 
     def finished(self, args):
-        """The log holds the validation loss of the run's last step (moe train writes it at the end)."""
-        if not os.path.exists(self.model_path(args)):
+        """The log holds the validation loss of the run's last step (moe train writes it at the end),
+        and the model, or its final evaluation (a run kept from another machine), is there."""
+        if not os.path.exists(self.model_path(args)) and not os.path.exists(self.eval_path(args)):
             return False
         try:
             parse_log(self, self.log_path(args))
@@ -244,6 +254,84 @@ def write_sampling_error(w, args, ok):
     w("")
 
 
+def run_files(run, args):
+    """The files of a finished run that --keep-dir keeps, by their name in the run directory."""
+    return [os.path.basename(run.eval_path(args)), os.path.basename(run.blocks_path(args))]
+
+
+def keep_run(run, args):
+    """Copies a finished, evaluated run's results into the kept directory (see the module doc)."""
+    if not args.keep_dir or not os.path.exists(run.eval_path(args)):
+        return
+    os.makedirs(args.keep_dir, exist_ok=True)
+    for name in run_files(run, args):
+        shutil.copy2(os.path.join(args.workdir, name), os.path.join(args.keep_dir, name))
+    # the log, slimmed to what the document reads (validation points; loss, maxvio, dead per step)
+    slim = []
+    with open(run.log_path(args)) as f:
+        for line in f:
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            keys = ("step", "val_loss") if "val_loss" in d else ("step", "loss", "maxvio", "dead", "tokens_per_s")
+            slim.append(json.dumps({k: d[k] for k in keys if k in d}, separators=(",", ":")))
+    with gzip.open(os.path.join(args.keep_dir, run.key + ".jsonl.gz"), "wt") as f:
+        f.write("\n".join(slim) + "\n")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    with open(os.path.join(args.keep_dir, run.key + ".meta.json"), "w") as f:
+        json.dump({"key": run.key, "seconds": run.seconds, "commit": commit, "cpu": cpu,
+                   "kept": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": run.command}, f)
+    if os.path.exists(os.path.join(args.workdir, "tokenizer.gguf")):
+        shutil.copy2(os.path.join(args.workdir, "tokenizer.gguf"), os.path.join(args.keep_dir, "tokenizer.gguf"))
+    print("      kept in %s" % rel(args.keep_dir), flush=True)
+
+
+def restore_kept(args):
+    """Copies kept results (another machine's finished runs) into the run directory where missing."""
+    if not args.keep_dir or not os.path.isdir(args.keep_dir):
+        return
+    os.makedirs(args.workdir, exist_ok=True)
+    for name in sorted(os.listdir(args.keep_dir)):
+        src, dst = os.path.join(args.keep_dir, name), os.path.join(args.workdir, name)
+        if name.endswith(".jsonl.gz"):
+            dst = dst[:-3]
+            if not os.path.exists(dst):
+                with gzip.open(src, "rt") as f, open(dst, "w") as g:
+                    g.write(f.read())
+        elif not name.endswith(".meta.json") and not os.path.exists(dst):
+            shutil.copy2(src, dst)
+
+
+def kept_seconds(args):
+    """Run times of kept runs (their meta files), for the document."""
+    out = {}
+    if args.keep_dir and os.path.isdir(args.keep_dir):
+        for name in os.listdir(args.keep_dir):
+            if name.endswith(".meta.json"):
+                with open(os.path.join(args.keep_dir, name)) as f:
+                    m = json.load(f)
+                out[m["key"]] = m.get("seconds")
+    return out
+
+
+def keep_specialisation(run, args):
+    """The specialisation experiment's outputs (report JSON, evaluations) into the kept directory."""
+    if not args.keep_dir:
+        return
+    base = "spec-" + run.key
+    os.makedirs(args.keep_dir, exist_ok=True)
+    for name in os.listdir(args.workdir):
+        if name.startswith(base) and (name.endswith(".json") or name.endswith(".out")):
+            shutil.copy2(os.path.join(args.workdir, name), os.path.join(args.keep_dir, name))
+
+
 def cached(cmd, path):
     """Runs cmd once: its stdout kept in path (written atomically), later calls read it back."""
     if not os.path.exists(path):
@@ -289,6 +377,7 @@ def specialisation(run, args):
                          "others": max((rep["domain_share"][km][j][e] for j in range(len(rep["domains"])) if j != di),
                                        default=None),
                          "cost": {d: off[d] - full[d] for d in full if d in off}})
+        keep_specialisation(run, args)
         return {"model": run.key, "tokens": rep["tokens"], "rows": rows, "domains": rep["domains"]}
     except (RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
         print("      specialisation failed: %s" % e, flush=True)
@@ -332,6 +421,8 @@ def execute(run, args, tokenizer, idx, total, t0):
             load_result(run, args)
             if run.ok:
                 final_eval(run, args)
+                if run.ok:
+                    keep_run(run, args)
             return
         if os.path.exists(run.model_path(args)) and os.path.exists(run.model_path(args) + ".state"):
             cmd = run.resume_cmd(args)
@@ -365,6 +456,8 @@ def execute(run, args, tokenizer, idx, total, t0):
     print("      done in %s: final val_loss %.4f" % (fmt_time(run.seconds), run.val[-1][1]), flush=True)
     if args.scale:
         final_eval(run, args)
+        if run.ok:
+            keep_run(run, args)
 
 
 # ---------------------------------------------------------------- SVG
@@ -515,6 +608,9 @@ def main():
                     "docs/experiments-scale.md with --scale)")
     ap.add_argument("--workdir", default=None, help="runs, logs and models (default build/experiments; "
                     "%s with --scale)" % SCALE_WORKDIR)
+    ap.add_argument("--keep-dir", default=None,
+                    help="with --scale: where finished runs' results are kept to be committed (default %s; "
+                         "'' keeps nothing)" % KEEP_DIR)
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the document from an earlier run's logs in --workdir (no training)")
     ap.add_argument("--scale", action="store_true",
@@ -533,6 +629,10 @@ def main():
             args.workdir = SCALE_WORKDIR
         if args.out is None:
             args.out = os.path.join("docs", "experiments-scale.md")
+        if args.keep_dir is None:
+            args.keep_dir = os.path.join(ROOT, KEEP_DIR)
+    else:
+        args.keep_dir = ""
     if args.data is not None:
         DATA = args.data
     if args.workdir is None:
@@ -593,6 +693,9 @@ def main():
         print("%d runs x %d steps x %d tokens/step; estimate at ~%.0fk tokens/s: about %s"
               % (len(runs), args.steps, TOKENS_PER_STEP, ASSUMED_TOK_S / 1000, fmt_time(est)), flush=True)
 
+    if args.scale:
+        restore_kept(args)  # runs finished on another machine count as finished here
+    kept_times = kept_seconds(args)
     if args.scale:  # runs that span sessions keep one binary, whatever happens to the checkout
         kept = os.path.join(args.workdir, "moe")
         if not os.path.exists(kept) and not args.report_only:
@@ -609,7 +712,7 @@ def main():
             times = {}
         for run in runs:
             run.command = run.cmd(args, tok)
-            run.seconds = times.get(run.key)
+            run.seconds = times.get(run.key) or kept_times.get(run.key)
             load_result(run, args)
             if args.scale and run.ok and os.path.exists(run.eval_path(args)):
                 with open(run.eval_path(args)) as f:
@@ -639,6 +742,8 @@ def main():
         if i < len(runs) and done:
             left = mean(x.seconds for x in done) * (len(runs) - i)
             print("      elapsed %s, about %s left" % (fmt_time(time.time() - t0), fmt_time(left)), flush=True)
+    for run in runs:
+        run.seconds = run.seconds or kept_times.get(run.key)
     total = time.time() - t0
     print("all runs finished in %s" % fmt_time(total), flush=True)
     times = {r.key: r.seconds for r in runs}

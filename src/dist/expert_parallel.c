@@ -273,6 +273,9 @@ static moe_grads shard_grads(float *shard, size_t n) {
 /* The experts' backward one source rank at a time, each source's weight
  * gradient from zero and then added in source order: the sum one process
  * makes when those sources are its micro-batches (dist.h: determinism).
+ * Source 0 goes straight into g, whose slice for these experts is zero here
+ * (a distributed step computes each micro-batch's gradient from zero), so
+ * 0 + x is x and one pass over the experts' gradients is saved.
  * Our own source's rows first, while op (the peers' output gradients)
  * travels; then the peers'; the input gradients go back while the last
  * additions are made. */
@@ -295,10 +298,11 @@ static moe_status experts_backward_by_source(ep_layer *L, moe_cache *c, dist_op 
         }
     }
     const moe_grads own = shard_grads(x->g_own, n), shard = shard_grads(x->g_shard, n);
+    const moe_grads *own_to = me == 0 ? g : &own;
     moe_cache v;
     for (int el = 0; el < Ep; el++) {
         source_view(L, &v, me, me + 1, e0 + el);
-        moe_experts_backward(&v, wt, &own, mm);
+        moe_experts_backward(&v, wt, own_to, mm);
         dist_test(op);
     }
     moe_status st = dist_wait(op);
@@ -307,17 +311,17 @@ static moe_status experts_backward_by_source(ep_layer *L, moe_cache *c, dist_op 
     const int last = me == P - 1 ? P - 2 : P - 1; /* the last peer: its addition waits */
     for (int s = 0; s < P; s++) {
         if (s == me) {
-            if (me < last) add_shard(g, x->g_own, n, lo, hi);
+            if (me > 0 && me < last) add_shard(g, x->g_own, n, lo, hi);
             continue;
         }
         source_view(L, &v, s, s + 1, -1);
-        moe_experts_backward(&v, wt, &shard, mm);
-        if (s != last) add_shard(g, x->g_shard, n, lo, hi);
+        moe_experts_backward(&v, wt, s == 0 ? g : &shard, mm);
+        if (s != 0 && s != last) add_shard(g, x->g_shard, n, lo, hi);
     }
     remote_to_stage(L, L->remote.dxe, d);
     st = dist_alltoallv_rows_start(&op, c->dxe, L->send_rows, L->send_off, L->stage, L->recv_rows, L->recv_off, d);
     own_rows(L, c->dxe, L->remote.dxe, 0, d);
-    add_shard(g, x->g_shard, n, lo, hi);
+    if (last != 0) add_shard(g, x->g_shard, n, lo, hi);
     dist_test(op);
     if (me > last) add_shard(g, x->g_own, n, lo, hi);
     return st ? st : dist_wait(op);
