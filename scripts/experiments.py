@@ -385,9 +385,13 @@ def specialisation(run, args):
 
 
 def specialisation_of(runs, args):
-    """--scale: the specialisation experiment on the first finished MoE run (seed 1 when it finished)."""
+    """--scale: the specialisation experiment on the first finished MoE run whose results are kept
+    (its outputs came back from another machine) or whose model is here (seed 1 when it finished)."""
     moe = [r for r in runs if r.group == "moe" and r.ok]
-    return specialisation(moe[0], args) if args.scale and moe else None
+    done = [r for r in moe if os.path.exists(os.path.join(args.workdir, "spec-%s.json" % r.key))]
+    here = [r for r in moe if os.path.exists(r.model_path(args))]
+    pick = (done or here or [None])[0]
+    return specialisation(pick, args) if args.scale and pick else None
 
 
 def write_specialisation(w, spec):
