@@ -443,6 +443,7 @@ typedef struct {
     size_t tokens;        /* targets counted                         */
     size_t block_tokens;  /* positions per block (8 x seq)           */
     size_t blocks;        /* blocks measured                         */
+    size_t wide_tokens;   /* positions per wide block                */
     double se_block;      /* standard error of loss, blocks           */
     double se_wide;       /* the same, blocks of 16 blocks            */
 } moe_eval_result;

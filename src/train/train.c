@@ -399,6 +399,7 @@ moe_status moe_evaluate_full(moe_model *m, const moe_dataset *d, int seq, int us
     for (int i = 0; dom_loss && (!st || st == MOE_ERR_INTERRUPTED) && i < d->n_domains; i++)
         if (dom_tokens[i]) dom_loss[i] /= (double)dom_tokens[i];
     res->block_tokens = BT;
+    res->wide_tokens = BT * SE_WIDE;
     res->blocks = pr.blk.n;
     res->se_block = se_of(&pr.blk);
     res->se_wide = se_of(&pr.wide);
@@ -483,9 +484,6 @@ static void json_layers(FILE *f, const char *key, const double *met, int n_moe, 
     fprintf(f, "]");
 }
 
-/* The routing statistics of all ranks' shards, so that the bias update and
- * the metrics see the whole global batch (counts are exact integers; the
- * sums of per-call values add in rank order). */
 /* The global gradient norm when each rank holds only its shard of g (whole
  * units): each rank's units, summed over the ranks (the others contribute
  * exact zeros), then added in order as grad_norm does. */
@@ -503,6 +501,9 @@ static moe_status shard_grad_norm(const float *g, size_t n, double *parts, doubl
     return st;
 }
 
+/* The routing statistics of all ranks' shards, so that the bias update and
+ * the metrics see the whole global batch (counts are exact integers; the
+ * sums of per-call values add in rank order). */
 static moe_status stats_allreduce(moe_model *m) {
     route_stats *rs = &m->stats;
     if (dist_world()->size == 1 || !rs->n_moe) return MOE_OK;

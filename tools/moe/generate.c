@@ -265,14 +265,14 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     moe_eval_result res;
     moe_status st = moe_evaluate_full(m, d, seq, !validation, &res, domains ? dom_loss : NULL, domains ? dom_tokens : NULL,
                                       on_eval_progress, on_eval_block, &el);
+    loss = res.loss;
+    tokens = res.tokens;
+    cli_release_stop_signals();
     if (el.blocks) {
         const int bad = ferror(el.blocks) | fclose(el.blocks);
         el.blocks = NULL;
         if (bad && !st) { rc = fail("--block-losses %s: write failed", blocks_path); goto done; }
     }
-    loss = res.loss;
-    tokens = res.tokens;
-    cli_release_stop_signals();
     if (el.open) fputc('\n', stderr);
     const int sig = cli_stop_signal();
     if (st == MOE_ERR_INTERRUPTED && (sig || dist_world()->ep > 1)) { /* expert parallelism: maybe a peer's signal */
@@ -291,7 +291,7 @@ static int eval_run(cli_cmd *cmd, const char *model, const str_list *data, int s
     printf("\n");
     if (res.blocks >= 2) /* the sampling error of the loss (moe.h: moe_eval_result) */
         printf("standard error %.4f over %zu blocks of %zu positions (%.4f over blocks of %zu)\n", res.se_block,
-               res.blocks, res.block_tokens, res.se_wide, res.block_tokens * 16);
+               res.blocks, res.block_tokens, res.se_wide, res.wide_tokens);
     if (stats) print_rank_stats("eval", m);
     if (stats && dist_world()->rank == 0) {
         const double dt = cli_clock() - el.t0;
