@@ -174,6 +174,27 @@ def load_result(run, args):
     run.ok = True
 
 
+def with_finished(runs, plan, args, tok, seconds):
+    """--scale: the runs of this call plus every other run of the plan that finished earlier (its final
+    evaluation exists), in the plan's order, so that a document written after one run still covers all."""
+    if not args.scale:
+        return runs
+    now = {r.key for r in runs}
+    out = []
+    for r in plan:
+        if r.key in now:
+            out.append(r)
+        elif os.path.exists(r.eval_path(args)):
+            r.command = r.cmd(args, tok)
+            r.seconds = seconds.get(r.key)
+            load_result(r, args)
+            if r.ok:
+                with open(r.eval_path(args)) as f:
+                    r.final = json.load(f)
+                out.append(r)
+    return out
+
+
 def final_eval(run, args):
     """--scale: the whole validation split's loss of a finished run, measured once into KEY.eval.json."""
     path = run.eval_path(args)
@@ -622,7 +643,8 @@ def main():
                          "runs in --workdir (default %s)" % SCALE_WORKDIR)
     ap.add_argument("--data", default=None, help="the corpus (default %s; %s with --scale)" % (DATA, SCALE_DATA))
     ap.add_argument("--only", default=None, metavar="KEY,...",
-                    help="run only these runs (e.g. mixtral-s1,dense-s1); the document covers them alone")
+                    help="run only these runs (e.g. mixtral-s1,dense-s1); the document covers them alone, "
+                         "and with --scale also every run that finished earlier")
     ap.add_argument("--threads", type=int, default=0, help="threads of each moe process (default 0: all cores)")
     args = ap.parse_args()
     if args.scale and args.quick:
@@ -685,6 +707,7 @@ def main():
     for s in seeds:
         runs.append(Run("g32-s%d" % s, "32 experts top-8 (d_expert %d)" % d_exp, "mixtral", s, gran_sets, "g32"))
 
+    plan = list(runs)
     if args.only:
         keys = args.only.split(",")
         unknown = sorted(set(keys) - {r.key for r in runs})
@@ -714,15 +737,14 @@ def main():
                 times = json.load(f)
         except (OSError, ValueError):
             times = {}
-        for run in runs:
+        if args.scale:  # every finished run of the plan; the others are listed as not run yet
+            runs = with_finished([], plan, args, tok, dict(kept_times, **{k: v for k, v in times.items() if v}))
+        for run in runs if not args.scale else []:
             run.command = run.cmd(args, tok)
             run.seconds = times.get(run.key) or kept_times.get(run.key)
             load_result(run, args)
-            if args.scale and run.ok and os.path.exists(run.eval_path(args)):
-                with open(run.eval_path(args)) as f:
-                    run.final = json.load(f)
         write_doc(args, runs, seeds, tok_cmd, None, fig_dir, out_abs, times.get("total", 0), gran_sets,
-                  times.get("finished"), specialisation_of(runs, args))
+                  times.get("finished"), specialisation_of(runs, args), plan)
         print("wrote %s and %s/ from the logs in %s" % (rel(out_abs), rel(fig_dir), rel(args.workdir)))
         return
 
@@ -756,12 +778,14 @@ def main():
     with open(times_path, "w") as f:  # run times, for --report-only
         json.dump(times, f)
 
+    runs = with_finished(runs, plan, args, tok, kept_times)
     spec = specialisation_of(runs, args)
-    write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, times["finished"], spec)
+    write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, times["finished"], spec, plan)
     print("wrote %s and %s/" % (rel(out_abs), rel(fig_dir)), flush=True)
 
 
-def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, finished=None, spec=None):
+def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, finished=None, spec=None,
+              plan=()):
     by = {}
     for r in runs:
         by.setdefault(r.group, []).append(r)
@@ -775,7 +799,12 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     # when the runs finished (kept in runs.json), and when this text was written
     # (later, for --report-only)
     written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if args.scale:  # the document covers runs of earlier calls too: their recorded times add up
+        total = sum(r.seconds for r in runs if r.seconds) or total
     when = "the runs took %s" % (fmt_time(total) if total else "(time not recorded)")
+    untimed = [r.key for r in runs if not r.seconds]
+    if untimed and total:
+        when += " (not counting %s, whose time was not recorded)" % ", ".join(untimed)
     when += (" and finished on %s" % finished) if finished else " (their date was not recorded)"
     if finished != written:
         when += "; this report was written on %s" % written
@@ -803,6 +832,9 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
               "split holds %.2fM tokens.\n" % (tokens / 1e6, ntrain / 1e6, tokens / ntrain,
                                                int(m.group(2).replace(",", "")) / 1e6))
             break
+    pending = [r.key for r in plan if r.key not in {x.key for x in runs}] if args.scale else []
+    if pending:
+        w("Not run yet (or not finished): %s. The tables count the finished runs only.\n" % ", ".join(pending))
     failed = [r for r in runs if not r.ok]
     if failed:
         w("## Failed runs\n")
@@ -1002,11 +1034,17 @@ def write_runs(w, args, runs, tok_cmd, tok_error):
     for r in runs:
         w(shlex.join(getattr(r, "command", r.cmd(args, None))))
     w("```\n")
-    w("Run times and tokens/s are what this run saw on a machine shared with other work; they are "
-      "not benchmarks (`make bench` is).\n")
-    w("| run | seed | status | time | tokens/s (mean of steps) |")
-    w("|---|---|---|---|---|")
+    w("Run times and tokens/s are what each run saw on a machine shared with other work, on the CPU "
+      "named (the runs may come from different machines); they are not benchmarks (`make bench` is).\n")
+    w("| run | seed | status | time | tokens/s (mean of steps) | CPU |")
+    w("|---|---|---|---|---|---|")
     for r in runs:
+        cpu = "n/a"
+        try:
+            with open(os.path.join(args.keep_dir, r.key + ".meta.json")) as f:
+                cpu = json.load(f).get("cpu") or "n/a"
+        except (OSError, ValueError, TypeError):
+            pass
         tps = "n/a"
         try:
             with open(r.log_path(args)) as f:
@@ -1016,8 +1054,8 @@ def write_runs(w, args, runs, tok_cmd, tok_error):
                 tps = "%.0f" % mean(v)
         except (OSError, ValueError):
             pass
-        w("| %s | %d | %s | %s | %s |" % (r.key, r.seed, "ok" if r.ok else "failed",
-                                          fmt_time(r.seconds) if r.seconds else "n/a", tps))
+        w("| %s | %d | %s | %s | %s | %s |" % (r.key, r.seed, "ok" if r.ok else "failed",
+                                               fmt_time(r.seconds) if r.seconds else "n/a", tps, cpu))
     w("")
 
 
