@@ -561,7 +561,7 @@ assert all(len(e) > 0 for e in d["vocabulary"]["top"][0]) and 0 < d["vocabulary"
 else bad "train a model for routing analytics" "exit $RC: $(tail -c 300 "$T/err")"; fi
 
 
-# training precision default: bf16 where the AMX backend runs bf16 matmuls, fp32 elsewhere
+# training precision default: bf16 where AMX or full-rate VDPBF16PS run bf16 matmuls, fp32 elsewhere
 run "$MOE" info
 if grep -q "bf16: amx_bf16" "$T/out"; then
     grep -q "training precision default on this CPU: bf16" "$T/out" && grep -q "matmul backend on this CPU: amx_bf16 " "$T/out" \
@@ -569,9 +569,13 @@ if grep -q "bf16: amx_bf16" "$T/out"; then
     run "$MOE" info --set matmul=fp32
     grep -q "overridden by --set matmul=fp32" "$T/out" && grep -q "matmul backend on this CPU: avx512 " "$T/out" \
         && ok "info: --set matmul=fp32 overrides the AMX default" || bad "info: fp32 override" "$(tail -3 "$T/out")"
-else
-    grep -q "training precision default" "$T/out" && bad "info: no AMX, no bf16 default" "$(tail -3 "$T/out")" \
-        || ok "info: fp32 stays the training default without AMX"
+elif grep -q "bf16: avx512_bf16" "$T/out" && grep -q "^vendor_id.*AuthenticAMD" /proc/cpuinfo; then
+    # AMD's VDPBF16PS runs at the FMA's rate (Zen 4, Zen 5): bf16 is the faster matmul there
+    grep -q "training precision default on this CPU: bf16 matmul inputs (AVX512_BF16" "$T/out" \
+        && ok "info: bf16 is the training default on this AMD AVX512_BF16 CPU" || bad "info: AMD bf16 default" "$(tail -3 "$T/out")"
+else # no bf16 unit, or Intel's half-rate VDPBF16PS (Sapphire Rapids without AMX granted, its kin)
+    grep -q "training precision default" "$T/out" && bad "info: no fast bf16 unit, no bf16 default" "$(tail -3 "$T/out")" \
+        || ok "info: fp32 stays the training default without a fast bf16 unit"
 fi
 MOE_REFERENCE=1 run "$MOE" info
 grep -q "training precision default" "$T/out" && bad "info: MOE_REFERENCE=1 keeps fp32" "$(tail -3 "$T/out")" \

@@ -52,6 +52,14 @@ const gemm_backend *gemm_pick(int bf16);
  * the count (at most max). For tests: each is checked against the reference. */
 int gemm_available(const gemm_backend **out, int max, int bf16);
 
+/* VDPBF16PS instructions per second over VFMADD231PS instructions per second on
+ * this CPU, timed once per call (about 1 at full rate, 0.5 at half rate); 0
+ * without AVX512_BF16. */
+double gemm_bf16_dot_rate(void);
+/* 1 when bf16-input matmuls beat fp32 ones on this CPU: AMX tiles, or
+ * VDPBF16PS at the FMA's instruction rate (decided once, then cached). */
+int gemm_bf16_pays(void);
+
 /* Runs g with backend b: the trivial shapes (M or Nc empty; K = 0: only the
  * init) here, then b's scratch allocated, b run, the scratch freed. If the
  * allocation fails, b runs without scratch if it can. Returns 0, or -1 when

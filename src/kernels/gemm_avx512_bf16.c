@@ -247,3 +247,60 @@ static int bf16_run(const gemm_desc *g, void *ws, int nthr) {
 
 const gemm_backend gemm_backend_avx512_bf16 = {"avx512_bf16", bf16_supports, bf16_workspace,
                                                bf16_run};
+
+/* ---- does bf16 pay on this CPU? --------------------------------------------
+ * VDPBF16PS does twice the multiplies of an FMA, but only where it issues at
+ * the FMA's rate (Zen 4 and Zen 5); Sapphire Rapids and its kin run it at half
+ * that, where the bf16 GEMM gains nothing over fp32 (docs/performance.md). The
+ * rate is not in CPUID, so it is timed once: the same number of independent
+ * VDPBF16PS and VFMADD231PS instructions, the best of several short timings
+ * each (tens of microseconds in all), interleaved so that a slow moment hits
+ * both. */
+#include <time.h>
+
+#define RATE_ITERS 4096
+/* 16 independent accumulators as named locals, so that they stay in registers
+ * (an array of them was kept in memory, which timed loads and stores) */
+#define RATE_CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+#define RATE_DECL(i) __m512 a##i = _mm512_set1_ps((float)i);
+#define RATE_SUM(i) s = _mm512_add_ps(s, a##i);
+#define RATE_DOT(i) a##i = _mm512_dpbf16_ps(a##i, bx, by);
+#define RATE_FMA(i) a##i = _mm512_fmadd_ps(a##i, y, x);
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Seconds for RATE_ITERS x 16 instructions, VDPBF16PS (dot) or VFMADD231PS. */
+BF16_TARGET __attribute__((noinline)) static double rate_loop_seconds(int dot) {
+    __m512 x = _mm512_set1_ps(1e-3f), y = _mm512_set1_ps(0.999f), s = _mm512_setzero_ps();
+    __m512bh bx = _mm512_cvtne2ps_pbh(x, x), by = _mm512_cvtne2ps_pbh(y, y);
+    RATE_CHAINS(RATE_DECL)
+    double t0 = now_seconds();
+    if (dot)
+        for (int i = 0; i < RATE_ITERS; i++) {
+            RATE_CHAINS(RATE_DOT)
+        }
+    else
+        for (int i = 0; i < RATE_ITERS; i++) {
+            RATE_CHAINS(RATE_FMA)
+        }
+    double t = now_seconds() - t0;
+    RATE_CHAINS(RATE_SUM)
+    volatile float sink = _mm512_reduce_add_ps(s); /* keeps the loops */
+    (void)sink;
+    return t;
+}
+
+double gemm_bf16_dot_rate(void) {
+    if (!bf16_supports(&(gemm_desc){.bf16 = 1})) return 0;
+    double best_dot = 1e30, best_fma = 1e30;
+    for (int r = 0; r < 9; r++) {
+        double a = rate_loop_seconds(1), b = rate_loop_seconds(0);
+        best_dot = a < best_dot ? a : best_dot;
+        best_fma = b < best_fma ? b : best_fma;
+    }
+    return best_dot > 0 ? best_fma / best_dot : 0;
+}

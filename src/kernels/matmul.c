@@ -92,6 +92,22 @@ const char *matmul_backend_name(matmul_precision prec) {
     return b ? b->name : gemm_backend_ref.name;
 }
 
+static int bf16_pays;
+static pthread_once_t pays_once = PTHREAD_ONCE_INIT;
+
+static void decide_bf16(void) {
+    const gemm_backend *b = gemm_pick(1);
+    /* 0.75: halfway between half rate (0.5) and full rate (1.0) */
+    bf16_pays = b == &gemm_backend_amx_bf16 || (b == &gemm_backend_avx512_bf16 && gemm_bf16_dot_rate() > 0.75);
+}
+
+int gemm_bf16_pays(void) {
+    pthread_once(&pays_once, decide_bf16);
+    return bf16_pays;
+}
+
+int moe_bf16_matmul_pays(void) { return fast_backend(MATMUL_BF16) && gemm_bf16_pays(); }
+
 const char *moe_matmul_backend(int bf16) {
     return matmul_backend_name(bf16 ? MATMUL_BF16 : MATMUL_FP32);
 }

@@ -70,11 +70,14 @@ int cli_usage_error(const char *cmd_name, const char *fmt, ...)
 int cli_check_sets(const char *cmd_name, const str_list *sets);
 int cli_apply_sets(const char *cmd_name, const str_list *sets, moe_config *cfg);
 /* This CPU's training precision, set into a preset's cfg before --set applies:
- * bf16 matmul inputs (fp32 weights, sums and optimizer state) where AMX tiles
- * run them, measured 1.7x the fp32 step on Sapphire Rapids with the validation
- * loss after 600 steps within 0.4% of fp32's (docs/performance.md); fp32
- * elsewhere, and with MOE_REFERENCE=1. Returns 1 when it chose bf16. */
+ * bf16 matmul inputs (fp32 weights, sums and optimizer state) where they are
+ * faster (moe_bf16_matmul_pays: AMX tiles, measured 1.7x the fp32 step on
+ * Sapphire Rapids; VDPBF16PS at full rate, 1.2-1.5x on Zen 4 and Zen 5), with
+ * the validation loss after 600 steps within 1% of fp32's (docs/performance.md);
+ * fp32 elsewhere, and with MOE_REFERENCE=1. Returns 1 when it chose bf16. */
 int cli_default_matmul(moe_config *cfg);
+/* The unit that makes bf16 the default here, for messages. */
+const char *cli_bf16_unit(void);
 /* Strict number parsing: 0 on success. */
 int parse_int(const char *s, int *out);
 int parse_u64(const char *s, uint64_t *out);

@@ -81,8 +81,8 @@ static int info_run(cli_cmd *cmd, const char *model, const char *preset, const s
            moe_matmul_backend(cfg.matmul == MOE_MATMUL_BF16), moe_matmul_backend(0),
            moe_matmul_backend(1));
     if (cpu_bf16)
-        printf("training precision default on this CPU: bf16 matmul inputs (AMX), fp32 weights and "
-               "sums%s\n", cfg.matmul == MOE_MATMUL_BF16 ? "" : " (overridden by --set matmul=fp32)");
+        printf("training precision default on this CPU: bf16 matmul inputs (%s), fp32 weights and "
+               "sums%s\n", cli_bf16_unit(), cfg.matmul == MOE_MATMUL_BF16 ? "" : " (overridden by --set matmul=fp32)");
     return 0;
 }
 

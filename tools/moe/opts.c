@@ -247,9 +247,13 @@ int cli_apply_sets(const char *cmd_name, const str_list *sets, moe_config *cfg) 
 }
 
 int cli_default_matmul(moe_config *cfg) {
-    if (strcmp(moe_matmul_backend(1), "amx_bf16") != 0) return 0;
+    if (!moe_bf16_matmul_pays()) return 0;
     cfg->matmul = MOE_MATMUL_BF16;
     return 1;
+}
+
+const char *cli_bf16_unit(void) {
+    return strcmp(moe_matmul_backend(1), "amx_bf16") == 0 ? "AMX tiles" : "AVX512_BF16 at the FMA's rate";
 }
 
 static void default_text(const cli_opt *o, char *buf, size_t cap) {

@@ -93,11 +93,19 @@ static int build_config(const train_args *a, moe_config *cfg, moe_tokenizer **to
         return lib_fail(NULL); /* names the known presets */
     }
     int cpu_bf16 = cli_default_matmul(cfg);
+    if (dist_world()->size > 1) { /* one precision per job: bf16 by default only where every rank has it */
+        int lacks = !cpu_bf16;
+        if (dist_any(&lacks) != MOE_OK) return lib_fail(NULL);
+        if (lacks && cpu_bf16) {
+            cfg->matmul = MOE_MATMUL_FP32;
+            cpu_bf16 = 0;
+        }
+    }
     int rc = cli_apply_sets("train", &a->sets, cfg);
     if (rc) return rc;
     if (cpu_bf16 && cfg->matmul == MOE_MATMUL_BF16 && dist_world()->rank == 0)
-        fprintf(stderr, "precision: bf16 matmul inputs, fp32 weights and sums (this CPU's default: AMX; "
-                        "--set matmul=fp32 for fp32)\n");
+        fprintf(stderr, "precision: bf16 matmul inputs, fp32 weights and sums (this CPU's default: %s; "
+                        "--set matmul=fp32 for fp32)\n", cli_bf16_unit());
     if (a->tokenizer) {
         if (!path_exists(a->tokenizer)) return fail("tokenizer file '%s' does not exist", a->tokenizer);
         if (moe_tokenizer_load(tok, a->tokenizer) != MOE_OK) return lib_fail_file(a->tokenizer);
