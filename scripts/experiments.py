@@ -790,6 +790,8 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     for r in runs:
         by.setdefault(r.group, []).append(r)
     ok = lambda g: [r for r in by.get(g, []) if r.ok]
+    # runs a group has in the plan (with --scale the document lists finished runs only)
+    planned = lambda g: sum(1 for r in (plan or runs) if r.group == g)
     finals = lambda g: [r.val[-1][1] for r in ok(g)]  # final validation losses of a group
     figrel = os.path.relpath(fig_dir, os.path.dirname(out_abs))
     tokens = args.steps * TOKENS_PER_STEP
@@ -851,7 +853,7 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     w("| model | final val loss | runs |")
     w("|---|---|---|")
     for name, rs, g in (("MoE (mixtral)", moe_r, "moe"), ("dense", den_r, "dense")):
-        w("| %s | %s | %d of %d |" % (name, spread(finals(g)), len(rs), len(by.get(g, []))))
+        w("| %s | %s | %d of %d |" % (name, spread(finals(g)), len(rs), planned(g)))
     w("")
     if moe_r and den_r:
         target = mean(finals("dense"))
@@ -900,7 +902,7 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
         for name, g in (("MoE (mixtral)", "moe"), ("dense", "dense"), ("32 experts top-8", "g32")):
             rs = [r for r in ok(g) if r.final]
             w("| %s | %s | %s | %d of %d |" % (name, spread([r.final["loss"] for r in rs]),
-                                               rs[0].final["tokens"] if rs else "n/a", len(rs), len(by.get(g, []))))
+                                               rs[0].final["tokens"] if rs else "n/a", len(rs), planned(g)))
         w("")
         write_sampling_error(w, args, ok)
 
@@ -912,7 +914,7 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
         write_collapse(w, args, by, ok, finals, seeds, fig_dir, figrel)
 
     # ---------- 3
-    write_granularity(w, args, by, ok, finals, seeds, fig_dir, figrel, gran_sets)
+    write_granularity(w, args, by, ok, finals, seeds, fig_dir, figrel, gran_sets, planned)
     if args.scale:
         write_specialisation(w, spec)
     write_papers(w, args, by, ok, finals, tokens)
@@ -970,7 +972,7 @@ def write_collapse(w, args, by, ok, finals, seeds, fig_dir, figrel):
 
 
 
-def write_granularity(w, args, by, ok, finals, seeds, fig_dir, figrel, gran_sets):
+def write_granularity(w, args, by, ok, finals, seeds, fig_dir, figrel, gran_sets, planned):
     w("## 3. Granularity: 8 experts top-2 vs 32 experts top-8\n")
     w("Equal active parameters: 32 experts of a quarter of the size, 4 times as many chosen "
       "(`--set %s`). The 8x top-2 runs are the `mixtral` runs of experiment 1.\n" % " --set ".join(gran_sets))
@@ -978,7 +980,7 @@ def write_granularity(w, args, by, ok, finals, seeds, fig_dir, figrel, gran_sets
     w("|---|---|---|")
     for name, g in (("8, top-2, d_expert 384", "moe"), ("32, top-8, %s" % gran_sets[2].replace("=", " "), "g32")):
         rs = ok(g)
-        w("| %s | %s | %d of %d |" % (name, spread(finals(g)), len(rs), len(by.get(g, []))))
+        w("| %s | %s | %d of %d |" % (name, spread(finals(g)), len(rs), planned(g)))
     w("")
     if ok("moe") and ok("g32"):
         w("Reading: " + reading("32 top-8", finals("g32"), "8 top-2", finals("moe")) + "\n")
