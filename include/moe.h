@@ -46,8 +46,8 @@ MOE_API const char *moe_cpu_kernels(void);
  * this CPU, or MOE_REFERENCE=1); chosen once from the detected CPU. */
 MOE_API const char *moe_matmul_backend(int bf16);
 /* 1 when bf16-input matmuls are faster than fp32 ones on this CPU: AMX tiles, or
- * AVX512_BF16 whose VDPBF16PS issues at the FMA's rate (timed once, a few tens
- * of microseconds); 0 otherwise and with MOE_REFERENCE=1. */
+ * AVX512_BF16 whose VDPBF16PS issues at the FMA's rate (timed once, about
+ * 0.2 ms); 0 otherwise and with MOE_REFERENCE=1. */
 MOE_API int moe_bf16_matmul_pays(void);
 
 /* ---- configuration ------------------------------------------------------ */

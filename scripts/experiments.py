@@ -739,10 +739,11 @@ def main():
             times = {}
         if args.scale:  # every finished run of the plan; the others are listed as not run yet
             runs = with_finished([], plan, args, tok, dict(kept_times, **{k: v for k, v in times.items() if v}))
-        for run in runs if not args.scale else []:
-            run.command = run.cmd(args, tok)
-            run.seconds = times.get(run.key) or kept_times.get(run.key)
-            load_result(run, args)
+        else:
+            for run in runs:
+                run.command = run.cmd(args, tok)
+                run.seconds = times.get(run.key) or kept_times.get(run.key)
+                load_result(run, args)
         write_doc(args, runs, seeds, tok_cmd, None, fig_dir, out_abs, times.get("total", 0), gran_sets,
                   times.get("finished"), specialisation_of(runs, args), plan)
         print("wrote %s and %s/ from the logs in %s" % (rel(out_abs), rel(fig_dir), rel(args.workdir)))

@@ -16,6 +16,7 @@
  *   A strip:   word (kp, r) at Ap[kp*MR + r]             (MR = 8 rows)     */
 #include "kernels/gemm_avx512.h"
 #include "kernels/kernels.h"
+#include "core/core.h"
 
 #include <omp.h>
 #include <string.h>
@@ -254,10 +255,8 @@ const gemm_backend gemm_backend_avx512_bf16 = {"avx512_bf16", bf16_supports, bf1
  * that, where the bf16 GEMM gains nothing over fp32 (docs/performance.md). The
  * rate is not in CPUID, so it is timed once: the same number of independent
  * VDPBF16PS and VFMADD231PS instructions, the best of several short timings
- * each (tens of microseconds in all), interleaved so that a slow moment hits
+ * each (about 0.2 ms in all), interleaved so that a slow moment hits
  * both. */
-#include <time.h>
-
 #define RATE_ITERS 4096
 /* 16 independent accumulators as named locals, so that they stay in registers
  * (an array of them was kept in memory, which timed loads and stores) */
@@ -267,18 +266,12 @@ const gemm_backend gemm_backend_avx512_bf16 = {"avx512_bf16", bf16_supports, bf1
 #define RATE_DOT(i) a##i = _mm512_dpbf16_ps(a##i, bx, by);
 #define RATE_FMA(i) a##i = _mm512_fmadd_ps(a##i, y, x);
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* Seconds for RATE_ITERS x 16 instructions, VDPBF16PS (dot) or VFMADD231PS. */
 BF16_TARGET __attribute__((noinline)) static double rate_loop_seconds(int dot) {
     __m512 x = _mm512_set1_ps(1e-3f), y = _mm512_set1_ps(0.999f), s = _mm512_setzero_ps();
     __m512bh bx = _mm512_cvtne2ps_pbh(x, x), by = _mm512_cvtne2ps_pbh(y, y);
     RATE_CHAINS(RATE_DECL)
-    double t0 = now_seconds();
+    double t0 = moe_now();
     if (dot)
         for (int i = 0; i < RATE_ITERS; i++) {
             RATE_CHAINS(RATE_DOT)
@@ -287,7 +280,7 @@ BF16_TARGET __attribute__((noinline)) static double rate_loop_seconds(int dot) {
         for (int i = 0; i < RATE_ITERS; i++) {
             RATE_CHAINS(RATE_FMA)
         }
-    double t = now_seconds() - t0;
+    double t = moe_now() - t0;
     RATE_CHAINS(RATE_SUM)
     volatile float sink = _mm512_reduce_add_ps(s); /* keeps the loops */
     (void)sink;
