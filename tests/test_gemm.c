@@ -14,7 +14,6 @@
 #include "kernels/gemm.h"
 #include "kernels/kernels.h"
 
-#include <cpuid.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -257,35 +256,32 @@ static void test_amx_bf16(void) {
     TEST_END();
 }
 
-/* The bf16 rate probe against what is known of the CPUs: AMD's AVX512_BF16
- * (Zen 4, Zen 5) issues VDPBF16PS at the FMA's rate, measured 2.0x the FMA
- * loop's GFLOP/s by bench_kernels on both; bf16 is then the faster matmul
- * and gemm_bf16_pays says so. Elsewhere the rate and the decision are printed
- * and checked for consistency only. */
+/* The bf16 default against the measured rate: it is decided from the CPUID
+ * (AMX, or AMD's AVX512_BF16), and the premise is checked here on the
+ * hardware. AMD's AVX512_BF16 (Zen 4, Zen 5) issues VDPBF16PS at the FMA's
+ * rate (measured 2.0x the FMA loop's GFLOP/s by bench_kernels on both);
+ * Intel's runs it at half (Sapphire Rapids: 240 against 470 GFLOP/s). */
 static void test_bf16_rate(void) {
     TEST_CASE("bf16 dot rate probe and the bf16 default");
     gemm_desc probe = {.bf16 = 1};
     double rate = gemm_bf16_dot_rate();
+    int amx = gemm_pick(1) == &gemm_backend_amx_bf16;
     if (!gemm_backend_avx512_bf16.supports(&probe)) {
         CHECK(rate == 0, "rate %g without AVX512_BF16", rate);
-        CHECK(!gemm_bf16_pays() || gemm_pick(1) == &gemm_backend_amx_bf16, "bf16 pays without a bf16 unit");
+        CHECK(gemm_bf16_pays() == amx, "bf16 default %d without a bf16 unit", gemm_bf16_pays());
         TEST_END();
         return;
     }
-    unsigned a, b, c, d;
-    char vendor[13] = {0};
-    if (__get_cpuid(0, &a, &b, &c, &d)) {
-        memcpy(vendor, &b, 4);
-        memcpy(vendor + 4, &d, 4);
-        memcpy(vendor + 8, &c, 4);
-    }
-    printf("  %s: VDPBF16PS / FMA instruction rate %.2f; bf16 default: %s\n", vendor, rate,
+    int amd = moe_cpu()->amd;
+    printf("  %s: VDPBF16PS / FMA instruction rate %.2f; bf16 default: %s\n", amd ? "AMD" : "not AMD", rate,
            gemm_bf16_pays() ? "yes" : "no");
     CHECK(rate > 0.2 && rate < 2.0, "rate %g outside any known CPU's", rate);
-    if (strcmp(vendor, "AuthenticAMD") == 0) CHECK(rate > 0.75, "AMD AVX512_BF16 measured at rate %g", rate);
-    int amx = gemm_pick(1) == &gemm_backend_amx_bf16;
-    CHECK(gemm_bf16_pays() == (amx || rate > 0.75) || fabs(rate - 0.75) < 0.1,
-          "decision %d against rate %g", gemm_bf16_pays(), rate);
+    CHECK(gemm_bf16_pays() == (amx || amd), "bf16 default %d (amx %d, amd %d)", gemm_bf16_pays(), amx, amd);
+    /* the vendor rule's premise, reported not asserted: a timing can flip on a
+     * busy machine (CI saw it flip the old timed default), the CPUID cannot */
+    if ((rate > 0.75) != amd)
+        printf("  note: a rate %s 0.75 on %s CPU disagrees with the vendor rule (a busy machine, or a CPU not "
+               "seen yet: see docs/performance.md)\n", amd ? "below" : "above", amd ? "an AMD" : "a non-AMD");
     TEST_END();
 }
 

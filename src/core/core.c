@@ -231,6 +231,7 @@ static unsigned long long xgetbv0(void) {
 static void detect_cpu(void) {
     unsigned a, b, c, d;
     moe_cpu_features f = {0};
+    if (__get_cpuid(0, &a, &b, &c, &d)) f.amd = b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163; /* "AuthenticAMD" */
     if (__get_cpuid_max(0, NULL) >= 7 && __get_cpuid(1, &a, &b, &c, &d)) {
         int osxsave = (c >> 27) & 1;
         unsigned long long xcr0 = osxsave ? xgetbv0() : 0;

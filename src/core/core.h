@@ -55,6 +55,7 @@ size_t moe_physical_memory(void);         /* bytes of RAM (1 TiB if unknown) */
 typedef struct {
     int avx2, fma, avx512f, avx512bw, avx512vl, avx512_bf16, avx512_vnni;
     int amx_tile, amx_bf16, amx_int8;
+    int amd; /* vendor AuthenticAMD: its AVX512_BF16 (Zen 4, Zen 5) runs VDPBF16PS at the FMA's rate */
 } moe_cpu_features;
 const moe_cpu_features *moe_cpu(void);    /* detected once, cached */
 /* core/amx.c: 1 when this process may use the AMX tiles (the CPU has them

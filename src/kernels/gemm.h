@@ -56,8 +56,9 @@ int gemm_available(const gemm_backend **out, int max, int bf16);
  * this CPU, timed once per call (about 1 at full rate, 0.5 at half rate); 0
  * without AVX512_BF16. */
 double gemm_bf16_dot_rate(void);
-/* 1 when bf16-input matmuls beat fp32 ones on this CPU: AMX tiles, or
- * VDPBF16PS at the FMA's instruction rate (decided once, then cached). */
+/* 1 when bf16-input matmuls beat fp32 ones on this CPU: AMX tiles, or AMD's
+ * AVX512_BF16 (VDPBF16PS at the FMA's instruction rate; Intel's without AMX
+ * runs it at half). Decided from the CPUID, the same in every process. */
 int gemm_bf16_pays(void);
 
 /* Runs g with backend b: the trivial shapes (M or Nc empty; K = 0: only the

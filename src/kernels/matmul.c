@@ -95,10 +95,13 @@ const char *matmul_backend_name(matmul_precision prec) {
 static int bf16_pays;
 static pthread_once_t pays_once = PTHREAD_ONCE_INIT;
 
+/* From the CPU's identity, not from timing: a timed probe can flip on a busy
+ * machine, and then two runs of one command train in different precisions
+ * (a resumed run no longer matching a straight one). The rate probe
+ * (gemm_bf16_dot_rate) checks the identity's premise in test_gemm. */
 static void decide_bf16(void) {
     const gemm_backend *b = gemm_pick(1);
-    /* 0.75: halfway between half rate (0.5) and full rate (1.0) */
-    bf16_pays = b == &gemm_backend_amx_bf16 || (b == &gemm_backend_avx512_bf16 && gemm_bf16_dot_rate() > 0.75);
+    bf16_pays = b == &gemm_backend_amx_bf16 || (b == &gemm_backend_avx512_bf16 && moe_cpu()->amd);
 }
 
 int gemm_bf16_pays(void) {

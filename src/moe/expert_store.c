@@ -244,8 +244,10 @@ static char *slice_at(const expert_store *s, int slot, int l, int k) {
     return s->slots + (size_t)slot * s->slot_bytes + at;
 }
 
-/* Reads unit (l, e) into slot (lock not held); 0 or -1 with s->err set. */
-static int load_unit(expert_store *s, int slot, int l, int e) {
+/* Reads unit (l, e) into slot (lock not held); 0 or -1 with s->err set.
+ * On success *counted (if given) grows with bytes_read, under one lock, so
+ * stats read while a read ahead is in flight stay consistent. */
+static int load_unit(expert_store *s, int slot, int l, int e, int64_t *counted) {
     const expert_store_layer *L = &s->layers[l];
     const double t0 = moe_now();
     int rc = 0;
@@ -273,7 +275,10 @@ static int load_unit(expert_store *s, int slot, int l, int e) {
     const double dt = moe_now() - t0;
     pthread_mutex_lock(&s->mu);
     s->st.read_s += dt;
-    if (!rc) s->st.bytes_read += (int64_t)total;
+    if (!rc) {
+        s->st.bytes_read += (int64_t)total;
+        if (counted) ++*counted;
+    }
     pthread_mutex_unlock(&s->mu);
     return rc;
 }
@@ -310,7 +315,7 @@ int expert_store_acquire(expert_store *s, int layer, int e, int counts, const vo
             t->pins = 1;
             s->st.misses++;
             pthread_mutex_unlock(&s->mu);
-            const int rc = load_unit(s, victim, layer, e);
+            const int rc = load_unit(s, victim, layer, e, NULL);
             pthread_mutex_lock(&s->mu);
             t->loading = 0;
             if (rc) { t->unit = -1; t->pins = 0; s->unit_slot[u] = -1; }
@@ -362,7 +367,7 @@ moe_status expert_store_warm(expert_store *s, const int64_t *count) {
         t->loading = 1; /* the prefetch thread may be choosing victims meanwhile */
         s->unit_slot[best] = free_slot;
         pthread_mutex_unlock(&s->mu);
-        const int rc = load_unit(s, free_slot, best / s->E, best % s->E);
+        const int rc = load_unit(s, free_slot, best / s->E, best % s->E, NULL);
         pthread_mutex_lock(&s->mu);
         t->loading = 0;
         if (rc) { t->unit = -1; s->unit_slot[best] = -1; }
@@ -387,9 +392,8 @@ static void *prefetch_main(void *arg) {
         slot_state *t = &s->slot[victim];
         claim_slot(s, victim, u, 1);
         s->pf_gen[u] = s->pf_req;
-        s->st.prefetched++;
         pthread_mutex_unlock(&s->mu);
-        const int rc = load_unit(s, victim, u / s->E, u % s->E);
+        const int rc = load_unit(s, victim, u / s->E, u % s->E, &s->st.prefetched);
         pthread_mutex_lock(&s->mu);
         t->loading = 0;
         if (rc) { t->unit = -1; s->unit_slot[u] = -1; s->pf_gen[u] = -1; }
