@@ -140,6 +140,72 @@ QK_INLINE void q8_0_like_body(float *out, size_t ldo, const uint8_t *w, size_t w
 TILE_FN(q8_0_tile, Q8_0_BODY, 2)
 TILE_FN(q4_0_tile, Q4_0_BODY, 2)
 
+/* Decode (one activation row): two weight rows per 512-bit register, row
+ * 2p in the low 256 bits and 2p + 1 in the high ones, so each lane does
+ * what q8_0_like_body's lane does (one fused add per block, hsum8 at the
+ * end) at half the instructions. The integer lane is formed without the
+ * sign trick, which AVX-512 lacks for bytes: with u = w + 128 (Q8_0: w xor
+ * 0x80; Q4_0: the nibble itself, w + 8), sum(u a) - 128 sum(a) (or 8 sum(a))
+ * is the same exact sum whenever a != -128. The converter gives a in
+ * [-127, 127] for every finite input; only a NaN or infinite input gives
+ * -128, and the row's output is then garbage either way. sum(a) per lane
+ * comes once per activation block for all rows. */
+QK_INLINE void q8_0_like_pairs(float *out, const uint8_t *w, size_t wrow, const uint8_t *a, int64_t C,
+                               const int PAIRS, const int four_bit) {
+    __m512 acc[4];
+    for (int p = 0; p < PAIRS; p++) acc[p] = _mm512_setzero_ps();
+    const size_t wb = four_bit ? Q4_0_BYTES : Q8_0_BYTES;
+    const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < C / QB; b++) {
+        const uint8_t *pa = a + (size_t)b * Q8_0_BYTES;
+        const float ad = h2f(pa);
+        const __m512i a2 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(pa + 2)));
+        const __m512i asum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, a2);
+        const __m512i init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(asum, four_bit ? 3 : 7));
+        for (int p = 0; p < PAIRS; p++) {
+            const uint8_t *p0 = w + (size_t)(2 * p) * wrow + (size_t)b * wb, *p1 = p0 + wrow;
+            prefetch_ahead(p0, 1);
+            prefetch_ahead(p1, 1);
+            __m512i u;
+            if (four_bit) {
+                const __m256i m15 = _mm256_set1_epi8(15);
+                __m128i t0 = _mm_loadu_si128((const __m128i *)(p0 + 2)), t1 = _mm_loadu_si128((const __m128i *)(p1 + 2));
+                __m256i n0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t0, 4), t0), m15);
+                __m256i n1 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t1, 4), t1), m15);
+                u = _mm512_inserti64x4(_mm512_castsi256_si512(n0), n1, 1);
+            } else {
+                u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
+                                       _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
+                u = _mm512_xor_si512(u, flip);
+            }
+            const __m512i lanes = _mm512_dpbusd_epi32(init, u, a2);
+            const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(h2f(p0) * ad), _mm256_set1_ps(h2f(p1) * ad), 1);
+            acc[p] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(lanes), acc[p]);
+        }
+    }
+    for (int p = 0; p < PAIRS; p++) {
+        out[2 * p] = hsum8(_mm512_castps512_ps256(acc[p]));
+        out[2 * p + 1] = hsum8(_mm512_extractf32x8_ps(acc[p], 1));
+    }
+}
+/* the tile: pairs for one activation row (4 pairs at a time, then single
+ * pairs, an odd last row by the general tile), the general tile otherwise */
+#define PAIRS_TILE_FN(NAME, GENERAL, FOUR_BIT)                                                     \
+    static QK_TARGET void NAME(float *out, size_t ldo, const void *w, size_t wrow, int nw,         \
+                               const void *a, size_t arow, int na, int64_t C) {                    \
+        if (na != 1) {                                                                             \
+            GENERAL(out, ldo, w, wrow, nw, a, arow, na, C);                                        \
+            return;                                                                                \
+        }                                                                                          \
+        const uint8_t *wb = w;                                                                     \
+        int o = 0;                                                                                 \
+        for (; o + 8 <= nw; o += 8) q8_0_like_pairs(out + o, wb + (size_t)o * wrow, wrow, a, C, 4, FOUR_BIT); \
+        for (; o + 2 <= nw; o += 2) q8_0_like_pairs(out + o, wb + (size_t)o * wrow, wrow, a, C, 1, FOUR_BIT); \
+        if (o < nw) GENERAL(out + o, ldo, wb + (size_t)o * wrow, wrow, nw - o, a, arow, 1, C);     \
+    }
+PAIRS_TILE_FN(q8_0_decode_tile, q8_0_tile, 0)
+PAIRS_TILE_FN(q4_0_decode_tile, q4_0_tile, 1)
+
 /* ---- Q4_K, Q5_K, Q6_K against Q8_K --------------------------------------------
  * 64 elements per 512-bit step: unsigned weight quants times activation
  * bytes (VPMADDUBSW: no saturation here, |pair| <= 2 * 63 * 128), times the
@@ -442,8 +508,8 @@ int qk_avx512_supported(void) {
 
 qmm_tile_fn qk_avx512_tile(int wtype) {
     switch (wtype) {
-    case DT_Q8_0: return q8_0_tile;
-    case DT_Q4_0: return q4_0_tile;
+    case DT_Q8_0: return q8_0_decode_tile;
+    case DT_Q4_0: return q4_0_decode_tile;
     case DT_Q4_K: return q4_K_tile;
     case DT_Q5_K: return q5_K_tile;
     case DT_Q6_K: return q6_K_tile;
