@@ -209,14 +209,11 @@ PAIRS_TILE_FN(q4_0_decode_tile, q4_0_tile, 1)
 /* ---- Q4_K, Q5_K, Q6_K against Q8_K --------------------------------------------
  * 64 elements per 512-bit step: unsigned weight quants times activation
  * bytes (VPMADDUBSW: no saturation here, |pair| <= 2 * 63 * 128), times the
- * sub-block scale as int16 (VPMADDWD), into 16 int32 lanes; lane m covers
- * elements 4m .. 4m+3 of the 64, so lanes m and m + 8 both belong to the
- * portable lane m: folding the halves gives exactly its 8 integer lanes. */
+ * sub-block scale as int16 (VPMADDWD), into 16 int32 lanes; lane m of each
+ * 256-bit half covers elements 4m .. 4m+3 of a 32-element sub-block, so
+ * lanes m and m + 8 both belong to the portable lane m: folding the halves
+ * gives exactly its 8 integer lanes, whichever sub-blocks a step pairs. */
 
-/* scale vector for a 64-element step of two 32-element sub-blocks */
-QK_INLINE __m512i scale_pair(int s0, int s1) {
-    return _mm512_mask_blend_epi16(0xffff0000u, _mm512_set1_epi16((short)s0), _mm512_set1_epi16((short)s1));
-}
 QK_INLINE __m256i fold16(__m512i v) {
     return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
 }
@@ -234,35 +231,63 @@ typedef struct {
     float d, dmin;
 } kblock;
 
+/* dtype_k_scales on 32-bit words: the 12 scale bytes as u0 u1 u2, scales 0-3
+ * = u0 & 63 per byte, mins 0-3 = u1 & 63, scales 4-7 = low nibbles of u2 with
+ * u0's top two bits above, mins 4-7 = high nibbles of u2 with u1's */
+QK_INLINE void k_scales_words(const uint8_t *s, uint64_t *sc, uint64_t *mn) {
+    uint32_t u0, u1, u2;
+    memcpy(&u0, s, 4);
+    memcpy(&u1, s + 4, 4);
+    memcpy(&u2, s + 8, 4);
+    const uint32_t m6 = 0x3f3f3f3fu, m4 = 0x0f0f0f0fu, top = 0x30303030u;
+    *sc = (uint64_t)(u0 & m6) | (uint64_t)((u2 & m4) | ((u0 >> 2) & top)) << 32;
+    *mn = (uint64_t)(u1 & m6) | (uint64_t)(((u2 >> 4) & m4) | ((u1 >> 2) & top)) << 32;
+}
+
+/* Register r of the super-block holds two 32-element sub-blocks, one per
+ * 256-bit half: (0, 2), (1, 3), (4, 6), (5, 7), so that one 512-bit load of
+ * the quants gives two registers (low nibbles, high nibbles). Lane m of
+ * each half still covers elements 4m .. 4m+3 of its sub-block, which is
+ * all fold16 needs. The activations are loaded in the same pairs (k_acts). */
+static const uint8_t k_pair[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+
 QK_INLINE void unpack_k_affine(kblock *k, const uint8_t *p, int five_bits) {
-    uint8_t sc[8], mn[8];
-    dtype_k_scales(p + 4, sc, mn);
+    uint64_t scw, mnw;
+    k_scales_words(p + 4, &scw, &mnw);
     k->d = h2f(p);
     k->dmin = h2f(p + 2);
-    k->mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn));
+    k->mins = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mnw));
+    const __m512i sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)scw)));
+    const __mmask32 high = 0xffff0000u;
     const uint8_t *qs = p + (five_bits ? 48 : 16);
-    __m256i hb = five_bits ? _mm256_loadu_si256((const __m256i *)(p + 16)) : _mm256_setzero_si256();
-    const __m256i m15 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
-    for (int c = 0; c < 4; c++) {
-        __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-        __m256i lo = _mm256_and_si256(raw, m15), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m15);
-        if (five_bits) {
-            __m256i b0 = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * c)), one);
-            __m256i b1 = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * c + 1)), one);
-            lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
-            hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
+    const __m512i m15 = _mm512_set1_epi8(15), one = _mm512_set1_epi8(1);
+    const __m512i hb = five_bits ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(p + 16)))
+                                 : _mm512_setzero_si512();
+    for (int h = 0; h < 2; h++) {
+        const __m512i raw = _mm512_loadu_si512((const void *)(qs + 64 * h));
+        __m512i q[2] = {_mm512_and_si512(raw, m15), _mm512_and_si512(_mm512_srli_epi16(raw, 4), m15)};
+        for (int r = 0; r < 2; r++) {
+            /* each int16 lane: the number of its half's sub-block */
+            const __m512i sub = _mm512_mask_blend_epi16(high, _mm512_set1_epi16((short)k_pair[2 * h + r][0]),
+                                                        _mm512_set1_epi16((short)k_pair[2 * h + r][1]));
+            if (five_bits) /* bit s of qh[l] tops element l of sub-block s */
+                q[r] = _mm512_or_si512(q[r], _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, sub), one), 4));
+            k->q[2 * h + r] = q[r];
+            k->sc[2 * h + r] = _mm512_permutexvar_epi16(sub, sc16);
         }
-        k->q[c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        k->sc[c] = scale_pair(sc[2 * c], sc[2 * c + 1]);
     }
 }
 
-QK_INLINE __m256i k_lanes(const kblock *k, const int8_t *qa) {
+/* one activation row's super-block in k_pair's sub-block order */
+QK_INLINE void k_acts(__m512i av[4], const int8_t *qa) {
+    for (int r = 0; r < 4; r++)
+        av[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(qa + 32 * k_pair[r][0]))),
+                                   _mm256_loadu_si256((const __m256i *)(qa + 32 * k_pair[r][1])), 1);
+}
+
+QK_INLINE __m256i k_lanes(const kblock *k, const __m512i av[4]) {
     __m512i s = _mm512_setzero_si512();
-    for (int c = 0; c < 4; c++) {
-        __m512i av = _mm512_loadu_si512((const void *)(qa + 64 * c));
-        s = _mm512_add_epi32(s, _mm512_madd_epi16(_mm512_maddubs_epi16(k->q[c], av), k->sc[c]));
-    }
+    for (int r = 0; r < 4; r++) s = _mm512_add_epi32(s, _mm512_madd_epi16(_mm512_maddubs_epi16(k->q[r], av[r]), k->sc[r]));
     return fold16(s);
 }
 
@@ -286,8 +311,10 @@ QK_INLINE void k_affine_body(float *out, size_t ldo, const uint8_t *w, size_t wr
             const dtype_q8_K_block *y =
                 (const dtype_q8_K_block *)(a + (size_t)j * arow) + b;
             __m128i pairs = bsum_pairs(y);
+            __m512i av[4];
+            k_acts(av, y->qs);
             FOR_W {
-                __m256i lanes = k_lanes(&k[i], y->qs);
+                __m256i lanes = k_lanes(&k[i], av);
                 __m128i mp = _mm_madd_epi16(k[i].mins, pairs);
                 float d = y->d * k[i].d, dmin = -y->d * k[i].dmin;
                 acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc[i][j]);
