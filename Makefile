@@ -54,6 +54,11 @@ $(BUILD)/%.o: %.c $(HEADERS) Makefile
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
+# the quantised tiles index small arrays of vectors by compile-time loop
+# counters; -O2 keeps those loops and the arrays on the stack, -O3 unrolls
+# them into registers (same operations, so the same bits)
+$(BUILD)/src/kernels/quant_avx512.o: CFLAGS += -O3
+
 $(BUILD)/libmoe.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
