@@ -39,15 +39,19 @@ MOE_API const char *moe_last_error(void);         /* message of last failure */
 /* The kernels quantised matmuls use on this CPU now: "amx-int8+avx512-vnni"
  * (Q8_0 matmuls of 16 rows or more on AMX-INT8; MOE_AMX=0 turns that off),
  * "avx512-vnni" or "portable" (MOE_KERNELS=portable or MOE_REFERENCE=1
- * force the latter). */
+ * force the latter). Q8_0 matmuls of 16 rows or more (prefill) sum each block
+ * exactly and then in fp32, on AMX or VNNI alike, which differs from
+ * llama.cpp's lane order in the last bits; MOE_Q8_0_PREFILL=vec_dot keeps
+ * llama.cpp's order at every N. */
 MOE_API const char *moe_cpu_kernels(void);
 /* The GEMM backend model matmuls run on for fp32 (bf16 = 0) or bf16-input
  * (bf16 = 1) matmuls: "avx512", "avx512_bf16" or "reference" (no fast unit on
  * this CPU, or MOE_REFERENCE=1); chosen once from the detected CPU. */
 MOE_API const char *moe_matmul_backend(int bf16);
 /* 1 when bf16-input matmuls are faster than fp32 ones on this CPU: AMX tiles, or
- * AVX512_BF16 whose VDPBF16PS issues at the FMA's rate (timed once, about
- * 0.2 ms); 0 otherwise and with MOE_REFERENCE=1. */
+ * AVX512_BF16 on an AMD CPU, whose VDPBF16PS issues at the FMA's rate (read
+ * from CPUID, not timed, so every process of a run agrees); 0 otherwise and
+ * with MOE_REFERENCE=1. */
 MOE_API int moe_bf16_matmul_pays(void);
 
 /* ---- configuration ------------------------------------------------------ */

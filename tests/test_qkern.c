@@ -88,10 +88,15 @@ static int fast_ok(void) {
 #define SKIP_REASON (qk_avx512_supported() ? "MOE_KERNELS=portable in the environment" \
                                            : "no AVX-512 (F/BW/VL/VNNI/BF16)")
 
+/* qmatmul takes a blocked Q8_0 prefill path (MOE_Q8_0_PREFILL=vec_dot says no) */
+static int blocked_ok(void) {
+    const char *q = getenv("MOE_Q8_0_PREFILL");
+    return fast_ok() && !(q && strcmp(q, "vec_dot") == 0);
+}
 /* the AMX-INT8 path can run here (the CPU has it, the tiles were granted) */
 static int amx_ok(void) {
     const char *a = getenv("MOE_AMX");
-    return fast_ok() && qk_amx_q8_0_supported() && !(a && strcmp(a, "0") == 0);
+    return blocked_ok() && qk_amx_q8_0_supported() && !(a && strcmp(a, "0") == 0);
 }
 
 static int same_bits(const float *a, const float *b, size_t n) { return !memcmp(a, b, n * sizeof(float)); }
@@ -102,7 +107,7 @@ static void test_tiles(void) {
     const int Ns[] = {1, 2, 3, 4, 5, 8, 15, 16, 17}, OCs[] = {1, 3, 17, 33};
     moe_rng r;
     moe_rng_seed(&r, 77);
-    qmatmul_allow_amx(0); /* the exact path at every N; the AMX path is tested on its own */
+    qmatmul_allow_blocked(0); /* the exact path at every N; the AMX path is tested on its own */
     for (int ti = 0; ti < N_TYPES; ti++) {
         int type = types[ti];
         const dtype_traits *t = dtype_traits_of(type), *at = dtype_traits_of(t->dot_type);
@@ -162,7 +167,7 @@ static void test_tiles(void) {
         CHECK(bad_alone == 0, "%d rows differ from the row computed alone", bad_alone);
         TEST_END();
     }
-    qmatmul_allow_amx(1);
+    qmatmul_allow_blocked(1);
 }
 
 /* AMX-INT8 Q8_0: = its plain-C twin (qmatmul_q8_0_blocked_ref) bit for bit
@@ -170,10 +175,11 @@ static void test_tiles(void) {
  * kernel itself below; within the fp32 rounding bound of the exact product
  * of the dequantised operands (qmatmul_forward_ref, in double); and the same
  * bits on 1 and 2 threads. */
-static void test_amx(void) {
-    TEST_CASE("amx-int8 q8_0: = blocked twin bit for bit (N 0..64, ragged OC), error bound, threads");
-    if (!amx_ok()) {
-        TEST_SKIP("no AMX");
+typedef void (*blocked_fn)(float *, size_t, const void *, size_t, int, const void *, int, int64_t);
+static void test_blocked(const char *name, blocked_fn kernel, int available, const char *why_not, int picked) {
+    TEST_CASE(name);
+    if (!available) {
+        TEST_SKIP("%s", why_not);
         return;
     }
     enum { AN = 64, AOC = 70, AC = 1056 };
@@ -194,25 +200,24 @@ static void test_amx(void) {
             fill_weights(DT_Q8_0, w, OC, C, (ci + ni) % 3, &r);
             for (int n = 0; n < N; n++) fill_act(in + (size_t)n * C, C, (ni + n) % 3, &r);
             void *ws = moe_malloc(qmatmul_workspace(DT_Q8_0, N, C) + 1);
-            if (N >= QMM_AMX_MIN_ROWS) {
+            if (N >= QMM_AMX_MIN_ROWS && picked) {
                 omp_set_num_threads(1);
                 qmatmul_forward(got, in, w, DT_Q8_0, N, C, OC, ws);
                 omp_set_num_threads(2);
                 qmatmul_forward(two, in, w, DT_Q8_0, N, C, OC, ws);
                 omp_set_num_threads(saved);
                 if (!same_bits(got, two, (size_t)N * OC)) bad_thr++;
-            } else { /* below the threshold qmatmul keeps vec_dot: call the kernel */
+            } else { /* below the threshold qmatmul keeps vec_dot (or picks the other kernel): call it */
                 for (int n = 0; n < N; n++) qk_amx_q8_0_pack(ws, in + (size_t)n * C, n, N, C);
                 for (int o = 0; o < OC; o += 16)
-                    qk_amx_q8_0_tile(got + o, (size_t)OC, w + (size_t)o * rb, rb,
-                                     OC - o < 16 ? OC - o : 16, ws, N, C);
+                    kernel(got + o, (size_t)OC, w + (size_t)o * rb, rb, OC - o < 16 ? OC - o : 16, ws, N, C);
             }
             qmatmul_q8_0_blocked_ref(twin, in, w, N, C, OC);
             qmatmul_forward_ref(ref, in, w, DT_Q8_0, N, C, OC);
             if (!same_bits(got, twin, (size_t)N * OC) && bad_twin++ < 3)
                 for (int i = 0; i < N * OC; i++)
                     if (memcmp(&got[i], &twin[i], 4)) {
-                        printf("  C %d N %d OC %d [%d][%d]: amx %.9g twin %.9g\n", C, N, OC, i / OC,
+                        printf("  C %d N %d OC %d [%d][%d]: kernel %.9g twin %.9g\n", C, N, OC, i / OC,
                                i % OC, got[i], twin[i]);
                         break;
                     }
@@ -235,7 +240,7 @@ static void test_amx(void) {
             moe_free(ws);
             shapes++;
         }
-    CHECK(bad_twin == 0, "%d of %d shapes: amx != blocked twin", bad_twin, shapes);
+    CHECK(bad_twin == 0, "%d of %d shapes: kernel != blocked twin", bad_twin, shapes);
     CHECK(bad_bound == 0, "%d outputs outside the rounding bound of the exact product", bad_bound);
     CHECK(bad_thr == 0, "%d shapes differ between 1 and 2 threads", bad_thr);
     TEST_END();
@@ -421,7 +426,7 @@ static void test_moe_batch(void) {
     const int saved = omp_get_max_threads();
     for (int pass = 0; pass < 2; pass++) {
         const int prefill = pass == 0, *counts = prefill ? prefill_counts : decode_counts;
-        if (prefill && !amx_ok()) { printf("  prefill case skipped: no AMX\n"); continue; }
+        if (prefill && !blocked_ok()) { printf("  prefill case skipped: MOE_Q8_0_PREFILL=vec_dot\n"); continue; }
         int rows = 0;
         for (int e = 0; e < E; e++) rows += counts[e];
         const int N = prefill ? rows : 4; /* the layer's tokens (k = 1: one row each when prefill) */
@@ -441,7 +446,7 @@ static void test_moe_batch(void) {
         for (int i = 0; i < rows; i++) fill_act(c.xe + (size_t)i * D, D, i % 5 == 4 ? 1 : 0, &rng);
         /* the expected rows, expert by expert */
         void *ws = moe_malloc(qmatmul_workspace(DT_Q8_0, R, D));
-        qmatmul_allow_amx(0); /* decode's expectation: vec_dot */
+        qmatmul_allow_blocked(0); /* decode's expectation: vec_dot */
         for (int e = 0; e < E; e++) {
             const int n = counts[e], off = c.r.offsets[e];
             if (!n) continue;
@@ -459,7 +464,7 @@ static void test_moe_batch(void) {
             if (prefill) qmatmul_q8_0_blocked_ref(want + (size_t)off * D, act, dn, n, F, D);
             else qmatmul_forward(want + (size_t)off * D, act, dn, DT_Q8_0, n, F, D, ws);
         }
-        qmatmul_allow_amx(1);
+        qmatmul_allow_blocked(1);
         for (int th = 1; th <= 2; th++) {
             omp_set_num_threads(th);
             memset(c.ye, 0xff, sizeof(float) * (size_t)rows * D);
@@ -485,7 +490,11 @@ int main(void) {
     test_quantize();
     test_tiles();
     test_threads();
-    test_amx();
+    /* qmatmul picks AMX where it runs, else the VNNI form: the other is called directly */
+    test_blocked("amx-int8 q8_0: = blocked twin bit for bit (N 0..64, ragged OC), error bound, threads",
+                 qk_amx_q8_0_tile, amx_ok(), "no AMX", amx_ok());
+    test_blocked("avx512-vnni blocked q8_0: = blocked twin bit for bit (N 0..64, ragged OC), error bound, threads",
+                 qk_avx512_q8_0_blocked_tile, fast_ok(), SKIP_REASON, blocked_ok() && !amx_ok());
     test_moe_batch();
     test_llama();
     TEST_MAIN_END();

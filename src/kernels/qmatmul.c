@@ -37,19 +37,29 @@ size_t qmatmul_workspace(int wtype, int N, int C) {
  * from any thread of a team); MOE_REFERENCE and moe_set_reference_kernels
  * are asked on every call, through moe_use_fast_kernels. */
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
-static int env_portable, env_no_amx;
-static _Atomic int amx_allowed = 1;
+static int env_portable, env_no_amx, env_no_blocked;
+static _Atomic int blocked_allowed = 1;
 static void read_env(void) {
     const char *e = getenv("MOE_KERNELS"), *a = getenv("MOE_AMX");
     env_portable = e && strcmp(e, "portable") == 0;
     env_no_amx = a && strcmp(a, "0") == 0;
+    const char *q = getenv("MOE_Q8_0_PREFILL"); /* "vec_dot": llama.cpp's order at every N */
+    env_no_blocked = q && strcmp(q, "vec_dot") == 0;
 }
 static int use_avx512(void) {
     pthread_once(&env_once, read_env);
     return !env_portable && moe_use_fast_kernels() && qk_avx512_supported();
 }
-void qmatmul_allow_amx(int on) { amx_allowed = on != 0; }
-static int use_amx(void) { return use_avx512() && !env_no_amx && amx_allowed && qk_amx_q8_0_supported(); }
+void qmatmul_allow_blocked(int on) { blocked_allowed = on != 0; }
+static int use_blocked(void) { return use_avx512() && !env_no_blocked && blocked_allowed; }
+static int use_amx(void) { return use_blocked() && !env_no_amx && qk_amx_q8_0_supported(); }
+/* the blocked Q8_0 prefill kernel of this CPU: AMX tiles, else VNNI; NULL
+ * when vec_dot must serve every N */
+typedef void (*blocked_tile_fn)(float *, size_t, const void *, size_t, int, const void *, int, int64_t);
+static blocked_tile_fn blocked_tile(void) {
+    if (use_amx()) return qk_amx_q8_0_tile;
+    return use_blocked() ? qk_avx512_q8_0_blocked_tile : NULL;
+}
 const char *qmatmul_kernels(void) {
     return use_amx() ? "amx-int8+avx512-vnni" : use_avx512() ? "avx512-vnni" : "portable";
 }
@@ -107,7 +117,9 @@ void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype
     const char *wb = w;
     double work = (double)N * C * OC;
     int tasks = (OC + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    if (wtype == DT_Q8_0 && batch >= QMM_AMX_MIN_ROWS && C / 32 <= QMM_AMX_MAX_BLOCKS && use_amx()) {
+    blocked_tile_fn blocked = wtype == DT_Q8_0 && batch >= QMM_AMX_MIN_ROWS && C / 32 <= QMM_AMX_MAX_BLOCKS
+                                  ? blocked_tile() : NULL;
+    if (blocked) {
         /* activations straight into the tile layout, then 16 weight rows per task */
 #pragma omp parallel if (work >= PAR_MIN_WORK)
         {
@@ -116,7 +128,7 @@ void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype
 #pragma omp for schedule(static)
             for (int k = 0; k < tasks; k++) {
                 int o = k * ROWS_PER_TASK, nw = OC - o < ROWS_PER_TASK ? OC - o : ROWS_PER_TASK;
-                qk_amx_q8_0_tile(out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, N, C);
+                blocked(out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, N, C);
             }
         }
         return;

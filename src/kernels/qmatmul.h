@@ -15,11 +15,13 @@
  * depend on the thread count, on N, or on the path.
  *
  * One exception, for prefill speed: Q8_0 weights with N >= QMM_AMX_MIN_ROWS
- * on a CPU with AMX-INT8 (kernels/quant_amx.c) sum each output as
- * qmatmul_q8_0_blocked_ref does (exact int32 per block, one fp32 fma per
- * block), which differs from vec_dot in the last bits. Decode (N = 1) and
- * every other type keep vec_dot. Still independent of the thread count and
- * of which rows share a tile; MOE_AMX=0 or qmatmul_allow_amx(0) turn it off.
+ * on a CPU with AMX-INT8 (kernels/quant_amx.c) or else AVX-512 VNNI
+ * (qk_avx512_q8_0_blocked_tile) sum each output as qmatmul_q8_0_blocked_ref
+ * does (exact int32 per block, one fp32 fma per block), which differs from
+ * vec_dot in the last bits; both units give the same bits. Decode (N = 1)
+ * and every other type keep vec_dot. Still independent of the thread count
+ * and of which rows share a tile; MOE_AMX=0 leaves the VNNI form,
+ * MOE_Q8_0_PREFILL=vec_dot or qmatmul_allow_blocked(0) turn both off.
  * ws is qmatmul_workspace(wtype, N, C) bytes, planned by the caller (NULL
  * when that is 0); the kernel allocates nothing. */
 #ifndef MOE_QMATMUL_H
@@ -66,10 +68,16 @@ int qk_amx_q8_0_supported(void);
 void qk_amx_q8_0_pack(void *dst, const float *in, int n, int N, int64_t C);
 void qk_amx_q8_0_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
                       const void *pack, int N, int64_t C);
-/* 0 keeps every matmul on vec_dot (exactness tests); default 1. */
-void qmatmul_allow_amx(int on);
+/* kernels/quant_avx512.c: the same as qk_amx_q8_0_tile, bit for bit, on
+ * the same pack, in AVX-512 VNNI: the blocked prefill path of CPUs without
+ * AMX (needs qk_avx512_supported()). */
+void qk_avx512_q8_0_blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                                 const void *pack, int N, int64_t C);
+/* 0 keeps every matmul on vec_dot (exactness tests): no blocked prefill
+ * path, AMX or VNNI; default 1. */
+void qmatmul_allow_blocked(int on);
 
-/* The AMX twin for Q8_0 weights, plain C: activations by the portable
+/* The blocked paths' twin for Q8_0 weights, plain C: activations by the portable
  * quantize_act; per output acc = 0, then for each block in order
  * acc = fmaf((float)exact_int32_dot, d_w * d_a, acc). */
 void qmatmul_q8_0_blocked_ref(float *out, const float *in, const void *w, int N, int C, int OC);

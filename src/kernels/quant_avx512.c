@@ -233,6 +233,81 @@ QK_INLINE void q8_0_like_pairs(float *out, size_t ldo, const uint8_t *w, size_t 
 PAIRS_TILE_FN(q8_0_pairs_tile, q8_0_tile, 0)
 PAIRS_TILE_FN(q4_0_pairs_tile, q4_0_tile, 1)
 
+/* ---- Q8_0 prefill without AMX ---------------------------------------------------
+ * qmatmul_q8_0_blocked_ref's arithmetic, as the AMX tile computes it (exact
+ * int32 dot per block, then acc = fma(float(dot), d_w * d_a, acc)), on the
+ * AMX path's packed activations (qk_amx_q8_0_pack: per token group and
+ * block, row k holds bytes 4k .. 4k+3 of every token), so both paths give
+ * the same bits. One 512-bit register holds 4 bytes of 16 tokens; VPDPBUSD
+ * multiplies them, made unsigned (a + 128 = a xor 0x80, exact for every a),
+ * by 4 weight bytes broadcast from the row, and the 128 sum(w) this adds is
+ * taken out first. An accumulator holds one weight row's 16 tokens, so a
+ * block's float work is one conversion and one fused add per 16 outputs
+ * instead of per 8-lane output as in the vec_dot order. */
+QK_INLINE void blocked_rows(float *out, size_t ldo, const uint8_t *w, size_t wrow, const uint8_t *grp,
+                            const uint8_t *scales, int64_t nb, int m, const int R) {
+    const __mmask64 qmask = m == 16 ? ~0ull : (1ull << (4 * m)) - 1;
+    const __mmask16 tmask = (__mmask16)((1u << m) - 1);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m512 acc[8];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *q = grp + (size_t)b * QB * m;
+        __m512i au[8];
+        for (int k = 0; k < 8; k++) au[k] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(qmask, q + (size_t)k * 4 * m), flip);
+        const __m512 da = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tmask, scales + 2 * (size_t)b * m));
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = w + (size_t)r * wrow + (size_t)b * Q8_0_BYTES;
+            prefetch_ahead(p, 1);
+            /* sum(w) of the block in every lane, times -128 */
+            const __m256i s8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, _mm256_loadu_si256((const __m256i *)(p + 2)));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            __m512i dot = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_broadcastd_epi32(s4), 7));
+            for (int k = 0; k < 8; k++) {
+                int32_t wk;
+                memcpy(&wk, p + 2 + 4 * k, 4);
+                dot = _mm512_dpbusd_epi32(dot, au[k], _mm512_set1_epi32(wk));
+            }
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(h2f(p)), da), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float v[16];
+        _mm512_storeu_ps(v, acc[r]);
+        for (int t = 0; t < m; t++) out[(size_t)t * ldo + r] = v[t];
+    }
+}
+
+QK_TARGET void qk_avx512_q8_0_blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                                           const void *pack, int N, int64_t C) {
+    const int64_t nb = C / QB;
+    const uint8_t *wb = w;
+    for (int g = 0; 16 * g < N; g++) {
+        const int m = N - 16 * g < 16 ? N - 16 * g : 16;
+        const uint8_t *grp = (const uint8_t *)pack + (size_t)16 * g * nb * Q8_0_BYTES;
+        const uint8_t *scales = grp + (size_t)nb * QB * m;
+        float *o_ = out + (size_t)16 * g * ldo;
+        for (int o = 0; o < nw;) {
+            const int R = nw - o < 8 ? nw - o : 8;
+            const uint8_t *w_ = wb + (size_t)o * wrow;
+            switch (R) {
+            case 8: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 8); break;
+            case 7: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 7); break;
+            case 6: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 6); break;
+            case 5: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 5); break;
+            case 4: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 4); break;
+            case 3: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 3); break;
+            case 2: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 2); break;
+            default: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 1); break;
+            }
+            o += R;
+        }
+    }
+}
+
 /* ---- Q4_K, Q5_K, Q6_K against Q8_K --------------------------------------------
  * 64 elements per 512-bit step: unsigned weight quants times activation
  * bytes (VPMADDUBSW: no saturation here, |pair| <= 2 * 63 * 128), times the
@@ -581,4 +656,6 @@ qmm_quant_fn qk_avx512_quantize(int dot_type) {
 int qk_avx512_supported(void) { return 0; }
 qmm_tile_fn qk_avx512_tile(int wtype) { return NULL; }
 qmm_quant_fn qk_avx512_quantize(int dot_type) { return NULL; }
+void qk_avx512_q8_0_blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                                 const void *pack, int N, int64_t C) {}
 #endif
