@@ -57,7 +57,7 @@ $(BUILD)/%.o: %.c $(HEADERS) Makefile
 # the quantised tiles index small arrays of vectors by compile-time loop
 # counters; -O2 keeps those loops and the arrays on the stack, -O3 unrolls
 # them into registers (same operations, so the same bits)
-$(BUILD)/src/kernels/quant_avx512.o: CFLAGS += -O3
+$(BUILD)/src/kernels/quant_avx512.o $(BUILD)/src/kernels/ops.o $(BUILD)/src/kernels/attention.o: CFLAGS += -O3
 
 $(BUILD)/libmoe.a: $(LIB_OBJ)
 	@rm -f $@

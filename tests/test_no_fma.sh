@@ -23,7 +23,8 @@ if [ -z "$objs" ]; then bad objects "no object files in $BUILD/src (build first)
 if ! command -v objdump >/dev/null; then bad objdump "objdump not found (binutils)"; finish; fi
 found=$(for o in $objs; do
     objdump -d --no-show-raw-insn "$o" | awk -v o="$(basename "$o")" '
-        /^[0-9a-f]+ <.*>:$/ { fn = substr($2, 2, length($2) - 3) }
+        /^[0-9a-f]+ <.*>:$/ { fn = substr($2, 2, length($2) - 3)  # a clone (-O3: rows4.constprop.0) is its function
+                              gsub(/\.(constprop|isra|part|cold)(\.[0-9]+)?/, "", fn) }
         /\tv?f(n)?m(add|sub)/ { n[fn]++ }
         END { for (f in n) print o ":" f ":" n[f] }'
 done)
