@@ -55,8 +55,10 @@ $(BUILD)/%.o: %.c $(HEADERS) Makefile
 	$(CC) $(CFLAGS) -c $< -o $@
 
 # the quantised tiles index small arrays of vectors by compile-time loop
-# counters; -O2 keeps those loops and the arrays on the stack, -O3 unrolls
-# them into registers (same operations, so the same bits)
+# counters, and the llama.cpp-order kernels (ops.c, attention.c) keep 16
+# scalar lanes: -O2 leaves those loops (the arrays on the stack, the lanes
+# scalar), -O3 unrolls and vectorises them. Same operations, so the same
+# bits: -std=c11 contracts nothing, and nothing is reassociated.
 $(BUILD)/src/kernels/quant_avx512.o $(BUILD)/src/kernels/ops.o $(BUILD)/src/kernels/attention.o: CFLAGS += -O3
 
 $(BUILD)/libmoe.a: $(LIB_OBJ)
