@@ -175,8 +175,7 @@ static void test_tiles(void) {
  * kernel itself below; within the fp32 rounding bound of the exact product
  * of the dequantised operands (qmatmul_forward_ref, in double); and the same
  * bits on 1 and 2 threads. */
-typedef void (*blocked_fn)(float *, size_t, const void *, size_t, int, const void *, int, int64_t);
-static void test_blocked(const char *name, blocked_fn kernel, int available, const char *why_not, int picked) {
+static void test_blocked(const char *name, qmm_blocked_fn kernel, int available, const char *why_not, int picked) {
     TEST_CASE(name);
     if (!available) {
         TEST_SKIP("%s", why_not);
@@ -208,7 +207,7 @@ static void test_blocked(const char *name, blocked_fn kernel, int available, con
                 omp_set_num_threads(saved);
                 if (!same_bits(got, two, (size_t)N * OC)) bad_thr++;
             } else { /* below the threshold qmatmul keeps vec_dot (or picks the other kernel): call it */
-                for (int n = 0; n < N; n++) qk_amx_q8_0_pack(ws, in + (size_t)n * C, n, N, C);
+                for (int n = 0; n < N; n++) qk_q8_0_blocked_pack(ws, in + (size_t)n * C, n, N, C);
                 for (int o = 0; o < OC; o += 16)
                     kernel(got + o, (size_t)OC, w + (size_t)o * rb, rb, OC - o < 16 ? OC - o : 16, ws, N, C);
             }

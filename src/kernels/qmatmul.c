@@ -55,8 +55,7 @@ static int use_blocked(void) { return use_avx512() && !env_no_blocked && blocked
 static int use_amx(void) { return use_blocked() && !env_no_amx && qk_amx_q8_0_supported(); }
 /* the blocked Q8_0 prefill kernel of this CPU: AMX tiles, else VNNI; NULL
  * when vec_dot must serve every N */
-typedef void (*blocked_tile_fn)(float *, size_t, const void *, size_t, int, const void *, int, int64_t);
-static blocked_tile_fn blocked_tile(void) {
+static qmm_blocked_fn blocked_tile(void) {
     if (use_amx()) return qk_amx_q8_0_tile;
     return use_blocked() ? qk_avx512_q8_0_blocked_tile : NULL;
 }
@@ -117,14 +116,14 @@ void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype
     const char *wb = w;
     double work = (double)N * C * OC;
     int tasks = (OC + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    blocked_tile_fn blocked = wtype == DT_Q8_0 && batch >= QMM_AMX_MIN_ROWS && C / 32 <= QMM_AMX_MAX_BLOCKS
+    qmm_blocked_fn blocked = wtype == DT_Q8_0 && batch >= QMM_AMX_MIN_ROWS && C / 32 <= QMM_AMX_MAX_BLOCKS
                                   ? blocked_tile() : NULL;
     if (blocked) {
         /* activations straight into the tile layout, then 16 weight rows per task */
 #pragma omp parallel if (work >= PAR_MIN_WORK)
         {
 #pragma omp for schedule(static)
-            for (int n = 0; n < N; n++) qk_amx_q8_0_pack(act, in + (size_t)n * C, n, N, C);
+            for (int n = 0; n < N; n++) qk_q8_0_blocked_pack(act, in + (size_t)n * C, n, N, C);
 #pragma omp for schedule(static)
             for (int k = 0; k < tasks; k++) {
                 int o = k * ROWS_PER_TASK, nw = OC - o < ROWS_PER_TASK ? OC - o : ROWS_PER_TASK;

@@ -58,16 +58,20 @@ qmm_tile_fn qk_avx512_tile(int wtype);
 qmm_quant_fn qk_avx512_quantize(int dot_type);
 
 /* kernels/quant_amx.c: AMX-INT8 Q8_0 x Q8_0. supported: the CPU has AMX-INT8
- * and the tiles were granted. pack: quantises row n (of N) of C floats
+ * and the tiles were granted. pack (both blocked tiles read it; needs only
+ * AVX-512): quantises row n (of N) of C floats
  * into the tile layout (same bytes in all as N Q8_0 rows). tile: for
  * nw <= 16 weight rows and all N packed rows, out[n * ldo + o] as
  * qmatmul_q8_0_blocked_ref computes it; C <= 32 * QMM_AMX_MAX_BLOCKS. */
 #define QMM_AMX_MIN_ROWS 16
 #define QMM_AMX_MAX_BLOCKS 512
 int qk_amx_q8_0_supported(void);
-void qk_amx_q8_0_pack(void *dst, const float *in, int n, int N, int64_t C);
+void qk_q8_0_blocked_pack(void *dst, const float *in, int n, int N, int64_t C);
 void qk_amx_q8_0_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
                       const void *pack, int N, int64_t C);
+/* the signature both blocked tiles share (AMX above, VNNI below) */
+typedef void (*qmm_blocked_fn)(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                               const void *pack, int N, int64_t C);
 /* kernels/quant_avx512.c: the same as qk_amx_q8_0_tile, bit for bit, on
  * the same pack, in AVX-512 VNNI: the blocked prefill path of CPUs without
  * AMX (needs qk_avx512_supported()). */

@@ -12,7 +12,7 @@
  * repacking. B = the block's activation quants for up to 16 tokens in the
  * VNNI layout TDPBSSD wants (row k holds bytes 4k..4k+3 of every token):
  * the activations are quantised straight into that layout, once per matmul
- * (qk_amx_q8_0_pack), in the bytes the row layout would take:
+ * (qk_q8_0_blocked_pack), in the bytes the row layout would take:
  *   token group g (rows 16g .. 16g+m-1, m = min(16, N - 16g)) starts at
  *   byte 16g * nb * 34 and holds quants [nb][8][4m], then scales [nb][m]
  *   (fp16, as in the Q8_0 block).
@@ -47,7 +47,7 @@ static AMX_TARGET void load_config(int nw, int m) {
     moe_amx_load_config(&c);
 }
 
-void qk_amx_q8_0_pack(void *dst, const float *in, int n, int N, int64_t C) {
+void qk_q8_0_blocked_pack(void *dst, const float *in, int n, int N, int64_t C) {
     qmm_quant_fn quant = qk_avx512_quantize(DT_Q8_0);
     const int64_t nb = C / QB;
     const int g = n / TM, j = n % TM, m = N - TM * g < TM ? N - TM * g : TM;
@@ -141,7 +141,7 @@ int qk_amx_q8_0_supported(void) {
 }
 
 #else /* no AMX intrinsics here */
-void qk_amx_q8_0_pack(void *dst, const float *in, int n, int N, int64_t C) {}
+void qk_q8_0_blocked_pack(void *dst, const float *in, int n, int N, int64_t C) {}
 void qk_amx_q8_0_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
                       const void *pack, int N, int64_t C) {}
 int qk_amx_q8_0_supported(void) { return 0; }

@@ -93,9 +93,7 @@ QK_INLINE float hsum16(__m512 v) {
  * (measured on decode of the 1.72B Q8_0 MoE, 2 threads, Zen 4: 36 -> 60
  * tokens/s at 4 KiB; 1 KiB gave 41-44, 2 KiB 48, 8 KiB 54). A prefetch
  * past the row's end is a hint and cannot fault. */
-#ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 4096
-#endif
 QK_INLINE void prefetch_ahead(const uint8_t *p, size_t bytes) {
     for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + PREFETCH_AHEAD + o, _MM_HINT_T0);
 }
@@ -236,7 +234,7 @@ PAIRS_TILE_FN(q4_0_pairs_tile, q4_0_tile, 1)
 /* ---- Q8_0 prefill without AMX ---------------------------------------------------
  * qmatmul_q8_0_blocked_ref's arithmetic, as the AMX tile computes it (exact
  * int32 dot per block, then acc = fma(float(dot), d_w * d_a, acc)), on the
- * AMX path's packed activations (qk_amx_q8_0_pack: per token group and
+ * AMX path's packed activations (qk_q8_0_blocked_pack: per token group and
  * block, row k holds bytes 4k .. 4k+3 of every token), so both paths give
  * the same bits. One 512-bit register holds 4 bytes of 16 tokens; VPDPBUSD
  * multiplies them, made unsigned (a + 128 = a xor 0x80, exact for every a),
