@@ -204,6 +204,11 @@ typedef struct {
     const char *offload_warm;     /* a routing trace to warm the cache from (moe_model_offload_warm_trace), or NULL */
 } moe_load_options;
 MOE_API moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load_options *opts);
+/* Bytes of a loaded published model's weights copied at load into the
+ * layout the kernels stream (Q8_0 rows interleaved by 8, on AVX-512 CPUs
+ * without AMX; the same results; MOE_REPACK=0 in the environment turns it
+ * off); 0 when none were. */
+MOE_API size_t moe_model_repacked_bytes(const moe_model *m);
 /* Atomic: writes path.tmp, fsyncs, renames. Includes the tokenizer if set. */
 MOE_API moe_status moe_model_save(const moe_model *m, const char *path);
 /* Writes the model in a published GGUF layout that llama.cpp runs with the

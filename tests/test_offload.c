@@ -20,6 +20,7 @@
 #include "core/dtype.h"
 #include "harness.h"
 #include "model/model.h"
+#include "kernels/qmatmul.h"
 #include "moe/expert_store.h"
 #include "stats/route_stats.h"
 
@@ -106,6 +107,10 @@ static void check_budgets(moe_model *m, const runner *r, const float *ref, int64
     for (int threads = 1; threads <= 4; threads += 3) {
         moe_set_threads(threads);
         CHECK(moe_model_set_offload_prefetch(m, pf ? "on" : "off") == MOE_OK, "%s", moe_last_error());
+        /* one thread: each prefetch request is read before the layer runs, so
+         * that the count below does not depend on the scheduler (a loaded
+         * machine may never run the reader in time); four: as users run it */
+        if (pf && threads == 1) m->store_prefetch = 3;
         for (int b = 0; b < 4; b++) {
             moe_model_set_mem_budget(m, "0"); /* the previous cache goes first */
             const size_t before = moe_alloc_in_use();
@@ -154,6 +159,19 @@ static void test_layout(const layout *L, int wtype) {
     float *ref = malloc(sizeof(float) * N_TOK * V), *got = malloc(sizeof(float) * N_TOK * V);
     if (!m || !ref || !got) { free(ref); free(got); moe_model_free(m); TEST_END(); return; }
     CHECK(run(m, ref) == MOE_OK, "resident run: %s", moe_last_error());
+    const size_t repacked = moe_model_repacked_bytes(m);
+    if (wtype == DT_Q8_0) {
+        /* the kernels' layout (model/repack.c) where it is taken: the file's rows give the same bits */
+        const int want = qk_avx512_supported() && !qk_amx_q8_0_supported() && !getenv("MOE_REPACK") && !getenv("MOE_KERNELS");
+        CHECK((repacked > 0) == want, "%zu bytes repacked, expected %s", repacked, want ? "some" : "none");
+        setenv("MOE_REPACK", "0", 1);
+        moe_model *rows = NULL;
+        CHECK(moe_model_load(&rows, path) == MOE_OK && moe_model_repacked_bytes(rows) == 0, "MOE_REPACK=0: %s", moe_last_error());
+        unsetenv("MOE_REPACK");
+        CHECK(rows && run(rows, got) == MOE_OK && !memcmp(got, ref, sizeof(float) * N_TOK * V),
+              "the file's rows give other logits than the repacked weights");
+        moe_model_free(rows);
+    }
     int64_t prefetched[2] = {0, 0}; /* by prefetch off, on */
     check_budgets(m, &INFER, ref, prefetched);
     CHECK(prefetched[0] == 0 && prefetched[1] > 0, "experts prefetched: %lld with prefetch off, %lld on",
@@ -175,6 +193,8 @@ static void test_layout(const layout *L, int wtype) {
     CHECK(ws.misses == 0 && ws.bytes_read == 0 && ws.hits > 0, "warm start: %lld misses, %lld bytes read", (long long)ws.misses,
           (long long)ws.bytes_read);
     free(counts);
+    CHECK(!repacked || moe_model_repacked_bytes(m) < repacked, "the experts stayed repacked under a cache (%zu of %zu bytes)",
+          moe_model_repacked_bytes(m), repacked);
     CHECK(moe_model_set_mem_budget(m, "0") == MOE_OK && !m->store, "off again: %s", moe_last_error());
     CHECK(run(m, got) == MOE_OK && !memcmp(got, ref, sizeof(float) * N_TOK * V), "budget 0 after a budget: logits differ");
     free(ref);

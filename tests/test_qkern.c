@@ -245,6 +245,92 @@ static void test_blocked(const char *name, qmm_blocked_fn kernel, int available,
     TEST_END();
 }
 
+/* Q8_0_R8 (rows interleaved by 8, repacked at load): the packing keeps
+ * every row's bytes; qmatmul on the packed rows gives the bits it gives on
+ * the rows themselves, on the portable path and the fast one, decode and
+ * blocked prefill, 1 and 2 threads; a shape it cannot hold gives NaN. */
+static void test_r8(void) {
+    enum { RN = 40, ROC = 72, RC = 1056 };
+    static float in[RN * RC], want[RN * ROC], got[RN * ROC], two[RN * ROC];
+    static uint8_t w[ROC * RC * 2], wr[ROC * RC * 2], row[RC * 2];
+    const int Ns[] = {0, 1, 2, 3, 4, 5, 15, 16, 17, 40}, OCs[] = {8, 16, 24, 72}, Cs[] = {32, 64, 96, 352, 1056};
+    const int saved = omp_get_max_threads();
+    moe_rng r;
+    moe_rng_seed(&r, 808);
+    TEST_CASE("q8_0_r8: packing keeps every row; qmatmul = q8_0 bit for bit (portable, fast, blocked, threads)");
+    int bad_row = 0, bad_port = 0, bad_fast = 0, bad_blocked = 0, bad_thr = 0, bad_ref = 0, shapes = 0;
+    for (int ci = 0; ci < 5; ci++)
+        for (int ni = 0; ni < 10; ni++) {
+            const int C = Cs[ci], N = Ns[ni], OC = OCs[(ci + ni) % 4];
+            size_t rb;
+            dtype_row_bytes(DT_Q8_0, C, &rb);
+            fill_weights(DT_Q8_0, w, OC, C, (ci + ni) % 3, &r);
+            for (int n = 0; n < N; n++) fill_act(in + (size_t)n * C, C, (ni + n) % 4, &r);
+            CHECK(dtype_q8_0_r8_pack(wr, w, OC, C) == 0, "pack refused %d x %d", OC, C);
+            for (int o = 0; o < OC; o++) {
+                dtype_q8_0_r8_row(row, wr, o, C);
+                if (memcmp(row, w + (size_t)o * rb, rb)) bad_row++;
+            }
+            void *ws = moe_malloc(qmatmul_workspace(DT_Q8_0_R8, N, C) + 1);
+            /* the rows' vec_dot order: portable and fast */
+            qmatmul_allow_blocked(0);
+            moe_set_reference_kernels(1);
+            qmatmul_forward(want, in, w, DT_Q8_0, N, C, OC, ws);
+            qmatmul_forward(got, in, wr, DT_Q8_0_R8, N, C, OC, ws);
+            if (!same_bits(want, got, (size_t)N * OC)) bad_port++;
+            moe_set_reference_kernels(0);
+            if (fast_ok()) {
+                qmatmul_forward(got, in, wr, DT_Q8_0_R8, N, C, OC, ws);
+                if (!same_bits(want, got, (size_t)N * OC) && bad_fast++ < 3)
+                    printf("  C %d N %d OC %d: fast q8_0_r8 != q8_0\n", C, N, OC);
+            }
+            qmatmul_allow_blocked(1);
+            /* blocked prefill: qmatmul where it takes it, else the kernel itself */
+            if (fast_ok()) {
+                qmatmul_q8_0_blocked_ref(want, in, w, N, C, OC);
+                if (N >= QMM_AMX_MIN_ROWS && blocked_ok()) {
+                    omp_set_num_threads(1);
+                    qmatmul_forward(got, in, wr, DT_Q8_0_R8, N, C, OC, ws);
+                    omp_set_num_threads(2);
+                    qmatmul_forward(two, in, wr, DT_Q8_0_R8, N, C, OC, ws);
+                    omp_set_num_threads(saved);
+                    if (!same_bits(got, two, (size_t)N * OC)) bad_thr++;
+                } else {
+                    for (int n = 0; n < N; n++) qk_q8_0_blocked_pack(ws, in + (size_t)n * C, n, N, C);
+                    for (int o = 0; o < OC; o += 16)
+                        qk_avx512_q8_0_r8_blocked_tile(got + o, (size_t)OC, wr + (size_t)o * rb, rb,
+                                                       OC - o < 16 ? OC - o : 16, ws, N, C);
+                }
+                if (!same_bits(want, got, (size_t)N * OC) && bad_blocked++ < 3)
+                    printf("  C %d N %d OC %d: blocked q8_0_r8 != blocked twin\n", C, N, OC);
+            }
+            qmatmul_forward_ref(want, in, w, DT_Q8_0, N, C, OC);
+            qmatmul_forward_ref(got, in, wr, DT_Q8_0_R8, N, C, OC);
+            if (!same_bits(want, got, (size_t)N * OC)) bad_ref++;
+            moe_free(ws);
+            shapes++;
+        }
+    CHECK(bad_row == 0, "%d rows changed by packing", bad_row);
+    CHECK(bad_port == 0, "%d of %d shapes: portable q8_0_r8 != q8_0", bad_port, shapes);
+    CHECK(bad_fast == 0, "%d of %d shapes: fast q8_0_r8 != q8_0", bad_fast, shapes);
+    CHECK(bad_blocked == 0, "%d of %d shapes: blocked q8_0_r8 != the blocked twin", bad_blocked, shapes);
+    CHECK(bad_thr == 0, "%d shapes differ between 1 and 2 threads", bad_thr);
+    CHECK(bad_ref == 0, "%d shapes: the reference differs between the layouts", bad_ref);
+    /* shapes the layout cannot hold */
+    CHECK(dtype_q8_0_r8_pack(wr, w, 12, 64) == -1 && dtype_q8_0_r8_pack(wr, w, 8, 48) == -1, "pack took a bad shape");
+    {
+        void *ws = moe_malloc(qmatmul_workspace(DT_Q8_0_R8, 1, 64) + 1);
+        qmatmul_forward(got, in, wr, DT_Q8_0_R8, 1, 64, 12, ws);
+        int nan = 0;
+        for (int o = 0; o < 12; o++) nan += isnan(got[o]) != 0;
+        CHECK(nan == 12, "OC 12: %d of 12 outputs NaN", nan);
+        moe_free(ws);
+    }
+    CHECK(!dtype_usable(DT_Q8_0_R8) && strcmp(dtype_name(DT_Q8_0_R8), "q8_0_r8") == 0, "q8_0_r8 traits");
+    if (!fast_ok()) printf("  fast and blocked q8_0_r8 not checked: %s\n", SKIP_REASON);
+    TEST_END();
+}
+
 /* 1 vs 2 threads on a prefill shape: outputs are split by rows only */
 static void test_threads(void) {
     TEST_CASE("avx512: 1 and 2 threads give the same bits (q4_K, q8_0; N 17, OC 70)");
@@ -494,6 +580,7 @@ int main(void) {
                  qk_amx_q8_0_tile, amx_ok(), "no AMX", amx_ok());
     test_blocked("avx512-vnni blocked q8_0: = blocked twin bit for bit (N 0..64, ragged OC), error bound, threads",
                  qk_avx512_q8_0_blocked_tile, fast_ok(), SKIP_REASON, blocked_ok() && !amx_ok());
+    test_r8();
     test_moe_batch();
     test_llama();
     TEST_MAIN_END();

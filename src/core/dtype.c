@@ -596,18 +596,60 @@ static float q4_0_vec_dot(const void *w, const void *a, int64_t n) {
     }
     return hsum8(acc);
 }
-static float q8_0_vec_dot(const void *w, const void *a, int64_t n) {
-    const blk_q8_0 *x = w, *y = a;
+/* Q8_0's vec_dot with the weight row's block i scale at d + i * dstep and
+ * quants at q + i * qstep: one body for both layouts (Q8_0, Q8_0_R8) */
+static float q8_0_dot_strided(const uint8_t *d, size_t dstep, const uint8_t *q, size_t qstep,
+                              const blk_q8_0 *y, int64_t n) {
     float acc[8] = {0};
     for (int64_t i = 0; i < n / QK; i++) {
-        float d = ld_f16(x[i].d) * ld_f16(y[i].d);
+        const int8_t *qs = (const int8_t *)(q + (size_t)i * qstep);
+        float dd = ld_f16(d + (size_t)i * dstep) * ld_f16(y[i].d);
         for (int l = 0; l < 8; l++) {
             int s = 0;
-            for (int e = 4 * l; e < 4 * l + 4; e++) s += sign_mul(x[i].qs[e], y[i].qs[e]);
-            acc[l] = fmaf(d, (float)s, acc[l]);
+            for (int e = 4 * l; e < 4 * l + 4; e++) s += sign_mul(qs[e], y[i].qs[e]);
+            acc[l] = fmaf(dd, (float)s, acc[l]);
         }
     }
     return hsum8(acc);
+}
+static float q8_0_vec_dot(const void *w, const void *a, int64_t n) {
+    const uint8_t *x = w;
+    return q8_0_dot_strided(x, sizeof(blk_q8_0), x + 2, sizeof(blk_q8_0), a, n);
+}
+
+/* ---- Q8_0_R8: byte offsets of row r's block i within its group ---------- */
+static size_t r8_scale_at(int64_t i, int64_t r) { return (size_t)(8 * i + r) * 2; }
+static size_t r8_quants_at(int64_t nb, int64_t i, int64_t r) { return (size_t)nb * 16 + (size_t)(8 * i + r) * QK; }
+
+int dtype_q8_0_r8_pack(void *dst, const void *src, int64_t rows, int64_t C) {
+    if (rows < 0 || rows % 8 || C < 0 || C % QK) return -1;
+    const int64_t nb = C / QK;
+    const size_t group = (size_t)nb * 8 * sizeof(blk_q8_0);
+    for (int64_t g = 0; g < rows / 8; g++) {
+        uint8_t *o = (uint8_t *)dst + (size_t)g * group;
+        const blk_q8_0 *in = (const blk_q8_0 *)((const uint8_t *)src + (size_t)g * group);
+        for (int64_t r = 0; r < 8; r++)
+            for (int64_t i = 0; i < nb; i++) {
+                memcpy(o + r8_scale_at(i, r), in[r * nb + i].d, 2);
+                memcpy(o + r8_quants_at(nb, i, r), in[r * nb + i].qs, QK);
+            }
+    }
+    return 0;
+}
+
+void dtype_q8_0_r8_row(void *dst, const void *src, int64_t r, int64_t C) {
+    const int64_t nb = C / QK;
+    const uint8_t *g = (const uint8_t *)src + (size_t)(r / 8) * (size_t)nb * 8 * sizeof(blk_q8_0);
+    blk_q8_0 *out = dst;
+    for (int64_t i = 0; i < nb; i++) {
+        memcpy(out[i].d, g + r8_scale_at(i, r % 8), 2);
+        memcpy(out[i].qs, g + r8_quants_at(nb, i, r % 8), QK);
+    }
+}
+
+float dtype_q8_0_r8_vec_dot(const void *group, int r, const void *a, int64_t C) {
+    const uint8_t *g = group;
+    return q8_0_dot_strided(g + r8_scale_at(0, r), 16, g + r8_quants_at(C / QK, 0, r), 8 * QK, a, C);
 }
 
 /* The K-quants' integer lanes: lane l of a super-block sums
@@ -682,7 +724,7 @@ static float q6_K_vec_dot(const void *w, const void *a, int64_t n) {
 /* ------------------------------------------------------------------------ */
 
 #define SIZE_ONLY(nm, bl, by) {nm, bl, by, NULL, NULL, -1, NULL, NULL}
-static const dtype_traits traits[DT_COUNT] = {
+static const dtype_traits traits[DT_TABLE] = {
     [DT_F32] = {"f32", 1, 4, f32_to_float, f32_from_float, DT_F32, f32_from_float, f32_vec_dot},
     [DT_F16] = {"f16", 1, 2, f16_to_float, f16_from_float, DT_F16, f16_from_float, f16_vec_dot},
     [DT_BF16] = {"bf16", 1, 2, bf16_row_to_float, bf16_row_from_float, DT_BF16, bf16_row_from_float,
@@ -717,10 +759,11 @@ static const dtype_traits traits[DT_COUNT] = {
     [DT_TQ1_0] = SIZE_ONLY("tq1_0", QKK, 54),
     [DT_TQ2_0] = SIZE_ONLY("tq2_0", QKK, 66),
     [DT_MXFP4] = SIZE_ONLY("mxfp4", QK, 17),
+    [DT_Q8_0_R8] = {"q8_0_r8", QK, 34, NULL, NULL, DT_Q8_0, NULL, NULL},
 };
 
 const dtype_traits *dtype_traits_of(int type) {
-    return type >= 0 && type < DT_COUNT && traits[type].name ? &traits[type] : NULL;
+    return type >= 0 && type < DT_TABLE && traits[type].name ? &traits[type] : NULL;
 }
 
 const char *dtype_name(int type) {

@@ -17,8 +17,12 @@
 /* below this many multiply-adds a parallel region costs more than it saves */
 #define PAR_MIN_WORK 65536.0
 
+/* the type whose arithmetic a weight type's layout holds (Q8_0_R8: Q8_0's) */
+static int arith_type(int wtype) { return wtype == DT_Q8_0_R8 ? DT_Q8_0 : wtype; }
+
 /* bytes of one converted activation row; 0 when wtype cannot be multiplied */
 static size_t act_row_bytes(int wtype, int C) {
+    wtype = arith_type(wtype);
     const dtype_traits *t = dtype_traits_of(wtype);
     size_t rb;
     if (!dtype_usable(wtype) || C < 0 || dtype_row_bytes(t->dot_type, C, &rb)) return 0;
@@ -72,6 +76,15 @@ static void portable_tile(const dtype_traits *t, float *out, size_t ldo, const c
             out[(size_t)n * ldo + o] = t->vec_dot(w + (size_t)o * wrow, a + (size_t)n * arow, C);
 }
 
+/* Q8_0_R8's portable tile: row o of a group read in place */
+static void portable_r8_tile(float *out, size_t ldo, const char *w, size_t wrow, int nw, const char *a,
+                             size_t arow, int na, int C) {
+    for (int o = 0; o < nw; o++)
+        for (int n = 0; n < na; n++)
+            out[(size_t)n * ldo + o] =
+                dtype_q8_0_r8_vec_dot(w + (size_t)(o / 8) * 8 * wrow, o % 8, a + (size_t)n * arow, C);
+}
+
 /* output rows per task: a few weight rows stay in L1 while every activation
  * row passes them */
 #define ROWS_PER_TASK 16
@@ -99,9 +112,10 @@ void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype
         matmul_forward(out, in, w, NULL, N, C, OC, MATMUL_FP32);
         return;
     }
-    const dtype_traits *t = dtype_traits_of(wtype);
+    const int r8 = wtype == DT_Q8_0_R8, atype = arith_type(wtype);
+    const dtype_traits *t = dtype_traits_of(atype);
     size_t wrow, arow = act_row_bytes(wtype, C);
-    if (!arow || !ws || dtype_row_bytes(wtype, C, &wrow)) {
+    if (!arow || !ws || dtype_row_bytes(atype, C, &wrow) || (r8 && OC % 8)) {
         fill_nan(out, N, OC);
         return;
     }
@@ -116,8 +130,9 @@ void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype
     const char *wb = w;
     double work = (double)N * C * OC;
     int tasks = (OC + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    qmm_blocked_fn blocked = wtype == DT_Q8_0 && batch >= QMM_AMX_MIN_ROWS && C / 32 <= QMM_AMX_MAX_BLOCKS
-                                  ? blocked_tile() : NULL;
+    qmm_blocked_fn blocked = NULL;
+    if (atype == DT_Q8_0 && batch >= QMM_AMX_MIN_ROWS && C / 32 <= QMM_AMX_MAX_BLOCKS)
+        blocked = !r8 ? blocked_tile() : use_blocked() ? qk_avx512_q8_0_r8_blocked_tile : NULL;
     if (blocked) {
         /* activations straight into the tile layout, then 16 weight rows per task */
 #pragma omp parallel if (work >= PAR_MIN_WORK)
@@ -143,6 +158,8 @@ void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype
             int o = k * ROWS_PER_TASK, nw = OC - o < ROWS_PER_TASK ? OC - o : ROWS_PER_TASK;
             if (tile)
                 tile(out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, arow, N, C);
+            else if (r8)
+                portable_r8_tile(out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, arow, N, C);
             else
                 portable_tile(t, out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, arow, N, C);
         }
@@ -156,15 +173,17 @@ void qmatmul_forward_ref(float *out, const float *in, const void *w, int wtype, 
         memset(out, 0, (size_t)N * (size_t)OC * sizeof(float));
         return;
     }
+    const int r8 = wtype == DT_Q8_0_R8;
+    wtype = arith_type(wtype);
     const dtype_traits *t = dtype_traits_of(wtype);
     size_t wrow, arow = wtype == DT_F32 ? (size_t)C * sizeof(float) : act_row_bytes(wtype, C);
-    if (!t || !arow || dtype_row_bytes(wtype, C, &wrow)) {
+    if (!t || !arow || dtype_row_bytes(wtype, C, &wrow) || (r8 && OC % 8)) {
         fill_nan(out, N, OC);
         return;
     }
     float *wf = moe_malloc((size_t)C * sizeof(float)), *af = moe_malloc((size_t)C * sizeof(float));
-    void *act = moe_malloc(arow);
-    if (!wf || !af || !act) {
+    void *act = moe_malloc(arow), *row = r8 ? moe_malloc(wrow ? wrow : 1) : NULL; /* a Q8_0_R8 row unpacked */
+    if (!wf || !af || !act || (r8 && !row)) {
         fill_nan(out, N, OC);
     } else {
         const dtype_traits *at = dtype_traits_of(wtype == DT_F32 ? DT_F32 : t->dot_type);
@@ -172,7 +191,8 @@ void qmatmul_forward_ref(float *out, const float *in, const void *w, int wtype, 
             at->quantize_act(act, in + (size_t)n * C, C);
             at->to_float(af, act, C);
             for (int o = 0; o < OC; o++) {
-                t->to_float(wf, (const char *)w + (size_t)o * wrow, C);
+                if (r8) dtype_q8_0_r8_row(row, w, o, C);
+                t->to_float(wf, r8 ? row : (const char *)w + (size_t)o * wrow, C);
                 double s = 0.0;
                 for (int k = 0; k < C; k++) s += (double)wf[k] * (double)af[k];
                 out[(size_t)n * OC + o] = (float)s;
@@ -182,6 +202,7 @@ void qmatmul_forward_ref(float *out, const float *in, const void *w, int wtype, 
     moe_free(wf);
     moe_free(af);
     moe_free(act);
+    moe_free(row);
 }
 
 void qmatmul_q8_0_blocked_ref(float *out, const float *in, const void *w, int N, int C, int OC) {

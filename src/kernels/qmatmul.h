@@ -23,7 +23,12 @@
  * and of which rows share a tile; MOE_AMX=0 leaves the VNNI form,
  * MOE_Q8_0_PREFILL=vec_dot or qmatmul_allow_blocked(0) turn both off.
  * ws is qmatmul_workspace(wtype, N, C) bytes, planned by the caller (NULL
- * when that is 0); the kernel allocates nothing. */
+ * when that is 0); the kernel allocates nothing.
+ *
+ * wtype DT_Q8_0_R8 (Q8_0 rows interleaved by 8, core/dtype.h; OC a multiple
+ * of 8, else NaN) gives the same bits as DT_Q8_0 on the same rows, on every
+ * path: the layout changes how rows are read, not the arithmetic. Its blocked
+ * prefill path is always the VNNI one (AMX reads Q8_0 rows). */
 #ifndef MOE_QMATMUL_H
 #define MOE_QMATMUL_H
 #include <stddef.h>
@@ -77,6 +82,9 @@ typedef void (*qmm_blocked_fn)(float *out, size_t ldo, const void *w, size_t wro
  * AMX (needs qk_avx512_supported()). */
 void qk_avx512_q8_0_blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
                                  const void *pack, int N, int64_t C);
+/* the same on Q8_0_R8 groups (nw a multiple of 8, w the first group) */
+void qk_avx512_q8_0_r8_blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                                    const void *pack, int N, int64_t C);
 /* 0 keeps every matmul on vec_dot (exactness tests): no blocked prefill
  * path, AMX or VNNI; default 1. */
 void qmatmul_allow_blocked(int on);

@@ -151,11 +151,22 @@ TILE_FN(q4_0_tile, Q4_0_BODY, 2)
  * a != -128. The converter gives a in [-127, 127] for every finite input;
  * only a NaN or infinite input gives -128, and the row's output is then
  * garbage either way. sum(a) per lane comes once per activation block. */
-QK_INLINE void q8_0_like_pairs(float *out, size_t ldo, const uint8_t *w, size_t wrow, const uint8_t *a,
-                               size_t arow, int64_t C, const int PAIRS, const int RA, const int four_bit) {
+/* Where block b of weight row r lies: scale at s + r * srow + b * sblk,
+ * quants at q + r * qrow + b * qblk. Q8_0 rows have one stride; in a
+ * Q8_0_R8 group (core/dtype.h) row r0 + r of nb blocks is read in place. */
+typedef struct { const uint8_t *s, *q; size_t srow, sblk, qrow, qblk; } wlay;
+QK_INLINE wlay lay_rows(const uint8_t *w, size_t wrow, size_t blk) { return (wlay){w, w + 2, wrow, blk, wrow, blk}; }
+QK_INLINE wlay lay_r8(const uint8_t *group, int64_t nb, int r0) {
+    return (wlay){group + 2 * r0, group + (size_t)nb * 16 + (size_t)QB * r0, 2, 16, QB, 8 * QB};
+}
+/* Q8_0_R8 reads one stream, so it asks for lines closer ahead than the rows'
+ * PREFETCH_AHEAD (measured, 2 threads, Zen 4: 2 KiB against 1 and 4) */
+#define PREFETCH_AHEAD_R8 2048
+
+QK_INLINE void q8_0_like_pairs(float *out, size_t ldo, const wlay L, const uint8_t *a, size_t arow,
+                               int64_t C, const int PAIRS, const int RA, const int four_bit, const int r8) {
     __m512 acc[4][4];
     FOR_P FOR_A acc[p][j] = _mm512_setzero_ps();
-    const size_t wb = four_bit ? Q4_0_BYTES : Q8_0_BYTES;
     const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8((char)0x80);
     for (int64_t b = 0; b < C / QB; b++) {
         __m512i a2[4], init[4];
@@ -167,23 +178,31 @@ QK_INLINE void q8_0_like_pairs(float *out, size_t ldo, const uint8_t *w, size_t 
             const __m512i asum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, a2[j]);
             init[j] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(asum, four_bit ? 3 : 7));
         }
+        if (r8) _mm_prefetch((const char *)L.s + b * L.sblk + PREFETCH_AHEAD_R8 / 16, _MM_HINT_T0);
         FOR_P {
-            const uint8_t *p0 = w + (size_t)(2 * p) * wrow + (size_t)b * wb, *p1 = p0 + wrow;
-            prefetch_ahead(p0, 1);
-            prefetch_ahead(p1, 1);
+            const uint8_t *s0 = L.s + (size_t)(2 * p) * L.srow + (size_t)b * L.sblk, *s1 = s0 + L.srow;
+            const uint8_t *q0 = L.q + (size_t)(2 * p) * L.qrow + (size_t)b * L.qblk, *q1 = q0 + L.qrow;
+            if (r8) {
+                _mm_prefetch((const char *)q0 + PREFETCH_AHEAD_R8, _MM_HINT_T0);
+            } else {
+                prefetch_ahead(s0, 1);
+                prefetch_ahead(s1, 1);
+            }
             __m512i u;
             if (four_bit) {
                 const __m256i m15 = _mm256_set1_epi8(15);
-                __m128i t0 = _mm_loadu_si128((const __m128i *)(p0 + 2)), t1 = _mm_loadu_si128((const __m128i *)(p1 + 2));
+                __m128i t0 = _mm_loadu_si128((const __m128i *)q0), t1 = _mm_loadu_si128((const __m128i *)q1);
                 __m256i n0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t0, 4), t0), m15);
                 __m256i n1 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(t1, 4), t1), m15);
                 u = _mm512_inserti64x4(_mm512_castsi256_si512(n0), n1, 1);
+            } else if (r8) { /* the pair's 64 bytes are contiguous */
+                u = _mm512_xor_si512(_mm512_loadu_si512((const void *)q0), flip);
             } else {
-                u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p0 + 2))),
-                                       _mm256_loadu_si256((const __m256i *)(p1 + 2)), 1);
+                u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)q0)),
+                                       _mm256_loadu_si256((const __m256i *)q1), 1);
                 u = _mm512_xor_si512(u, flip);
             }
-            const __m512 wd = _mm512_insertf32x8(_mm512_set1_ps(h2f(p0)), _mm256_set1_ps(h2f(p1)), 1);
+            const __m512 wd = _mm512_insertf32x8(_mm512_set1_ps(h2f(s0)), _mm256_set1_ps(h2f(s1)), 1);
             FOR_A {
                 const __m512i lanes = _mm512_dpbusd_epi32(init[j], u, a2[j]);
                 acc[p][j] = _mm512_fmadd_ps(_mm512_mul_ps(wd, ad[j]), _mm512_cvtepi32_ps(lanes), acc[p][j]);
@@ -200,7 +219,8 @@ QK_INLINE void q8_0_like_pairs(float *out, size_t ldo, const uint8_t *w, size_t 
  * decode ran the kernel faster from cache but decode itself slower (8 weight
  * streams at once; Zen 4, eleventh session: 40.6 / 44.1 against 46.3 / 44.4
  * tokens/s on the 1.72B Q8_0 MoE, interleaved) */
-#define PAIRS_CALL(P, R, FOUR_BIT) q8_0_like_pairs(o_, ldo, w_, wrow, a_, arow, C, P, R, FOUR_BIT)
+#define PAIRS_CALL(P, R, FOUR_BIT) \
+    q8_0_like_pairs(o_, ldo, lay_rows(w_, wrow, (FOUR_BIT) ? Q4_0_BYTES : Q8_0_BYTES), a_, arow, C, P, R, FOUR_BIT, 0)
 #define PAIRS_TILE_FN(NAME, GENERAL, FOUR_BIT)                                                     \
     static QK_TARGET void NAME(float *out, size_t ldo, const void *w, size_t wrow, int nw,         \
                                const void *a, size_t arow, int na, int64_t C) {                    \
@@ -231,6 +251,31 @@ QK_INLINE void q8_0_like_pairs(float *out, size_t ldo, const uint8_t *w, size_t 
 PAIRS_TILE_FN(q8_0_pairs_tile, q8_0_tile, 0)
 PAIRS_TILE_FN(q4_0_pairs_tile, q4_0_tile, 1)
 
+/* Q8_0_R8 (nw a multiple of 8; w the first row's group): each group's 4
+ * pairs in one pass for up to 2 activation rows (one stream), 2 pairs at a
+ * time for 3 or 4 (the accumulators would not fit the registers). The same
+ * lanes as the rows' tile, so the same bits. */
+#define R8_CALL(P, R, R0) q8_0_like_pairs(o_ + (R0), ldo, lay_r8(g_, nb, R0), a_, arow, C, P, R, 0, 1)
+static QK_TARGET void q8_0_r8_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                                   const void *a, size_t arow, int na, int64_t C) {
+    const int64_t nb = C / QB;
+    for (int o = 0; o + 8 <= nw; o += 8) {
+        const uint8_t *g_ = (const uint8_t *)w + (size_t)o * wrow;
+        for (int n = 0; n < na;) {
+            const int ra = na - n < 4 ? na - n : 4;
+            float *o_ = out + (size_t)n * ldo + o;
+            const uint8_t *a_ = (const uint8_t *)a + (size_t)n * arow;
+            switch (ra) {
+            case 1: R8_CALL(4, 1, 0); break;
+            case 2: R8_CALL(4, 2, 0); break;
+            case 3: R8_CALL(2, 3, 0); R8_CALL(2, 3, 4); break;
+            default: R8_CALL(2, 4, 0); R8_CALL(2, 4, 4); break;
+            }
+            n += ra;
+        }
+    }
+}
+
 /* ---- Q8_0 prefill without AMX ---------------------------------------------------
  * qmatmul_q8_0_blocked_ref's arithmetic, as the AMX tile computes it (exact
  * int32 dot per block, then acc = fma(float(dot), d_w * d_a, acc)), on the
@@ -242,36 +287,42 @@ PAIRS_TILE_FN(q4_0_pairs_tile, q4_0_tile, 1)
  * taken out first. An accumulator holds one weight row's 16 tokens, so a
  * block's float work is one conversion and one fused add per 16 outputs
  * instead of per 8-lane output as in the vec_dot order. */
-QK_INLINE void blocked_rows(float *out, size_t ldo, const uint8_t *w, size_t wrow, const uint8_t *grp,
-                            const uint8_t *scales, int64_t nb, int m, const int R) {
+QK_INLINE void blocked_rows(float *out, size_t ldo, const wlay L, const uint8_t *grp,
+                            const uint8_t *scales, int64_t nb, int m, const int R, const int r8) {
     const __mmask64 qmask = m == 16 ? ~0ull : (1ull << (4 * m)) - 1;
     const __mmask16 tmask = (__mmask16)((1u << m) - 1);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m256i ones = _mm256_set1_epi8(1);
     __m512 acc[8];
+#pragma GCC unroll 8
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *q = grp + (size_t)b * QB * m;
         __m512i au[8];
         for (int k = 0; k < 8; k++) au[k] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(qmask, q + (size_t)k * 4 * m), flip);
         const __m512 da = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tmask, scales + 2 * (size_t)b * m));
+        if (r8) _mm_prefetch((const char *)L.s + b * L.sblk + PREFETCH_AHEAD / 16, _MM_HINT_T0);
+#pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            const uint8_t *p = w + (size_t)r * wrow + (size_t)b * Q8_0_BYTES;
-            prefetch_ahead(p, 1);
+            const uint8_t *ps = L.s + (size_t)r * L.srow + (size_t)b * L.sblk;
+            const uint8_t *pq = L.q + (size_t)r * L.qrow + (size_t)b * L.qblk;
+            if (!r8) prefetch_ahead(ps, 1);
+            else if (r % 2 == 0) prefetch_ahead(pq, 1); /* a line holds two rows' quants */
             /* sum(w) of the block in every lane, times -128 */
-            const __m256i s8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, _mm256_loadu_si256((const __m256i *)(p + 2)));
+            const __m256i s8 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, _mm256_loadu_si256((const __m256i *)pq));
             __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
             s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
             s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
             __m512i dot = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_broadcastd_epi32(s4), 7));
             for (int k = 0; k < 8; k++) {
                 int32_t wk;
-                memcpy(&wk, p + 2 + 4 * k, 4);
+                memcpy(&wk, pq + 4 * k, 4);
                 dot = _mm512_dpbusd_epi32(dot, au[k], _mm512_set1_epi32(wk));
             }
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(h2f(p)), da), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(h2f(ps)), da), acc[r]);
         }
     }
+#pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
         float v[16];
         _mm512_storeu_ps(v, acc[r]);
@@ -279,8 +330,10 @@ QK_INLINE void blocked_rows(float *out, size_t ldo, const uint8_t *w, size_t wro
     }
 }
 
-QK_TARGET void qk_avx512_q8_0_blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
-                                           const void *pack, int N, int64_t C) {
+/* rows of w (Q8_0, or a whole number of Q8_0_R8 groups when r8) against the
+ * pack's token groups, 8 weight rows at a time */
+QK_INLINE void blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                            const void *pack, int N, int64_t C, const int r8) {
     const int64_t nb = C / QB;
     const uint8_t *wb = w;
     for (int g = 0; 16 * g < N; g++) {
@@ -291,19 +344,24 @@ QK_TARGET void qk_avx512_q8_0_blocked_tile(float *out, size_t ldo, const void *w
         for (int o = 0; o < nw;) {
             const int R = nw - o < 8 ? nw - o : 8;
             const uint8_t *w_ = wb + (size_t)o * wrow;
-            switch (R) {
-            case 8: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 8); break;
-            case 7: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 7); break;
-            case 6: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 6); break;
-            case 5: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 5); break;
-            case 4: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 4); break;
-            case 3: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 3); break;
-            case 2: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 2); break;
-            default: blocked_rows(o_ + o, ldo, w_, wrow, grp, scales, nb, m, 1); break;
+            const wlay L = r8 ? lay_r8(w_, nb, 0) : lay_rows(w_, wrow, Q8_0_BYTES);
+#define BLOCKED_CASE(n) case n: blocked_rows(o_ + o, ldo, L, grp, scales, nb, m, n, r8); break
+            switch (r8 ? 8 : R) {
+            BLOCKED_CASE(8); BLOCKED_CASE(7); BLOCKED_CASE(6); BLOCKED_CASE(5);
+            BLOCKED_CASE(4); BLOCKED_CASE(3); BLOCKED_CASE(2); default: blocked_rows(o_ + o, ldo, L, grp, scales, nb, m, 1, r8); break;
             }
+#undef BLOCKED_CASE
             o += R;
         }
     }
+}
+QK_TARGET void qk_avx512_q8_0_blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                                           const void *pack, int N, int64_t C) {
+    blocked_tile(out, ldo, w, wrow, nw, pack, N, C, 0);
+}
+QK_TARGET void qk_avx512_q8_0_r8_blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                                              const void *pack, int N, int64_t C) {
+    blocked_tile(out, ldo, w, wrow, nw, pack, N, C, 1);
 }
 
 /* ---- Q4_K, Q5_K, Q6_K against Q8_K --------------------------------------------
@@ -636,6 +694,7 @@ int qk_avx512_supported(void) {
 qmm_tile_fn qk_avx512_tile(int wtype) {
     switch (wtype) {
     case DT_Q8_0: return q8_0_pairs_tile;
+    case DT_Q8_0_R8: return q8_0_r8_tile;
     case DT_Q4_0: return q4_0_pairs_tile;
     case DT_Q4_K: return q4_K_tile;
     case DT_Q5_K: return q5_K_tile;
@@ -656,4 +715,6 @@ qmm_tile_fn qk_avx512_tile(int wtype) { return NULL; }
 qmm_quant_fn qk_avx512_quantize(int dot_type) { return NULL; }
 void qk_avx512_q8_0_blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
                                  const void *pack, int N, int64_t C) {}
+void qk_avx512_q8_0_r8_blocked_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                                    const void *pack, int N, int64_t C) {}
 #endif

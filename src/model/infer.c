@@ -237,7 +237,7 @@ static void cached_attention(const moe_model *m, float *out, const float *q, con
 static void attention_gqa(moe_model *m, int l, const int32_t *pos, int n, int pos0, matmul_precision mm) {
     infer_state *s = m->inf;
     const moe_config *c = &m->cfg;
-    const layer_weights *W = &m->w.layers[l];
+    const layer_weights *W = &model_kernel_weights(m)->layers[l];
     const layer_plan *P = &m->plan[l];
     const int d = c->d_model, H = c->n_heads, KVH = c->n_kv_heads;
     const int hd = moe_config_head_dim(c), vd = moe_config_v_head_dim(c);
@@ -276,7 +276,7 @@ static void head_matmul(infer_state *s, float *out, size_t os, const float *in, 
 static void attention_mla(moe_model *m, int l, const int32_t *pos, int n, int pos0, matmul_precision mm) {
     infer_state *s = m->inf;
     const moe_config *c = &m->cfg;
-    const layer_weights *W = &m->w.layers[l];
+    const layer_weights *W = &model_kernel_weights(m)->layers[l];
     const int d = c->d_model, H = c->n_heads, hd = moe_config_head_dim(c), vd = moe_config_v_head_dim(c);
     const int rope = moe_config_rope_dim(c), nope = hd - rope, kvr = c->kv_lora_rank;
     const int kdim = s->kdim, qs = kvr + rope; /* absorbed query head: [q_lat | q_pe] */
@@ -340,7 +340,7 @@ static void prefetch_next_layer(moe_model *m, int l, int n, matmul_precision mm)
     int next = l + 1;
     while (next < c->n_layers && m->plan[next].ffn != FFN_MOE) next++;
     if (next >= c->n_layers) return;
-    const layer_weights *W = &m->w.layers[next];
+    const layer_weights *W = &model_kernel_weights(m)->layers[next];
     const int E = c->n_experts, k = model_route_k(m);
     wmm(s->pf_scores, s->h, &W->router, NULL, n, c->d_model, E, mm, s);
     const float *bias = W->exp_bias.data; /* the selection bias picks, as in routing */
@@ -362,7 +362,7 @@ static void prefetch_next_layer(moe_model *m, int l, int n, matmul_precision mm)
 static void ffn(moe_model *m, int l, int n, int pos0, matmul_precision mm) {
     infer_state *s = m->inf;
     const moe_config *c = &m->cfg;
-    const layer_weights *W = &m->w.layers[l];
+    const layer_weights *W = &model_kernel_weights(m)->layers[l];
     const int d = c->d_model;
     if (m->plan[l].ffn == FFN_DENSE) {
         wmm(s->g1, s->h, &W->ffn_gate, NULL, n, d, c->d_ff, mm, s);
@@ -428,7 +428,7 @@ moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, flo
         else et->to_float(s->x + (size_t)i * d, row, d);
     }
     for (int l = 0; l < c->n_layers; l++) {
-        const layer_weights *W = &m->w.layers[l];
+        const layer_weights *W = &model_kernel_weights(m)->layers[l];
         norm_rows_to(m, s->h, (size_t)d, s->x, (size_t)d, n, d, W->attn_norm.data, c->norm_eps);
         if (m->plan[l].attn == ATTN_MLA) attention_mla(m, l, pos, n, pos0, mm);
         else attention_gqa(m, l, pos, n, pos0, mm);
@@ -442,7 +442,7 @@ moe_status model_infer(moe_model *m, const int32_t *tokens, int n, int pos0, flo
     const int first = all_logits ? 0 : n - 1, rows = n - first;
     norm_rows_to(m, s->h, (size_t)d, s->x + (size_t)first * d, (size_t)d, n - first, d, m->w.output_norm.data,
                  c->norm_eps);
-    wmm(logits, s->h, &m->w.output, NULL, rows, d, c->vocab_size, mm, s);
+    wmm(logits, s->h, &model_kernel_weights(m)->output, NULL, rows, d, c->vocab_size, mm, s);
     m->store_tokens += n;
     return MOE_OK;
 }

@@ -239,6 +239,7 @@ void moe_model_free(moe_model *m) {
     moe_free(m->tensors);
     moe_free(m->plan);
     moe_free(m->owned);
+    model_repack_free(m);
     if (m->file) model_close_file(m);
     moe_free(m->w.layers);
     moe_free(m->g.layers);

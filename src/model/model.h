@@ -156,13 +156,29 @@ struct moe_model {
     int store_drop_cache;    /* posix_fadvise(DONTNEED) after every read     */
     int store_all;           /* size the cache for every expert held (expert
                                 parallelism without a budget)                  */
-    int store_prefetch;      /* 1 on, 2 off, 0 = the default (offload.c)      */
+    int store_prefetch;      /* 1 on, 2 off, 0 = the default (offload.c); 3 on, each
+                                request waited for (tests: counts independent of scheduling) */
     /* run-time routing at inference (moe_model_set_routing; 0 = the model's own) */
     int route_k;             /* experts chosen per token instead of top_k           */
     float route_threshold;   /* of those, keep weights >= this times the best       */
     int route_min;           /* ... but at least this many                          */
     int64_t routed_tokens, routed_experts; /* tokens through MoE layers and experts they used */
+    /* what inference's kernels read (model/repack.c): w with some Q8_0
+     * matrices repacked at load; layers NULL when nothing was */
+    model_weights run;
+    size_t repacked_bytes;
 };
+
+/* The views inference multiplies with: m->run when weights were repacked. */
+static inline const model_weights *model_kernel_weights(const moe_model *m) {
+    return m->run.layers ? &m->run : &m->w;
+}
+/* model/repack.c: repack a published model's Q8_0 matrices for the kernels
+ * (no-op where they would not gain, or MOE_REPACK=0); free the copies; give
+ * the experts back to the file's views (the expert cache reads rows). */
+moe_status model_repack(moe_model *m);
+void model_repack_free(moe_model *m);
+void model_repack_drop_experts(moe_model *m);
 
 /* The layer plan of a config (plan[n_layers]). */
 void model_plan_layers(const moe_config *c, layer_plan *plan);

@@ -113,8 +113,9 @@ static moe_status open_store(moe_model *m) {
     }
     const double per_token = (double)m->cfg.top_k * moe_config_n_moe_layers(&m->cfg); /* acquires */
     const int policy = m->store_policy ? m->store_policy - 1 : DEFAULT_POLICY;
-    const int prefetch = m->store_prefetch ? m->store_prefetch == 1 : DEFAULT_PREFETCH;
+    const int prefetch = m->store_prefetch ? m->store_prefetch == 1 || m->store_prefetch == 3 : DEFAULT_PREFETCH;
     expert_store_opts o = {.policy = policy, .drop_page_cache = m->store_drop_cache, .prefetch = prefetch,
+                           .prefetch_wait = m->store_prefetch == 3,
                            .halflife = per_token * (policy == EXPERT_EVICT_LRFU ? LRFU_HALFLIFE_TOKENS : LFU_HALFLIFE_TOKENS),
                            .first = m->ep_first, .count = m->ep_count};
     if (m->store_all) /* a slot for every expert held: each is read once, then stays */
@@ -124,6 +125,7 @@ static moe_status open_store(moe_model *m) {
     moe_free(layers);
     if (st) { m->store_budget = 0; m->store_all = 0; return st; }
     advise_experts(m, 1);
+    model_repack_drop_experts(m); /* the store hands out the file's rows */
     m->store_tokens = 0;
     return MOE_OK;
 }

@@ -45,6 +45,7 @@ struct expert_store {
     pthread_cond_t pf_cv;        /* a new request, or stop                */
     int *pf_queue;               /* [E] units still to read               */
     int pf_len, pf_head;         /* the request is pf_queue[pf_head .. pf_len) */
+    int pf_active;               /* the reader holds a unit of it (lock released) */
     int pf_busy;                 /* the layer running now (-1: none)     */
     int64_t pf_req;              /* requests so far                        */
     int64_t *pf_gen;             /* [n_units] request a prefetched, not yet
@@ -383,6 +384,7 @@ static void *prefetch_main(void *arg) {
     expert_store *s = arg;
     pthread_mutex_lock(&s->mu);
     for (;;) {
+        if (s->pf_head == s->pf_len) pthread_cond_broadcast(&s->cv); /* idle: a waiting request is done */
         while (!s->reader_stop && s->pf_head == s->pf_len) pthread_cond_wait(&s->pf_cv, &s->mu);
         if (s->reader_stop) break;
         const int u = s->pf_queue[s->pf_head++];
@@ -392,9 +394,11 @@ static void *prefetch_main(void *arg) {
         slot_state *t = &s->slot[victim];
         claim_slot(s, victim, u, 1);
         s->pf_gen[u] = s->pf_req;
+        s->pf_active = 1;
         pthread_mutex_unlock(&s->mu);
         const int rc = load_unit(s, victim, u / s->E, u % s->E, &s->st.prefetched);
         pthread_mutex_lock(&s->mu);
+        s->pf_active = 0;
         t->loading = 0;
         if (rc) { t->unit = -1; s->unit_slot[u] = -1; s->pf_gen[u] = -1; }
         pthread_cond_broadcast(&s->cv); /* acquires waiting for this unit, or for a slot */
@@ -419,6 +423,8 @@ void expert_store_prefetch(expert_store *s, int layer, const int32_t *ids, int n
         if (!dup && s->unit_slot[u] < 0) s->pf_queue[s->pf_len++] = u;
     }
     if (s->pf_len) pthread_cond_signal(&s->pf_cv);
+    while (s->o.prefetch_wait && (s->pf_head < s->pf_len || s->pf_active) && !s->reader_stop)
+        pthread_cond_wait(&s->cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
 }
 

@@ -56,6 +56,9 @@ typedef struct {
      * read error), so their bytes are never read. count 0 = every expert */
     int first, count;
     int prefetch;            /* 1: run the prefetch reader thread                  */
+    int prefetch_wait;       /* 1: each expert_store_prefetch returns once its request
+                                is read (tests: prefetch counts that do not depend on
+                                how the threads are scheduled)                        */
 } expert_store_opts;
 
 typedef struct {
