@@ -592,6 +592,75 @@ static void test_ggml_order(void) {
     TEST_END();
 }
 
+/* The AVX-512 twins of the llama.cpp-order kernels (taken where
+ * moe_use_fast_kernels() says so) against the scalar code (the reference
+ * kernels' path), bit for bit: every length, padded or not, values across
+ * the whole range of exp (0 and inf past +-192 ln 2, NaN), attention too. */
+static int same_or_both_nan(const float *a, const float *b, int n) {
+    for (int i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], 4) && !(isnan(a[i]) && isnan(b[i]))) return 0;
+    return 1;
+}
+static void test_ggml_fast(void) {
+    TEST_CASE("llama.cpp-order kernels: AVX-512 twins = scalar code bit for bit (dot, softmax, swiglu, attention)");
+    if (!moe_use_fast_kernels()) {
+        TEST_SKIP("no AVX-512 (or reference kernels forced): only the scalar code runs here");
+        return;
+    }
+    enum { M = 260 };
+    float *x = vec(M), *y = vec(M), *big = vec(M), fast[M], ref[M];
+    for (int i = 0; i < M; i++) big[i] = 160.0f * big[i] + (i % 37 == 0 ? 200.0f : 0.0f);
+    big[5] = NAN; big[77] = -INFINITY; big[78] = INFINITY;
+    int bad_dot = 0, bad_sm = 0, bad_sw = 0;
+    for (int n = 0; n <= M; n++)
+        for (int padded = 0; padded < 2; padded++) {
+            moe_set_reference_kernels(1);
+            float r = vec_dot_ggml(x, y, n, padded);
+            moe_set_reference_kernels(0);
+            float f = vec_dot_ggml(x, y, n, padded);
+            bad_dot += memcmp(&r, &f, 4) != 0;
+            if (n == 0) continue;
+            const float *in = n % 2 ? big + 6 : x; /* wide rows (no NaN: softmax of NaN is NaN anyway) */
+            if (n > M - 6) in = x;
+            float row[M];
+            memcpy(row, in, sizeof(float) * n);
+            if (n % 3 == 0) row[n / 2] = -INFINITY; /* a masked score */
+            moe_set_reference_kernels(1);
+            softmax_row_ggml(ref, row, n, padded);
+            moe_set_reference_kernels(0);
+            softmax_row_ggml(fast, row, n, padded);
+            bad_sm += !same_or_both_nan(ref, fast, n);
+        }
+    const int Fs[] = {1, 15, 16, 17, 33, 130, 256};
+    for (int i = 0; i < 7; i++) {
+        const int F = Fs[i];
+        moe_set_reference_kernels(1);
+        swiglu_forward_ggml(ref, big, y, 1, F);
+        moe_set_reference_kernels(0);
+        swiglu_forward_ggml(fast, big, y, 1, F);
+        bad_sw += !same_or_both_nan(ref, fast, F);
+    }
+    CHECK(bad_dot == 0, "%d vec_dot_ggml lengths differ", bad_dot);
+    CHECK(bad_sm == 0, "%d softmax_row_ggml rows differ", bad_sm);
+    CHECK(bad_sw == 0, "%d swiglu_forward_ggml widths differ", bad_sw);
+    {
+        enum { T = 70, H = 4, KVH = 2, Dk = 64, Dv = 64 };
+        float *q = vec((size_t)T * H * Dk), *kc = vec((size_t)T * KVH * Dk), *vc = vec((size_t)T * KVH * Dv);
+        float *sc = malloc(attention_cached_scratch(T, T, H) * sizeof(float));
+        float *a = zeros((size_t)T * H * Dv), *b = zeros((size_t)T * H * Dv);
+        for (int batch = 0; batch < 2; batch++) {
+            moe_set_reference_kernels(1);
+            attention_cached_ggml(a, q, kc, vc, 0, T, H, KVH, Dk, Dv, KVH * Dk, KVH * Dv, 0.125f, sc, batch);
+            moe_set_reference_kernels(0);
+            attention_cached_ggml(b, q, kc, vc, 0, T, H, KVH, Dk, Dv, KVH * Dk, KVH * Dv, 0.125f, sc, batch);
+            CHECK(memcmp(a, b, sizeof(float) * T * H * Dv) == 0, "attention_cached_ggml (batch %d) differs", batch);
+        }
+        free(q); free(kc); free(vc); free(sc); free(a); free(b);
+    }
+    free(x); free(y); free(big);
+    TEST_END();
+}
+
 /* ---- rope -------------------------------------------------------------------- */
 
 static void test_rope_hand(void) {
@@ -1669,6 +1738,7 @@ int main(void) {
     test_rmsnorm();
     test_rmsnorm_ggml();
     test_ggml_order();
+    test_ggml_fast();
     test_rope_hand();
     test_rope_fd();
     test_attention_fd();

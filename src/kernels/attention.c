@@ -609,9 +609,9 @@ static void cached_row(float *o, float *s, const float *qh, const float *kc, con
 enum { VB = 32 };
 static void cached_row_ggml(float *o, float *s, const float *qh, const float *kc, const float *vc, int len,
                             int Dk, int Dv, size_t ks, size_t vs, float scale, int batch) {
-    for (int u = 0; u < len; u++) s[u] = vec_dot_ggml(qh, kc + (size_t)u * ks, Dk, 0) * scale;
+    scores_ggml(s, qh, kc, ks, len, Dk, scale);
     softmax_row_ggml(s, s, len, 1);
-    float acc[4][16][VB], one[4][16];
+    float acc[4][16][VB], v[16][VB];
     for (int d0 = 0; d0 < Dv; d0 += VB) {
         const int nd = MOE_MIN(VB, Dv - d0);
         memset(acc, 0, sizeof acc);
@@ -620,11 +620,15 @@ static void cached_row_ggml(float *o, float *s, const float *qh, const float *kc
             float *ac = acc[batch ? 0 : (u >> 4) & 3][u & 15];
             for (int d = 0; d < nd; d++) ac[d] = fmaf(vu[d], p, ac[d]);
         }
-        for (int d = 0; d < nd; d++) {
-            for (int a = 0; a < 4; a++)
-                for (int l = 0; l < 16; l++) one[a][l] = acc[a][l][d];
-            o[d0 + d] = ggml_lanes_sum((const float(*)[16])one);
-        }
+        /* each dim's ggml_lanes_sum, written over the dims so that it vectorises:
+         * (0 + 2) + (1 + 3), then lanes l + l+8, + l+4, then (2 + 0) + (3 + 1) */
+        for (int l = 0; l < 16; l++)
+            for (int d = 0; d < VB; d++) v[l][d] = (acc[0][l][d] + acc[2][l][d]) + (acc[1][l][d] + acc[3][l][d]);
+        for (int l = 0; l < 8; l++)
+            for (int d = 0; d < VB; d++) v[l][d] = v[l + 8][d] + v[l][d];
+        for (int l = 0; l < 4; l++)
+            for (int d = 0; d < VB; d++) v[l][d] = v[l + 4][d] + v[l][d];
+        for (int d = 0; d < nd; d++) o[d0 + d] = (v[2][d] + v[0][d]) + (v[3][d] + v[1][d]);
     }
 }
 

@@ -83,9 +83,15 @@ void rmsnorm_forward_ggml(float *out, const float *in, const float *w, int N, in
  *   output vec_dot_ggml_batch (llama.cpp's prompt batches; its 1-token
  *   batches use vec_dot_ggml's order, which agrees only for C <= 16).
  * swiglu_forward_ggml: ggml_vec_swiglu_f32: (g / (1 + expf_ggml(0 - g))) * up
- *   on whole 16-blocks of a row, libm expf(-g) on the rest. */
+ *   on whole 16-blocks of a row, libm expf(-g) on the rest.
+ * Where moe_use_fast_kernels() says so, vec_dot_ggml, softmax_row_ggml and
+ * swiglu_forward_ggml run AVX-512 twins of the scalar code (lane for lane:
+ * the same bits; the scalar code is the reference kernels' path). */
 float expf_ggml(float x);
 float vec_dot_ggml(const float *x, const float *y, int n, int padded);
+/* s[u] = vec_dot_ggml(q, k + u * ks, D, 0) * scale for u < len (attention's
+ * scores against a cache) */
+void scores_ggml(float *s, const float *q, const float *k, size_t ks, int len, int D, float scale);
 /* vec_dot_ggml's combination of its 4 x 16 lanes (one chain: the others 0) */
 float ggml_lanes_sum(const float acc[4][16]);
 float vec_dot_ggml_batch(const float *x, const float *y, int n);

@@ -177,7 +177,7 @@ float ggml_lanes_sum(const float acc[4][16]) {
     return reduce16(v);
 }
 
-float vec_dot_ggml(const float *x, const float *y, int n, int padded) {
+static float vec_dot_ggml_ref(const float *x, const float *y, int n, int padded) {
     float acc[4][16] = {{0}};
     const int np = padded ? n : n & ~63;
     int i = 0; /* element i in accumulator (i / 16) % 4, lane i % 16 */
@@ -191,6 +191,66 @@ float vec_dot_ggml(const float *x, const float *y, int n, int padded) {
         s += p;
     }
     return s;
+}
+
+/* ---- the AVX-512 twins (moe_use_fast_kernels): lane l of a register is
+ * lane l of the scalar code above, so the bits are the same (test_kernels) */
+#define GGML_AVX512 __attribute__((target("avx512f,fma")))
+GGML_AVX512 static inline __m512 expf_ggml16(__m512 x) {
+    const __m512 r = _mm512_set1_ps(0x1.8p23f);
+    const __m512 z = _mm512_fmadd_ps(x, _mm512_set1_ps(0x1.715476p+0f), r);
+    const __m512 n = _mm512_sub_ps(z, r);
+    const __m512 b = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.7f7d1cp-20f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.62e4p-1f), x));
+    const __m512 u = _mm512_mul_ps(b, b);
+    const __m512 j = _mm512_fmadd_ps(
+        _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(0x1.0e4020p-7f), b, _mm512_set1_ps(0x1.573e2ep-5f)), u,
+                        _mm512_fmadd_ps(_mm512_set1_ps(0x1.555e66p-3f), b, _mm512_set1_ps(0x1.fffdb6p-2f))),
+        u, _mm512_fmadd_ps(_mm512_set1_ps(0x1.ffffecp-1f), b, _mm512_set1_ps(1.0f)));
+    const __m512 res = _mm512_scalef_ps(j, n);
+    const __mmask16 big = _mm512_cmp_ps_mask(_mm512_abs_ps(n), _mm512_set1_ps(192.0f), _CMP_GT_OQ);
+    if (!big) return res;
+    const __m512 alt = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(n, _mm512_setzero_ps(), _CMP_LE_OQ),
+                                            _mm512_set1_ps(INFINITY), _mm512_setzero_ps());
+    return _mm512_mask_blend_ps(big, res, alt);
+}
+/* reduce16's tree on a register */
+GGML_AVX512 static inline float reduce16_avx512(__m512 v) {
+    const __m256 a = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
+                                   _mm512_castps512_ps256(v));
+    const __m128 b = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+    const __m128 c = _mm_add_ps(_mm_movehl_ps(b, b), b); /* b2 + b0, b3 + b1 */
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+GGML_AVX512 static float vec_dot_ggml_avx512(const float *x, const float *y, int n, int padded) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const int np = padded ? n : n & ~63;
+    int i = 0;
+    for (; i + 64 <= np; i += 64)
+        for (int j = 0; j < 4; j++)
+            acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16 * j), _mm512_loadu_ps(y + i + 16 * j), acc[j]);
+    for (int j = 0; j < 4 && i + 16 * j < np; j++) { /* padded: the last part-block, lanes past n untouched */
+        const int left = np - i - 16 * j;
+        const __mmask16 k = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        acc[j] = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(k, x + i + 16 * j), _mm512_maskz_loadu_ps(k, y + i + 16 * j),
+                                       acc[j], k);
+    }
+    float s = reduce16_avx512(_mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3])));
+    for (i = np; i < n; i++) {
+        const float p = x[i] * y[i];
+        s += p;
+    }
+    return s;
+}
+
+float vec_dot_ggml(const float *x, const float *y, int n, int padded) {
+    return moe_use_fast_kernels() ? vec_dot_ggml_avx512(x, y, n, padded) : vec_dot_ggml_ref(x, y, n, padded);
+}
+
+void scores_ggml(float *s, const float *q, const float *k, size_t ks, int len, int D, float scale) {
+    if (moe_use_fast_kernels())
+        for (int u = 0; u < len; u++) s[u] = vec_dot_ggml_avx512(q, k + (size_t)u * ks, D, 0) * scale;
+    else
+        for (int u = 0; u < len; u++) s[u] = vec_dot_ggml_ref(q, k + (size_t)u * ks, D, 0) * scale;
 }
 
 float vec_dot_ggml_batch(const float *x, const float *y, int n) {
@@ -212,7 +272,17 @@ void matmul_ggml_f32(float *out, const float *in, const float *w, int N, int C, 
     }
 }
 
-void softmax_row_ggml(float *p, const float *x, int n, int padded) {
+/* both forms' end: libm exps of x[j..n) - mx, then the row times 1 / sum */
+static void softmax_rest_ggml(float *p, const float *x, float mx, int j, int n, double sum) {
+    for (; j < n; j++) {
+        p[j] = expf(x[j] - mx);
+        sum += (double)p[j];
+    }
+    const float inv = (float)(1.0 / sum);
+    for (j = 0; j < n; j++) p[j] *= inv;
+}
+
+static void softmax_row_ggml_ref(float *p, const float *x, int n, int padded) {
     float mx = -INFINITY;
     for (int j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
     double sum = 0.0;
@@ -227,24 +297,62 @@ void softmax_row_ggml(float *p, const float *x, int n, int padded) {
         sum += (double)reduce16(blk);
         j = n;
     }
-    for (; j < n; j++) {
-        p[j] = expf(x[j] - mx);
-        sum += (double)p[j];
+    softmax_rest_ggml(p, x, mx, j, n, sum);
+}
+
+GGML_AVX512 static void softmax_row_ggml_avx512(float *p, const float *x, int n, int padded) {
+    float mx = -INFINITY;
+    for (int j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+    const __m512 mv = _mm512_set1_ps(mx);
+    double sum = 0.0;
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m512 e = expf_ggml16(_mm512_sub_ps(_mm512_loadu_ps(x + j), mv));
+        _mm512_storeu_ps(p + j, e);
+        sum += (double)reduce16_avx512(e);
     }
-    const float inv = (float)(1.0 / sum);
-    for (j = 0; j < n; j++) p[j] *= inv;
+    if (padded && j < n) { /* masked lanes: exps of -inf, 0 */
+        const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(k, expf_ggml16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), mv)));
+        _mm512_mask_storeu_ps(p + j, k, e);
+        sum += (double)reduce16_avx512(e);
+        j = n;
+    }
+    softmax_rest_ggml(p, x, mx, j, n, sum);
+}
+
+void softmax_row_ggml(float *p, const float *x, int n, int padded) {
+    if (moe_use_fast_kernels()) softmax_row_ggml_avx512(p, x, n, padded);
+    else softmax_row_ggml_ref(p, x, n, padded);
+}
+
+/* one row; the 16-blocks' exps as expf_ggml16 or lane by lane */
+GGML_AVX512 static void swiglu_row_ggml_avx512(float *out, const float *gate, const float *up, int F) {
+    const int simd = F & ~15;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int j = 0; j < simd; j += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + j);
+        const __m512 e = expf_ggml16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + j)));
+    }
+    for (int j = simd; j < F; j++) out[j] = (gate[j] / (1.0f + expf(-gate[j]))) * up[j];
+}
+static void swiglu_row_ggml_ref(float *out, const float *gate, const float *up, int F) {
+    const int simd = F & ~15;
+    for (int j = 0; j < F; j++) {
+        const float g = gate[j];
+        const float e = j < simd ? expf_ggml(0.0f - g) : expf(-g);
+        out[j] = (g / (1.0f + e)) * up[j];
+    }
 }
 
 void swiglu_forward_ggml(float *out, const float *gate, const float *up, int N, int F) {
-    const int simd = F & ~15;
+    const int fast = moe_use_fast_kernels();
 #pragma omp parallel for schedule(static) if ((double)N * F >= PAR_MIN)
     for (int n = 0; n < N; n++) {
         const size_t o = (size_t)n * F;
-        for (int j = 0; j < F; j++) {
-            const float g = gate[o + j];
-            const float e = j < simd ? expf_ggml(0.0f - g) : expf(-g);
-            out[o + j] = (g / (1.0f + e)) * up[o + j];
-        }
+        if (fast) swiglu_row_ggml_avx512(out + o, gate + o, up + o, F);
+        else swiglu_row_ggml_ref(out + o, gate + o, up + o, F);
     }
 }
 
