@@ -160,9 +160,10 @@ static void test_layout(const layout *L, int wtype) {
     if (!m || !ref || !got) { free(ref); free(got); moe_model_free(m); TEST_END(); return; }
     CHECK(run(m, ref) == MOE_OK, "resident run: %s", moe_last_error());
     const size_t repacked = moe_model_repacked_bytes(m);
-    if (wtype == DT_Q8_0) {
+    if (wtype == DT_Q8_0 || wtype == DT_Q4_K) {
         /* the kernels' layout (model/repack.c) where it is taken: the file's rows give the same bits */
-        const int want = qk_avx512_supported() && !qk_amx_q8_0_supported() && !getenv("MOE_REPACK") && !getenv("MOE_KERNELS");
+        const int want = qk_avx512_supported() && (wtype != DT_Q8_0 || !qk_amx_q8_0_supported()) && !getenv("MOE_REPACK") &&
+                         !getenv("MOE_KERNELS");
         CHECK((repacked > 0) == want, "%zu bytes repacked, expected %s", repacked, want ? "some" : "none");
         setenv("MOE_REPACK", "0", 1);
         moe_model *rows = NULL;

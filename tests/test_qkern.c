@@ -245,57 +245,74 @@ static void test_blocked(const char *name, qmm_blocked_fn kernel, int available,
     TEST_END();
 }
 
-/* Q8_0_R8 (rows interleaved by 8, repacked at load): the packing keeps
- * every row's bytes; qmatmul on the packed rows gives the bits it gives on
- * the rows themselves, on the portable path and the fast one, decode and
- * blocked prefill, 1 and 2 threads; a shape it cannot hold gives NaN. */
-static void test_r8(void) {
+/* The repacked layouts (Q8_0_R8, Q4_K_R4: rows regrouped at load): the
+ * packing keeps every row's bytes; qmatmul on the packed rows gives the bits
+ * it gives on the rows themselves, on the portable path and the fast one,
+ * decode and (Q8_0) blocked prefill, 1 and 2 threads; a shape it cannot
+ * hold gives NaN. */
+/* outputs a kernel must write: NaN first, so that one it skips cannot pass */
+static void poison(float *x, int n) {
+    for (int i = 0; i < n; i++) x[i] = NAN;
+}
+
+static void test_repacked(int rtype) {
     enum { RN = 40, ROC = 72, RC = 1056 };
     static float in[RN * RC], want[RN * ROC], got[RN * ROC], two[RN * ROC];
     static uint8_t w[ROC * RC * 2], wr[ROC * RC * 2], row[RC * 2];
-    const int Ns[] = {0, 1, 2, 3, 4, 5, 15, 16, 17, 40}, OCs[] = {8, 16, 24, 72}, Cs[] = {32, 64, 96, 352, 1056};
+    const int base = dtype_base_type(rtype), gr = dtype_group_rows(rtype), q8 = base == DT_Q8_0;
+    const int Ns[] = {0, 1, 2, 3, 4, 5, 15, 16, 17, 40};
+    const int OCs[] = {gr, 2 * gr, 3 * gr, 72};
+    const int Cs8[] = {32, 64, 96, 352, 1056}, CsK[] = {256, 512, 768, 1024, 256};
+    const int *Cs = q8 ? Cs8 : CsK;
     const int saved = omp_get_max_threads();
     moe_rng r;
-    moe_rng_seed(&r, 808);
-    TEST_CASE("q8_0_r8: packing keeps every row; qmatmul = q8_0 bit for bit (portable, fast, blocked, threads)");
+    moe_rng_seed(&r, 808 + rtype);
+    char name[160];
+    snprintf(name, sizeof name, "%s: packing keeps every row; qmatmul = %s bit for bit (portable, fast,%s threads)",
+             dtype_name(rtype), dtype_name(base), q8 ? " blocked," : "");
+    TEST_CASE(name);
     int bad_row = 0, bad_port = 0, bad_fast = 0, bad_blocked = 0, bad_thr = 0, bad_ref = 0, shapes = 0;
     for (int ci = 0; ci < 5; ci++)
         for (int ni = 0; ni < 10; ni++) {
             const int C = Cs[ci], N = Ns[ni], OC = OCs[(ci + ni) % 4];
             size_t rb;
-            dtype_row_bytes(DT_Q8_0, C, &rb);
-            fill_weights(DT_Q8_0, w, OC, C, (ci + ni) % 3, &r);
+            dtype_row_bytes(base, C, &rb);
+            fill_weights(base, w, OC, C, (ci + ni) % 3, &r);
             for (int n = 0; n < N; n++) fill_act(in + (size_t)n * C, C, (ni + n) % 4, &r);
-            CHECK(dtype_q8_0_r8_pack(wr, w, OC, C) == 0, "pack refused %d x %d", OC, C);
+            CHECK(dtype_repack(rtype, wr, w, OC, C) == 0, "pack refused %d x %d", OC, C);
             for (int o = 0; o < OC; o++) {
-                dtype_q8_0_r8_row(row, wr, o, C);
+                dtype_repacked_row(rtype, row, wr, o, C);
                 if (memcmp(row, w + (size_t)o * rb, rb)) bad_row++;
             }
-            void *ws = moe_malloc(qmatmul_workspace(DT_Q8_0_R8, N, C) + 1);
+            void *ws = moe_malloc(qmatmul_workspace(rtype, N, C) + 1);
             /* the rows' vec_dot order: portable and fast */
             qmatmul_allow_blocked(0);
             moe_set_reference_kernels(1);
-            qmatmul_forward(want, in, w, DT_Q8_0, N, C, OC, ws);
-            qmatmul_forward(got, in, wr, DT_Q8_0_R8, N, C, OC, ws);
+            qmatmul_forward(want, in, w, base, N, C, OC, ws);
+            poison(got, N * OC);
+            qmatmul_forward(got, in, wr, rtype, N, C, OC, ws);
             if (!same_bits(want, got, (size_t)N * OC)) bad_port++;
             moe_set_reference_kernels(0);
             if (fast_ok()) {
-                qmatmul_forward(got, in, wr, DT_Q8_0_R8, N, C, OC, ws);
+                poison(got, N * OC);
+                qmatmul_forward(got, in, wr, rtype, N, C, OC, ws);
                 if (!same_bits(want, got, (size_t)N * OC) && bad_fast++ < 3)
-                    printf("  C %d N %d OC %d: fast q8_0_r8 != q8_0\n", C, N, OC);
+                    printf("  C %d N %d OC %d: fast %s != %s\n", C, N, OC, dtype_name(rtype), dtype_name(base));
             }
             qmatmul_allow_blocked(1);
             /* blocked prefill: qmatmul where it takes it, else the kernel itself */
-            if (fast_ok()) {
+            if (fast_ok() && q8) {
                 qmatmul_q8_0_blocked_ref(want, in, w, N, C, OC);
                 if (N >= QMM_AMX_MIN_ROWS && blocked_ok()) {
                     omp_set_num_threads(1);
-                    qmatmul_forward(got, in, wr, DT_Q8_0_R8, N, C, OC, ws);
+                    poison(got, N * OC);
+                    qmatmul_forward(got, in, wr, rtype, N, C, OC, ws);
                     omp_set_num_threads(2);
-                    qmatmul_forward(two, in, wr, DT_Q8_0_R8, N, C, OC, ws);
+                    qmatmul_forward(two, in, wr, rtype, N, C, OC, ws);
                     omp_set_num_threads(saved);
                     if (!same_bits(got, two, (size_t)N * OC)) bad_thr++;
                 } else {
+                    poison(got, N * OC);
                     for (int n = 0; n < N; n++) qk_q8_0_blocked_pack(ws, in + (size_t)n * C, n, N, C);
                     for (int o = 0; o < OC; o += 16)
                         qk_avx512_q8_0_r8_blocked_tile(got + o, (size_t)OC, wr + (size_t)o * rb, rb,
@@ -303,31 +320,42 @@ static void test_r8(void) {
                 }
                 if (!same_bits(want, got, (size_t)N * OC) && bad_blocked++ < 3)
                     printf("  C %d N %d OC %d: blocked q8_0_r8 != blocked twin\n", C, N, OC);
+            } else if (fast_ok() && N > 0) { /* the fast path on 1 and 2 threads */
+                omp_set_num_threads(1);
+                qmatmul_forward(got, in, wr, rtype, N, C, OC, ws);
+                omp_set_num_threads(2);
+                qmatmul_forward(two, in, wr, rtype, N, C, OC, ws);
+                omp_set_num_threads(saved);
+                if (!same_bits(got, two, (size_t)N * OC)) bad_thr++;
             }
-            qmatmul_forward_ref(want, in, w, DT_Q8_0, N, C, OC);
-            qmatmul_forward_ref(got, in, wr, DT_Q8_0_R8, N, C, OC);
+            qmatmul_forward_ref(want, in, w, base, N, C, OC);
+            poison(got, N * OC);
+            qmatmul_forward_ref(got, in, wr, rtype, N, C, OC);
             if (!same_bits(want, got, (size_t)N * OC)) bad_ref++;
             moe_free(ws);
             shapes++;
         }
     CHECK(bad_row == 0, "%d rows changed by packing", bad_row);
-    CHECK(bad_port == 0, "%d of %d shapes: portable q8_0_r8 != q8_0", bad_port, shapes);
-    CHECK(bad_fast == 0, "%d of %d shapes: fast q8_0_r8 != q8_0", bad_fast, shapes);
+    CHECK(bad_port == 0, "%d of %d shapes: portable %s != %s", bad_port, shapes, dtype_name(rtype), dtype_name(base));
+    CHECK(bad_fast == 0, "%d of %d shapes: fast %s != %s", bad_fast, shapes, dtype_name(rtype), dtype_name(base));
     CHECK(bad_blocked == 0, "%d of %d shapes: blocked q8_0_r8 != the blocked twin", bad_blocked, shapes);
     CHECK(bad_thr == 0, "%d shapes differ between 1 and 2 threads", bad_thr);
     CHECK(bad_ref == 0, "%d shapes: the reference differs between the layouts", bad_ref);
-    /* shapes the layout cannot hold */
-    CHECK(dtype_q8_0_r8_pack(wr, w, 12, 64) == -1 && dtype_q8_0_r8_pack(wr, w, 8, 48) == -1, "pack took a bad shape");
+    /* shapes the layout cannot hold: rows not a whole group, a row not whole blocks */
+    const int C0 = Cs[0];
+    CHECK(dtype_repack(rtype, wr, w, gr + 2, C0) == -1 && dtype_repack(rtype, wr, w, gr, C0 + 16) == -1 &&
+          dtype_repack(DT_Q8_0, wr, w, 8, 64) == -1, "repack took a bad shape or type");
     {
-        void *ws = moe_malloc(qmatmul_workspace(DT_Q8_0_R8, 1, 64) + 1);
-        qmatmul_forward(got, in, wr, DT_Q8_0_R8, 1, 64, 12, ws);
+        void *ws = moe_malloc(qmatmul_workspace(rtype, 1, C0) + 1);
+        qmatmul_forward(got, in, wr, rtype, 1, C0, gr + 2, ws);
         int nan = 0;
-        for (int o = 0; o < 12; o++) nan += isnan(got[o]) != 0;
-        CHECK(nan == 12, "OC 12: %d of 12 outputs NaN", nan);
+        for (int o = 0; o < gr + 2; o++) nan += isnan(got[o]) != 0;
+        CHECK(nan == gr + 2, "OC %d: %d outputs NaN", gr + 2, nan);
         moe_free(ws);
     }
-    CHECK(!dtype_usable(DT_Q8_0_R8) && strcmp(dtype_name(DT_Q8_0_R8), "q8_0_r8") == 0, "q8_0_r8 traits");
-    if (!fast_ok()) printf("  fast and blocked q8_0_r8 not checked: %s\n", SKIP_REASON);
+    CHECK(!dtype_usable(rtype) && dtype_repacked_type(base) == rtype && dtype_group_rows(base) == 1, "%s traits",
+          dtype_name(rtype));
+    if (!fast_ok()) printf("  fast paths of %s not checked: %s\n", dtype_name(rtype), SKIP_REASON);
     TEST_END();
 }
 
@@ -580,7 +608,8 @@ int main(void) {
                  qk_amx_q8_0_tile, amx_ok(), "no AMX", amx_ok());
     test_blocked("avx512-vnni blocked q8_0: = blocked twin bit for bit (N 0..64, ragged OC), error bound, threads",
                  qk_avx512_q8_0_blocked_tile, fast_ok(), SKIP_REASON, blocked_ok() && !amx_ok());
-    test_r8();
+    test_repacked(DT_Q8_0_R8);
+    test_repacked(DT_Q4_K_R4);
     test_moe_batch();
     test_llama();
     TEST_MAIN_END();

@@ -215,15 +215,17 @@ static void k_affine_to_float(float *dst, const int8_t *q, float d, float dmin,
 }
 /* Q4_K and Q5_K share their header (d, dmin, 12 scale bytes at offsets 0, 2,
  * 4): block i of a row unpacked into q, its header returned */
-static const blk_q4_K *k_affine_block(const void *row, int64_t i, int five_bits, int8_t *q) {
+static const blk_q4_K *k_affine_block_at(const void *row, int64_t i, size_t stride, int five_bits, int8_t *q) {
+    const void *p = (const uint8_t *)row + (size_t)i * stride;
     if (five_bits) {
-        const blk_q5_K *b = (const blk_q5_K *)row + i;
-        q5k_unpack(b, q);
-        return (const blk_q4_K *)b;
+        q5k_unpack(p, q);
+        return p;
     }
-    const blk_q4_K *b = (const blk_q4_K *)row + i;
-    q4k_unpack(b, q);
-    return b;
+    q4k_unpack(p, q);
+    return p;
+}
+static const blk_q4_K *k_affine_block(const void *row, int64_t i, int five_bits, int8_t *q) {
+    return k_affine_block_at(row, i, five_bits ? sizeof(blk_q5_K) : sizeof(blk_q4_K), five_bits, q);
 }
 static void k_affine_row_to_float(float *dst, const void *src, int64_t n, int five_bits) {
     int8_t q[QKK];
@@ -621,8 +623,7 @@ static float q8_0_vec_dot(const void *w, const void *a, int64_t n) {
 static size_t r8_scale_at(int64_t i, int64_t r) { return (size_t)(8 * i + r) * 2; }
 static size_t r8_quants_at(int64_t nb, int64_t i, int64_t r) { return (size_t)nb * 16 + (size_t)(8 * i + r) * QK; }
 
-int dtype_q8_0_r8_pack(void *dst, const void *src, int64_t rows, int64_t C) {
-    if (rows < 0 || rows % 8 || C < 0 || C % QK) return -1;
+static int q8_0_r8_pack(void *dst, const void *src, int64_t rows, int64_t C) {
     const int64_t nb = C / QK;
     const size_t group = (size_t)nb * 8 * sizeof(blk_q8_0);
     for (int64_t g = 0; g < rows / 8; g++) {
@@ -637,7 +638,7 @@ int dtype_q8_0_r8_pack(void *dst, const void *src, int64_t rows, int64_t C) {
     return 0;
 }
 
-void dtype_q8_0_r8_row(void *dst, const void *src, int64_t r, int64_t C) {
+static void q8_0_r8_row(void *dst, const void *src, int64_t r, int64_t C) {
     const int64_t nb = C / QK;
     const uint8_t *g = (const uint8_t *)src + (size_t)(r / 8) * (size_t)nb * 8 * sizeof(blk_q8_0);
     blk_q8_0 *out = dst;
@@ -645,11 +646,6 @@ void dtype_q8_0_r8_row(void *dst, const void *src, int64_t r, int64_t C) {
         memcpy(out[i].d, g + r8_scale_at(i, r % 8), 2);
         memcpy(out[i].qs, g + r8_quants_at(nb, i, r % 8), QK);
     }
-}
-
-float dtype_q8_0_r8_vec_dot(const void *group, int r, const void *a, int64_t C) {
-    const uint8_t *g = group;
-    return q8_0_dot_strided(g + r8_scale_at(0, r), 16, g + r8_quants_at(C / QK, 0, r), 8 * QK, a, C);
 }
 
 /* The K-quants' integer lanes: lane l of a super-block sums
@@ -668,13 +664,14 @@ static inline void k_lanes(int32_t *lane, const int8_t *q, const int8_t *a, cons
  * Q5_K one float, fma(dmin, whole integer min sum, sum) (llama.cpp's C,
  * contracted to a fused multiply-add by its compiler). Result
  * hsum8(acc) + the min term. */
-static float k_affine_vec_dot(const void *w, const void *a, int64_t n, int five_bits) {
+/* block i of the weight row at w + i * stride (a row, or a Q4_K_R4 group's) */
+static float k_affine_vec_dot(const void *w, size_t stride, const void *a, int64_t n, int five_bits) {
     const dtype_q8_K_block *y = a;
     float acc[8] = {0}, accm[4] = {0}, summs = 0.0f;
     int8_t q[QKK];
     int32_t lane[8], sc[8];
     for (int64_t i = 0; i < n / QKK; i++) {
-        const blk_q4_K *h = k_affine_block(w, i, five_bits, q);
+        const blk_q4_K *h = k_affine_block_at(w, i, stride, five_bits, q);
         float d = y[i].d * ld_f16(h->d), dmin = -y[i].d * ld_f16(h->dmin);
         int32_t mpair[4] = {0};
         uint8_t s[8], m[8];
@@ -693,8 +690,8 @@ static float k_affine_vec_dot(const void *w, const void *a, int64_t n, int five_
     float mins = five_bits ? summs : (accm[0] + accm[2]) + (accm[1] + accm[3]);
     return hsum8(acc) + mins;
 }
-static float q4_K_vec_dot(const void *w, const void *a, int64_t n) { return k_affine_vec_dot(w, a, n, 0); }
-static float q5_K_vec_dot(const void *w, const void *a, int64_t n) { return k_affine_vec_dot(w, a, n, 1); }
+static float q4_K_vec_dot(const void *w, const void *a, int64_t n) { return k_affine_vec_dot(w, sizeof(blk_q4_K), a, n, 0); }
+static float q5_K_vec_dot(const void *w, const void *a, int64_t n) { return k_affine_vec_dot(w, sizeof(blk_q5_K), a, n, 1); }
 
 /* Q6_K: the lanes of sc * (q + 32) * a (q + 32 in 0..63), minus per lane l
  * 32 (sc[2l] bs[2l] + sc[2l+1] bs[2l+1]) (the offset taken out through the
@@ -760,6 +757,7 @@ static const dtype_traits traits[DT_TABLE] = {
     [DT_TQ2_0] = SIZE_ONLY("tq2_0", QKK, 66),
     [DT_MXFP4] = SIZE_ONLY("mxfp4", QK, 17),
     [DT_Q8_0_R8] = {"q8_0_r8", QK, 34, NULL, NULL, DT_Q8_0, NULL, NULL},
+    [DT_Q4_K_R4] = {"q4_K_r4", QKK, 144, NULL, NULL, DT_Q8_K, NULL, NULL},
 };
 
 const dtype_traits *dtype_traits_of(int type) {
@@ -789,4 +787,42 @@ int dtype_row_bytes(int type, int64_t n, size_t *out) {
     if (blocks > (uint64_t)INT64_MAX / t->block_bytes || blocks > SIZE_MAX / t->block_bytes) return -1;
     *out = (size_t)blocks * t->block_bytes;
     return 0;
+}
+
+/* ---- the repacked layouts (dtype.h) ---------------------------------------- */
+int dtype_repacked_type(int type) { return type == DT_Q8_0 ? DT_Q8_0_R8 : type == DT_Q4_K ? DT_Q4_K_R4 : -1; }
+int dtype_base_type(int type) { return type == DT_Q8_0_R8 ? DT_Q8_0 : type == DT_Q4_K_R4 ? DT_Q4_K : type; }
+int dtype_group_rows(int type) { return type == DT_Q8_0_R8 ? 8 : type == DT_Q4_K_R4 ? 4 : 1; }
+
+/* Q4_K_R4: whole blocks of 4 rows interleaved */
+static size_t r4_block_at(int64_t i, int64_t r) { return (size_t)(4 * i + r) * sizeof(blk_q4_K); }
+
+int dtype_repack(int rtype, void *dst, const void *src, int64_t rows, int64_t C) {
+    const int gr = dtype_group_rows(rtype);
+    const dtype_traits *t = dtype_traits_of(dtype_base_type(rtype));
+    if (gr < 2 || !t || rows < 0 || rows % gr || C < 0 || C % t->blck) return -1;
+    if (rtype == DT_Q8_0_R8) return q8_0_r8_pack(dst, src, rows, C);
+    const int64_t nb = C / QKK;
+    const size_t row = (size_t)nb * sizeof(blk_q4_K);
+    for (int64_t g = 0; g < rows / 4; g++)
+        for (int64_t r = 0; r < 4; r++)
+            for (int64_t i = 0; i < nb; i++)
+                memcpy((uint8_t *)dst + (size_t)g * 4 * row + r4_block_at(i, r),
+                       (const uint8_t *)src + (size_t)(4 * g + r) * row + (size_t)i * sizeof(blk_q4_K), sizeof(blk_q4_K));
+    return 0;
+}
+
+void dtype_repacked_row(int rtype, void *dst, const void *src, int64_t r, int64_t C) {
+    if (rtype == DT_Q8_0_R8) { q8_0_r8_row(dst, src, r, C); return; }
+    const int64_t nb = C / QKK;
+    const uint8_t *g = (const uint8_t *)src + (size_t)(r / 4) * 4 * (size_t)nb * sizeof(blk_q4_K);
+    for (int64_t i = 0; i < nb; i++)
+        memcpy((uint8_t *)dst + (size_t)i * sizeof(blk_q4_K), g + r4_block_at(i, r % 4), sizeof(blk_q4_K));
+}
+
+float dtype_repacked_vec_dot(int rtype, const void *group, int r, const void *a, int64_t C) {
+    const uint8_t *g = group;
+    if (rtype == DT_Q8_0_R8)
+        return q8_0_dot_strided(g + r8_scale_at(0, r), 16, g + r8_quants_at(C / QK, 0, r), 8 * QK, a, C);
+    return k_affine_vec_dot(g + r4_block_at(0, r), 4 * sizeof(blk_q4_K), a, C, 0);
 }

@@ -28,15 +28,20 @@ enum {
     DT_IQ3_S = 21, DT_IQ2_S = 22, DT_IQ4_XS = 23, DT_I8 = 24, DT_I16 = 25, DT_I32 = 26,
     DT_I64 = 27, DT_F64 = 28, DT_IQ1_M = 29, DT_TQ1_0 = 34, DT_TQ2_0 = 35, DT_MXFP4 = 39,
     DT_COUNT = 40, /* numbers below this may name a type in a file; unknown ones have no traits */
-    /* An engine-internal layout, never in a file (the GGUF reader takes only
-     * numbers below DT_COUNT): Q8_0 rows interleaved by 8, as the kernels
-     * stream them (repacked once at load: model/repack.c). A group of 8 rows
-     * of nb blocks is nb * 272 bytes, the 8 rows' own bytes reordered: the
-     * fp16 scales [nb][8], then the quants [nb][8][32]. One pass over the
-     * blocks then reads one stream instead of 8. The same sizes as Q8_0 per
-     * row; no to_float or vec_dot of a lone row (dtype_usable says 0). */
+    /* Engine-internal layouts, never in a file (the GGUF reader takes only
+     * numbers below DT_COUNT): a weight type's rows regrouped, as the kernels
+     * stream them (repacked once at load: model/repack.c), so that a tile of
+     * rows reads one stream instead of one per row. Same bytes per row as
+     * the type they hold; no to_float or vec_dot of a lone row (dtype_usable
+     * says 0): see the dtype_repacked_* functions below.
+     * Q8_0_R8: groups of 8 rows of nb blocks (nb * 272 bytes, the 8 rows'
+     *   own bytes reordered): the fp16 scales [nb][8], then the quants
+     *   [nb][8][32].
+     * Q4_K_R4: groups of 4 rows, their super-blocks interleaved whole:
+     *   block i of row r at (4 i + r) * 144. */
     DT_Q8_0_R8 = 64,
-    DT_TABLE = 65
+    DT_Q4_K_R4 = 65,
+    DT_TABLE = 66
 };
 
 typedef struct {
@@ -68,13 +73,20 @@ int dtype_usable(int type);
  * block size, the type is unknown or the size exceeds INT64_MAX. */
 int dtype_row_bytes(int type, int64_t n, size_t *out);
 
-/* The Q8_0_R8 layout (above). pack: rows (a multiple of 8) x C (a multiple
- * of 32) Q8_0 rows into groups; -1 for other shapes. row: row r of a packed
- * matrix back in Q8_0's layout (C * 34 / 32 bytes). vec_dot: q8_0's vec_dot
- * of row r of the group starting at w, the same bits. */
-int dtype_q8_0_r8_pack(void *dst, const void *src, int64_t rows, int64_t C);
-void dtype_q8_0_r8_row(void *dst, const void *src, int64_t r, int64_t C);
-float dtype_q8_0_r8_vec_dot(const void *group, int r, const void *a, int64_t C);
+/* The repacked layouts (above). repacked_type: the layout a weight type is
+ * repacked into, or -1 when it has none; base_type: the type whose
+ * arithmetic a layout holds (a file type is its own); group_rows: rows per
+ * group (1 for file types). repack: rows (a multiple of group_rows) x C
+ * rows of the base type into the layout; -1 for other shapes or types.
+ * row: row r of a repacked matrix back in the base type's layout.
+ * vec_dot: the base type's vec_dot of row r of the group at `group`, the
+ * same bits. */
+int dtype_repacked_type(int type);
+int dtype_base_type(int type);
+int dtype_group_rows(int type);
+int dtype_repack(int rtype, void *dst, const void *src, int64_t rows, int64_t C);
+void dtype_repacked_row(int rtype, void *dst, const void *src, int64_t r, int64_t C);
+float dtype_repacked_vec_dot(int rtype, const void *group, int r, const void *a, int64_t C);
 
 /* fp16 and bf16 conversions (round to nearest even), shared by every path. */
 /* both exactly as F16C's VCVTPH2PS / VCVTPS2PH (what llama.cpp uses on x86):

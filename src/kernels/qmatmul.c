@@ -18,7 +18,7 @@
 #define PAR_MIN_WORK 65536.0
 
 /* the type whose arithmetic a weight type's layout holds (Q8_0_R8: Q8_0's) */
-static int arith_type(int wtype) { return wtype == DT_Q8_0_R8 ? DT_Q8_0 : wtype; }
+static int arith_type(int wtype) { return dtype_base_type(wtype); }
 
 /* bytes of one converted activation row; 0 when wtype cannot be multiplied */
 static size_t act_row_bytes(int wtype, int C) {
@@ -76,13 +76,14 @@ static void portable_tile(const dtype_traits *t, float *out, size_t ldo, const c
             out[(size_t)n * ldo + o] = t->vec_dot(w + (size_t)o * wrow, a + (size_t)n * arow, C);
 }
 
-/* Q8_0_R8's portable tile: row o of a group read in place */
-static void portable_r8_tile(float *out, size_t ldo, const char *w, size_t wrow, int nw, const char *a,
-                             size_t arow, int na, int C) {
+/* a repacked layout's portable tile: row o of its group read in place */
+static void portable_grouped_tile(int wtype, float *out, size_t ldo, const char *w, size_t wrow, int nw,
+                                  const char *a, size_t arow, int na, int C) {
+    const int gr = dtype_group_rows(wtype);
     for (int o = 0; o < nw; o++)
         for (int n = 0; n < na; n++)
             out[(size_t)n * ldo + o] =
-                dtype_q8_0_r8_vec_dot(w + (size_t)(o / 8) * 8 * wrow, o % 8, a + (size_t)n * arow, C);
+                dtype_repacked_vec_dot(wtype, w + (size_t)(o / gr) * gr * wrow, o % gr, a + (size_t)n * arow, C);
 }
 
 /* output rows per task: a few weight rows stay in L1 while every activation
@@ -112,10 +113,10 @@ void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype
         matmul_forward(out, in, w, NULL, N, C, OC, MATMUL_FP32);
         return;
     }
-    const int r8 = wtype == DT_Q8_0_R8, atype = arith_type(wtype);
+    const int atype = arith_type(wtype), group = dtype_group_rows(wtype), r8 = wtype == DT_Q8_0_R8;
     const dtype_traits *t = dtype_traits_of(atype);
     size_t wrow, arow = act_row_bytes(wtype, C);
-    if (!arow || !ws || dtype_row_bytes(atype, C, &wrow) || (r8 && OC % 8)) {
+    if (!arow || !ws || dtype_row_bytes(atype, C, &wrow) || OC % group) {
         fill_nan(out, N, OC);
         return;
     }
@@ -158,8 +159,8 @@ void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype
             int o = k * ROWS_PER_TASK, nw = OC - o < ROWS_PER_TASK ? OC - o : ROWS_PER_TASK;
             if (tile)
                 tile(out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, arow, N, C);
-            else if (r8)
-                portable_r8_tile(out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, arow, N, C);
+            else if (group > 1)
+                portable_grouped_tile(wtype, out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, arow, N, C);
             else
                 portable_tile(t, out + o, (size_t)OC, wb + (size_t)o * wrow, wrow, nw, act, arow, N, C);
         }
@@ -173,16 +174,16 @@ void qmatmul_forward_ref(float *out, const float *in, const void *w, int wtype, 
         memset(out, 0, (size_t)N * (size_t)OC * sizeof(float));
         return;
     }
-    const int r8 = wtype == DT_Q8_0_R8;
+    const int rtype = wtype, group = dtype_group_rows(wtype), r8 = group > 1;
     wtype = arith_type(wtype);
     const dtype_traits *t = dtype_traits_of(wtype);
     size_t wrow, arow = wtype == DT_F32 ? (size_t)C * sizeof(float) : act_row_bytes(wtype, C);
-    if (!t || !arow || dtype_row_bytes(wtype, C, &wrow) || (r8 && OC % 8)) {
+    if (!t || !arow || dtype_row_bytes(wtype, C, &wrow) || OC % group) {
         fill_nan(out, N, OC);
         return;
     }
     float *wf = moe_malloc((size_t)C * sizeof(float)), *af = moe_malloc((size_t)C * sizeof(float));
-    void *act = moe_malloc(arow), *row = r8 ? moe_malloc(wrow ? wrow : 1) : NULL; /* a Q8_0_R8 row unpacked */
+    void *act = moe_malloc(arow), *row = r8 ? moe_malloc(wrow ? wrow : 1) : NULL; /* a repacked row unpacked */
     if (!wf || !af || !act || (r8 && !row)) {
         fill_nan(out, N, OC);
     } else {
@@ -191,7 +192,7 @@ void qmatmul_forward_ref(float *out, const float *in, const void *w, int wtype, 
             at->quantize_act(act, in + (size_t)n * C, C);
             at->to_float(af, act, C);
             for (int o = 0; o < OC; o++) {
-                if (r8) dtype_q8_0_r8_row(row, w, o, C);
+                if (r8) dtype_repacked_row(rtype, row, w, o, C);
                 t->to_float(wf, r8 ? row : (const char *)w + (size_t)o * wrow, C);
                 double s = 0.0;
                 for (int k = 0; k < C; k++) s += (double)wf[k] * (double)af[k];

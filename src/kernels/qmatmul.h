@@ -25,10 +25,11 @@
  * ws is qmatmul_workspace(wtype, N, C) bytes, planned by the caller (NULL
  * when that is 0); the kernel allocates nothing.
  *
- * wtype DT_Q8_0_R8 (Q8_0 rows interleaved by 8, core/dtype.h; OC a multiple
- * of 8, else NaN) gives the same bits as DT_Q8_0 on the same rows, on every
- * path: the layout changes how rows are read, not the arithmetic. Its blocked
- * prefill path is always the VNNI one (AMX reads Q8_0 rows). */
+ * A repacked wtype (DT_Q8_0_R8, DT_Q4_K_R4: rows regrouped, core/dtype.h;
+ * OC a multiple of dtype_group_rows, else NaN) gives the same bits as its
+ * base type on the same rows, on every path: the layout changes how rows are
+ * read, not the arithmetic. Q8_0_R8's blocked prefill path is always the
+ * VNNI one (AMX reads Q8_0 rows). */
 #ifndef MOE_QMATMUL_H
 #define MOE_QMATMUL_H
 #include <stddef.h>

@@ -451,7 +451,9 @@ QK_INLINE __m256i k_lanes(const kblock *k, const __m512i av[4]) {
 
 /* Q4_K: 4 min lanes (fma per lane, (0+2) + (1+3) at the end); Q5_K: one
  * scalar fma with the whole integer min sum */
-QK_INLINE void k_affine_body(float *out, size_t ldo, const uint8_t *w, size_t wrow,
+/* weight row i's block b at w + i * wrow + b * wblk (rows: wblk the block's
+ * bytes; a Q4_K_R4 group: wrow one block, wblk four) */
+QK_INLINE void k_affine_body(float *out, size_t ldo, const uint8_t *w, size_t wrow, size_t wblk,
                              const uint8_t *a, size_t arow, int64_t C, const int RW, const int RA,
                              const int five_bits) {
     __m256 acc[4][4];
@@ -462,8 +464,8 @@ QK_INLINE void k_affine_body(float *out, size_t ldo, const uint8_t *w, size_t wr
     for (int64_t b = 0; b < C / QKB; b++) {
         kblock k[4];
         FOR_W {
-            prefetch_ahead(w + (size_t)i * wrow + (size_t)b * wb, wb);
-            unpack_k_affine(&k[i], w + (size_t)i * wrow + (size_t)b * wb, five_bits);
+            prefetch_ahead(w + (size_t)i * wrow + (size_t)b * wblk, wb);
+            unpack_k_affine(&k[i], w + (size_t)i * wrow + (size_t)b * wblk, five_bits);
         }
         FOR_A {
             const dtype_q8_K_block *y =
@@ -496,10 +498,40 @@ QK_INLINE void k_affine_body(float *out, size_t ldo, const uint8_t *w, size_t wr
         out[(size_t)j * ldo + i] = hsum8(acc[i][j]) + mins;
     }
 }
-#define Q4_K_BODY(o, ldo, w, wr, a, ar, C, RW, RA) k_affine_body(o, ldo, w, wr, a, ar, C, RW, RA, 0)
-#define Q5_K_BODY(o, ldo, w, wr, a, ar, C, RW, RA) k_affine_body(o, ldo, w, wr, a, ar, C, RW, RA, 1)
+#define Q4_K_BODY(o, ldo, w, wr, a, ar, C, RW, RA) k_affine_body(o, ldo, w, wr, Q4_K_BYTES, a, ar, C, RW, RA, 0)
+#define Q5_K_BODY(o, ldo, w, wr, a, ar, C, RW, RA) k_affine_body(o, ldo, w, wr, Q5_K_BYTES, a, ar, C, RW, RA, 1)
 TILE_FN(q4_K_tile, Q4_K_BODY, 2)
 TILE_FN(q5_K_tile, Q5_K_BODY, 2)
+
+/* Q4_K_R4 (nw a multiple of 4; w the first row's group): a group's 4 rows
+ * in one pass for one activation row (one stream), 2 at a time for more,
+ * as the rows' tile takes them; the same lanes, so the same bits. */
+#define R4_CALL(RW, RA, R0) \
+    k_affine_body(o_ + (R0), ldo, g_ + (size_t)(R0) * Q4_K_BYTES, Q4_K_BYTES, 4 * Q4_K_BYTES, a_, arow, C, RW, RA, 0)
+static QK_TARGET void q4_K_r4_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                                   const void *a, size_t arow, int na, int64_t C) {
+    for (int o = 0; o + 4 <= nw; o += 4) {
+        const uint8_t *g_ = (const uint8_t *)w + (size_t)o * wrow;
+        if (na == 1) {
+            float *o_ = out + o;
+            const uint8_t *a_ = a;
+            R4_CALL(4, 1, 0);
+            continue;
+        }
+        for (int n = 0; n < na;) {
+            const int ra = na - n < 4 ? na - n : 4;
+            float *o_ = out + (size_t)n * ldo + o;
+            const uint8_t *a_ = (const uint8_t *)a + (size_t)n * arow;
+            switch (ra) {
+            case 1: R4_CALL(2, 1, 0); R4_CALL(2, 1, 2); break;
+            case 2: R4_CALL(2, 2, 0); R4_CALL(2, 2, 2); break;
+            case 3: R4_CALL(2, 3, 0); R4_CALL(2, 3, 2); break;
+            default: R4_CALL(2, 4, 0); R4_CALL(2, 4, 2); break;
+            }
+            n += ra;
+        }
+    }
+}
 
 /* Q6_K: quants q + 32 (0..63); step p covers elements 64p .. 64p+63, int16
  * lane t there has scale sc[4p + t / 8]; the offset 32 comes out per lane l
@@ -695,6 +727,7 @@ qmm_tile_fn qk_avx512_tile(int wtype) {
     switch (wtype) {
     case DT_Q8_0: return q8_0_pairs_tile;
     case DT_Q8_0_R8: return q8_0_r8_tile;
+    case DT_Q4_K_R4: return q4_K_r4_tile;
     case DT_Q4_0: return q4_0_pairs_tile;
     case DT_Q4_K: return q4_K_tile;
     case DT_Q5_K: return q5_K_tile;

@@ -1,6 +1,7 @@
-/* model/repack: a published model's Q8_0 matrices copied once, at load, into
- * the layout the decode kernel streams (DT_Q8_0_R8, core/dtype.h: rows
- * interleaved by 8, so a tile of 8 rows reads one stream instead of 8).
+/* model/repack: a published model's Q8_0 and Q4_K matrices copied once, at
+ * load, into the layouts the decode kernels stream (DT_Q8_0_R8, DT_Q4_K_R4,
+ * core/dtype.h: rows regrouped by 8 or 4, so that a tile of rows reads one
+ * stream instead of one per row).
  * Decode reads every active weight once per token from memory, and on the
  * CPUs measured (docs/performance.md) one long stream is read markedly
  * faster than 8 short ones. The arithmetic is the same, so the bits are too.
@@ -11,10 +12,11 @@
  * its data exactly when it differs from w's. Not repacked: the token
  * embedding (looked up by rows), routers (small, read as rows), MLA's
  * per-head maps, experts read through the expert cache (offloading, expert
- * parallelism), and anything on a CPU whose Q8_0 prefill uses AMX tiles,
- * which read rows (repacking there is future work). MOE_REPACK=0 turns it
+ * parallelism), and Q8_0 on a CPU whose Q8_0 prefill uses AMX tiles, which
+ * read rows (repacking there is future work). MOE_REPACK=0 turns it
  * off (memory: the copies replace the mapping's pages, which the kernel may
- * drop, but while the file is in the page cache both are resident). */
+ * drop, but while the file is in the page cache both are resident). Other
+ * types (Q5_K, Q6_K, f16, ...) stay rows: their layouts are future work. */
 #include "model/model.h"
 #include "kernels/qmatmul.h"
 #include "moe.h"
@@ -28,8 +30,10 @@ static int repack_wanted(void) {
     if (e && strcmp(e, "0") == 0) return 0;
     const char *k = getenv("MOE_KERNELS");
     if (k && strcmp(k, "portable") == 0) return 0;
-    return qk_avx512_supported() && !qk_amx_q8_0_supported();
+    return qk_avx512_supported();
 }
+/* Q8_0's AMX prefill tiles read rows: keep them where AMX runs them */
+static int type_wanted(int type) { return type != DT_Q8_0 || !qk_amx_q8_0_supported(); }
 
 static int is_expert_slot(size_t slot) {
     return slot == offsetof(layer_weights, gate_exps) || slot == offsetof(layer_weights, up_exps) ||
@@ -57,8 +61,9 @@ static size_t tensor_bytes(const moe_tensor *t) {
 }
 
 static int repackable(const moe_model *m, const tensor_desc *d, const moe_tensor *t) {
-    if (!t->data || t->type != DT_Q8_0 || t->n_dims < 2 || t->n_dims > 3) return 0;
-    if (t->ne[0] % 32 || t->ne[1] % 8 || !is_matmul_slot(d)) return 0;
+    const int rtype = dtype_repacked_type(t->type);
+    if (!t->data || rtype < 0 || !type_wanted(t->type) || t->n_dims < 2 || t->n_dims > 3) return 0;
+    if (t->ne[1] % dtype_group_rows(rtype) || !is_matmul_slot(d)) return 0;
     if (is_expert_slot(d->slot) && m->store) return 0; /* read as rows from the file */
     if (d->layer < 0 && t->data == m->w.token_embd.data) return 0; /* tied: also the embedding */
     return 1;
@@ -105,10 +110,11 @@ moe_status model_repack(moe_model *m) {
         /* the stacked experts' matrices are ne[1] rows each, a multiple of 8:
          * packing all their rows at once packs each matrix on its own */
         const int64_t rows = (int64_t)(bytes / w->row_bytes);
-        if (dtype_q8_0_r8_pack(buf, w->data, rows, w->ne[0])) { moe_free(buf); continue; }
+        const int rtype = dtype_repacked_type(w->type);
+        if (dtype_repack(rtype, buf, w->data, rows, w->ne[0])) { moe_free(buf); continue; }
         moe_tensor *r = model_tensor_slot(&m->run, d);
         r->data = buf;
-        r->type = DT_Q8_0_R8;
+        r->type = rtype;
         m->repacked_bytes += bytes;
     }
     if (!m->repacked_bytes) model_repack_free(m);

@@ -245,7 +245,7 @@ static int bench_run(cli_cmd *cmd, const char *path, int n_prompt, int n_gen, in
         char size_s[32], roof_s[32], backend[64], ts[48], thr[16];
         if (wb.total >= (1 << 30)) snprintf(size_s, sizeof size_s, "%.2f GiB", (double)wb.total / (1 << 30));
         else snprintf(size_s, sizeof size_s, "%.2f MiB", (double)wb.total / (1 << 20));
-        snprintf(backend, sizeof backend, "CPU %s%s", kernels, moe_model_repacked_bytes(m) ? "+r8" : "");
+        snprintf(backend, sizeof backend, "CPU %s%s", kernels, moe_model_repacked_bytes(m) ? "+repack" : "");
         snprintf(thr, sizeof thr, "%d", n_threads);
         const char *head[8] = {"model", "size", "params", "backend", "threads", "test", "t/s", "roofline"};
         table_row(head, 0);

@@ -111,7 +111,7 @@ static int generate_run(cli_cmd *cmd, const char *model, const char *prompt, moe
         moe_cpu_describe(units, sizeof units);
         fprintf(stderr, "moe generate: %s\n", units);
         if (moe_model_repacked_bytes(m))
-            fprintf(stderr, "moe generate: %.2f GiB of q8_0 weights repacked at load for the kernels (MOE_REPACK=0: off)\n",
+            fprintf(stderr, "moe generate: %.2f GiB of weights repacked at load for the kernels (MOE_REPACK=0: off)\n",
                     (double)moe_model_repacked_bytes(m) / (1024.0 * 1024 * 1024));
         print_offload_stats("generate", m);
         if (moe_model_config(m)->n_experts > 0)
