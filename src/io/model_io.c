@@ -221,7 +221,7 @@ static moe_status load_published(moe_model **out, gguf_ctx *g, const char *path,
         if (st) moe_error_prefix(st, "%s", path);
         else m->tok = tok;
     }
-    if (!st) st = model_repack(m);
+    if (!st) model_repack(m);
     if (st) { m->file = NULL; moe_model_free(m); return st; }
     *out = m;
     return MOE_OK;

@@ -173,10 +173,11 @@ struct moe_model {
 static inline const model_weights *model_kernel_weights(const moe_model *m) {
     return m->run.layers ? &m->run : &m->w;
 }
-/* model/repack.c: repack a published model's Q8_0 matrices for the kernels
- * (no-op where they would not gain, or MOE_REPACK=0); free the copies; give
+/* model/repack.c: repack a published model's Q8_0 and Q4_K matrices for
+ * the kernels (no-op where they would not gain, with MOE_REPACK=0, or for
+ * what memory cannot be had for: those stay rows); free the copies; give
  * the experts back to the file's views (the expert cache reads rows). */
-moe_status model_repack(moe_model *m);
+void model_repack(moe_model *m);
 void model_repack_free(moe_model *m);
 void model_repack_drop_experts(moe_model *m);
 

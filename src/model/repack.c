@@ -16,7 +16,9 @@
  * read rows (repacking there is future work). MOE_REPACK=0 turns it
  * off (memory: the copies replace the mapping's pages, which the kernel may
  * drop, but while the file is in the page cache both are resident). Other
- * types (Q5_K, Q6_K, f16, ...) stay rows: their layouts are future work. */
+ * types (Q5_K, Q6_K, f16, ...) stay rows: their layouts are future work.
+ * Where memory for a copy cannot be had, the remaining matrices stay rows:
+ * a load never fails for want of a faster layout. */
 #include "model/model.h"
 #include "kernels/qmatmul.h"
 #include "moe.h"
@@ -92,13 +94,13 @@ void model_repack_drop_experts(moe_model *m) {
     }
 }
 
-moe_status model_repack(moe_model *m) {
+void model_repack(moe_model *m) {
     model_repack_free(m);
-    if (!m->file || !repack_wanted()) return MOE_OK;
+    if (!m->file || !repack_wanted()) return;
     const int L = m->cfg.n_layers;
     m->run = m->w;
     m->run.layers = moe_malloc((size_t)L * sizeof(layer_weights));
-    if (!m->run.layers) { memset(&m->run, 0, sizeof m->run); return moe_error(MOE_ERR_NOMEM, "repacking the weights"); }
+    if (!m->run.layers) { memset(&m->run, 0, sizeof m->run); return; } /* rows, then */
     memcpy(m->run.layers, m->w.layers, (size_t)L * sizeof(layer_weights));
     for (int i = 0; i < m->n_tensors; i++) {
         const tensor_desc *d = &m->tensors[i];
@@ -106,7 +108,7 @@ moe_status model_repack(moe_model *m) {
         if (!repackable(m, d, w)) continue;
         const size_t bytes = tensor_bytes(w);
         void *buf = moe_malloc(bytes);
-        if (!buf) { model_repack_free(m); return moe_error(MOE_ERR_NOMEM, "repacking %s (%zu bytes)", d->name, bytes); }
+        if (!buf) break; /* no room for the copy: the rest stay rows, which work as well, slower */
         /* the stacked experts' matrices are ne[1] rows each, a multiple of 8:
          * packing all their rows at once packs each matrix on its own */
         const int64_t rows = (int64_t)(bytes / w->row_bytes);
@@ -118,7 +120,6 @@ moe_status model_repack(moe_model *m) {
         m->repacked_bytes += bytes;
     }
     if (!m->repacked_bytes) model_repack_free(m);
-    return MOE_OK;
 }
 
 size_t moe_model_repacked_bytes(const moe_model *m) { return m ? m->repacked_bytes : 0; }
