@@ -205,7 +205,7 @@ typedef struct {
 } moe_load_options;
 MOE_API moe_status moe_model_load_with(moe_model **out, const char *path, const moe_load_options *opts);
 /* Bytes of a loaded published model's weights copied at load into the
- * layouts the kernels stream (Q8_0 and Q4_K rows regrouped, on AVX-512 CPUs
+ * layouts the kernels stream (Q8_0 and Q4_K/Q5_K/Q6_K rows regrouped, on AVX-512 CPUs
  * (Q8_0 not where AMX runs it); the same results; MOE_REPACK=0 turns it
  * off); 0 when none were. */
 MOE_API size_t moe_model_repacked_bytes(const moe_model *m);

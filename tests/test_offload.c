@@ -160,7 +160,7 @@ static void test_layout(const layout *L, int wtype) {
     if (!m || !ref || !got) { free(ref); free(got); moe_model_free(m); TEST_END(); return; }
     CHECK(run(m, ref) == MOE_OK, "resident run: %s", moe_last_error());
     const size_t repacked = moe_model_repacked_bytes(m);
-    if (wtype == DT_Q8_0 || wtype == DT_Q4_K) {
+    if (dtype_repacked_type(wtype) >= 0) {
         /* the kernels' layout (model/repack.c) where it is taken: the file's rows give the same bits */
         const int want = qk_avx512_supported() && (wtype != DT_Q8_0 || !qk_amx_q8_0_supported()) && !getenv("MOE_REPACK") &&
                          !getenv("MOE_KERNELS");

@@ -610,6 +610,8 @@ int main(void) {
                  qk_avx512_q8_0_blocked_tile, fast_ok(), SKIP_REASON, blocked_ok() && !amx_ok());
     test_repacked(DT_Q8_0_R8);
     test_repacked(DT_Q4_K_R4);
+    test_repacked(DT_Q5_K_R4);
+    test_repacked(DT_Q6_K_R4);
     test_moe_batch();
     test_llama();
     TEST_MAIN_END();

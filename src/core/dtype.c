@@ -696,18 +696,18 @@ static float q5_K_vec_dot(const void *w, const void *a, int64_t n) { return k_af
 /* Q6_K: the lanes of sc * (q + 32) * a (q + 32 in 0..63), minus per lane l
  * 32 (sc[2l] bs[2l] + sc[2l+1] bs[2l+1]) (the offset taken out through the
  * block sums, not per element); acc = fma(da * dw, lane, acc); hsum8. */
-static float q6_K_vec_dot(const void *w, const void *a, int64_t n) {
-    const blk_q6_K *x = w;
+static float q6_K_dot_strided(const void *w, size_t stride, const void *a, int64_t n) {
     const dtype_q8_K_block *y = a;
     float acc[8] = {0};
     int8_t q[QKK];
     int32_t lane[8], sc[16];
     for (int64_t i = 0; i < n / QKK; i++) {
-        q6k_unpack(&x[i], q);
+        const blk_q6_K *x = (const blk_q6_K *)((const uint8_t *)w + (size_t)i * stride);
+        q6k_unpack(x, q);
         for (int e = 0; e < QKK; e++) q[e] = (int8_t)(q[e] + 32);
-        for (int j = 0; j < 16; j++) sc[j] = x[i].scales[j];
+        for (int j = 0; j < 16; j++) sc[j] = x->scales[j];
         k_lanes(lane, q, y[i].qs, sc, 16);
-        float d = y[i].d * ld_f16(x[i].d);
+        float d = y[i].d * ld_f16(x->d);
         for (int l = 0; l < 8; l++) {
             int32_t off = sc[2 * l] * y[i].bsums[2 * l] + sc[2 * l + 1] * y[i].bsums[2 * l + 1];
             acc[l] = fmaf(d, (float)(lane[l] - off * 32), acc[l]);
@@ -715,6 +715,7 @@ static float q6_K_vec_dot(const void *w, const void *a, int64_t n) {
     }
     return hsum8(acc);
 }
+static float q6_K_vec_dot(const void *w, const void *a, int64_t n) { return q6_K_dot_strided(w, sizeof(blk_q6_K), a, n); }
 
 /* ------------------------------------------------------------------------ */
 /* the table                                                                  */
@@ -758,6 +759,8 @@ static const dtype_traits traits[DT_TABLE] = {
     [DT_MXFP4] = SIZE_ONLY("mxfp4", QK, 17),
     [DT_Q8_0_R8] = {"q8_0_r8", QK, 34, NULL, NULL, DT_Q8_0, NULL, NULL},
     [DT_Q4_K_R4] = {"q4_K_r4", QKK, 144, NULL, NULL, DT_Q8_K, NULL, NULL},
+    [DT_Q5_K_R4] = {"q5_K_r4", QKK, 176, NULL, NULL, DT_Q8_K, NULL, NULL},
+    [DT_Q6_K_R4] = {"q6_K_r4", QKK, 210, NULL, NULL, DT_Q8_K, NULL, NULL},
 };
 
 const dtype_traits *dtype_traits_of(int type) {
@@ -790,39 +793,60 @@ int dtype_row_bytes(int type, int64_t n, size_t *out) {
 }
 
 /* ---- the repacked layouts (dtype.h) ---------------------------------------- */
-int dtype_repacked_type(int type) { return type == DT_Q8_0 ? DT_Q8_0_R8 : type == DT_Q4_K ? DT_Q4_K_R4 : -1; }
-int dtype_base_type(int type) { return type == DT_Q8_0_R8 ? DT_Q8_0 : type == DT_Q4_K_R4 ? DT_Q4_K : type; }
-int dtype_group_rows(int type) { return type == DT_Q8_0_R8 ? 8 : type == DT_Q4_K_R4 ? 4 : 1; }
+int dtype_repacked_type(int type) {
+    switch (type) {
+    case DT_Q8_0: return DT_Q8_0_R8;
+    case DT_Q4_K: return DT_Q4_K_R4;
+    case DT_Q5_K: return DT_Q5_K_R4;
+    case DT_Q6_K: return DT_Q6_K_R4;
+    default: return -1;
+    }
+}
+int dtype_base_type(int type) {
+    switch (type) {
+    case DT_Q8_0_R8: return DT_Q8_0;
+    case DT_Q4_K_R4: return DT_Q4_K;
+    case DT_Q5_K_R4: return DT_Q5_K;
+    case DT_Q6_K_R4: return DT_Q6_K;
+    default: return type;
+    }
+}
+int dtype_group_rows(int type) { return type == DT_Q8_0_R8 ? 8 : dtype_base_type(type) != type ? 4 : 1; }
 
-/* Q4_K_R4: whole blocks of 4 rows interleaved */
-static size_t r4_block_at(int64_t i, int64_t r) { return (size_t)(4 * i + r) * sizeof(blk_q4_K); }
+/* the _R4 layouts: whole blocks of 4 rows interleaved, block i of row r at
+ * (4 i + r) * bb within the group */
+static size_t r4_block_at(int64_t i, int64_t r, size_t bb) { return (size_t)(4 * i + r) * bb; }
 
 int dtype_repack(int rtype, void *dst, const void *src, int64_t rows, int64_t C) {
     const int gr = dtype_group_rows(rtype);
     const dtype_traits *t = dtype_traits_of(dtype_base_type(rtype));
     if (gr < 2 || !t || rows < 0 || rows % gr || C < 0 || C % t->blck) return -1;
     if (rtype == DT_Q8_0_R8) return q8_0_r8_pack(dst, src, rows, C);
-    const int64_t nb = C / QKK;
-    const size_t row = (size_t)nb * sizeof(blk_q4_K);
+    const int64_t nb = C / t->blck;
+    const size_t bb = t->block_bytes, row = (size_t)nb * bb;
     for (int64_t g = 0; g < rows / 4; g++)
         for (int64_t r = 0; r < 4; r++)
             for (int64_t i = 0; i < nb; i++)
-                memcpy((uint8_t *)dst + (size_t)g * 4 * row + r4_block_at(i, r),
-                       (const uint8_t *)src + (size_t)(4 * g + r) * row + (size_t)i * sizeof(blk_q4_K), sizeof(blk_q4_K));
+                memcpy((uint8_t *)dst + (size_t)g * 4 * row + r4_block_at(i, r, bb),
+                       (const uint8_t *)src + (size_t)(4 * g + r) * row + (size_t)i * bb, bb);
     return 0;
 }
 
 void dtype_repacked_row(int rtype, void *dst, const void *src, int64_t r, int64_t C) {
     if (rtype == DT_Q8_0_R8) { q8_0_r8_row(dst, src, r, C); return; }
-    const int64_t nb = C / QKK;
-    const uint8_t *g = (const uint8_t *)src + (size_t)(r / 4) * 4 * (size_t)nb * sizeof(blk_q4_K);
-    for (int64_t i = 0; i < nb; i++)
-        memcpy((uint8_t *)dst + (size_t)i * sizeof(blk_q4_K), g + r4_block_at(i, r % 4), sizeof(blk_q4_K));
+    const dtype_traits *t = dtype_traits_of(dtype_base_type(rtype));
+    const int64_t nb = C / t->blck;
+    const size_t bb = t->block_bytes;
+    const uint8_t *g = (const uint8_t *)src + (size_t)(r / 4) * 4 * (size_t)nb * bb;
+    for (int64_t i = 0; i < nb; i++) memcpy((uint8_t *)dst + (size_t)i * bb, g + r4_block_at(i, r % 4, bb), bb);
 }
 
 float dtype_repacked_vec_dot(int rtype, const void *group, int r, const void *a, int64_t C) {
     const uint8_t *g = group;
-    if (rtype == DT_Q8_0_R8)
-        return q8_0_dot_strided(g + r8_scale_at(0, r), 16, g + r8_quants_at(C / QK, 0, r), 8 * QK, a, C);
-    return k_affine_vec_dot(g + r4_block_at(0, r), 4 * sizeof(blk_q4_K), a, C, 0);
+    switch (rtype) {
+    case DT_Q8_0_R8: return q8_0_dot_strided(g + r8_scale_at(0, r), 16, g + r8_quants_at(C / QK, 0, r), 8 * QK, a, C);
+    case DT_Q4_K_R4: return k_affine_vec_dot(g + r4_block_at(0, r, sizeof(blk_q4_K)), 4 * sizeof(blk_q4_K), a, C, 0);
+    case DT_Q5_K_R4: return k_affine_vec_dot(g + r4_block_at(0, r, sizeof(blk_q5_K)), 4 * sizeof(blk_q5_K), a, C, 1);
+    default: return q6_K_dot_strided(g + r4_block_at(0, r, sizeof(blk_q6_K)), 4 * sizeof(blk_q6_K), a, C);
+    }
 }

@@ -37,11 +37,13 @@ enum {
      * Q8_0_R8: groups of 8 rows of nb blocks (nb * 272 bytes, the 8 rows'
      *   own bytes reordered): the fp16 scales [nb][8], then the quants
      *   [nb][8][32].
-     * Q4_K_R4: groups of 4 rows, their super-blocks interleaved whole:
-     *   block i of row r at (4 i + r) * 144. */
+     * Q4_K_R4, Q5_K_R4, Q6_K_R4: groups of 4 rows, their super-blocks
+     *   interleaved whole: block i of row r at (4 i + r) * block bytes. */
     DT_Q8_0_R8 = 64,
     DT_Q4_K_R4 = 65,
-    DT_TABLE = 66
+    DT_Q5_K_R4 = 66,
+    DT_Q6_K_R4 = 67,
+    DT_TABLE = 68
 };
 
 typedef struct {

@@ -160,7 +160,8 @@ QK_INLINE wlay lay_r8(const uint8_t *group, int64_t nb, int r0) {
     return (wlay){group + 2 * r0, group + (size_t)nb * 16 + (size_t)QB * r0, 2, 16, QB, 8 * QB};
 }
 /* Q8_0_R8 reads one stream, so it asks for lines closer ahead than the rows'
- * PREFETCH_AHEAD (measured, 2 threads, Zen 4: 2 KiB against 1 and 4) */
+ * PREFETCH_AHEAD (a prototype of this tile on 2 threads, Zen 4, streaming
+ * 570 MB of expert-sized matrices: 2 KiB ahead 24-26 GB/s, 1 and 4 KiB 20-24) */
 #define PREFETCH_AHEAD_R8 2048
 
 QK_INLINE void q8_0_like_pairs(float *out, size_t ldo, const wlay L, const uint8_t *a, size_t arow,
@@ -503,35 +504,36 @@ QK_INLINE void k_affine_body(float *out, size_t ldo, const uint8_t *w, size_t wr
 TILE_FN(q4_K_tile, Q4_K_BODY, 2)
 TILE_FN(q5_K_tile, Q5_K_BODY, 2)
 
-/* Q4_K_R4 (nw a multiple of 4; w the first row's group): a group's 4 rows
- * in one pass for one activation row (one stream), 2 at a time for more,
- * as the rows' tile takes them; the same lanes, so the same bits. */
-#define R4_CALL(RW, RA, R0) \
-    k_affine_body(o_ + (R0), ldo, g_ + (size_t)(R0) * Q4_K_BYTES, Q4_K_BYTES, 4 * Q4_K_BYTES, a_, arow, C, RW, RA, 0)
-static QK_TARGET void q4_K_r4_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
-                                   const void *a, size_t arow, int na, int64_t C) {
-    for (int o = 0; o + 4 <= nw; o += 4) {
-        const uint8_t *g_ = (const uint8_t *)w + (size_t)o * wrow;
-        if (na == 1) {
-            float *o_ = out + o;
-            const uint8_t *a_ = a;
-            R4_CALL(4, 1, 0);
-            continue;
-        }
-        for (int n = 0; n < na;) {
-            const int ra = na - n < 4 ? na - n : 4;
-            float *o_ = out + (size_t)n * ldo + o;
-            const uint8_t *a_ = (const uint8_t *)a + (size_t)n * arow;
-            switch (ra) {
-            case 1: R4_CALL(2, 1, 0); R4_CALL(2, 1, 2); break;
-            case 2: R4_CALL(2, 2, 0); R4_CALL(2, 2, 2); break;
-            case 3: R4_CALL(2, 3, 0); R4_CALL(2, 3, 2); break;
-            default: R4_CALL(2, 4, 0); R4_CALL(2, 4, 2); break;
-            }
-            n += ra;
-        }
+/* The _R4 layouts (nw a multiple of 4; w the first row's group): a group's
+ * 4 rows in one pass for one activation row (one stream), 2 at a time for
+ * more, as the rows' tiles take them; the same lanes, so the same bits.
+ * BODY4(RW, RA, R0) runs rows R0 .. R0 + RW - 1 of the group. */
+#define R4_TILE_FN(NAME, BODY4)                                                                    \
+    static QK_TARGET void NAME(float *out, size_t ldo, const void *w, size_t wrow, int nw,         \
+                               const void *a, size_t arow, int na, int64_t C) {                    \
+        for (int o = 0; o + 4 <= nw; o += 4) {                                                     \
+            const uint8_t *g_ = (const uint8_t *)w + (size_t)o * wrow;                             \
+            for (int n = 0; n < na;) {                                                             \
+                const int ra = na - n < 4 ? na - n : 4;                                            \
+                float *o_ = out + (size_t)n * ldo + o;                                             \
+                const uint8_t *a_ = (const uint8_t *)a + (size_t)n * arow;                         \
+                switch (na == 1 ? 0 : ra) {                                                        \
+                case 0: BODY4(4, 1, 0); break;                                                     \
+                case 1: BODY4(2, 1, 0); BODY4(2, 1, 2); break;                                     \
+                case 2: BODY4(2, 2, 0); BODY4(2, 2, 2); break;                                     \
+                case 3: BODY4(2, 3, 0); BODY4(2, 3, 2); break;                                     \
+                default: BODY4(2, 4, 0); BODY4(2, 4, 2); break;                                    \
+                }                                                                                  \
+                n += ra;                                                                           \
+            }                                                                                      \
+        }                                                                                          \
     }
-}
+#define K4_BODY4(RW, RA, R0) k_affine_body(o_ + (R0), ldo, g_ + (size_t)(R0) * Q4_K_BYTES, Q4_K_BYTES, \
+                                           4 * Q4_K_BYTES, a_, arow, C, RW, RA, 0)
+#define K5_BODY4(RW, RA, R0) k_affine_body(o_ + (R0), ldo, g_ + (size_t)(R0) * Q5_K_BYTES, Q5_K_BYTES, \
+                                           4 * Q5_K_BYTES, a_, arow, C, RW, RA, 1)
+R4_TILE_FN(q4_K_r4_tile, K4_BODY4)
+R4_TILE_FN(q5_K_r4_tile, K5_BODY4)
 
 /* Q6_K: quants q + 32 (0..63); step p covers elements 64p .. 64p+63, int16
  * lane t there has scale sc[4p + t / 8]; the offset 32 comes out per lane l
@@ -567,15 +569,15 @@ QK_INLINE void unpack_q6_K(q6block *k, const uint8_t *p) {
         k->sc[s] = _mm512_permutexvar_epi16(_mm512_add_epi16(idx, _mm512_set1_epi16((short)(4 * s))), s512);
 }
 
-QK_INLINE void q6_K_body(float *out, size_t ldo, const uint8_t *w, size_t wrow, const uint8_t *a,
+QK_INLINE void q6_K_body(float *out, size_t ldo, const uint8_t *w, size_t wrow, size_t wblk, const uint8_t *a,
                          size_t arow, int64_t C, const int RW, const int RA) {
     __m256 acc[4][4];
     FOR_W FOR_A acc[i][j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < C / QKB; b++) {
         q6block k[4];
         FOR_W {
-            prefetch_ahead(w + (size_t)i * wrow + (size_t)b * Q6_K_BYTES, Q6_K_BYTES);
-            unpack_q6_K(&k[i], w + (size_t)i * wrow + (size_t)b * Q6_K_BYTES);
+            prefetch_ahead(w + (size_t)i * wrow + (size_t)b * wblk, Q6_K_BYTES);
+            unpack_q6_K(&k[i], w + (size_t)i * wrow + (size_t)b * wblk);
         }
         FOR_A {
             const dtype_q8_K_block *y = (const dtype_q8_K_block *)(a + (size_t)j * arow) + b;
@@ -594,8 +596,11 @@ QK_INLINE void q6_K_body(float *out, size_t ldo, const uint8_t *w, size_t wrow, 
     }
     FOR_W FOR_A out[(size_t)j * ldo + i] = hsum8(acc[i][j]);
 }
-#define Q6_K_BODY(o, ldo, w, wr, a, ar, C, RW, RA) q6_K_body(o, ldo, w, wr, a, ar, C, RW, RA)
+#define Q6_K_BODY(o, ldo, w, wr, a, ar, C, RW, RA) q6_K_body(o, ldo, w, wr, Q6_K_BYTES, a, ar, C, RW, RA)
 TILE_FN(q6_K_tile, Q6_K_BODY, 2)
+#define K6_BODY4(RW, RA, R0) q6_K_body(o_ + (R0), ldo, g_ + (size_t)(R0) * Q6_K_BYTES, Q6_K_BYTES, 4 * Q6_K_BYTES, \
+                                       a_, arow, C, RW, RA)
+R4_TILE_FN(q6_K_r4_tile, K6_BODY4)
 
 /* ---- F16 and BF16 ---------------------------------------------------------------
  * f16: per 64 elements 4 vectors of 16 fused products, then (v0+v2) + (v1+v3)
@@ -728,6 +733,8 @@ qmm_tile_fn qk_avx512_tile(int wtype) {
     case DT_Q8_0: return q8_0_pairs_tile;
     case DT_Q8_0_R8: return q8_0_r8_tile;
     case DT_Q4_K_R4: return q4_K_r4_tile;
+    case DT_Q5_K_R4: return q5_K_r4_tile;
+    case DT_Q6_K_R4: return q6_K_r4_tile;
     case DT_Q4_0: return q4_0_pairs_tile;
     case DT_Q4_K: return q4_K_tile;
     case DT_Q5_K: return q5_K_tile;

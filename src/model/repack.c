@@ -1,7 +1,7 @@
-/* model/repack: a published model's Q8_0 and Q4_K matrices copied once, at
- * load, into the layouts the decode kernels stream (DT_Q8_0_R8, DT_Q4_K_R4,
- * core/dtype.h: rows regrouped by 8 or 4, so that a tile of rows reads one
- * stream instead of one per row).
+/* model/repack: a published model's Q8_0 and K-quant (Q4_K, Q5_K, Q6_K)
+ * matrices copied once, at load, into the layouts the decode kernels stream
+ * (DT_Q8_0_R8, DT_Q*_K_R4, core/dtype.h: rows regrouped by 8 or 4, so that a
+ * tile of rows reads one stream instead of one per row).
  * Decode reads every active weight once per token from memory, and on the
  * CPUs measured (docs/performance.md) one long stream is read markedly
  * faster than 8 short ones. The arithmetic is the same, so the bits are too.
@@ -16,7 +16,7 @@
  * read rows (repacking there is future work). MOE_REPACK=0 turns it
  * off (memory: the copies replace the mapping's pages, which the kernel may
  * drop, but while the file is in the page cache both are resident). Other
- * types (Q5_K, Q6_K, f16, ...) stay rows: their layouts are future work.
+ * types (Q4_0, f16, bf16, ...) stay rows: their layouts are future work.
  * Where memory for a copy cannot be had, the remaining matrices stay rows:
  * a load never fails for want of a faster layout. */
 #include "model/model.h"
@@ -109,8 +109,8 @@ void model_repack(moe_model *m) {
         const size_t bytes = tensor_bytes(w);
         void *buf = moe_malloc(bytes);
         if (!buf) break; /* no room for the copy: the rest stay rows, which work as well, slower */
-        /* the stacked experts' matrices are ne[1] rows each, a multiple of 8:
-         * packing all their rows at once packs each matrix on its own */
+        /* the stacked experts' matrices are ne[1] rows each, a whole number of
+         * groups: packing all their rows at once packs each matrix on its own */
         const int64_t rows = (int64_t)(bytes / w->row_bytes);
         const int rtype = dtype_repacked_type(w->type);
         if (dtype_repack(rtype, buf, w->data, rows, w->ne[0])) { moe_free(buf); continue; }
