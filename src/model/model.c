@@ -234,12 +234,12 @@ void moe_model_free(moe_model *m) {
     if (!m) return;
     free_acts(&m->acts, m->cfg.n_layers);
     model_infer_free(m);
+    model_repack_free(m); /* reads the tensor list */
     moe_free(m->params);
     moe_free(m->grads);
     moe_free(m->tensors);
     moe_free(m->plan);
     moe_free(m->owned);
-    model_repack_free(m);
     if (m->file) model_close_file(m);
     moe_free(m->w.layers);
     moe_free(m->g.layers);
