@@ -452,6 +452,8 @@ def specialisation_of(runs, args):
     done = [r for r in moe if os.path.exists(os.path.join(args.workdir, "spec-%s.json" % r.key))]
     here = [r for r in moe if os.path.exists(r.model_path(args))]
     pick = (done or here or [None])[0]
+    if args.no_specialisation:
+        return {"error": "not run this time (--no-specialisation)"} if pick else None
     return specialisation(pick, args) if args.scale and pick else None
 
 
@@ -686,6 +688,9 @@ def main():
                     help="run only these runs (e.g. mixtral-s1,dense-s1); the document covers them alone, "
                          "and with --scale also every run that finished earlier")
     ap.add_argument("--threads", type=int, default=0, help="threads of each moe process (default 0: all cores)")
+    ap.add_argument("--no-specialisation", action="store_true",
+                    help="--scale: leave out the specialisation experiment (8 evaluations of the whole validation "
+                         "split, about 20 minutes); its finished steps are kept for a later run")
     args = ap.parse_args()
     if args.scale and args.quick:
         ap.error("--scale and --quick exclude each other")
@@ -825,6 +830,14 @@ def main():
     print("wrote %s and %s/" % (rel(out_abs), rel(fig_dir)), flush=True)
 
 
+def seeds_text(runs, plan):
+    """the seeds of the finished runs, and of the plan where it has more"""
+    done = sorted({r.seed for r in (runs or plan or [])})
+    planned = sorted({r.seed for r in (plan or [])})
+    text = ", ".join(map(str, done))
+    return text if not planned or planned == done else "%s of the planned %s" % (text, ", ".join(map(str, planned)))
+
+
 def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gran_sets, finished=None, spec=None,
               plan=()):
     by = {}
@@ -844,8 +857,16 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
     written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if args.scale:  # the document covers runs of earlier calls too: their recorded times add up
         total = sum(r.seconds for r in runs if r.seconds) or (total if runs else 0)
-        if not runs:
-            finished = None
+        # the last finished run's date, from its kept results (runs.json's belongs to the last
+        # call that finished all of its runs, which may be older than the runs here)
+        kept_at = []
+        for r in runs:
+            try:
+                with open(os.path.join(args.keep_dir, r.key + ".meta.json")) as f:
+                    kept_at.append(json.load(f).get("kept"))
+            except (OSError, ValueError, TypeError):
+                pass
+        finished = max((k for k in kept_at if k), default=finished) if runs else None
     when = "the runs took %s" % (fmt_time(total) if total else "(time not recorded)")
     untimed = [r.key for r in runs if not r.seconds]
     if untimed and total:
@@ -862,7 +883,7 @@ def write_doc(args, runs, seeds, tok_cmd, tok_error, fig_dir, out_abs, total, gr
       "per run, on `%s`, seeds %s). They may differ from the papers (Mixtral, Switch Transformer, "
       "DeepSeek-V3, OLMoE), which train models thousands of times larger on far more tokens; "
       "whatever came out is reported as it is.%s\n"
-      % (args.steps, BATCH, SEQ, tokens / 1e6, DATA, ", ".join(map(str, sorted({r.seed for r in (runs or plan or [])}))),
+      % (args.steps, BATCH, SEQ, tokens / 1e6, DATA, seeds_text(runs, plan),
          " **This is a `--quick` smoke test: the numbers mean nothing.**" if args.quick else ""))
     w("Validation loss is the cross-entropy on the held-out documents (every 10th document), evaluated every "
       "%d steps. Seed spread is given as mean (min, max) over seeds.\n" % args.eval_every)
