@@ -596,9 +596,10 @@ static void test_ggml_order(void) {
  * moe_use_fast_kernels() says so) against the scalar code (the reference
  * kernels' path), bit for bit: every length, padded or not, values across
  * the whole range of exp (0 and inf past +-192 ln 2, NaN), attention too. */
-static int same_or_both_nan(const float *a, const float *b, int n) {
+/* a NaN matches any NaN (which payload survives is the compiler's operand order) */
+static int same_bits_or_nan_f(const float *a, const float *b, int n) {
     for (int i = 0; i < n; i++)
-        if (memcmp(&a[i], &b[i], 4) && !(isnan(a[i]) && isnan(b[i]))) return 0;
+        if (memcmp(&a[i], &b[i], sizeof(float)) != 0 && !(a[i] != a[i] && b[i] != b[i])) return 0;
     return 1;
 }
 static void test_ggml_fast(void) {
@@ -629,7 +630,7 @@ static void test_ggml_fast(void) {
             softmax_row_ggml(ref, row, n, padded);
             moe_set_reference_kernels(0);
             softmax_row_ggml(fast, row, n, padded);
-            bad_sm += !same_or_both_nan(ref, fast, n);
+            bad_sm += !same_bits_or_nan_f(ref, fast, n);
         }
     const int Fs[] = {1, 15, 16, 17, 33, 130, 256};
     for (int i = 0; i < 7; i++) {
@@ -638,7 +639,7 @@ static void test_ggml_fast(void) {
         swiglu_forward_ggml(ref, big, y, 1, F);
         moe_set_reference_kernels(0);
         swiglu_forward_ggml(fast, big, y, 1, F);
-        bad_sw += !same_or_both_nan(ref, fast, F);
+        bad_sw += !same_bits_or_nan_f(ref, fast, F);
     }
     CHECK(bad_dot == 0, "%d vec_dot_ggml lengths differ", bad_dot);
     CHECK(bad_sm == 0, "%d softmax_row_ggml rows differ", bad_sm);
@@ -1353,11 +1354,6 @@ static void test_exp_error(void) {
  * inputs (NaN, +-inf, overflow, underflow, -0) mixed in. A NaN matches any NaN:
  * which payload survives a sum of two NaNs is the compiler's choice of operand
  * order (C leaves it open; the -O1 sanitizer build swaps them). */
-static int same_bits_or_nan_f(const float *a, const float *b, int n) {
-    for (int i = 0; i < n; i++)
-        if (memcmp(&a[i], &b[i], sizeof(float)) != 0 && !(a[i] != a[i] && b[i] != b[i])) return 0;
-    return 1;
-}
 static int same_bits_or_nan_d(double a, double b) {
     return memcmp(&a, &b, sizeof a) == 0 || (a != a && b != b);
 }

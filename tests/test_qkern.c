@@ -101,6 +101,18 @@ static int amx_ok(void) {
 
 static int same_bits(const float *a, const float *b, size_t n) { return !memcmp(a, b, n * sizeof(float)); }
 
+/* qmatmul on 1 thread into got and on 2 into two; 1 when they agree bit for bit */
+static int same_on_1_and_2_threads(float *got, float *two, const float *in, const void *w, int type, int N, int C,
+                                   int OC, void *ws) {
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    qmatmul_forward(got, in, w, type, N, C, OC, ws);
+    omp_set_num_threads(2);
+    qmatmul_forward(two, in, w, type, N, C, OC, ws);
+    omp_set_num_threads(saved);
+    return same_bits(got, two, (size_t)N * OC);
+}
+
 static void test_tiles(void) {
     static float in[MAXN * MAXC], fast[MAXN * MAXOC], port[MAXN * MAXOC], alone[MAXOC];
     static uint8_t w[MAXOC * MAXC * 2 + 64];
@@ -189,7 +201,7 @@ static void test_blocked(const char *name, qmm_blocked_fn kernel, int available,
     const int Cs[] = {32, 64, 96, 352, 1056};
     moe_rng r;
     moe_rng_seed(&r, 21);
-    int bad_twin = 0, bad_bound = 0, bad_thr = 0, shapes = 0, saved = omp_get_max_threads();
+    int bad_twin = 0, bad_bound = 0, bad_thr = 0, shapes = 0;
     const dtype_traits *t = dtype_traits_of(DT_Q8_0);
     for (int ci = 0; ci < 5; ci++)
         for (int ni = 0; ni < 9; ni++) {
@@ -200,12 +212,7 @@ static void test_blocked(const char *name, qmm_blocked_fn kernel, int available,
             for (int n = 0; n < N; n++) fill_act(in + (size_t)n * C, C, (ni + n) % 3, &r);
             void *ws = moe_malloc(qmatmul_workspace(DT_Q8_0, N, C) + 1);
             if (N >= QMM_AMX_MIN_ROWS && picked) {
-                omp_set_num_threads(1);
-                qmatmul_forward(got, in, w, DT_Q8_0, N, C, OC, ws);
-                omp_set_num_threads(2);
-                qmatmul_forward(two, in, w, DT_Q8_0, N, C, OC, ws);
-                omp_set_num_threads(saved);
-                if (!same_bits(got, two, (size_t)N * OC)) bad_thr++;
+                if (!same_on_1_and_2_threads(got, two, in, w, DT_Q8_0, N, C, OC, ws)) bad_thr++;
             } else { /* below the threshold qmatmul keeps vec_dot (or picks the other kernel): call it */
                 for (int n = 0; n < N; n++) qk_q8_0_blocked_pack(ws, in + (size_t)n * C, n, N, C);
                 for (int o = 0; o < OC; o += 16)
@@ -264,7 +271,6 @@ static void test_repacked(int rtype) {
     const int OCs[] = {gr, 2 * gr, 3 * gr, 72};
     const int Cs8[] = {32, 64, 96, 352, 1056}, CsK[] = {256, 512, 768, 1024, 256};
     const int *Cs = q8 ? Cs8 : CsK;
-    const int saved = omp_get_max_threads();
     moe_rng r;
     moe_rng_seed(&r, 808 + rtype);
     char name[160];
@@ -304,13 +310,8 @@ static void test_repacked(int rtype) {
             if (fast_ok() && q8) {
                 qmatmul_q8_0_blocked_ref(want, in, w, N, C, OC);
                 if (N >= QMM_AMX_MIN_ROWS && blocked_ok()) {
-                    omp_set_num_threads(1);
                     poison(got, N * OC);
-                    qmatmul_forward(got, in, wr, rtype, N, C, OC, ws);
-                    omp_set_num_threads(2);
-                    qmatmul_forward(two, in, wr, rtype, N, C, OC, ws);
-                    omp_set_num_threads(saved);
-                    if (!same_bits(got, two, (size_t)N * OC)) bad_thr++;
+                    if (!same_on_1_and_2_threads(got, two, in, wr, rtype, N, C, OC, ws)) bad_thr++;
                 } else {
                     poison(got, N * OC);
                     for (int n = 0; n < N; n++) qk_q8_0_blocked_pack(ws, in + (size_t)n * C, n, N, C);
@@ -321,12 +322,7 @@ static void test_repacked(int rtype) {
                 if (!same_bits(want, got, (size_t)N * OC) && bad_blocked++ < 3)
                     printf("  C %d N %d OC %d: blocked q8_0_r8 != blocked twin\n", C, N, OC);
             } else if (fast_ok() && N > 0) { /* the fast path on 1 and 2 threads */
-                omp_set_num_threads(1);
-                qmatmul_forward(got, in, wr, rtype, N, C, OC, ws);
-                omp_set_num_threads(2);
-                qmatmul_forward(two, in, wr, rtype, N, C, OC, ws);
-                omp_set_num_threads(saved);
-                if (!same_bits(got, two, (size_t)N * OC)) bad_thr++;
+                if (!same_on_1_and_2_threads(got, two, in, wr, rtype, N, C, OC, ws)) bad_thr++;
             }
             qmatmul_forward_ref(want, in, w, base, N, C, OC);
             poison(got, N * OC);

@@ -793,23 +793,20 @@ int dtype_row_bytes(int type, int64_t n, size_t *out) {
 }
 
 /* ---- the repacked layouts (dtype.h) ---------------------------------------- */
+/* each file type that has a repacked layout, and that layout: the one table
+ * both directions read */
+static const int repacked_pairs[][2] = {
+    {DT_Q8_0, DT_Q8_0_R8}, {DT_Q4_K, DT_Q4_K_R4}, {DT_Q5_K, DT_Q5_K_R4}, {DT_Q6_K, DT_Q6_K_R4}};
+enum { N_REPACKED = sizeof repacked_pairs / sizeof repacked_pairs[0] };
 int dtype_repacked_type(int type) {
-    switch (type) {
-    case DT_Q8_0: return DT_Q8_0_R8;
-    case DT_Q4_K: return DT_Q4_K_R4;
-    case DT_Q5_K: return DT_Q5_K_R4;
-    case DT_Q6_K: return DT_Q6_K_R4;
-    default: return -1;
-    }
+    for (int i = 0; i < N_REPACKED; i++)
+        if (repacked_pairs[i][0] == type) return repacked_pairs[i][1];
+    return -1;
 }
 int dtype_base_type(int type) {
-    switch (type) {
-    case DT_Q8_0_R8: return DT_Q8_0;
-    case DT_Q4_K_R4: return DT_Q4_K;
-    case DT_Q5_K_R4: return DT_Q5_K;
-    case DT_Q6_K_R4: return DT_Q6_K;
-    default: return type;
-    }
+    for (int i = 0; i < N_REPACKED; i++)
+        if (repacked_pairs[i][1] == type) return repacked_pairs[i][0];
+    return type;
 }
 int dtype_group_rows(int type) { return type == DT_Q8_0_R8 ? 8 : dtype_base_type(type) != type ? 4 : 1; }
 
@@ -847,6 +844,7 @@ float dtype_repacked_vec_dot(int rtype, const void *group, int r, const void *a,
     case DT_Q8_0_R8: return q8_0_dot_strided(g + r8_scale_at(0, r), 16, g + r8_quants_at(C / QK, 0, r), 8 * QK, a, C);
     case DT_Q4_K_R4: return k_affine_vec_dot(g + r4_block_at(0, r, sizeof(blk_q4_K)), 4 * sizeof(blk_q4_K), a, C, 0);
     case DT_Q5_K_R4: return k_affine_vec_dot(g + r4_block_at(0, r, sizeof(blk_q5_K)), 4 * sizeof(blk_q5_K), a, C, 1);
-    default: return q6_K_dot_strided(g + r4_block_at(0, r, sizeof(blk_q6_K)), 4 * sizeof(blk_q6_K), a, C);
+    case DT_Q6_K_R4: return q6_K_dot_strided(g + r4_block_at(0, r, sizeof(blk_q6_K)), 4 * sizeof(blk_q6_K), a, C);
+    default: return NAN; /* not a repacked layout */
     }
 }

@@ -17,12 +17,9 @@
 /* below this many multiply-adds a parallel region costs more than it saves */
 #define PAR_MIN_WORK 65536.0
 
-/* the type whose arithmetic a weight type's layout holds (Q8_0_R8: Q8_0's) */
-static int arith_type(int wtype) { return dtype_base_type(wtype); }
-
 /* bytes of one converted activation row; 0 when wtype cannot be multiplied */
 static size_t act_row_bytes(int wtype, int C) {
-    wtype = arith_type(wtype);
+    wtype = dtype_base_type(wtype); /* a repacked layout holds its base type's arithmetic */
     const dtype_traits *t = dtype_traits_of(wtype);
     size_t rb;
     if (!dtype_usable(wtype) || C < 0 || dtype_row_bytes(t->dot_type, C, &rb)) return 0;
@@ -113,7 +110,7 @@ void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype
         matmul_forward(out, in, w, NULL, N, C, OC, MATMUL_FP32);
         return;
     }
-    const int atype = arith_type(wtype), group = dtype_group_rows(wtype), r8 = wtype == DT_Q8_0_R8;
+    const int atype = dtype_base_type(wtype), group = dtype_group_rows(wtype), r8 = wtype == DT_Q8_0_R8;
     const dtype_traits *t = dtype_traits_of(atype);
     size_t wrow, arow = act_row_bytes(wtype, C);
     if (!arow || !ws || dtype_row_bytes(atype, C, &wrow) || OC % group) {
@@ -174,8 +171,8 @@ void qmatmul_forward_ref(float *out, const float *in, const void *w, int wtype, 
         memset(out, 0, (size_t)N * (size_t)OC * sizeof(float));
         return;
     }
-    const int rtype = wtype, group = dtype_group_rows(wtype), r8 = group > 1;
-    wtype = arith_type(wtype);
+    const int rtype = wtype, group = dtype_group_rows(wtype), grouped = group > 1;
+    wtype = dtype_base_type(wtype);
     const dtype_traits *t = dtype_traits_of(wtype);
     size_t wrow, arow = wtype == DT_F32 ? (size_t)C * sizeof(float) : act_row_bytes(wtype, C);
     if (!t || !arow || dtype_row_bytes(wtype, C, &wrow) || OC % group) {
@@ -183,8 +180,8 @@ void qmatmul_forward_ref(float *out, const float *in, const void *w, int wtype, 
         return;
     }
     float *wf = moe_malloc((size_t)C * sizeof(float)), *af = moe_malloc((size_t)C * sizeof(float));
-    void *act = moe_malloc(arow), *row = r8 ? moe_malloc(wrow ? wrow : 1) : NULL; /* a repacked row unpacked */
-    if (!wf || !af || !act || (r8 && !row)) {
+    void *act = moe_malloc(arow), *row = grouped ? moe_malloc(wrow ? wrow : 1) : NULL; /* a repacked row unpacked */
+    if (!wf || !af || !act || (grouped && !row)) {
         fill_nan(out, N, OC);
     } else {
         const dtype_traits *at = dtype_traits_of(wtype == DT_F32 ? DT_F32 : t->dot_type);
@@ -192,8 +189,8 @@ void qmatmul_forward_ref(float *out, const float *in, const void *w, int wtype, 
             at->quantize_act(act, in + (size_t)n * C, C);
             at->to_float(af, act, C);
             for (int o = 0; o < OC; o++) {
-                if (r8) dtype_repacked_row(rtype, row, w, o, C);
-                t->to_float(wf, r8 ? row : (const char *)w + (size_t)o * wrow, C);
+                if (grouped) dtype_repacked_row(rtype, row, w, o, C);
+                t->to_float(wf, grouped ? row : (const char *)w + (size_t)o * wrow, C);
                 double s = 0.0;
                 for (int k = 0; k < C; k++) s += (double)wf[k] * (double)af[k];
                 out[(size_t)n * OC + o] = (float)s;

@@ -163,8 +163,8 @@ struct moe_model {
     float route_threshold;   /* of those, keep weights >= this times the best       */
     int route_min;           /* ... but at least this many                          */
     int64_t routed_tokens, routed_experts; /* tokens through MoE layers and experts they used */
-    /* what inference's kernels read (model/repack.c): w with some Q8_0
-     * matrices repacked at load; layers NULL when nothing was */
+    /* what inference's kernels read (model/repack.c): w with its Q8_0 and
+     * K-quant matrices repacked at load; layers NULL when nothing was */
     model_weights run;
     size_t repacked_bytes;
 };
@@ -173,7 +173,7 @@ struct moe_model {
 static inline const model_weights *model_kernel_weights(const moe_model *m) {
     return m->run.layers ? &m->run : &m->w;
 }
-/* model/repack.c: repack a published model's Q8_0 and Q4_K matrices for
+/* model/repack.c: repack a published model's Q8_0 and K-quant matrices for
  * the kernels (no-op where they would not gain, with MOE_REPACK=0, or for
  * what memory cannot be had for: those stay rows); free the copies; give
  * the experts back to the file's views (the expert cache reads rows). */
