@@ -641,6 +641,21 @@ static void test_ggml_fast(void) {
         swiglu_forward_ggml(fast, big, y, 1, F);
         bad_sw += !same_bits_or_nan_f(ref, fast, F);
     }
+    /* scores: 16 positions at a time (a transposed tree) where D is a multiple of 64 */
+    int bad_sc = 0;
+    for (int D = 64; D <= 192; D += 64 - 56 * (D == 128)) /* 64, 128 and 136 (the one-by-one path) */
+        for (int len = 1; len <= 40; len += 3) {
+            const size_t ks = (size_t)D + 8;
+            float *kk = vec((size_t)len * ks), *qq = vec((size_t)D), sr[40], sf[40];
+            for (size_t i = 0; i < (size_t)len * ks; i += 17) kk[i] *= 1e4f; /* a wide range of sums */
+            moe_set_reference_kernels(1);
+            scores_ggml(sr, qq, kk, ks, len, D, 0.125f);
+            moe_set_reference_kernels(0);
+            scores_ggml(sf, qq, kk, ks, len, D, 0.125f);
+            bad_sc += memcmp(sr, sf, sizeof(float) * (size_t)len) != 0;
+            free(kk); free(qq);
+        }
+    CHECK(bad_sc == 0, "%d scores_ggml shapes differ", bad_sc);
     CHECK(bad_dot == 0, "%d vec_dot_ggml lengths differ", bad_dot);
     CHECK(bad_sm == 0, "%d softmax_row_ggml rows differ", bad_sm);
     CHECK(bad_sw == 0, "%d swiglu_forward_ggml widths differ", bad_sw);

@@ -312,15 +312,19 @@ static void test_repacked(int rtype) {
                 if (N >= QMM_AMX_MIN_ROWS && blocked_ok()) {
                     poison(got, N * OC);
                     if (!same_on_1_and_2_threads(got, two, in, wr, rtype, N, C, OC, ws)) bad_thr++;
-                } else {
+                    if (!same_bits(want, got, (size_t)N * OC) && bad_blocked++ < 3)
+                        printf("  C %d N %d OC %d: qmatmul's blocked q8_0_r8 != blocked twin\n", C, N, OC);
+                }
+                /* and each kernel this CPU has, called itself at every N */
+                const qmm_blocked_fn kern[2] = {qk_avx512_q8_0_r8_blocked_tile, amx_ok() ? qk_amx_q8_0_r8_tile : NULL};
+                for (int k = 0; k < 2 && kern[k]; k++) {
                     poison(got, N * OC);
                     for (int n = 0; n < N; n++) qk_q8_0_blocked_pack(ws, in + (size_t)n * C, n, N, C);
                     for (int o = 0; o < OC; o += 16)
-                        qk_avx512_q8_0_r8_blocked_tile(got + o, (size_t)OC, wr + (size_t)o * rb, rb,
-                                                       OC - o < 16 ? OC - o : 16, ws, N, C);
+                        kern[k](got + o, (size_t)OC, wr + (size_t)o * rb, rb, OC - o < 16 ? OC - o : 16, ws, N, C);
+                    if (!same_bits(want, got, (size_t)N * OC) && bad_blocked++ < 3)
+                        printf("  C %d N %d OC %d: %s q8_0_r8 != blocked twin\n", C, N, OC, k ? "amx" : "vnni");
                 }
-                if (!same_bits(want, got, (size_t)N * OC) && bad_blocked++ < 3)
-                    printf("  C %d N %d OC %d: blocked q8_0_r8 != blocked twin\n", C, N, OC);
             } else if (fast_ok() && N > 0) { /* the fast path on 1 and 2 threads */
                 if (!same_on_1_and_2_threads(got, two, in, wr, rtype, N, C, OC, ws)) bad_thr++;
             }

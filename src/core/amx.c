@@ -9,6 +9,7 @@
 #include "core/core.h"
 
 #include <pthread.h>
+#include <string.h>
 
 #if defined(__linux__) && defined(__x86_64__)
 #include <sys/syscall.h>
@@ -30,11 +31,27 @@ int moe_amx_enable(void) {
     return amx_granted;
 }
 
+/* the configuration this thread's tiles hold; valid = 0 after a release */
+static _Thread_local struct {
+    int valid;
+    moe_amx_tilecfg cfg;
+} loaded;
+
 void moe_amx_load_config(const moe_amx_tilecfg *c) {
+    if (loaded.valid && memcmp(&loaded.cfg, c, sizeof *c) == 0) return;
     /* the memory operand names all 64 bytes, so every store before it stays */
     __asm__ volatile("ldtilecfg %0" : : "m"(*c));
+    loaded.cfg = *c;
+    loaded.valid = 1;
+}
+
+void moe_amx_release(void) {
+    if (!loaded.valid) return;
+    __asm__ volatile("tilerelease" ::: "memory");
+    loaded.valid = 0;
 }
 #else
 void moe_amx_load_config(const moe_amx_tilecfg *c) { (void)c; }
+void moe_amx_release(void) {}
 int moe_amx_enable(void) { return 0; }
 #endif

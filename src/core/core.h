@@ -69,8 +69,13 @@ typedef struct {
 } moe_amx_tilecfg;
 /* Loads c into this thread's tile configuration (each thread that uses tiles
  * must). Not the compiler's _tile_loadconfig: GCC 12 tells the optimiser that
- * it reads 8 bytes, so stores to the rest can be dropped (seen: SIGILL). */
+ * it reads 8 bytes, so stores to the rest can be dropped (seen: SIGILL).
+ * Skipped when c is the configuration this thread loaded last and has not
+ * released (LDTILECFG was 2% of a prefill when every tile call loaded it).
+ * moe_amx_release ends this thread's tile use (TILERELEASE) and forgets it;
+ * every AMX kernel releases through it, never with _tile_release. */
 void moe_amx_load_config(const moe_amx_tilecfg *c);
+void moe_amx_release(void);
 /* Kernels use the fast path only when this is nonzero (default: detected;
  * MOE_REFERENCE=1 in the environment or moe_set_reference_kernels(1) forces
  * the scalar reference path). */

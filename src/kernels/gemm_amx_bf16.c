@@ -62,10 +62,6 @@ static void tiles_configure(void) {
     moe_amx_load_config(&cfg);
 }
 
-/* Releases this thread's tiles. A function of its own because the body of an
- * OpenMP region is outlined without its enclosing function's target
- * attribute (clang), so tile intrinsics cannot sit there directly. */
-AMX_TARGET static void tiles_release(void) { _tile_release(); }
 
 /* ---- packing A ---- */
 
@@ -261,7 +257,7 @@ AMX_TARGET static int amx_run(const gemm_desc *g, void *ws, int nthr) {
                 int p0 = ps + gi * ppg, p1 = MOE_MIN(pe, p0 + ppg);
                 amx_task(g, &pl, Bp, ps, ap, stage, m0, m1, p0, p1);
             }
-            tiles_release();
+            moe_amx_release();
         }
     }
     return 0;

@@ -246,10 +246,42 @@ float vec_dot_ggml(const float *x, const float *y, int n, int padded) {
     return moe_use_fast_kernels() ? vec_dot_ggml_avx512(x, y, n, padded) : vec_dot_ggml_ref(x, y, n, padded);
 }
 
+/* 16 positions' scores at once: vec_dot_ggml_avx512's sums, each reduced
+ * by reduce16's tree (lanes l + 8, then l + 4, then (2 + 0) + (3 + 1)),
+ * run across 16 registers at once: each step adds the same two partial sums
+ * as the one-register tree, two positions per shuffle pair. The network
+ * leaves position (j % 4) * 4 + j / 4 of the 16 loaded in lane j, a 4 x 4
+ * transpose, which is its own inverse: loading position T(j) into register
+ * j puts position j in lane j. D a multiple of 64 (no scalar tail). */
+#define SHUF4(a, b, i0, i1, i2, i3) _mm512_shuffle_f32x4(a, b, (i0) | (i1) << 2 | (i2) << 4 | (i3) << 6)
+#define SHUF(a, b, i0, i1, i2, i3) _mm512_shuffle_ps(a, b, (i0) | (i1) << 2 | (i2) << 4 | (i3) << 6)
+GGML_AVX512 static void scores16_ggml(float *s, const float *q, const float *k, size_t ks, int D, float scale) {
+    __m512 v[16];
+    for (int j = 0; j < 16; j++) {
+        const float *kj = k + (size_t)((j % 4) * 4 + j / 4) * ks;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int i = 0; i < D; i += 64)
+            for (int a = 0; a < 4; a++)
+                acc[a] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + 16 * a), _mm512_loadu_ps(kj + i + 16 * a), acc[a]);
+        v[j] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+    }
+    for (int j = 0; j < 8; j++) /* lanes l + l + 8 */
+        v[j] = _mm512_add_ps(SHUF4(v[2 * j], v[2 * j + 1], 0, 1, 0, 1), SHUF4(v[2 * j], v[2 * j + 1], 2, 3, 2, 3));
+    for (int j = 0; j < 4; j++) /* l + l + 4 */
+        v[j] = _mm512_add_ps(SHUF4(v[2 * j], v[2 * j + 1], 0, 2, 0, 2), SHUF4(v[2 * j], v[2 * j + 1], 1, 3, 1, 3));
+    for (int j = 0; j < 2; j++) /* 0 + 2, 1 + 3 */
+        v[j] = _mm512_add_ps(SHUF(v[2 * j], v[2 * j + 1], 0, 1, 0, 1), SHUF(v[2 * j], v[2 * j + 1], 2, 3, 2, 3));
+    const __m512 r = _mm512_add_ps(SHUF(v[0], v[1], 0, 2, 0, 2), SHUF(v[0], v[1], 1, 3, 1, 3));
+    _mm512_storeu_ps(s, _mm512_mul_ps(r, _mm512_set1_ps(scale)));
+}
+
 void scores_ggml(float *s, const float *q, const float *k, size_t ks, int len, int D, float scale) {
-    if (moe_use_fast_kernels())
-        for (int u = 0; u < len; u++) s[u] = vec_dot_ggml_avx512(q, k + (size_t)u * ks, D, 0) * scale;
-    else
+    if (moe_use_fast_kernels()) {
+        int u = 0;
+        if (D % 64 == 0 && D > 0)
+            for (; u + 16 <= len; u += 16) scores16_ggml(s + u, q, k + (size_t)u * ks, ks, D, scale);
+        for (; u < len; u++) s[u] = vec_dot_ggml_avx512(q, k + (size_t)u * ks, D, 0) * scale;
+    } else
         for (int u = 0; u < len; u++) s[u] = vec_dot_ggml_ref(q, k + (size_t)u * ks, D, 0) * scale;
 }
 

@@ -54,11 +54,12 @@ static int use_avx512(void) {
 void qmatmul_allow_blocked(int on) { blocked_allowed = on != 0; }
 static int use_blocked(void) { return use_avx512() && !env_no_blocked && blocked_allowed; }
 static int use_amx(void) { return use_blocked() && !env_no_amx && qk_amx_q8_0_supported(); }
-/* the blocked Q8_0 prefill kernel of this CPU: AMX tiles, else VNNI; NULL
- * when vec_dot must serve every N */
-static qmm_blocked_fn blocked_tile(void) {
-    if (use_amx()) return qk_amx_q8_0_tile;
-    return use_blocked() ? qk_avx512_q8_0_blocked_tile : NULL;
+/* the blocked Q8_0 prefill kernel of this CPU for rows or Q8_0_R8 groups:
+ * AMX tiles, else VNNI; NULL when vec_dot must serve every N */
+static qmm_blocked_fn blocked_tile(int r8) {
+    if (use_amx()) return r8 ? qk_amx_q8_0_r8_tile : qk_amx_q8_0_tile;
+    if (!use_blocked()) return NULL;
+    return r8 ? qk_avx512_q8_0_r8_blocked_tile : qk_avx512_q8_0_blocked_tile;
 }
 const char *qmatmul_kernels(void) {
     return use_amx() ? "amx-int8+avx512-vnni" : use_avx512() ? "avx512-vnni" : "portable";
@@ -130,7 +131,7 @@ void qmatmul_forward_batch(float *out, const float *in, const void *w, int wtype
     int tasks = (OC + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     qmm_blocked_fn blocked = NULL;
     if (atype == DT_Q8_0 && batch >= QMM_AMX_MIN_ROWS && C / 32 <= QMM_AMX_MAX_BLOCKS)
-        blocked = !r8 ? blocked_tile() : use_blocked() ? qk_avx512_q8_0_r8_blocked_tile : NULL;
+        blocked = blocked_tile(r8);
     if (blocked) {
         /* activations straight into the tile layout, then 16 weight rows per task */
 #pragma omp parallel if (work >= PAR_MIN_WORK)

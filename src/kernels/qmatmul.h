@@ -28,8 +28,8 @@
  * A repacked wtype (DT_Q8_0_R8, DT_Q4_K_R4: rows regrouped, core/dtype.h;
  * OC a multiple of dtype_group_rows, else NaN) gives the same bits as its
  * base type on the same rows, on every path: the layout changes how rows are
- * read, not the arithmetic. Q8_0_R8's blocked prefill path is always the
- * VNNI one (AMX reads Q8_0 rows). */
+ * read, not the arithmetic; Q8_0_R8's blocked prefill path is AMX or VNNI
+ * as Q8_0's is. */
 #ifndef MOE_QMATMUL_H
 #define MOE_QMATMUL_H
 #include <stddef.h>
@@ -75,6 +75,9 @@ int qk_amx_q8_0_supported(void);
 void qk_q8_0_blocked_pack(void *dst, const float *in, int n, int N, int64_t C);
 void qk_amx_q8_0_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
                       const void *pack, int N, int64_t C);
+/* the same on Q8_0_R8 groups (nw 8 or 16, w the first group) */
+void qk_amx_q8_0_r8_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
+                         const void *pack, int N, int64_t C);
 /* the signature both blocked tiles share (AMX above, VNNI below) */
 typedef void (*qmm_blocked_fn)(float *out, size_t ldo, const void *w, size_t wrow, int nw,
                                const void *pack, int N, int64_t C);

@@ -12,8 +12,7 @@
  * its data exactly when it differs from w's. Not repacked: the token
  * embedding (looked up by rows), routers (small, read as rows), MLA's
  * per-head maps, experts read through the expert cache (offloading, expert
- * parallelism), and Q8_0 on a CPU whose Q8_0 prefill uses AMX tiles, which
- * read rows (repacking there is future work). MOE_REPACK=0 turns it
+ * parallelism). MOE_REPACK=0 turns it
  * off (memory: the copies replace the mapping's pages, which the kernel may
  * drop, but while the file is in the page cache both are resident). Other
  * types (Q4_0, f16, bf16, ...) stay rows: their layouts are future work.
@@ -34,8 +33,6 @@ static int repack_wanted(void) {
     if (k && strcmp(k, "portable") == 0) return 0;
     return qk_avx512_supported();
 }
-/* Q8_0's AMX prefill tiles read rows: keep them where AMX runs them */
-static int type_wanted(int type) { return type != DT_Q8_0 || !qk_amx_q8_0_supported(); }
 
 static int is_expert_slot(size_t slot) {
     return slot == offsetof(layer_weights, gate_exps) || slot == offsetof(layer_weights, up_exps) ||
@@ -64,7 +61,7 @@ static size_t tensor_bytes(const moe_tensor *t) {
 
 static int repackable(const moe_model *m, const tensor_desc *d, const moe_tensor *t) {
     const int rtype = dtype_repacked_type(t->type);
-    if (!t->data || rtype < 0 || !type_wanted(t->type) || t->n_dims < 2 || t->n_dims > 3) return 0;
+    if (!t->data || rtype < 0 || t->n_dims < 2 || t->n_dims > 3) return 0;
     if (t->ne[1] % dtype_group_rows(rtype) || !is_matmul_slot(d)) return 0;
     if (is_expert_slot(d->slot) && m->store) return 0; /* read as rows from the file */
     if (d->layer < 0 && t->data == m->w.token_embd.data) return 0; /* tied: also the embedding */
