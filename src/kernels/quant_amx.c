@@ -162,6 +162,12 @@ static AMX_TARGET void r8_config(int m0, int m1) {
     moe_amx_load_config(&c);
 }
 
+/* acc[i] += float(int32 row i of c) * (d[i] * da), 8 rows */
+static inline AMX_TARGET void scale8(__m512 *acc, int32_t (*c)[TM], const float *d, __m512 da) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) acc[i] =
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)c[i])), _mm512_mul_ps(_mm512_set1_ps(d[i]), da), acc[i]);
+}
+
 AMX_TARGET void qk_amx_q8_0_r8_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
                                     const void *pack, int N, int64_t C) {
     const int64_t nb = C / QB;
@@ -175,6 +181,7 @@ AMX_TARGET void qk_amx_q8_0_r8_tile(float *out, size_t ldo, const void *w, size_
     }
     const uint8_t *q0 = g0 + 16 * nb, *q1 = g1 + 16 * nb; /* the quants follow the scales */
     int32_t buf[2][4][8][TM] __attribute__((aligned(64)));
+    const size_t pf_off = (size_t)TM * wrow, pf_lines = (TM * wrow + 63) / 64;
     for (int g = 0; TM * g < N; g += 2) {
         const int m0 = N - TM * g < TM ? N - TM * g : TM, rest = N - TM * (g + 1);
         const int m1 = rest <= 0 ? 0 : rest < TM ? rest : TM;
@@ -189,6 +196,9 @@ AMX_TARGET void qk_amx_q8_0_r8_tile(float *out, size_t ldo, const void *w, size_
         for (int t = 0; t < 4; t++)
             for (int i = 0; i < 8; i++) acc[t][i] = _mm512_setzero_ps();
         for (int64_t b = 0; b <= nb; b++) {
+            if (g == 0 && b < nb) /* the next 16 rows, as PREFETCH_ROWS above: here they follow these */
+                for (size_t l = (size_t)b * pf_lines / (size_t)nb; l < (size_t)(b + 1) * pf_lines / (size_t)nb; l++)
+                    _mm_prefetch((const char *)w + pf_off + 64 * l, _MM_HINT_T1);
             if (b < nb) {
                 _tile_loadd(0, q0 + 256 * b, QB);
                 if (two) _tile_loadd(1, q1 + 256 * b, QB);
@@ -205,14 +215,10 @@ AMX_TARGET void qk_amx_q8_0_r8_tile(float *out, size_t ldo, const void *w, size_
                 int32_t(*c)[8][TM] = buf[p & 1];
                 const __m512 da0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k0, s0 + (size_t)p * m0));
                 const __m512 da1 = m1 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k1, s1 + (size_t)p * m1)) : da0;
-                for (int t = 0; t < 4; t++) {
-                    if ((t & 1 && !two) || (t & 2 && !m1)) continue;
-                    const __m512 da = t & 2 ? da1 : da0;
-                    const float *d = dw[p] + 8 * (t & 1);
-                    for (int i = 0; i < 8; i++)
-                        acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)c[t][i])),
-                                                    _mm512_mul_ps(_mm512_set1_ps(d[i]), da), acc[t][i]);
-                }
+                scale8(acc[0], c[0], dw[p], da0);
+                if (two) scale8(acc[1], c[1], dw[p] + 8, da0);
+                if (m1) scale8(acc[2], c[2], dw[p], da1);
+                if (m1 && two) scale8(acc[3], c[3], dw[p] + 8, da1);
             }
             if (b < nb) {
                 int32_t(*c)[8][TM] = buf[b & 1];
@@ -222,14 +228,17 @@ AMX_TARGET void qk_amx_q8_0_r8_tile(float *out, size_t ldo, const void *w, size_
                 if (m1 && two) _tile_stored(7, c[3], 4 * TM);
             }
         }
-        float res[TM] __attribute__((aligned(64)));
-        for (int t = 0; t < 4; t++) {
-            const int m = t & 2 ? m1 : m0, row0 = 8 * (t & 1), tok0 = TM * (g + (t >> 1));
-            if (!m || (t & 1 && !two)) continue;
+        /* out by token rows: each token's nw outputs are adjacent there */
+        float res[TM][TM] __attribute__((aligned(64)));
+        for (int h = 0; h < 2; h++) {
+            const int m = h ? m1 : m0;
+            if (!m) continue;
             for (int i = 0; i < 8; i++) {
-                _mm512_store_ps(res, acc[t][i]);
-                for (int n = 0; n < m; n++) out[(size_t)(tok0 + n) * ldo + row0 + i] = res[n];
+                _mm512_store_ps(res[i], acc[2 * h][i]);
+                _mm512_store_ps(res[8 + i], acc[2 * h + 1][i]); /* zeros when !two: not written */
             }
+            for (int n = 0; n < m; n++)
+                for (int i = 0; i < nw; i++) out[(size_t)(TM * (g + h) + n) * ldo + i] = res[i][n];
         }
     }
 }
