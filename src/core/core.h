@@ -73,7 +73,8 @@ typedef struct {
  * Skipped when c is the configuration this thread loaded last and has not
  * released (LDTILECFG was 2% of a prefill when every tile call loaded it).
  * moe_amx_release ends this thread's tile use (TILERELEASE) and forgets it;
- * every AMX kernel releases through it, never with _tile_release. */
+ * code that ends its tile use releases through it, never with _tile_release
+ * (the quantised tiles keep theirs loaded between calls). */
 void moe_amx_load_config(const moe_amx_tilecfg *c);
 void moe_amx_release(void);
 /* Kernels use the fast path only when this is nonzero (default: detected;

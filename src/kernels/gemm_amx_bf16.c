@@ -62,7 +62,6 @@ static void tiles_configure(void) {
     moe_amx_load_config(&cfg);
 }
 
-
 /* ---- packing A ---- */
 
 /* Strip of rows [m0, m0+nr) (nr <= 16, rows past nr zero) over nkb k blocks. */

@@ -64,11 +64,14 @@ void qk_q8_0_blocked_pack(void *dst, const float *in, int n, int N, int64_t C) {
     }
 }
 
-/* acc[i] += float(int32 row i of the tile) * (dw[i] * da) */
-#define SCALE_ROWS(buf, dwb, da)                                                                   \
-    _Pragma("GCC unroll 16") for (int i = 0; i < TM; i++)                                          \
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(buf)[i])),   \
-                                 _mm512_mul_ps(_mm512_set1_ps((dwb)[i]), da), acc[i])
+/* acc[i] += float(int32 row i of c) * (d[i] * da), 8 rows */
+static inline AMX_TARGET void scale8(__m512 *acc, int32_t (*c)[TM], const float *d, __m512 da) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) acc[i] =
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)c[i])), _mm512_mul_ps(_mm512_set1_ps(d[i]), da), acc[i]);
+}
+
+/* the same over a whole 16-row tile */
+#define SCALE_ROWS(buf, dwb, da) (scale8(acc, (buf), (dwb), (da)), scale8(acc + 8, (buf) + 8, (dwb) + 8, (da)))
 
 AMX_TARGET void qk_amx_q8_0_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
                                  const void *pack, int N, int64_t C) {
@@ -160,12 +163,6 @@ static AMX_TARGET void r8_config(int m0, int m1) {
     for (int t = 4; t < 8; t++) /* C(a, g) = tile 4 + 2 g + a */
         c.rows[t] = 8, c.colsb[t] = (uint16_t)(4 * (t < 6 ? m0 : mb));
     moe_amx_load_config(&c);
-}
-
-/* acc[i] += float(int32 row i of c) * (d[i] * da), 8 rows */
-static inline AMX_TARGET void scale8(__m512 *acc, int32_t (*c)[TM], const float *d, __m512 da) {
-    _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) acc[i] =
-        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)c[i])), _mm512_mul_ps(_mm512_set1_ps(d[i]), da), acc[i]);
 }
 
 AMX_TARGET void qk_amx_q8_0_r8_tile(float *out, size_t ldo, const void *w, size_t wrow, int nw,
